@@ -1,0 +1,21 @@
+"""Evaluation: perplexity, zero-shot multiple choice, size and latency.
+
+All scorers take a causal logits function ``model(tokens int32[B, T]) -> [B, T, V]``
+(an ``nnx.Module`` or any callable).
+"""
+
+from jquant.eval.perplexity import PerplexityResult, perplexity, split_perplexity, target_logprobs
+from jquant.eval.report import LatencyResult, measure_latency, param_bytes, param_count
+from jquant.eval.zeroshot import (
+    TASKS,
+    MultipleChoiceItem,
+    MultipleChoiceResult,
+    evaluate_multiple_choice,
+    zero_shot,
+)
+
+__all__ = [
+    "TASKS", "LatencyResult", "MultipleChoiceItem", "MultipleChoiceResult", "PerplexityResult",
+    "evaluate_multiple_choice", "measure_latency", "param_bytes", "param_count", "perplexity",
+    "split_perplexity", "target_logprobs", "zero_shot",
+]

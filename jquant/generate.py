@@ -1,0 +1,95 @@
+"""Autoregressive generation for any model with ``step(tokens, cache)`` and ``init_cache(batch, capacity)``.
+
+The model is split once into a graph definition and a state pytree; prefill
+and the per-token decode step are ``jax.jit``-compiled pure functions of
+``(state, tokens, cache)``, so a prompt compiles the prefill once and decoding
+compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """``temperature == 0`` is greedy decoding; otherwise sample, optionally from the ``top_k`` logits."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"SamplingConfig.top_k must be a positive integer or None, got {self.top_k}.")
+
+
+def _pick(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """``logits [B, V]`` -> next tokens ``[B]``."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k is not None:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model: nnx.Module,
+    prompt: jax.Array | np.ndarray,
+    max_new_tokens: int,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    key: jax.Array | None = None,
+    eos_token_id: int | None = None,
+) -> np.ndarray:
+    """Continue ``prompt [B, T]`` by ``max_new_tokens`` tokens -> ``[B, T + max_new_tokens]`` int32.
+
+    Sequences that emitted ``eos_token_id`` keep emitting it. Sampling
+    (``temperature > 0``) needs an explicit PRNG ``key``.
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"generate: prompt must be a non-empty [batch, tokens] array, got shape {prompt.shape}.")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}.")
+    if sampling.temperature > 0 and key is None:
+        raise ValueError("generate: sampling with temperature > 0 needs a PRNG key, e.g. key=jax.random.key(0).")
+    key = jax.random.key(0) if key is None else key
+    batch, length = prompt.shape
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(batch, length + max_new_tokens)
+
+    @jax.jit
+    def run(state, prompt, cache, key):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m.step(prompt, cache)
+        key, sub = jax.random.split(key)
+        first = _pick(logits[:, -1], sub, sampling)
+        done = jnp.zeros((batch,), bool)
+
+        def body(carry, _):
+            token, cache, key, done = carry
+            if eos_token_id is not None:
+                done = done | (token == eos_token_id)
+            logits, cache = m.step(token[:, None], cache)
+            key, sub = jax.random.split(key)
+            nxt = _pick(logits[:, -1], sub, sampling)
+            if eos_token_id is not None:
+                nxt = jnp.where(done, eos_token_id, nxt)
+            return (nxt, cache, key, done), token
+
+        (last, _, _, _), tokens = jax.lax.scan(body, (first, cache, key, done), None, length=max_new_tokens - 1)
+        return jnp.concatenate([tokens.T, last[:, None]], axis=1)
+
+    if max_new_tokens == 0:
+        return np.asarray(prompt)
+    new = run(state, prompt, cache, key)
+    return np.asarray(jnp.concatenate([prompt, new], axis=1))

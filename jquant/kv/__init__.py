@@ -1,0 +1,7 @@
+"""Key/value caches for incremental decoding (quantized caches come later)."""
+
+from jquant.kv.cache import KVCache as KVCache
+from jquant.kv.cache import LayerKVCache as LayerKVCache
+from jquant.kv.cache import init_cache as init_cache
+
+__all__ = ["KVCache", "LayerKVCache", "init_cache"]

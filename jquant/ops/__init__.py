@@ -1,0 +1,15 @@
+"""The compute boundary of jquant.
+
+Every matmul and attention a model performs goes through this package, so that
+quantized weights (QArrays), quantized activations and Pallas kernels plug in
+here without touching model code.  Today the functions are plain XLA
+computations; the quantization core adds QArray dispatch.
+"""
+
+from jquant.ops.attention import attention as attention
+from jquant.ops.attention import causal_mask as causal_mask
+from jquant.ops.linear import dot_general as dot_general
+from jquant.ops.linear import embedding_lookup as embedding_lookup
+from jquant.ops.linear import linear as linear
+
+__all__ = ["attention", "causal_mask", "dot_general", "embedding_lookup", "linear"]

@@ -1,0 +1,81 @@
+"""Scaled dot-product attention with grouped-query heads.
+
+Shapes: ``B`` batch, ``T`` query length, ``S`` key length, ``H`` query heads,
+``K`` key/value heads (``H % K == 0``), ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_mask(
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    k_valid: jax.Array | None = None,
+    *,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean mask ``[B, T, S]``: query at position p sees keys at positions <= p.
+
+    Args:
+      q_positions: ``[B, T]`` absolute positions of the queries.
+      k_positions: ``[B, S]`` absolute positions of the keys.
+      k_valid: optional ``[B, S]`` bool, False for empty cache slots.
+      sliding_window: if set, a query also ignores keys more than
+        ``sliding_window - 1`` positions behind it (Mistral's convention).
+    """
+    q = q_positions[:, :, None]
+    k = k_positions[:, None, :]
+    mask = k <= q
+    if sliding_window is not None:
+        mask = mask & (k > q - sliding_window)
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :]
+    return mask
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """``softmax(q k^T * scale + mask) v`` for grouped-query attention.
+
+    Args:
+      q: ``[B, T, H, D]``.
+      k: ``[B, S, K, D]``.
+      v: ``[B, S, K, D]``.
+      mask: ``[B, T, S]`` bool, True where attention is allowed.
+      scale: logit scale, default ``D ** -0.5``.
+
+    Returns:
+      ``[B, T, H, D]`` in ``q.dtype``. Logits and softmax are computed in at
+      least float32.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    if h % kv_heads:
+        raise ValueError(f"attention: {h} query heads is not a multiple of {kv_heads} key/value heads.")
+    groups = h // kv_heads
+    scale = d**-0.5 if scale is None else scale
+    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    qg = q.reshape(b, t, kv_heads, groups, d)
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc_dtype
+    )
+    logits = logits * scale
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(acc_dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd",
+        probs.astype(v.dtype),
+        v,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=acc_dtype,
+    )
+    return out.reshape(b, t, h, d).astype(q.dtype)

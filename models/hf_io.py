@@ -1,0 +1,122 @@
+"""Reading and writing Hugging Face checkpoint folders (config.json + safetensors).
+
+Family-independent: families map tensor names and shapes; this module moves
+bytes.  Writes are atomic: files go to a temporary sibling folder that is
+renamed into place only once complete, so an interrupted export never leaves a
+folder that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint folder as a dict."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} not found: a Hugging Face checkpoint folder needs config.json next to its safetensors files."
+        )
+    return json.loads(config_path.read_text())
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder, single-file or sharded with an index."""
+    folder = Path(path)
+    if (folder / INDEX_FILE).is_file():
+        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (folder / SINGLE_FILE).is_file():
+        weight_map, files = None, [SINGLE_FILE]
+    else:
+        raise FileNotFoundError(
+            f"No weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards "
+            "(PyTorch .bin checkpoints are not read; re-save with safe_serialization=True)."
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        shard = folder / name
+        if not shard.is_file():
+            raise FileNotFoundError(f"{INDEX_FILE} in {folder} lists shard {name}, which is missing.")
+        with safe_open(shard, framework="numpy") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ValueError(f"{INDEX_FILE} in {folder} lists tensors that no shard holds: {missing[:5]}")
+    return tensors
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    config: Mapping,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``) atomically.
+
+    ``extra_files(folder)`` may add files (a tokenizer, say) before the folder
+    is moved into place.  An existing folder at ``path`` is replaced only after
+    the new one is complete.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        shards = _plan_shards(tensors, max_shard_bytes)
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file({k: np.ascontiguousarray(tensors[k]) for k in shards[0]}, tmp / SINGLE_FILE, metadata=metadata)
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: np.ascontiguousarray(tensors[k]) for k in names}, tmp / fname, metadata=metadata)
+                weight_map.update({k: fname for k in names})
+            total = int(sum(t.nbytes for t in tensors.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if extra_files is not None:
+            extra_files(tmp)
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, backup / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _plan_shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy split of tensor names, in sorted order, into shards of at most ``max_shard_bytes``."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards

@@ -1,0 +1,224 @@
+"""Building blocks shared by the model families.
+
+This is the only place model code touches compute: every matmul calls
+``jquant.ops.linear``, every attention ``jquant.ops.attention``.  Parameters
+carry logical sharding names (see ``jquant.sharding``):
+
+  ``vocab``  vocabulary rows        ``embed``  residual stream
+  ``heads``  query-head features    ``kv``     key/value-head features
+  ``mlp``    feed-forward hidden    ``norm``   norm weights (replicated)
+
+Weights are stored ``[in, out]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant import ops
+from jquant.kv import LayerKVCache
+
+ShardingNames = tuple[str | None, ...]
+
+
+def _param(value: jax.Array, names: ShardingNames) -> nnx.Param:
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with ``kernel [in, out]``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        sharding: ShardingNames,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+    ):
+        self.kernel = _param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype), sharding)
+        self.bias = _param(jnp.zeros((out_features,), param_dtype), sharding[-1:]) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ops.linear(x, self.kernel[...], None if self.bias is None else self.bias[...])
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[V, D]``; ``attend`` reuses it as a tied output head."""
+
+    def __init__(self, vocab_size: int, dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.embedding = _param(init_std * jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype), ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """``ids [B, T]`` -> ``[B, T, D]``."""
+        return ops.embedding_lookup(self.embedding[...], ids, dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied head: ``x [B, T, D]`` -> logits ``[B, T, V]`` (``x @ embedding^T``)."""
+        return ops.linear(x, self.embedding[...].T)
+
+
+class RMSNorm(nnx.Module):
+    """``y = w * x / sqrt(mean(x^2) + eps)``, normalised in at least float32 (as Hugging Face does)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype):
+        self.weight = _param(jnp.ones((dim,), param_dtype), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        xf = x.astype(acc)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary position embedding settings.
+
+    ``kind="default"`` is RoPE with base ``theta``; ``"linear"`` divides
+    positions by ``factor``; ``"llama3"`` is Llama 3.1's smooth frequency
+    scaling (low/high frequency factors around
+    ``original_max_position_embeddings``).
+    """
+
+    theta: float = 10000.0
+    kind: Literal["default", "linear", "llama3"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("default", "linear", "llama3"):
+            raise ValueError(f"RopeConfig.kind must be 'default', 'linear' or 'llama3', got {self.kind!r}.")
+        if self.theta <= 0 or self.factor <= 0:
+            raise ValueError(f"RopeConfig: theta and factor must be positive, got theta={self.theta}, factor={self.factor}.")
+
+
+def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` in float32 (Hugging Face's rounding)."""
+    inv_freq = 1.0 / (np.float32(rope.theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    inv_freq = inv_freq.astype(np.float32)
+    if rope.kind == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.kind == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """``positions [B, T]`` -> ``cos, sin [B, T, D]`` (angles in float32, cast to ``dtype``)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, H, D]`` by ``cos/sin [B, T, D]`` (rotate-half layout, as in Hugging Face Llama)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """Shape and options of a grouped-query self-attention layer."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
+    sliding_window: int | None = None
+    rope: RopeConfig = RopeConfig()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"AttentionConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}."
+            )
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3).
+
+    Paths: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (and ``q_norm``, ``k_norm``).
+    """
+
+    def __init__(self, cfg: AttentionConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, h * hd, use_bias=cfg.qkv_bias, sharding=("embed", "heads"), **kw)
+        self.k_proj = Linear(d, k * hd, use_bias=cfg.qkv_bias, sharding=("embed", "kv"), **kw)
+        self.v_proj = Linear(d, k * hd, use_bias=cfg.qkv_bias, sharding=("embed", "kv"), **kw)
+        self.o_proj = Linear(h * hd, d, use_bias=cfg.out_bias, sharding=("heads", "embed"), **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: LayerKVCache | None, cache_start: jax.Array | None
+    ) -> tuple[jax.Array, LayerKVCache | None]:
+        """``x [B, T, hidden]`` at ``positions [B, T]`` -> ``[B, T, hidden]`` and the updated cache.
+
+        Without a cache the layer attends causally within ``x``. With one, the
+        new keys/values are written at slots ``cache_start ..`` and the queries
+        attend over every filled slot.
+        """
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg.head_dim, cfg.rope), x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            k_all, v_all, k_pos, k_valid = k, v, positions, None
+        else:
+            cache, k_all, v_all = cache.update(k, v, cache_start)
+            slots = jnp.arange(cache.capacity, dtype=jnp.int32)
+            k_pos = jnp.broadcast_to(slots, (b, cache.capacity))
+            k_valid = k_pos < cache_start + t
+        mask = ops.causal_mask(positions, k_pos, k_valid, sliding_window=cfg.sliding_window)
+        out = ops.attention(q, k_all, v_all, mask)
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(gate(x)) * up(x))``. Paths: ``gate_proj``, ``up_proj``, ``down_proj``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, use_bias: bool, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(hidden_size, intermediate_size, sharding=("embed", "mlp"), **kw)
+        self.up_proj = Linear(hidden_size, intermediate_size, sharding=("embed", "mlp"), **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, sharding=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
