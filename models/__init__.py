@@ -1,1 +1,16 @@
-"""Flax NNX model families (imported as ``jquant.models``)."""
+"""Flax NNX model families (imported as ``jquant.models``).
+
+``jquant.models.load(name_or_path)`` loads a bundled reference model or any
+supported Hugging Face checkpoint folder; ``jquant.models.llama`` is the
+Llama/Mistral/Qwen2/Qwen3 family.
+"""
+
+from jquant.models import llama as llama
+from jquant.models.registry import DEFAULT_MODEL as DEFAULT_MODEL
+from jquant.models.registry import LoadedModel as LoadedModel
+from jquant.models.registry import ModelInfo as ModelInfo
+from jquant.models.registry import list_models as list_models
+from jquant.models.registry import load as load
+from jquant.models.registry import resolve as resolve
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelInfo", "list_models", "llama", "load", "resolve"]

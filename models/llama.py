@@ -419,3 +419,21 @@ def to_hf(model: Llama, path, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=N
     return hf_io.write_checkpoint(
         path, config_to_hf(model.config), to_tensors(model), max_shard_bytes=max_shard_bytes, extra_files=extra
     )
+
+
+# ----------------------------------------------------------------------------
+# Named presets of jquant's own reference models
+# ----------------------------------------------------------------------------
+
+PRESETS: dict[str, LlamaConfig] = {
+    # ~3.2M parameters: trains in minutes on a 2-core CPU; the default model of the README and tests.
+    "jq-llama-tiny": LlamaConfig(
+        vocab_size=4096, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2,
+        max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+    ),
+    # ~10M parameters: the reference model of the result tables.
+    "jq-llama-small": LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=10, num_heads=4, num_kv_heads=2,
+        max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+    ),
+}

@@ -1,0 +1,38 @@
+"""Train jquant's reference models on the bundled corpus and export them into jquant/assets/models/.
+
+    python experiments/train_reference_models.py --preset jq-llama-tiny --steps 800
+    python experiments/train_reference_models.py --preset jq-llama-small --steps 1600
+
+Interrupted runs resume from ``runs/<preset>/checkpoints``. The validation
+perplexity of the exported (bf16) weights is written to
+``jquant/assets/models/<preset>/reference_info.json``.
+"""
+
+import argparse
+from pathlib import Path
+
+from jquant.train import TrainConfig
+from jquant.train.reference import train_reference
+
+ASSETS = Path(__file__).resolve().parents[1] / "jquant" / "assets" / "models"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--peak-lr", type=float, default=2e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, peak_lr=args.peak_lr,
+                      warmup_steps=args.warmup_steps, checkpoint_every=100, eval_every=100)
+    workdir = args.workdir or Path("runs") / args.preset
+    summary = train_reference(args.preset, cfg, workdir, export_to=ASSETS / args.preset)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Placing models on a ``jax.sharding.Mesh`` from the logical axis names their parameters carry.
+
+Model parameters are annotated with logical names (``vocab``, ``embed``,
+``heads``, ``kv``, ``mlp``, ``norm``; see ``jquant.models.layers``).  A rules
+table maps each logical name to a mesh axis (or ``None``: replicated); the
+default is Megatron-style tensor parallelism over a ``"model"`` axis, with
+the batch split over ``"data"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DEFAULT_RULES: Mapping[str, str | None] = {
+    "vocab": None,
+    "embed": None,
+    "heads": "model",
+    "kv": "model",
+    "mlp": "model",
+    "norm": None,
+}
+
+
+def logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names a parameter was created with (None if unannotated)."""
+    return variable.get_metadata().get("out_sharding")
+
+
+def partition_specs(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> nnx.State:
+    """A ``PartitionSpec`` per parameter of ``model`` (replicated where an axis does not divide).
+
+    Raises if a rule names a mesh axis the mesh lacks.
+    """
+    specs = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        names = logical_names(var) or (None,) * var[...].ndim
+        axes = []
+        for dim, name in zip(var[...].shape, names):
+            axis = rules.get(name) if name is not None else None
+            if axis is not None and axis not in mesh.shape:
+                raise ValueError(f"sharding rule {name!r} -> {axis!r}: the mesh has axes {tuple(mesh.shape)}, not {axis!r}.")
+            axes.append(axis if axis is not None and dim % mesh.shape[axis] == 0 else None)
+        specs.append((path, var.replace(PartitionSpec(*axes))))
+    return nnx.from_flat_state(specs)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> nnx.Module:
+    """A copy of ``model`` whose arrays are placed on ``mesh`` by ``rules`` (the input is untouched)."""
+    graphdef, state = nnx.split(model)
+    specs = partition_specs(model, mesh, rules)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return nnx.merge(graphdef, jax.device_put(state, shardings))
+
+
+def shard_batch(tokens: jax.Array, mesh: Mesh, axis: str = "data") -> jax.Array:
+    """``tokens [B, ...]`` split over the mesh's ``axis`` along the batch dimension."""
+    if tokens.shape[0] % mesh.shape[axis]:
+        raise ValueError(f"batch size {tokens.shape[0]} is not divisible by mesh axis {axis!r} of size {mesh.shape[axis]}.")
+    return jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(axis)))

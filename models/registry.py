@@ -1,0 +1,81 @@
+"""Finding and loading models by name (bundled reference models) or by checkpoint folder.
+
+A name resolves to ``jquant/assets/models/<name>`` (a Hugging Face folder
+shipped with the package); anything else must be a path to such a folder.
+The family is picked from ``config.json``'s ``model_type``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from flax import nnx
+from transformers import PreTrainedTokenizerFast
+
+from jquant.models import hf_io, llama
+
+DEFAULT_MODEL = "jq-llama-tiny"
+
+_FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama}
+
+
+def _bundled_dir() -> Path:
+    import jquant
+
+    return Path(jquant.__file__).resolve().parent / "assets" / "models"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """A bundled model: its name, folder and the facts recorded when it was trained."""
+
+    name: str
+    path: Path
+    info: dict
+
+
+def list_models() -> list[ModelInfo]:
+    """The reference models shipped with jquant (folders under ``jquant/assets/models``)."""
+    root = _bundled_dir()
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if (folder / "config.json").is_file():
+            info_file = folder / "reference_info.json"
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+            found.append(ModelInfo(name=folder.name, path=folder, info=info))
+    return found
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """Folder of a bundled model name or an existing checkpoint path; a clear error otherwise."""
+    candidate = _bundled_dir() / str(name_or_path)
+    if isinstance(name_or_path, str) and "/" not in name_or_path and candidate.is_dir():
+        return candidate
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    names = [m.name for m in list_models()]
+    raise ValueError(
+        f"unknown model {str(name_or_path)!r}: not a bundled model ({', '.join(names) or 'none installed'}) "
+        "and not a checkpoint folder. Run `jquant list models` to see the bundled ones."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    model: nnx.Module
+    tokenizer: PreTrainedTokenizerFast | None
+    path: Path
+
+
+def load(name_or_path: str | Path, *, dtype: llama.DTypeName = "float32", param_dtype: llama.DTypeName | None = None) -> LoadedModel:
+    """Load a model (and its tokenizer when the folder has one) by bundled name or path."""
+    path = resolve(name_or_path)
+    model_type = hf_io.read_config(path).get("model_type")
+    if model_type not in _FAMILIES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {sorted(_FAMILIES)}.")
+    model = _FAMILIES[model_type].from_hf(path, dtype=dtype, param_dtype=param_dtype)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path)
