@@ -4,13 +4,24 @@
   :func:`load_split`.
 * :mod:`jquant.data.tokenizer`: the bundled byte-level BPE, :func:`load_tokenizer`.
 * :mod:`jquant.data.windows`: token stream and fixed-length windows.
+
+Names are imported lazily (PEP 562), so ``python -m jquant.data.corpus`` and
+``python -m jquant.data.tokenizer`` do not import their own module twice.
 """
 
-from jquant.data.corpus import SOURCES, SPLITS, MissingSourceError, load_split
-from jquant.data.tokenizer import BOS, EOS, PAD, load_tokenizer
-from jquant.data.windows import batches, random_windows, token_stream, token_windows
+import importlib
+from typing import Any
 
-__all__ = [
-    "BOS", "EOS", "PAD", "SOURCES", "SPLITS", "MissingSourceError", "batches", "load_split",
-    "load_tokenizer", "random_windows", "token_stream", "token_windows",
-]
+_EXPORTS = {
+    "SOURCES": "corpus", "SPLITS": "corpus", "MissingSourceError": "corpus", "load_split": "corpus",
+    "BOS": "tokenizer", "EOS": "tokenizer", "PAD": "tokenizer", "load_tokenizer": "tokenizer",
+    "batches": "windows", "random_windows": "windows", "token_stream": "windows",
+    "token_windows": "windows",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jquant.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"jquant.data.{_EXPORTS[name]}"), name)

@@ -33,9 +33,9 @@ import re
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import datasets
 
@@ -124,7 +124,10 @@ def fetch(sources_dir: Path) -> None:
 
 
 def _run(cmd: Sequence[str], cwd: Path | None = None) -> str:
-    result = subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+    """Run ``cmd``; return its stdout, or raise with its stderr when it fails."""
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{result.stderr}")
     return result.stdout
 
 
@@ -134,8 +137,12 @@ def _find_deb(folder: Path, package: str) -> Path | None:
 
 
 def _archive_record(path: Path, registry: str, package: str) -> dict[str, str]:
-    version = path.name.removesuffix(".tar.gz").split("-")[-1] if registry == "pypi" \
-        else path.name.split("_")[1]
+    """Provenance of one archive; the version is read from its file name
+    (``name-VERSION.tar.gz`` on PyPI, ``name_VERSION_arch.deb`` on Debian)."""
+    if registry == "pypi":
+        version = path.name.removesuffix(".tar.gz").rsplit("-", 1)[1]
+    else:
+        version = path.name.split("_")[1]
     return {"registry": registry, "package": package, "version": version, "file": path.name,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
@@ -403,21 +410,22 @@ def load_split(split: str, corpus_dir: Path | str | None = None) -> datasets.Dat
     """One corpus split as a :class:`datasets.Dataset` with columns text/source/work.
 
     ``corpus_dir`` defaults to the bundled ``jquant/assets/corpus``. Results are
-    cached per (split, folder) within the process.
+    cached within the process per (split, file, file modification time).
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; valid splits are {', '.join(SPLITS)}.")
-    return _load_split_cached(split, Path(corpus_dir or DEFAULT_CORPUS_DIR).resolve())
-
-
-@functools.lru_cache(maxsize=16)
-def _load_split_cached(split: str, corpus_dir: Path) -> datasets.Dataset:
+    corpus_dir = Path(corpus_dir or DEFAULT_CORPUS_DIR).resolve()
     path = corpus_dir / f"{split}.jsonl.gz"
     if not path.exists():
         raise FileNotFoundError(
             f"Corpus split file {path} not found. Build it with "
             f"`python -m jquant.data.corpus build --sources DIR --out {corpus_dir}` "
             f"(after `{FETCH_COMMAND}`).")
+    return _read_split(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_split(path: Path, mtime_ns: int) -> datasets.Dataset:  # mtime_ns: cache key only
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     return datasets.Dataset.from_list(rows, features=FEATURES)

@@ -14,7 +14,7 @@ same reason). ``<|bos|>`` exists in the vocabulary but is never emitted here.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import datasets
 import jax
@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 TextsLike = datasets.Dataset | Sequence[str]
 
 _STREAM_CACHE: dict[tuple[str, str], np.ndarray] = {}
+_STREAM_CACHE_SIZE = 8
 
 
 def token_stream(texts: TextsLike, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
@@ -36,10 +37,13 @@ def token_stream(texts: TextsLike, tokenizer: PreTrainedTokenizerBase) -> np.nda
     if isinstance(texts, datasets.Dataset):
         key = (texts._fingerprint, _tokenizer_fingerprint(tokenizer))
         if key not in _STREAM_CACHE:
+            if len(_STREAM_CACHE) >= _STREAM_CACHE_SIZE:
+                del _STREAM_CACHE[next(iter(_STREAM_CACHE))]  # oldest entry
             _STREAM_CACHE[key] = _encode_stream(list(texts["text"]), tokenizer)
         return _STREAM_CACHE[key]
     if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of passages, not a single str; wrap it in a list.")
+        raise TypeError("texts must be a sequence of passages, not a single str; "
+                        "wrap it in a list.")
     return _encode_stream(list(texts), tokenizer)
 
 

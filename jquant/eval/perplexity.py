@@ -12,18 +12,18 @@ compile-time constants, so pass large models as ``nnx.Module``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from jquant.data.corpus import load_split
 from jquant.data.windows import token_windows
+from jquant.progress import progress_bar
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -58,9 +58,11 @@ def target_logprobs(logits_fn: LogitsFn, tokens: np.ndarray, *, batch_size: int 
     padded = np.concatenate([tokens, np.repeat(tokens[:1], -n % batch_size, axis=0)])
     padded = padded.astype(np.int32)
     score = _jit_module if isinstance(logits_fn, nnx.Module) else _jit_callable
-    out = [np.asarray(score(logits_fn, jnp.asarray(padded[i:i + batch_size])))
-           for i in tqdm(range(0, len(padded), batch_size), desc=desc, disable=not progress,
-                         leave=False)]
+    out = []
+    with progress_bar(total=len(padded) // batch_size, description=desc, enabled=progress) as bar:
+        for start in range(0, len(padded), batch_size):
+            out.append(np.asarray(score(logits_fn, jnp.asarray(padded[start:start + batch_size]))))
+            bar.update()
     return np.concatenate(out)[:n] if out else np.zeros((0, tokens.shape[1] - 1), np.float32)
 
 

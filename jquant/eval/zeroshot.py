@@ -28,8 +28,9 @@ deterministic for a seed, items spread evenly over the sources, labels balanced:
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import datasets
 import numpy as np

@@ -151,10 +151,9 @@ def train(
     start_step = 0
     if manager.latest_step() is not None:
         start_step = manager.latest_step()
-        target = {"model": nnx.state(model, nnx.Param).to_pure_dict(), "optimizer": nnx.state(optimizer).to_pure_dict()}
-        restored = manager.restore(start_step, args=ocp.args.StandardRestore(target))
-        nnx.update(model, nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), restored["model"]))
-        nnx.update(optimizer, nnx.replace_by_pure_dict(nnx.state(optimizer), restored["optimizer"]))
+        restored = manager.restore(start_step, args=ocp.args.StandardRestore(_checkpoint_state(model, optimizer)))
+        nnx.update(model, restored["model"])
+        nnx.update(optimizer, restored["optimizer"])
         history = _read_history(workdir)
         history = [h for h in history if h["step"] <= start_step]
 
@@ -177,14 +176,17 @@ def train(
             history.append(record)
             bar.update(1, loss=loss, val=record.get("val_loss"))
             if (step + 1) % cfg.checkpoint_every == 0 or done:
-                state = {"model": nnx.state(model, nnx.Param).to_pure_dict(), "optimizer": nnx.state(optimizer).to_pure_dict()}
-                manager.save(step + 1, args=ocp.args.StandardSave(state))
+                manager.save(step + 1, args=ocp.args.StandardSave(_checkpoint_state(model, optimizer)))
                 manager.wait_until_finished()
                 _write_history(workdir, history)
     manager.close()
     _write_history(workdir, history)
     final_val = next(h["val_loss"] for h in reversed(history) if "val_loss" in h)
     return TrainResult(model=model, history=history, seconds=history[-1]["seconds"], final_val_loss=final_val)
+
+
+def _checkpoint_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+    return {"model": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
 
 
 def _write_history(workdir: Path, history: list[dict]) -> None:

@@ -160,9 +160,11 @@ def test_split_passages_keeps_all_lines_in_bounds() -> None:
     assert all(len(p) <= 1000 + 2 * 300 + 100 for p in passages)
 
 
-def test_load_split_unknown_split_names_valid_ones() -> None:
+def test_load_split_errors_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train, validation, test"):
         load_split("dev")
+    with pytest.raises(FileNotFoundError, match="python -m jquant.data.corpus build"):
+        load_split("train", tmp_path)
 
 
 def test_bundled_corpus_matches_manifest_and_splits_are_disjoint() -> None:
