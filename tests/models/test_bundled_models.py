@@ -1,0 +1,46 @@
+"""The shipped reference models: loadable, consistent with their recorded numbers, and actually trained."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jquant.data import load_split, token_stream, token_windows
+from jquant.eval import perplexity
+from jquant.models import DEFAULT_MODEL, list_models, llama, load
+
+
+def test_default_model_is_bundled():
+    assert DEFAULT_MODEL in [m.name for m in list_models()]
+
+
+def test_default_model_reproduces_its_recorded_validation_perplexity():
+    loaded = load(DEFAULT_MODEL)
+    info = json.loads((loaded.path / "reference_info.json").read_text())
+    windows = token_windows(load_split("validation"), loaded.tokenizer, info["validation_seq_len"])
+    result = perplexity(loaded.model, windows, batch_size=16, progress=False)
+    assert result.n_tokens == info["validation_tokens"]
+    np.testing.assert_allclose(result.ppl, info["validation_ppl"], rtol=1e-4)
+
+
+def test_default_model_beats_a_bigram_fitted_to_the_training_split():
+    loaded = load(DEFAULT_MODEL)
+    vocab = loaded.model.config.vocab_size
+    stream = token_stream(load_split("train"), loaded.tokenizer)
+    counts = np.ones((vocab, vocab))  # add-one smoothing
+    np.add.at(counts, (stream[:-1], stream[1:]), 1)
+    log_probs = np.log(counts / counts.sum(-1, keepdims=True))
+    windows = token_windows(load_split("validation"), loaded.tokenizer, 256, max_windows=40)
+    bigram_nll = -log_probs[windows[:, :-1], windows[:, 1:]].mean()
+    model_nll = perplexity(loaded.model, windows, batch_size=8, progress=False).nll
+    assert model_nll < bigram_nll - 0.3, (model_nll, bigram_nll)
+
+
+@pytest.mark.parametrize("name", [m.name for m in list_models()])
+def test_bundled_model_matches_its_preset(name):
+    loaded = load(name)
+    preset = llama.PRESETS[name]
+    cfg = loaded.model.config
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        assert getattr(cfg, field) == getattr(preset, field), field
+    assert len(loaded.tokenizer) == cfg.vocab_size

@@ -1,0 +1,66 @@
+"""The `jquant` command against direct library calls on the bundled default model."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jquant import cli
+from jquant.data import load_split, token_windows
+from jquant.eval import perplexity, zero_shot
+from jquant.generate import generate
+from jquant.models import DEFAULT_MODEL, load
+
+
+def _run(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if "--json" in argv and code == 0 else None), err
+
+
+@pytest.fixture(scope="module")
+def default():
+    return load(DEFAULT_MODEL)
+
+
+def test_list_models_reports_the_bundled_models(capsys):
+    code, data, _ = _run(capsys, "list", "models", "--json")
+    assert code == 0
+    assert DEFAULT_MODEL in data and data[DEFAULT_MODEL]["validation_ppl"] > 1
+
+
+def test_eval_perplexity_and_zero_shot_match_the_library(capsys, default):
+    code, data, _ = _run(capsys, "eval", "--model", DEFAULT_MODEL, "--tasks", "ppl,next_line", "--max-windows", "3",
+                         "--n-items", "12", "--no-latency", "--json")
+    assert code == 0
+    windows = token_windows(load_split("validation"), default.tokenizer, 256, max_windows=3)
+    expected = perplexity(default.model, windows, progress=False)
+    assert data["perplexity"]["tokens"] == expected.n_tokens
+    np.testing.assert_allclose(data["perplexity"]["ppl"], expected.ppl, rtol=1e-6)
+    zs = zero_shot(default.model, default.tokenizer, ["next_line"], n_items=12, progress=False)
+    assert data["zero_shot"]["next_line"]["accuracy"] == zs["next_line"].accuracy
+    assert data["parameters"] == sum(x.size for x in jax.tree.leaves(default.model))
+
+
+def test_generate_matches_the_library(capsys, default):
+    code, data, _ = _run(capsys, "generate", "--model", DEFAULT_MODEL, "--prompt", "And God said", "--max-new-tokens", "7", "--json")
+    assert code == 0
+    tok = default.tokenizer
+    ids = [tok.eos_token_id] + tok("And God said", add_special_tokens=False)["input_ids"]
+    expected = generate(default.model, np.array([ids]), 7)[0, len(ids):]
+    assert data["tokens"] == expected.tolist()
+    assert data["continuation"] == tok.decode(expected.tolist())
+
+
+def test_unknown_model_exits_2_with_a_message(capsys):
+    code, _, err = _run(capsys, "eval", "--model", "no-such-model", "--tasks", "ppl")
+    assert code == 2
+    assert "unknown model 'no-such-model'" in err
+
+
+@pytest.mark.parametrize("command", ["list", "eval", "generate", "train"])
+def test_help_works(command):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
