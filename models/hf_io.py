@@ -95,6 +95,7 @@ def write_checkpoint(
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if extra_files is not None:
             extra_files(tmp)
+        _apply_umask(tmp)
         if target.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, backup / target.name)
@@ -106,6 +107,15 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the folder and its files the permissions a plain ``mkdir``/``open`` would (mkdtemp uses 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _plan_shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[list[str]]:

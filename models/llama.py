@@ -359,12 +359,20 @@ def from_hf(path, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None
     with the shape the config implies and nothing unexpected may remain;
     otherwise a ``ValueError`` names the tensor, the expected shape and the
     one found, and no model is returned.
+
+    ``dtype`` is the compute dtype. ``param_dtype`` defaults to the dtype the
+    tensors are stored in, so weights are kept exactly as stored (a bf16
+    checkpoint stays bf16 in memory and is upcast inside each matmul).
     """
     from jquant.models import hf_io
 
-    cfg = config_from_hf(hf_io.read_config(path), dtype=dtype, param_dtype=param_dtype)
+    hf_config = hf_io.read_config(path)
     tensors = hf_io.read_safetensors(path)
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    if param_dtype is None:
+        stored = {str(v.dtype) for v in tensors.values()}
+        param_dtype = stored.pop() if len(stored) == 1 and stored <= {"float32", "bfloat16", "float16", "float64"} else dtype
+    cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     return from_tensors(cfg, tensors, source=str(path))
