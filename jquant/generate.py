@@ -1,14 +1,15 @@
 """Autoregressive generation for any model with ``step(tokens, cache)`` and ``init_cache(batch, capacity)``.
 
-The model is split once into a graph definition and a state pytree; prefill
-and the per-token decode step are ``jax.jit``-compiled pure functions of
-``(state, tokens, cache)``, so a prompt compiles the prefill once and decoding
-compiles once.
+The model is split into a graph definition (static) and a state pytree; the
+prefill and a ``lax.scan`` over decode steps form one ``jax.jit``-compiled pure
+function of ``(state, prompt, cache, key)``, compiled once per prompt shape,
+length and sampling setting and reused across calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,33 +64,34 @@ def generate(
     if sampling.temperature > 0 and key is None:
         raise ValueError("generate: sampling with temperature > 0 needs a PRNG key, e.g. key=jax.random.key(0).")
     key = jax.random.key(0) if key is None else key
-    batch, length = prompt.shape
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(batch, length + max_new_tokens)
-
-    @jax.jit
-    def run(state, prompt, cache, key):
-        m = nnx.merge(graphdef, state)
-        logits, cache = m.step(prompt, cache)
-        key, sub = jax.random.split(key)
-        first = _pick(logits[:, -1], sub, sampling)
-        done = jnp.zeros((batch,), bool)
-
-        def body(carry, _):
-            token, cache, key, done = carry
-            if eos_token_id is not None:
-                done = done | (token == eos_token_id)
-            logits, cache = m.step(token[:, None], cache)
-            key, sub = jax.random.split(key)
-            nxt = _pick(logits[:, -1], sub, sampling)
-            if eos_token_id is not None:
-                nxt = jnp.where(done, eos_token_id, nxt)
-            return (nxt, cache, key, done), token
-
-        (last, _, _, _), tokens = jax.lax.scan(body, (first, cache, key, done), None, length=max_new_tokens - 1)
-        return jnp.concatenate([tokens.T, last[:, None]], axis=1)
-
     if max_new_tokens == 0:
         return np.asarray(prompt)
-    new = run(state, prompt, cache, key)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+    new = _generate(graphdef, state, prompt, cache, key, sampling=sampling, eos_token_id=eos_token_id,
+                    max_new_tokens=max_new_tokens)
     return np.asarray(jnp.concatenate([prompt, new], axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_token_id", "max_new_tokens"))
+def _generate(graphdef, state, prompt, cache, key, *, sampling, eos_token_id, max_new_tokens):
+    """Prefill, then ``max_new_tokens - 1`` decode steps in a ``lax.scan``; compiled once per shape and setting."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.step(prompt, cache)
+    key, sub = jax.random.split(key)
+    first = _pick(logits[:, -1], sub, sampling)
+    done = jnp.zeros((prompt.shape[0],), bool)
+
+    def body(carry, _):
+        token, cache, key, done = carry
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+        logits, cache = model.step(token[:, None], cache)
+        key, sub = jax.random.split(key)
+        nxt = _pick(logits[:, -1], sub, sampling)
+        if eos_token_id is not None:
+            nxt = jnp.where(done, eos_token_id, nxt)
+        return (nxt, cache, key, done), token
+
+    (last, _, _, _), tokens = jax.lax.scan(body, (first, cache, key, done), None, length=max_new_tokens - 1)
+    return jnp.concatenate([tokens.T, last[:, None]], axis=1)
