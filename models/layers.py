@@ -24,6 +24,7 @@ from flax import nnx
 
 from jquant import ops
 from jquant.kv import LayerKVCache
+from jquant.sites import SiteSpec
 
 ShardingNames = tuple[str | None, ...]
 
@@ -34,6 +35,8 @@ def _param(value: jax.Array, names: ShardingNames) -> nnx.Param:
 
 class Linear(nnx.Module):
     """``y = x @ kernel + bias`` with ``kernel [in, out]``."""
+
+    QUANT_SITE = SiteSpec(param="kernel", contraction_axis=0, kind="linear")
 
     def __init__(
         self,
@@ -55,6 +58,8 @@ class Linear(nnx.Module):
 
 class Embed(nnx.Module):
     """Token embedding table ``[V, D]``; ``attend`` reuses it as a tied output head."""
+
+    QUANT_SITE = SiteSpec(param="embedding", contraction_axis=1, kind="embedding")
 
     def __init__(self, vocab_size: int, dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs, init_std: float = 0.02):
         self.embedding = _param(init_std * jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype), ("vocab", "embed"))

@@ -1,0 +1,151 @@
+"""Declarative quantization recipes: ordered rules matched against quantization-site paths.
+
+A *site* is a weight the model family declares quantizable (a linear kernel,
+a stacked expert tensor, an element-wise weight...), named by its module path
+joined with ``/`` (``layers/3/self_attn/q_proj``). A ``Recipe`` is an ordered
+tuple of ``Rule`` s; each site takes the **first** rule whose ``pattern`` fully
+matches its path. Sites matched by ``keep_float`` (embeddings and the output
+head by default) stay in floating point unless the recipe empties that tuple.
+Rules that match no site are reported (``unused_rules``) so typos surface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+Algorithm = Literal["rtn", "gptq"]
+ALGORITHMS: tuple[str, ...] = ("rtn", "gptq")
+DEFAULT_KEEP_FLOAT: tuple[str, ...] = (r"(.*/)?embed_tokens", r"(.*/)?lm_head")
+
+
+def _freeze(options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
+    if options is None:
+        return ()
+    items = options.items() if isinstance(options, Mapping) else options
+    return tuple(sorted((str(k), v) for k, v in items))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """Sites whose path fully matches ``pattern`` get ``weight``/``activation`` formats via ``algorithm``.
+
+    ``weight`` and ``activation`` are format names of ``jquant.formats``
+    (``None`` keeps that tensor in floating point); ``weight_options`` /
+    ``activation_options`` override fields of the named format (e.g.
+    ``{"symmetric": False}``); ``options`` go to the algorithm (GPTQ:
+    ``damp``, ``act_order``, ``block_size``, ``static_groups``).
+    """
+
+    pattern: str
+    weight: str | None = None
+    activation: str | None = None
+    algorithm: Algorithm = "rtn"
+    weight_options: tuple[tuple[str, Any], ...] = ()
+    activation_options: tuple[tuple[str, Any], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regular expression: {err}.") from None
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"Rule({self.pattern!r}).algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+        if self.algorithm == "gptq" and self.weight is None:
+            raise ValueError(f"Rule({self.pattern!r}): algorithm 'gptq' needs a weight format.")
+        for name in ("weight_options", "activation_options", "options"):
+            object.__setattr__(self, name, _freeze(getattr(self, name)))
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.pattern, path) is not None
+
+    def to_dict(self) -> dict:
+        out = {"pattern": self.pattern, "weight": self.weight, "activation": self.activation, "algorithm": self.algorithm}
+        for name in ("weight_options", "activation_options", "options"):
+            if getattr(self, name):
+                out[name] = dict(getattr(self, name))
+        return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """An ordered set of rules; see the module docstring for the matching semantics."""
+
+    name: str
+    rules: tuple[Rule, ...]
+    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
+    description: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        if not self.rules:
+            raise ValueError(f"Recipe {self.name!r} has no rules; add at least one Rule.")
+        for pattern in self.keep_float:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"Recipe {self.name!r}: keep_float pattern {pattern!r} is invalid: {err}.") from None
+
+    def rule_for(self, path: str) -> Rule | None:
+        """The rule that applies to site ``path`` (None: stays in floating point)."""
+        if any(re.fullmatch(p, path) for p in self.keep_float):
+            return None
+        return next((r for r in self.rules if r.matches(path)), None)
+
+    def assign(self, paths: Iterable[str]) -> dict[str, Rule | None]:
+        """Rule (or None) per site path, in the given order."""
+        return {p: self.rule_for(p) for p in paths}
+
+    def unused_rules(self, paths: Iterable[str]) -> list[Rule]:
+        """Rules that no site takes (typos, or sites shadowed by an earlier rule)."""
+        used = {id(r) for r in self.assign(paths).values() if r is not None}
+        return [r for r in self.rules if id(r) not in used]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "keep_float": list(self.keep_float),
+                "rules": [r.to_dict() for r in self.rules]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        unknown = set(data) - {"name", "description", "keep_float", "rules"}
+        if unknown:
+            raise ValueError(f"recipe has unknown keys {sorted(unknown)}; allowed: name, description, keep_float, rules.")
+        if "rules" not in data:
+            raise ValueError("recipe needs a 'rules' list.")
+        rules = []
+        for i, r in enumerate(data["rules"]):
+            fields = {f.name for f in dataclasses.fields(Rule)}
+            bad = set(r) - fields
+            if bad:
+                raise ValueError(f"recipe rule #{i} has unknown keys {sorted(bad)}; allowed: {sorted(fields)}.")
+            rules.append(Rule(**r))
+        kw = {"keep_float": tuple(data["keep_float"])} if "keep_float" in data else {}
+        return cls(name=data.get("name", "custom"), rules=tuple(rules), description=data.get("description", ""), **kw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        """Load a recipe from a ``.json`` or ``.yaml``/``.yml`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist.")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"recipe file {path}: use a .json, .yaml or .yml file.")
+        data = dict(data)
+        data.setdefault("name", path.stem)
+        return cls.from_dict(data)
