@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jquant import ops
+from jquant.calib.capture import record_input
 from jquant.kv import LayerKVCache
 from jquant.sites import SiteSpec
 
@@ -53,6 +54,7 @@ class Linear(nnx.Module):
         self.bias = _param(jnp.zeros((out_features,), param_dtype), sharding[-1:]) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        record_input(self, x)
         return ops.linear(x, self.kernel[...], None if self.bias is None else self.bias[...])
 
 

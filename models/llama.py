@@ -111,6 +111,10 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
+    def calibration_forward(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The block as ``hidden [B, T, D] -> hidden`` (no cache), for block-by-block calibration."""
+        return self(x, positions, None, None)[0]
+
 
 class Llama(nnx.Module):
     """A Llama-family causal language model.
@@ -150,6 +154,15 @@ class Llama(nnx.Module):
         positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         logits, layers = self._forward(tokens, positions, cache.layers, start)
         return logits, KVCache(layers=layers, length=start + tokens.shape[1])
+
+    def block_inputs(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Hidden states entering the first block and the per-token context (positions) every block takes."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return self.embed_tokens(tokens, jnp.dtype(self.config.dtype)), positions
+
+    def blocks(self) -> list[DecoderLayer]:
+        """The repeated blocks, in order (each has ``calibration_forward(hidden, context)``)."""
+        return list(self.layers)
 
     def init_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens."""

@@ -1,0 +1,83 @@
+"""Input capture and block-by-block calibration on a small Llama."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jquant.calib.capture import capture_statistics, set_capture
+from jquant.calib.sequential import run_sequential
+from jquant.models import llama
+
+CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture()
+def model():
+    return llama.init_model(CFG, jax.random.key(0))
+
+
+def test_captured_hessian_is_xtx_summed_over_calls(model):
+    layer = model.layers[0]
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(2, 5, 32)).astype(np.float32) for _ in range(3)]
+    pos = np.broadcast_to(np.arange(5), (2, 5))
+    set_capture(layer, True)
+    forward = capture_statistics(lambda m, x: m(x, pos, None, None)[0])
+    results = [forward(layer, x)[1] for x in xs]
+    set_capture(layer, False)
+    stats = {p: s.merge(results[1][p]).merge(results[2][p]) for p, s in results[0].items()}
+    normed = np.concatenate([np.asarray(layer.input_layernorm(x)).reshape(-1, 32) for x in xs]).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(stats["self_attn/q_proj"].hessian), normed.T @ normed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats["self_attn/k_proj"].absmax), np.abs(normed).max(0), rtol=1e-6)
+    assert stats["mlp/down_proj"].hessian.shape == (48, 48) and stats["mlp/down_proj"].count == 30
+    # capture off: nothing is recorded
+    assert forward(layer, xs[0])[1] == {}
+
+
+def test_each_block_sees_the_outputs_of_processed_blocks(model):
+    tokens = np.random.default_rng(1).integers(0, 64, size=(5, 8))
+    seen = {}
+
+    def zero_block(path, block, stats):
+        seen[path] = stats
+        # make the block an identity map: no attention or MLP contribution to the residual stream
+        block.self_attn.o_proj.kernel[...] = 0 * block.self_attn.o_proj.kernel[...]
+        block.mlp.down_proj.kernel[...] = 0 * block.mlp.down_proj.kernel[...]
+
+    run_sequential(model, tokens, zero_block, batch_size=2, progress=False)
+    assert list(seen) == ["layers/0", "layers/1", "layers/2"]
+    # all norms are 1 at init, so identity blocks feed every later block exactly the embedding
+    for later in ("layers/1", "layers/2"):
+        np.testing.assert_allclose(np.asarray(seen[later]["self_attn/q_proj"].hessian),
+                                   np.asarray(seen["layers/0"]["self_attn/q_proj"].hessian), rtol=1e-6)
+
+
+def test_untouched_blocks_see_different_inputs(model):
+    tokens = np.random.default_rng(1).integers(0, 64, size=(4, 8))
+    seen = {}
+    run_sequential(model, tokens, lambda p, b, s: seen.setdefault(p, s), batch_size=4, progress=False)
+    assert not np.allclose(np.asarray(seen["layers/1"]["self_attn/q_proj"].hessian),
+                           np.asarray(seen["layers/0"]["self_attn/q_proj"].hessian))
+
+
+def test_block_forward_compiles_once_per_block_structure(monkeypatch):
+    # a shape no other test uses, so the module-level jit caches start cold for it
+    model = llama.init_model(CFG.replace(intermediate_size=40), jax.random.key(0))
+    traces = []
+    original = llama.DecoderLayer.calibration_forward
+
+    def counting(self, x, positions):
+        traces.append(getattr(self.mlp.up_proj, "capture_inputs", None))
+        return original(self, x, positions)
+
+    monkeypatch.setattr(llama.DecoderLayer, "calibration_forward", counting)
+    tokens = np.random.default_rng(2).integers(0, 64, size=(6, 8))
+    run_sequential(model, tokens, lambda p, b, s: None, batch_size=2, progress=False)
+    # 3 layers x 3 chunks x 2 passes = 18 calls, but only two traces: capturing and not capturing
+    assert traces == [True, False], traces
+
+
+def test_empty_calibration_set_is_rejected(model):
+    with pytest.raises(ValueError, match="non-empty"):
+        run_sequential(model, np.zeros((0, 8), np.int32), lambda p, b, s: None, progress=False)
