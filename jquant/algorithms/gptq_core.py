@@ -1,0 +1,213 @@
+"""GPTQ (Frantar et al., 2023): one-shot weight quantization with second-order error feedback.
+
+Paper maths only; ``jquant.algorithms.gptq`` wires it to formats and sites.
+
+Layout: ``W [in, out]`` (jquant's kernel layout; GPTQ's "columns" are our
+rows), ``H = X^T X [in, in]`` over calibration inputs. With
+``U = chol(H^-1)^T`` (upper Cholesky factor of the damped inverse Hessian),
+rows are quantized in order; after row ``i`` the error is pushed onto the
+rows not yet quantized (paper Eq. 3 / Alg. 1):
+
+    e_i = (w_i - q(w_i)) / U[i, i],        W[j, :] -= U[i, j] * e_i   for j > i
+
+Lazy batch updates: rows are processed in blocks of ``block_size``; inside a
+block updates touch only the block, and the accumulated block error
+``E [block, out]`` updates the remaining rows once (``W[rest] -= U[block, rest]^T E``).
+
+Groups: with ``group_size`` the quantization parameters (scale, zero) of a
+group of consecutive rows are computed from the *current* (error-updated)
+rows when the group's first row is reached. ``static_groups`` computes them
+all from the original weights up front; ``act_order`` (rows in order of
+decreasing ``diag(H)``) with groups always uses static groups, so every group
+stays a contiguous block of the original rows and the stored format is a
+plain group-wise one. ``block_size`` is rounded to a multiple of ``group_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+ParamsFn = Callable[[jax.Array], tuple[jax.Array, jax.Array | None]]
+QdqFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+    """``damp``: fraction of ``mean(diag(H))`` added to the diagonal; see the module docstring for the rest."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"GPTQConfig.block_size must be >= 1, got {self.block_size}.")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"GPTQConfig.damp must be in [0, 1), got {self.damp}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQResult:
+    """Dequantized weights ``[in, out]``, per-group scales/zeros ``[n_groups, out]`` and the damping used."""
+
+    weights: jax.Array
+    scales: jax.Array
+    zeros: jax.Array | None
+    damp: float
+
+
+def prepare_hessian(h: jax.Array, w: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+    """Dead inputs (``H[i,i] == 0``) get ``H[i,i] = 1`` and zero weight rows; then ``H += damp * mean(diag) * I``."""
+    diag = jnp.diag(h)
+    dead = diag == 0
+    h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
+    w = jnp.where(dead[:, None], 0.0, w)
+    return h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype), w
+
+
+@jax.jit
+def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
+    """``U`` upper triangular with ``U^T U = H^-1`` (NaN if ``H`` is not positive definite)."""
+    lower = jnp.linalg.cholesky(h)
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    lower_inv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+    h_inv = lower_inv.T @ lower_inv
+    return jnp.linalg.cholesky(h_inv).T
+
+
+@functools.partial(jax.jit, static_argnames=("params_fn", "qdq_fn", "group_size", "block_size", "per_row_params"))
+def gptq_loop(w, u, static_scales, static_zeros, row_group, *, params_fn, qdq_fn, group_size, block_size, per_row_params):
+    """The quantization sweep over rows of ``w [in, out]`` given ``u`` (see module docstring).
+
+    ``row_group [in]`` is each (already permuted) row's group index, used to
+    look up ``static_scales/static_zeros [n_groups, out]`` when
+    ``per_row_params`` is False; otherwise group parameters are computed from
+    the current rows at each group start and written back into them.
+    Returns the dequantized rows and the (possibly updated) group parameters.
+    """
+    n_in, n_out = w.shape
+    n_blocks = n_in // block_size
+    has_zero = static_zeros is not None
+
+    def block_body(b, carry):
+        w, scales, zeros, q_all = carry
+        i1 = b * block_size
+        w1 = jax.lax.dynamic_slice(w, (i1, 0), (block_size, n_out))
+        u1 = jax.lax.dynamic_slice(u, (i1, i1), (block_size, block_size))
+        rows = jnp.arange(block_size)
+
+        def row_body(j, inner):
+            w1, q1, e1, scales, zeros = inner
+            g = row_group[i1 + j]
+            if per_row_params:
+                def fresh(args):
+                    scales, zeros = args
+                    s, z = params_fn(jax.lax.dynamic_slice(w1, (j, 0), (group_size, n_out)))
+                    scales = scales.at[g].set(s[0])
+                    zeros = zeros.at[g].set(z[0]) if has_zero else zeros
+                    return scales, zeros
+
+                scales, zeros = jax.lax.cond(j % group_size == 0, fresh, lambda a: a, (scales, zeros))
+            s = scales[g][None]
+            z = zeros[g][None] if has_zero else None
+            row = w1[j][None]
+            q = qdq_fn(row, s, z)[0]
+            err = (w1[j] - q) / u1[j, j]
+            w1 = w1 - jnp.where(rows > j, u1[j], 0.0)[:, None] * err[None, :]
+            return w1, q1.at[j].set(q), e1.at[j].set(err), scales, zeros
+
+        init = (w1, jnp.zeros_like(w1), jnp.zeros_like(w1), scales, zeros)
+        w1, q1, e1, scales, zeros = jax.lax.fori_loop(0, block_size, row_body, init)
+        u_rows = jax.lax.dynamic_slice(u, (i1, 0), (block_size, n_in))
+        later = jnp.arange(n_in) >= i1 + block_size
+        w = w - jnp.where(later[:, None], u_rows.T @ e1, 0.0)
+        return w, scales, zeros, jax.lax.dynamic_update_slice(q_all, q1, (i1, 0))
+
+    init = (w, static_scales, static_zeros, jnp.zeros_like(w))
+    _, scales, zeros, q = jax.lax.fori_loop(0, n_blocks, block_body, init)
+    return q, scales, zeros
+
+
+def gptq(
+    w: jax.Array,
+    h: jax.Array,
+    params_fn: ParamsFn,
+    qdq_fn: QdqFn,
+    *,
+    group_size: int | None,
+    config: GPTQConfig = GPTQConfig(),
+    max_damp_retries: int = 4,
+) -> GPTQResult:
+    """Quantize ``w [in, out]`` against Hessian ``h [in, in]``.
+
+    ``params_fn(rows [g, out]) -> (scale [1, out], zero [1, out] | None)``
+    gives a group's quantization parameters; ``qdq_fn(row [1, out], scale,
+    zero) -> [1, out]`` quantizes and dequantizes a row with them. Without
+    ``group_size`` one parameter set covers all rows (per output channel).
+
+    If the damped Hessian is not positive definite, damping is multiplied by
+    10 up to ``max_damp_retries`` times (the damping used is returned); after
+    that a ``FloatingPointError`` explains what to do.
+    """
+    dtype = jnp.promote_types(jnp.asarray(w).dtype, jnp.float32)  # float64 stays float64 (tests)
+    w = jnp.asarray(w, dtype)
+    h = jnp.asarray(h, dtype)
+    n_in, n_out = w.shape
+    if h.shape != (n_in, n_in):
+        raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's input size {n_in}.")
+    gs = group_size or n_in
+    if n_in % gs:
+        raise ValueError(f"gptq: group_size={gs} does not divide the input size {n_in}.")
+    block = max(gs, config.block_size - config.block_size % gs) if group_size else config.block_size
+    block = min(block, n_in)
+    if n_in % block:
+        block = gs if group_size else _largest_divisor_at_most(n_in, block)
+
+    damp = config.damp
+    for _ in range(max_damp_retries + 1):
+        h_damped, w0 = prepare_hessian(h, w, damp)
+        u = inverse_cholesky_upper(h_damped)
+        if bool(jnp.all(jnp.isfinite(u))):
+            break
+        damp = damp * 10 if damp > 0 else 1e-4
+    else:
+        raise FloatingPointError(
+            f"gptq: the Hessian is not positive definite even with damping {damp / 10:g}; the calibration inputs "
+            "are probably degenerate (too few tokens or constant features). Use more calibration data or RTN."
+        )
+
+    perm = jnp.argsort(-jnp.diag(h_damped)) if config.act_order else jnp.arange(n_in)
+    static = config.static_groups or config.act_order or group_size is None
+    n_groups = n_in // gs
+    group_of_row = jnp.arange(n_in) // gs
+    if static:
+        grouped = w0.reshape(n_groups, gs, n_out)
+        s, z = jax.vmap(params_fn)(grouped)
+        scales, zeros = s[:, 0], None if z is None else z[:, 0]
+    else:
+        s, z = params_fn(w0[:gs])
+        scales = jnp.zeros((n_groups, n_out), s.dtype)
+        zeros = None if z is None else jnp.zeros((n_groups, n_out), z.dtype)
+    q, scales, zeros = gptq_loop(
+        w0[perm], u_permuted(h_damped, perm, u, config.act_order), scales, zeros, group_of_row[perm],
+        params_fn=params_fn, qdq_fn=qdq_fn, group_size=gs, block_size=block, per_row_params=not static,
+    )
+    q = q[jnp.argsort(perm)]
+    return GPTQResult(weights=q, scales=scales, zeros=zeros, damp=damp)
+
+
+def u_permuted(h_damped: jax.Array, perm: jax.Array, u: jax.Array, act_order: bool) -> jax.Array:
+    """The inverse-Cholesky factor for the permuted row order (recomputed only when rows are permuted)."""
+    if not act_order:
+        return u
+    return inverse_cholesky_upper(h_damped[perm][:, perm])
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, limit + 1) if n % d == 0)
