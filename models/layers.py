@@ -52,10 +52,12 @@ class Linear(nnx.Module):
     ):
         self.kernel = _param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype), sharding)
         self.bias = _param(jnp.zeros((out_features,), param_dtype), sharding[-1:]) if use_bias else None
+        self.activation = None  # an activation Format once a recipe quantizes this layer's inputs
 
     def __call__(self, x: jax.Array) -> jax.Array:
         record_input(self, x)
-        return ops.linear(x, self.kernel[...], None if self.bias is None else self.bias[...])
+        bias = None if self.bias is None else self.bias.get_value()
+        return ops.linear(x, self.kernel.get_value(), bias, activation=self.activation)
 
 
 class Embed(nnx.Module):
@@ -68,11 +70,11 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
         """``ids [B, T]`` -> ``[B, T, D]``."""
-        return ops.embedding_lookup(self.embedding[...], ids, dtype)
+        return ops.embedding_lookup(self.embedding.get_value(), ids, dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied head: ``x [B, T, D]`` -> logits ``[B, T, V]`` (``x @ embedding^T``)."""
-        return ops.linear(x, self.embedding[...].T)
+        return ops.linear(x, ops.as_array(self.embedding.get_value(), x.dtype).T)
 
 
 class RMSNorm(nnx.Module):

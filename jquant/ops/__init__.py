@@ -8,8 +8,10 @@ computations; the quantization core adds QArray dispatch.
 
 from jquant.ops.attention import attention as attention
 from jquant.ops.attention import causal_mask as causal_mask
+from jquant.ops.dispatch import explain as explain
+from jquant.ops.linear import as_array as as_array
 from jquant.ops.linear import dot_general as dot_general
 from jquant.ops.linear import embedding_lookup as embedding_lookup
 from jquant.ops.linear import linear as linear
 
-__all__ = ["attention", "causal_mask", "dot_general", "embedding_lookup", "linear"]
+__all__ = ["as_array", "attention", "causal_mask", "dot_general", "embedding_lookup", "explain", "linear"]

@@ -1,13 +1,19 @@
 """Linear algebra entry points: `linear`, `dot_general`, `embedding_lookup`.
 
 Weights follow the JAX convention ``[in, out]`` (``[E, in, out]`` for stacked
-expert weights), the transpose of PyTorch's ``nn.Linear.weight``.
+expert weights), the transpose of PyTorch's ``nn.Linear.weight``. A weight
+may be a ``QArray``; an activation format quantizes the input dynamically
+(per token along the last axis). See ``jquant.ops.dispatch`` for how the
+implementation is chosen.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jquant.formats import Format, QArray, dequantize, fake_quantize
+from jquant.ops.dispatch import select_kernel
 
 
 def dot_general(
@@ -33,17 +39,33 @@ def dot_general(
     )
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """``y = x @ w + b``.
+def as_array(w: jax.Array | QArray, dtype: jnp.dtype) -> jax.Array:
+    """``w`` itself, or its dequantized values in ``dtype`` if it is a ``QArray``."""
+    return dequantize(w, dtype) if isinstance(w, QArray) else w
+
+
+def linear(
+    x: jax.Array, w: jax.Array | QArray, b: jax.Array | None = None, *, activation: Format | None = None
+) -> jax.Array:
+    """``y = Q_a(x) @ w + b``.
 
     Args:
       x: activations ``[..., in]``.
-      w: weight ``[in, out]``.
+      w: weight ``[in, out]``, an array or a ``QArray`` quantized along axis 0.
       b: optional bias ``[out]``.
+      activation: optional activation format; ``x`` is quantized with it along
+        its last axis (per token for per-channel formats), with a
+        straight-through gradient.
 
     Returns:
       ``[..., out]`` in ``x.dtype``.
     """
+    kernel = select_kernel(x, w, activation)
+    if kernel is not None:
+        return kernel.apply(x, w, b, activation)
+    if activation is not None:
+        x = fake_quantize(x, activation, axis=-1)
+    w = as_array(w, x.dtype)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(
             f"linear: activation feature size {x.shape[-1]} does not match the weight's "
@@ -55,6 +77,6 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     return y
 
 
-def embedding_lookup(table: jax.Array, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Rows of ``table [V, D]`` at integer ``ids [...]`` -> ``[..., D]`` in ``dtype``."""
-    return jnp.take(table, ids, axis=0).astype(dtype)
+def embedding_lookup(table: jax.Array | QArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Rows of ``table [V, D]`` (an array or a ``QArray``) at integer ``ids [...]`` -> ``[..., D]`` in ``dtype``."""
+    return jnp.take(as_array(table, dtype), ids, axis=0).astype(dtype)

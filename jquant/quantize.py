@@ -1,0 +1,179 @@
+"""``quantize(model, recipe, calib)``: a pure model -> model transform.
+
+1. Every quantization site of ``model`` (``jquant.sites``) gets its rule from
+   the recipe; everything is validated before any work is done: a rule that
+   matches nothing, an unknown format, a shape the format cannot hold (a group
+   size that does not divide), a non-finite weight, an algorithm that cannot
+   use the format, missing or bad calibration data. Errors name the site path.
+2. The model is cloned; the input is never modified, and a failure part-way
+   leaves only a discarded clone behind (never a half-quantized model).
+3. If any rule's algorithm needs calibration (GPTQ), blocks are processed in
+   order on the outputs of the already-quantized blocks
+   (``jquant.calib.sequential``); other sites are quantized directly.
+4. Each site's weight becomes a ``QArray``; sites with an activation format
+   record it so ``jquant.ops.linear`` quantizes their inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant.algorithms.weights import ALGORITHMS, NEEDS_CALIBRATION, gptq_supports
+from jquant.calib.capture import InputStatistics
+from jquant.calib.sequential import block_paths, run_sequential
+from jquant.formats import Format, QArray, get_format
+from jquant.progress import progress_bar
+from jquant.recipes import Recipe, Rule, get
+from jquant.sites import Site, find_sites
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+    """What will happen to one site: its rule, resolved formats and algorithm."""
+
+    site: Site
+    rule: Rule
+    weight: Format
+    activation: Format | None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationReport:
+    """Per-site formats and the time taken; ``unquantized`` lists sites left in floating point."""
+
+    recipe: Recipe
+    sites: dict[str, str]
+    unquantized: list[str]
+    seconds: float
+
+
+def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
+    """Resolve and validate the recipe against ``model``'s sites (no work done, nothing modified)."""
+    recipe = get(recipe) if isinstance(recipe, str) else recipe
+    sites = find_sites(model)
+    paths = [s.path for s in sites]
+    unused = recipe.unused_rules(paths)
+    if unused:
+        raise ValueError(
+            f"recipe {recipe.name!r}: rules matched no quantization site: {[r.pattern for r in unused]}. "
+            f"Site paths look like {paths[:3]}; fix the patterns or remove the rules."
+        )
+    plans = []
+    for site in sites:
+        rule = recipe.rule_for(site.path)
+        if rule is None or rule.weight is None and rule.activation is None:
+            continue
+        value = site.weight.get_value()
+        if isinstance(value, QArray):
+            raise ValueError(f"site {site.path!r} is already quantized ({value.format.name}); quantize a float model.")
+        weight_fmt = _format(rule.weight, dict(rule.weight_options), site.path) if rule.weight else None
+        act_fmt = _format(rule.activation, dict(rule.activation_options), site.path) if rule.activation else None
+        if weight_fmt is not None:
+            axis = site.spec.contraction_axis
+            try:
+                weight_fmt.check_shape(tuple(value.shape), axis)
+            except ValueError as err:
+                raise ValueError(f"site {site.path!r} (weight shape {tuple(value.shape)}, axis {axis}): {err}") from None
+            if rule.algorithm == "gptq" and (reason := gptq_supports(weight_fmt)):
+                raise ValueError(f"site {site.path!r}: {reason}")
+            if not bool(jnp.all(jnp.isfinite(value))):
+                raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
+        if act_fmt is not None and site.spec.kind != "linear":
+            raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear sites.")
+        plans.append(SitePlan(site=site, rule=rule, weight=weight_fmt, activation=act_fmt))
+    return plans
+
+
+def _format(name: str, overrides: dict, path: str) -> Format:
+    try:
+        return get_format(name, **overrides)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"site {path!r}: {err}") from None
+
+
+def _check_calibration(calib, vocab_size: int | None) -> np.ndarray:
+    if calib is None:
+        raise ValueError("this recipe uses GPTQ, which needs calibration data: pass calib=tokens [N, T] "
+                         "(e.g. jquant.calib.calibration_tokens(tokenizer, n=128, seq_len=512, key=key)).")
+    tokens = np.asarray(calib)
+    if tokens.ndim != 2 or tokens.size == 0:
+        raise ValueError(f"calibration data must be a non-empty [N, T] token array, got shape {tokens.shape}.")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"calibration data must hold integer token ids, got dtype {tokens.dtype}.")
+    if vocab_size is not None and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"calibration token ids must lie in [0, {vocab_size}), got range [{tokens.min()}, {tokens.max()}].")
+    return tokens.astype(np.int32)
+
+
+def quantize(
+    model: nnx.Module,
+    recipe: Recipe | str,
+    calib: np.ndarray | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[nnx.Module, QuantizationReport]:
+    """A quantized copy of ``model`` following ``recipe`` (a ``Recipe`` or a built-in name) and a report.
+
+    ``calib`` (token ids ``[N, T]``) is needed when a rule uses GPTQ.
+    """
+    t0 = time.perf_counter()
+    recipe = get(recipe) if isinstance(recipe, str) else recipe
+    plans = plan(model, recipe)
+    needs_calib = any(NEEDS_CALIBRATION[p.rule.algorithm] for p in plans if p.weight is not None)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    tokens = _check_calibration(calib, vocab) if needs_calib else None
+
+    qmodel = nnx.clone(model)
+    by_path = {p.site.path: p for p in plan(qmodel, recipe)}
+    done: set[str] = set()
+
+    def apply(plan_: SitePlan, stats: InputStatistics | None) -> None:
+        site = plan_.site
+        if plan_.weight is not None:
+            algorithm = ALGORITHMS[plan_.rule.algorithm]
+            q = algorithm(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=stats,
+                          options=dict(plan_.rule.options))
+            site.weight.set_value(q)
+        if plan_.activation is not None:
+            site.module.activation = plan_.activation
+        done.add(site.path)
+
+    if needs_calib:
+        blocks = block_paths(qmodel)
+        inside = {p for p in by_path if any(p.startswith(b + "/") for b in blocks.values())}
+        outside_gptq = [p for p in by_path if p not in inside and by_path[p].rule.algorithm == "gptq"]
+        if outside_gptq:
+            raise ValueError(f"GPTQ is only supported on sites inside the repeated blocks; use 'rtn' for {outside_gptq}.")
+
+        def process_block(block_path: str, block: nnx.Module, stats: dict[str, InputStatistics]) -> None:
+            for rel, st in stats.items():
+                full = f"{block_path}/{rel}"
+                if full in by_path:
+                    apply(by_path[full], st)
+
+        run_sequential(qmodel, tokens, process_block, batch_size=batch_size, progress=progress)
+    remaining = [p for p in by_path.values() if p.site.path not in done]
+    with progress_bar(total=len(remaining), description="quantize", enabled=progress and bool(remaining)) as bar:
+        for p in remaining:
+            apply(p, None)
+            bar.update(1)
+    jax.block_until_ready(nnx.state(qmodel))
+    report = QuantizationReport(
+        recipe=recipe,
+        sites={p.site.path: _describe(p) for p in by_path.values()},
+        unquantized=[s.path for s in find_sites(qmodel) if s.path not in by_path],
+        seconds=time.perf_counter() - t0,
+    )
+    return qmodel, report
+
+
+def _describe(p: SitePlan) -> str:
+    w = f"{p.weight.name} ({p.rule.algorithm})" if p.weight is not None else "float"
+    return w + (f", activations {p.activation.name}" if p.activation is not None else "")
