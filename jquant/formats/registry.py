@@ -1,0 +1,71 @@
+"""Named formats: ``FORMATS[name](**overrides) -> Format`` and ``get_format``.
+
+Integer names are ``int{b}[-tensor|-g{G}][-asym]`` for b in {2, 3, 4, 5, 6, 8}:
+symmetric unless ``-asym``, per channel (= per token for activations) unless
+``-tensor`` or ``-g{G}``, float16 scales. ``FORMATS`` lists G in {32, 64, 128};
+``get_format`` also accepts any other positive G (e.g. ``"int4-g16"``). Every name equals the
+``.name`` of the format it builds. Overrides are the descriptor's fields, e.g.
+``get_format("int4-g128", clip_search=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import re
+from typing import Callable
+
+from jquant.formats.codebook import CodebookFormat  # noqa: F401  (not named: needs codebooks)
+from jquant.formats.fp8 import FP8Format
+from jquant.formats.gse import GSE_BITS, GSEFormat
+from jquant.formats.integer import INT_BITS, IntFormat
+from jquant.formats.mx import MX_ELEMENTS, MXFormat
+from jquant.formats.nvfp4 import NVFP4Format
+from jquant.formats.qarray import Format
+
+P = functools.partial
+
+
+def _build() -> dict[str, Callable[..., Format]]:
+    out: dict[str, Callable[..., Format]] = {}
+    for b in INT_BITS:
+        for sym in (True, False):
+            tail = "" if sym else "-asym"
+            out[f"int{b}{tail}"] = P(IntFormat, bits=b, symmetric=sym)
+            out[f"int{b}-tensor{tail}"] = P(IntFormat, bits=b, symmetric=sym, granularity="tensor")
+            for g in (32, 64, 128):
+                out[f"int{b}-g{g}{tail}"] = P(IntFormat, bits=b, symmetric=sym, group_size=g)
+    for el in ("e4m3", "e5m2"):
+        out[f"fp8-{el}"] = P(FP8Format, element=el)
+        out[f"fp8-{el}-tensor"] = P(FP8Format, element=el, granularity="tensor")
+    out["nvfp4"] = P(NVFP4Format)
+    out["nvfp4-1level"] = P(NVFP4Format, two_level=False)
+    for el in MX_ELEMENTS:
+        out[f"mx{el}"] = P(MXFormat, element=el)
+    for b in GSE_BITS:
+        out[f"gse-int{b}"] = P(GSEFormat, bits=b)
+    return out
+
+
+FORMATS: dict[str, Callable[..., Format]] = _build()
+
+
+def get_format(name: str | Format, **overrides) -> Format:
+    """The format called ``name`` (or a ``Format`` itself), with field ``overrides``."""
+    if isinstance(name, Format):
+        return dataclasses.replace(name, **overrides) if overrides else name
+    m = re.fullmatch(r"int(\d+)-g(\d+)(-asym)?", str(name))
+    if name not in FORMATS and m and int(m.group(1)) in INT_BITS and int(m.group(2)) > 0:
+        return IntFormat(bits=int(m.group(1)), group_size=int(m.group(2)),
+                         symmetric=m.group(3) is None, **overrides)
+    if name not in FORMATS:
+        close = difflib.get_close_matches(str(name), FORMATS, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"Unknown format {name!r}.{hint} Valid names: {', '.join(sorted(FORMATS))}. "
+            f"Codebook formats are built with CodebookFormat(...) and codebook_quantize.")
+    try:
+        return FORMATS[name](**overrides)
+    except TypeError as e:
+        raise TypeError(f"get_format({name!r}): bad override: {e}") from None
