@@ -1,0 +1,117 @@
+"""quantize(model, recipe, calib): purity, simulated == packed inference, GPTQ > RTN, validation errors."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jquant.data import load_split, token_windows
+from jquant.eval import perplexity
+from jquant.eval.size import size_report
+from jquant.formats import QArray, dequantize
+from jquant.models import DEFAULT_MODEL, llama, load
+from jquant.quantize import quantize
+from jquant.recipes import Recipe, Rule, get
+
+CFG = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llama.init_model(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return np.random.default_rng(0).integers(0, 64, size=(8, 16)).astype(np.int32)
+
+
+def _params(m):
+    return jax.tree.leaves(nnx.state(m, nnx.Param))
+
+
+def test_input_model_is_untouched(model, calib):
+    before = [np.asarray(x) for x in _params(model)]
+    qmodel, report = quantize(model, get("gptq-w4g128", weight="int4-g64-asym"), calib, progress=False)
+    after = [np.asarray(x) for x in _params(model)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert isinstance(qmodel.layers[0].self_attn.q_proj.kernel.get_value(), QArray)
+    assert not isinstance(model.layers[0].self_attn.q_proj.kernel.get_value(), QArray)
+    assert report.unquantized == ["embed_tokens", "lm_head"]
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w8a8", "fp8-w8a8", "nvfp4-w4a16", "mxfp4-w4a16"])
+def test_packed_inference_equals_fake_quant_simulation(model, recipe):
+    qmodel, _ = quantize(model, recipe, progress=False)
+    simulated = nnx.clone(qmodel)
+    for path, var in nnx.to_flat_state(nnx.state(simulated, nnx.Param)):
+        if isinstance(var.get_value(), QArray):
+            var.set_value(dequantize(var.get_value(), np.float32))  # float weights holding the dequantized values
+    tokens = np.random.default_rng(1).integers(0, 64, size=(2, 12))
+    np.testing.assert_array_equal(np.asarray(qmodel(tokens)), np.asarray(simulated(tokens)))
+
+
+def test_gptq_beats_rtn_on_the_trained_default_model():
+    loaded = load(DEFAULT_MODEL)
+    val = token_windows(load_split("validation"), loaded.tokenizer, 128, max_windows=8)
+    calib = token_windows(load_split("train"), loaded.tokenizer, 128, max_windows=16)
+    ppl = {}
+    for algorithm in ("rtn", "gptq"):
+        recipe = Recipe(name=algorithm, rules=(Rule(pattern=".*", weight="int3-g64-asym", algorithm=algorithm),))
+        qmodel, _ = quantize(loaded.model, recipe, calib, progress=False)
+        ppl[algorithm] = perplexity(qmodel, val, progress=False).ppl
+    fp = perplexity(loaded.model, val, progress=False).ppl
+    assert fp < ppl["gptq"] < ppl["rtn"], (fp, ppl)
+
+
+def test_size_report_counts_stored_bits(model):
+    qmodel, _ = quantize(model, get("rtn-w4g128", weight="int4-g64"), progress=False)
+    report = size_report(qmodel)
+    rows = {path: (n, nbytes, fmt) for path, n, nbytes, fmt in report.rows}
+    n, nbytes, fmt = rows["layers/0/mlp/up_proj/kernel"]
+    assert fmt == "int4-g64" and n == 64 * 128
+    assert nbytes == n // 2 + (n // 64) * 2  # packed int4 + one fp16 scale per 64 weights
+    assert report.parameters == sum(x.size for x in _params(model))
+
+
+def test_validation_errors_name_the_site(model, calib):
+    with pytest.raises(ValueError, match=r"layers/0/mlp/down_proj.*group_size=96 does not divide"):
+        quantize(model, Recipe(name="x", rules=(Rule(pattern=r".*down_proj", weight="int4", weight_options={"group_size": 96}),
+                                                Rule(pattern=".*", weight="int8"))), progress=False)
+    with pytest.raises(ValueError, match=r"matched no quantization site.*\.\*/qproj"):
+        quantize(model, Recipe(name="x", rules=(Rule(pattern=".*/qproj", weight="int8"), Rule(pattern=".*", weight="int8"))),
+                 progress=False)
+    with pytest.raises(ValueError, match="GPTQ needs an integer format"):
+        quantize(model, get("fp8-w8a16", algorithm="gptq"), calib, progress=False)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize(model, "gptq-w8", None, progress=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        quantize(model, "gptq-w8", np.zeros((0, 4), np.int32), progress=False)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 64\)"):
+        quantize(model, "gptq-w8", calib + 100, progress=False)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        quantize(model, "gptq-w5", calib, progress=False)
+
+
+def test_nan_weight_is_rejected_and_nothing_is_modified(model):
+    broken = nnx.clone(model)
+    kernel = broken.layers[1].mlp.up_proj.kernel
+    kernel.set_value(kernel.get_value().at[0, 0].set(np.nan))
+    with pytest.raises(ValueError, match=r"layers/1/mlp/up_proj.*NaN"):
+        quantize(broken, "rtn-w8", progress=False)
+    assert not any(isinstance(v.get_value(), QArray) for _, v in nnx.to_flat_state(nnx.state(broken, nnx.Param)))
+
+
+def test_already_quantized_model_is_rejected(model):
+    qmodel, _ = quantize(model, "rtn-w8", progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(qmodel, "rtn-w8", progress=False)
+
+
+def test_recipe_dataclass_round_trip_through_report(model):
+    recipe = get("rtn-w8a8")
+    _, report = quantize(model, recipe, progress=False)
+    assert report.recipe == recipe and dataclasses.is_dataclass(report)
+    assert report.sites["layers/0/self_attn/q_proj"] == "int8 (rtn), activations int8"
