@@ -82,7 +82,7 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
                 raise ValueError(f"site {site.path!r} (weight shape {tuple(value.shape)}, axis {axis}): {err}") from None
             if rule.algorithm == "gptq" and (reason := gptq_supports(weight_fmt)):
                 raise ValueError(f"site {site.path!r}: {reason}")
-            if not bool(jnp.all(jnp.isfinite(value))):
+            if isinstance(value, jax.Array) and not bool(jnp.all(jnp.isfinite(value))):
                 raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
         if act_fmt is not None and site.spec.kind != "linear":
             raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear sites.")

@@ -1,0 +1,141 @@
+"""``save(model, path)`` / ``load(path)``: quantized (or float) models as orbax checkpoints with their recipe.
+
+A checkpoint folder holds:
+
+  ``jquant.json``  family, Hugging Face-style config, compute/storage dtypes, format version
+  ``recipe.json``  the recipe that produced the model (absent for float models)
+  ``state/``       the orbax ``StandardCheckpointer`` checkpoint of the model's parameters
+                   (QArray children are ordinary arrays: codes, scales, zeros, ...)
+  ``tokenizer*``   the tokenizer, if one was given
+
+Everything is written into a temporary sibling folder that is renamed into
+place only when complete, so an interrupted save never leaves a folder that
+loads (a partial folder lacks ``jquant.json`` and is rejected). ``load``
+rebuilds the abstract model from the config, re-plans the recipe on it (the
+recipe determines every site's format, hence every stored array's shape),
+checks the stored arrays' shapes against that structure and only then restores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jquant.formats import QArray
+from jquant.quantize import plan
+from jquant.recipes import Recipe
+
+FORMAT_VERSION = 1
+MANIFEST = "jquant.json"
+RECIPE = "recipe.json"
+STATE = "state"
+
+
+def _families():
+    from jquant.models import llama
+
+    return {"llama": llama}
+
+
+def _family_of(model: nnx.Module) -> str:
+    for name, module in _families().items():
+        if isinstance(model, module.Llama):
+            return name
+    raise TypeError(f"save: {type(model).__name__} is not a model family jquant knows how to save.")
+
+
+def save(model: nnx.Module, path: str | os.PathLike, *, recipe: Recipe | None = None, tokenizer=None) -> Path:
+    """Write ``model`` (quantized with ``recipe``, or float if None) to ``path`` atomically."""
+    family = _family_of(model)
+    quantized = any(isinstance(v.get_value(), QArray) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    if quantized and recipe is None:
+        raise ValueError("save: the model is quantized; pass the recipe that produced it (save(model, path, recipe=...)).")
+    cfg = model.config
+    manifest = {"format_version": FORMAT_VERSION, "family": family, "config": _families()[family].config_to_hf(cfg),
+                "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
+    target = Path(path).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / STATE, nnx.state(model, nnx.Param))
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        if recipe is not None:
+            (tmp / RECIPE).write_text(recipe.to_json() + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | None]:
+    """The model structure a checkpoint holds (``ShapeDtypeStruct`` leaves, QArrays where quantized)."""
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder} is not a complete jquant checkpoint ({MANIFEST} is missing).")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder}: checkpoint format version {manifest.get('format_version')} is not {FORMAT_VERSION}.")
+    family = _families()[manifest["family"]]
+    cfg = family.config_from_hf(manifest["config"], dtype=manifest["dtype"], param_dtype=manifest["param_dtype"])
+    abstract = family.abstract_model(cfg)
+    recipe = Recipe.from_file(folder / RECIPE) if (folder / RECIPE).is_file() else None
+    if recipe is not None:
+        for p in plan(abstract, recipe):
+            if p.weight is not None:
+                value = p.site.weight.get_value()
+                axis = p.site.spec.contraction_axis % len(value.shape)
+                children = p.weight.expected_children(tuple(value.shape), axis)
+                p.site.weight.set_value(QArray(**{k: v for k, v in children.items() if v is not None}, format=p.weight,
+                                               shape=tuple(value.shape), dtype=str(value.dtype), axis=axis))
+            if p.activation is not None:
+                p.site.module.activation = p.activation
+    return abstract, recipe
+
+
+def load(path: str | os.PathLike) -> nnx.Module:
+    """Restore a model written by ``save`` (validating every stored array's shape first)."""
+    folder = Path(path).absolute()
+    abstract, _ = abstract_quantized(folder)
+    graphdef, target = nnx.split(abstract)
+    checkpointer = ocp.StandardCheckpointer()
+    stored = checkpointer.metadata(folder / STATE)
+    stored_tree = getattr(stored, "item_metadata", stored)
+    _check_shapes(nnx.state(abstract, nnx.Param), stored_tree, folder)
+    params = checkpointer.restore(folder / STATE, nnx.state(abstract, nnx.Param))
+    checkpointer.close()
+    return nnx.merge(graphdef, params, nnx.state(abstract, nnx.Not(nnx.Param)))
+
+
+def _key(path) -> str:
+    """A tree path as ``a/b/0/c``, whatever the key types (dict keys, attributes, indices)."""
+    parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(p) for p in parts)
+
+
+def _check_shapes(target, stored, folder: Path) -> None:
+    want = {_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    have = {_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored) if hasattr(v, "shape")}
+    for name, shape in want.items():
+        if name not in have:
+            raise ValueError(f"{folder}: the checkpoint has no array for {name} (expected shape {shape}).")
+        if have[name] != shape:
+            raise ValueError(f"{folder}: array {name} has shape {have[name]} in the checkpoint but the model expects {shape}.")
