@@ -14,6 +14,9 @@ from rich.table import Table
 
 EPILOG = """examples:
   jquant list models
+  jquant list recipes
+  jquant quantize --model jq-llama-tiny --recipe gptq-w4g64 --out runs/tiny-w4
+  jquant eval --model runs/tiny-w4
   jquant eval --model jq-llama-tiny
   jquant eval --model path/to/hf_checkpoint --tasks ppl --max-windows 50 --json
   jquant generate --model jq-llama-tiny --prompt "To be, or not to be" --max-new-tokens 40
@@ -30,21 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ls = sub.add_parser("list", help="list bundled models or model presets")
-    ls.add_argument("what", nargs="?", default="models", choices=["models", "presets"])
+    ls = sub.add_parser("list", help="list bundled models, model presets, recipes or formats")
+    ls.add_argument("what", nargs="?", default="models", choices=["models", "presets", "recipes", "formats"])
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     ev = sub.add_parser("eval", help="perplexity, zero-shot accuracy, size and latency of a model")
-    ev.add_argument("--model", default="jq-llama-tiny", help="bundled model name or Hugging Face checkpoint folder (default: %(default)s)")
-    ev.add_argument("--tasks", default="ppl,next_line,same_source",
-                    help="comma-separated: ppl and zero-shot tasks next_line, source, same_source (default: %(default)s)")
-    ev.add_argument("--split", default="validation", help="corpus split for perplexity (zero-shot uses test) (default: %(default)s)")
-    ev.add_argument("--seq-len", type=int, default=256, help="perplexity window length in tokens (default: %(default)s)")
-    ev.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
-    ev.add_argument("--n-items", type=int, default=200, help="items per zero-shot task (default: %(default)s)")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--no-latency", action="store_true", help="skip the prefill/decode latency measurement")
-    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--model", default="jq-llama-tiny",
+                    help="bundled model name, Hugging Face folder or `jquant quantize --out` folder (default: %(default)s)")
+    _add_eval_options(ev)
+
+    qz = sub.add_parser("quantize", help="quantize a model with a recipe and compare it with the float model")
+    qz.add_argument("--model", default="jq-llama-tiny", help="bundled model name or Hugging Face folder (default: %(default)s)")
+    qz.add_argument("--recipe", required=True, help="a built-in recipe (`jquant list recipes`) or a .json/.yaml recipe file")
+    qz.add_argument("--out", default=None, help="save the quantized model here (orbax + recipe; load with `--model OUT`)")
+    qz.add_argument("--calib-samples", type=int, default=64, help="calibration windows from the train split (default: %(default)s)")
+    qz.add_argument("--calib-seq-len", type=int, default=256, help="calibration window length (default: %(default)s)")
+    qz.add_argument("--seed", type=int, default=0, help="PRNG seed for picking calibration windows")
+    qz.add_argument("--no-eval", action="store_true", help="only quantize (and save); skip the comparison table")
+    _add_eval_options(qz)
 
     gen = sub.add_parser("generate", help="continue a prompt")
     gen.add_argument("--model", default="jq-llama-tiny", help="bundled model name or checkpoint folder (default: %(default)s)")
@@ -69,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default="ppl,next_line,same_source",
+                   help="comma-separated: ppl and zero-shot tasks next_line, source, same_source (default: %(default)s)")
+    p.add_argument("--split", default="validation", help="corpus split for perplexity (zero-shot uses test) (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="perplexity window length in tokens (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--n-items", type=int, default=200, help="items per zero-shot task (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-latency", action="store_true", help="skip the prefill/decode latency measurement")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def _print_table(console: Console, title: str, rows: Sequence[tuple[str, str]]) -> None:
     table = Table(title=title, show_header=True)
     table.add_column("metric")
@@ -79,7 +97,26 @@ def _print_table(console: Console, title: str, rows: Sequence[tuple[str, str]]) 
 
 
 def _cmd_list(args, console: Console) -> dict:
+    from jquant.formats import FORMATS
     from jquant.models import list_models, llama
+    from jquant.recipes import list_recipes
+
+    if args.what == "recipes":
+        data = {r.name: r.to_dict() for r in list_recipes()}
+        if not args.json:
+            table = Table(title="built-in recipes (embeddings and lm_head stay float)")
+            for col in ("name", "weights", "activations", "algorithm", "description"):
+                table.add_column(col)
+            for r in list_recipes():
+                rule = r.rules[0]
+                table.add_row(r.name, rule.weight or "-", rule.activation or "-", rule.algorithm, r.description)
+            console.print(table)
+        return data
+    if args.what == "formats":
+        data = {name: str(factory()) for name, factory in FORMATS.items()}
+        if not args.json:
+            console.print("formats: " + ", ".join(FORMATS))
+        return data
 
     if args.what == "presets":
         data = {name: dataclasses.asdict(cfg) for name, cfg in llama.PRESETS.items()}
@@ -107,21 +144,16 @@ def _cmd_list(args, console: Console) -> dict:
     return data
 
 
-def _cmd_eval(args, console: Console) -> dict:
-    from jquant.data import load_split, load_tokenizer, token_windows
-    from jquant.eval import param_bytes, param_count, perplexity, zero_shot
+def _evaluate(model, tokenizer, args, progress: bool) -> dict:
+    """Size, perplexity, zero-shot accuracy and latency of ``model`` as selected by ``args``."""
+    from jquant.data import load_split, token_windows
+    from jquant.eval import perplexity, zero_shot
+    from jquant.eval.size import size_report
     from jquant.eval.speed import prefill_decode_latency
-    from jquant.models import load
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    loaded = load(args.model)
-    tokenizer = loaded.tokenizer or load_tokenizer()
-    model = loaded.model
-    from flax import nnx
-
-    params = nnx.state(model, nnx.Param)
-    result: dict = {"model": str(loaded.path), "parameters": param_count(params), "parameter_bytes": param_bytes(params)}
-    progress = not args.json
+    size = size_report(model)
+    result: dict = {"parameters": size.parameters, "parameter_bytes": size.bytes, "bits_per_parameter": size.bits_per_parameter}
     if "ppl" in tasks:
         windows = token_windows(load_split(args.split), tokenizer, args.seq_len, max_windows=args.max_windows)
         t0 = time.perf_counter()
@@ -134,15 +166,67 @@ def _cmd_eval(args, console: Console) -> dict:
     if not args.no_latency:
         lat = prefill_decode_latency(model)
         result["latency_ms"] = {k: v.median_ms for k, v in lat.items()}
+    return result
+
+
+def _metric_rows(result: dict, args) -> list[tuple[str, object]]:
+    rows = [("parameters", f"{result['parameters'] / 1e6:.3f}M"), ("size (MB)", f"{result['parameter_bytes'] / 1e6:.2f}"),
+            ("bits per parameter", f"{result['bits_per_parameter']:.2f}")]
+    if "perplexity" in result:
+        rows.append((f"perplexity ({args.split}, {args.seq_len}-token windows)", f"{result['perplexity']['ppl']:.3f}"))
+    for name, r in result.get("zero_shot", {}).items():
+        rows.append((f"zero-shot {name} accuracy (n={r['n']})", f"{r['accuracy']:.3f}"))
+    for name, ms in result.get("latency_ms", {}).items():
+        rows.append((f"latency {name} (ms, median)", f"{ms:.2f}"))
+    return rows
+
+
+def _cmd_eval(args, console: Console) -> dict:
+    from jquant.data import load_tokenizer
+    from jquant.models import load
+
+    loaded = load(args.model)
+    result = {"model": str(loaded.path), **_evaluate(loaded.model, loaded.tokenizer or load_tokenizer(), args, not args.json)}
     if not args.json:
-        rows = [("parameters", f"{result['parameters'] / 1e6:.3f}M"), ("parameter memory", f"{result['parameter_bytes'] / 2**20:.2f} MiB")]
-        if "perplexity" in result:
-            rows.append((f"perplexity ({args.split}, {args.seq_len}-token windows)", f"{result['perplexity']['ppl']:.3f}"))
-        for name, r in result.get("zero_shot", {}).items():
-            rows.append((f"zero-shot {name} accuracy (n={r['n']})", f"{r['accuracy']:.3f}"))
-        for name, ms in result.get("latency_ms", {}).items():
-            rows.append((f"latency {name} (ms, median)", f"{ms:.2f}"))
-        _print_table(console, f"eval: {args.model}", rows)
+        _print_table(console, f"eval: {args.model}", _metric_rows(result, args))
+    return result
+
+
+def _cmd_quantize(args, console: Console) -> dict:
+    import jax
+
+    from jquant.checkpoint import save
+    from jquant.data import load_split, load_tokenizer, random_windows
+    from jquant.models import load
+    from jquant.quantize import quantize
+    from jquant.recipes import Recipe, get
+
+    recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
+    loaded = load(args.model)
+    tokenizer = loaded.tokenizer or load_tokenizer()
+    progress = not args.json
+    calib = random_windows(load_split("train"), tokenizer, args.calib_samples, args.calib_seq_len, jax.random.key(args.seed))
+    qmodel, report = quantize(loaded.model, recipe, calib, batch_size=args.batch_size, progress=progress)
+    result = {"model": str(loaded.path), "recipe": recipe.to_dict(), "quantize_seconds": report.seconds,
+              "sites": report.sites, "unquantized": report.unquantized}
+    if args.out:
+        result["saved_to"] = str(save(qmodel, args.out, recipe=recipe, tokenizer=tokenizer))
+    if not args.no_eval:
+        result["float"] = _evaluate(loaded.model, tokenizer, args, progress)
+        result["quantized"] = _evaluate(qmodel, tokenizer, args, progress)
+    if not args.json:
+        if args.no_eval:
+            _print_table(console, f"quantize: {args.model} with {recipe.name}", [("time (s)", f"{report.seconds:.1f}")])
+        else:
+            table = Table(title=f"{args.model}: float vs {recipe.name}")
+            for col in ("metric", "float", recipe.name):
+                table.add_column(col, justify="right" if col != "metric" else "left")
+            for (name, fp), (_, q) in zip(_metric_rows(result["float"], args), _metric_rows(result["quantized"], args)):
+                table.add_row(name, str(fp), str(q))
+            table.add_row("quantization time (s)", "", f"{report.seconds:.1f}")
+            console.print(table)
+        if args.out:
+            console.print(f"saved to {result['saved_to']}")
     return result
 
 
@@ -185,7 +269,7 @@ def _cmd_train(args, console: Console) -> dict:
     return summary
 
 
-COMMANDS = {"list": _cmd_list, "eval": _cmd_eval, "generate": _cmd_generate, "train": _cmd_train}
+COMMANDS = {"list": _cmd_list, "eval": _cmd_eval, "quantize": _cmd_quantize, "generate": _cmd_generate, "train": _cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

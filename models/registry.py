@@ -71,11 +71,20 @@ class LoadedModel:
 
 
 def load(name_or_path: str | Path, *, dtype: llama.DTypeName = "float32", param_dtype: llama.DTypeName | None = None) -> LoadedModel:
-    """Load a model (and its tokenizer when the folder has one) by bundled name or path."""
+    """Load a model (and its tokenizer when the folder has one) by bundled name or path.
+
+    A folder written by ``jquant.checkpoint.save`` (it has ``jquant.json``) is
+    restored as saved, quantized or not; ``dtype`` options apply to Hugging
+    Face folders.
+    """
     path = resolve(name_or_path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+    if (path / "jquant.json").is_file():  # a checkpoint written by jquant.checkpoint.save (possibly quantized)
+        from jquant.checkpoint import load as load_checkpoint
+
+        return LoadedModel(model=load_checkpoint(path), tokenizer=tokenizer, path=path)
     model_type = hf_io.read_config(path).get("model_type")
     if model_type not in _FAMILIES:
         raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {sorted(_FAMILIES)}.")
     model = _FAMILIES[model_type].from_hf(path, dtype=dtype, param_dtype=param_dtype)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
     return LoadedModel(model=model, tokenizer=tokenizer, path=path)
