@@ -1,22 +1,36 @@
 """jquant: make generative models cheap to run, in JAX.
 
-Public API: ``jquant.ops`` (the compute boundary), ``jquant.generate`` and
-``jquant.SamplingConfig``, ``jquant.sharding``; the subpackages ``jquant.models``
-(model families, bundled reference models), ``jquant.data`` (offline corpus,
-tokenizer), ``jquant.eval`` (perplexity, zero-shot, size, latency), ``jquant.kv``
-and ``jquant.train`` are imported on first attribute access (``jq.eval``).
+Public API::
+
+    qmodel = jq.quantize(model, "gptq-w4g128", calib)   # pure; qmodel.quantization reports what was done
+    jq.save(qmodel, "runs/x"); qmodel = jq.load("runs/x")
+    jq.size_report(qmodel).bits_per_parameter
+
+plus ``jquant.ops`` (the compute boundary), ``jquant.formats`` (QArray and
+formats), ``jquant.recipes``, ``jquant.calib``, ``jquant.generate`` /
+``jquant.SamplingConfig`` and ``jquant.sharding``. The subpackages
+``jquant.models``, ``jquant.data``, ``jquant.eval``, ``jquant.kv`` and
+``jquant.train`` are imported on first attribute access (``jq.eval``).
 """
 
 import importlib
 
+from jquant import calib as calib
+from jquant import formats as formats
 from jquant import ops as ops
+from jquant import recipes as recipes
 from jquant import sharding as sharding
+from jquant.checkpoint import load as load
+from jquant.checkpoint import save as save
+from jquant.eval.size import size_report as size_report
 from jquant.generate import SamplingConfig as SamplingConfig
 from jquant.generate import generate as generate
+from jquant.quantization import quantize as quantize
 
 __version__ = "0.1.0"
 _LAZY_SUBPACKAGES = ("data", "eval", "kv", "models", "train")
-__all__ = ["SamplingConfig", "generate", "ops", "sharding", *_LAZY_SUBPACKAGES]
+__all__ = ["SamplingConfig", "calib", "formats", "generate", "load", "ops", "quantize", "recipes", "save", "sharding",
+           "size_report", *_LAZY_SUBPACKAGES]
 
 
 def __getattr__(name: str):

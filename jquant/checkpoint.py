@@ -29,7 +29,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jquant.formats import QArray
-from jquant.quantize import plan
+from jquant.quantization import QuantizationReport, describe, plan
+from jquant.sites import find_sites
 from jquant.recipes import Recipe
 
 FORMAT_VERSION = 1
@@ -51,12 +52,14 @@ def _family_of(model: nnx.Module) -> str:
     raise TypeError(f"save: {type(model).__name__} is not a model family jquant knows how to save.")
 
 
-def save(model: nnx.Module, path: str | os.PathLike, *, recipe: Recipe | None = None, tokenizer=None) -> Path:
-    """Write ``model`` (quantized with ``recipe``, or float if None) to ``path`` atomically."""
+def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Write ``model`` (float, or quantized by ``jquant.quantize``) to ``path`` atomically."""
     family = _family_of(model)
     quantized = any(isinstance(v.get_value(), QArray) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    if quantized and recipe is None:
-        raise ValueError("save: the model is quantized; pass the recipe that produced it (save(model, path, recipe=...)).")
+    report = getattr(model, "quantization", None)
+    if quantized and report is None:
+        raise ValueError("save: the model holds QArrays but no `quantization` report; quantize it with jquant.quantize.")
+    recipe = report.recipe if report is not None else None
     cfg = model.config
     manifest = {"format_version": FORMAT_VERSION, "family": family, "config": _families()[family].config_to_hf(cfg),
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
@@ -99,7 +102,8 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
     abstract = family.abstract_model(cfg)
     recipe = Recipe.from_file(folder / RECIPE) if (folder / RECIPE).is_file() else None
     if recipe is not None:
-        for p in plan(abstract, recipe):
+        plans = plan(abstract, recipe)
+        for p in plans:
             if p.weight is not None:
                 value = p.site.weight.get_value()
                 axis = p.site.spec.contraction_axis % len(value.shape)
@@ -108,6 +112,10 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
                                                shape=tuple(value.shape), dtype=str(value.dtype), axis=axis))
             if p.activation is not None:
                 p.site.module.activation = p.activation
+        abstract.quantization = QuantizationReport(
+            recipe=recipe, sites=tuple((p.site.path, describe(p)) for p in plans),
+            unquantized=tuple(s.path for s in find_sites(abstract) if s.path not in {p.site.path for p in plans}),
+            seconds=0.0)
     return abstract, recipe
 
 

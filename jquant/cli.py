@@ -198,7 +198,7 @@ def _cmd_quantize(args, console: Console) -> dict:
     from jquant.checkpoint import save
     from jquant.data import load_split, load_tokenizer, random_windows
     from jquant.models import load
-    from jquant.quantize import quantize
+    from jquant.quantization import quantize
     from jquant.recipes import Recipe, get
 
     recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
@@ -206,11 +206,12 @@ def _cmd_quantize(args, console: Console) -> dict:
     tokenizer = loaded.tokenizer or load_tokenizer()
     progress = not args.json
     calib = random_windows(load_split("train"), tokenizer, args.calib_samples, args.calib_seq_len, jax.random.key(args.seed))
-    qmodel, report = quantize(loaded.model, recipe, calib, batch_size=args.batch_size, progress=progress)
+    qmodel = quantize(loaded.model, recipe, calib, batch_size=args.batch_size, progress=progress)
+    report = qmodel.quantization
     result = {"model": str(loaded.path), "recipe": recipe.to_dict(), "quantize_seconds": report.seconds,
-              "sites": report.sites, "unquantized": report.unquantized}
+              "sites": dict(report.sites), "unquantized": list(report.unquantized)}
     if args.out:
-        result["saved_to"] = str(save(qmodel, args.out, recipe=recipe, tokenizer=tokenizer))
+        result["saved_to"] = str(save(qmodel, args.out, tokenizer=tokenizer))
     if not args.no_eval:
         result["float"] = _evaluate(loaded.model, tokenizer, args, progress)
         result["quantized"] = _evaluate(qmodel, tokenizer, args, progress)

@@ -8,8 +8,7 @@ import pytest
 
 from jquant.checkpoint import load, save
 from jquant.models import llama
-from jquant.quantize import quantize
-from jquant.recipes import get
+from jquant.quantization import quantize
 
 CFG = llama.LlamaConfig(family="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, qkv_bias=True)
@@ -23,8 +22,8 @@ def model():
 
 @pytest.mark.parametrize("recipe", ["rtn-w8a8", "rtn-w2g64", "nvfp4-w4a16", "mxfp4-w4a16", "fp8-w8a8", None])
 def test_round_trip_is_exact(model, tmp_path, recipe):
-    qmodel = quantize(model, recipe, progress=False)[0] if recipe else model
-    save(qmodel, tmp_path / "ckpt", recipe=get(recipe) if recipe else None)
+    qmodel = quantize(model, recipe, progress=False) if recipe else model
+    save(qmodel, tmp_path / "ckpt")
     restored = load(tmp_path / "ckpt")
     np.testing.assert_array_equal(np.asarray(restored(TOKENS)), np.asarray(qmodel(TOKENS)))
     assert (tmp_path / "ckpt" / "recipe.json").is_file() == (recipe is not None)
@@ -35,17 +34,17 @@ def test_interrupted_save_leaves_nothing_behind(model, tmp_path):
         def save_pretrained(self, folder):
             raise KeyboardInterrupt("interrupted")
 
-    qmodel, report = quantize(model, "rtn-w8", progress=False)
+    qmodel = quantize(model, "rtn-w8", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        save(qmodel, tmp_path / "ckpt", recipe=report.recipe, tokenizer=FailingTokenizer())
+        save(qmodel, tmp_path / "ckpt", tokenizer=FailingTokenizer())
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="not a complete jquant checkpoint"):
         load(tmp_path / "ckpt")
 
 
 def test_overwriting_keeps_the_old_checkpoint_until_the_new_one_is_complete(model, tmp_path):
-    qmodel, report = quantize(model, "rtn-w8", progress=False)
-    save(qmodel, tmp_path / "ckpt", recipe=report.recipe)
+    qmodel = quantize(model, "rtn-w8", progress=False)
+    save(qmodel, tmp_path / "ckpt")
 
     class FailingTokenizer:
         def save_pretrained(self, folder):
@@ -57,8 +56,8 @@ def test_overwriting_keeps_the_old_checkpoint_until_the_new_one_is_complete(mode
 
 
 def test_checkpoint_of_another_shape_is_rejected_with_the_path(model, tmp_path):
-    qmodel, report = quantize(model, "rtn-w8", progress=False)
-    save(qmodel, tmp_path / "ckpt", recipe=report.recipe)
+    qmodel = quantize(model, "rtn-w8", progress=False)
+    save(qmodel, tmp_path / "ckpt")
     manifest = json.loads((tmp_path / "ckpt" / "jquant.json").read_text())
     manifest["config"]["intermediate_size"] = 192
     (tmp_path / "ckpt" / "jquant.json").write_text(json.dumps(manifest))
@@ -66,7 +65,9 @@ def test_checkpoint_of_another_shape_is_rejected_with_the_path(model, tmp_path):
         load(tmp_path / "ckpt")
 
 
-def test_quantized_model_needs_its_recipe(model, tmp_path):
-    qmodel, _ = quantize(model, "rtn-w8", progress=False)
-    with pytest.raises(ValueError, match="pass the recipe"):
-        save(qmodel, tmp_path / "ckpt")
+def test_loaded_model_reports_its_recipe(model, tmp_path):
+    qmodel = quantize(model, "rtn-w8a8", progress=False)
+    save(qmodel, tmp_path / "ckpt")
+    restored = load(tmp_path / "ckpt").quantization
+    assert restored.recipe == qmodel.quantization.recipe
+    assert restored.sites == qmodel.quantization.sites

@@ -12,7 +12,7 @@ from jquant.eval import perplexity
 from jquant.eval.size import size_report
 from jquant.formats import QArray, dequantize
 from jquant.models import DEFAULT_MODEL, llama, load
-from jquant.quantize import quantize
+from jquant.quantization import quantize
 from jquant.recipes import Recipe, Rule, get
 
 CFG = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -34,17 +34,17 @@ def _params(m):
 
 def test_input_model_is_untouched(model, calib):
     before = [np.asarray(x) for x in _params(model)]
-    qmodel, report = quantize(model, get("gptq-w4g128", weight="int4-g64-asym"), calib, progress=False)
+    qmodel = quantize(model, get("gptq-w4g128", weight="int4-g64-asym"), calib, progress=False)
     after = [np.asarray(x) for x in _params(model)]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert isinstance(qmodel.layers[0].self_attn.q_proj.kernel.get_value(), QArray)
     assert not isinstance(model.layers[0].self_attn.q_proj.kernel.get_value(), QArray)
-    assert report.unquantized == ["embed_tokens", "lm_head"]
+    assert qmodel.quantization.unquantized == ("embed_tokens", "lm_head")
 
 
 @pytest.mark.parametrize("recipe", ["rtn-w8a8", "fp8-w8a8", "nvfp4-w4a16", "mxfp4-w4a16"])
 def test_packed_inference_equals_fake_quant_simulation(model, recipe):
-    qmodel, _ = quantize(model, recipe, progress=False)
+    qmodel = quantize(model, recipe, progress=False)
     simulated = nnx.clone(qmodel)
     for path, var in nnx.to_flat_state(nnx.state(simulated, nnx.Param)):
         if isinstance(var.get_value(), QArray):
@@ -60,14 +60,14 @@ def test_gptq_beats_rtn_on_the_trained_default_model():
     ppl = {}
     for algorithm in ("rtn", "gptq"):
         recipe = Recipe(name=algorithm, rules=(Rule(pattern=".*", weight="int3-g64-asym", algorithm=algorithm),))
-        qmodel, _ = quantize(loaded.model, recipe, calib, progress=False)
+        qmodel = quantize(loaded.model, recipe, calib, progress=False)
         ppl[algorithm] = perplexity(qmodel, val, progress=False).ppl
     fp = perplexity(loaded.model, val, progress=False).ppl
     assert fp < ppl["gptq"] < ppl["rtn"], (fp, ppl)
 
 
 def test_size_report_counts_stored_bits(model):
-    qmodel, _ = quantize(model, get("rtn-w4g128", weight="int4-g64"), progress=False)
+    qmodel = quantize(model, get("rtn-w4g128", weight="int4-g64"), progress=False)
     report = size_report(qmodel)
     rows = {path: (n, nbytes, fmt) for path, n, nbytes, fmt in report.rows}
     n, nbytes, fmt = rows["layers/0/mlp/up_proj/kernel"]
@@ -105,13 +105,14 @@ def test_nan_weight_is_rejected_and_nothing_is_modified(model):
 
 
 def test_already_quantized_model_is_rejected(model):
-    qmodel, _ = quantize(model, "rtn-w8", progress=False)
+    qmodel = quantize(model, "rtn-w8", progress=False)
     with pytest.raises(ValueError, match="already quantized"):
         quantize(qmodel, "rtn-w8", progress=False)
 
 
-def test_recipe_dataclass_round_trip_through_report(model):
+def test_quantized_model_reports_what_was_done(model):
     recipe = get("rtn-w8a8")
-    _, report = quantize(model, recipe, progress=False)
+    report = quantize(model, recipe, progress=False).quantization
     assert report.recipe == recipe and dataclasses.is_dataclass(report)
-    assert report.sites["layers/0/self_attn/q_proj"] == "int8 (rtn), activations int8"
+    assert report.site("layers/0/self_attn/q_proj") == "int8 (rtn), activations int8"
+    assert report.site("lm_head") == "float"

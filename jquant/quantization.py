@@ -1,4 +1,4 @@
-"""``quantize(model, recipe, calib)``: a pure model -> model transform.
+"""``quantize(model, recipe, calib)``: a pure model -> model transform (``jquant.quantize``).
 
 1. Every quantization site of ``model`` (``jquant.sites``) gets its rule from
    the recipe; everything is validated before any work is done: a rule that
@@ -11,7 +11,9 @@
    order on the outputs of the already-quantized blocks
    (``jquant.calib.sequential``); other sites are quantized directly.
 4. Each site's weight becomes a ``QArray``; sites with an activation format
-   record it so ``jquant.ops.linear`` quantizes their inputs.
+   record it so ``jquant.ops.linear`` quantizes their inputs. The returned
+   model carries ``model.quantization`` (a ``QuantizationReport``: recipe,
+   per-site formats, time), which ``jquant.save`` stores beside the weights.
 """
 
 from __future__ import annotations
@@ -45,12 +47,19 @@ class SitePlan:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationReport:
-    """Per-site formats and the time taken; ``unquantized`` lists sites left in floating point."""
+    """The recipe, ``sites`` as ``(path, description)`` pairs, sites left in floating point, and the time taken.
+
+    Immutable and hashable: it is stored as a static attribute of the quantized model.
+    """
 
     recipe: Recipe
-    sites: dict[str, str]
-    unquantized: list[str]
+    sites: tuple[tuple[str, str], ...]
+    unquantized: tuple[str, ...]
     seconds: float
+
+    def site(self, path: str) -> str:
+        """How site ``path`` was quantized (``"float"`` if it was not)."""
+        return dict(self.sites).get(path, "float")
 
 
 def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
@@ -118,10 +127,11 @@ def quantize(
     *,
     batch_size: int = 8,
     progress: bool = True,
-) -> tuple[nnx.Module, QuantizationReport]:
-    """A quantized copy of ``model`` following ``recipe`` (a ``Recipe`` or a built-in name) and a report.
+) -> nnx.Module:
+    """A quantized copy of ``model`` following ``recipe`` (a ``Recipe`` or a built-in name).
 
-    ``calib`` (token ids ``[N, T]``) is needed when a rule uses GPTQ.
+    ``calib`` (token ids ``[N, T]``) is needed when a rule uses GPTQ. The copy's
+    ``quantization`` attribute reports what was done.
     """
     t0 = time.perf_counter()
     recipe = get(recipe) if isinstance(recipe, str) else recipe
@@ -165,15 +175,16 @@ def quantize(
             apply(p, None)
             bar.update(1)
     jax.block_until_ready(nnx.state(qmodel))
-    report = QuantizationReport(
+    qmodel.quantization = QuantizationReport(
         recipe=recipe,
-        sites={p.site.path: _describe(p) for p in by_path.values()},
-        unquantized=[s.path for s in find_sites(qmodel) if s.path not in by_path],
+        sites=tuple((p.site.path, describe(p)) for p in by_path.values()),
+        unquantized=tuple(s.path for s in find_sites(qmodel) if s.path not in by_path),
         seconds=time.perf_counter() - t0,
     )
-    return qmodel, report
+    return qmodel
 
 
-def _describe(p: SitePlan) -> str:
+def describe(p: SitePlan) -> str:
+    """``int4-g64-asym (gptq), activations int8``-style summary of a site plan."""
     w = f"{p.weight.name} ({p.rule.algorithm})" if p.weight is not None else "float"
     return w + (f", activations {p.activation.name}" if p.activation is not None else "")
