@@ -126,11 +126,14 @@ def quantize(
     calib: np.ndarray | None = None,
     *,
     batch_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
 ) -> nnx.Module:
     """A quantized copy of ``model`` following ``recipe`` (a ``Recipe`` or a built-in name).
 
-    ``calib`` (token ids ``[N, T]``) is needed when a rule uses GPTQ. The copy's
+    ``calib`` (token ids ``[N, T]``) is needed when a rule uses GPTQ; with a
+    ``mesh`` its batches are split over the mesh's ``"data"`` axis (the model
+    may be sharded with ``jquant.sharding.shard_model`` beforehand). The copy's
     ``quantization`` attribute reports what was done.
     """
     t0 = time.perf_counter()
@@ -168,7 +171,7 @@ def quantize(
                 if full in by_path:
                     apply(by_path[full], st)
 
-        run_sequential(qmodel, tokens, process_block, batch_size=batch_size, progress=progress)
+        run_sequential(qmodel, tokens, process_block, batch_size=batch_size, mesh=mesh, progress=progress)
     remaining = [p for p in by_path.values() if p.site.path not in done]
     with progress_bar(total=len(remaining), description="quantize", enabled=progress and bool(remaining)) as bar:
         for p in remaining:

@@ -6,13 +6,18 @@ site's ``capture_inputs`` flag is on (``set_capture(module, True)``), the call
 wraps a forward function with ``nnx.capture`` so they come back as an output
 (a pure function, nothing left in the module). Per site:
 
-  ``input_hessian``  ``X^T X`` over all tokens, ``[in, in]`` float32 (GPTQ's ``H / 2``)
-  ``input_count``    number of tokens seen (scalar float32)
-  ``input_absmax``   per-channel ``max |x|``, ``[in]`` (SmoothQuant-style statistics)
+  ``hessian``  ``X^T X`` over all tokens, ``[in, in]`` (GPTQ's ``H / 2``)
+  ``count``    number of tokens seen
+  ``absmax``   per-channel ``max |x|``, ``[in]`` (SmoothQuant-style statistics)
 
-so memory is one ``[in, in]`` matrix per site, independent of the number of
-calibration tokens; ``InputStatistics.merge`` accumulates them over batches.
-With the flag off (the default) nothing is recorded and nothing is traced.
+On device, each sequence (index along the input's leading axis) gets its own
+float32 ``X_b^T X_b``; ``statistics_from_state`` sums those on the host in
+float64, in sequence order, and ``InputStatistics.merge`` adds batches in
+order. The result therefore does not depend on how the calibration set is
+batched or sharded across devices (a float32 all-reduce would), and large
+calibration sets do not lose precision. Memory is one ``[in, in]`` matrix per
+sequence of the current batch per site. With the flag off (the default)
+nothing is recorded and nothing is traced.
 """
 
 from __future__ import annotations
@@ -22,19 +27,20 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jquant.sites import find_sites, path_string
 
 
 def record_input(module: nnx.Module, x: jax.Array) -> None:
-    """Sow the statistics of ``x [..., in]`` into ``module`` if its capture flag is set."""
+    """Sow per-sequence statistics of ``x [B, ..., in]`` into ``module`` if its capture flag is set."""
     if not getattr(module, "capture_inputs", False):
         return
-    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    xtx = jnp.einsum("ni,nj->ij", x2, x2, precision=jax.lax.Precision.HIGHEST)
-    n = jnp.asarray(x2.shape[0], jnp.float32)
-    absmax = jnp.max(jnp.abs(x2), axis=0)
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
+    xtx = jnp.einsum("bni,bnj->bij", x3, x3, precision=jax.lax.Precision.HIGHEST)
+    n = jnp.full((x3.shape[0],), x3.shape[1], jnp.float32)
+    absmax = jnp.max(jnp.abs(x3), axis=1)
     module.sow(nnx.Intermediate, "input_hessian", xtx, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
     module.sow(nnx.Intermediate, "input_count", n, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
     module.sow(nnx.Intermediate, "input_absmax", absmax, init_fn=lambda: 0.0, reduce_fn=jnp.maximum)
@@ -46,19 +52,18 @@ def set_capture(module: nnx.Module, enabled: bool) -> None:
         site.module.capture_inputs = enabled
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class InputStatistics:
-    """Accumulated statistics of one site's inputs (see the module docstring)."""
+    """Accumulated statistics of one site's inputs on the host, float64 (see the module docstring)."""
 
-    hessian: jax.Array
-    count: jax.Array
-    absmax: jax.Array
+    hessian: np.ndarray
+    count: float
+    absmax: np.ndarray
 
     def merge(self, other: InputStatistics) -> InputStatistics:
         """Statistics of the union of both token sets."""
         return InputStatistics(hessian=self.hessian + other.hessian, count=self.count + other.count,
-                               absmax=jnp.maximum(self.absmax, other.absmax))
+                               absmax=np.maximum(self.absmax, other.absmax))
 
 
 def statistics_from_state(state: nnx.State) -> dict[str, InputStatistics]:
@@ -69,15 +74,27 @@ def statistics_from_state(state: nnx.State) -> dict[str, InputStatistics]:
         value = var[...] if isinstance(var, nnx.Variable) else var
         by_site.setdefault(path_string(tuple(site)), {})[name] = value[0] if isinstance(value, tuple) else value
     return {
-        p: InputStatistics(hessian=s["input_hessian"], count=s["input_count"], absmax=s["input_absmax"])
+        p: InputStatistics(hessian=_ordered_sum(s["input_hessian"]), count=float(np.sum(np.asarray(s["input_count"]))),
+                           absmax=np.max(np.asarray(s["input_absmax"], np.float64), axis=0))
         for p, s in by_site.items()
         if "input_hessian" in s
     }
 
 
+def _ordered_sum(per_sequence: jax.Array) -> np.ndarray:
+    """Sum ``[B, ...]`` over sequences in float64, in index order (host side, deterministic)."""
+    total = np.zeros(per_sequence.shape[1:], np.float64)
+    for part in np.asarray(per_sequence, np.float64):
+        total += part
+    return total
+
+
 def capture_statistics(fn: Callable) -> Callable:
-    """``fn(module, *args) -> out`` becomes ``(module, *args) -> (out, {site path: InputStatistics})``."""
-    captured = nnx.capture(fn, nnx.Intermediate)
+    """``fn(module, *args) -> out`` becomes ``(module, *args) -> (out, {site path: InputStatistics})``.
+
+    The forward (with capture) is ``nnx.jit``-compiled; the float64 reduction runs on the host.
+    """
+    captured = nnx.jit(nnx.capture(fn, nnx.Intermediate))
 
     def wrapped(module, *args):
         out, state = captured(module, *args)

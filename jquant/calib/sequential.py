@@ -24,6 +24,7 @@ from flax import nnx
 
 from jquant.calib.capture import InputStatistics, capture_statistics, set_capture
 from jquant.progress import progress_bar
+from jquant.sharding import shard_batch
 from jquant.sites import path_string
 
 ProcessBlock = Callable[[str, nnx.Module, dict[str, InputStatistics]], None]
@@ -34,7 +35,7 @@ def _forward(block, hidden, context):
 
 
 _block_forward = nnx.jit(_forward)
-_block_statistics = nnx.jit(capture_statistics(_forward))
+_block_statistics = capture_statistics(_forward)
 
 
 def block_paths(model: nnx.Module) -> dict[int, str]:
@@ -49,19 +50,23 @@ def run_sequential(
     process_block: ProcessBlock,
     *,
     batch_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
 ) -> None:
     """Calibrate ``model`` block by block on ``tokens [N, T]`` (mutates blocks through ``process_block``).
 
     ``process_block(block_path, block, stats)`` receives the statistics of each
-    site in the block, keyed by path relative to the block.
+    site in the block, keyed by path relative to the block. With a ``mesh``,
+    each calibration batch is split over its ``"data"`` axis; the captured
+    sums (``X^T X``) are then reduced across devices by XLA.
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"calibration tokens must be a non-empty [N, T] array, got shape {tokens.shape}.")
     chunks = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
+    place = (lambda c: jax.numpy.asarray(c)) if mesh is None else (lambda c: shard_batch(c, mesh))
     embed = nnx.jit(lambda m, t: m.block_inputs(t))
-    states = [embed(model, jax.numpy.asarray(c)) for c in chunks]
+    states = [embed(model, place(c)) for c in chunks]
     paths = block_paths(model)
     blocks = model.blocks()
     with progress_bar(total=len(blocks), description="calibrate", enabled=progress) as bar:
