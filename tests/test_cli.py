@@ -64,3 +64,25 @@ def test_help_works(command):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
+
+
+def test_quantize_saves_a_model_that_eval_reloads(capsys, tmp_path, default):
+    out = tmp_path / "tiny-w8"
+    code, data, _ = _run(capsys, "quantize", "--model", DEFAULT_MODEL, "--recipe", "rtn-w8a8", "--out", str(out),
+                         "--tasks", "ppl", "--max-windows", "2", "--no-latency", "--calib-samples", "2", "--json")
+    assert code == 0
+    assert data["sites"]["layers/0/mlp/up_proj"] == "int8 (rtn), activations int8"
+    assert data["quantized"]["bits_per_parameter"] < data["float"]["bits_per_parameter"]
+    code, reloaded, _ = _run(capsys, "eval", "--model", str(out), "--tasks", "ppl", "--max-windows", "2", "--no-latency", "--json")
+    assert code == 0
+    assert reloaded["perplexity"]["ppl"] == data["quantized"]["perplexity"]["ppl"]
+    assert reloaded["perplexity"]["ppl"] != data["float"]["perplexity"]["ppl"]
+
+
+def test_quantize_with_a_recipe_file_and_a_bad_recipe(capsys, tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("rules:\n  - pattern: '.*mlp.*'\n    weight: int4-g64\n  - pattern: '.*'\n    weight: int8\n")
+    code, data, _ = _run(capsys, "quantize", "--model", DEFAULT_MODEL, "--recipe", str(recipe), "--no-eval", "--json")
+    assert code == 0 and data["sites"]["layers/1/mlp/down_proj"] == "int4-g64 (rtn)"
+    code, _, err = _run(capsys, "quantize", "--model", DEFAULT_MODEL, "--recipe", "gptq-w4g128", "--no-eval")
+    assert code == 2 and "group_size=128 does not divide" in err
