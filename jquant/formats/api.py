@@ -72,7 +72,9 @@ def quantize(x: jax.Array, fmt: Format | str, *, axis: int, key: jax.Array | Non
     1; activations ``[..., in]``: -1): groups/blocks run along it and sub-byte codes are
     packed along it. ``key`` is only for ``rounding="stochastic"`` formats.
     Raises on a non-floating ``x``, a bad axis, a shape the format cannot hold, and on
-    NaN/Inf in a concrete (non-traced) ``x``.
+    NaN/Inf in a concrete (non-traced) ``x``. Works under ``jit``/``grad``; under
+    ``vmap`` the static ``shape`` would describe one slice, so quantize the stacked
+    array along its contraction axis instead (e.g. experts ``[E, in, out]`` with axis=1).
     """
     fmt = _resolve(fmt)
     x = jnp.asarray(x)

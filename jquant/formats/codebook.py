@@ -28,6 +28,7 @@ dimensions) are not yet expressible here and will need a second table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.formats import _blocks as B
+from jquant.formats.api import check_finite
 from jquant.formats.packing import pack_bits, packed_length, unpack_bits
 from jquant.formats.qarray import Format, QArray
 
@@ -181,6 +183,33 @@ def _nearest(vecs: jax.Array, gid: jax.Array, books: jax.Array) -> jax.Array:
     return jax.lax.map(one, (vecs, gid)).reshape(-1)[:n]
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _encode(x, codebooks, scales, fmt: CodebookFormat, axis: int):
+    rank, shape = x.ndim, tuple(x.shape)
+    books = codebooks.astype(jnp.dtype(fmt.codebook_dtype))
+    x32 = x.astype(jnp.float32)
+    n, d, M = shape[axis], fmt.vector_dim, fmt.num_codebooks
+    if fmt.group_size is not None:
+        if scales is None:
+            scales = jnp.sqrt(B.group_reduce(x32 * x32, axis, "group", fmt.group_size, jnp.mean))
+        scales = B.store_scale(jnp.asarray(scales, jnp.float32), fmt.scale_dtype)
+        x32 = x32 / B.expand(B.safe_divisor(scales.astype(jnp.float32)), axis, n)
+    vshape = B.with_axis(shape, axis, n // d)
+    vecs = jnp.moveaxis(x32.reshape(shape[:axis] + (n // d, d) + shape[axis + 1:]), axis + 1, -1)
+    gid = _grid_index(vshape, codebooks.shape[:rank]).reshape(-1)
+    resid = vecs.reshape(-1, d)
+    tables = books.astype(jnp.float32).reshape((-1,) + books.shape[rank:])  # [G, M, K, d]
+    idx = []
+    for m in range(M):  # M is a small static count of codebooks
+        i = _nearest(resid, gid, tables[:, m])
+        idx.append(i)
+        resid = resid - (tables[:, m][gid, i] if tables.shape[0] > 1 else tables[0, m][i])
+    idx = jnp.stack(idx, axis=-1).reshape(vshape + (M,))  # [..., nv, ..., M]
+    idx = jnp.moveaxis(idx, -1, axis + 1)  # [..., nv, M, ...]
+    idx = idx.reshape(B.with_axis(shape, axis, (n // d) * M))
+    return pack_bits(idx, fmt.index_bits, axis), scales, books
+
+
 def codebook_quantize(x: jax.Array, codebooks: jax.Array, fmt: CodebookFormat | None = None, *,
                       axis: int, scales: jax.Array | None = None) -> QArray:
     """Nearest-codeword (brute force) quantization of ``x`` along ``axis``.
@@ -193,8 +222,11 @@ def codebook_quantize(x: jax.Array, codebooks: jax.Array, fmt: CodebookFormat | 
     unit-variance data); the assignment uses the stored scale.
     Returns a validated ``QArray`` whose ``codebooks`` are stored in ``fmt.codebook_dtype``.
     """
-    x = jnp.asarray(x)
+    x, codebooks = jnp.asarray(x), jnp.asarray(codebooks)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"codebook_quantize: x must be a floating array, got dtype {x.dtype}.")
     axis = B.normalize_axis(axis, x.ndim, "codebook_quantize")
+    check_finite(x)
     rank = x.ndim
     if codebooks.ndim in (2, 3):
         lead = (1,) * rank + ((1,) if codebooks.ndim == 2 else ())
@@ -208,31 +240,13 @@ def codebook_quantize(x: jax.Array, codebooks: jax.Array, fmt: CodebookFormat | 
     shape = tuple(x.shape)
     fmt.check_shape(shape, axis)
     fmt.check_codebooks(codebooks.shape, shape, axis)
-    books = codebooks.astype(jnp.dtype(fmt.codebook_dtype))
-    x32 = x.astype(jnp.float32)
-    n, d, M = shape[axis], fmt.vector_dim, fmt.num_codebooks
-    if fmt.group_size is not None:
-        if scales is None:
-            ms = B.group_reduce(x32 * x32, axis, "group", fmt.group_size, jnp.mean)
-            scales = jnp.sqrt(ms)
-        scales = B.store_scale(jnp.asarray(scales, jnp.float32), fmt.scale_dtype)
-        x32 = x32 / B.expand(B.safe_divisor(scales.astype(jnp.float32)), axis, n)
-    elif scales is not None:
+    if fmt.group_size is None and scales is not None:
         raise ValueError(f"{fmt.name}: scales were given but the format has group_size=None.")
-    vshape = B.with_axis(shape, axis, n // d)
-    vecs = jnp.moveaxis(x32.reshape(shape[:axis] + (n // d, d) + shape[axis + 1:]), axis + 1, -1)
-    gid = _grid_index(vshape, codebooks.shape[:rank]).reshape(-1)
-    resid = vecs.reshape(-1, d)
-    tables = books.astype(jnp.float32).reshape((-1,) + books.shape[rank:])  # [G, M, K, d]
-    idx = []
-    for m in range(M):  # M is a small static count of codebooks
-        i = _nearest(resid, gid, tables[:, m])
-        idx.append(i)
-        resid = resid - tables[:, m][gid, i] if tables.shape[0] > 1 else resid - tables[0, m][i]
-    idx = jnp.stack(idx, axis=-1).reshape(vshape + (M,))  # [..., nv, ..., M]
-    idx = jnp.moveaxis(idx, -1, axis + 1)  # [..., nv, M, ...]
-    idx = idx.reshape(B.with_axis(shape, axis, (n // d) * M))
-    codes = pack_bits(idx, fmt.index_bits, axis)
+    if scales is not None:
+        want = B.scale_shape(shape, axis, "group", fmt.group_size)
+        if tuple(jnp.shape(scales)) != want:
+            raise ValueError(f"{fmt.name}: scales must have shape {want}, got {tuple(jnp.shape(scales))}.")
+    codes, scales, books = _encode(x, codebooks, scales, fmt, axis)
     q = QArray(codes=codes, scales=scales, codebooks=books, format=fmt, shape=shape,
                dtype=jnp.dtype(x.dtype).name, axis=axis)
     return q.validate()

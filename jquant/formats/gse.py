@@ -4,7 +4,7 @@ Groups of ``group_size`` (G, default 32) consecutive elements along ``axis`` sha
 exponent E; each element is a signed b-bit integer m (b in {4, 5, 6, 8}), a fixed-point
 number with b - 2 fractional bits::
 
-    E   = floor(log2 max|x_group|)      (frexp; an all-zero group gets the minimum)
+    E   = floor(log2 max|x_group|)      (exponent bits; an all-zero group gets the minimum)
     m_i = clip(RNE(x_i * 2^((b-2) - E)), -(2^(b-1) - 1), 2^(b-1) - 1)
     x_hat_i = m_i * 2^(E - (b-2))
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jquant.formats import _blocks as B
 from jquant.formats.integer import ROUNDINGS, _round, check_key
+from jquant.formats.minifloat import floor_log2, ldexp
 from jquant.formats.packing import pack_bits, packed_length, to_signed, unpack_bits
 from jquant.formats.qarray import Format, QArray
 
@@ -100,8 +101,7 @@ class GSEFormat(Format):
         x = B.pad_axis(x.astype(jnp.float32), axis, self.group_size)
         amax = B.group_reduce(jnp.abs(x), axis, "group", self.group_size, jnp.max)
         pos = amax > 0
-        _, e = jnp.frexp(jnp.where(pos, amax, 1.0))
-        e = e - 1
+        e = floor_log2(jnp.where(pos, amax, 1.0))
         lo, hi = self._e_range()
         if self.exponent_bits is None:
             offset = None
@@ -112,7 +112,7 @@ class GSEFormat(Format):
             offset = jnp.where(top > -(2 ** 20), top - hi, 0).astype(jnp.int32).reshape((1,) * x.ndim)
             stored = jnp.clip(jnp.where(pos, e - offset, lo), lo, hi)
             e_eff = stored + offset
-        v = jnp.ldexp(x, B.expand((self.bits - 2) - e_eff, axis, x.shape[axis]))
+        v = ldexp(x, B.expand((self.bits - 2) - e_eff, axis, x.shape[axis]))
         m = jnp.clip(_round(v, self.rounding, key), -self.qmax, self.qmax).astype(jnp.int32)
         codes = m.astype(jnp.int8) if self.bits == 8 else pack_bits(m, self.bits, axis)
         return QArray(codes=codes, scales=stored.astype(jnp.int8), tensor_scale=offset,
@@ -135,7 +135,7 @@ class GSEFormat(Format):
         n = q.shape[q.axis]
         shift = B.expand(self.exponents(q) - (self.bits - 2), q.axis,
                          q.scales.shape[q.axis] * self.group_size)
-        return B.crop_axis(jnp.ldexp(jnp.ones(shift.shape, jnp.float32), shift), q.axis, n)
+        return B.crop_axis(ldexp(jnp.ones(shift.shape, jnp.float32), shift), q.axis, n)
 
     def decode(self, q):
         return self.codes_of(q).astype(jnp.float32) * self._step(q)

@@ -3,7 +3,7 @@
 Rounding is computed arithmetically, independent of backend casts (spec
 ``low_precision_formats.md`` §6): for |v| clamped to the format's max normal,
 
-    e = max(floor(log2 |v|), emin)            (floor(log2) from frexp, exactly)
+    e = max(floor(log2 |v|), emin)            (floor(log2) from the exponent bits, exactly)
     q = RNE(|v| * 2^(mbits - e)) * 2^(e - mbits)
 
 which is round-to-nearest-even on the mantissa lattice (ties go to the even
@@ -12,7 +12,8 @@ The sign is preserved (a negative value that rounds to zero gives -0, code
 ``1 << (ebits + mbits)``), exactly like an IEEE-style cast.
 
 E8M0 scales are never built by casting (XLA:CPU rounds to a *nearby* power of
-two): E = floor(log2 amax) - emax_elem from ``frexp`` (OCP "floor" rule), or the
+two): E = floor(log2 amax) - emax_elem read exactly from the float32 exponent bits
+(equivalent to ``frexp``; OCP "floor" rule), or the
 smallest E with amax / 2^E <= max_normal ("ceil" rule); clamped to [-127, 127];
 byte = E + 127. Note XLA:CPU flushes float32 denormals, so byte 0 (2^-127)
 decodes to 0.0 there; it only occurs for all-zero or denormal blocks.
@@ -93,10 +94,30 @@ def _build_table(el: ElementFormat) -> np.ndarray:
 _TABLES = {name: _build_table(el) for name, el in ELEMENTS.items()}
 
 
-def _floor_log2(a: jax.Array) -> jax.Array:
-    """floor(log2 a) for finite a > 0, exactly (a = f * 2^e with f in [0.5, 1))."""
-    _, e = jnp.frexp(a)
-    return e - 1
+def floor_log2(a: jax.Array) -> jax.Array:
+    """floor(log2 a) (int32) for finite float32 a > 0, read from the exponent bits.
+
+    Exact for normal numbers; zeros and denormals (flushed to zero by XLA:CPU anyway)
+    give -127. Cheaper to compile than ``frexp``.
+    """
+    bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
+    return ((bits >> 23) & 0xFF) - 127
+
+
+def pow2(n: jax.Array) -> jax.Array:
+    """2.0 ** n as float32 for int32 n in [-126, 127] (exact; built from the exponent bits)."""
+    return jax.lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def ldexp(x: jax.Array, n: jax.Array) -> jax.Array:
+    """x * 2^n for |n| <= 252 (exact whenever the result is a normal float32).
+
+    Two multiplications by exact powers of two; same values as ``jnp.ldexp`` on normal
+    results, much cheaper to compile.
+    """
+    n = jnp.asarray(n, jnp.int32)
+    n1 = n >> 1
+    return x * pow2(n1) * pow2(n - n1)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -104,9 +125,9 @@ def round_to_element(v: jax.Array, el: ElementFormat) -> jax.Array:
     """Saturating round-to-nearest-even of float32 ``v`` onto the grid of ``el`` (float32)."""
     v = v.astype(jnp.float32)
     a = jnp.minimum(jnp.abs(v), el.max_normal)
-    e = jnp.maximum(_floor_log2(a), el.emin)
-    q = jnp.round(jnp.ldexp(a, el.mbits - e))
-    r = jnp.minimum(jnp.ldexp(q, e - el.mbits), el.max_normal)
+    e = jnp.maximum(floor_log2(a), el.emin)
+    q = jnp.round(a * pow2(el.mbits - e))
+    r = jnp.minimum(q * pow2(e - el.mbits), el.max_normal)
     return jnp.where(jnp.signbit(v), -r, r)
 
 
@@ -115,10 +136,10 @@ def grid_to_codes(r: jax.Array, el: ElementFormat) -> jax.Array:
     """uint8 codes of float32 values that are already on the grid of ``el``."""
     a = jnp.abs(r)
     normal = a >= 2.0 ** el.emin
-    e = _floor_log2(jnp.where(normal, a, 1.0))
+    e = floor_log2(jnp.where(normal, a, 1.0))
     efield = jnp.where(normal, e + el.bias, 0)
-    mant = jnp.where(normal, jnp.ldexp(a, el.mbits - e) - 2.0 ** el.mbits,
-                     jnp.ldexp(a, el.mbits - el.emin))
+    mant = jnp.where(normal, a * pow2(el.mbits - e) - 2.0 ** el.mbits,
+                     a * 2.0 ** (el.mbits - el.emin))
     code = (efield << el.mbits) | mant.astype(jnp.int32)
     code = code | (jnp.signbit(r).astype(jnp.int32) << (el.ebits + el.mbits))
     return code.astype(jnp.uint8)
@@ -164,9 +185,9 @@ def e8m0_exponent(amax: jax.Array, el_emax: int, el_max: float,
     amax = amax.astype(jnp.float32)
     pos = amax > 0
     a = jnp.where(pos, amax, 1.0)
-    e = _floor_log2(a) - el_emax
+    e = floor_log2(a) - el_emax
     if rounding == "ceil":
-        e = jnp.where(jnp.ldexp(a, -e) > el_max, e + 1, e)
+        e = jnp.where(ldexp(a, -e) > el_max, e + 1, e)
     elif rounding != "floor":
         raise ValueError(f"scale_rounding must be 'floor' or 'ceil', got {rounding!r}.")
     return jnp.clip(jnp.where(pos, e, -127), -127, 127)
@@ -181,4 +202,4 @@ def e8m0_byte(e: jax.Array) -> jax.Array:
 def e8m0_value(byte: jax.Array) -> jax.Array:
     """float32 2^(byte - 127); 0xFF is NaN."""
     b = byte.astype(jnp.int32)
-    return jnp.where(b == 255, jnp.nan, jnp.ldexp(jnp.ones(b.shape, jnp.float32), b - 127))
+    return jnp.where(b == 255, jnp.nan, ldexp(jnp.ones(b.shape, jnp.float32), b - 127))

@@ -8,7 +8,8 @@ Per block of ``block_size`` (32) consecutive elements along ``axis``::
     P_i = elem_RNE(clip(V_i / 2^E, -max_normal, max_normal))   (saturating, subnormals kept)
     V_hat_i = 2^E * P_i
 
-E is computed with ``frexp`` and 2^E with ``ldexp`` (never by casting to E8M0). The
+E is read from the float32 exponent bits (as ``frexp``) and 2^E is built exactly
+(never by casting to E8M0). The
 scale is stored as the E8M0 byte E + 127 (uint8, ``ceil(n / block)`` entries along
 ``axis``). MXINT8 elements are two's-complement int8 codes c with value c * 2^-6,
 clamped symmetrically to +-127 (as ``microxcaling``), emax_elem = 0.
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from jquant.formats import _blocks as B
 from jquant.formats.minifloat import (E2M1, E2M3, E3M2, E4M3, E5M2, ElementFormat,
                                       decode_element, e8m0_byte, e8m0_exponent, e8m0_value,
-                                      encode_element, round_to_element)
+                                      encode_element, ldexp, round_to_element)
 from jquant.formats.packing import pack_bits, packed_length, unpack_bits
 from jquant.formats.qarray import Format, QArray
 
@@ -105,7 +106,7 @@ class MXFormat(Format):
         x = B.pad_axis(x.astype(jnp.float32), axis, self.block_size)
         amax = B.group_reduce(jnp.abs(x), axis, "group", self.block_size, jnp.max)
         e = e8m0_exponent(amax, self._emax, self._max, self.scale_rounding)
-        v = jnp.ldexp(x, -B.expand(e, axis, x.shape[axis]))
+        v = ldexp(x, -B.expand(e, axis, x.shape[axis]))
         if self.el is None:
             codes = jnp.clip(jnp.round(v * 64.0), -127, 127).astype(jnp.int8)
         elif self.el.bits == 8:

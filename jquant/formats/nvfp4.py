@@ -95,19 +95,20 @@ class NVFP4Format(Format):
                       shape=shape, axis=axis)
 
     def _total(self, q):
+        """s_t * s_hat_b per element (float32), at the logical shape."""
         total = e4m3_value(q.scales)
-        return total if q.tensor_scale is None else q.tensor_scale * total
+        if q.tensor_scale is not None:
+            total = q.tensor_scale * total
+        n = q.shape[q.axis]
+        return B.crop_axis(B.expand(total, q.axis, q.scales.shape[q.axis] * BLOCK), q.axis, n)
 
     def codes_of(self, q):
         """uint8 E2M1 codes at the logical shape."""
         return unpack_bits(q.codes, 4, q.shape[q.axis], q.axis)
 
     def decode(self, q):
-        n = q.shape[q.axis]
-        total = B.crop_axis(B.expand(self._total(q), q.axis, q.scales.shape[q.axis] * BLOCK), q.axis, n)
-        return decode_element(self.codes_of(q), E2M1) * total
+        return decode_element(self.codes_of(q), E2M1) * self._total(q)
 
     def value_range(self, q):
-        n = q.shape[q.axis]
-        t = B.crop_axis(B.expand(self._total(q), q.axis, q.scales.shape[q.axis] * BLOCK), q.axis, n)
+        t = self._total(q)
         return -E2M1_MAX * t, E2M1_MAX * t

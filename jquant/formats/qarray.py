@@ -133,7 +133,9 @@ class QArray:
     # -- conversion ------------------------------------------------------------------
     def dequantize(self, dtype=None) -> jax.Array:
         """Same as ``jquant.formats.dequantize(self, dtype)``."""
-        return self.format.decode(self).astype(dtype or self.dtype)
+        from jquant.formats.api import dequantize  # api imports this module
+
+        return dequantize(self, dtype)
 
     # -- checks ----------------------------------------------------------------------
     def validate(self) -> "QArray":

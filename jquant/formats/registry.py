@@ -56,7 +56,7 @@ def get_format(name: str | Format, **overrides) -> Format:
     if isinstance(name, Format):
         return dataclasses.replace(name, **overrides) if overrides else name
     m = re.fullmatch(r"int(\d+)-g(\d+)(-asym)?", str(name))
-    if name not in FORMATS and m and int(m.group(1)) in INT_BITS and int(m.group(2)) > 0:
+    if name not in FORMATS and m and int(m.group(2)) > 0:
         return IntFormat(bits=int(m.group(1)), group_size=int(m.group(2)),
                          symmetric=m.group(3) is None, **overrides)
     if name not in FORMATS:
