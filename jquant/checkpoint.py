@@ -112,6 +112,8 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
                                                shape=tuple(value.shape), dtype=str(value.dtype), axis=axis))
             if p.activation is not None:
                 p.site.module.activation = p.activation
+            if p.rule.static_activation:
+                p.site.module.activation_scale = nnx.Param(jax.ShapeDtypeStruct((), jax.numpy.dtype(p.activation.scale_dtype)))
         abstract.quantization = QuantizationReport(
             recipe=recipe, sites=tuple((p.site.path, describe(p)) for p in plans),
             unquantized=tuple(s.path for s in find_sites(abstract) if s.path not in {p.site.path for p in plans}),

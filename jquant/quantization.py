@@ -29,7 +29,7 @@ from flax import nnx
 from jquant.algorithms.weights import ALGORITHMS, NEEDS_CALIBRATION, gptq_supports
 from jquant.calib.capture import InputStatistics
 from jquant.calib.sequential import block_paths, run_sequential
-from jquant.formats import Format, QArray, get_format
+from jquant.formats import Format, IntFormat, QArray, get_format
 from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule, get
 from jquant.sites import Site, find_sites
@@ -95,6 +95,13 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
                 raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
         if act_fmt is not None and site.spec.kind != "linear":
             raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear sites.")
+        if rule.static_activation and not (
+            isinstance(act_fmt, IntFormat) and act_fmt.symmetric and act_fmt.granularity == "tensor"
+        ):
+            raise ValueError(
+                f"site {site.path!r}: static activations need a symmetric per-tensor integer format such as "
+                f"'int8-tensor', got {act_fmt.name}."
+            )
         plans.append(SitePlan(site=site, rule=rule, weight=weight_fmt, activation=act_fmt))
     return plans
 
@@ -108,7 +115,7 @@ def _format(name: str, overrides: dict, path: str) -> Format:
 
 def _check_calibration(calib, vocab_size: int | None) -> np.ndarray:
     if calib is None:
-        raise ValueError("this recipe uses GPTQ, which needs calibration data: pass calib=tokens [N, T] "
+        raise ValueError("this recipe uses GPTQ or static activations, which need calibration data: pass calib=tokens [N, T] "
                          "(e.g. jquant.calib.calibration_tokens(tokenizer, n=128, seq_len=512, key=key)).")
     tokens = np.asarray(calib)
     if tokens.ndim != 2 or tokens.size == 0:
@@ -139,7 +146,7 @@ def quantize(
     t0 = time.perf_counter()
     recipe = get(recipe) if isinstance(recipe, str) else recipe
     plans = plan(model, recipe)
-    needs_calib = any(NEEDS_CALIBRATION[p.rule.algorithm] for p in plans if p.weight is not None)
+    needs_calib = any(_needs_calibration(p) for p in plans)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     tokens = _check_calibration(calib, vocab) if needs_calib else None
 
@@ -156,14 +163,21 @@ def quantize(
             site.weight.set_value(q)
         if plan_.activation is not None:
             site.module.activation = plan_.activation
+        if plan_.rule.static_activation:
+            fmt = plan_.activation
+            scale = np.float32(max(float(stats.absmax.max()), np.finfo(np.float32).tiny) / fmt.qmax)
+            site.module.activation_scale = nnx.Param(jnp.asarray(scale, jnp.dtype(fmt.scale_dtype)))
         done.add(site.path)
 
     if needs_calib:
         blocks = block_paths(qmodel)
         inside = {p for p in by_path if any(p.startswith(b + "/") for b in blocks.values())}
-        outside_gptq = [p for p in by_path if p not in inside and by_path[p].rule.algorithm == "gptq"]
-        if outside_gptq:
-            raise ValueError(f"GPTQ is only supported on sites inside the repeated blocks; use 'rtn' for {outside_gptq}.")
+        outside = [p for p in by_path if p not in inside and _needs_calibration(by_path[p])]
+        if outside:
+            raise ValueError(
+                f"calibrated rules (GPTQ, static activations) apply only to sites inside the repeated blocks; "
+                f"use 'rtn' and dynamic activations for {outside}."
+            )
 
         def process_block(block_path: str, block: nnx.Module, stats: dict[str, InputStatistics]) -> None:
             for rel, st in stats.items():
@@ -187,7 +201,12 @@ def quantize(
     return qmodel
 
 
+def _needs_calibration(p: SitePlan) -> bool:
+    return (p.weight is not None and NEEDS_CALIBRATION[p.rule.algorithm]) or p.rule.static_activation
+
+
 def describe(p: SitePlan) -> str:
     """``int4-g64-asym (gptq), activations int8``-style summary of a site plan."""
     w = f"{p.weight.name} ({p.rule.algorithm})" if p.weight is not None else "float"
-    return w + (f", activations {p.activation.name}" if p.activation is not None else "")
+    static = " static" if p.rule.static_activation else ""
+    return w + (f", activations {p.activation.name}{static}" if p.activation is not None else "")

@@ -53,11 +53,13 @@ class Linear(nnx.Module):
         self.kernel = _param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype), sharding)
         self.bias = _param(jnp.zeros((out_features,), param_dtype), sharding[-1:]) if use_bias else None
         self.activation = None  # an activation Format once a recipe quantizes this layer's inputs
+        self.activation_scale = nnx.data(None)  # a calibrated scalar Param for static activation formats
 
     def __call__(self, x: jax.Array) -> jax.Array:
         record_input(self, x)
         bias = None if self.bias is None else self.bias.get_value()
-        return ops.linear(x, self.kernel.get_value(), bias, activation=self.activation)
+        scale = None if self.activation_scale is None else self.activation_scale.get_value()
+        return ops.linear(x, self.kernel.get_value(), bias, activation=self.activation, activation_scale=scale)
 
 
 class Embed(nnx.Module):

@@ -71,3 +71,13 @@ def test_loaded_model_reports_its_recipe(model, tmp_path):
     restored = load(tmp_path / "ckpt").quantization
     assert restored.recipe == qmodel.quantization.recipe
     assert restored.sites == qmodel.quantization.sites
+
+
+def test_static_activation_scales_round_trip(model, tmp_path):
+    calib = np.random.default_rng(0).integers(0, 64, size=(4, 8)).astype(np.int32)
+    qmodel = quantize(model, "rtn-w8a8-static", calib, progress=False)
+    save(qmodel, tmp_path / "ckpt")
+    restored = load(tmp_path / "ckpt")
+    np.testing.assert_array_equal(np.asarray(restored(TOKENS)), np.asarray(qmodel(TOKENS)))
+    assert float(restored.layers[0].mlp.up_proj.activation_scale.get_value()) == float(
+        qmodel.layers[0].mlp.up_proj.activation_scale.get_value())

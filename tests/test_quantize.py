@@ -85,7 +85,7 @@ def test_validation_errors_name_the_site(model, calib):
                  progress=False)
     with pytest.raises(ValueError, match="GPTQ needs an integer format"):
         quantize(model, get("fp8-w8a16", algorithm="gptq"), calib, progress=False)
-    with pytest.raises(ValueError, match="needs calibration data"):
+    with pytest.raises(ValueError, match="need calibration data"):
         quantize(model, "gptq-w8", None, progress=False)
     with pytest.raises(ValueError, match="non-empty"):
         quantize(model, "gptq-w8", np.zeros((0, 4), np.int32), progress=False)
@@ -116,3 +116,25 @@ def test_quantized_model_reports_what_was_done(model):
     assert report.recipe == recipe and dataclasses.is_dataclass(report)
     assert report.site("layers/0/self_attn/q_proj") == "int8 (rtn), activations int8"
     assert report.site("lm_head") == "float"
+
+
+def test_static_activation_scale_is_calibrated_from_the_largest_input(model, calib):
+    qmodel = quantize(model, "rtn-w8a8-static", calib, progress=False)
+    # reference: layer 0's q_proj sees the normed embeddings of the calibration tokens
+    hidden, _ = model.block_inputs(calib)
+    normed = np.asarray(model.layers[0].input_layernorm(hidden), np.float64)
+    expected = np.float16(np.abs(normed).max() / 127)
+    assert float(qmodel.layers[0].self_attn.q_proj.activation_scale.get_value()) == float(expected)
+    assert qmodel.quantization.site("layers/1/mlp/down_proj") == "int8 (rtn), activations int8-tensor static"
+    site = qmodel.layers[1].mlp.down_proj
+    expected = site.activation_scale.get_value().astype(np.float32)
+    # the forward really uses the static scale: a scaled-up input saturates instead of rescaling
+    x = np.full((1, 1, 128), 1e3, np.float32)
+    y = np.asarray(site(x))
+    saturated = np.full((1, 1, 128), 127 * float(expected), np.float32) @ np.asarray(site.kernel.get_value().dequantize(np.float32))
+    np.testing.assert_allclose(y, saturated, rtol=1e-5, atol=1e-6 * np.abs(saturated).max())
+
+
+def test_static_activation_needs_a_per_tensor_int_format(model, calib):
+    with pytest.raises(ValueError, match="symmetric per-tensor integer format"):
+        quantize(model, get("rtn-w8a8-static", activation="int8"), calib, progress=False)

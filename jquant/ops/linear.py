@@ -44,8 +44,27 @@ def as_array(w: jax.Array | QArray, dtype: jnp.dtype) -> jax.Array:
     return dequantize(w, dtype) if isinstance(w, QArray) else w
 
 
+def quantize_activation(x: jax.Array, fmt: Format, scale: jax.Array | None = None) -> jax.Array:
+    """Fake-quantize ``x [..., in]`` along its last axis with a straight-through gradient.
+
+    Without ``scale`` the format computes its scales from ``x`` (dynamic); with
+    a calibrated scalar ``scale`` (static, per-tensor integer formats) the codes
+    are ``round(x / scale)`` clipped to the format's range.
+    """
+    if scale is None:
+        return fake_quantize(x, fmt, axis=-1)
+    xs = jax.lax.stop_gradient(x)
+    q = fmt.quantize_with_scales(xs, jnp.reshape(scale, (1,) * x.ndim), axis=-1)
+    return jax.lax.stop_gradient(dequantize(q, x.dtype)) + (x - xs)
+
+
 def linear(
-    x: jax.Array, w: jax.Array | QArray, b: jax.Array | None = None, *, activation: Format | None = None
+    x: jax.Array,
+    w: jax.Array | QArray,
+    b: jax.Array | None = None,
+    *,
+    activation: Format | None = None,
+    activation_scale: jax.Array | None = None,
 ) -> jax.Array:
     """``y = Q_a(x) @ w + b``.
 
@@ -56,6 +75,7 @@ def linear(
       activation: optional activation format; ``x`` is quantized with it along
         its last axis (per token for per-channel formats), with a
         straight-through gradient.
+      activation_scale: a calibrated (static) scalar scale for ``activation``.
 
     Returns:
       ``[..., out]`` in ``x.dtype``.
@@ -64,7 +84,7 @@ def linear(
     if kernel is not None:
         return kernel.apply(x, w, b, activation)
     if activation is not None:
-        x = fake_quantize(x, activation, axis=-1)
+        x = quantize_activation(x, activation, activation_scale)
     w = as_array(w, x.dtype)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(

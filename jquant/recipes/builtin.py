@@ -24,6 +24,8 @@ BUILTIN: dict[str, Recipe] = {
     for r in (
         _recipe("rtn-w8a8", "int8 per-channel weights, int8 per-token dynamic activations, round to nearest",
                 weight="int8", activation="int8"),
+        _recipe("rtn-w8a8-static", "int8 per-channel weights, int8 activations with one calibrated scale per layer",
+                weight="int8", activation="int8-tensor", static_activation=True),
         _recipe("rtn-w8", "int8 per-channel weights, round to nearest", weight="int8"),
         _recipe("rtn-w4g128", "int4 asymmetric weights in groups of 128, round to nearest", weight="int4-g128-asym"),
         _recipe("rtn-w4g64", "int4 asymmetric weights in groups of 64, round to nearest", weight="int4-g64-asym"),

@@ -39,6 +39,10 @@ class Rule:
     ``activation_options`` override fields of the named format (e.g.
     ``{"symmetric": False}``); ``options`` go to the algorithm (GPTQ:
     ``damp``, ``act_order``, ``block_size``, ``static_groups``).
+    ``static_activation`` calibrates one activation scale per site (from the
+    largest input magnitude seen in calibration) instead of computing scales
+    per token at run time; it needs a per-tensor symmetric integer format
+    such as ``"int8-tensor"``.
     """
 
     pattern: str
@@ -48,6 +52,7 @@ class Rule:
     weight_options: tuple[tuple[str, Any], ...] = ()
     activation_options: tuple[tuple[str, Any], ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
+    static_activation: bool = False
 
     def __post_init__(self):
         try:
@@ -58,6 +63,8 @@ class Rule:
             raise ValueError(f"Rule({self.pattern!r}).algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if self.algorithm == "gptq" and self.weight is None:
             raise ValueError(f"Rule({self.pattern!r}): algorithm 'gptq' needs a weight format.")
+        if self.static_activation and self.activation is None:
+            raise ValueError(f"Rule({self.pattern!r}): static_activation needs an activation format (e.g. 'int8-tensor').")
         for name in ("weight_options", "activation_options", "options"):
             object.__setattr__(self, name, _freeze(getattr(self, name)))
 
@@ -69,6 +76,8 @@ class Rule:
         for name in ("weight_options", "activation_options", "options"):
             if getattr(self, name):
                 out[name] = dict(getattr(self, name))
+        if self.static_activation:
+            out["static_activation"] = True
         return out
 
 
