@@ -25,7 +25,7 @@ from jquant.models import load
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = ["rtn-w8", "gptq-w8", "rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "rtn-w2g64", "gptq-w2g64",
-           "fp8-w8a16", "nvfp4-w4a16", "mxfp4-w4a16", "rtn-w8a8", "fp8-w8a8"]
+           "fp8-w8a16", "nvfp4-w4a16", "mxfp4-w4a16", "rtn-w8a8", "rtn-w8a8-static", "fp8-w8a8"]
 TASKS = ("next_line", "same_source")
 
 
