@@ -115,8 +115,10 @@ def _format(name: str, overrides: dict, path: str) -> Format:
 
 def _check_calibration(calib, vocab_size: int | None) -> np.ndarray:
     if calib is None:
-        raise ValueError("this recipe uses GPTQ or static activations, which need calibration data: pass calib=tokens [N, T] "
-                         "(e.g. jquant.calib.calibration_tokens(tokenizer, n=128, seq_len=512, key=key)).")
+        raise ValueError(
+            "this recipe uses GPTQ or static activations, which need calibration data: pass calib=tokens [N, T], e.g. "
+            "jquant.data.random_windows(jquant.data.load_split('train'), tokenizer, n=128, seq_len=512, key=key)."
+        )
     tokens = np.asarray(calib)
     if tokens.ndim != 2 or tokens.size == 0:
         raise ValueError(f"calibration data must be a non-empty [N, T] token array, got shape {tokens.shape}.")
@@ -138,7 +140,9 @@ def quantize(
 ) -> nnx.Module:
     """A quantized copy of ``model`` following ``recipe`` (a ``Recipe`` or a built-in name).
 
-    ``calib`` (token ids ``[N, T]``) is needed when a rule uses GPTQ; with a
+    ``calib`` (token ids ``[N, T]``) is needed when a rule uses GPTQ or static
+    activations (``jquant.data.random_windows`` draws it deterministically from
+    a corpus split for a given key); with a
     ``mesh`` its batches are split over the mesh's ``"data"`` axis (the model
     may be sharded with ``jquant.sharding.shard_model`` beforehand). The copy's
     ``quantization`` attribute reports what was done.
