@@ -1,12 +1,12 @@
 """Quantization baselines on a bundled reference model -> experiments/results/baselines.md (+ .json).
 
     python experiments/baselines.py                        # jq-llama-small, all recipes
-    python experiments/baselines.py --model jq-llama-tiny --quick
+    python experiments/baselines.py --windows 160 --items 200 --calib 64   # about 25 min on 2 cores
 
 RTN vs GPTQ at W8, W4 g128, W3 g128 and W2 g64 (asymmetric), fp8 / NVFP4 /
 MXFP4 weight-only and W8A8 (int8 and fp8), all with embeddings and lm_head
 kept in bf16. Calibration: 128 random 256-token windows of the train split
-(key 0). Evaluation: validation perplexity (256-token windows) and zero-shot
+(key 0) by default. Evaluation: validation perplexity (256-token windows) and zero-shot
 accuracy on the test split. Size counts every stored array (codes, scales,
 zero points) plus the float embeddings and head.
 """
@@ -39,13 +39,15 @@ def evaluate(model, tokenizer, windows, n_items: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="jq-llama-small")
-    parser.add_argument("--quick", action="store_true", help="fewer windows, items and calibration samples")
+    parser.add_argument("--windows", type=int, default=None, help="validation windows (default: the whole split)")
+    parser.add_argument("--items", type=int, default=200, help="zero-shot items per task (default: %(default)s)")
+    parser.add_argument("--calib", type=int, default=128, help="calibration windows (default: %(default)s)")
     args = parser.parse_args()
     loaded = load(args.model)
     tok = loaded.tokenizer
-    windows = token_windows(load_split("validation"), tok, 256, max_windows=40 if args.quick else None)
-    calib = random_windows(load_split("train"), tok, 32 if args.quick else 128, 256, jax.random.key(0))
-    n_items = 100 if args.quick else 400
+    windows = token_windows(load_split("validation"), tok, 256, max_windows=args.windows)
+    calib = random_windows(load_split("train"), tok, args.calib, 256, jax.random.key(0))
+    n_items = args.items
     rows = [{"recipe": "float (bf16)", "seconds": 0.0, **evaluate(loaded.model, tok, windows, n_items)}]
     print(rows[-1], flush=True)
     for name in RECIPES:
@@ -60,7 +62,8 @@ def main() -> None:
              f"Validation perplexity over {len(windows)} windows of 256 tokens; zero-shot accuracy on {n_items} items per "
              "task (test split; chance: next_line 0.25, same_source 0.33); size of all parameters (embeddings and "
              f"lm_head stay bf16); GPTQ calibrated on {len(calib)} random 256-token train windows. "
-             f"Reproduce: `python experiments/baselines.py --model {args.model}{' --quick' if args.quick else ''}`.", "",
+             f"Reproduce: `python experiments/baselines.py --model {args.model}"
+             f"{f' --windows {args.windows}' if args.windows else ''} --items {n_items} --calib {len(calib)}`.", "",
              "| recipe | ppl | next_line | same_source | size (MB) | bits/param | time (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | {r['next_line']:.3f} | {r['same_source']:.3f} | {r['mb']:.2f} | "
