@@ -160,6 +160,9 @@ def quantize(
 
     def apply(plan_: SitePlan, stats: InputStatistics | None) -> None:
         site = plan_.site
+        if stats is not None and not (np.all(np.isfinite(stats.hessian)) and np.all(np.isfinite(stats.absmax))):
+            raise ValueError(f"site {site.path!r}: its calibration inputs contain NaN or Inf (the model produced non-finite "
+                             "activations on the calibration data); check the model and the calibration tokens.")
         if plan_.weight is not None:
             algorithm = ALGORITHMS[plan_.rule.algorithm]
             q = algorithm(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=stats,

@@ -138,3 +138,29 @@ def test_static_activation_scale_is_calibrated_from_the_largest_input(model, cal
 def test_static_activation_needs_a_per_tensor_int_format(model, calib):
     with pytest.raises(ValueError, match="symmetric per-tensor integer format"):
         quantize(model, get("rtn-w8a8-static", activation="int8"), calib, progress=False)
+
+
+def test_gptq_compiles_once_per_distinct_layer_shape(calib, caplog):
+    from jquant.sites import find_sites
+
+    # a config no other test uses, 3 layers = 21 GPTQ sites
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2)
+    model = llama.init_model(cfg, jax.random.key(1))
+    shapes = {s.weight.get_value().shape for s in find_sites(model) if s.path.startswith("layers/")}
+    assert len(shapes) == 4  # q/o [32, 32], k/v [32, 16], gate/up [32, 96], down [96, 32]
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"):
+            quantize(model, get("gptq-w4g128", weight="int4-g32-asym"), calib, progress=False)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling jit(gptq_loop)" in r.getMessage()]
+    assert len(compiles) == len(shapes), compiles
+
+
+def test_non_finite_activations_during_calibration_are_reported(model, calib):
+    broken = nnx.clone(model)
+    norm = broken.layers[1].post_attention_layernorm.weight
+    norm.set_value(norm.get_value() * np.inf)
+    with pytest.raises(ValueError, match=r"layers/1/mlp/\w+_proj.*NaN or Inf"):
+        quantize(broken, "gptq-w8", calib, progress=False)
