@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jquant.atomic import atomic_folder
 from jquant.formats import QArray
 from jquant.quantization import QuantizationReport, describe, plan
 from jquant.sites import find_sites
@@ -63,10 +62,7 @@ def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
     cfg = model.config
     manifest = {"format_version": FORMAT_VERSION, "family": family, "config": _families()[family].config_to_hf(cfg),
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
-    target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(path) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / STATE, nnx.state(model, nnx.Param))
         checkpointer.wait_until_finished()
@@ -76,17 +72,7 @@ def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(path).absolute()
 
 
 def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | None]:
