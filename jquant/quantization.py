@@ -149,13 +149,11 @@ def quantize(
     """
     t0 = time.perf_counter()
     recipe = get(recipe) if isinstance(recipe, str) else recipe
-    plans = plan(model, recipe)
-    needs_calib = any(_needs_calibration(p) for p in plans)
+    qmodel = nnx.clone(model)  # all validation and work happen on the copy; on any error it is discarded
+    by_path = {p.site.path: p for p in plan(qmodel, recipe)}
+    needs_calib = any(_needs_calibration(p) for p in by_path.values())
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     tokens = _check_calibration(calib, vocab) if needs_calib else None
-
-    qmodel = nnx.clone(model)
-    by_path = {p.site.path: p for p in plan(qmodel, recipe)}
     done: set[str] = set()
 
     def apply(plan_: SitePlan, stats: InputStatistics | None) -> None:
