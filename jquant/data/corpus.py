@@ -37,7 +37,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import datasets
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SOURCES: tuple[str, ...] = ("shakespeare", "milton", "bible")
@@ -66,13 +69,13 @@ PASSAGE_MAX_CHARS = 1000
 SPLIT_BLOCK_PASSAGES = 24
 HELD_OUT_FRACTION = 0.05  # for each of validation and test
 
-FEATURES = datasets.Features(
-    {
-        "text": datasets.Value("string"),
-        "source": datasets.Value("string"),
-        "work": datasets.Value("string"),
-    }
-)
+
+
+def _features() -> "datasets.Features":
+    """Column types of every split (``datasets`` is imported on first use: it is slow to import)."""
+    import datasets
+
+    return datasets.Features({name: datasets.Value("string") for name in ("text", "source", "work")})
 
 
 class MissingSourceError(FileNotFoundError):
@@ -339,7 +342,9 @@ def build(sources_dir: Path, out_dir: Path = DEFAULT_CORPUS_DIR) -> dict:
     """
     sources_dir, out_dir = Path(sources_dir), Path(out_dir)
     records = passage_records(read_works(sources_dir))
-    full = datasets.Dataset.from_list(records, features=FEATURES)
+    import datasets
+
+    full = datasets.Dataset.from_list(records, features=_features())
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, indices in assign_splits(records).items():
@@ -428,7 +433,9 @@ def load_split(split: str, corpus_dir: Path | str | None = None) -> datasets.Dat
 def _read_split(path: Path, mtime_ns: int) -> datasets.Dataset:  # mtime_ns: cache key only
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    return datasets.Dataset.from_list(rows, features=FEATURES)
+    import datasets
+
+    return datasets.Dataset.from_list(rows, features=_features())
 
 
 # ----------------------------------------------------------------------------- CLI

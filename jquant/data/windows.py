@@ -14,17 +14,27 @@ same reason). ``<|bos|>`` exists in the vocabulary but is never emitted here.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Union
 
-import datasets
 import jax
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-TextsLike = datasets.Dataset | Sequence[str]
+if TYPE_CHECKING:
+    import datasets
+
+TextsLike = Union["datasets.Dataset", Sequence[str]]
 
 _STREAM_CACHE: dict[tuple[str, str], np.ndarray] = {}
 _STREAM_CACHE_SIZE = 8
+
+
+def _is_dataset(texts) -> bool:
+    """Whether ``texts`` is a ``datasets.Dataset`` (without importing ``datasets`` when unused)."""
+    module = sys.modules.get("datasets")
+    return module is not None and isinstance(texts, module.Dataset)
 
 
 def token_stream(texts: TextsLike, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
@@ -34,7 +44,7 @@ def token_stream(texts: TextsLike, tokenizer: PreTrainedTokenizerBase) -> np.nda
     column) or a sequence of strings. Streams of datasets are cached in memory per
     (dataset fingerprint, tokenizer), so repeated calls on a split are free.
     """
-    if isinstance(texts, datasets.Dataset):
+    if _is_dataset(texts):
         key = (texts._fingerprint, _tokenizer_fingerprint(tokenizer))
         if key not in _STREAM_CACHE:
             if len(_STREAM_CACHE) >= _STREAM_CACHE_SIZE:

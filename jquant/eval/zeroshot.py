@@ -30,14 +30,16 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from jquant.data.corpus import SOURCES, load_split
 from jquant.data.tokenizer import EOS
+
+if TYPE_CHECKING:
+    import datasets
 from jquant.eval.perplexity import LogitsFn, target_logprobs
 
 LENGTH_BUCKET = 16  # sequences are right-padded to a multiple of this many tokens
@@ -286,7 +288,7 @@ def build_same_source(dataset: datasets.Dataset, n_items: int, seed: int
                                int(lab)) for k, lab in zip(order, labels)]
 
 
-TaskBuilder = Callable[[datasets.Dataset, int, int], list[MultipleChoiceItem]]
+TaskBuilder = Callable[["datasets.Dataset", int, int], list[MultipleChoiceItem]]
 TASKS: dict[str, TaskBuilder] = {
     "next_line": build_next_line,
     "source": build_source,

@@ -2,16 +2,19 @@
 
 Every matmul and attention a model performs goes through this package, so that
 quantized weights (QArrays), quantized activations and Pallas kernels plug in
-here without touching model code.  Today the functions are plain XLA
-computations; the quantization core adds QArray dispatch.
+here without touching model code. ``dispatch`` picks the implementation of each
+quantized matmul (a Pallas kernel where the measured table says it wins, else XLA).
 """
 
 from jquant.ops.attention import attention as attention
 from jquant.ops.attention import causal_mask as causal_mask
 from jquant.ops.dispatch import explain as explain
+from jquant.ops.dispatch import force_path as force_path
+from jquant.ops.dispatch import record_dispatch as record_dispatch
 from jquant.ops.linear import as_array as as_array
 from jquant.ops.linear import dot_general as dot_general
 from jquant.ops.linear import embedding_lookup as embedding_lookup
 from jquant.ops.linear import linear as linear
 
-__all__ = ["as_array", "attention", "causal_mask", "dot_general", "embedding_lookup", "explain", "linear"]
+__all__ = ["as_array", "attention", "causal_mask", "dot_general", "embedding_lookup", "explain",
+           "force_path", "linear", "record_dispatch"]

@@ -80,7 +80,7 @@ def linear(
     Returns:
       ``[..., out]`` in ``x.dtype``.
     """
-    kernel = select_kernel(x, w, activation)
+    kernel = select_kernel(x, w, activation, activation_scale)
     if kernel is not None:
         return kernel.apply(x, w, b, activation)
     if activation is not None:

@@ -1,0 +1,66 @@
+"""Turning ``jquant.benchmark.run_benchmark`` results into a markdown report and a dispatch table."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def _index(rows: list[dict]) -> dict:
+    return {(r["case"], r["path"], r["k"], r["n"], r["m"]): r for r in rows}
+
+
+PATHS = ("xla", "pallas", "native")
+
+
+def dispatch_table(result: dict) -> dict:
+    """``{"device", "jax", "cases": {case: {"KxN": {"m": [...], "path": [...], "config": [...]}}}}``.
+
+    ``path`` is the fastest of ``"xla"`` (the dequantize fallback), ``"pallas"`` and
+    ``"native"`` measured at that ``M``; ``config`` is the Pallas tile config.
+    """
+    idx = _index(result["rows"])
+    cases: dict = defaultdict(dict)
+    for r in result["rows"]:
+        if r["path"] != "pallas":
+            continue
+        timed = {p: idx[(r["case"], p, r["k"], r["n"], r["m"])]["seconds"] for p in PATHS
+                 if (r["case"], p, r["k"], r["n"], r["m"]) in idx}
+        entry = cases[r["case"]].setdefault(f"{r['k']}x{r['n']}", {"m": [], "path": [], "config": []})
+        entry["m"].append(r["m"])
+        entry["path"].append(min(timed, key=timed.get))
+        entry["config"].append(r["config"])
+    return {"device": result["device"], "jax": result["jax"], "cases": dict(cases)}
+
+
+def markdown_report(result: dict, summary_only: bool = False) -> str:
+    """Per case and shape: time, TB/s, TFLOP/s, roofline fraction and ratio to bf16 for every M."""
+    c = result["ceilings"]
+    lines = [f"# Kernel benchmark on {result['device']} (JAX {result['jax']})", "",
+             f"Measured ceilings: HBM {c['hbm_bytes_per_s'] / 1e12:.2f} TB/s (device copy, read + write), "
+             f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s (8192^3 jnp.dot).", "",
+             "`x bf16` = bf16 `jnp.dot` time / this path's time (higher is better); `roofline` = "
+             "max(bytes / HBM rate, flops / dot rate) / time, int8/fp8 dots at 2x the bf16 rate.", ""]
+    idx = _index(result["rows"])
+    kernels = [r for r in result["rows"] if r["path"] == "pallas"]
+    lines += ["## Summary: Pallas kernel speed-up over bf16", "",
+              "| case | K x N | " + " | ".join(f"M={m}" for m in sorted({r['m'] for r in kernels})) + " |",
+              "|---|---|" + "---|" * len({r['m'] for r in kernels})]
+    by_case_shape = defaultdict(dict)
+    for r in kernels:
+        by_case_shape[(r["case"], r["k"], r["n"])][r["m"]] = r
+    ms = sorted({r["m"] for r in kernels})
+    for (case, k, n), per_m in by_case_shape.items():
+        cells = [f"{per_m[m]['vs_bf16']:.2f}" if m in per_m else "-" for m in ms]
+        lines.append(f"| {case} | {k}x{n} | " + " | ".join(cells) + " |")
+    if summary_only:
+        return "\n".join(lines) + "\n"
+    lines += ["", "## All paths", "",
+              "| case | path | K x N | M | time (us) | TB/s | TFLOP/s | roofline | x bf16 | x xla |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        xla = idx.get((r["case"], "xla", r["k"], r["n"], r["m"]))
+        vs_xla = f"{xla['seconds'] / r['seconds']:.2f}" if r["path"] in ("pallas", "native") and xla else ""
+        lines.append(f"| {r['case']} | {r['path']} | {r['k']}x{r['n']} | {r['m']} | {r['seconds'] * 1e6:.1f} | "
+                     f"{r['tb_per_s']:.2f} | {r['tflop_per_s']:.1f} | {r['roofline_fraction']:.2f} | "
+                     f"{r['vs_bf16']:.2f} | {vs_xla} |")
+    return "\n".join(lines) + "\n"
