@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -72,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="work folder: checkpoints (resumed if present), history, loss curve")
     tr.add_argument("--export", default=None, help="write the trained model here as a Hugging Face folder")
     tr.add_argument("--json", action="store_true")
+
+    bn = sub.add_parser("bench", help="time the quantized matmul paths against bf16 jnp.dot (run on a GPU)")
+    bn.add_argument("--cases", default=None, help="comma-separated case names (default: all; see jquant.benchmark.CASES)")
+    bn.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x8192", help="KxN list (default: %(default)s)")
+    bn.add_argument("--m", default="1,2,4,8,16,64,256,1024,4096,8192", help="batch sizes M (default: %(default)s)")
+    bn.add_argument("--reps", type=int, default=5)
+    bn.add_argument("--no-xla", action="store_true", help="skip the XLA dequantize path")
+    bn.add_argument("--out", default=None, help="also write the JSON result and markdown report to this folder")
+    bn.add_argument("--allow-cpu", action="store_true", help="run without a GPU (interpret mode; tiny shapes only)")
+    bn.add_argument("--json", action="store_true")
     return p
 
 
@@ -270,7 +281,40 @@ def _cmd_train(args, console: Console) -> dict:
     return summary
 
 
-COMMANDS = {"list": _cmd_list, "eval": _cmd_eval, "quantize": _cmd_quantize, "generate": _cmd_generate, "train": _cmd_train}
+def _cmd_bench(args, console: Console) -> dict:
+    import jax
+
+    from jquant import benchmark
+    from jquant.benchmark_report import markdown_report
+
+    if jax.default_backend() != "gpu" and not args.allow_cpu:
+        raise ValueError(f"jquant bench measures GPU kernels but the JAX backend is {jax.default_backend()!r}; "
+                         f"run it on a GPU machine (or pass --allow-cpu for a tiny interpret-mode smoke run).")
+    names = None if args.cases is None else set(args.cases.split(","))
+    cases = tuple(c for c in benchmark.CASES if names is None or c.name in names)
+    if not cases:
+        raise ValueError(f"--cases {args.cases!r} names no case; known: {[c.name for c in benchmark.CASES]}.")
+    try:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+        ms = tuple(int(v) for v in args.m.split(","))
+    except ValueError:
+        raise ValueError(f"--shapes must look like 4096x4096,8192x8192 and --m like 1,16,1024; "
+                         f"got {args.shapes!r} and {args.m!r}.") from None
+    log = (lambda s: None) if args.json else console.print
+    result = benchmark.run_benchmark(cases, shapes, ms, None, args.reps, not args.no_xla, log)
+    report = markdown_report(result)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        gpu = result["device"].replace(" ", "_").lower()
+        benchmark.write_json(result, os.path.join(args.out, f"kernels_{gpu}.json"))
+        with open(os.path.join(args.out, f"kernels_{gpu}.md"), "w") as f:
+            f.write(report)
+    if not args.json:
+        console.print(markdown_report(result, summary_only=True))
+    return result
+
+
+COMMANDS = {"bench": _cmd_bench, "list": _cmd_list, "eval": _cmd_eval, "quantize": _cmd_quantize, "generate": _cmd_generate, "train": _cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

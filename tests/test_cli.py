@@ -59,7 +59,7 @@ def test_unknown_model_exits_2_with_a_message(capsys):
     assert "unknown model 'no-such-model'" in err
 
 
-@pytest.mark.parametrize("command", ["list", "eval", "generate", "train"])
+@pytest.mark.parametrize("command", ["list", "eval", "generate", "train", "bench"])
 def test_help_works(command):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
@@ -86,3 +86,14 @@ def test_quantize_with_a_recipe_file_and_a_bad_recipe(capsys, tmp_path):
     assert code == 0 and data["sites"]["layers/1/mlp/down_proj"] == "int4-g64 (rtn)"
     code, _, err = _run(capsys, "quantize", "--model", DEFAULT_MODEL, "--recipe", "gptq-w4g128", "--no-eval")
     assert code == 2 and "group_size=128 does not divide" in err
+
+
+def test_bench_refuses_cpu_without_flag_and_runs_tiny_with_it(capsys, tmp_path):
+    assert cli.main(["bench"]) == 2
+    assert "GPU" in capsys.readouterr().err
+    assert cli.main(["bench", "--allow-cpu", "--cases", "w8a16-int8", "--shapes", "128x64", "--m", "1",
+                     "--reps", "1", "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    paths = {(r["path"], r["m"]) for r in result["rows"]}
+    assert paths == {("bf16", 1), ("xla", 1), ("pallas", 1)}
+    assert (tmp_path / "kernels_cpu.md").exists()
