@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.formats import QArray, bits_per_element, get_format, quantize
+from jquant.formats import get_format, quantize
 from jquant.ops.linear import linear
 from jquant.pallas_kernels import registry
 from jquant.pallas_kernels._common import TileConfig
@@ -241,12 +241,6 @@ def run_benchmark(cases: Sequence[Case] = CASES, shapes: Sequence[tuple[int, int
                         kernel_op(case, cfg, registry.NATIVE), x, ws, reps), base)
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceilings,
             "rows": [dataclasses.asdict(r) for r in rows]}
-
-
-def bits_table() -> dict[str, float]:
-    """Storage bits per weight of each case's format on a 4096x4096 weight."""
-    w = jnp.zeros((4096, 4096), jnp.float32) + 0.01
-    return {c.name: bits_per_element(quantize(w, c.weight, axis=0)) for c in CASES}
 
 
 def write_json(result: dict, path: str) -> None:

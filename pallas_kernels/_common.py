@@ -25,6 +25,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 INTERPRET_ENV = "JQUANT_PALLAS_INTERPRET"
@@ -60,8 +61,23 @@ def interpret_mode() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def compiler_params(cfg: TileConfig) -> pl_triton.CompilerParams:
-    return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def launch(kernel, operands: tuple, *, name: str, cfg: TileConfig, n: int, m: int,
+           dtype: jnp.dtype, interpret: bool) -> jax.Array:
+    """Runs ``kernel`` on the grid ``(Mp / block_m, N / block_n, split_k)`` and returns ``[m, N]``.
+
+    The kernel writes float32 partial sums ``[split_k, Mp, N]`` (``Mp`` = rows of the
+    padded activation, ``operands[0]``); XLA adds them, crops padding rows and casts.
+    """
+    rows = operands[0].shape[0]
+    partial = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((cfg.split_k, rows, n), jnp.float32),
+        grid=(rows // cfg.block_m, n // cfg.block_n, cfg.split_k),
+        interpret=interpret,
+        compiler_params=pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        name=name,
+    )(*operands)
+    return jnp.sum(partial, axis=0)[:m].astype(dtype)
 
 
 def is_power_of_two(n: int) -> bool:
@@ -105,17 +121,12 @@ def check_activation(x: jax.Array, k: int, what: str) -> None:
         raise TypeError(f"{what}: x must be bfloat16, float16 or float32, got {x.dtype}.")
 
 
-def check_tiles(what: str, cfg: TileConfig, m_blocks_ok: bool, k: int, n: int, k_step: int) -> None:
+def check_tiles(what: str, cfg: TileConfig, k: int, n: int, k_step: int) -> None:
     """Raises if ``(K, N)`` does not tile with ``cfg`` (callers fall back instead of padding weights)."""
     for name in ("block_m", "block_n", "block_k"):
         if not is_power_of_two(getattr(cfg, name)):
             raise ValueError(f"{what}: {name}={getattr(cfg, name)} must be a power of two.")
-    if not m_blocks_ok or n % cfg.block_n:
+    if n % cfg.block_n:
         raise ValueError(f"{what}: N={n} is not a multiple of block_n={cfg.block_n}.")
     if k % (k_step * cfg.split_k):
         raise ValueError(f"{what}: K={k} is not a multiple of the K step {k_step} x split_k {cfg.split_k}.")
-
-
-def finish_split(partial: jax.Array, m: int, dtype: jnp.dtype) -> jax.Array:
-    """Sums the split-K partials ``[S, Mp, N]`` (float32), crops padding rows and casts."""
-    return jnp.sum(partial, axis=0)[:m].astype(dtype)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jquant.formats import FP8Format, QArray, dequantize, fake_quantize, quantize
-from ._common import (TileConfig, check_activation, check_tiles, compiler_params,
-                                    finish_split, interpret_mode, pad_rows)
+from ._common import (TileConfig, check_activation, check_tiles, launch,
+                                    interpret_mode, pad_rows)
 
 NAME = "pallas-fp8"
 E4M3_MAX = 448.0
@@ -70,7 +70,7 @@ def check(x: jax.Array, w: QArray, activation, cfg: TileConfig) -> None:
                          f"{getattr(activation, 'name', activation)!r}.")
     k, n = w.shape
     check_activation(x, k, NAME)
-    check_tiles(NAME, cfg, True, k, n, cfg.block_k)
+    check_tiles(NAME, cfg, k, n, cfg.block_k)
 
 
 def _call(x, codes, scales, *, activation, n: int, cfg: TileConfig, interpret: bool):
@@ -81,15 +81,8 @@ def _call(x, codes, scales, *, activation, n: int, cfg: TileConfig, interpret: b
     if not cfg.quantize_in_kernel:
         xp = xq.codes
     kernel = functools.partial(_kernel, cfg=cfg, steps=k // cfg.block_k // cfg.split_k)
-    partial = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.split_k, xp.shape[0], n), jnp.float32),
-        grid=(xp.shape[0] // cfg.block_m, n // cfg.block_n, cfg.split_k),
-        interpret=interpret,
-        compiler_params=compiler_params(cfg),
-        name=NAME,
-    )(xp, sx, codes, scales)
-    return finish_split(partial, m, x.dtype)
+    return launch(kernel, (xp, sx, codes, scales), name=NAME, cfg=cfg, n=n, m=m, dtype=x.dtype,
+                  interpret=interpret)
 
 
 _call = jax.jit(_call, static_argnames=("activation", "n", "cfg", "interpret"))

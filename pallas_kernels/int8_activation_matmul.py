@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jquant.formats import IntFormat, QArray, dequantize, fake_quantize, quantize
-from ._common import (TileConfig, check_activation, check_tiles, compiler_params,
-                                    even_odd_split, finish_split, interpret_mode, pad_rows,
+from ._common import (TileConfig, check_activation, check_tiles, launch,
+                                    even_odd_split, interpret_mode, pad_rows,
                                     round_half_even, sign_extend_4bit)
 
 NAME = "pallas-int8-activation"
@@ -122,7 +122,7 @@ def check(x: jax.Array, w: QArray, activation, cfg: TileConfig) -> None:
     check_activation(x, k, NAME)
     if w.format.granularity == "group" and w.format.group_size % cfg.block_k:
         raise ValueError(f"{NAME}: block_k={cfg.block_k} must divide the group size {w.format.group_size}.")
-    check_tiles(NAME, cfg, True, k, n, cfg.block_k)
+    check_tiles(NAME, cfg, k, n, cfg.block_k)
 
 
 def _call(x, codes, scales, zeros, *, activation, w_meta, cfg: TileConfig, interpret: bool):
@@ -138,15 +138,8 @@ def _call(x, codes, scales, zeros, *, activation, w_meta, cfg: TileConfig, inter
     kernel = functools.partial(_kernel, bits=bits, symmetric=symmetric, group=group, cfg=cfg,
                                k_total=k, steps=steps)
     operands = (xp, sx, codes, scales) + (() if symmetric else (zeros,))
-    partial = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.split_k, xp.shape[0], n), jnp.float32),
-        grid=(xp.shape[0] // cfg.block_m, n // cfg.block_n, cfg.split_k),
-        interpret=interpret,
-        compiler_params=compiler_params(cfg),
-        name=NAME,
-    )(*operands)
-    return finish_split(partial, m, x.dtype)
+    return launch(kernel, operands, name=NAME, cfg=cfg, n=n, m=m, dtype=x.dtype,
+                  interpret=interpret)
 
 
 _call = jax.jit(_call, static_argnames=("activation", "w_meta", "cfg", "interpret"))

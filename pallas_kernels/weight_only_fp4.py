@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jquant.formats import MXFormat, NVFP4Format, QArray, dequantize
-from ._common import (TileConfig, check_activation, check_tiles, compiler_params,
-                                    even_odd_split, finish_split, interpret_mode, pad_rows)
+from ._common import (TileConfig, check_activation, check_tiles, launch,
+                                    even_odd_split, interpret_mode, pad_rows)
 
 NAME = "pallas-weight-only-fp4"
 
@@ -116,7 +116,7 @@ def check(x: jax.Array, w: QArray, cfg: TileConfig) -> None:
     if cfg.block_k % block or cfg.block_k // block > 8:
         raise ValueError(f"{NAME}: block_k={cfg.block_k} must be a multiple of the scale block {block} "
                          f"(at most 8 blocks per step).")
-    check_tiles(NAME, cfg, True, k, n, cfg.block_k)
+    check_tiles(NAME, cfg, k, n, cfg.block_k)
 
 
 def _call(x, codes, scales, tensor_scale, *, w_meta, cfg: TileConfig, interpret: bool):
@@ -125,15 +125,8 @@ def _call(x, codes, scales, tensor_scale, *, w_meta, cfg: TileConfig, interpret:
     xp = even_odd_split(pad_rows(x, cfg.block_m))
     kernel = functools.partial(_kernel, mx=mx, block=block, cfg=cfg, k_total=k,
                                steps=k // cfg.block_k // cfg.split_k)
-    partial = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.split_k, xp.shape[0], n), jnp.float32),
-        grid=(xp.shape[0] // cfg.block_m, n // cfg.block_n, cfg.split_k),
-        interpret=interpret,
-        compiler_params=compiler_params(cfg),
-        name=NAME,
-    )(xp, codes, scales, tensor_scale)
-    return finish_split(partial, m, x.dtype)
+    return launch(kernel, (xp, codes, scales, tensor_scale), name=NAME, cfg=cfg, n=n, m=m,
+                  dtype=x.dtype, interpret=interpret)
 
 
 _call = jax.jit(_call, static_argnames=("w_meta", "cfg", "interpret"))

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jquant.formats import IntFormat, QArray, dequantize
-from ._common import (TileConfig, check_activation, check_tiles, compiler_params,
-                                    even_odd_split, finish_split, interpret_mode, pad_rows,
+from ._common import (TileConfig, check_activation, check_tiles, launch,
+                                    even_odd_split, interpret_mode, pad_rows,
                                     sign_extend_4bit)
 
 NAME = "pallas-weight-only-int"
@@ -115,7 +115,7 @@ def check(x: jax.Array, w: QArray, cfg: TileConfig) -> None:
     step = cfg.block_k
     if _group_rows(w) % step:
         raise ValueError(f"{NAME}: block_k={step} must divide the group size {_group_rows(w)}.")
-    check_tiles(NAME, cfg, True, k, n, step)
+    check_tiles(NAME, cfg, k, n, step)
 
 
 def _call(x, codes, scales, zeros, *, w_meta, cfg: TileConfig, interpret: bool):
@@ -127,17 +127,9 @@ def _call(x, codes, scales, zeros, *, w_meta, cfg: TileConfig, interpret: bool):
     steps = k // cfg.block_k // cfg.split_k
     kernel = functools.partial(_kernel, bits=bits, symmetric=symmetric, group=group, cfg=cfg,
                                k_total=k, steps=steps)
-    grid = (xp.shape[0] // cfg.block_m, n // cfg.block_n, cfg.split_k)
     operands = (xp, codes, scales) if symmetric else (xp, codes, scales, zeros)
-    partial = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.split_k, xp.shape[0], n), jnp.float32),
-        grid=grid,
-        interpret=interpret,
-        compiler_params=compiler_params(cfg),
-        name=NAME,
-    )(*operands)
-    return finish_split(partial, m, x.dtype)
+    return launch(kernel, operands, name=NAME, cfg=cfg, n=n, m=m, dtype=x.dtype,
+                  interpret=interpret)
 
 
 _call = jax.jit(_call, static_argnames=("w_meta", "cfg", "interpret"))
