@@ -35,7 +35,14 @@ def _param(value: jax.Array, names: ShardingNames) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel + bias`` with ``kernel [in, out]``."""
+    """``y = Q_a(x H) @ kernel + bias`` with ``kernel [in, out]``.
+
+    ``H`` is an optional online Hadamard rotation of the input (``input_rotation``:
+    its order, ``>= x``'s feature size, zero-padding when larger; its transpose is
+    folded into ``kernel`` by ``jquant.transforms``) and ``Q_a`` the optional
+    activation quantizer (``activation``). Calibration statistics are recorded
+    after the rotation, on what the kernel really multiplies.
+    """
 
     QUANT_SITE = SiteSpec(param="kernel", contraction_axis=0, kind="linear")
 
@@ -54,8 +61,11 @@ class Linear(nnx.Module):
         self.bias = _param(jnp.zeros((out_features,), param_dtype), sharding[-1:]) if use_bias else None
         self.activation = None  # an activation Format once a recipe quantizes this layer's inputs
         self.activation_scale = nnx.data(None)  # a calibrated scalar Param for static activation formats
+        self.input_rotation = None  # the order of an online Hadamard applied to the input (set by transforms)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.input_rotation is not None:
+            x = ops.online_hadamard(x, self.input_rotation)
         record_input(self, x)
         bias = None if self.bias is None else self.bias.get_value()
         scale = None if self.activation_scale is None else self.activation_scale.get_value()
@@ -176,6 +186,11 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3).
 
     Paths: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (and ``q_norm``, ``k_norm``).
+    Two run-time options set by transforms and recipes: ``qk_rotation`` applies an
+    online Hadamard over the head dimension to queries and keys after RoPE (leaves
+    ``q kᵀ`` unchanged, spreads key outliers before KV quantization); ``kv_format``
+    quantizes keys (after RoPE and rotation) and values per token and head, in the
+    un-cached path and in the cache (``init_cache`` then stores that format).
     """
 
     def __init__(self, cfg: AttentionConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
@@ -191,6 +206,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
         else:
             self.q_norm = self.k_norm = None
+        self.qk_rotation = False
+        self.kv_format = None
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, cache: LayerKVCache | None, cache_start: jax.Array | None
@@ -210,9 +227,19 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg.head_dim, cfg.rope), x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_rotation:
+            q, k = ops.online_hadamard(q), ops.online_hadamard(k)
         if cache is None:
+            if self.kv_format is not None:
+                k, v = ops.quantize_kv(k, self.kv_format), ops.quantize_kv(v, self.kv_format)
             k_all, v_all, k_pos, k_valid = k, v, positions, None
         else:
+            if cache.kv_format != self.kv_format:
+                raise ValueError(
+                    f"Attention: the cache stores keys/values as {getattr(cache.kv_format, 'name', 'float')} but the "
+                    f"layer's kv_format is {getattr(self.kv_format, 'name', 'float')}; build the cache with "
+                    "model.init_cache(...), which follows the layers."
+                )
             cache, k_all, v_all = cache.update(k, v, cache_start)
             slots = jnp.arange(cache.capacity, dtype=jnp.int32)
             k_pos = jnp.broadcast_to(slots, (b, cache.capacity))

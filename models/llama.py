@@ -20,6 +20,8 @@ from flax import nnx
 
 from jquant.kv import KVCache, init_cache
 from jquant.models.layers import Attention, AttentionConfig, Embed, Linear, RMSNorm, RopeConfig, SwiGLU
+from jquant.transforms.layout import AttentionLayout, DecoderLayout, MLPLayout, NormGroup
+from jquant.transforms.layout import DecoderLayer as DecoderLayerLayout
 
 Family = Literal["llama", "mistral", "qwen2", "qwen3"]
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
@@ -165,7 +167,11 @@ class Llama(nnx.Module):
         return list(self.layers)
 
     def init_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens."""
+        """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens.
+
+        Layers whose attention has a ``kv_format`` (set by a KV-quantizing recipe)
+        get a cache stored in that format.
+        """
         cfg = self.config
         return init_cache(
             num_layers=cfg.num_layers,
@@ -174,7 +180,39 @@ class Llama(nnx.Module):
             kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
             dtype=jnp.dtype(cfg.dtype),
+            kv_formats=tuple(layer.self_attn.kv_format for layer in self.layers),
         )
+
+    def equivalence_layout(self) -> DecoderLayout:
+        """The residual-stream structure equivalence transforms act on (``jquant.transforms.layout``)."""
+        cfg = self.config
+        layers = []
+        for i in range(cfg.num_layers):
+            p = f"layers/{i}"
+            attn = AttentionLayout(
+                path=f"{p}/self_attn", q=f"{p}/self_attn/q_proj", k=f"{p}/self_attn/k_proj", v=f"{p}/self_attn/v_proj",
+                o=f"{p}/self_attn/o_proj", num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, qk_norm=cfg.qk_norm,
+            )
+            mlp = MLPLayout(up=f"{p}/mlp/up_proj", gate=f"{p}/mlp/gate_proj", down=f"{p}/mlp/down_proj",
+                            hidden=cfg.intermediate_size)
+            layers.append(DecoderLayerLayout(
+                attn_norm=NormGroup(f"{p}/input_layernorm", (attn.q, attn.k, attn.v)),
+                attention=attn,
+                mlp_norm=NormGroup(f"{p}/post_attention_layernorm", (mlp.up, mlp.gate)),
+                mlp=mlp,
+            ))
+        head = None if self.lm_head is None else "lm_head"
+        return DecoderLayout(hidden_size=cfg.hidden_size, embedding="embed_tokens", layers=tuple(layers),
+                             final_norm=NormGroup("norm", (head,) if head else ()), head=head)
+
+    def untie_embeddings(self) -> Llama:
+        """A float copy whose output head is its own ``lm_head`` (initialised to the embedding); self if untied."""
+        if self.lm_head is not None:
+            return self
+        tensors = to_tensors(self)
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        return from_tensors(self.config.replace(tie_embeddings=False), tensors, source="untie_embeddings")
 
     def _forward(self, tokens, positions, layer_caches, start):
         x = self.embed_tokens(tokens, jnp.dtype(self.config.dtype))

@@ -1,4 +1,4 @@
-"""Key/value caches for incremental decoding (quantized caches come later)."""
+"""Key/value caches for incremental decoding: dense, or quantized per token and head."""
 
 from jquant.kv.cache import KVCache as KVCache
 from jquant.kv.cache import LayerKVCache as LayerKVCache

@@ -8,6 +8,7 @@ quantized matmul (a Pallas kernel where the measured table says it wins, else XL
 
 from jquant.ops.attention import attention as attention
 from jquant.ops.attention import causal_mask as causal_mask
+from jquant.ops.attention import quantize_kv as quantize_kv
 from jquant.ops.dispatch import explain as explain
 from jquant.ops.dispatch import force_path as force_path
 from jquant.ops.dispatch import record_dispatch as record_dispatch
@@ -15,6 +16,7 @@ from jquant.ops.linear import as_array as as_array
 from jquant.ops.linear import dot_general as dot_general
 from jquant.ops.linear import embedding_lookup as embedding_lookup
 from jquant.ops.linear import linear as linear
+from jquant.ops.rotation import online_hadamard as online_hadamard
 
 __all__ = ["as_array", "attention", "causal_mask", "dot_general", "embedding_lookup", "explain",
-           "force_path", "linear", "record_dispatch"]
+           "force_path", "linear", "online_hadamard", "quantize_kv", "record_dispatch"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jquant.formats import Format, fake_quantize
+
 
 def causal_mask(
     q_positions: jax.Array,
@@ -79,3 +81,12 @@ def attention(
         preferred_element_type=acc_dtype,
     )
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def quantize_kv(x: jax.Array, fmt: Format) -> jax.Array:
+    """Fake-quantize keys or values ``[B, S, K, D]`` per token and head (groups along ``D``), straight-through.
+
+    Equal to what a cache quantized with ``fmt`` returns for the same entries
+    (``jquant.kv.init_cache(kv_formats=fmt)``).
+    """
+    return fake_quantize(x, fmt, axis=-1)

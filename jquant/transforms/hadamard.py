@@ -240,9 +240,14 @@ def hadamard_matrix(n: int, dtype: DTypeLike = jnp.float32, normalized: bool = T
     Entries are ±1 (or ±1/√n), ``H Hᵀ = n I`` (``I`` when normalized). ``H`` is symmetric only when
     ``m`` is 1, 28 or 36.
     """
+    return jnp.asarray(hadamard_numpy(n, normalized), dtype=dtype)
+
+
+def hadamard_numpy(n: int, normalized: bool = True) -> np.ndarray:
+    """:func:`hadamard_matrix` as a float64 numpy array (host-side merges in float64 without JAX's x64 mode)."""
     m, p = hadamard_factorization(n)
-    h = jnp.asarray(np.kron(_small_hadamard(m), _sylvester(p)), dtype=dtype)
-    return h * (1.0 / math.sqrt(n)) if normalized else h
+    h = np.kron(_small_hadamard(m), _sylvester(p)).astype(np.float64)
+    return h / math.sqrt(n) if normalized else h
 
 
 def _butterflies(y: jax.Array) -> jax.Array:

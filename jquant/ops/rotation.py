@@ -1,0 +1,29 @@
+"""Online rotations applied to activations at run time (QuaRot / OSTQuant "online Hadamard").
+
+The offline half of each rotation is folded into the weights by ``jquant.transforms``;
+this module is the run-time half, called by the model layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jquant.transforms.hadamard import fwht
+
+
+def online_hadamard(x: jax.Array, size: int | None = None) -> jax.Array:
+    """``x [..., n] -> [x, 0] H_size / √size`` along the last axis (row-vector convention).
+
+    ``size`` (default ``n``) is the Hadamard order; a larger ``size`` zero-pads ``x`` first
+    (the padding documented in ``jquant.transforms.rotate``), so the consuming linear must
+    have ``size`` input rows. Computed by :func:`jquant.transforms.fwht` in at least float32,
+    returned in ``x.dtype``.
+    """
+    n = x.shape[-1]
+    size = n if size is None else size
+    if size < n:
+        raise ValueError(f"online_hadamard: size={size} is smaller than the feature size {n}.")
+    if size > n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - n)])
+    return fwht(x, axis=-1)
