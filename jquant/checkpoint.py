@@ -30,6 +30,7 @@ from jquant.atomic import atomic_folder
 from jquant.formats import QArray
 from jquant.quantization import QuantizationReport, describe, plan
 from jquant.sites import find_sites
+from jquant.transforms.pipeline import restore_structure
 from jquant.recipes import Recipe
 
 FORMAT_VERSION = 1
@@ -88,6 +89,7 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
     abstract = family.abstract_model(cfg)
     recipe = Recipe.from_file(folder / RECIPE) if (folder / RECIPE).is_file() else None
     if recipe is not None:
+        restore_structure(abstract, recipe)
         plans = plan(abstract, recipe)
         for p in plans:
             if p.weight is not None:

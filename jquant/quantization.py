@@ -6,7 +6,9 @@
    size that does not divide), a non-finite weight, an algorithm that cannot
    use the format, missing or bad calibration data. Errors name the site path.
 2. The model is cloned; the input is never modified, and a failure part-way
-   leaves only a discarded clone behind (never a half-quantized model).
+   leaves only a discarded clone behind (never a half-quantized model). The
+   recipe's equivalence transforms (SmoothQuant, QuaRot, OSTQuant;
+   ``jquant.transforms.pipeline``) run on the copy first.
 3. If any rule's algorithm needs calibration (GPTQ), blocks are processed in
    order on the outputs of the already-quantized blocks
    (``jquant.calib.sequential``); other sites are quantized directly.
@@ -14,6 +16,7 @@
    record it so ``jquant.ops.linear`` quantizes their inputs. The returned
    model carries ``model.quantization`` (a ``QuantizationReport``: recipe,
    per-site formats, time), which ``jquant.save`` stores beside the weights.
+   A recipe's ``kv_cache`` format is set on every attention layer last.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from jquant.formats import Format, IntFormat, QArray, get_format
 from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule, get
 from jquant.sites import Site, find_sites
+from jquant.transforms.pipeline import check_recipe, run_transforms, set_kv_cache_format
+from jquant.transforms.pipeline import needs_calibration as transforms_need_calibration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +100,13 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
                 raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
         if act_fmt is not None and site.spec.kind != "linear":
             raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear sites.")
+        if act_fmt is not None:
+            features = value.shape[site.spec.contraction_axis]
+            try:
+                act_fmt.check_shape((1, features), 1)
+            except ValueError as err:
+                raise ValueError(f"site {site.path!r}: activation format {act_fmt.name} cannot quantize its "
+                                 f"{features} input features: {err}") from None
         if rule.static_activation and not (
             isinstance(act_fmt, IntFormat) and act_fmt.symmetric and act_fmt.granularity == "tensor"
         ):
@@ -150,10 +162,14 @@ def quantize(
     t0 = time.perf_counter()
     recipe = get(recipe) if isinstance(recipe, str) else recipe
     qmodel = nnx.clone(model)  # all validation and work happen on the copy; on any error it is discarded
+    check_recipe(qmodel, recipe)
     by_path = {p.site.path: p for p in plan(qmodel, recipe)}
     needs_calib = any(_needs_calibration(p) for p in by_path.values())
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    tokens = _check_calibration(calib, vocab) if needs_calib else None
+    tokens = _check_calibration(calib, vocab) if needs_calib or transforms_need_calibration(recipe) else None
+    if recipe.transforms:
+        qmodel = run_transforms(qmodel, recipe, tokens, progress=progress)
+        by_path = {p.site.path: p for p in plan(qmodel, recipe)}
     done: set[str] = set()
 
     def apply(plan_: SitePlan, stats: InputStatistics | None) -> None:
@@ -196,6 +212,8 @@ def quantize(
         for p in remaining:
             apply(p, None)
             bar.update(1)
+    if recipe.kv_cache is not None:
+        set_kv_cache_format(qmodel, recipe.kv_cache)
     jax.block_until_ready(nnx.state(qmodel))
     qmodel.quantization = QuantizationReport(
         recipe=recipe,

@@ -9,6 +9,7 @@ wraps a forward function with ``nnx.capture`` so they come back as an output
   ``hessian``  ``X^T X`` over all tokens, ``[in, in]`` (GPTQ's ``H / 2``)
   ``count``    number of tokens seen
   ``absmax``   per-channel ``max |x|``, ``[in]`` (SmoothQuant-style statistics)
+  ``total``    per-channel ``Σ x``, ``[in]`` (with ``hessian``: mean and covariance, for QSUR)
 
 On device, each sequence (index along the input's leading axis) gets its own
 float32 ``X_b^T X_b``; ``statistics_from_state`` sums those on the host in
@@ -41,9 +42,11 @@ def record_input(module: nnx.Module, x: jax.Array) -> None:
     xtx = jnp.einsum("bni,bnj->bij", x3, x3, precision=jax.lax.Precision.HIGHEST)
     n = jnp.full((x3.shape[0],), x3.shape[1], jnp.float32)
     absmax = jnp.max(jnp.abs(x3), axis=1)
+    total = jnp.sum(x3, axis=1)
     module.sow(nnx.Intermediate, "input_hessian", xtx, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
     module.sow(nnx.Intermediate, "input_count", n, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
     module.sow(nnx.Intermediate, "input_absmax", absmax, init_fn=lambda: 0.0, reduce_fn=jnp.maximum)
+    module.sow(nnx.Intermediate, "input_total", total, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
 
 
 def set_capture(module: nnx.Module, enabled: bool) -> None:
@@ -59,11 +62,26 @@ class InputStatistics:
     hessian: np.ndarray
     count: float
     absmax: np.ndarray
+    total: np.ndarray | None = None
 
     def merge(self, other: InputStatistics) -> InputStatistics:
         """Statistics of the union of both token sets."""
+        total = None if self.total is None or other.total is None else self.total + other.total
         return InputStatistics(hessian=self.hessian + other.hessian, count=self.count + other.count,
-                               absmax=np.maximum(self.absmax, other.absmax))
+                               absmax=np.maximum(self.absmax, other.absmax), total=total)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-channel mean ``[in]``."""
+        if self.total is None:
+            raise ValueError("these statistics carry no input sums (built without 'total').")
+        return self.total / self.count
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Population covariance ``E[x xᵀ] - μ μᵀ``, ``[in, in]``."""
+        mu = self.mean
+        return self.hessian / self.count - np.outer(mu, mu)
 
 
 def statistics_from_state(state: nnx.State) -> dict[str, InputStatistics]:
@@ -75,7 +93,8 @@ def statistics_from_state(state: nnx.State) -> dict[str, InputStatistics]:
         by_site.setdefault(path_string(tuple(site)), {})[name] = value[0] if isinstance(value, tuple) else value
     return {
         p: InputStatistics(hessian=_ordered_sum(s["input_hessian"]), count=float(np.sum(np.asarray(s["input_count"]))),
-                           absmax=np.max(np.asarray(s["input_absmax"], np.float64), axis=0))
+                           absmax=np.max(np.asarray(s["input_absmax"], np.float64), axis=0),
+                           total=_ordered_sum(s["input_total"]))
         for p, s in by_site.items()
         if "input_hessian" in s
     }
@@ -101,3 +120,28 @@ def capture_statistics(fn: Callable) -> Callable:
         return out, statistics_from_state(state)
 
     return wrapped
+
+
+def model_input_statistics(model: nnx.Module, tokens: np.ndarray, paths: set[str] | None = None, *,
+                           batch_size: int = 8) -> dict[str, InputStatistics]:
+    """Input statistics of the sites of ``model`` (all, or those in ``paths``) over a full forward of ``tokens [N, T]``.
+
+    Unlike block-by-block calibration this runs the whole model as it is, batch by
+    batch (``model(tokens)``); the model is not modified (capture runs on a copy).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"tokens must be a non-empty [N, T] array, got shape {tokens.shape}.")
+    probe = nnx.clone(model)
+    sites = [s for s in find_sites(probe) if paths is None or s.path in paths]
+    if paths is not None and len(sites) != len(paths):
+        missing = sorted(paths - {s.path for s in sites})
+        raise ValueError(f"model_input_statistics: no quantization site at {missing}.")
+    for site in sites:
+        site.module.capture_inputs = True
+    forward = capture_statistics(lambda m, t: m(t))
+    stats: dict[str, InputStatistics] = {}
+    for i in range(0, len(tokens), batch_size):
+        _, new = forward(probe, jnp.asarray(tokens[i : i + batch_size]))
+        stats = new if not stats else {p: stats[p].merge(s) for p, s in new.items()}
+    return stats

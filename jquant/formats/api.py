@@ -114,6 +114,8 @@ def fake_quantize(x: jax.Array, fmt: Format | str, *, axis: int,
     """``dequantize(quantize(x))`` in ``x``'s dtype, with a gradient estimator.
 
     ``straight_through``: ``True`` / ``"identity"``: d out / d x = 1 (STE);
+    an integer format with ``range_gradient=True`` then also passes gradients through its
+    per-group range (``IntFormat.range_surrogate``, the training quantizer of OSTQuant);
     ``"clipped"``: 1 where x lies inside the representable interval of its group
     ``[lo, hi]`` (the format's smallest and largest dequantized values), else 0;
     ``False``: no estimator (the zero gradient of a step function).
@@ -126,6 +128,9 @@ def fake_quantize(x: jax.Array, fmt: Format | str, *, axis: int,
     if straight_through is False:
         return xq
     if straight_through is True or straight_through == "identity":
+        if getattr(fmt, "range_gradient", False):
+            g = fmt.range_surrogate(x, normalize_axis(axis, x.ndim, "fake_quantize")).astype(x.dtype)
+            return xq + (g - jax.lax.stop_gradient(g))
         return xq + (x - jax.lax.stop_gradient(x))
     if straight_through == "clipped":
         lo, hi = fmt.value_range(q)

@@ -75,6 +75,7 @@ class IntFormat(Format):
     clip_min_ratio: float = 0.5
     scale_dtype: str = "float16"
     rounding: str = "nearest"
+    range_gradient: bool = False
 
     def __post_init__(self):
         own = "IntFormat"
@@ -218,6 +219,34 @@ class IntFormat(Format):
         return QArray(codes=self._store_codes(q, axis), scales=s,
                       zeros=None if z is None else z.astype(jnp.uint8), format=self,
                       shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, axis=axis).validate()
+
+    def range_surrogate(self, x: jax.Array, axis: int) -> jax.Array:
+        """A differentiable stand-in for ``dequantize(quantize(x))`` whose gradient also flows through the range.
+
+        The quantizer of OSTQuant's / QuaRot's training code (spec §3.1) in float32, without
+        storing the scale and without clip search: ``s = (hi - lo) / qmax`` (``amax / qmax``
+        symmetric) from the group's min/max (not detached), ``z = round_ste(-lo / s)``,
+        ``x̂ = (clip(round_ste(x / s) + z, qmin, qmax) - z) · s`` with
+        ``round_ste(u) = u + stop_gradient(round(u) - u)``. ``fake_quantize`` uses its
+        gradient (and the exact stored-scale values as its forward) when ``range_gradient``.
+        """
+        g, gs, n = self.granularity, self.group_size, x.shape[axis]
+        x = x.astype(jnp.float32)
+        tiny = jnp.finfo(jnp.float32).tiny
+
+        def round_ste(u):
+            return u + jax.lax.stop_gradient(jnp.round(u) - u)
+
+        if self.symmetric:
+            s = jnp.maximum(B.group_reduce(jnp.abs(x), axis, g, gs, jnp.max) * self.clip_ratio / self.qmax, tiny)
+            z = jnp.zeros_like(s)
+        else:
+            hi = jnp.maximum(B.group_reduce(x, axis, g, gs, jnp.max), 0.0) * self.clip_ratio
+            lo = jnp.minimum(B.group_reduce(x, axis, g, gs, jnp.min), 0.0) * self.clip_ratio
+            s = jnp.maximum((hi - lo) / self.qmax, tiny)
+            z = round_ste(-lo / s)
+        s, z = B.expand(s, axis, n), B.expand(z, axis, n)
+        return (jnp.clip(round_ste(x / s) + z, self.qmin, self.qmax) - z) * s
 
     def _store_codes(self, q: jax.Array, axis: int) -> jax.Array:
         if self.bits == 8:

@@ -1,6 +1,9 @@
 """Built-in named recipes (``get(name)``, ``list_recipes()``).
 
 All keep embeddings and the output head in floating point (``DEFAULT_KEEP_FLOAT``).
+The ``{rtn,gptq,smoothquant,quarot,ostquant}-{w4a16,w4a8kv8,w4a4kv4}`` family compares
+equivalence transforms at equal bits (OSTQuant spec §3.1: per-channel symmetric int4
+weights with MSE clip search, per-token asymmetric activations, per-head asymmetric KV).
 ``w4``/``w3``/``w2`` integer weights are asymmetric (min-max with a zero
 point, as in GPTQ), ``w8`` symmetric; activations are quantized dynamically
 per token.
@@ -10,13 +13,41 @@ from __future__ import annotations
 
 import dataclasses
 
-from jquant.recipes.rules import Recipe, Rule
+from jquant.recipes.rules import Recipe, Rule, TransformStep
 
 ALL = r".*"
+# Per-channel symmetric int4 with the MSE clip search of OSTQuant/QuaRot's GPTQ (shrink 1.00, 0.99, ..., 0.21).
+W4_MSE = {"clip_search": True, "clip_grid": 79, "clip_min_ratio": 0.21}
+# Activation / KV settings of the rotation papers: per-token (KV: per token and head) asymmetric.
+SETTINGS = {"w4a16": (None, None), "w4a8kv8": ("int8-asym", "int8-asym"), "w4a4kv4": ("int4-asym", "int4-asym")}
 
 
-def _recipe(name: str, description: str, **rule) -> Recipe:
-    return Recipe(name=name, description=description, rules=(Rule(pattern=ALL, **rule),))
+def _recipe(name: str, description: str, transforms: tuple = (), kv_cache: str | None = None, **rule) -> Recipe:
+    return Recipe(name=name, description=description, rules=(Rule(pattern=ALL, **rule),), transforms=transforms,
+                  kv_cache=kv_cache)
+
+
+def _rotation_recipes() -> list[Recipe]:
+    """RTN, GPTQ, SmoothQuant, QuaRot and OSTQuant at W4A16, W4A8KV8 and W4A4KV4 (per-channel int4 weights)."""
+    out = [_recipe("smoothquant-w8a8", "SmoothQuant (alpha 0.5), int8 per-channel weights, int8 per-token activations",
+                   transforms=(TransformStep("smoothquant", {"alpha": 0.5}),), weight="int8", activation="int8")]
+    for setting, (act, kv) in SETTINGS.items():
+        online = ["down", "qk"] if kv else ["down"]
+        what = f"int4 per-channel weights (MSE clip){', ' + act + ' activations, ' + kv + ' KV' if act else ''}"
+        common = dict(weight="int4", weight_options=W4_MSE, activation=act, kv_cache=kv)
+        out += [
+            _recipe(f"rtn-{setting}", f"{what}, round to nearest", **common),
+            _recipe(f"gptq-{setting}", f"{what}, GPTQ", algorithm="gptq", **common),
+            _recipe(f"smoothquant-{setting}", f"SmoothQuant (alpha 0.5), {what}, round to nearest",
+                    transforms=(TransformStep("smoothquant", {"alpha": 0.5}),), **common),
+            _recipe(f"quarot-{setting}", f"QuaRot random-Hadamard rotations (online: {', '.join(online)}), {what}, GPTQ",
+                    transforms=(TransformStep("quarot", {"online": online}),), algorithm="gptq", **common),
+            _recipe(f"ostquant-{setting}", f"OSTQuant learned rotations and scalings (KL-Top, 150 steps; online: "
+                    f"{', '.join(online)}), {what}, GPTQ",
+                    transforms=(TransformStep("ostquant", {"online": online, "init": "womi" if act else "hadamard"}),),
+                    algorithm="gptq", **common),
+        ]
+    return out
 
 
 BUILTIN: dict[str, Recipe] = {
@@ -41,6 +72,7 @@ BUILTIN: dict[str, Recipe] = {
         _recipe("fp8-w8a16", "fp8 e4m3 per-channel weights only", weight="fp8-e4m3"),
         _recipe("nvfp4-w4a16", "NVFP4 weights (E2M1, 16-blocks, E4M3 block scales, fp32 tensor scale)", weight="nvfp4"),
         _recipe("mxfp4-w4a16", "MXFP4 weights (E2M1, 32-blocks, E8M0 scales)", weight="mxfp4"),
+        *_rotation_recipes(),
     )
 }
 
@@ -49,12 +81,22 @@ def list_recipes() -> list[Recipe]:
     return list(BUILTIN.values())
 
 
-def get(name: str, **rule_overrides) -> Recipe:
-    """A built-in recipe by name; ``rule_overrides`` replace fields of its rule (e.g. ``options={"damp": 0.1}``)."""
+def get(name: str, *, transform_options: dict | None = None, **rule_overrides) -> Recipe:
+    """A built-in recipe by name.
+
+    ``rule_overrides`` replace fields of its rule (e.g. ``options={"damp": 0.1}``);
+    ``transform_options`` update the options of its transform steps (e.g.
+    ``{"steps": 50}`` for OSTQuant), the ones each step knows being validated by ``quantize``.
+    """
     if name not in BUILTIN:
         raise ValueError(f"unknown recipe {name!r}; built-in recipes: {', '.join(BUILTIN)}. "
                          "Custom recipes: Recipe(...) or Recipe.from_file(path).")
     recipe = BUILTIN[name]
+    if transform_options:
+        if not recipe.transforms:
+            raise ValueError(f"recipe {name!r} has no transform steps to pass options {sorted(transform_options)} to.")
+        steps = tuple(TransformStep(t.kind, {**dict(t.options), **transform_options}) for t in recipe.transforms)
+        recipe = dataclasses.replace(recipe, transforms=steps)
     if not rule_overrides:
         return recipe
     rules = tuple(dataclasses.replace(r, **rule_overrides) for r in recipe.rules)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 Algorithm = Literal["rtn", "gptq"]
 ALGORITHMS: tuple[str, ...] = ("rtn", "gptq")
+TRANSFORM_KINDS: tuple[str, ...] = ("smoothquant", "quarot", "ostquant")
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = (r"(.*/)?embed_tokens", r"(.*/)?lm_head")
 
 
@@ -81,20 +82,63 @@ class Rule:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TransformStep:
+    """An equivalence transform run before the rules: ``kind`` in ``TRANSFORM_KINDS`` with its ``options``.
+
+    ``smoothquant``: ``alpha`` (0.5). ``quarot``: ``online`` (``["down", "qk"]``),
+    ``rotation`` (``"hadamard"``), ``pad``, ``seed``. ``ostquant``: fields of
+    ``jquant.transforms.OSTQuantConfig`` (``steps``, ``batch_size``, ``init``, ``online``, ...)
+    and ``seed``; its training quantizers follow the recipe's formats.
+    """
+
+    kind: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in TRANSFORM_KINDS:
+            raise ValueError(f"TransformStep.kind must be one of {TRANSFORM_KINDS}, got {self.kind!r}.")
+        object.__setattr__(self, "options", _freeze({k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in dict(_freeze(self.options)).items()}))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.options}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TransformStep:
+        data = dict(data)
+        if "kind" not in data:
+            raise ValueError(f"recipe transform {data} needs a 'kind' ({', '.join(TRANSFORM_KINDS)}).")
+        kind = data.pop("kind")
+        return cls(kind=kind, options=data)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """An ordered set of rules; see the module docstring for the matching semantics."""
+    """An ordered set of rules; see the module docstring for the matching semantics.
+
+    ``transforms`` run in order on the float model before any rule (equivalence
+    transforms: SmoothQuant, QuaRot, OSTQuant); ``kv_cache`` names the format that
+    keys and values are quantized with, per token and head (``"int4-asym"``: KV4).
+    """
 
     name: str
     rules: tuple[Rule, ...]
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     description: str = ""
+    transforms: tuple[TransformStep, ...] = ()
+    kv_cache: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        object.__setattr__(self, "transforms", tuple(
+            t if isinstance(t, TransformStep) else TransformStep.from_dict(t) for t in self.transforms))
         if not self.rules:
             raise ValueError(f"Recipe {self.name!r} has no rules; add at least one Rule.")
+        kinds = [t.kind for t in self.transforms]
+        if kinds.count("quarot") + kinds.count("ostquant") > 1:
+            raise ValueError(f"Recipe {self.name!r}: at most one rotation step (quarot or ostquant), got {kinds}.")
         for pattern in self.keep_float:
             try:
                 re.compile(pattern)
@@ -116,18 +160,38 @@ class Recipe:
         used = {id(r) for r in self.assign(paths).values() if r is not None}
         return [r for r in self.rules if id(r) not in used]
 
+    @property
+    def online_rotations(self) -> tuple[str, ...]:
+        """The run-time Hadamards the recipe's rotation step switches on (``"down"``, ``"qk"``)."""
+        for t in self.transforms:
+            if t.kind in ("quarot", "ostquant"):
+                default = ("down", "qk") if t.kind == "quarot" else ("down",)
+                return tuple(dict(t.options).get("online", default))
+        return ()
+
+    @property
+    def pad(self) -> bool:
+        """Whether online rotations may zero-pad widths with no Hadamard construction."""
+        return any(bool(dict(t.options).get("pad", False)) for t in self.transforms)
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "keep_float": list(self.keep_float),
-                "rules": [r.to_dict() for r in self.rules]}
+        out = {"name": self.name, "description": self.description, "keep_float": list(self.keep_float),
+               "rules": [r.to_dict() for r in self.rules]}
+        if self.transforms:
+            out["transforms"] = [t.to_dict() for t in self.transforms]
+        if self.kv_cache is not None:
+            out["kv_cache"] = self.kv_cache
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        unknown = set(data) - {"name", "description", "keep_float", "rules"}
+        unknown = set(data) - {"name", "description", "keep_float", "rules", "transforms", "kv_cache"}
         if unknown:
-            raise ValueError(f"recipe has unknown keys {sorted(unknown)}; allowed: name, description, keep_float, rules.")
+            raise ValueError(f"recipe has unknown keys {sorted(unknown)}; allowed: name, description, keep_float, rules, "
+                             "transforms, kv_cache.")
         if "rules" not in data:
             raise ValueError("recipe needs a 'rules' list.")
         rules = []
@@ -138,6 +202,8 @@ class Recipe:
                 raise ValueError(f"recipe rule #{i} has unknown keys {sorted(bad)}; allowed: {sorted(fields)}.")
             rules.append(Rule(**r))
         kw = {"keep_float": tuple(data["keep_float"])} if "keep_float" in data else {}
+        kw["transforms"] = tuple(TransformStep.from_dict(t) for t in data.get("transforms", ()))
+        kw["kv_cache"] = data.get("kv_cache")
         return cls(name=data.get("name", "custom"), rules=tuple(rules), description=data.get("description", ""), **kw)
 
     @classmethod

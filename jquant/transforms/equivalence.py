@@ -93,7 +93,8 @@ def merge_weights(graphdef: nnx.GraphDef, weights: Weights, rest: nnx.State, lik
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-def _module(model: nnx.Module, path: str) -> nnx.Module:
+def module_at(model: nnx.Module, path: str) -> nnx.Module:
+    """The submodule of ``model`` at ``/``-joined ``path`` (``layers/3/mlp/down_proj``)."""
     node = model
     for part in path.split("/"):
         node = node[int(part)] if part.isdigit() else getattr(node, part)
@@ -278,14 +279,14 @@ def set_online_rotations(model: nnx.Module, layout: DecoderLayout, online: Onlin
     """Switch on the run-time halves of ``online`` in ``model`` (in place; the offline halves are :func:`fold`'s)."""
     for layer in layout.layers:
         if online.down:
-            down = _module(model, layer.mlp.down)
+            down = module_at(model, layer.mlp.down)
             if getattr(down, "input_rotation", None) is not None:
                 raise ValueError(f"{layer.mlp.down} already has an online rotation; apply it once.")
             if not hasattr(down, "input_rotation"):
                 raise ValueError(f"{layer.mlp.down}: this layer has no online-rotation site (input_rotation).")
             down.input_rotation = online_size(layer.mlp.hidden, online.pad, layer.mlp.down)
         if online.qk:
-            attn = _module(model, layer.attention.path)
+            attn = module_at(model, layer.attention.path)
             if not hasattr(attn, "qk_rotation"):
                 raise ValueError(f"{layer.attention.path}: this attention has no q/k online-rotation site.")
             if attn.qk_rotation:

@@ -96,6 +96,12 @@ class DecoderLayout:
         return tuple(g for layer in self.layers for g in (layer.attn_norm, layer.mlp_norm)) + (self.final_norm,)
 
     @property
+    def block_linears(self) -> tuple[str, ...]:
+        """Every linear inside the blocks (q/k/v, o, up/gate, down), in model order; not the head."""
+        return tuple(p for layer in self.layers for p in (*layer.attn_norm.consumers, layer.attention.o,
+                                                           *layer.mlp_norm.consumers, layer.mlp.down))
+
+    @property
     def residual_writers(self) -> tuple[str, ...]:
         """Linears whose outputs are added to the residual stream (o_proj, down_proj of each block)."""
         return tuple(p for layer in self.layers for p in (layer.attention.o, layer.mlp.down))
