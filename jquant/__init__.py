@@ -7,7 +7,7 @@ Public API::
     jq.size_report(qmodel).bits_per_parameter
 
 plus ``jquant.ops`` (the compute boundary), ``jquant.formats`` (QArray and
-formats), ``jquant.recipes``, ``jquant.calib``, ``jquant.generate`` /
+formats), ``jquant.recipes``, ``jquant.transforms`` (rotations, SmoothQuant, QuaRot, OSTQuant), ``jquant.calib``, ``jquant.generate`` /
 ``jquant.SamplingConfig`` and ``jquant.sharding``. The subpackages
 ``jquant.models``, ``jquant.data``, ``jquant.eval``, ``jquant.kv`` and
 ``jquant.train`` are imported on first attribute access (``jq.eval``).
@@ -20,6 +20,7 @@ from jquant import formats as formats
 from jquant import ops as ops
 from jquant import recipes as recipes
 from jquant import sharding as sharding
+from jquant import transforms as transforms
 from jquant.checkpoint import load as load
 from jquant.checkpoint import save as save
 from jquant.eval.size import size_report as size_report
@@ -30,7 +31,7 @@ from jquant.quantization import quantize as quantize
 __version__ = "0.1.0"
 _LAZY_SUBPACKAGES = ("data", "eval", "kv", "models", "train")
 __all__ = ["SamplingConfig", "calib", "formats", "generate", "load", "ops", "quantize", "recipes", "save", "sharding",
-           "size_report", *_LAZY_SUBPACKAGES]
+           "size_report", "transforms", *_LAZY_SUBPACKAGES]
 
 
 def __getattr__(name: str):

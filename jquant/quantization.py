@@ -36,7 +36,7 @@ from jquant.formats import Format, IntFormat, QArray, get_format
 from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule, get
 from jquant.sites import Site, find_sites
-from jquant.transforms.pipeline import check_recipe, run_transforms, set_kv_cache_format
+from jquant.transforms.pipeline import TransformLog, check_recipe, run_transforms, set_kv_cache_format
 from jquant.transforms.pipeline import needs_calibration as transforms_need_calibration
 
 
@@ -52,7 +52,8 @@ class SitePlan:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationReport:
-    """The recipe, ``sites`` as ``(path, description)`` pairs, sites left in floating point, and the time taken.
+    """The recipe, ``sites`` as ``(path, description)`` pairs, sites left in floating point, the time taken and
+    the logs of the recipe's transform steps (``TransformLog``: time, OSTQuant losses).
 
     Immutable and hashable: it is stored as a static attribute of the quantized model.
     """
@@ -61,6 +62,7 @@ class QuantizationReport:
     sites: tuple[tuple[str, str], ...]
     unquantized: tuple[str, ...]
     seconds: float
+    transforms: tuple[TransformLog, ...] = ()
 
     def site(self, path: str) -> str:
         """How site ``path`` was quantized (``"float"`` if it was not)."""
@@ -167,8 +169,9 @@ def quantize(
     needs_calib = any(_needs_calibration(p) for p in by_path.values())
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     tokens = _check_calibration(calib, vocab) if needs_calib or transforms_need_calibration(recipe) else None
+    transform_logs = ()
     if recipe.transforms:
-        qmodel = run_transforms(qmodel, recipe, tokens, progress=progress)
+        qmodel, transform_logs = run_transforms(qmodel, recipe, tokens, progress=progress)
         by_path = {p.site.path: p for p in plan(qmodel, recipe)}
     done: set[str] = set()
 
@@ -220,6 +223,7 @@ def quantize(
         sites=tuple((p.site.path, describe(p)) for p in by_path.values()),
         unquantized=tuple(s.path for s in find_sites(qmodel) if s.path not in by_path),
         seconds=time.perf_counter() - t0,
+        transforms=transform_logs,
     )
     return qmodel
 

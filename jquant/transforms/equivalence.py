@@ -291,6 +291,9 @@ def set_online_rotations(model: nnx.Module, layout: DecoderLayout, online: Onlin
                 raise ValueError(f"{layer.attention.path}: this attention has no q/k online-rotation site.")
             if attn.qk_rotation:
                 raise ValueError(f"{layer.attention.path} already rotates queries and keys online; apply it once.")
+            if not supported_size(layer.attention.head_dim):
+                raise ValueError(f"{layer.attention.path}: head_dim {layer.attention.head_dim} has no Hadamard "
+                                 "construction, so queries and keys cannot be rotated online; leave 'qk' off.")
             attn.qk_rotation = True
 
 
@@ -305,6 +308,10 @@ def apply_transforms(model: nnx.Module, params: Params, *, online: OnlineRotatio
     online = OnlineRotations.parse(online, pad=pad)
     layout = _checked_layout(model, "apply_transforms")
     check_params(params, layout)
+    for layer, p in zip(layout.layers, params.get("layers") or ()):
+        if p.get("ud_scale") is not None and getattr(module_at(model, layer.mlp.down), "input_rotation", None):
+            raise ValueError(f"{layer.mlp.down} already has an online Hadamard on its input, so 'ud_scale' cannot be "
+                             "folded into it; apply scalings together with (or before) the online rotation.")
     folded = fold_norms(model)
     set_online_rotations(folded, layout, online)
     graphdef, w, rest = split_weights(folded)

@@ -10,6 +10,7 @@ before its weights are restored.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -86,18 +87,34 @@ def _ostquant_config(step: TransformStep, recipe: Recipe, layout: DecoderLayout)
     return OSTQuantConfig(**{"activation": activation, "kv": recipe.kv_cache, "weight": weight, **options})
 
 
-def run_transforms(model: nnx.Module, recipe: Recipe, tokens: np.ndarray | None, *, progress: bool = True) -> nnx.Module:
-    """``model`` after the recipe's transform steps, in order (each step returns a new model)."""
+@dataclasses.dataclass(frozen=True)
+class TransformLog:
+    """What one transform step did: its ``kind``, wall ``seconds`` and (OSTQuant) the per-step training ``losses``."""
+
+    kind: str
+    seconds: float
+    losses: tuple[float, ...] = ()
+
+
+def run_transforms(model: nnx.Module, recipe: Recipe, tokens: np.ndarray | None, *,
+                   progress: bool = True) -> tuple[nnx.Module, tuple[TransformLog, ...]]:
+    """``model`` after the recipe's transform steps, in order (each step returns a new model), and their logs."""
+    logs = []
     for step in recipe.transforms:
+        t0 = time.perf_counter()
         options = dict(step.options)
         key = jax.random.key(int(options.pop("seed", 0)))
+        losses: tuple[float, ...] = ()
         if step.kind == "smoothquant":
             model = smoothquant(model, tokens, **options)
         elif step.kind == "quarot":
             model = quarot(model, key, **options)
         else:
-            model, _ = ostquant(model, tokens, key, _ostquant_config(step, recipe, layout_of(model)), progress=progress)
-    return model
+            model, result = ostquant(model, tokens, key, _ostquant_config(step, recipe, layout_of(model)),
+                                     progress=progress)
+            losses = result.losses
+        logs.append(TransformLog(step.kind, time.perf_counter() - t0, losses))
+    return model, tuple(logs)
 
 
 def set_kv_cache_format(model: nnx.Module, fmt: Format | str | None) -> None:

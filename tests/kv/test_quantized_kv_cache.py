@@ -1,0 +1,245 @@
+"""The quantized KV cache: storage, exact writes, and cached decoding equal to the un-cached KV-quantized forward.
+
+A layer with ``kv_format`` quantizes keys (after RoPE and the optional q/k rotation) and values per
+token and head in the un-cached forward; ``model.init_cache`` then stores that format, and a cached
+prefill/decode must give the same logits. References are computed directly with ``jquant.formats``
+on fresh random inputs.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jquant
+from jquant.formats import QArray, dequantize, get_format, quantize
+from jquant.kv import KVCache, LayerKVCache, init_cache
+from jquant.models import llama
+
+VOCAB = 97
+CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                        num_kv_heads=2)
+HEAD_DIM = CFG.head_dim  # 16
+SEQ = 12
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def _random_model(seed, cfg=CFG):
+    """Every parameter random (kernels ~ N(0, 1/in), embeddings ~ N(0, 1), gains exp(0.3 N)) so attention is peaked."""
+    abstract = llama.abstract_model(cfg)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    rng = np.random.default_rng(seed)
+    flat = []
+    for path, var in nnx.to_flat_state(params):
+        shape, leaf = var.shape, str(path[-1])
+        if leaf == "kernel":
+            a = 2.0 * rng.standard_normal(shape) / np.sqrt(shape[0])
+        elif leaf == "weight":
+            a = np.exp(0.3 * rng.standard_normal(shape))
+        else:
+            a = rng.standard_normal(shape)
+        flat.append((path, var.replace(jnp.asarray(a, var.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _with_kv(model, fmt, *, qk_rotation=False):
+    """A copy of ``model`` whose every attention layer quantizes keys/values with ``fmt`` (None: float)."""
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)
+    for layer in out.layers:
+        layer.self_attn.kv_format = None if fmt is None else get_format(fmt)
+        layer.self_attn.qk_rotation = qk_rotation
+    return out
+
+
+# the test's own compiled forwards skip LLVM's optimisation passes: compiling dominates these tiny models on CPU
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _forward(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _step(graphdef, state, tokens, cache):
+    return nnx.merge(graphdef, state).step(tokens, cache)
+
+
+def _logits(model, tokens):
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, tokens)
+
+
+def _cached_logits(model, tokens, chunks, capacity=SEQ + 4):
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(tokens.shape[0], capacity)
+    out, start = [], 0
+    for n in chunks:
+        logits, cache = _step(graphdef, state, tokens[:, start:start + n], cache)
+        out.append(logits)
+        start += n
+    assert start == tokens.shape[1] and int(cache.length) == start
+    return jnp.concatenate(out, axis=1), cache
+
+
+def _tokens(seed, batch=2, length=SEQ):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, size=(batch, length)), jnp.int32)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _nbytes(tree):
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _random_model(0)
+
+
+# ---- 1: storage --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, bits", [("int4-asym", 4), ("int8-asym", 8)])
+def test_quantized_cache_storage_and_size(name, bits):
+    kw = dict(num_layers=2, batch=3, capacity=10, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32)
+    cache = init_cache(**kw, kv_formats=name)
+    dense = init_cache(**kw)
+    assert isinstance(cache, KVCache) and int(cache.length) == 0 and cache.capacity == 10
+    for layer in cache.layers:
+        assert layer.kv_format == get_format(name)
+        for slot in (layer.k, layer.v):
+            assert isinstance(slot, QArray)
+            assert slot.shape == (3, 10, 2, HEAD_DIM) and slot.axis == 3
+            assert slot.codes.dtype == jnp.uint8
+            assert slot.codes.shape == (3, 10, 2, HEAD_DIM * bits // 8)  # packed along the head dim
+            assert slot.scales.shape == slot.zeros.shape == (3, 10, 2, 1)  # one per token and head
+    for layer in dense.layers:
+        assert layer.kv_format is None and layer.k.dtype == jnp.float32 and layer.k.shape == (3, 10, 2, HEAD_DIM)
+    quantized_bytes, dense_bytes = _nbytes(cache.layers), _nbytes(dense.layers)
+    assert quantized_bytes == sum(s.nbytes for layer in cache.layers for s in (layer.k, layer.v))
+    assert dense_bytes == 2 * 2 * 3 * 10 * 2 * HEAD_DIM * 4
+    assert quantized_bytes < dense_bytes * (bits + 2) / 32  # codes plus at most 2 bits/element of scales, zeros
+
+
+def test_per_layer_formats():
+    kw = dict(num_layers=2, batch=1, capacity=4, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32)
+    cache = init_cache(**kw, kv_formats=(None, get_format("int4-asym")))
+    assert cache.layers[0].kv_format is None and not isinstance(cache.layers[0].k, QArray)
+    assert cache.layers[1].kv_format == get_format("int4-asym")
+    with pytest.raises(ValueError, match="3 entries for 2 layers"):
+        init_cache(**kw, kv_formats=("int4-asym",) * 3)
+
+
+# ---- 2: LayerKVCache.update -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["int4-asym", "int8-asym"])
+def test_update_writes_dequantize_of_quantize(name):
+    fmt = get_format(name)
+    rng = np.random.default_rng(1)
+    layer = init_cache(num_layers=1, batch=2, capacity=10, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32,
+                       kv_formats=name).layers[0]
+    empty_k = np.asarray(dequantize(layer.k))
+
+    def rand(t):
+        return jnp.asarray(rng.standard_normal((2, t, 2, HEAD_DIM)) * rng.uniform(0.1, 3.0, (2, t, 2, 1)), jnp.float32)
+
+    k0, v0, k1, v1 = rand(4), rand(4), rand(3), rand(3)
+    first, k_all0, v_all0 = layer.update(k0, v0, jnp.asarray(0, jnp.int32))
+    second, k_all1, v_all1 = jax.jit(LayerKVCache.update)(first, k1, v1, jnp.asarray(4, jnp.int32))
+    assert isinstance(second, LayerKVCache) and second.kv_format == fmt
+    for new0, new1, all0, all1 in ((k0, k1, k_all0, k_all1), (v0, v1, v_all0, v_all1)):
+        ref0 = np.asarray(dequantize(quantize(new0, fmt, axis=3)))
+        ref1 = np.asarray(dequantize(quantize(new1, fmt, axis=3)))
+        all0, all1 = np.asarray(all0), np.asarray(all1)
+        assert all1.shape == (2, 10, 2, HEAD_DIM) and all1.dtype == np.float32
+        np.testing.assert_array_equal(all0[:, :4], ref0)
+        np.testing.assert_array_equal(all1[:, 4:7], ref1)  # the written slots: exactly dequantize(quantize(.))
+        np.testing.assert_array_equal(all1[:, :4], ref0)  # earlier slots kept
+        np.testing.assert_array_equal(all1[:, 7:], empty_k[:, 7:])  # later slots untouched
+        assert not np.array_equal(ref1, np.asarray(new1))  # quantization really happened
+    # the stored children of the other slots are bit-identical
+    for before, after in ((first.k, second.k), (first.v, second.v)):
+        for name_ in ("codes", "scales", "zeros"):
+            b, a = np.asarray(getattr(before, name_)), np.asarray(getattr(after, name_))
+            np.testing.assert_array_equal(a[:, :4], b[:, :4])
+            np.testing.assert_array_equal(a[:, 7:], b[:, 7:])
+        np.testing.assert_array_equal(np.asarray(after.codes[:, 4:7]), np.asarray(quantize(
+            k1 if before is first.k else v1, fmt, axis=3).codes))
+
+
+# ---- 3: model-level: cached decoding equals the un-cached KV-quantized forward ---------------------------
+@pytest.mark.parametrize("name, qk_rotation", [("int4-asym", False), ("int8-asym", False), ("int4-asym", True)])
+def test_cached_decoding_matches_prefill(model, name, qk_rotation):
+    tokens = _tokens(2)
+    quantized = _with_kv(model, name, qk_rotation=qk_rotation)
+    assert all(layer.self_attn.kv_format == get_format(name) for layer in quantized.layers)
+    assert all(layer.self_attn.kv_format is None for layer in model.layers)  # the copy is separate
+    ref = _logits(quantized, tokens)
+    float_ref = _logits(_with_kv(model, None, qk_rotation=qk_rotation), tokens)
+
+    one, cache = _cached_logits(quantized, tokens, (SEQ,))
+    assert all(isinstance(layer.k, QArray) and layer.kv_format == get_format(name) for layer in cache.layers)
+    results = [one, _cached_logits(quantized, tokens, (1,) * SEQ)[0]]  # token by token from the first one
+    if name == "int4-asym" and not qk_rotation:  # (other chunkings compile more shapes; once is enough)
+        results.append(_cached_logits(quantized, tokens, (4, 4, 4))[0])
+        results.append(_cached_logits(quantized, tokens, (4,) + (1,) * (SEQ - 4))[0])  # prefill, then decode
+    for got in results:
+        assert _rel(got, ref) < 1e-5
+    # KV quantization changes the function (more so at 4 bits than at 8)
+    error = _rel(ref, float_ref)
+    assert error > (3e-2 if name == "int4-asym" else 2e-3), error
+
+
+def test_qk_rotation_alone_is_exact(model):
+    """With float keys the online q/k Hadamard leaves the logits unchanged (q kᵀ is invariant)."""
+    tokens = _tokens(3)
+    assert _rel(_logits(_with_kv(model, None, qk_rotation=True), tokens), _logits(model, tokens)) < 1e-5
+
+
+# ---- 4, 5: errors ---------------------------------------------------------------------------------------
+def test_cache_format_must_follow_the_layers(model):
+    tokens = _tokens(4, batch=1, length=3)
+    quantized = _with_kv(model, "int4-asym")
+    with pytest.raises(ValueError, match=r"float.*int4-asym.*init_cache"):
+        quantized.step(tokens, model.init_cache(1, 8))  # dense cache, quantizing layers
+    with pytest.raises(ValueError, match=r"int4-asym.*float.*init_cache"):
+        model.step(tokens, quantized.init_cache(1, 8))  # quantized cache, float layers
+    with pytest.raises(ValueError, match=r"int8-asym.*int4-asym.*init_cache"):
+        quantized.step(tokens, _with_kv(model, "int8-asym").init_cache(1, 8))
+
+
+def test_group_size_must_divide_head_dim(model):
+    kw = dict(num_layers=2, batch=1, capacity=4, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"layer 0 .*int4-g64-asym.*head_dim=16"):
+        init_cache(**kw, kv_formats="int4-g64-asym")
+    with pytest.raises(ValueError, match=r"layer 1 .*int4-g64-asym.*head_dim=16"):
+        init_cache(**kw, kv_formats=("int4-asym", "int4-g64-asym"))
+    init_cache(**kw, kv_formats="int4-g8-asym")  # a group that divides 16 is fine
+    mixed = _with_kv(model, "int8-asym")
+    mixed.layers[1].self_attn.kv_format = get_format("int4-g64-asym")
+    with pytest.raises(ValueError, match=r"layer 1 .*int4-g64-asym"):
+        mixed.init_cache(1, 8)
+
+
+# ---- 6: generation -------------------------------------------------------------------------------------
+def test_generate_with_quantized_kv_matches_full_recompute(model):
+    quantized = _with_kv(model, "int4-asym", qk_rotation=True)
+    prompt = _tokens(5, batch=2, length=5)
+    new = 6
+    out = jquant.generate(quantized, prompt, new)
+    assert out.shape == (2, 5 + new)
+    np.testing.assert_array_equal(out[:, :5], np.asarray(prompt))
+
+    # manual greedy loop of full forwards; a fixed-length buffer keeps one compiled shape: the model is causal
+    # and keys/values are quantized per token, so positions past the current one change nothing before it
+    seq = np.zeros((2, 5 + new), np.int32)
+    seq[:, :5] = np.asarray(prompt)
+    for t in range(5, 5 + new):
+        logits = np.asarray(_logits(quantized, jnp.asarray(seq)))
+        seq[:, t] = np.argmax(logits[:, t - 1], axis=-1)
+    np.testing.assert_array_equal(out, seq)
