@@ -18,6 +18,8 @@ EPILOG = """examples:
   jquant list recipes
   jquant quantize --model jq-llama-tiny --recipe gptq-w4g64 --out runs/tiny-w4
   jquant eval --model runs/tiny-w4
+  jquant quantize --model jq-llama-tiny --recipe quarot-w4a4kv4
+  jquant qsur --model jq-llama-tiny --recipe quarot-w4a4kv4
   jquant eval --model jq-llama-tiny
   jquant eval --model path/to/hf_checkpoint --tasks ppl --max-windows 50 --json
   jquant generate --model jq-llama-tiny --prompt "To be, or not to be" --max-new-tokens 40
@@ -52,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--seed", type=int, default=0, help="PRNG seed for picking calibration windows")
     qz.add_argument("--no-eval", action="store_true", help="only quantize (and save); skip the comparison table")
     _add_eval_options(qz)
+
+    qs = sub.add_parser("qsur", help="per-layer QSUR of the activations entering each linear, before and after a "
+                        "recipe's equivalence transforms")
+    qs.add_argument("--model", default="jq-llama-tiny", help="bundled model name or Hugging Face folder (default: %(default)s)")
+    qs.add_argument("--recipe", required=True, help="a recipe with transform steps, e.g. quarot-w4a4kv4")
+    qs.add_argument("--calib-samples", type=int, default=32, help="calibration windows from the train split (default: %(default)s)")
+    qs.add_argument("--calib-seq-len", type=int, default=256)
+    qs.add_argument("--seed", type=int, default=0)
+    qs.add_argument("--json", action="store_true")
 
     gen = sub.add_parser("generate", help="continue a prompt")
     gen.add_argument("--model", default="jq-llama-tiny", help="bundled model name or checkpoint folder (default: %(default)s)")
@@ -116,11 +127,12 @@ def _cmd_list(args, console: Console) -> dict:
         data = {r.name: r.to_dict() for r in list_recipes()}
         if not args.json:
             table = Table(title="built-in recipes (embeddings and lm_head stay float)")
-            for col in ("name", "weights", "activations", "algorithm", "description"):
+            for col in ("name", "transforms", "weights", "activations", "KV", "algorithm", "description"):
                 table.add_column(col)
             for r in list_recipes():
                 rule = r.rules[0]
-                table.add_row(r.name, rule.weight or "-", rule.activation or "-", rule.algorithm, r.description)
+                table.add_row(r.name, ",".join(t.kind for t in r.transforms) or "-", rule.weight or "-",
+                              rule.activation or "-", r.kv_cache or "-", rule.algorithm, r.description)
             console.print(table)
         return data
     if args.what == "formats":
@@ -242,6 +254,41 @@ def _cmd_quantize(args, console: Console) -> dict:
     return result
 
 
+def _cmd_qsur(args, console: Console) -> dict:
+    import jax
+
+    from jquant.data import load_split, load_tokenizer, random_windows
+    from jquant.models import load
+    from jquant.recipes import Recipe, get
+    from jquant.transforms import qsur_report
+    from jquant.transforms.pipeline import check_recipe, run_transforms
+
+    recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
+    if not recipe.transforms:
+        raise ValueError(f"recipe {recipe.name!r} has no transform steps; pick e.g. smoothquant-w8a8 or quarot-w4a4kv4.")
+    loaded = load(args.model)
+    check_recipe(loaded.model, recipe)
+    tokenizer = loaded.tokenizer or load_tokenizer()
+    calib = random_windows(load_split("train"), tokenizer, args.calib_samples, args.calib_seq_len, jax.random.key(args.seed))
+    before = qsur_report(loaded.model, calib)
+    transformed, _ = run_transforms(loaded.model, recipe, calib, progress=not args.json)
+    after = qsur_report(transformed, calib)
+    rows = [{"layer": b["layer"], **{f"{k} before": b[k] for k in b if k != "layer"},
+             **{f"{k} after": a[k] for k in a if k != "layer"}} for b, a in zip(before.rows(), after.rows())]
+    if not args.json:
+        table = Table(title=f"QSUR^(1/d) of {args.model}: float vs after {', '.join(t.kind for t in recipe.transforms)}")
+        table.add_column("layer")
+        kinds = [k for k in before.rows()[0] if k != "layer"]
+        for k in kinds:
+            table.add_column(k, justify="right")
+        for b, a in zip(before.rows(), after.rows()):
+            table.add_row(str(b["layer"]), *(f"{b[k]:.4f} -> {a[k]:.4f}" for k in kinds))
+        table.add_row("mean", *(f"{before.mean(k):.4f} -> {after.mean(k):.4f}" for k in kinds))
+        console.print(table)
+    return {"model": args.model, "recipe": recipe.name, "layers": rows, "mean_before": before.mean(),
+            "mean_after": after.mean()}
+
+
 def _cmd_generate(args, console: Console) -> dict:
     import jax
     import numpy as np
@@ -314,7 +361,8 @@ def _cmd_bench(args, console: Console) -> dict:
     return result
 
 
-COMMANDS = {"bench": _cmd_bench, "list": _cmd_list, "eval": _cmd_eval, "quantize": _cmd_quantize, "generate": _cmd_generate, "train": _cmd_train}
+COMMANDS = {"bench": _cmd_bench, "list": _cmd_list, "eval": _cmd_eval, "quantize": _cmd_quantize, "qsur": _cmd_qsur,
+            "generate": _cmd_generate, "train": _cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

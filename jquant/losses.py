@@ -30,9 +30,9 @@ def _log_probs(student_logits: jax.Array, teacher_logits: jax.Array) -> tuple[ja
 
 
 def _kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-    """Element-wise ``p (log p − log q)``, with 0 where ``p = 0``. Shapes: ``[..., K]`` -> ``[..., K]``."""
+    """Element-wise ``p (log p − log q)``, with 0 where ``p = 0`` (NaN stays NaN). Shapes: ``[..., K]`` -> ``[..., K]``."""
     p = jnp.exp(log_p)
-    return jnp.where(p > 0, p * (log_p - log_q), 0.0)
+    return jnp.where(p == 0, 0.0, p * (log_p - log_q))
 
 
 def _masked_mean(per_position: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -130,7 +130,8 @@ def _format(name: str, overrides: dict, path: str) -> Format:
 def _check_calibration(calib, vocab_size: int | None) -> np.ndarray:
     if calib is None:
         raise ValueError(
-            "this recipe uses GPTQ or static activations, which need calibration data: pass calib=tokens [N, T], e.g. "
+            "this recipe uses GPTQ, static activations or a calibrated transform (SmoothQuant, OSTQuant), which need "
+            "calibration data: pass calib=tokens [N, T], e.g. "
             "jquant.data.random_windows(jquant.data.load_split('train'), tokenizer, n=128, seq_len=512, key=key)."
         )
     tokens = np.asarray(calib)

@@ -246,7 +246,9 @@ class IntFormat(Format):
             s = jnp.maximum((hi - lo) / self.qmax, tiny)
             z = round_ste(-lo / s)
         s, z = B.expand(s, axis, n), B.expand(z, axis, n)
-        return (jnp.clip(round_ste(x / s) + z, self.qmin, self.qmax) - z) * s
+        v = round_ste(x / s) + z
+        v = jnp.where(v < self.qmin, self.qmin, jnp.where(v > self.qmax, self.qmax, v))  # gradient 1 on [qmin, qmax]
+        return (v - z) * s
 
     def _store_codes(self, q: jax.Array, axis: int) -> jax.Array:
         if self.bits == 8:

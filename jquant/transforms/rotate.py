@@ -18,45 +18,44 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jquant.transforms.equivalence import OnlineRotations, apply_transforms
-from jquant.transforms.hadamard import hadamard_matrix, pad_to_hadamard_size, random_hadamard, random_orthogonal, supported_size
+from jquant.transforms.hadamard import hadamard_numpy, pad_to_hadamard_size, supported_size
 from jquant.transforms.layout import DecoderLayout, layout_of
 
 Rotation = Literal["hadamard", "orthogonal"]
 
 
-def _rotation(n: int, key: jax.Array, kind: Rotation, where: str) -> jax.Array:
+def _orthogonal(n: int, key: jax.Array) -> np.ndarray:
+    """Haar-random orthogonal ``[n, n]`` in float64 (QR of a Gaussian, column signs fixed by ``diag R``)."""
+    q, r = np.linalg.qr(np.asarray(jax.random.normal(key, (n, n)), np.float64))
+    return q * np.where(np.diagonal(r) >= 0, 1.0, -1.0)[None, :]
+
+
+def _rotation(n: int, key: jax.Array, kind: Rotation, where: str, *, signs: bool = True) -> np.ndarray:
+    """A float64 rotation of order ``n``: (random-sign) Hadamard or Haar-random orthogonal."""
     if kind == "orthogonal":
-        return random_orthogonal(n, key)
+        return _orthogonal(n, key)
     if kind != "hadamard":
         raise ValueError(f"rotation must be 'hadamard' or 'orthogonal', got {kind!r}.")
     if not supported_size(n):
         raise ValueError(f"{where}: width {n} has no Hadamard construction (the next supported size is "
                          f"{pad_to_hadamard_size(n)}, which would change the width); use rotation='orthogonal'.")
-    return random_hadamard(n, key)
+    h = hadamard_numpy(n)
+    return np.asarray(jax.random.rademacher(key, (n,)), np.float64)[:, None] * h if signs else h
 
 
 def quarot_params(layout: DecoderLayout, key: jax.Array, *, rotation: Rotation = "hadamard") -> dict:
-    """The QuaRot transform pytree: random-Hadamard ``residual`` and per-KV-head Hadamard ``ov``."""
-    k_res, _ = jax.random.split(key)
+    """The QuaRot transform pytree in float64 numpy: random-Hadamard ``residual``, per-KV-head Hadamard ``ov``."""
+    k_res, k_ov = jax.random.split(key)
     params = {"residual": _rotation(layout.hidden_size, k_res, rotation, "residual stream"), "layers": []}
-    for layer in layout.layers:
+    for i, layer in enumerate(layout.layers):
         a = layer.attention
-        if rotation == "hadamard":
-            head = hadamard_matrix(_checked(a.head_dim, a.path))
-        else:
-            head = random_orthogonal(a.head_dim, jax.random.fold_in(key, len(params["layers"]) + 1))
-        params["layers"].append({"ov": jnp.broadcast_to(head, (a.num_kv_heads, a.head_dim, a.head_dim))})
+        head = _rotation(a.head_dim, jax.random.fold_in(k_ov, i), rotation, f"{a.path} head_dim", signs=False)
+        params["layers"].append({"ov": np.broadcast_to(head, (a.num_kv_heads, a.head_dim, a.head_dim)).copy()})
     return params
-
-
-def _checked(n: int, where: str) -> int:
-    if not supported_size(n):
-        raise ValueError(f"{where}: head_dim {n} has no Hadamard construction; use rotation='orthogonal'.")
-    return n
 
 
 def quarot(model: nnx.Module, key: jax.Array, *, online: OnlineRotations | tuple[str, ...] = ("down", "qk"),
