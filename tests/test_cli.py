@@ -59,7 +59,7 @@ def test_unknown_model_exits_2_with_a_message(capsys):
     assert "unknown model 'no-such-model'" in err
 
 
-@pytest.mark.parametrize("command", ["list", "eval", "generate", "train", "bench"])
+@pytest.mark.parametrize("command", ["list", "eval", "generate", "train", "bench", "qsur", "quantize"])
 def test_help_works(command):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
@@ -97,3 +97,21 @@ def test_bench_refuses_cpu_without_flag_and_runs_tiny_with_it(capsys, tmp_path):
     paths = {(r["path"], r["m"]) for r in result["rows"]}
     assert paths == {("bf16", 1), ("xla", 1), ("pallas", 1)}
     assert (tmp_path / "kernels_cpu.md").exists()
+
+
+def test_qsur_reports_every_layer_before_and_after_and_matches_the_library(capsys, default):
+    from jquant.data import random_windows
+    from jquant.transforms import qsur_report, quarot
+
+    code, data, _ = _run(capsys, "qsur", "--model", DEFAULT_MODEL, "--recipe", "quarot-w4a16", "--calib-samples", "6",
+                         "--calib-seq-len", "128", "--json")
+    assert code == 0
+    calib = random_windows(load_split("train"), default.tokenizer, 6, 128, jax.random.key(0))
+    before, after = qsur_report(default.model, calib), qsur_report(quarot(default.model, jax.random.key(0),
+                                                                           online=("down",)), calib)
+    assert len(data["layers"]) == default.model.config.num_layers
+    np.testing.assert_allclose(data["mean_before"], before.mean(), rtol=1e-6)
+    np.testing.assert_allclose(data["mean_after"], after.mean(), rtol=1e-6)
+    assert data["layers"][0]["qkv before"] == pytest.approx(before.rows()[0]["qkv"], rel=1e-6)
+    code, _, err = _run(capsys, "qsur", "--model", DEFAULT_MODEL, "--recipe", "gptq-w4g64")
+    assert code == 2 and "no transform steps" in err
