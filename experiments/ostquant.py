@@ -50,6 +50,18 @@ PAPER = """Paper (spec §4, Table 2; 9-task zero-shot average ↑ / WikiText2 PP
 """
 
 
+READING = """Reading the tables (scale matters): the bundled models are 3-10 M-parameter models trained on
+2.8 M tokens, and their activations have far milder outliers than LLaMA's, so RTN at W4A4KV4 degrades
+perplexity by a few percent instead of collapsing. OSTQuant here trains for 60-100 steps on batches of
+4 x 256 tokens, about 1/50 of the paper's 150 x 8 x 2048 tokens, on 2 CPU cores, and its KL-Top curves
+(plot) are nearly flat at the code's learning rates: most of what OSTQuant adds over QuaRot here comes from
+its initialisation (WOMI for the activation-quantized settings) and its scalings, not from a long descent.
+Perplexity differences below ~0.1 are within the spread of the calibration draw. The paper's ordering
+(OSTQuant ahead of QuaRot at W4A4KV4) shows on jq-llama-tiny and does not on jq-llama-small, where QuaRot
+is 0.09 ahead.
+"""
+
+
 def evaluate(model, tokenizer, windows, qsur_tokens, n_items: int) -> dict:
     zs = zero_shot(model, tokenizer, TASKS, n_items=n_items, progress=False)
     return {"ppl": perplexity(model, windows, batch_size=16, progress=False).ppl,
@@ -97,6 +109,21 @@ def _table(data: dict) -> list[str]:
     return lines
 
 
+def _summary(data: dict) -> list[str]:
+    """Computed observations per setting: best method, OSTQuant vs QuaRot, QSUR ordering, training cost."""
+    rows = {(r["setting"], r["method"]): r for r in data["rows"]}
+    fp = rows[("w16a16", "float")]
+    lines = ["| setting | best ppl (method) | OSTQuant − QuaRot ppl | OSTQuant − RTN ppl | QSUR float < QuaRot < OSTQuant |",
+             "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        best = min(METHODS, key=lambda m: rows[(s, m)]["ppl"])
+        q, o, r = rows[(s, "quarot")], rows[(s, "ostquant")], rows[(s, "rtn")]
+        order = "yes" if fp["qsur"] < q["qsur"] < o["qsur"] else "no"
+        lines.append(f"| {s} | {rows[(s, best)]['ppl']:.2f} ({best}) | {o['ppl'] - q['ppl']:+.2f} | "
+                     f"{o['ppl'] - r['ppl']:+.2f} | {order} |")
+    return lines
+
+
 def report() -> None:
     runs = [json.loads((RESULTS / f"ostquant-{m}.json").read_text()) for m in MODELS
             if (RESULTS / f"ostquant-{m}.json").is_file()]
@@ -112,8 +139,8 @@ def report() -> None:
                   f"OSTQuant: {data['steps']} steps, batch {data['batch']} x 256 tokens, from {data['calib']} "
                   f"calibration windows; perplexity over {data['windows']} validation windows, {data['items']} "
                   f"zero-shot items per task. Reproduce: `{data['command']}`.", ""]
-        lines += _table(data) + [""]
-    lines += [PAPER, "![OSTQuant loss curves and perplexity](ostquant.png)", ""]
+        lines += _table(data) + ["", "Computed from the table:", ""] + _summary(data) + [""]
+    lines += [READING, PAPER, "![OSTQuant loss curves and perplexity](ostquant.png)", ""]
     (RESULTS / "ostquant.md").write_text("\n".join(lines) + "\n")
     _plot(runs)
 
