@@ -56,9 +56,8 @@ perplexity by a few percent instead of collapsing. OSTQuant here trains for 60-1
 4 x 256 tokens, about 1/50 of the paper's 150 x 8 x 2048 tokens, on 2 CPU cores, and its KL-Top curves
 (plot) are nearly flat at the code's learning rates: most of what OSTQuant adds over QuaRot here comes from
 its initialisation (WOMI for the activation-quantized settings) and its scalings, not from a long descent.
-Perplexity differences below ~0.1 are within the spread of the calibration draw. The paper's ordering
-(OSTQuant ahead of QuaRot at W4A4KV4) shows on jq-llama-tiny and does not on jq-llama-small, where QuaRot
-is 0.09 ahead.
+Perplexity differences below ~0.1 are within the spread of the calibration draw. Compare the computed
+"OSTQuant − QuaRot" column with the paper's ordering below (OSTQuant ahead of QuaRot at W4A4KV4).
 """
 
 
