@@ -6,7 +6,6 @@ prefill/decode must give the same logits. References are computed directly with 
 on fresh random inputs.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import jquant
 from jquant.formats import QArray, dequantize, get_format, quantize
 from jquant.kv import KVCache, LayerKVCache, init_cache
 from jquant.models import llama
+from jquant.testing.tiny_models import fast_cached_logits, fast_logits
 
 VOCAB = 97
 CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -53,37 +53,6 @@ def _with_kv(model, fmt, *, qk_rotation=False):
         layer.self_attn.kv_format = None if fmt is None else get_format(fmt)
         layer.self_attn.qk_rotation = qk_rotation
     return out
-
-
-# the test's own compiled forwards skip LLVM's optimisation passes: compiling dominates these tiny models on CPU
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
-
-
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _step(graphdef, state, tokens, cache):
-    return nnx.merge(graphdef, state).step(tokens, cache)
-
-
-def _logits(model, tokens):
-    graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, tokens)
-
-
-def _cached_logits(model, tokens, chunks, capacity=SEQ + 4):
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(tokens.shape[0], capacity)
-    out, start = [], 0
-    for n in chunks:
-        logits, cache = _step(graphdef, state, tokens[:, start:start + n], cache)
-        out.append(logits)
-        start += n
-    assert start == tokens.shape[1] and int(cache.length) == start
-    return jnp.concatenate(out, axis=1), cache
 
 
 def _tokens(seed, batch=2, length=SEQ):
@@ -179,15 +148,15 @@ def test_cached_decoding_matches_prefill(model, name, qk_rotation):
     quantized = _with_kv(model, name, qk_rotation=qk_rotation)
     assert all(layer.self_attn.kv_format == get_format(name) for layer in quantized.layers)
     assert all(layer.self_attn.kv_format is None for layer in model.layers)  # the copy is separate
-    ref = _logits(quantized, tokens)
-    float_ref = _logits(_with_kv(model, None, qk_rotation=qk_rotation), tokens)
+    ref = fast_logits(quantized, tokens)
+    float_ref = fast_logits(_with_kv(model, None, qk_rotation=qk_rotation), tokens)
 
-    one, cache = _cached_logits(quantized, tokens, (SEQ,))
+    one, cache = fast_cached_logits(quantized, tokens, (SEQ,))
     assert all(isinstance(layer.k, QArray) and layer.kv_format == get_format(name) for layer in cache.layers)
-    results = [one, _cached_logits(quantized, tokens, (1,) * SEQ)[0]]  # token by token from the first one
+    results = [one, fast_cached_logits(quantized, tokens, (1,) * SEQ)[0]]  # token by token from the first one
     if name == "int4-asym" and not qk_rotation:  # (other chunkings compile more shapes; once is enough)
-        results.append(_cached_logits(quantized, tokens, (4, 4, 4))[0])
-        results.append(_cached_logits(quantized, tokens, (4,) + (1,) * (SEQ - 4))[0])  # prefill, then decode
+        results.append(fast_cached_logits(quantized, tokens, (4, 4, 4))[0])
+        results.append(fast_cached_logits(quantized, tokens, (4,) + (1,) * (SEQ - 4))[0])  # prefill, then decode
     for got in results:
         assert _rel(got, ref) < 1e-5
     # KV quantization changes the function (more so at 4 bits than at 8)
@@ -198,7 +167,7 @@ def test_cached_decoding_matches_prefill(model, name, qk_rotation):
 def test_qk_rotation_alone_is_exact(model):
     """With float keys the online q/k Hadamard leaves the logits unchanged (q kᵀ is invariant)."""
     tokens = _tokens(3)
-    assert _rel(_logits(_with_kv(model, None, qk_rotation=True), tokens), _logits(model, tokens)) < 1e-5
+    assert _rel(fast_logits(_with_kv(model, None, qk_rotation=True), tokens), fast_logits(model, tokens)) < 1e-5
 
 
 # ---- 4, 5: errors ---------------------------------------------------------------------------------------
@@ -240,6 +209,6 @@ def test_generate_with_quantized_kv_matches_full_recompute(model):
     seq = np.zeros((2, 5 + new), np.int32)
     seq[:, :5] = np.asarray(prompt)
     for t in range(5, 5 + new):
-        logits = np.asarray(_logits(quantized, jnp.asarray(seq)))
+        logits = np.asarray(fast_logits(quantized, jnp.asarray(seq)))
         seq[:, t] = np.argmax(logits[:, t - 1], axis=-1)
     np.testing.assert_array_equal(out, seq)

@@ -17,34 +17,15 @@ from flax import nnx
 import jquant as jq
 from jquant.formats import QArray, get_format
 from jquant.models import llama
+from jquant.testing.tiny_models import outlier_model
 from jquant.recipes import Recipe, Rule, TransformStep, get
-from jquant.transforms.equivalence import merge_weights, split_weights
+from jquant.transforms.equivalence import split_weights
 from jquant.transforms.pipeline import check_recipe
 
 VOCAB = 97
 CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                         num_kv_heads=2)
-OUTLIERS = (3, 17, 40)
 SEQ = 16
-
-
-def _outlier_model(cfg, seed):
-    """Kernels ~ N(0, 1/in), gains exp(0.3 N(0, 1)), embeddings ~ N(0, 1) with columns OUTLIERS × 20."""
-    abstract = llama.abstract_model(cfg)
-    graphdef, w, rest = split_weights(abstract)
-    rng = np.random.default_rng(seed)
-    new = {}
-    for path, value in w.items():
-        leaf = path.rsplit("/", 1)[-1]
-        if leaf == "kernel":
-            a = rng.standard_normal(value.shape) / np.sqrt(value.shape[0])
-        elif leaf == "weight":
-            a = np.exp(0.3 * rng.standard_normal(value.shape))
-        else:
-            a = rng.standard_normal(value.shape)
-            a[:, list(OUTLIERS)] *= 20.0
-        new[path] = jnp.asarray(a, value.dtype)
-    return merge_weights(graphdef, new, rest, abstract)
 
 
 def _tokens(seed, batch, length):
@@ -79,7 +60,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def model():
-    return _outlier_model(CFG, 0)
+    return outlier_model(CFG, 0)
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +246,7 @@ def test_generation(quantized):
 
 # ---- 4: bad input ------------------------------------------------------------------------------------------------
 def test_online_rotation_needs_a_hadamard_width(calib):
-    odd = _outlier_model(CFG.replace(intermediate_size=88), 4)  # 88 = 11 · 8: no Hadamard construction
+    odd = outlier_model(CFG.replace(intermediate_size=88), 4)  # 88 = 11 · 8: no Hadamard construction
     with pytest.raises(ValueError, match=r"layers/0/mlp/down_proj: width 88 has no Hadamard .*pad=True"):
         jq.quantize(odd, "quarot-w4a4kv4", calib, progress=False)
     check_recipe(odd, get("quarot-w4a4kv4", transform_options={"pad": True}))  # padding makes it valid

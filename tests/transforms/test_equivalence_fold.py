@@ -6,7 +6,6 @@ transform pytree (Haar residual rotation, per-KV-head value/output rotations, po
 on fresh random tokens: the full forward and the KV-cache path (``model.step`` in chunks).
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from flax import nnx
 
 import jquant
 from jquant.models import llama
+from jquant.testing.tiny_models import FAST_COMPILE, fast_cached_logits, fast_logits
 from jquant.transforms import pad_to_hadamard_size, random_orthogonal, supported_size
 from jquant.transforms.equivalence import (
     OnlineRotations,
@@ -34,16 +34,6 @@ BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2
             qkv_bias=True, out_bias=True, mlp_bias=True)
 SEQ = 12
 SCALES = ("attn_scale", "mlp_scale", "qk_scale", "ov_scale", "ud_scale")
-
-
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
@@ -108,39 +98,6 @@ def _weights(model):
     return {k: np.asarray(v) for k, v in split_weights(model)[1].items()}
 
 
-# the test's own compiled forwards skip LLVM's optimisation passes: compiling dominates these tiny models on CPU
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
-
-
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _step(graphdef, state, tokens, cache):
-    return nnx.merge(graphdef, state).step(tokens, cache)
-
-
-def _logits(model, tokens):
-    """``model(tokens)``, compiled once per model structure (so the tests stay fast on CPU)."""
-    graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, tokens)
-
-
-def _cached_logits(model, tokens, chunks):
-    """``model.step`` over an empty cache, ``tokens`` fed in pieces of the given lengths."""
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1] + 3)
-    out, start = [], 0
-    for n in chunks:
-        logits, cache = _step(graphdef, state, tokens[:, start:start + n], cache)
-        out.append(logits)
-        start += n
-    assert start == tokens.shape[1]
-    assert int(cache.length) == tokens.shape[1]
-    return jnp.concatenate(out, axis=1)
-
 
 def _check_equivalent(cfg, seed, online, pad, tol):
     model = _random_model(cfg, seed)
@@ -149,7 +106,7 @@ def _check_equivalent(cfg, seed, online, pad, tol):
     params = _random_params(layout, seed + 100, dtype)
     before = _weights(model)
     tokens = _tokens(seed + 200)
-    ref = _logits(model, tokens)
+    ref = fast_logits(model, tokens)
     assert np.asarray(ref).dtype == dtype
 
     out = apply_transforms(model, params, online=online, pad=pad)
@@ -169,8 +126,8 @@ def _check_equivalent(cfg, seed, online, pad, tol):
         assert after[f"layers/{i}/mlp/down_proj/kernel"].dtype == dtype
 
     # full forward, and the KV-cache path in two chunks, equal the original model's full forward
-    assert _rel(_logits(out, tokens), ref) < tol
-    assert _rel(_cached_logits(out, tokens, (SEQ // 2, SEQ - SEQ // 2)), ref) < tol
+    assert _rel(fast_logits(out, tokens), ref) < tol
+    assert _rel(fast_cached_logits(out, tokens, (SEQ // 2, SEQ - SEQ // 2))[0], ref) < tol
     # the input model was not modified
     for path, value in _weights(model).items():
         np.testing.assert_array_equal(value, before[path], err_msg=path)
@@ -212,10 +169,10 @@ def test_qwen3_qk_norm_exact_without_qk_scale(x64):
     assert all("qk_scale" not in p for p in identity_params(layout)["layers"])
     params = _random_params(layout, 12, jnp.float64, scales=("attn_scale", "mlp_scale", "ov_scale", "ud_scale"))
     tokens = _tokens(13)
-    ref = _logits(model, tokens)
+    ref = fast_logits(model, tokens)
     out = apply_transforms(model, params, online=("down", "qk"))
-    assert _rel(_logits(out, tokens), ref) < 1e-9
-    assert _rel(_cached_logits(out, tokens, (6, 6)), ref) < 1e-9
+    assert _rel(fast_logits(out, tokens), ref) < 1e-9
+    assert _rel(fast_cached_logits(out, tokens, (6, 6))[0], ref) < 1e-9
 
     a = layout.layers[1].attention
     params["layers"][1]["qk_scale"] = jnp.full((a.num_kv_heads, a.head_dim // 2), 2.0, jnp.float64)
@@ -248,7 +205,7 @@ def test_fold_is_differentiable_and_jittable(x64):
     params = _random_params(layout, 33, jnp.float64)
     value_and_grad = jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)
     value, grads = value_and_grad(params)
-    ref = jnp.mean(_logits(model, tokens) ** 2)
+    ref = jnp.mean(fast_logits(model, tokens) ** 2)
     assert abs(float(value) - float(ref)) < 1e-9 * float(ref)  # the traced fold is the same function
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     leaves = jax.tree.leaves(grads)
@@ -307,10 +264,10 @@ def test_tied_embeddings_need_untie():
     untied = tied.untie_embeddings()
     assert untied.lm_head is not None
     tokens = _tokens(63)
-    ref = _logits(tied, tokens)
-    assert _rel(_logits(untied, tokens), ref) < 1e-6
+    ref = fast_logits(tied, tokens)
+    assert _rel(fast_logits(untied, tokens), ref) < 1e-6
     out = apply_transforms(untied, params, online=("down", "qk"))
-    assert _rel(_logits(out, tokens), ref) < 1e-4
+    assert _rel(fast_logits(out, tokens), ref) < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +322,7 @@ def test_online_rotations_apply_once(small):
     tokens = _tokens(81)
     params = _random_params(layout, 82, jnp.float32, scales=("attn_scale", "mlp_scale", "qk_scale", "ov_scale"))
     again = apply_transforms(once, params)
-    assert _rel(_logits(again, tokens), _logits(model, tokens)) < 1e-4
+    assert _rel(fast_logits(again, tokens), fast_logits(model, tokens)) < 1e-4
 
 
 @pytest.mark.parametrize("hidden", [96, 176])
@@ -382,7 +339,7 @@ def test_ud_scale_after_online_down(hidden):
     except ValueError as err:  # refusing is acceptable if it says why
         assert "online" in str(err) and "down_proj" in str(err)
         return
-    assert _rel(_logits(again, tokens), _logits(model, tokens)) < 1e-4
+    assert _rel(fast_logits(again, tokens), fast_logits(model, tokens)) < 1e-4
 
 
 def test_quantized_model_is_rejected(small):
@@ -418,7 +375,7 @@ def test_input_model_is_not_modified(small):
 
 
 # ---- 7: fold_norms ------------------------------------------------------------------------------------
-def test_fold_norms_sets_gains_to_one_and_keeps_logits():
+def test_fold_norms_sets_gains_to_one_and_keepsfast_logits():
     model = _random_model(_config(), 101)
     before = _weights(model)
     assert not np.allclose(before["layers/0/input_layernorm/weight"], 1.0)
@@ -430,7 +387,7 @@ def test_fold_norms_sets_gains_to_one_and_keeps_logits():
         for c in group.consumers:
             np.testing.assert_allclose(w[f"{c}/kernel"], gain[:, None] * before[f"{c}/kernel"], rtol=1e-6)
     tokens = _tokens(102)
-    assert _rel(_logits(folded, tokens), _logits(model, tokens)) < 1e-5
+    assert _rel(fast_logits(folded, tokens), fast_logits(model, tokens)) < 1e-5
     # only the norms and their consumers changed
     changed = {p for p in w if not np.array_equal(w[p], before[p])}
     expected = {f"{g.norm}/weight" for g in model.equivalence_layout().norm_groups}

@@ -19,13 +19,6 @@ from jquant.transforms import (
 from jquant.transforms.hadamard import _small_hadamard
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
 # ---- exact construction --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ serves several tests; the determinism and divergence tests use a one-layer model
 """
 
 import dataclasses
+import functools
 import importlib
 
 import jax
@@ -18,6 +19,7 @@ from flax import nnx
 from jquant.formats import IntFormat, fake_quantize, get_format
 from jquant.losses import kl_divergence, kl_top
 from jquant.models import llama
+from jquant.testing.tiny_models import FAST_COMPILE, outlier_model
 from jquant.transforms.equivalence import (
     OnlineRotations,
     apply_transforms,
@@ -42,29 +44,12 @@ VOCAB = 97
 CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                         num_kv_heads=2)
 SMALL = CFG.replace(num_layers=1)  # for the tests that only need a training run to happen
-OUTLIERS = (3, 17, 40)
 W4A4KV4 = dict(activation="int4-asym", kv="int4-asym", online=("down", "qk"))
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
-def _outlier_model(cfg, seed, *, head_scale=4.0):
-    """Kernels ~ N(0, 1/in), embeddings ~ N(0, 1) with columns OUTLIERS × 20, lm_head × head_scale (peaked logits),
-    RMSNorm gains 1. Drawn with numpy into the abstract model (no per-parameter JAX compiles)."""
-    abstract = llama.abstract_model(cfg)
-    graphdef, w, rest = split_weights(abstract)
-    rng = np.random.default_rng(seed)
-    new = {}
-    for path, value in w.items():
-        if path.endswith("kernel"):
-            a = rng.standard_normal(value.shape) / np.sqrt(value.shape[0])
-        elif path.endswith("embedding"):
-            a = rng.standard_normal(value.shape)
-            a[:, list(OUTLIERS)] *= 20.0
-        else:
-            a = np.ones(value.shape)
-        new[path] = jnp.asarray(a * (head_scale if path == "lm_head/kernel" else 1.0), value.dtype)
-    return merge_weights(graphdef, new, rest, abstract)
+# gains 1 and a sharper head (peaked logits) by default
+_outlier_model = functools.partial(outlier_model, random_gains=False, head_scale=4.0)
 
 
 def _run(graphdef, state, tokens):
@@ -214,14 +199,6 @@ def test_same_key_same_result_and_other_key_differs():
 
 
 # ---- 4: merge/train consistency (spec §5.6) --------------------------------------------------------------
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 def test_student_equals_merged_model_float32(trained):

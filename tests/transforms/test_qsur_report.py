@@ -9,38 +9,19 @@ import pytest
 from flax import nnx
 
 from jquant.models import llama
+from jquant.testing.tiny_models import outlier_model
 from jquant.transforms import QSURReport, hadamard_matrix, qsur_from_covariance, qsur_report, quarot
-from jquant.transforms.equivalence import merge_weights, split_weights
+from jquant.transforms.equivalence import split_weights
 from jquant.transforms.report import SITE_KINDS
 
 VOCAB = 97
 CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                         num_kv_heads=2)
-OUTLIERS = (3, 17, 40)
-
-
-def _outlier_model(cfg, seed):
-    """Kernels ~ N(0, 1/in), gains exp(0.3 N(0, 1)), embeddings ~ N(0, 1) with columns OUTLIERS × 20."""
-    abstract = llama.abstract_model(cfg)
-    graphdef, w, rest = split_weights(abstract)
-    rng = np.random.default_rng(seed)
-    new = {}
-    for path, value in w.items():
-        leaf = path.rsplit("/", 1)[-1]
-        if leaf == "kernel":
-            a = rng.standard_normal(value.shape) / np.sqrt(value.shape[0])
-        elif leaf == "weight":
-            a = np.exp(0.3 * rng.standard_normal(value.shape))
-        else:
-            a = rng.standard_normal(value.shape)
-            a[:, list(OUTLIERS)] *= 20.0
-        new[path] = jnp.asarray(a, value.dtype)
-    return merge_weights(graphdef, new, rest, abstract)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return _outlier_model(CFG, 0)
+    return outlier_model(CFG, 0)
 
 
 @pytest.fixture(scope="module")

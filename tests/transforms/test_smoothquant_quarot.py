@@ -15,47 +15,19 @@ from jquant.calib.capture import model_input_statistics
 from jquant.formats import get_format
 from jquant.losses import kl_divergence
 from jquant.models import llama
+from jquant.testing.tiny_models import FAST_COMPILE, outlier_model
 from jquant.transforms import pad_to_hadamard_size, quarot, smoothquant, smoothquant_params, supported_size
-from jquant.transforms.equivalence import merge_weights, module_at, split_weights
+from jquant.transforms.equivalence import module_at, split_weights
 
 VOCAB = 97
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
-OUTLIERS = (3, 17, 40)
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
 def _config(dtype="float32", **changes):
     return llama.LlamaConfig(**{**BASE, **changes}, dtype=dtype, param_dtype=dtype)
-
-
-def _outlier_model(cfg, seed):
-    """Kernels ~ N(0, 1/in), gains exp(0.3 N(0, 1)), embeddings ~ N(0, 1) with columns OUTLIERS × 20."""
-    abstract = llama.abstract_model(cfg)
-    graphdef, w, rest = split_weights(abstract)
-    rng = np.random.default_rng(seed)
-    new = {}
-    for path, value in w.items():
-        leaf = path.rsplit("/", 1)[-1]
-        if leaf == "kernel":
-            a = rng.standard_normal(value.shape) / np.sqrt(value.shape[0])
-        elif leaf == "weight":
-            a = np.exp(0.3 * rng.standard_normal(value.shape))
-        else:
-            a = rng.standard_normal(value.shape)
-            a[:, list(OUTLIERS)] *= 20.0
-        new[path] = jnp.asarray(a, value.dtype)
-    return merge_weights(graphdef, new, rest, abstract)
 
 
 def _run(graphdef, state, tokens):
@@ -87,7 +59,7 @@ def _weights(model):
 # ---- SmoothQuant ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha", [0.8])  # not the default 0.5 (the recipes use that)
 def test_smoothquant_is_exact_and_follows_the_formula(x64, alpha):
-    model = _outlier_model(_config("float64"), 1)
+    model = outlier_model(_config("float64"), 1)
     calib = _tokens(2, 4, 16)
     before = _weights(model)
     smoothed = smoothquant(model, calib, alpha)
@@ -127,7 +99,7 @@ def test_smoothquant_is_exact_and_follows_the_formula(x64, alpha):
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
 def test_smoothquant_alpha_out_of_range(alpha):
-    model = _outlier_model(_config(num_layers=1), 4)
+    model = outlier_model(_config(num_layers=1), 4)
     with pytest.raises(ValueError, match=r"alpha .*\[0, 1\]"):
         smoothquant(model, _tokens(5, 2, 8), alpha)
 
@@ -138,7 +110,7 @@ def test_smoothquant_alpha_out_of_range(alpha):
 def test_quarot_is_exact_in_float64(x64, rotation, tol):
     cfg = _config("float64")
     assert supported_size(cfg.intermediate_size) and cfg.intermediate_size & (cfg.intermediate_size - 1)  # 96 = 12 · 8
-    model = _outlier_model(cfg, 10)
+    model = outlier_model(cfg, 10)
     before = _weights(model)
     rotated = quarot(model, jax.random.key(11), rotation=rotation)  # online=("down", "qk") by default
     tokens = _tokens(12, 2, 12)
@@ -157,7 +129,7 @@ def test_quarot_is_exact_in_float64(x64, rotation, tol):
 
 @pytest.mark.parametrize("rotation, hidden", [("orthogonal", 64), ("hadamard", 128)])
 def test_quarot_float64_exact_for_any_rotation(x64, rotation, hidden):
-    model = _outlier_model(_config("float64", hidden_size=hidden), 13)
+    model = outlier_model(_config("float64", hidden_size=hidden), 13)
     tokens = _tokens(14, 2, 12)
     assert _rel(_logits(quarot(model, jax.random.key(15), rotation=rotation), tokens), _logits(model, tokens)) < 1e-9
 
@@ -165,7 +137,7 @@ def test_quarot_float64_exact_for_any_rotation(x64, rotation, hidden):
 def test_quarot_unsupported_widths(x64):
     cfg = _config("float64", hidden_size=88, intermediate_size=128)  # 88 = 11 · 8, head_dim 22: no Hadamard
     assert not supported_size(88) and not supported_size(cfg.head_dim)
-    model = _outlier_model(cfg, 20)
+    model = outlier_model(cfg, 20)
     with pytest.raises(ValueError, match=rf"width 88 .*{pad_to_hadamard_size(88)}.*rotation='orthogonal'"):
         quarot(model, jax.random.key(0))
     # an orthogonal residual rotation works, but the online q/k Hadamard needs a Hadamard head size
@@ -187,7 +159,7 @@ def _with_activations(model, fmt):
 
 
 def test_quarot_reduces_the_w4a4_error():
-    model = _outlier_model(_config(), 30)
+    model = outlier_model(_config(), 30)
     rotated = quarot(model, jax.random.key(31), online=("down", "qk"))
     tokens = _tokens(32, 4, 16)
     reference = _logits(model, tokens)
