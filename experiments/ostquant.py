@@ -134,7 +134,8 @@ def report() -> None:
              "next_line 0.25, same_source 0.33. QSUR^(1/d) is the mean over layers of the four activation sites "
              "(q/k/v, up/gate, o_proj, down_proj inputs) on calibration windows.", ""]
     for data in runs:
-        lines += [f"## {data['model']}", "",
+        provenance = [f"Note: {data['note']}", ""] if data.get("note") else []
+        lines += [f"## {data['model']}", "", *provenance,
                   f"OSTQuant: {data['steps']} steps, batch {data['batch']} x 256 tokens, from {data['calib']} "
                   f"calibration windows; perplexity over {data['windows']} validation windows, {data['items']} "
                   f"zero-shot items per task. Reproduce: `{data['command']}`.", ""]
