@@ -9,7 +9,7 @@
    leaves only a discarded clone behind (never a half-quantized model). The
    recipe's equivalence transforms (SmoothQuant, QuaRot, OSTQuant;
    ``jquant.transforms.pipeline``) run on the copy first.
-3. If any rule's algorithm needs calibration (GPTQ), blocks are processed in
+3. If any rule's algorithm needs calibration (GPTQ, GPTVQ, PCDVQ), blocks are processed in
    order on the outputs of the already-quantized blocks
    (``jquant.calib.sequential``); other sites are quantized directly.
 4. Each site's weight becomes a ``QArray``; sites with an activation format
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant.algorithms.weights import ALGORITHMS, NEEDS_CALIBRATION, gptq_supports
+from jquant.algorithms.weights import ALGORITHMS, NEEDS_CALIBRATION, supports
 from jquant.calib.capture import InputStatistics
 from jquant.calib.sequential import block_paths, run_sequential
 from jquant.formats import Format, IntFormat, QArray, get_format
@@ -96,7 +96,7 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
                 weight_fmt.check_shape(tuple(value.shape), axis)
             except ValueError as err:
                 raise ValueError(f"site {site.path!r} (weight shape {tuple(value.shape)}, axis {axis}): {err}") from None
-            if rule.algorithm == "gptq" and (reason := gptq_supports(weight_fmt)):
+            if reason := supports(rule.algorithm, weight_fmt):
                 raise ValueError(f"site {site.path!r}: {reason}")
             if isinstance(value, jax.Array) and not bool(jnp.all(jnp.isfinite(value))):
                 raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")

@@ -71,6 +71,23 @@ def prepare_hessian(h: jax.Array, w: jax.Array, damp: float) -> tuple[jax.Array,
     return h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype), w
 
 
+def damped_factor(h: jax.Array, w: jax.Array, damp: float, max_retries: int = 4, *, what: str = "gptq"
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, float]:
+    """``(H_damped, W0, U, damp)``: ``prepare_hessian`` then ``inverse_cholesky_upper``, multiplying the
+    damping by 10 (up to ``max_retries`` times) while ``H`` is not positive definite; then raises
+    ``FloatingPointError`` naming ``what``."""
+    for _ in range(max_retries + 1):
+        h_damped, w0 = prepare_hessian(h, w, damp)
+        u = inverse_cholesky_upper(h_damped)
+        if bool(jnp.all(jnp.isfinite(u))):
+            return h_damped, w0, u, damp
+        damp = damp * 10 if damp > 0 else 1e-4
+    raise FloatingPointError(
+        f"{what}: the Hessian is not positive definite even with damping {damp / 10:g}; the calibration inputs "
+        "are probably degenerate (too few tokens or constant features). Use more calibration data or RTN."
+    )
+
+
 @jax.jit
 def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
     """``U`` upper triangular with ``U^T U = H^-1`` (NaN if ``H`` is not positive definite)."""
@@ -169,18 +186,7 @@ def gptq(
     if n_in % block:
         block = gs if group_size else _largest_divisor_at_most(n_in, block)
 
-    damp = config.damp
-    for _ in range(max_damp_retries + 1):
-        h_damped, w0 = prepare_hessian(h, w, damp)
-        u = inverse_cholesky_upper(h_damped)
-        if bool(jnp.all(jnp.isfinite(u))):
-            break
-        damp = damp * 10 if damp > 0 else 1e-4
-    else:
-        raise FloatingPointError(
-            f"gptq: the Hessian is not positive definite even with damping {damp / 10:g}; the calibration inputs "
-            "are probably degenerate (too few tokens or constant features). Use more calibration data or RTN."
-        )
+    h_damped, w0, u, damp = damped_factor(h, w, config.damp, max_damp_retries)
 
     perm = jnp.argsort(-jnp.diag(h_damped)) if config.act_order else jnp.arange(n_in)
     static = config.static_groups or config.act_order or group_size is None

@@ -6,6 +6,13 @@
   clip search included); needs no calibration.
 - ``gptq``: GPTQ (``jquant.algorithms.gptq_core``) on integer formats, per
   channel or per group, driven by the site's input Hessian.
+- ``gptvq``: GPTVQ-style vector quantization (``jquant.algorithms.gptvq``) on codebook
+  formats (``vq-d2-k4-cb256x16``): k-means codebooks, error feedback, codebook tuning.
+- ``pcdvq``: PCDVQ (``jquant.algorithms.pcdvq``) on polar formats (``pcdvq-d8-a14-b2``):
+  random Hadamard transform, direction/magnitude codebooks, BlockLDLQ error feedback.
+  (``rtn`` on a polar format is PCDVQ with nearest rounding.)
+
+``supports(name, fmt)`` says why an algorithm cannot use a format (None if it can).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from jquant.algorithms.gptq_core import GPTQConfig, gptq
+from jquant.algorithms.gptvq import GPTVQConfig, gptvq_quantize, gptvq_supports
+from jquant.algorithms.pcdvq import PCDVQConfig, pcdvq_quantize
 from jquant.calib.capture import InputStatistics
-from jquant.formats import Format, IntFormat, QArray, quantize
+from jquant.formats import CodebookFormat, Format, IntFormat, PolarVQFormat, QArray, quantize
 
 WeightAlgorithm = Callable[..., QArray]
 
@@ -31,6 +40,20 @@ def rtn(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatistics | N
     if dict(options):
         raise ValueError(f"rtn takes no options, got {sorted(dict(options))}.")
     return quantize(weight, fmt, axis=axis)
+
+
+def rtn_supports(fmt: Format) -> str | None:
+    """Why round-to-nearest cannot use ``fmt`` (None if it can)."""
+    if isinstance(fmt, CodebookFormat):
+        return f"{fmt.name} needs learned codebooks; use algorithm 'gptvq'."
+    return None
+
+
+def pcdvq_supports(fmt: Format) -> str | None:
+    """Why PCDVQ cannot use ``fmt`` (None if it can)."""
+    if not isinstance(fmt, PolarVQFormat):
+        return f"pcdvq needs a polar format such as 'pcdvq-d8-a14-b2', got {fmt.name}."
+    return None
 
 
 def gptq_supports(fmt: Format) -> str | None:
@@ -70,16 +93,54 @@ def gptq_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatis
         raise ValueError(f"gptq handles [in, out] weights quantized along axis 0, got shape {weight.shape}, axis {axis}.")
     if stats is None:
         raise ValueError("gptq needs calibration statistics (the input Hessian); pass calibration data.")
-    options = dict(options)
-    unknown = set(options) - {f.name for f in dataclasses.fields(GPTQConfig)}
-    if unknown:
-        raise ValueError(f"unknown gptq options {sorted(unknown)}; allowed: {[f.name for f in dataclasses.fields(GPTQConfig)]}.")
     params_fn, qdq_fn = _int_grid(fmt)
     group = fmt.group_size if fmt.granularity == "group" else None
-    result = gptq(weight.astype(jnp.float32), stats.hessian, params_fn, qdq_fn, group_size=group, config=GPTQConfig(**options))
+    config = _config(GPTQConfig, options, "gptq")
+    result = gptq(weight.astype(jnp.float32), stats.hessian, params_fn, qdq_fn, group_size=group, config=config)
     q = fmt.quantize_with_scales(result.weights, result.scales, result.zeros, axis=0)
     return dataclasses.replace(q, dtype=jnp.dtype(weight.dtype).name)
 
 
-ALGORITHMS: dict[str, WeightAlgorithm] = {"rtn": rtn, "gptq": gptq_weight}
-NEEDS_CALIBRATION = {"rtn": False, "gptq": True}
+def _config(cls, options: Mapping[str, Any], name: str):
+    """``cls(**options)``, naming the algorithm and the allowed fields on an unknown option."""
+    options = dict(options)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown {name} options {sorted(unknown)}; allowed: {allowed}.")
+    return cls(**options)
+
+
+def _need_stats(stats: InputStatistics | None, name: str) -> InputStatistics:
+    if stats is None:
+        raise ValueError(f"{name} needs calibration statistics (the input Hessian); pass calibration data.")
+    return stats
+
+
+def gptvq_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatistics | None,
+                 options: Mapping[str, Any] = ()) -> QArray:
+    """GPTVQ-quantize ``weight [in, out]`` (``axis == 0``) with ``stats.hessian``; options: GPTVQConfig fields."""
+    if reason := gptvq_supports(fmt):
+        raise ValueError(reason)
+    config = _config(GPTVQConfig, options, "gptvq")
+    return gptvq_quantize(weight, _need_stats(stats, "gptvq").hessian, fmt, axis=axis, config=config)
+
+
+def pcdvq_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatistics | None,
+                 options: Mapping[str, Any] = ()) -> QArray:
+    """PCDVQ-quantize ``weight [in, out]`` (``axis == 0``) with ``stats.hessian``; options: PCDVQConfig fields."""
+    if reason := pcdvq_supports(fmt):
+        raise ValueError(reason)
+    config = _config(PCDVQConfig, options, "pcdvq")
+    return pcdvq_quantize(weight, _need_stats(stats, "pcdvq").hessian, fmt, axis=axis, config=config)
+
+
+ALGORITHMS: dict[str, WeightAlgorithm] = {"rtn": rtn, "gptq": gptq_weight, "gptvq": gptvq_weight,
+                                          "pcdvq": pcdvq_weight}
+NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "gptvq": True, "pcdvq": True}
+_SUPPORTS = {"rtn": rtn_supports, "gptq": gptq_supports, "gptvq": gptvq_supports, "pcdvq": pcdvq_supports}
+
+
+def supports(name: str, fmt: Format) -> str | None:
+    """Why algorithm ``name`` cannot use weight format ``fmt`` (None if it can)."""
+    return _SUPPORTS[name](fmt)

@@ -2,7 +2,9 @@
 
 Logical parameters count the elements of the original tensors (a ``QArray``
 counts its logical shape, not its packed codes); stored bytes count every
-array actually kept, quantization metadata included (``QArray.nbytes``).
+array actually kept, quantization metadata included (``QArray.nbytes``). Tables that
+a format shares across tensors instead of storing them (PCDVQ's data-free codebooks,
+``shared_table_bytes``) are counted once per model, as one row per distinct table.
 """
 
 from __future__ import annotations
@@ -35,12 +37,16 @@ class SizeReport:
 
 def size_report(model: nnx.Module) -> SizeReport:
     """Size of every parameter of ``model`` (see the module docstring for what is counted)."""
-    rows = []
+    rows, shared = [], {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()
         name = "/".join(str(p) for p in path)
         if isinstance(value, QArray):
             rows.append((name, value.size, value.nbytes, value.format.name))
+            if hasattr(value.format, "shared_table_bytes"):
+                table = f"shared codebooks d{value.format.vector_dim}-a{value.format.direction_bits}-b{value.format.magnitude_bits}"
+                shared[table] = value.format.shared_table_bytes
         else:
             rows.append((name, math.prod(value.shape), param_bytes(value), str(value.dtype)))
+    rows += [(table, 0, nbytes, "codebook") for table, nbytes in shared.items()]
     return SizeReport(parameters=sum(r[1] for r in rows), bytes=sum(r[2] for r in rows), rows=rows)

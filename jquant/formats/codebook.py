@@ -15,14 +15,19 @@ and e.g. one per 64-element group along axis 0 of an ``[in, out]`` weight with d
 Scales (optional, ``group_size`` a multiple of d along ``axis``) have the integer
 formats' generic-broadcast shape and ``scale_dtype``.
 
+The grid can be fixed by the format (``codebook_rows`` elements along ``axis`` and
+``codebook_cols`` along the last other dimension share one codebook; GPTVQ's groups),
+so a checkpoint knows its codebook shapes from the recipe alone. Without them the grid
+is whatever the stored ``codebooks`` array has (one per tensor by default).
+
 Codes: the ``n / d * M`` indices of a line (vector-major: the M indices of a vector are
 adjacent) are bit-packed along ``axis`` with ``packing.pack_bits`` (uint8). Bits per
 element = (M * k) / d + scale bits / group + codebook bytes * 8 / N.
 
 ``codebook_quantize`` assigns each vector its nearest codeword by brute force (greedy
-per codebook on the residual when M > 1); learned codebooks (k-means, GPTVQ, PCDVQ)
-belong to the algorithms. PCDVQ's product codebooks (direction x magnitude of different
-dimensions) are not yet expressible here and will need a second table.
+per codebook on the residual when M > 1); learned codebooks (k-means, GPTVQ) belong to the algorithms
+(``jquant.algorithms.gptvq``). PCDVQ's product codebook (direction x magnitude) is
+``jquant.formats.polar``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class CodebookFormat(Format):
     group_size: int | None = None
     scale_dtype: str = "float16"
     codebook_dtype: str = "float16"
+    codebook_rows: int | None = None
+    codebook_cols: int | None = None
 
     def __post_init__(self):
         own = "CodebookFormat"
@@ -68,6 +75,13 @@ class CodebookFormat(Format):
                              f"vector_dim={self.vector_dim} (or None for no scales).")
         B.check_scale_dtype(own, self.scale_dtype)
         B.check_scale_dtype(f"{own} (codebook_dtype)", self.codebook_dtype)
+        for field in ("codebook_rows", "codebook_cols"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{own}: {field}={v!r} must be a positive int (or None: one codebook along it).")
+        if self.codebook_rows is not None and self.codebook_rows % self.vector_dim:
+            raise ValueError(f"{own}: codebook_rows={self.codebook_rows} must be a multiple of "
+                             f"vector_dim={self.vector_dim}.")
 
     @property
     def name(self) -> str:
@@ -76,7 +90,29 @@ class CodebookFormat(Format):
             name += f"x{self.num_codebooks}"
         if self.group_size is not None:
             name += f"-g{self.group_size}"
+        if self.grouped:
+            name += f"-cb{self.codebook_rows or 'all'}x{self.codebook_cols or 'all'}"
         return name
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the format fixes the codebook grid (``codebook_rows`` / ``codebook_cols``)."""
+        return self.codebook_rows is not None or self.codebook_cols is not None
+
+    def grid(self, shape, axis) -> tuple[int, ...]:
+        """The codebook grid the format fixes for ``shape`` (all ones when not ``grouped``)."""
+        grid = [1] * len(shape)
+        if self.codebook_rows is not None:
+            grid[axis] = shape[axis] // self.codebook_rows
+        last = max(d for d in range(len(shape)) if d != axis) if len(shape) > 1 else None
+        if self.codebook_cols is not None and last is not None:
+            grid[last] = shape[last] // self.codebook_cols
+        return tuple(grid)
+
+    @property
+    def table_bits(self) -> int:
+        """Bits of one codebook (``M * 2^k * d`` entries in ``codebook_dtype``)."""
+        return self.num_codebooks * self.codebook_size * self.vector_dim * 8 * jnp.dtype(self.codebook_dtype).itemsize
 
     @property
     def codebook_size(self) -> int:
@@ -90,6 +126,13 @@ class CodebookFormat(Format):
                 f"{axis} (shape {tuple(shape)}); pad the axis or pick a smaller vector_dim.")
         if self.group_size is not None:
             B.check_group_divides(self.name, tuple(shape), axis, self.group_size)
+        last = [d for d in range(len(shape)) if d != axis]
+        for field, dim in (("codebook_rows", axis), ("codebook_cols", last[-1] if last else None)):
+            v = getattr(self, field)
+            if v is not None and (dim is None or shape[dim] % v):
+                raise ValueError(f"{self.name}: {field}={v} does not divide the length "
+                                 f"{None if dim is None else shape[dim]} of axis {dim} (shape {tuple(shape)}); "
+                                 f"pick a divisor.")
 
     def check_codebooks(self, cb_shape, shape, axis) -> None:
         """Raises unless ``cb_shape`` is ``grid + (M, 2^k, d)`` with a valid grid."""
@@ -100,6 +143,9 @@ class CodebookFormat(Format):
         vshape = B.with_axis(shape, axis, shape[axis] // self.vector_dim)
         if ok:
             ok = all(g >= 1 and L % g == 0 for g, L in zip(grid, vshape))
+        if ok and self.grouped and grid != self.grid(shape, axis):
+            raise ValueError(f"{self.name}: codebooks must have the grid {self.grid(shape, axis)} for shape "
+                             f"{tuple(shape)} (codebook_rows/codebook_cols), got {tuple(cb_shape)}.")
         if not ok:
             raise ValueError(
                 f"{self.name}: codebooks must have shape grid + {tail}, where grid has rank {rank} "
@@ -107,7 +153,7 @@ class CodebookFormat(Format):
                 f"{axis}); got {tuple(cb_shape)}.")
 
     def expected_children(self, shape, axis, codebooks_shape=None):
-        grid = (1,) * len(shape)
+        grid = self.grid(shape, axis)
         if codebooks_shape is not None:
             self.check_codebooks(codebooks_shape, shape, axis)
             grid = tuple(codebooks_shape[:len(shape)])

@@ -17,6 +17,7 @@ from jquant.ops.linear import dot_general as dot_general
 from jquant.ops.linear import embedding_lookup as embedding_lookup
 from jquant.ops.linear import linear as linear
 from jquant.ops.rotation import online_hadamard as online_hadamard
+from jquant.ops.vector import polar_linear as polar_linear
 
 __all__ = ["as_array", "attention", "causal_mask", "dot_general", "embedding_lookup", "explain",
-           "force_path", "linear", "online_hadamard", "quantize_kv", "record_dispatch"]
+           "force_path", "linear", "online_hadamard", "polar_linear", "quantize_kv", "record_dispatch"]

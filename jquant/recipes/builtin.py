@@ -6,7 +6,9 @@ equivalence transforms at equal bits (OSTQuant spec §3.1: per-channel symmetric
 weights with MSE clip search, per-token asymmetric activations, per-head asymmetric KV).
 ``w4``/``w3``/``w2`` integer weights are asymmetric (min-max with a zero
 point, as in GPTQ), ``w8`` symmetric; activations are quantized dynamically
-per token.
+per token. ``gptvq-w{2,2.25,3}`` and ``pcdvq-w{2,2.25,3}`` are the vector-quantization
+recipes at about 2, 2.25 and 3 index bits per weight (``VQ_SETTINGS``; bits per weight
+including codebooks: ``jquant.size_report``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ SETTINGS = {"w4a16": (None, None), "w4a8kv8": ("int8-asym", "int8-asym"), "w4a4k
 def _recipe(name: str, description: str, transforms: tuple = (), kv_cache: str | None = None, **rule) -> Recipe:
     return Recipe(name=name, description=description, rules=(Rule(pattern=ALL, **rule),), transforms=transforms,
                   kv_cache=kv_cache)
+
+
+# bits -> (GPTVQ format, PCDVQ format). GPTVQ: 2-D vectors, one fp16 codebook per group of
+# rows x columns (overhead 0.0625 / 0.25 / 0.0625 bits); PCDVQ: spec §3.3's (k, a, b) = (8, 14, 2)
+# and (8, 16, 2), and (4, 10, 2) for 3 bits (k = 8 would need a 22-bit direction index).
+VQ_SETTINGS = {"w2": ("vq-d2-k4-cb256x32", "pcdvq-d8-a14-b2"),
+               "w2.25": ("vq-d2-k4-cb128x16", "pcdvq-d8-a16-b2"),
+               "w3": ("vq-d2-k6-cb256x128", "pcdvq-d4-a10-b2")}
+
+
+def _vq_recipes() -> list[Recipe]:
+    out = []
+    for bits, (vq, polar) in VQ_SETTINGS.items():
+        out += [_recipe(f"gptvq-{bits}", f"GPTVQ-style {vq}: weighted k-means codebooks, error feedback, tuned codebooks",
+                        weight=vq, algorithm="gptvq"),
+                _recipe(f"pcdvq-{bits}", f"PCDVQ {polar}: random Hadamard, E8/lattice directions x Lloyd-Max "
+                        "magnitudes, BlockLDLQ error feedback", weight=polar, algorithm="pcdvq")]
+    return out
 
 
 def _rotation_recipes() -> list[Recipe]:
@@ -73,6 +93,7 @@ BUILTIN: dict[str, Recipe] = {
         _recipe("nvfp4-w4a16", "NVFP4 weights (E2M1, 16-blocks, E4M3 block scales, fp32 tensor scale)", weight="nvfp4"),
         _recipe("mxfp4-w4a16", "MXFP4 weights (E2M1, 32-blocks, E8M0 scales)", weight="mxfp4"),
         *_rotation_recipes(),
+        *_vq_recipes(),
     )
 }
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-Algorithm = Literal["rtn", "gptq"]
-ALGORITHMS: tuple[str, ...] = ("rtn", "gptq")
+Algorithm = Literal["rtn", "gptq", "gptvq", "pcdvq"]
+ALGORITHMS: tuple[str, ...] = ("rtn", "gptq", "gptvq", "pcdvq")
 TRANSFORM_KINDS: tuple[str, ...] = ("smoothquant", "quarot", "ostquant")
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = (r"(.*/)?embed_tokens", r"(.*/)?lm_head")
 
@@ -39,7 +39,8 @@ class Rule:
     (``None`` keeps that tensor in floating point); ``weight_options`` /
     ``activation_options`` override fields of the named format (e.g.
     ``{"symmetric": False}``); ``options`` go to the algorithm (GPTQ:
-    ``damp``, ``act_order``, ``block_size``, ``static_groups``).
+    ``damp``, ``act_order``, ``block_size``, ``static_groups``; GPTVQ: ``GPTVQConfig``
+    fields; PCDVQ: ``PCDVQConfig`` fields).
     ``static_activation`` calibrates one activation scale per site (from the
     largest input magnitude seen in calibration) instead of computing scales
     per token at run time; it needs a per-tensor symmetric integer format
@@ -62,8 +63,8 @@ class Rule:
             raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regular expression: {err}.") from None
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"Rule({self.pattern!r}).algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
-        if self.algorithm == "gptq" and self.weight is None:
-            raise ValueError(f"Rule({self.pattern!r}): algorithm 'gptq' needs a weight format.")
+        if self.algorithm != "rtn" and self.weight is None:
+            raise ValueError(f"Rule({self.pattern!r}): algorithm {self.algorithm!r} needs a weight format.")
         if self.static_activation and self.activation is None:
             raise ValueError(f"Rule({self.pattern!r}): static_activation needs an activation format (e.g. 'int8-tensor').")
         for name in ("weight_options", "activation_options", "options"):
