@@ -13,10 +13,11 @@ PATHS = ("xla", "pallas", "native")
 
 
 def dispatch_table(result: dict) -> dict:
-    """``{"device", "jax", "cases": {case: {"KxN": {"m": [...], "path": [...], "config": [...]}}}}``.
+    """``{"device", "jax", "cases": {case: {"KxN": {"m", "path", "kernel", "config"}}}}`` (lists per M).
 
     ``path`` is the fastest of ``"xla"`` (the dequantize fallback), ``"pallas"`` and
-    ``"native"`` measured at that ``M``; ``config`` is the Pallas tile config.
+    ``"native"`` measured at that ``M``; ``kernel`` and ``config`` name the fastest Pallas
+    kernel and its tile config.
     """
     idx = _index(result["rows"])
     cases: dict = defaultdict(dict)
@@ -25,11 +26,33 @@ def dispatch_table(result: dict) -> dict:
             continue
         timed = {p: idx[(r["case"], p, r["k"], r["n"], r["m"])]["seconds"] for p in PATHS
                  if (r["case"], p, r["k"], r["n"], r["m"]) in idx}
-        entry = cases[r["case"]].setdefault(f"{r['k']}x{r['n']}", {"m": [], "path": [], "config": []})
+        entry = cases[r["case"]].setdefault(f"{r['k']}x{r['n']}", {"m": [], "path": [], "kernel": [],
+                                                                   "config": []})
         entry["m"].append(r["m"])
         entry["path"].append(min(timed, key=timed.get))
+        entry["kernel"].append(r.get("kernel"))
         entry["config"].append(r["config"])
     return {"device": result["device"], "jax": result["jax"], "cases": dict(cases)}
+
+
+def _method(result: dict) -> str:
+    methods = {r.get("method", "wall") for r in result["rows"]}
+    if methods == {"device"}:
+        return ("device time: summed GPU kernel durations per call from a jax.profiler trace (host dispatch "
+                "and launch latency excluded); `span` also counts the gaps between a path's kernels.")
+    return "wall clock per call (median over runs of one jit over all weight copies)."
+
+
+def _config(r: dict) -> str:
+    cfg = r.get("config")
+    if not cfg or r["path"] != "pallas":
+        return ""
+    keys = (("bm", "block_m"), ("bn", "block_n"), ("bk", "block_k"), ("sk", "split_k"), ("w", "num_warps"),
+            ("s", "num_stages"))
+    short = " ".join(f"{a}{cfg[b]}" for a, b in keys if b in cfg)
+    if cfg.get("quantize_in_kernel"):
+        short += " qik"
+    return f"{(r.get('kernel') or '').replace('pallas-', '')} {short}"
 
 
 def markdown_report(result: dict, summary_only: bool = False) -> str:
@@ -39,7 +62,8 @@ def markdown_report(result: dict, summary_only: bool = False) -> str:
              f"Measured ceilings: HBM {c['hbm_bytes_per_s'] / 1e12:.2f} TB/s (device copy, read + write), "
              f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s (8192^3 jnp.dot).", "",
              "`x bf16` = bf16 `jnp.dot` time / this path's time (higher is better); `roofline` = "
-             "max(bytes / HBM rate, flops / dot rate) / time, int8/fp8 dots at 2x the bf16 rate.", ""]
+             "max(bytes / HBM rate, flops / dot rate) / time, int8/fp8 dots at 2x the bf16 rate.", "",
+             f"Timing: {_method(result)}", ""]
     idx = _index(result["rows"])
     kernels = [r for r in result["rows"] if r["path"] == "pallas"]
     lines += ["## Summary: Pallas kernel speed-up over bf16", "",
@@ -55,12 +79,15 @@ def markdown_report(result: dict, summary_only: bool = False) -> str:
     if summary_only:
         return "\n".join(lines) + "\n"
     lines += ["", "## All paths", "",
-              "| case | path | K x N | M | time (us) | TB/s | TFLOP/s | roofline | x bf16 | x xla |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| case | path | K x N | M | time (us) | span (us) | TB/s | TFLOP/s | roofline | x bf16 | x xla "
+              "| kernel, config |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         xla = idx.get((r["case"], "xla", r["k"], r["n"], r["m"]))
         vs_xla = f"{xla['seconds'] / r['seconds']:.2f}" if r["path"] in ("pallas", "native") and xla else ""
+        span = r.get("span_seconds")
         lines.append(f"| {r['case']} | {r['path']} | {r['k']}x{r['n']} | {r['m']} | {r['seconds'] * 1e6:.1f} | "
+                     f"{'' if span is None else f'{span * 1e6:.1f}'} | "
                      f"{r['tb_per_s']:.2f} | {r['tflop_per_s']:.1f} | {r['roofline_fraction']:.2f} | "
-                     f"{r['vs_bf16']:.2f} | {vs_xla} |")
+                     f"{r['vs_bf16']:.2f} | {vs_xla} | {_config(r)} |")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ import jax
 
 from jquant.formats import FP8Format, IntFormat, MXFormat, NVFP4Format, QArray
 
-from . import fp8_matmul, int8_activation_matmul, weight_only_fp4, weight_only_int, xla_native_dot
+from . import fp8_matmul, int8_activation_matmul, int_gemv, weight_only_fp4, weight_only_int, xla_native_dot
 from ._common import TileConfig
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "dispatch_table.json")
@@ -62,6 +62,12 @@ KERNELS: dict[str, KernelSpec] = {
         fp8_matmul.check,
         fp8_matmul.fp8_matmul,
         fp8_matmul.reference),
+    int_gemv.NAME: KernelSpec(  # decode only (M <= 16); picked by the table, never by kernel_for
+        int_gemv.NAME,
+        lambda w, a: a is None and int_gemv.supports(w),
+        lambda x, w, a, cfg: int_gemv.check(x, w, cfg),
+        lambda x, w, a, cfg: int_gemv.int_gemv(x, w, cfg),
+        lambda x, w, a: int_gemv.reference(x, w)),
     xla_native_dot.NAME: KernelSpec(
         xla_native_dot.NAME,
         xla_native_dot.supports,
@@ -79,7 +85,8 @@ def get(name: str) -> KernelSpec:
 
 def kernel_for(w: QArray, activation) -> KernelSpec | None:
     """The Pallas kernel that implements ``linear(x, w, activation=activation)``, if any."""
-    return next((k for k in KERNELS.values() if k.name != NATIVE and k.supports(w, activation)), None)
+    return next((k for k in KERNELS.values() if k.name not in (NATIVE, int_gemv.NAME)
+                 and k.supports(w, activation)), None)
 
 
 def case_for(w: QArray, activation) -> str | None:
@@ -113,6 +120,8 @@ def candidate_configs(kernel: str, m: int) -> list[TileConfig]:
     """Tile configs worth timing for batch ``m`` (the tuner picks among them)."""
     if kernel == xla_native_dot.NAME:
         return [TileConfig()]  # XLA picks its own tiling
+    if kernel == int_gemv.NAME:
+        return gemv_configs(m)
     bucket = _bucket(m)
     weight_only = kernel in (weight_only_int.NAME, weight_only_fp4.NAME)
     if bucket == "decode":
@@ -131,9 +140,24 @@ def candidate_configs(kernel: str, m: int) -> list[TileConfig]:
     return large + [SMALL]
 
 
+def gemv_configs(m: int) -> list[TileConfig]:
+    """``int_gemv`` candidates: CUDA-core FMA variant (``block_m=1``) for M <= 8, tensor cores to 16."""
+    fma = [TileConfig(1, bn, bk, 1, w, st) for bn, bk, w, st in
+           ((32, 512, 4, 2), (16, 512, 2, 2), (64, 256, 4, 2), (32, 256, 4, 3), (64, 512, 8, 2),
+            (32, 1024, 8, 1))]
+    dot = [TileConfig(16, bn, bk, 1, w, st) for bn, bk, w, st in
+           ((32, 256, 4, 3), (64, 256, 4, 3), (32, 512, 4, 2), (64, 512, 8, 2))]
+    if m <= int_gemv.MAX_FMA_M:
+        return (fma if m <= 2 else fma[:3]) + dot
+    return dot if m <= int_gemv.MAX_M else []
+
+
 def default_config(kernel: str, m: int) -> TileConfig:
     """The first candidate for ``m``: the fallback when the table has no entry."""
-    return candidate_configs(kernel, m)[0]
+    configs = candidate_configs(kernel, m)
+    if not configs:
+        raise ValueError(f"{kernel} has no tile config for M={m}.")
+    return configs[0]
 
 
 @functools.cache
@@ -185,4 +209,5 @@ def decide(w: QArray, activation, m: int, k: int, n: int, table: dict | None = N
         return Decision(None, None, where)
     if path == "native":
         return Decision(NATIVE, None, where)
-    return Decision(spec.name, TileConfig(**entry["config"][i]), where)
+    kernel = entry.get("kernel", [spec.name] * len(ms))[i] or spec.name
+    return Decision(kernel, TileConfig(**entry["config"][i]), where)
