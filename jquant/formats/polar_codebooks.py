@@ -33,6 +33,7 @@ import numpy as np
 from scipy import special, stats
 
 DIRECTION_DIMS = (2, 4, 8)
+TIE = 1e-6  # similarities closer than this count as equal in the greedy selection
 _MAX_NORM2 = {2: 4096, 4: 256, 8: 16}  # largest ball searched for candidates, per dimension
 
 
@@ -88,7 +89,7 @@ def greedy_directions(candidates: np.ndarray, count: int, start: int = 0) -> np.
     """Greedy farthest-point selection of ``count`` rows of unit ``candidates [N, k]`` (cosine similarity).
 
     ``maxsim[c] = max_{s ∈ S} <c, s>``; each step adds the candidate with the smallest ``maxsim``
-    (the first on ties) and updates ``maxsim``. Deterministic. Returns float64 ``[count, k]``.
+    (the first of those within ``TIE`` of it) and updates ``maxsim``. Deterministic. Returns float64 ``[count, k]``.
     """
     if count > len(candidates):
         raise ValueError(f"greedy_directions: count={count} exceeds the {len(candidates)} candidates.")
@@ -97,7 +98,9 @@ def greedy_directions(candidates: np.ndarray, count: int, start: int = 0) -> np.
     chosen[0] = start
     maxsim = cands @ cands[start]
     for i in range(1, count):
-        j = int(np.argmin(maxsim))
+        # first index within TIE of the minimum: lattice cosines that are equal in exact arithmetic
+        # differ by float32 rounding only, and distinct ones by far more than TIE
+        j = int(np.argmax(maxsim <= maxsim.min() + TIE))
         chosen[i] = j
         np.maximum(maxsim, cands @ cands[j], out=maxsim)
     return np.asarray(candidates, np.float64)[chosen]
