@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.device_timing import time_device
-from jquant.formats import get_format, quantize
+from jquant.formats import CodebookFormat, QArray, get_format, quantize
 from jquant.ops.dispatch import force_path
 from jquant.ops.linear import linear
 from jquant.pallas_kernels import registry
@@ -75,6 +75,8 @@ CASES: tuple[Case, ...] = (
     Case("w8a8-int8", "int8", "int8", "pallas-int8-activation", 2.0, native=True),
     Case("w4a8-int4-g128", "int4-g128", "int8", "pallas-int8-activation", 2.0),
     Case("w8a8-fp8", "fp8-e4m3", "fp8-e4m3", "pallas-fp8", 2.0, native=True),
+    Case("vq-d4-k8", "vq-d4-k8", None, "pallas-codebook-gemv"),
+    Case("vq-d8-k16", "vq-d8-k16", None, "pallas-codebook-gemv"),
 )
 
 
@@ -145,11 +147,31 @@ def measure_ceilings(reps: int = 10) -> dict[str, float]:
     return {"hbm_bytes_per_s": 2 * n * 2 / t_copy.seconds, "bf16_flops_per_s": 2 * d**3 / t_dot.seconds}
 
 
+def random_codebook_weight(fmt: CodebookFormat, k: int, n: int, key: jax.Array) -> QArray:
+    """A ``[K, N]`` codebook QArray with uniformly random indices and normal codebooks (and scales).
+
+    For timing only: the nearest-codeword search of ``codebook_quantize`` is too slow at
+    16-bit indices on layer shapes, and kernel time does not depend on the fit.
+    """
+    spec = fmt.expected_children((k, n), 0)
+    kc, kb, ks = jax.random.split(key, 3)
+    arrays = {"codes": jax.random.randint(kc, spec["codes"].shape, 0, 256, jnp.int32).astype(jnp.uint8),
+              "codebooks": (jax.random.normal(kb, spec["codebooks"].shape) * 0.02).astype(spec["codebooks"].dtype)}
+    if spec.get("scales") is not None:
+        arrays["scales"] = (1.0 + jax.random.uniform(ks, spec["scales"].shape)).astype(spec["scales"].dtype)
+    return QArray(**arrays, format=fmt, shape=(k, n), dtype="float32", axis=0).validate()
+
+
 def weight_sets(case: Case | None, k: int, n: int, count: int, key: jax.Array) -> list:
     """``count`` distinct weights: bf16 arrays (``case=None``) or QArrays of ``case.weight``."""
     out = []
     for i in range(count):
-        w = jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32) * 0.02
+        ki = jax.random.fold_in(key, i)
+        fmt = None if case is None else get_format(case.weight)
+        if isinstance(fmt, CodebookFormat):
+            out.append(random_codebook_weight(fmt, k, n, ki))
+            continue
+        w = jax.random.normal(ki, (k, n), jnp.float32) * 0.02
         out.append(w.astype(jnp.bfloat16) if case is None else quantize(w, case.weight, axis=0))
     return jax.block_until_ready(out)
 

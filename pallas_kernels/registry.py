@@ -19,9 +19,10 @@ from collections.abc import Callable
 
 import jax
 
-from jquant.formats import FP8Format, IntFormat, MXFormat, NVFP4Format, QArray
+from jquant.formats import CodebookFormat, FP8Format, IntFormat, MXFormat, NVFP4Format, QArray
 
-from . import fp8_matmul, int8_activation_matmul, int_gemv, weight_only_fp4, weight_only_int, xla_native_dot
+from . import (codebook_gemv, fp8_matmul, int8_activation_matmul, int_gemv, weight_only_fp4, weight_only_int,
+               xla_native_dot)
 from ._common import TileConfig
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "dispatch_table.json")
@@ -68,6 +69,12 @@ KERNELS: dict[str, KernelSpec] = {
         lambda x, w, a, cfg: int_gemv.check(x, w, cfg),
         lambda x, w, a, cfg: int_gemv.int_gemv(x, w, cfg),
         lambda x, w, a: int_gemv.reference(x, w)),
+    codebook_gemv.NAME: KernelSpec(  # decode only (M <= 8)
+        codebook_gemv.NAME,
+        lambda w, a: a is None and codebook_gemv.supports(w),
+        lambda x, w, a, cfg: codebook_gemv.check(x, w, cfg),
+        lambda x, w, a, cfg: codebook_gemv.codebook_gemv(x, w, cfg),
+        lambda x, w, a: codebook_gemv.reference(x, w)),
     xla_native_dot.NAME: KernelSpec(
         xla_native_dot.NAME,
         xla_native_dot.supports,
@@ -99,12 +106,17 @@ def case_for(w: QArray, activation) -> str | None:
             return "w4a16-nvfp4"
         if isinstance(fmt, MXFormat):
             return "w4a16-mxfp4"
+        if isinstance(fmt, CodebookFormat) and fmt.name in VQ_CASES:
+            return fmt.name
         return None
     if isinstance(activation, IntFormat) and isinstance(fmt, IntFormat):
         return {4: "w4a8-int4-g128", 8: "w8a8-int8"}.get(fmt.bits)
     if isinstance(activation, FP8Format) and isinstance(fmt, FP8Format):
         return "w8a8-fp8"
     return None
+
+
+VQ_CASES = ("vq-d4-k8", "vq-d8-k16")  # codebook formats with a benchmark case (named as the format)
 
 
 def _bucket(m: int) -> str:
@@ -122,6 +134,11 @@ def candidate_configs(kernel: str, m: int) -> list[TileConfig]:
         return [TileConfig()]  # XLA picks its own tiling
     if kernel == int_gemv.NAME:
         return gemv_configs(m)
+    if kernel == codebook_gemv.NAME:
+        if m > codebook_gemv.MAX_M:
+            return []
+        return [TileConfig(1, bn, bk, 1, w, st) for bn, bk, w, st in
+                ((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2), (16, 128, 2, 2))]
     bucket = _bucket(m)
     weight_only = kernel in (weight_only_int.NAME, weight_only_fp4.NAME)
     if bucket == "decode":

@@ -59,4 +59,6 @@ def choose(x, w, activation, activation_scale, mode: str) -> tuple[Kernel | None
             problems.append(str(e))
             continue
         return _kernel(spec, cfg), f"mode {mode!r}: {spec.name} with {cfg}"
+    if not problems:
+        return None, f"{spec.name} has no tile config for M={m}"
     return None, f"{spec.name} does not apply: {problems[0]}"
