@@ -48,7 +48,7 @@ def feedback_sweep(w: jax.Array, u: jax.Array, row0: jax.Array, params, *, round
 
     def body(b, carry):
         w, q_all, idx_all = carry
-        i = row0 + b * d
+        i = b * d + jnp.asarray(row0).astype(b.dtype)  # the loop index's int type (int64 under x64)
         rows = jax.lax.dynamic_slice(w, (i, 0), (d, n_out))
         u_rows = jax.lax.dynamic_slice(u, (i, 0), (d, n_in))  # U[B, :]
         u_bb = jax.lax.dynamic_slice(u_rows, (0, i), (d, d))
