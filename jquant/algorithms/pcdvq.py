@@ -68,10 +68,29 @@ def _round_block(rows: jax.Array, t: jax.Array, params, *, candidates: int) -> t
     return q.T, jnp.stack([i_d, i_r], axis=-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _block_quantizer(candidates: int):
+    """One function object per ``candidates`` value, so the jitted sweep compiles once per shape."""
+    return functools.partial(_round_block, candidates=candidates)
+
+
 def _check(weight: jax.Array, fmt: PolarVQFormat, axis: int) -> None:
     if not isinstance(fmt, PolarVQFormat):
         raise ValueError(f"pcdvq needs a PolarVQFormat (e.g. 'pcdvq-d8-a14-b2'), got {fmt.name}.")
     fmt.check_shape(tuple(weight.shape), axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _scaled_rotation(w: jax.Array, fmt: PolarVQFormat) -> tuple[jax.Array, jax.Array]:
+    """``(W̄ = W̃ / s, s)`` (all-zero tensors or columns keep ``s = 0`` and ``W̄ = 0``)."""
+    wt = fmt.rotate(w)
+    s = polar_scale(wt, fmt)
+    return wt / B.safe_divisor(s), s
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _rotate_hessian(h: jax.Array, fmt: PolarVQFormat) -> jax.Array:
+    return fmt.rotate_hessian(h)
 
 
 def pcdvq_quantize(weight: jax.Array, hessian: jax.Array | None, fmt: PolarVQFormat, *, axis: int = 0,
@@ -81,12 +100,9 @@ def pcdvq_quantize(weight: jax.Array, hessian: jax.Array | None, fmt: PolarVQFor
     ``hessian=None`` or ``config.feedback=False`` gives nearest PCD rounding (what ``quantize`` does).
     """
     _check(weight, fmt, axis)
-    w = jnp.asarray(weight, jnp.float32)
-    n, m = w.shape
+    n, m = weight.shape
     k = fmt.vector_dim
-    wt = fmt.rotate(w)
-    s = polar_scale(wt, fmt)
-    wbar = wt / B.safe_divisor(s)
+    wbar, s = _scaled_rotation(jnp.asarray(weight, jnp.float32), fmt)
     params = tuple(jnp.asarray(c) for c in fmt.codebooks())
     if hessian is None or not config.feedback:
         i_d, i_r = jax.lax.map(lambda v: nearest_polar(v, *params), jnp.swapaxes(wbar.reshape(n // k, k, m), 1, 2))
@@ -94,8 +110,8 @@ def pcdvq_quantize(weight: jax.Array, hessian: jax.Array | None, fmt: PolarVQFor
         h = jnp.asarray(hessian, jnp.float32)
         if h.shape != (n, n):
             raise ValueError(f"pcdvq: Hessian shape {h.shape} does not match the weight's input size {n}.")
-        _, w0, u, _ = damped_factor(fmt.rotate_hessian(h), wbar, config.damp, what="pcdvq")
-        round_block = functools.partial(_round_block, candidates=min(config.candidates, 2 ** fmt.direction_bits))
+        _, w0, u, _ = damped_factor(_rotate_hessian(h, fmt), wbar, config.damp, what="pcdvq")
+        round_block = _block_quantizer(min(config.candidates, 2 ** fmt.direction_bits))
         _, _, idx = feedback_sweep(w0, u, jnp.int32(0), params, round_block=round_block, d=k, n_blocks=n // k,
                                    n_idx=2)
         i_d, i_r = idx[..., 0], idx[..., 1]
@@ -114,9 +130,8 @@ def simulate_parts(weight: jax.Array, fmt: PolarVQFormat, parts: str) -> jax.Arr
     n, m = weight.shape
     k = fmt.vector_dim
     c_d, c_r = (jnp.asarray(c) for c in fmt.codebooks())
-    wt = fmt.rotate(weight.astype(jnp.float32))
-    s = polar_scale(wt, fmt)
-    v = jnp.swapaxes((wt / B.safe_divisor(s)).reshape(n // k, k, m), 1, 2)  # [nv, out, k]
+    wbar, s = _scaled_rotation(weight.astype(jnp.float32), fmt)
+    v = jnp.swapaxes(wbar.reshape(n // k, k, m), 1, 2)  # [nv, out, k]
     i_d, i_r = jax.lax.map(lambda x: nearest_polar(x, c_d, c_r), v)
     r = jnp.linalg.norm(v, axis=-1, keepdims=True)
     direction = c_d[i_d] if parts != "magnitude" else v / jnp.where(r > 0, r, 1.0)
