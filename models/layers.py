@@ -182,15 +182,28 @@ class AttentionConfig:
             )
 
 
+class KVSmoothing(nnx.Module):
+    """WKVQuant's static channel smoothing of cached keys and values: ``x~ = (x - shift) / scale``, each ``[K * D]``."""
+
+    def __init__(self, k_shift: jax.Array, k_scale: jax.Array, v_shift: jax.Array, v_scale: jax.Array):
+        self.k_shift, self.k_scale = nnx.Param(k_shift), nnx.Param(k_scale)
+        self.v_shift, self.v_scale = nnx.Param(v_shift), nnx.Param(v_scale)
+
+    def pairs(self) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        return ((self.k_shift.get_value(), self.k_scale.get_value()), (self.v_shift.get_value(), self.v_scale.get_value()))
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3).
 
     Paths: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (and ``q_norm``, ``k_norm``).
-    Two run-time options set by transforms and recipes: ``qk_rotation`` applies an
-    online Hadamard over the head dimension to queries and keys after RoPE (leaves
-    ``q kᵀ`` unchanged, spreads key outliers before KV quantization); ``kv_format``
-    quantizes keys (after RoPE and rotation) and values per token and head, in the
-    un-cached path and in the cache (``init_cache`` then stores that format).
+    Run-time options set by transforms and recipes: ``qk_rotation`` applies an online
+    Hadamard over the head dimension to queries and keys after RoPE (leaves ``q kᵀ``
+    unchanged, spreads key outliers before KV quantization); ``kv_cache`` (a
+    ``jquant.kv.KVCacheConfig``) quantizes cached keys and values, with ``kv_smoothing``
+    (WKVQuant's channel smoothing) when set. Without a cache the layer attends as token-by-token
+    decoding with that cache would (``ops.attention_quantized_past``); ``init_cache`` builds
+    caches of that config.
     """
 
     def __init__(self, cfg: AttentionConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
@@ -207,7 +220,13 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.qk_rotation = False
-        self.kv_format = None
+        self.kv_cache = None  # a jquant.kv.KVCacheConfig once keys/values are quantized
+        self.kv_smoothing = nnx.data(None)  # a KVSmoothing (WKVQuant)
+        self.capture_kv = False  # when set, calls sow q, keys (before and after RoPE) and values (calibration)
+
+    def _rotate_keys(self, k: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        k = apply_rope(k, cos, sin)
+        return ops.online_hadamard(k) if self.qk_rotation else k
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, cache: LayerKVCache | None, cache_start: jax.Array | None
@@ -221,31 +240,52 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        k_raw = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg.head_dim, cfg.rope), x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k_raw = self.q_norm(q), self.k_norm(k_raw)
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope)
+        cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
+        q = apply_rope(q, cos, sin)
         if self.qk_rotation:
-            q, k = ops.online_hadamard(q), ops.online_hadamard(k)
+            q = ops.online_hadamard(q)
+        k = self._rotate_keys(k_raw, cos, sin)
+        kvc = self.kv_cache
+        pre_rope = kvc is not None and kvc.pre_rope
+        if self.capture_kv:
+            for name, value in (("q", q), ("k_pre_rope", k_raw), ("k", k), ("v", v)):
+                self.sow(nnx.Intermediate, f"kv_{name}", value)
+        smoothing = self.kv_smoothing.pairs() if self.kv_smoothing is not None else (None, None)
+        k_src = k_raw if pre_rope else k
         if cache is None:
-            if self.kv_format is not None:
-                k, v = ops.quantize_kv(k, self.kv_format), ops.quantize_kv(v, self.kv_format)
-            k_all, v_all, k_pos, k_valid = k, v, positions, None
+            mask = ops.causal_mask(positions, positions, None, sliding_window=cfg.sliding_window)
+            if kvc is None:
+                out = ops.attention(q, k, v, mask)
+            else:
+                k_hat = k_src if kvc.key is None else ops.quantize_kv(k_src, kvc.key, smoothing[0], sink=kvc.sink)
+                v_hat = v if kvc.value is None else ops.quantize_kv(v, kvc.value, smoothing[1], sink=kvc.sink)
+                if pre_rope:
+                    k_hat = self._rotate_keys(k_hat, cos, sin)
+                if kvc.simple:
+                    out = ops.attention(q, k_hat, v_hat, mask)
+                else:
+                    out = ops.attention_quantized_past(
+                        q, k, v, k_hat, v_hat, mask,
+                        kvc.quantized_mask(kvc.key, positions, positions), kvc.quantized_mask(kvc.value, positions, positions))
         else:
-            if cache.kv_format != self.kv_format:
+            if cache.config != kvc:
                 raise ValueError(
-                    f"Attention: the cache stores keys/values as {getattr(cache.kv_format, 'name', 'float')} but the "
-                    f"layer's kv_format is {getattr(self.kv_format, 'name', 'float')}; build the cache with "
+                    f"Attention: the cache holds keys/values as {getattr(cache.config, 'name', 'float')} but the "
+                    f"layer's kv_cache is {getattr(kvc, 'name', 'float')}; build the cache with "
                     "model.init_cache(...), which follows the layers."
                 )
-            cache, k_all, v_all = cache.update(k, v, cache_start)
+            cache, k_all, v_all = cache.update(k_src, v, cache_start, smoothing)
             slots = jnp.arange(cache.capacity, dtype=jnp.int32)
             k_pos = jnp.broadcast_to(slots, (b, cache.capacity))
-            k_valid = k_pos < cache_start + t
-        mask = ops.causal_mask(positions, k_pos, k_valid, sliding_window=cfg.sliding_window)
-        out = ops.attention(q, k_all, v_all, mask)
+            if pre_rope:
+                k_all = self._rotate_keys(k_all, *rope_cos_sin(k_pos, inv_freq, x.dtype))
+            mask = ops.causal_mask(positions, k_pos, k_pos < cache_start + t, sliding_window=cfg.sliding_window)
+            out = ops.attention(q, k_all, v_all, mask)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
 
 

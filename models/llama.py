@@ -169,8 +169,8 @@ class Llama(nnx.Module):
     def init_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens.
 
-        Layers whose attention has a ``kv_format`` (set by a KV-quantizing recipe)
-        get a cache stored in that format.
+        Layers whose attention has a ``kv_cache`` config (set by a KV-quantizing recipe
+        or method) get a cache held that way.
         """
         cfg = self.config
         return init_cache(
@@ -180,7 +180,7 @@ class Llama(nnx.Module):
             kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
             dtype=jnp.dtype(cfg.dtype),
-            kv_formats=tuple(layer.self_attn.kv_format for layer in self.layers),
+            configs=tuple(layer.self_attn.kv_cache for layer in self.layers),
         )
 
     def equivalence_layout(self) -> DecoderLayout:
@@ -494,5 +494,11 @@ PRESETS: dict[str, LlamaConfig] = {
     "jq-llama-small": LlamaConfig(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=10, num_heads=4, num_kv_heads=2,
         max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+    ),
+    # jq-llama-small's shape with a 4096-token context: the long-context model of the KV-cache results,
+    # trained on 4096-token windows with needle-retrieval sequences mixed in (experiments/train_long_context.py).
+    "jq-llama-long": LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=10, num_heads=4, num_kv_heads=2,
+        max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
     ),
 }

@@ -123,3 +123,37 @@ def to_signed(u: jax.Array, bits: int) -> jax.Array:
     """Sign-extends unsigned ``bits``-bit two's-complement codes to int32."""
     u = u.astype(jnp.int32)
     return u - ((u >> (bits - 1)) << bits)
+
+
+TRITS_PER_BYTE = 5  # 3^5 = 243 <= 256
+
+
+def trit_packed_length(n: int) -> int:
+    """Bytes that ``n`` ternary codes occupy: five per byte (1.6 bits per code)."""
+    return -(-n // TRITS_PER_BYTE)
+
+
+def pack_trits(codes: jax.Array, axis: int = -1) -> jax.Array:
+    """Packs codes in {0, 1, 2} base 3, five per uint8 along ``axis``: ``byte = sum_i c_i 3^i``.
+
+    The axis is zero-padded to a multiple of five. Used for SKVQ's 1.5-bit (ternary) KV codes.
+    """
+    axis = normalize_axis(axis, codes.ndim, "pack_trits")
+    x = pad_axis(codes.astype(jnp.int32), axis, TRITS_PER_BYTE)
+    s = x.shape
+    grouped = x.reshape(s[:axis] + (s[axis] // TRITS_PER_BYTE, TRITS_PER_BYTE) + s[axis + 1:])
+    powers = (3 ** jnp.arange(TRITS_PER_BYTE, dtype=jnp.int32)).reshape(_bit_shape(0, axis, x.ndim, TRITS_PER_BYTE))
+    return jnp.sum(grouped * powers, axis=axis + 1).astype(jnp.uint8)
+
+
+def unpack_trits(packed: jax.Array, length: int, axis: int = -1) -> jax.Array:
+    """Inverse of ``pack_trits``: the first ``length`` codes (uint8) along ``axis``."""
+    axis = normalize_axis(axis, packed.ndim, "unpack_trits")
+    if packed.dtype != jnp.uint8 or not 0 <= length <= packed.shape[axis] * TRITS_PER_BYTE:
+        raise ValueError(f"unpack_trits: {length} codes need {trit_packed_length(length)} uint8 bytes along axis "
+                         f"{axis}; got {packed.shape} {packed.dtype}.")
+    powers = (3 ** jnp.arange(TRITS_PER_BYTE, dtype=jnp.int32)).reshape(_bit_shape(0, axis, packed.ndim, TRITS_PER_BYTE))
+    digits = (jnp.expand_dims(packed.astype(jnp.int32), axis + 1) // powers) % 3
+    s = digits.shape
+    codes = digits.reshape(s[:axis] + (s[axis] * TRITS_PER_BYTE,) + s[axis + 2:])
+    return crop_axis(codes.astype(jnp.uint8), axis, length)

@@ -7,6 +7,7 @@ quantized matmul (a Pallas kernel where the measured table says it wins, else XL
 """
 
 from jquant.ops.attention import attention as attention
+from jquant.ops.attention import attention_quantized_past as attention_quantized_past
 from jquant.ops.attention import causal_mask as causal_mask
 from jquant.ops.attention import quantize_kv as quantize_kv
 from jquant.ops.dispatch import explain as explain
@@ -19,5 +20,5 @@ from jquant.ops.linear import linear as linear
 from jquant.ops.rotation import online_hadamard as online_hadamard
 from jquant.ops.vector import polar_linear as polar_linear
 
-__all__ = ["as_array", "attention", "causal_mask", "dot_general", "embedding_lookup", "explain",
-           "force_path", "linear", "online_hadamard", "polar_linear", "quantize_kv", "record_dispatch"]
+__all__ = ["as_array", "attention", "attention_quantized_past", "causal_mask", "dot_general", "embedding_lookup",
+           "explain", "force_path", "linear", "online_hadamard", "polar_linear", "quantize_kv", "record_dispatch"]

@@ -83,10 +83,64 @@ def attention(
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def quantize_kv(x: jax.Array, fmt: Format) -> jax.Array:
-    """Fake-quantize keys or values ``[B, S, K, D]`` per token and head (groups along ``D``), straight-through.
+def attention_quantized_past(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_hat: jax.Array,
+    v_hat: jax.Array,
+    mask: jax.Array,
+    k_quantized: jax.Array,
+    v_quantized: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention where some (query, key) pairs read the quantized key/value instead of the exact one.
 
-    Equal to what a cache quantized with ``fmt`` returns for the same entries
-    (``jquant.kv.init_cache(kv_formats=fmt)``).
+    The decode-simulated attention of WKVQuant §3.2 generalised to sink and window tokens:
+    ``S = where(k_quantized, q k_hatᵀ, q kᵀ) * scale``, ``P = softmax(S)`` under ``mask``,
+    ``O = (P ⊙ v_quantized) v_hat + (P ⊙ ¬v_quantized) v``. With the masks of
+    ``KVCacheConfig.quantized_mask`` a full-sequence pass equals token-by-token decoding with
+    that quantized cache.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v, k_hat, v_hat: ``[B, S, K, D]``.
+      mask, k_quantized, v_quantized: ``[B, T, S]`` bool.
     """
-    return fake_quantize(x, fmt, axis=-1)
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    groups = h // kv_heads
+    scale = d**-0.5 if scale is None else scale
+    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    qg = q.reshape(b, t, kv_heads, groups, d)
+
+    def scores(keys):
+        return jnp.einsum("btkgd,bskd->bkgts", qg, keys, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=acc_dtype)
+
+    logits = jnp.where(k_quantized[:, None, None], scores(k_hat), scores(k)) * scale
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(acc_dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    vq = v_quantized[:, None, None]
+
+    def mix(p, values):
+        return jnp.einsum("bkgts,bskd->btkgd", p.astype(values.dtype), values, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=acc_dtype)
+
+    out = mix(jnp.where(vq, probs, 0), v_hat) + mix(jnp.where(vq, 0, probs), v)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def quantize_kv(x: jax.Array, quantizer, smoothing=None, *, sink: int = 0) -> jax.Array:
+    """Fake-quantize keys or values ``[B, S, K, D]`` as a quantized KV cache stores them (straight-through).
+
+    ``quantizer`` is a ``jquant.kv.KVQuantizer``, a ``jquant.kv.FormatKV`` or a jquant Format (per
+    token and head along ``D``); ``smoothing`` is WKVQuant's (shift, scale) or None. The first
+    ``sink`` tokens are returned exact (a cache never quantizes them, and channel-wise token
+    blocks start after them). Equal to what a cache of that quantizer returns for the same entries.
+    """
+    if isinstance(quantizer, Format):
+        quantized = fake_quantize(x[:, sink:], quantizer, axis=-1)
+    else:
+        quantized = quantizer.fake(x[:, sink:], smoothing)
+    return jnp.concatenate([x[:, :sink], quantized], axis=1) if sink else quantized

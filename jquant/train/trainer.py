@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -126,8 +127,13 @@ def train(
     workdir: str | Path,
     *,
     progress: bool = True,
+    sample_batch: Callable[[int], np.ndarray] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_stream`` (int32 tokens); checkpoints and history go to ``workdir``.
+
+    Batches are random windows of ``train_stream`` drawn from ``default_rng([seed, step])``,
+    or ``sample_batch(step) -> [batch_size, seq_len + 1]`` tokens when given (it must be a
+    deterministic function of the step, so a resumed run sees the same batches).
 
     If ``workdir/checkpoints`` holds a checkpoint, training resumes from its
     step (model, optimizer state and history). A non-finite loss stops
@@ -162,7 +168,8 @@ def train(
     schedule = cfg.schedule()
     with progress_bar(total=cfg.steps, initial=start_step, description="train", enabled=progress) as bar:
         for step in range(start_step, cfg.steps):
-            loss = float(_train_step(model, optimizer, jnp.asarray(_batch(train_stream, cfg, step))))
+            batch = _batch(train_stream, cfg, step) if sample_batch is None else sample_batch(step)
+            loss = float(_train_step(model, optimizer, jnp.asarray(batch)))
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss} at step {step}; lower TrainConfig.peak_lr or raise warmup_steps. "

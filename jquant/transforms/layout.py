@@ -33,7 +33,7 @@ class AttentionLayout:
     """One grouped-query attention layer.
 
     ``q, k, v, o``: Linear paths; ``path``: the attention module (it holds the run-time
-    flags ``qk_rotation`` and ``kv_format``). Query head ``h`` uses KV head
+    flags ``qk_rotation`` and ``kv_cache``). Query head ``h`` uses KV head
     ``h // (num_heads // num_kv_heads)``. ``rope_pairs="half"``: RoPE rotates feature
     ``i`` with ``i + head_dim/2`` (Hugging Face's rotate-half). ``qk_norm``: queries
     and keys pass through a per-head RMSNorm before RoPE (Qwen3), which rules out

@@ -42,6 +42,7 @@ import optax
 from flax import nnx
 
 from jquant.formats import Format, IntFormat, fake_quantize, get_format
+from jquant.kv.cache import KVCacheConfig
 from jquant.losses import kl_top
 from jquant.optim.stiefel import ROTATION_LR, SCALE_LR, ostquant_optimizer
 from jquant.progress import progress_bar
@@ -181,7 +182,7 @@ def student_template(model: nnx.Module, layout: DecoderLayout, config: OSTQuantC
     if config.kv is not None:
         kv = _training_format(config.kv)
         for layer in layout.layers:
-            module_at(student, layer.attention.path).kv_format = kv
+            module_at(student, layer.attention.path).kv_cache = KVCacheConfig.of_format(kv)
     return student
 
 

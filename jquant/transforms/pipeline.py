@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.formats import Format, get_format
+from jquant.kv.cache import KVCacheConfig
 from jquant.recipes import Recipe, TransformStep
 from jquant.transforms.equivalence import OnlineRotations, module_at, online_size, set_online_rotations
 from jquant.transforms.layout import DecoderLayout, layout_of
@@ -119,9 +120,9 @@ def run_transforms(model: nnx.Module, recipe: Recipe, tokens: np.ndarray | None,
 
 def set_kv_cache_format(model: nnx.Module, fmt: Format | str | None) -> None:
     """Quantize keys and values of every attention layer with ``fmt`` (in place; None: float)."""
-    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    config = None if fmt is None else KVCacheConfig.of_format(fmt)
     for layer in layout_of(model).layers:
-        module_at(model, layer.attention.path).kv_format = fmt
+        module_at(model, layer.attention.path).kv_cache = config
 
 
 def restore_structure(model: nnx.Module, recipe: Recipe) -> None:

@@ -1,6 +1,6 @@
 """The quantized KV cache: storage, exact writes, and cached decoding equal to the un-cached KV-quantized forward.
 
-A layer with ``kv_format`` quantizes keys (after RoPE and the optional q/k rotation) and values per
+A layer with a Format ``kv_cache`` (``KVCacheConfig.of_format``) quantizes keys (after RoPE and the optional q/k rotation) and values per
 token and head in the un-cached forward; ``model.init_cache`` then stores that format, and a cached
 prefill/decode must give the same logits. References are computed directly with ``jquant.formats``
 on fresh random inputs.
@@ -15,7 +15,7 @@ from flax import nnx
 
 import jquant
 from jquant.formats import QArray, dequantize, get_format, quantize
-from jquant.kv import KVCache, LayerKVCache, init_cache
+from jquant.kv import KVCache, KVCacheConfig, LayerKVCache, init_cache
 from jquant.models import llama
 from jquant.testing.tiny_models import fast_cached_logits, fast_logits
 
@@ -50,7 +50,7 @@ def _with_kv(model, fmt, *, qk_rotation=False):
     graphdef, state = nnx.split(model)
     out = nnx.merge(graphdef, state)
     for layer in out.layers:
-        layer.self_attn.kv_format = None if fmt is None else get_format(fmt)
+        layer.self_attn.kv_cache = None if fmt is None else KVCacheConfig.of_format(fmt)
         layer.self_attn.qk_rotation = qk_rotation
     return out
 
@@ -77,32 +77,32 @@ def model():
 @pytest.mark.parametrize("name, bits", [("int4-asym", 4), ("int8-asym", 8)])
 def test_quantized_cache_storage_and_size(name, bits):
     kw = dict(num_layers=2, batch=3, capacity=10, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32)
-    cache = init_cache(**kw, kv_formats=name)
+    cache = init_cache(**kw, configs=name)
     dense = init_cache(**kw)
     assert isinstance(cache, KVCache) and int(cache.length) == 0 and cache.capacity == 10
     for layer in cache.layers:
-        assert layer.kv_format == get_format(name)
-        for slot in (layer.k, layer.v):
-            assert isinstance(slot, QArray)
-            assert slot.shape == (3, 10, 2, HEAD_DIM) and slot.axis == 3
-            assert slot.codes.dtype == jnp.uint8
-            assert slot.codes.shape == (3, 10, 2, HEAD_DIM * bits // 8)  # packed along the head dim
-            assert slot.scales.shape == slot.zeros.shape == (3, 10, 2, 1)  # one per token and head
+        assert layer.config == KVCacheConfig.of_format(name)
+        for store in (layer.k, layer.v):
+            slot = store.packed
+            assert store.dense is None and store.sink is None and store.recent is None
+            assert slot["codes"].dtype == jnp.uint8
+            assert slot["codes"].shape == (3, 10, 2, HEAD_DIM * bits // 8)  # packed along the head dim
+            assert slot["scales"].shape == slot["zeros"].shape == (3, 10, 2, 1)  # one per token and head
     for layer in dense.layers:
-        assert layer.kv_format is None and layer.k.dtype == jnp.float32 and layer.k.shape == (3, 10, 2, HEAD_DIM)
+        assert layer.config is None and layer.k.dense.dtype == jnp.float32 and layer.k.dense.shape == (3, 10, 2, HEAD_DIM)
     quantized_bytes, dense_bytes = _nbytes(cache.layers), _nbytes(dense.layers)
-    assert quantized_bytes == sum(s.nbytes for layer in cache.layers for s in (layer.k, layer.v))
+    assert quantized_bytes == cache.nbytes and dense_bytes == dense.nbytes
     assert dense_bytes == 2 * 2 * 3 * 10 * 2 * HEAD_DIM * 4
     assert quantized_bytes < dense_bytes * (bits + 2) / 32  # codes plus at most 2 bits/element of scales, zeros
 
 
 def test_per_layer_formats():
     kw = dict(num_layers=2, batch=1, capacity=4, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32)
-    cache = init_cache(**kw, kv_formats=(None, get_format("int4-asym")))
-    assert cache.layers[0].kv_format is None and not isinstance(cache.layers[0].k, QArray)
-    assert cache.layers[1].kv_format == get_format("int4-asym")
+    cache = init_cache(**kw, configs=(None, get_format("int4-asym")))
+    assert cache.layers[0].config is None and cache.layers[0].k.packed is None
+    assert cache.layers[1].config == KVCacheConfig.of_format("int4-asym")
     with pytest.raises(ValueError, match="3 entries for 2 layers"):
-        init_cache(**kw, kv_formats=("int4-asym",) * 3)
+        init_cache(**kw, configs=("int4-asym",) * 3)
 
 
 # ---- 2: LayerKVCache.update -------------------------------------------------------------------------
@@ -111,8 +111,8 @@ def test_update_writes_dequantize_of_quantize(name):
     fmt = get_format(name)
     rng = np.random.default_rng(1)
     layer = init_cache(num_layers=1, batch=2, capacity=10, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32,
-                       kv_formats=name).layers[0]
-    empty_k = np.asarray(dequantize(layer.k))
+                       configs=name).layers[0]
+    empty_k = np.asarray(dequantize(QArray(**layer.k.packed, format=fmt, shape=(2, 10, 2, HEAD_DIM), axis=3)))
 
     def rand(t):
         return jnp.asarray(rng.standard_normal((2, t, 2, HEAD_DIM)) * rng.uniform(0.1, 3.0, (2, t, 2, 1)), jnp.float32)
@@ -120,7 +120,7 @@ def test_update_writes_dequantize_of_quantize(name):
     k0, v0, k1, v1 = rand(4), rand(4), rand(3), rand(3)
     first, k_all0, v_all0 = layer.update(k0, v0, jnp.asarray(0, jnp.int32))
     second, k_all1, v_all1 = jax.jit(LayerKVCache.update)(first, k1, v1, jnp.asarray(4, jnp.int32))
-    assert isinstance(second, LayerKVCache) and second.kv_format == fmt
+    assert isinstance(second, LayerKVCache) and second.config == KVCacheConfig.of_format(fmt)
     for new0, new1, all0, all1 in ((k0, k1, k_all0, k_all1), (v0, v1, v_all0, v_all1)):
         ref0 = np.asarray(dequantize(quantize(new0, fmt, axis=3)))
         ref1 = np.asarray(dequantize(quantize(new1, fmt, axis=3)))
@@ -134,10 +134,10 @@ def test_update_writes_dequantize_of_quantize(name):
     # the stored children of the other slots are bit-identical
     for before, after in ((first.k, second.k), (first.v, second.v)):
         for name_ in ("codes", "scales", "zeros"):
-            b, a = np.asarray(getattr(before, name_)), np.asarray(getattr(after, name_))
+            b, a = np.asarray(before.packed[name_]), np.asarray(after.packed[name_])
             np.testing.assert_array_equal(a[:, :4], b[:, :4])
             np.testing.assert_array_equal(a[:, 7:], b[:, 7:])
-        np.testing.assert_array_equal(np.asarray(after.codes[:, 4:7]), np.asarray(quantize(
+        np.testing.assert_array_equal(np.asarray(after.packed["codes"][:, 4:7]), np.asarray(quantize(
             k1 if before is first.k else v1, fmt, axis=3).codes))
 
 
@@ -146,13 +146,13 @@ def test_update_writes_dequantize_of_quantize(name):
 def test_cached_decoding_matches_prefill(model, name, qk_rotation):
     tokens = _tokens(2)
     quantized = _with_kv(model, name, qk_rotation=qk_rotation)
-    assert all(layer.self_attn.kv_format == get_format(name) for layer in quantized.layers)
-    assert all(layer.self_attn.kv_format is None for layer in model.layers)  # the copy is separate
+    assert all(layer.self_attn.kv_cache == KVCacheConfig.of_format(name) for layer in quantized.layers)
+    assert all(layer.self_attn.kv_cache is None for layer in model.layers)  # the copy is separate
     ref = fast_logits(quantized, tokens)
     float_ref = fast_logits(_with_kv(model, None, qk_rotation=qk_rotation), tokens)
 
     one, cache = fast_cached_logits(quantized, tokens, (SEQ,))
-    assert all(isinstance(layer.k, QArray) and layer.kv_format == get_format(name) for layer in cache.layers)
+    assert all(layer.k.packed is not None and layer.config == KVCacheConfig.of_format(name) for layer in cache.layers)
     results = [one, fast_cached_logits(quantized, tokens, (1,) * SEQ)[0]]  # token by token from the first one
     if name == "int4-asym" and not qk_rotation:  # (other chunkings compile more shapes; once is enough)
         results.append(fast_cached_logits(quantized, tokens, (4, 4, 4))[0])
@@ -184,14 +184,14 @@ def test_cache_format_must_follow_the_layers(model):
 
 def test_group_size_must_divide_head_dim(model):
     kw = dict(num_layers=2, batch=1, capacity=4, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32)
-    with pytest.raises(ValueError, match=r"layer 0 .*int4-g64-asym.*head_dim=16"):
-        init_cache(**kw, kv_formats="int4-g64-asym")
-    with pytest.raises(ValueError, match=r"layer 1 .*int4-g64-asym.*head_dim=16"):
-        init_cache(**kw, kv_formats=("int4-asym", "int4-g64-asym"))
-    init_cache(**kw, kv_formats="int4-g8-asym")  # a group that divides 16 is fine
+    with pytest.raises(ValueError, match=r"layer 0\b.*int4-g64-asym.*head_dim=16"):
+        init_cache(**kw, configs="int4-g64-asym")
+    with pytest.raises(ValueError, match=r"layer 1\b.*int4-g64-asym.*head_dim=16"):
+        init_cache(**kw, configs=("int4-asym", "int4-g64-asym"))
+    init_cache(**kw, configs="int4-g8-asym")  # a group that divides 16 is fine
     mixed = _with_kv(model, "int8-asym")
-    mixed.layers[1].self_attn.kv_format = get_format("int4-g64-asym")
-    with pytest.raises(ValueError, match=r"layer 1 .*int4-g64-asym"):
+    mixed.layers[1].self_attn.kv_cache = KVCacheConfig.of_format("int4-g64-asym")
+    with pytest.raises(ValueError, match=r"layer 1\b.*int4-g64-asym"):
         mixed.init_cache(1, 8)
 
 

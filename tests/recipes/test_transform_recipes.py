@@ -16,6 +16,7 @@ from flax import nnx
 
 import jquant as jq
 from jquant.formats import QArray, get_format
+from jquant.kv import KVCacheConfig
 from jquant.models import llama
 from jquant.testing.tiny_models import outlier_model
 from jquant.recipes import Recipe, Rule, TransformStep, get
@@ -171,7 +172,7 @@ def _check_structure(m, name, recipe):
     for i, layer in enumerate(m.layers):
         assert layer.mlp.down_proj.input_rotation == rotation, i
         assert layer.self_attn.qk_rotation == qk, i
-        assert layer.self_attn.kv_format == (None if kv is None else get_format(kv)), i
+        assert layer.self_attn.kv_cache == (None if kv is None else KVCacheConfig.of_format(kv)), i
         linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                    layer.mlp.up_proj, layer.mlp.gate_proj, layer.mlp.down_proj)
         for linear in linears:
@@ -197,7 +198,7 @@ def test_quantized_structure_and_untouched_input(quantized, model):
         np.testing.assert_array_equal(value, before[path], err_msg=path)
     for layer in model.layers:
         assert layer.mlp.down_proj.input_rotation is None and not layer.self_attn.qk_rotation
-        assert layer.self_attn.kv_format is None and layer.mlp.down_proj.activation is None
+        assert layer.self_attn.kv_cache is None and layer.mlp.down_proj.activation is None
     assert getattr(model, "quantization", None) is None
     # the transform really changed the (quantized) weights' float function: the embedding was rotated or not
     rotated = EXPECTED[name][1] is not None
@@ -222,7 +223,7 @@ def test_save_load_round_trip_and_cached_path(quantized):
     # the KV cache (quantized when the recipe says so) in two chunks equals the full forward
     graphdef, state = nnx.split(restored)
     cache = restored.init_cache(2, SEQ + 4)
-    assert all((layer.kv_format is not None) == (EXPECTED[name][3] is not None) for layer in cache.layers)
+    assert all((layer.config is not None) == (EXPECTED[name][3] is not None) for layer in cache.layers)
     first, cache = _step(graphdef, state, jnp.asarray(tokens[:, : SEQ // 2]), cache)  # equal chunks: one compile
     second, cache = _step(graphdef, state, jnp.asarray(tokens[:, SEQ // 2 :]), cache)
     assert int(cache.length) == SEQ

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from jquant.formats import IntFormat, fake_quantize, get_format
+from jquant.kv import KVCacheConfig
 from jquant.losses import kl_divergence, kl_top
 from jquant.models import llama
 from jquant.testing.tiny_models import FAST_COMPILE, outlier_model
@@ -88,7 +89,7 @@ def _deployed(model, config, params):
             module_at(merged, path).activation = get_format(config.activation)
     if config.kv is not None:
         for layer in layout.layers:
-            module_at(merged, layer.attention.path).kv_format = get_format(config.kv)
+            module_at(merged, layer.attention.path).kv_cache = KVCacheConfig.of_format(config.kv)
     return merged
 
 
