@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jquant import benchmark as B  # noqa: E402
 from jquant.formats import get_format  # noqa: E402
 from jquant.pallas_kernels import registry  # noqa: E402
-from jquant.benchmark_report import dispatch_table, markdown_report  # noqa: E402
+from jquant.benchmark_report import dispatch_table, markdown_report, merge_tables  # noqa: E402
 
 CHECK_EXTRA = (("pallas-int-gemv", "int4-g128", ((4096, 4096, 1), (4096, 4096, 3), (14336, 4096, 16))),
                ("pallas-int-gemv", "int8", ((4096, 4096, 1), (4096, 14336, 9))),
@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-xla", action="store_true")
     p.add_argument("--write-table", action="store_true")
+    p.add_argument("--update-table", action="store_true",
+                   help="merge the measured rows into the existing dispatch table instead of replacing it")
     p.add_argument("--merge", nargs="+", help="sweep JSON files to combine (no GPU needed)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -129,7 +131,7 @@ def main() -> None:
             result = part if result is None else {**result, "rows": result["rows"] + part["rows"],
                                                   "tuned": {**result["tuned"], **part["tuned"]}}
             write_outputs(result, args.out, False)
-        write_outputs(result, args.out, args.write_table)
+        write_outputs(result, args.out, args.write_table, args.update_table)
     if args.merge:
         parts = []
         for path in args.merge:
@@ -137,17 +139,20 @@ def main() -> None:
                 parts.append(json.load(f))
         result = {**parts[0], "rows": [r for part in parts for r in part["rows"]],
                   "tuned": {k: v for part in parts for k, v in part.get("tuned", {}).items()}}
-        write_outputs(result, args.out, args.write_table)
+        write_outputs(result, args.out, args.write_table, args.update_table)
 
 
-def write_outputs(result: dict, out: str, write_table: bool) -> None:
+def write_outputs(result: dict, out: str, write_table: bool, update: bool = False) -> None:
     gpu = result["device"].replace(" ", "_").lower()
     B.write_json(result, os.path.join(out, f"kernels_{gpu}.json"))
     with open(os.path.join(out, f"kernels_{gpu}.md"), "w") as f:
         f.write(markdown_report(result))
-    if write_table:
+    if write_table or update:
+        table = dispatch_table(result)
+        if update:
+            table = merge_tables(registry.load_table(), table)
         with open(registry.TABLE_PATH, "w") as f:
-            json.dump(dispatch_table(result), f, indent=1)
+            json.dump(table, f, indent=1)
     print(markdown_report(result, summary_only=True), flush=True)
 
 if __name__ == "__main__":

@@ -220,13 +220,25 @@ def first_fitting(kernel: str, x: jax.Array, w, activation, configs) -> TileConf
 
 
 def candidates(case: Case, x: jax.Array, w, tune: bool) -> list[tuple[str, TileConfig]]:
-    """``(kernel, config)`` pairs to time: every fitting candidate (``tune``) or each kernel's first."""
+    """``(kernel, config)`` pairs to time: every fitting candidate (``tune``) or each kernel's first.
+
+    With ``extra_kernels``, only those are tuned; the case's general kernel keeps its first config.
+    """
     act, m = _activation(case), x.shape[0]
     out = []
     for kernel in case.kernels:
         fits = fitting(kernel, x, w, act, registry.candidate_configs(kernel, m))
-        out += [(kernel, cfg) for cfg in (fits if tune else fits[:1])]
+        full = tune and (not case.extra_kernels or kernel != case.kernel)
+        out += [(kernel, cfg) for cfg in (fits if full else fits[:1])]
     return out
+
+
+def relative_error(case: Case, kernel: str, cfg: TileConfig | None, x: jax.Array, w) -> float:
+    """``|y - ref| / |ref|`` of one kernel call against its float32 reference (NaN stays NaN)."""
+    act, spec = _activation(case), registry.get(kernel)
+    y = spec.run(x, w, act, cfg).astype(jnp.float32)
+    ref = spec.reference(x.astype(jnp.float32), w, act)
+    return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
 
 
 def roofline_seconds(case: Case | None, w, m: int, k: int, n: int, ceilings: dict) -> float:
@@ -270,13 +282,15 @@ def tuned_choice(tuned: dict, case: str, k: int, n: int, m: int) -> tuple[str, T
 def run_benchmark(cases: Sequence[Case] = CASES, shapes: Sequence[tuple[int, int]] = SHAPES,
                   m_values: Sequence[int] = M_VALUES, configs: dict | None = None, reps: int = 5,
                   with_xla: bool = True, log: Callable[[str], None] = print,
-                  ceilings: dict | None = None, tune_m: Sequence[int] = TUNE_M) -> dict:
+                  ceilings: dict | None = None, tune_m: Sequence[int] = TUNE_M, check: bool = True) -> dict:
     """Times bf16, the XLA fallback and each kernel; returns ``{"device", "jax", "ceilings", "rows", "tuned"}``.
 
     At each M of ``tune_m`` (and at any M below the smallest of them) every fitting
     candidate config of every kernel of a case is timed and the fastest is reported;
     other M reuse the choice tuned at the nearest larger tuned M. ``configs`` (``(case
-    name, m)`` -> ``TileConfig``) pins the general kernel's config instead.
+    name, m)`` -> ``TileConfig``) pins the general kernel's config instead. With ``check``,
+    every timed kernel's output on the first weight set is compared with its float32
+    reference and a candidate off by more than 2e-2 (relative) is dropped.
     """
     key = jax.random.PRNGKey(0)
     ceilings = ceilings or measure_ceilings()
@@ -341,6 +355,11 @@ def run_benchmark(cases: Sequence[Case] = CASES, shapes: Sequence[tuple[int, int
             for (case, path, w, kernel, cfg), t in zip(meta, times):
                 if not t.seconds == t.seconds:  # NaN: failed or unattributed
                     continue
+                if path in ("pallas", "native") and check:
+                    err = relative_error(by_name[case], kernel or registry.NATIVE, cfg, x, w)
+                    if not err <= 2e-2:
+                        log(f"  WRONG {case} {kernel} {cfg}: relative error {err:.2e}; not used")
+                        continue
                 if path == "pallas":
                     if case not in best or t.seconds < best[case][0].seconds:
                         best[case] = (t, w, kernel, cfg)

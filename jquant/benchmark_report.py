@@ -35,6 +35,27 @@ def dispatch_table(result: dict) -> dict:
     return {"device": result["device"], "jax": result["jax"], "cases": dict(cases)}
 
 
+def merge_tables(old: dict, new: dict) -> dict:
+    """``new`` dispatch table entries over ``old`` ones: per case and shape, M values measured in
+    ``new`` replace those of ``old``; the other M of ``old`` stay (entries sorted by M)."""
+    cases = {c: {s: dict(e) for s, e in shapes.items()} for c, shapes in old.get("cases", {}).items()}
+    for case, shapes in new.get("cases", {}).items():
+        for shape, entry in shapes.items():
+            rows = {}
+            prev = cases.get(case, {}).get(shape)
+            for src in (prev, entry):
+                if not src:
+                    continue
+                kernels = src.get("kernel", [None] * len(src["m"]))
+                for i, m in enumerate(src["m"]):
+                    rows[m] = (src["path"][i], kernels[i], src["config"][i])
+            ms = sorted(rows)
+            cases.setdefault(case, {})[shape] = {"m": ms, "path": [rows[m][0] for m in ms],
+                                                 "kernel": [rows[m][1] for m in ms],
+                                                 "config": [rows[m][2] for m in ms]}
+    return {"device": new.get("device", old.get("device")), "jax": new.get("jax", old.get("jax")), "cases": cases}
+
+
 def _method(result: dict) -> str:
     methods = {r.get("method", "wall") for r in result["rows"]}
     if methods == {"device"}:

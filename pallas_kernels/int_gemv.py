@@ -47,6 +47,7 @@ NAME = "pallas-int-gemv"
 SUPPORTED_BITS = (4, 8)
 MAX_M = 16  # rows handled by one program (dot variant); the FMA variant unrolls rows
 MAX_FMA_M = 8
+MAX_SUB_ROWS = 256  # caps the accumulator height (per-channel scales would otherwise make it block_k)
 ONE = 0x3F800000  # float32 bits of 1.0
 SIGN_FLIP = 0x00400000  # float32 mantissa bit 22: adds 2^(b-1) to a b-bit code placed at the top
 
@@ -83,7 +84,8 @@ def _kernel(x_ref, c_ref, s_ref, *rest, bits: int, symmetric: bool, group: int, 
             m: int, steps: int):
     z_ref, o_ref = (None, rest[0]) if symmetric else rest
     bn, bk = cfg.block_n, cfg.block_k
-    sub = min(bk, group)  # logical rows sharing one scale row; a step covers bk // sub of them
+    # logical rows per sub-step (one scale row; accumulator rows): a step covers bk // sub of them
+    sub = min(bk, group, MAX_SUB_ROWS)
     n0 = pl.program_id(0) * bn
     cols = pl.ds(n0, bn)
     dtype = o_ref.dtype
@@ -198,7 +200,7 @@ def check(x: jax.Array, w: QArray, cfg: TileConfig) -> None:
     min_k = 32 if cfg.block_m == MAX_M else 2
     if min(cfg.block_k, _group_rows(w)) < min_k:
         raise ValueError(f"{NAME}: block_k={cfg.block_k} (or the group size) is below {min_k}.")
-    k_step = min(cfg.block_k, _group_rows(w))
+    k_step = min(cfg.block_k, _group_rows(w), MAX_SUB_ROWS)
     if _group_rows(w) % k_step or cfg.block_k % k_step or k % cfg.block_k:
         raise ValueError(f"{NAME}: block_k={cfg.block_k} must divide K={k} and divide or be a multiple of "
                          f"the group size {_group_rows(w)}.")

@@ -165,7 +165,7 @@ def gemv_configs(m: int) -> list[TileConfig]:
     dot = [TileConfig(16, bn, bk, 1, w, st) for bn, bk, w, st in
            ((32, 256, 4, 3), (64, 256, 4, 3), (32, 512, 4, 2), (64, 512, 8, 2))]
     if m <= int_gemv.MAX_FMA_M:
-        return (fma if m <= 2 else fma[:3]) + dot
+        return (fma + dot[:2]) if m <= 2 else (fma[:3] + dot)
     return dot if m <= int_gemv.MAX_M else []
 
 
@@ -219,6 +219,8 @@ def decide(w: QArray, activation, m: int, k: int, n: int, table: dict | None = N
         return Decision(None, None, f"no GPU measurement for case {case!r} in the dispatch table")
     entry = _nearest_shape(entries, k, n)
     ms = entry["m"]
+    if m > 2 * max(ms):
+        return Decision(None, None, f"{case}: not measured at or near M={m} (largest measured M {max(ms)})")
     i = max([j for j, mm in enumerate(ms) if mm <= m], default=0)
     path = entry["path"][i]
     where = f"{case}: {path} was fastest at M={ms[i]} on the nearest measured shape"

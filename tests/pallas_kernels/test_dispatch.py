@@ -108,3 +108,24 @@ def test_quantized_model_logits_identical_through_kernels():
         got = model(tokens)
     assert {r.path for r in rec} == {"pallas-weight-only-int"} and len(rec) == 7
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_table_merge_keeps_unmeasured_m_and_decide_refuses_far_larger_m():
+    from jquant.benchmark_report import merge_tables
+
+    old = _table(["pallas", "pallas", "xla"])
+    new = {"cases": {"w4a16-int4-g128": {"4096x4096": {"m": [1, 4], "path": ["xla", "pallas"],
+                                                       "kernel": [None, "pallas-int-gemv"],
+                                                       "config": [None, old["cases"]["w4a16-int4-g128"]["4096x4096"]["config"][0]]}},
+                     "w8a16-int8": {"64x64": {"m": [1], "path": ["pallas"], "kernel": [None], "config": [{}]}}}}
+    merged = merge_tables(old, new)
+    entry = merged["cases"]["w4a16-int4-g128"]["4096x4096"]
+    assert entry["m"] == [1, 4, 16, 1024] and entry["path"] == ["xla", "pallas", "pallas", "xla"]
+    assert entry["kernel"][1] == "pallas-int-gemv" and entry["kernel"][2] is None
+    w = _w("int4-g128", k=512, n=512)
+    assert registry.decide(w, None, 4, 4096, 4096, merged).kernel == "pallas-int-gemv"
+    short = {"cases": {"w4a16-int4-g128": {"4096x4096": {"m": [1, 16], "path": ["pallas"] * 2, "config": [
+        registry.default_config("pallas-weight-only-int", 1).as_dict()] * 2}}}}
+    assert registry.decide(w, None, 32, 4096, 4096, short).kernel == "pallas-weight-only-int"
+    far = registry.decide(w, None, 64, 4096, 4096, short)
+    assert far.kernel is None and "not measured at or near M=64" in far.reason
