@@ -25,7 +25,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jquant.data.needle import NeedlePieces, training_window
+from jquant.data.needle import NeedlePieces, repeat_window, training_window
 from jquant.models import llama
 from jquant.train.trainer import TrainConfig, plot_history, train
 
@@ -51,7 +51,8 @@ def _pieces(data) -> NeedlePieces:
     return NeedlePieces(keys=keys, space=int(data["space"]), digits=data["digits"], period=int(data["period"]))
 
 
-def run_training(data_path: Path, workdir: Path, cfg: TrainConfig, needle_fraction: float) -> None:
+def run_training(data_path: Path, workdir: Path, cfg: TrainConfig, needle_fraction: float, n_needles: int,
+                 init: Path | None, task: str = "numbers") -> None:
     data = np.load(data_path)
     stream, pieces = data["train"], _pieces(data)
 
@@ -60,18 +61,23 @@ def run_training(data_path: Path, workdir: Path, cfg: TrainConfig, needle_fracti
         rows = []
         for _ in range(cfg.batch_size):
             if rng.random() < needle_fraction:
-                rows.append(training_window(stream, pieces, cfg.seq_len + 1, rng))
+                if task == "passages":
+                    rows.append(repeat_window(stream, cfg.seq_len + 1, rng, n_passages=n_needles))
+                else:
+                    rows.append(training_window(stream, pieces, cfg.seq_len + 1, rng, n_needles=n_needles))
             else:
                 start = int(rng.integers(0, len(stream) - cfg.seq_len - 1))
                 rows.append(stream[start:start + cfg.seq_len + 1])
-        return np.stack(rows)
+        return np.stack(rows).astype(np.int32)
 
     model_cfg = llama.PRESETS[PRESET].replace(dtype="bfloat16", param_dtype="float32")
-    model = llama.init_model(model_cfg, jax.random.key(cfg.seed))
+    model = llama.init_model(model_cfg, jax.random.key(cfg.seed)) if init is None else \
+        llama.from_tensors(model_cfg, _load_shards(init), source=str(init))
     result = train(model, stream, data["validation"], cfg, workdir, sample_batch=sample_batch)
     _save_shards(workdir, llama.to_tensors(result.model))
     (workdir / "train_summary.json").write_text(json.dumps({
-        "train_config": dataclasses.asdict(cfg), "needle_fraction": needle_fraction,
+        "train_config": dataclasses.asdict(cfg), "needle_fraction": needle_fraction, "needles_per_row": n_needles, "task": task,
+        "initialised_from": None if init is None else str(init),
         "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len, "train_seconds": round(result.seconds, 1),
         "final_train_loss": result.history[-1]["loss"], "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind)}, indent=2) + "\n")
@@ -152,6 +158,10 @@ def main() -> None:
     t.add_argument("--peak-lr", type=float, default=2e-3)
     t.add_argument("--warmup-steps", type=int, default=60)
     t.add_argument("--needle-fraction", type=float, default=0.5)
+    t.add_argument("--needles-per-row", type=int, default=1)
+    t.add_argument("--task", choices=("numbers", "passages"), default="numbers",
+                   help="rows with secret-number needles and their questions, or with repeated passages")
+    t.add_argument("--init", type=Path, default=None, help="continue from the params_*.npz of an earlier run")
     e = sub.add_parser("export")
     e.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
@@ -160,7 +170,7 @@ def main() -> None:
     elif args.command == "train":
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, peak_lr=args.peak_lr,
                           warmup_steps=args.warmup_steps, checkpoint_every=100, eval_every=50, eval_windows=8)
-        run_training(args.data, args.workdir, cfg, args.needle_fraction)
+        run_training(args.data, args.workdir, cfg, args.needle_fraction, args.needles_per_row, args.init, args.task)
     else:
         print(json.dumps(export(args.workdir), indent=2))
 

@@ -222,7 +222,7 @@ class Attention(nnx.Module):
         self.qk_rotation = False
         self.kv_cache = None  # a jquant.kv.KVCacheConfig once keys/values are quantized
         self.kv_smoothing = nnx.data(None)  # a KVSmoothing (WKVQuant)
-        self.capture_kv = False  # when set, calls sow q, keys (before and after RoPE) and values (calibration)
+        self.capture_kv = False  # when set, calls sow q, keys (before and after RoPE), values and the KV error
 
     def _rotate_keys(self, k: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         k = apply_rope(k, cos, sin)
@@ -272,6 +272,9 @@ class Attention(nnx.Module):
                     out = ops.attention_quantized_past(
                         q, k, v, k_hat, v_hat, mask,
                         kvc.quantized_mask(kvc.key, positions, positions), kvc.quantized_mask(kvc.value, positions, positions))
+                if self.capture_kv:  # the attention-output error KV quantization causes here (clip searches)
+                    error = (out.astype(jnp.float32) - ops.attention(q, k, v, mask).astype(jnp.float32)) ** 2
+                    self.sow(nnx.Intermediate, "kv_attention_error", jnp.mean(error, axis=(1, 2, 3)))
         else:
             if cache.config != kvc:
                 raise ValueError(

@@ -98,16 +98,77 @@ def make_example(haystack: np.ndarray, pieces: NeedlePieces, *, context_len: int
 
 
 def training_window(stream: np.ndarray, pieces: NeedlePieces, length: int, rng: np.random.Generator,
-                    n_digits: int = 4) -> np.ndarray:
-    """``length`` tokens of ``stream`` with a needle at a random place and its question + answer later."""
-    name = int(rng.integers(len(pieces.keys)))
-    value = rng.integers(0, 10, size=n_digits)
-    needle, question = pieces.needle(name, value), pieces.question(name)
-    qa = np.concatenate([question, pieces.digits[value], [pieces.period]])
-    filler_len = length - len(needle) - len(qa)
+                    n_digits: int = 4, n_needles: int = 1) -> np.ndarray:
+    """``length`` tokens of ``stream`` holding ``n_needles`` needles (distinct names), each followed later in
+    the window by its question and answer; the events are spread at random positions of the filler."""
+    if not 1 <= n_needles <= len(pieces.keys):
+        raise ValueError(f"training_window: n_needles={n_needles} must be in [1, {len(pieces.keys)}].")
+    names = rng.choice(len(pieces.keys), size=n_needles, replace=False)
+    events = []
+    for name in names:
+        value = rng.integers(0, 10, size=n_digits)
+        qa = np.concatenate([pieces.question(int(name)), pieces.digits[value], [pieces.period]])
+        events.append((pieces.needle(int(name), value), qa))
+    order = rng.permutation(2 * n_needles)  # event slots; the earlier slot of each pair gets the needle
+    slots = [None] * (2 * n_needles)
+    for i, (needle, qa) in enumerate(events):
+        first, second = sorted(order[2 * i:2 * i + 2])
+        slots[first], slots[second] = needle, qa
+    filler_len = length - sum(len(x) for x in slots)
+    if filler_len < 0:
+        raise ValueError(f"training_window: {n_needles} needles do not fit in {length} tokens.")
     start = int(rng.integers(0, len(stream) - filler_len))
     filler = stream[start:start + filler_len]
-    at_needle = int(rng.integers(0, filler_len))
-    at_question = int(rng.integers(at_needle, filler_len + 1))
-    return np.concatenate([filler[:at_needle], needle, filler[at_needle:at_question], qa,
-                           filler[at_question:]]).astype(np.int32)
+    cuts = np.sort(rng.integers(0, filler_len + 1, size=2 * n_needles))
+    parts, prev = [], 0
+    for cut, event in zip(cuts, slots):
+        parts += [filler[prev:cut], event]
+        prev = cut
+    parts.append(filler[prev:])
+    return np.concatenate(parts).astype(np.int32)
+
+
+def make_passage_example(haystack: np.ndarray, source: np.ndarray, *, context_len: int, depth: float,
+                         rng: np.random.Generator, prefix: int = 12, n_answer: int = 8) -> NeedleExample:
+    """Passage recall: ``prefix + n_answer`` tokens of ``source`` inserted at ``depth`` of a haystack window;
+    the prompt ends with the passage's first ``prefix`` tokens and the answer is its next ``n_answer``."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"make_passage_example: depth={depth} must be in [0, 1].")
+    s = int(rng.integers(0, len(source) - prefix - n_answer))
+    passage = source[s:s + prefix + n_answer]
+    filler_len = context_len - len(passage) - prefix
+    if filler_len < 1 or len(haystack) <= filler_len:
+        raise ValueError(f"make_passage_example: context_len={context_len} does not fit the passage and haystack.")
+    start = int(rng.integers(0, len(haystack) - filler_len))
+    filler = haystack[start:start + filler_len]
+    at = int(round(depth * filler_len))
+    prompt = np.concatenate([filler[:at], passage, filler[at:], passage[:prefix]]).astype(np.int32)
+    return NeedleExample(prompt=prompt, answer=passage[prefix:].astype(np.int32), needle_start=at, depth=depth)
+
+
+def repeat_window(stream: np.ndarray, length: int, rng: np.random.Generator, n_passages: int = 4,
+                  passage_len: tuple[int, int] = (24, 48)) -> np.ndarray:
+    """``length`` tokens of ``stream`` where ``n_passages`` passages (from random places of ``stream``) each
+    occur twice, the repeat later in the window: training rows that teach recall over the context."""
+    passages = []
+    for _ in range(n_passages):
+        n = int(rng.integers(passage_len[0], passage_len[1] + 1))
+        s = int(rng.integers(0, len(stream) - n))
+        passages.append(stream[s:s + n])
+    order = rng.permutation(2 * n_passages)
+    slots = [None] * (2 * n_passages)
+    for i, p in enumerate(passages):
+        a, b = sorted(order[2 * i:2 * i + 2])
+        slots[a] = slots[b] = p
+    filler_len = length - sum(len(x) for x in slots)
+    if filler_len < 0:
+        raise ValueError(f"repeat_window: {n_passages} passages do not fit in {length} tokens.")
+    start = int(rng.integers(0, len(stream) - filler_len))
+    filler = stream[start:start + filler_len]
+    cuts = np.sort(rng.integers(0, filler_len + 1, size=2 * n_passages))
+    parts, prev = [], 0
+    for cut, p in zip(cuts, slots):
+        parts += [filler[prev:cut], p]
+        prev = cut
+    parts.append(filler[prev:])
+    return np.concatenate(parts).astype(np.int32)
