@@ -1,10 +1,17 @@
 """Train jq-llama-long: jq-llama-small's shape with a 4096-token context that can retrieve across it.
 
-Three steps, so the training itself runs where no tokenizer is installed (the GPU machine):
+Three steps, so the training itself runs where no tokenizer is installed (the GPU machine). The shipped
+model is two GPU runs (H100, about 5 and 2 minutes):
 
     python experiments/train_long_context.py prepare --out runs/long/data.npz
-    python experiments/train_long_context.py train --data runs/long/data.npz --workdir runs/long --steps 600
-    python experiments/train_long_context.py export --workdir runs/long
+    python experiments/train_long_context.py train --data runs/long/data.npz --workdir runs/long_gpu --steps 600
+    python experiments/train_long_context.py train --data runs/long/data.npz --workdir runs/long2 --steps 230 \
+        --warmup-steps 20 --peak-lr 1e-3 --needles-per-row 8 --init runs/long_gpu
+    python experiments/train_long_context.py export --workdir runs/long2
+
+Neither run taught the model to retrieve (exact-answer accuracy about 0 on secret-number and passage
+recall), nor did a CPU run with repeated passages (``--task passages``) stopped after 70 steps with no drop
+in loss: a 10M-parameter model on 40M tokens does not form the copying heads retrieval needs.
 
 ``prepare`` tokenizes the corpus and the needle pieces (jquant.data.needle); ``train`` draws
 batches of ``--seq-len`` windows where a fraction ``--needle-fraction`` of the rows carry a
@@ -12,7 +19,7 @@ needle and, later in the row, its question and answer (``needle.training_window`
 model learns to copy a fact from anywhere in its context; it writes the weights (``params_<i>.npz``, bfloat16) and the
 loss history. ``export`` writes the Hugging Face folder into jquant/assets/models/jq-llama-long
 with its validation perplexity (256-token windows, as the other reference models, and
-4096-token windows) and its FP retrieval accuracy.
+eight 4096-token windows).
 """
 
 import argparse
@@ -125,7 +132,7 @@ def export(workdir: Path) -> dict:
     t0 = time.perf_counter()
     val = load_split("validation")
     ppl256 = perplexity(model, token_windows(val, tok, 256), progress=False)
-    ppl4k = perplexity(model, token_windows(val, tok, 4096), progress=False, batch_size=1)
+    ppl4k = perplexity(model, token_windows(val, tok, 4096, max_windows=8), progress=False, batch_size=1)
     summary.update({
         "preset": PRESET,
         "parameters": int(sum(x.size for x in tensors.values())),
