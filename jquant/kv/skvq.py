@@ -10,8 +10,8 @@ Per layer, and separately for keys and values (spec §3.1, §3.5):
    channels sorted by (cluster, mid-range) and cut into fixed groups of ``group_size``, the layout
    a kernel prefers, spec §7.2). Clusters span heads (keys are quantized per token, so that is fine).
 3. Clip ratio ``alpha``: one value for every layer (the released code: 0.92 for long context,
-   0.96 for perplexity), or ``clip="search"``: per layer, the value of
-   ``0.80, 0.81, ..., 1.00`` with the smallest attention-output error on the calibration tokens
+   0.96 for perplexity), or ``clip="search"``: per layer, the value of ``clip_grid``
+   (default ``0.80, 0.81, ..., 1.00``) with the smallest attention-output error on the calibration tokens
    (the paper's objective, per layer rather than per group as the spec recommends, §7.1).
 4. Run time: sink tokens (5) and a window of recent tokens (128) in full precision, each other token
    quantized once as it leaves the window (``jquant.kv.cache``), FP8 scales and zero points.
@@ -45,6 +45,7 @@ class SKVQConfig:
     window: int = 128
     sink: int = 5
     clip: float | str = 0.92
+    clip_grid: tuple[float, ...] = CLIP_GRID
     pre_rope: bool = True
     reorder: bool = True
     balanced: bool = False
@@ -125,10 +126,10 @@ def skvq(model: nnx.Module, calib_tokens: np.ndarray, config: SKVQConfig = SKVQC
     out = nnx.clone(model)
     if config.clip == "search":
         errors = {}
-        for clip in CLIP_GRID:
+        for clip in config.clip_grid:
             set_kv_cache(out, configs(clip))
             errors[clip] = attention_errors(out, calib_tokens, batch_size=batch_size)
-        chosen = {p: min(CLIP_GRID, key=lambda c: (errors[c][p], -c)) for p in samples}
+        chosen = {p: min(config.clip_grid, key=lambda c: (errors[c][p], -c)) for p in samples}
     else:
         chosen = {p: float(config.clip) for p in samples}
     set_kv_cache(out, {p: configs(chosen[p])[p] for p in samples})
