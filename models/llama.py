@@ -181,6 +181,7 @@ class Llama(nnx.Module):
             head_dim=cfg.head_dim,
             dtype=jnp.dtype(cfg.dtype),
             configs=tuple(layer.self_attn.kv_cache for layer in self.layers),
+            max_context=cfg.max_position_embeddings,
         )
 
     def equivalence_layout(self) -> DecoderLayout:

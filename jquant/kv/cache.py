@@ -104,14 +104,19 @@ class KVCacheConfig:
         quantized = (kp >= self.sink) & (kp < self.quantized_end(q, qp + 1))
         return quantized & (kp != qp) if self.past_only else quantized
 
-    def check(self, kv_heads: int, head_dim: int, capacity: int | None = None) -> None:
-        """Raise when this config cannot cache ``kv_heads x head_dim`` keys for ``capacity`` tokens."""
+    def check(self, kv_heads: int, head_dim: int, max_context: int | None = None) -> None:
+        """Raise when this config cannot cache ``kv_heads x head_dim`` keys of a model with ``max_context`` positions.
+
+        A cache shorter than ``sink + window`` is fine (nothing in it is ever quantized); a window
+        longer than the model's whole context is a mistake.
+        """
         for q in (self.key, self.value):
             if q is not None:
                 q.check(kv_heads, head_dim)
-        if capacity is not None and self.sink + self.window > capacity:
-            raise ValueError(f"KVCacheConfig: sink={self.sink} + window={self.window} tokens exceed the cache "
-                             f"capacity of {capacity}; use a smaller window or a longer cache.")
+        if max_context is not None and self.sink + self.window > max_context:
+            raise ValueError(f"KVCacheConfig: sink={self.sink} + window={self.window} tokens exceed the model's "
+                             f"context of {max_context} positions, so nothing would ever be quantized; use a "
+                             "smaller window.")
 
 
 @jax.tree_util.register_dataclass
@@ -126,7 +131,7 @@ class KVStore:
 
 
 def _rows(cfg: KVCacheConfig, q: Quantizer, capacity: int) -> int:
-    return -(-(capacity - cfg.sink) // q.block)
+    return max(-(-(capacity - cfg.sink) // q.block), 0)
 
 
 def _empty_store(cfg: KVCacheConfig, q: Quantizer | None, shape: tuple[int, int, int, int], dtype) -> KVStore:
@@ -271,11 +276,13 @@ def init_cache(
     head_dim: int,
     dtype: jnp.dtype,
     configs: tuple[KVCacheConfig | Format | str | None, ...] | KVCacheConfig | Format | str | None = None,
+    max_context: int | None = None,
 ) -> KVCache:
     """An empty cache with room for ``capacity`` tokens per sequence.
 
     ``configs``: None (dense, ``dtype``), one ``KVCacheConfig`` for every layer, or one per layer
     (None entries stay dense). A jquant Format or its name means ``KVCacheConfig.of_format``.
+    ``max_context``: the model's number of positions; a sink plus window longer than it is an error.
     """
     if capacity <= 0:
         raise ValueError(f"init_cache: capacity must be positive, got {capacity}.")
@@ -290,7 +297,7 @@ def init_cache(
             cfg = KVCacheConfig.of_format(cfg)
         if cfg is not None:
             try:
-                cfg.check(kv_heads, head_dim, capacity)
+                cfg.check(kv_heads, head_dim, max_context)
             except ValueError as err:
                 raise ValueError(f"init_cache: layer {i}: {err}") from None
         c = cfg or KVCacheConfig()

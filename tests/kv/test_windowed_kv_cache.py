@@ -104,6 +104,8 @@ def test_everything_inside_sink_and_window_is_exact(model):
     tokens = jnp.asarray(np.random.default_rng(9).integers(0, VOCAB, (2, 8)), jnp.int32)
     float_logits = fast_logits(model, tokens)
     assert _rel(fast_cached_logits(quantized, tokens, (1,) * 8)[0], float_logits) < 1e-5
+    # a cache shorter than sink + window (generation from a short prompt) holds everything exactly
+    assert _rel(fast_cached_logits(quantized, tokens, (1,) * 8, capacity=8)[0], float_logits) < 1e-5
     assert _rel(fast_logits(quantized, tokens), float_logits) < 1e-5
 
 
@@ -154,8 +156,12 @@ def test_memory_is_what_the_arrays_hold():
 
 def test_bad_cache_settings_are_named(model):
     cfg = KVCacheConfig(key=KVQuantizer(bits=2, group_size=D), window=30)
-    with pytest.raises(ValueError, match="window=30 tokens exceed the cache capacity of 16"):
-        init_cache(num_layers=1, batch=1, capacity=16, kv_heads=K, head_dim=D, dtype=jnp.float32, configs=cfg)
+    with pytest.raises(ValueError, match="window=30 tokens exceed the model's context of 16"):
+        init_cache(num_layers=1, batch=1, capacity=8, kv_heads=K, head_dim=D, dtype=jnp.float32, configs=cfg,
+                   max_context=16)
+    long_window = _configured(model, KVCacheConfig(key=KVQuantizer(bits=2, group_size=D), window=CFG.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        long_window.init_cache(1, 8)
     with pytest.raises(ValueError, match="group_size=24 does not divide"):
         init_cache(num_layers=1, batch=1, capacity=16, kv_heads=K, head_dim=D, dtype=jnp.float32,
                    configs=KVCacheConfig(key=KVQuantizer(bits=2, group_size=24)))
