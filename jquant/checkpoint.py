@@ -4,6 +4,8 @@ A checkpoint folder holds:
 
   ``jquant.json``  family, Hugging Face-style config, compute/storage dtypes, format version
   ``recipe.json``  the recipe that produced the model (absent for float models)
+  ``kv_cache.json`` how each attention layer caches keys/values (``jquant.kv.serialize``; absent when none
+                   quantizes its cache)
   ``state/``       the orbax ``StandardCheckpointer`` checkpoint of the model's parameters
                    (QArray children are ordinary arrays: codes, scales, zeros, ...)
   ``tokenizer*``   the tokenizer, if one was given
@@ -28,6 +30,7 @@ from flax import nnx
 
 from jquant.atomic import atomic_folder
 from jquant.formats import QArray
+from jquant.kv.serialize import configs_to_json, restore_configs
 from jquant.quantization import QuantizationReport, describe, plan
 from jquant.sites import find_sites
 from jquant.transforms.pipeline import restore_structure
@@ -36,6 +39,7 @@ from jquant.recipes import Recipe
 FORMAT_VERSION = 1
 MANIFEST = "jquant.json"
 RECIPE = "recipe.json"
+KV_CACHE = "kv_cache.json"
 STATE = "state"
 
 
@@ -70,6 +74,9 @@ def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
         checkpointer.close()
         if recipe is not None:
             (tmp / RECIPE).write_text(recipe.to_json() + "\n")
+        kv = configs_to_json(model)
+        if kv:
+            (tmp / KV_CACHE).write_text(json.dumps(kv, indent=1, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -88,6 +95,8 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
     cfg = family.config_from_hf(manifest["config"], dtype=manifest["dtype"], param_dtype=manifest["param_dtype"])
     abstract = family.abstract_model(cfg)
     recipe = Recipe.from_file(folder / RECIPE) if (folder / RECIPE).is_file() else None
+    if (folder / KV_CACHE).is_file():
+        restore_configs(abstract, json.loads((folder / KV_CACHE).read_text()))
     if recipe is not None:
         restore_structure(abstract, recipe)
         plans = plan(abstract, recipe)
