@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jquant import quantize
-from jquant.data import load_split, load_tokenizer
+from jquant.data import load_split
 from jquant.data.needle import make_passage_example
 from jquant.data.windows import token_stream, token_windows
 from jquant.eval.perplexity import perplexity
