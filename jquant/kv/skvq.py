@@ -61,11 +61,13 @@ class SKVQConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SKVQReport:
-    """Per layer: the clip ratio chosen and the key/value group sizes (in permuted order)."""
+    """Per layer: the clip ratio chosen and the key/value group sizes (in permuted order); with a search,
+    ``search_errors[clip][layer]``: each layer's attention-output error with every layer at that clip."""
 
     clip: dict[str, float]
     key_groups: dict[str, tuple[int, ...]]
     value_groups: dict[str, tuple[int, ...]]
+    search_errors: dict[float, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def channel_groups(low: np.ndarray, high: np.ndarray, group_size: int, *, balanced: bool = False,
@@ -124,8 +126,8 @@ def skvq(model: nnx.Module, calib_tokens: np.ndarray, config: SKVQConfig = SKVQC
                 for p in samples}
 
     out = nnx.clone(model)
+    errors: dict[float, dict[str, float]] = {}
     if config.clip == "search":
-        errors = {}
         for clip in config.clip_grid:
             set_kv_cache(out, configs(clip))
             errors[clip] = attention_errors(out, calib_tokens, batch_size=batch_size)
@@ -136,5 +138,6 @@ def skvq(model: nnx.Module, calib_tokens: np.ndarray, config: SKVQConfig = SKVQC
     layers = {p: out_cfg for p, out_cfg in ((p, configs(chosen[p])[p]) for p in samples)}
     report = SKVQReport(clip=chosen,
                         key_groups={p: tuple(c.key.groups(channels[p]).tolist()) for p, c in layers.items()},
-                        value_groups={p: tuple(c.value.groups(channels[p]).tolist()) for p, c in layers.items()})
+                        value_groups={p: tuple(c.value.groups(channels[p]).tolist()) for p, c in layers.items()},
+                        search_errors=errors)
     return out, report
