@@ -31,7 +31,7 @@ from jquant.data.needle import make_passage_example
 from jquant.data.windows import token_stream, token_windows
 from jquant.eval.perplexity import perplexity
 from jquant.eval.retrieval import needle_retrieval
-from jquant.kv import KVCacheConfig, init_cache
+from jquant.kv import KVCacheConfig, KVQuantizer, init_cache
 from jquant.kv.baselines import kivi, rtn
 from jquant.kv.calibrate import set_kv_cache
 from jquant.kv.skvq import SKVQConfig, skvq
@@ -136,6 +136,14 @@ def rows(args, base, data):
     yield "RTN W4 (g128) + RTN KV4", lambda: _timed(lambda: _with(w4(), rtn(4, 4, group_size=GROUP)))
     yield "WKVQuant W4KV4", lambda: _timed(lambda: wkvquant(base, data["calib"], WKVQuantConfig(epochs=args.wkv_epochs),
                                                             progress=False)[0])
+    # WKVQuant's ingredients one at a time at K2V2, one group per head (its layout): RTN, +POQ, +smoothing;
+    # + CRR training is the "WKVQuant K2V2" row
+    head = base.config.head_dim
+    yield "ablation K2V2: RTN, head groups", lambda: _timed(lambda: _with(base, rtn(2, 2, group_size=head)))
+    yield "ablation K2V2: + past-only", lambda: _timed(lambda: _with(base, KVCacheConfig(
+        key=KVQuantizer(bits=2, group_size=head), value=KVQuantizer(bits=2, group_size=head), past_only=True)))
+    yield "ablation K2V2: + smoothing (init)", lambda: _timed(lambda: wkvquant(base, data["calib"], WKVQuantConfig(
+        weight_bits=None, key_bits=2, value_bits=2, epochs=0), progress=False)[0])
 
 
 def _with(model, config):
@@ -197,6 +205,11 @@ def summary(rs: list[dict]) -> list[str]:
         out.append(f"- Weights at 4 bits: W4 alone {w4['ppl']:.2f}, WKVQuant W4KV4 {w4kv['ppl']:.2f} "
                    f"({gap_w:+.2f} vs W4), RTN W4 + RTN KV4 {rtn_w4kv['ppl']:.2f} ({gap_r:+.2f}). The spec's check "
                    f"(WKVQuant's gap a small fraction of RTN's) {'holds' if abs(gap_w) < 0.5 * abs(gap_r) else 'does not hold'} here.")
+    steps = ["ablation K2V2: RTN, head groups", "ablation K2V2: + past-only", "ablation K2V2: + smoothing (init)",
+             "WKVQuant K2V2"]
+    if all(n in by for n in steps):
+        text = " -> ".join(f"{n.split(': ')[-1]} {by[n]['ppl']:.2f}" for n in steps)
+        out.append(f"- WKVQuant ablation at K2V2 (one group per head): {text} (the last step adds CRR training).")
     if "retrieval" in fp:
         out.append(f"- Retrieval: the FP16 model itself recalls {fp['retrieval']:.2f} of the passages exactly "
                    f"({fp['retrieval_tokens']:.2f} of the tokens), so the retrieval column cannot rank the KV methods: "
