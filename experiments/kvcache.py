@@ -205,6 +205,11 @@ def summary(rs: list[dict]) -> list[str]:
         out.append(f"- Weights at 4 bits: W4 alone {w4['ppl']:.2f}, WKVQuant W4KV4 {w4kv['ppl']:.2f} "
                    f"({gap_w:+.2f} vs W4), RTN W4 + RTN KV4 {rtn_w4kv['ppl']:.2f} ({gap_r:+.2f}). The spec's check "
                    f"(WKVQuant's gap a small fraction of RTN's) {'holds' if abs(gap_w) < 0.5 * abs(gap_r) else 'does not hold'} here.")
+    skvq_row = by.get("SKVQ K2V2")
+    if skvq_row is not None:
+        out.append("- SKVQ keeps its 5 sink and 128 window tokens exact: with the 1024-token perplexity windows that "
+                   "is up to 13% of a window's tokens, which is part of its lead over methods without a window "
+                   "(the paper's own perplexity script uses no window).")
     steps = ["ablation K2V2: RTN, head groups", "ablation K2V2: + past-only", "ablation K2V2: + smoothing (init)",
              "WKVQuant K2V2"]
     if all(n in by for n in steps):
