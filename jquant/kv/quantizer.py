@@ -36,7 +36,6 @@ QuaRot/OSTQuant) to the same interface; it stores the QArray's children.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -278,10 +277,6 @@ class FormatKV:
             self.format.check_shape((1, 1, kv_heads, head_dim), 3)
         except ValueError as err:
             raise ValueError(f"KV format {self.format.name} cannot hold head_dim={head_dim}: {err}") from None
-
-    def bits_per_element(self, channels: int, head_dim: int) -> float:
-        q = jax.eval_shape(lambda x: quantize(x, self.format, axis=3), jax.ShapeDtypeStruct((1, 1, channels // head_dim, head_dim), jnp.float32))
-        return 8.0 * sum(math.prod(a.shape) * a.dtype.itemsize for a in q.arrays().values()) / channels
 
     def encode(self, x: jax.Array, smooth: Smoothing = None) -> Stored:
         _no_smoothing(self, smooth)
