@@ -7,19 +7,11 @@ import pytest
 from jquant.algorithms.gptvq import GPTVQConfig, _finetune, gptvq_quantize
 from jquant.algorithms.kmeans import kmeans
 from jquant.formats import CodebookFormat, codebook_quantize, dequantize, unpack_codes
+from jquant.testing.layer_problems import correlated_layer, relative_output_error
 
 
 def _layer(seed, n=64, m=32):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((1024, n)) @ (np.eye(n) + 0.4 * rng.standard_normal((n, n)))
-    x *= np.exp(rng.standard_normal(n))[None]
-    return (rng.standard_normal((n, m)) * 0.05).astype(np.float32), (x.T @ x / len(x)).astype(np.float32)
-
-
-def _output_error(w, w_hat, h):
-    e = np.asarray(w_hat, np.float64) - w
-    h = h.astype(np.float64)
-    return np.trace(e.T @ h @ e) / np.trace(w.T.astype(np.float64) @ h @ w)
+    return correlated_layer(seed, n, m)
 
 
 def _points(rows, d):
@@ -38,7 +30,7 @@ def test_codebooks_start_from_the_hessian_weighted_kmeans():
         np.testing.assert_allclose(np.asarray(q.codebooks[0, g, 0], np.float32), ref.astype(np.float16), rtol=1e-3)
 
 
-def test_gptvq_beats_kmeans_with_nearest_rounding_on_output_error():
+def test_gptvq_beats_kmeans_with_nearest_rounding_onrelative_output_error():
     w, h = _layer(1)
     fmt = CodebookFormat(vector_dim=2, index_bits=4, codebook_rows=32, codebook_cols=16)
     q = gptvq_quantize(w, h, fmt)
@@ -47,10 +39,10 @@ def test_gptvq_beats_kmeans_with_nearest_rounding_on_output_error():
     books = np.stack([np.stack([kmeans(_points(w[32 * r:32 * r + 32, 16 * c:16 * c + 16].astype(np.float64), 2), 16,
                                        iters=30).centroids for c in range(2)]) for r in range(2)])[:, :, None]
     base = codebook_quantize(w, books.astype(np.float32), fmt, axis=0)
-    assert _output_error(w, dequantize(q), h) < 0.8 * _output_error(w, dequantize(base), h)
+    assert relative_output_error(w, dequantize(q), h) < 0.8 * relative_output_error(w, dequantize(base), h)
 
 
-def test_codebook_tuning_minimises_the_float64_output_error():
+def test_codebook_tuning_minimises_the_float64relative_output_error():
     w, h = _layer(2)
     fmt = CodebookFormat(vector_dim=2, index_bits=3, codebook_cols=16)
     q = gptvq_quantize(w, h, fmt, config=GPTVQConfig(finetune_steps=0))
@@ -58,13 +50,13 @@ def test_codebook_tuning_minimises_the_float64_output_error():
     books = jnp.asarray(q.codebooks[:, :, 0], jnp.float32)
     tuned, before, after = _finetune(jnp.asarray(w), jnp.asarray(h), books, idx, 1e-3 * float(np.sqrt(np.mean(w ** 2))),
                                      steps=200, cols=16, d=2)
-    assert abs(float(before) - _output_error(w, dequantize(q).astype(np.float32), h)) < 1e-3 * float(before)
+    assert abs(float(before) - relative_output_error(w, dequantize(q).astype(np.float32), h)) < 1e-3 * float(before)
     assert float(after) < float(before)
     # the tuned codebooks with the fixed codes, decoded in numpy: the reported loss is their output error
     tb, ix = np.asarray(tuned, np.float64)[0], np.asarray(idx)  # [2 col groups, 8, 2], [32 vectors, 32 cols]
     w_hat = np.stack([tb[c // 16][ix[:, c]] for c in range(32)], 1)  # [32, 32 cols, 2]
     w_hat = w_hat.transpose(0, 2, 1).reshape(64, 32)
-    assert abs(_output_error(w, w_hat, h) - float(after)) < 1e-3 * float(after)
+    assert abs(relative_output_error(w, w_hat, h) - float(after)) < 1e-3 * float(after)
 
 
 def test_bad_input():

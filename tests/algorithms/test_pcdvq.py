@@ -8,6 +8,7 @@ from jquant.algorithms.pcdvq import PCDVQConfig, pcdvq_quantize, simulate_parts
 from jquant.formats import PolarVQFormat, dequantize, quantize, unpack_codes
 from jquant.formats.polar import nearest_polar
 from jquant.formats.polar_codebooks import lloyd_max_gaussian
+from jquant.testing.layer_problems import correlated_layer, relative_output_error
 
 
 def test_gaussian_source_pcdvq_beats_two_bit_scalar_lloyd_max():
@@ -37,15 +38,7 @@ def test_gaussian_source_pcdvq_beats_two_bit_scalar_lloyd_max():
 
 
 def _layer(seed, n=128, m=64):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((1024, n)) @ (np.eye(n) + 0.4 * rng.standard_normal((n, n)))
-    x *= np.exp(rng.standard_normal(n))[None]
-    return (rng.standard_normal((n, m)) * 0.05).astype(np.float32), (x.T @ x / len(x)).astype(np.float32)
-
-
-def _output_error(w, w_hat, h):
-    e = np.asarray(w_hat, np.float64) - w
-    return np.trace(e.T @ h @ e) / np.trace(w.T @ h @ w)
+    return correlated_layer(seed, n, m)
 
 
 def test_error_feedback_lowers_output_error_but_not_weight_error():
@@ -54,8 +47,8 @@ def test_error_feedback_lowers_output_error_but_not_weight_error():
     nearest = np.asarray(dequantize(pcdvq_quantize(w, None, fmt)))
     fed = np.asarray(dequantize(pcdvq_quantize(w, h, fmt, config=PCDVQConfig(candidates=1))))
     aware = np.asarray(dequantize(pcdvq_quantize(w, h, fmt, config=PCDVQConfig(candidates=8))))
-    assert _output_error(w, fed, h) < 0.7 * _output_error(w, nearest, h)
-    assert _output_error(w, aware, h) < _output_error(w, nearest, h)
+    assert relative_output_error(w, fed, h) < 0.7 * relative_output_error(w, nearest, h)
+    assert relative_output_error(w, aware, h) < relative_output_error(w, nearest, h)
     assert np.mean((fed - w) ** 2) > np.mean((nearest - w) ** 2)  # GPTQ's signature trade
 
 
