@@ -97,35 +97,41 @@ def make_example(haystack: np.ndarray, pieces: NeedlePieces, *, context_len: int
     return NeedleExample(prompt=prompt, answer=pieces.digits[value].astype(np.int32), needle_start=at, depth=depth)
 
 
-def training_window(stream: np.ndarray, pieces: NeedlePieces, length: int, rng: np.random.Generator,
-                    n_digits: int = 4, n_needles: int = 1) -> np.ndarray:
-    """``length`` tokens of ``stream`` holding ``n_needles`` needles (distinct names), each followed later in
-    the window by its question and answer; the events are spread at random positions of the filler."""
-    if not 1 <= n_needles <= len(pieces.keys):
-        raise ValueError(f"training_window: n_needles={n_needles} must be in [1, {len(pieces.keys)}].")
-    names = rng.choice(len(pieces.keys), size=n_needles, replace=False)
-    events = []
-    for name in names:
-        value = rng.integers(0, 10, size=n_digits)
-        qa = np.concatenate([pieces.question(int(name)), pieces.digits[value], [pieces.period]])
-        events.append((pieces.needle(int(name), value), qa))
-    order = rng.permutation(2 * n_needles)  # event slots; the earlier slot of each pair gets the needle
-    slots = [None] * (2 * n_needles)
-    for i, (needle, qa) in enumerate(events):
-        first, second = sorted(order[2 * i:2 * i + 2])
-        slots[first], slots[second] = needle, qa
+def _interleave(stream: np.ndarray, length: int, pairs: list[tuple[np.ndarray, np.ndarray]],
+                rng: np.random.Generator, what: str) -> np.ndarray:
+    """``length`` tokens: a random ``stream`` window with each pair's first part placed before its second part,
+    all parts at random positions of the filler."""
+    order = rng.permutation(2 * len(pairs))  # event slots; the earlier slot of each pair gets the first part
+    slots = [None] * (2 * len(pairs))
+    for i, (first, second) in enumerate(pairs):
+        a, b = sorted(order[2 * i:2 * i + 2])
+        slots[a], slots[b] = first, second
     filler_len = length - sum(len(x) for x in slots)
     if filler_len < 0:
-        raise ValueError(f"training_window: {n_needles} needles do not fit in {length} tokens.")
+        raise ValueError(f"{what}: {len(pairs)} pairs do not fit in {length} tokens.")
     start = int(rng.integers(0, len(stream) - filler_len))
     filler = stream[start:start + filler_len]
-    cuts = np.sort(rng.integers(0, filler_len + 1, size=2 * n_needles))
+    cuts = np.sort(rng.integers(0, filler_len + 1, size=len(slots)))
     parts, prev = [], 0
     for cut, event in zip(cuts, slots):
         parts += [filler[prev:cut], event]
         prev = cut
     parts.append(filler[prev:])
     return np.concatenate(parts).astype(np.int32)
+
+
+def training_window(stream: np.ndarray, pieces: NeedlePieces, length: int, rng: np.random.Generator,
+                    n_digits: int = 4, n_needles: int = 1) -> np.ndarray:
+    """``length`` tokens of ``stream`` holding ``n_needles`` needles (distinct names), each followed later in
+    the window by its question and answer; the events are spread at random positions of the filler."""
+    if not 1 <= n_needles <= len(pieces.keys):
+        raise ValueError(f"training_window: n_needles={n_needles} must be in [1, {len(pieces.keys)}].")
+    pairs = []
+    for name in rng.choice(len(pieces.keys), size=n_needles, replace=False):
+        value = rng.integers(0, 10, size=n_digits)
+        qa = np.concatenate([pieces.question(int(name)), pieces.digits[value], [pieces.period]])
+        pairs.append((pieces.needle(int(name), value), qa))
+    return _interleave(stream, length, pairs, rng, "training_window")
 
 
 def make_passage_example(haystack: np.ndarray, source: np.ndarray, *, context_len: int, depth: float,
@@ -150,25 +156,9 @@ def repeat_window(stream: np.ndarray, length: int, rng: np.random.Generator, n_p
                   passage_len: tuple[int, int] = (24, 48)) -> np.ndarray:
     """``length`` tokens of ``stream`` where ``n_passages`` passages (from random places of ``stream``) each
     occur twice, the repeat later in the window: training rows that teach recall over the context."""
-    passages = []
+    pairs = []
     for _ in range(n_passages):
         n = int(rng.integers(passage_len[0], passage_len[1] + 1))
         s = int(rng.integers(0, len(stream) - n))
-        passages.append(stream[s:s + n])
-    order = rng.permutation(2 * n_passages)
-    slots = [None] * (2 * n_passages)
-    for i, p in enumerate(passages):
-        a, b = sorted(order[2 * i:2 * i + 2])
-        slots[a] = slots[b] = p
-    filler_len = length - sum(len(x) for x in slots)
-    if filler_len < 0:
-        raise ValueError(f"repeat_window: {n_passages} passages do not fit in {length} tokens.")
-    start = int(rng.integers(0, len(stream) - filler_len))
-    filler = stream[start:start + filler_len]
-    cuts = np.sort(rng.integers(0, filler_len + 1, size=2 * n_passages))
-    parts, prev = [], 0
-    for cut, p in zip(cuts, slots):
-        parts += [filler[prev:cut], p]
-        prev = cut
-    parts.append(filler[prev:])
-    return np.concatenate(parts).astype(np.int32)
+        pairs.append((stream[s:s + n], stream[s:s + n]))
+    return _interleave(stream, length, pairs, rng, "repeat_window")
