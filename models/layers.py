@@ -182,17 +182,6 @@ class AttentionConfig:
             )
 
 
-class KVSmoothing(nnx.Module):
-    """WKVQuant's static channel smoothing of cached keys and values: ``x~ = (x - shift) / scale``, each ``[K * D]``."""
-
-    def __init__(self, k_shift: jax.Array, k_scale: jax.Array, v_shift: jax.Array, v_scale: jax.Array):
-        self.k_shift, self.k_scale = nnx.Param(k_shift), nnx.Param(k_scale)
-        self.v_shift, self.v_scale = nnx.Param(v_shift), nnx.Param(v_scale)
-
-    def pairs(self) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-        return ((self.k_shift.get_value(), self.k_scale.get_value()), (self.v_shift.get_value(), self.v_scale.get_value()))
-
-
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3).
 

@@ -4,7 +4,7 @@
   ``KVStore``, ``init_cache``;
 - ``quantizer``: ``KVQuantizer`` (min-max groups with a floating zero point, channel reorder, variable
   groups, KIVI channel blocks, 1.5-bit ternary codes, fp8 metadata) and ``FormatKV`` (any jquant Format);
-- ``baselines``: ``rtn``, ``kivi``; ``skvq``: SKVQ; ``wkvquant``: WKVQuant;
+- ``baselines``: ``rtn``, ``kivi``; ``skvq``: SKVQ; ``wkvquant``: WKVQuant (``smoothing.KVSmoothing``);
 - ``calibrate``: ``capture_kv``, ``attention_errors``, ``set_kv_cache``; ``serialize``: configs as JSON (checkpoints);
 - ``decode_attention``: attention read from the cache's segments (the fused kernel's reference).
 """

@@ -18,6 +18,7 @@ from jquant.formats import get_format
 from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import attention_layers
 from jquant.kv.quantizer import FormatKV, KVQuantizer
+from jquant.kv.smoothing import KVSmoothing
 
 
 def _quantizer_to_dict(q) -> dict | None:
@@ -59,8 +60,6 @@ def configs_to_json(model: nnx.Module) -> dict:
 
 def restore_configs(model: nnx.Module, data: dict) -> None:
     """Set the saved configs on ``model`` (in place), with placeholder smoothing parameters where saved."""
-    from jquant.models.layers import KVSmoothing  # the module attention layers read smoothing from
-
     layers = attention_layers(model)
     for path, d in data.items():
         if path not in layers:

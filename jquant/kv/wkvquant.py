@@ -5,7 +5,7 @@ Three parts (spec §3; the paper's code is not public, the exact forms are the s
 1. **Past-only quantization** (§3.2): the current token attends to its own key and value exactly;
    ``KVCacheConfig(past_only=True)``.
 2. **Two-dimensional KV quantization** (§3.3): static per-channel smoothing
-   ``x~ = (x - shift) / scale`` (``models.layers.KVSmoothing``; keys after RoPE) then dynamic
+   ``x~ = (x - shift) / scale`` (``jquant.kv.smoothing.KVSmoothing``; keys after RoPE) then dynamic
    per-token min-max quantization in groups of ``head_dim`` channels. Initialised from the
    calibration range: ``shift_c = (max_c + min_c) / 2``, ``scale_c = max((max_c - min_c) / 2, 1e-5)``.
 3. **Cross-block reconstruction regularisation** (§3.4) with OmniQuant's learnable weight clipping
@@ -43,6 +43,7 @@ from jquant.formats import IntFormat
 from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import attention_layers, capture_kv
 from jquant.kv.quantizer import KVQuantizer
+from jquant.kv.smoothing import KVSmoothing
 from jquant.progress import progress_bar
 from jquant.sites import find_sites
 
@@ -89,27 +90,27 @@ def _round_ste(u):
     return u + jax.lax.stop_gradient(jnp.round(u) - u)
 
 
-def lwc_fake_quantize(w: jax.Array, gamma: jax.Array, beta: jax.Array, bits: int, group: int) -> jax.Array:
-    """OmniQuant's learnable weight clipping on ``w [in, out]`` with ``gamma, beta [in // group, out]``."""
+def _lwc_range(w: jax.Array, gamma: jax.Array, beta: jax.Array, bits: int, group: int):
+    """Grouped ``w [G, group, out]`` (float32), step ``h`` and clipped minimum ``sig(beta) min w``, each ``[G, 1, out]``."""
     n_in, n_out = w.shape
     wg = w.astype(jnp.float32).reshape(n_in // group, group, n_out)
-    qmax = 2 ** bits - 1
     hi = jax.nn.sigmoid(gamma)[:, None] * wg.max(axis=1, keepdims=True)
     lo = jax.nn.sigmoid(beta)[:, None] * wg.min(axis=1, keepdims=True)
-    h = jnp.maximum((hi - lo) / qmax, 1e-8)
+    return wg, jnp.maximum((hi - lo) / (2 ** bits - 1), 1e-8), lo
+
+
+def lwc_fake_quantize(w: jax.Array, gamma: jax.Array, beta: jax.Array, bits: int, group: int) -> jax.Array:
+    """OmniQuant's learnable weight clipping on ``w [in, out]`` with ``gamma, beta [in // group, out]``."""
+    wg, h, lo = _lwc_range(w, gamma, beta, bits, group)
     z = -_round_ste(lo / h)
-    q = jnp.clip(_round_ste(wg / h) + z, 0, qmax)
-    return ((q - z) * h).reshape(n_in, n_out).astype(w.dtype)
+    q = jnp.clip(_round_ste(wg / h) + z, 0, 2 ** bits - 1)
+    return ((q - z) * h).reshape(w.shape).astype(w.dtype)
 
 
 def _lwc_scales(w: jax.Array, gamma: jax.Array, beta: jax.Array, bits: int, group: int):
-    n_in, n_out = w.shape
-    wg = w.astype(jnp.float32).reshape(n_in // group, group, n_out)
-    qmax = 2 ** bits - 1
-    hi = jax.nn.sigmoid(gamma) * wg.max(axis=1)
-    lo = jax.nn.sigmoid(beta) * wg.min(axis=1)
-    h = jnp.maximum((hi - lo) / qmax, 1e-8)
-    return h, jnp.clip(-jnp.round(lo / h), 0, qmax)
+    """The learned step and zero point per group ``[G, out]``, as ``IntFormat.quantize_with_scales`` takes them."""
+    _, h, lo = _lwc_range(w, gamma, beta, bits, group)
+    return h[:, 0], jnp.clip(-jnp.round(lo / h), 0, 2 ** bits - 1)[:, 0]
 
 
 def _kv_config(cfg: WKVQuantConfig, head_dim: int) -> KVCacheConfig:
@@ -128,8 +129,6 @@ def _initial_smoothing(samples) -> tuple[np.ndarray, ...]:
 def wkvquant(model: nnx.Module, calib_tokens: np.ndarray, config: WKVQuantConfig = WKVQuantConfig(), *,
              progress: bool = True) -> tuple[nnx.Module, WKVQuantReport]:
     """A copy of ``model`` with WKVQuant's W4 weights, smoothed KV4 cache and past-only attention."""
-    from jquant.models.layers import KVSmoothing  # the smoothing module attention layers read
-
     t0 = time.perf_counter()
     calib_tokens = np.asarray(calib_tokens)
     reference, out = nnx.clone(model), nnx.clone(model)
@@ -213,8 +212,8 @@ def _train_block(block, following, x_q, target_in, context, config: WKVQuantConf
         d = quantized_forward(th, x, ctx).astype(jnp.float32) - y.astype(jnp.float32)
         return jnp.mean(jnp.abs(d)) if config.loss == "mae" else jnp.mean(d * d)
 
-    targets = jnp.concatenate([jax.jit(target_forward)(target_in[j:j + 1], context[j:j + 1])
-                               for j in range(target_in.shape[0])])
+    target_step = jax.jit(target_forward)
+    targets = jnp.concatenate([target_step(target_in[j:j + 1], context[j:j + 1]) for j in range(target_in.shape[0])])
     labels = {"lwc": jax.tree.map(lambda _: "lwc", theta["lwc"]), "smooth": jax.tree.map(lambda _: "smooth", theta["smooth"])}
     opt = optax.multi_transform({"lwc": optax.adam(config.lr_clipping), "smooth": optax.adam(config.lr_smoothing)}, labels)
     opt_state = opt.init(theta)

@@ -7,7 +7,7 @@ import jquant as jq
 from jquant.kv import KVCacheConfig, KVQuantizer
 from jquant.kv.serialize import config_from_dict, config_to_dict
 from jquant.models import llama
-from jquant.models.layers import KVSmoothing
+from jquant.kv.smoothing import KVSmoothing
 from jquant.testing.tiny_models import fast_logits
 
 CFG = llama.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)

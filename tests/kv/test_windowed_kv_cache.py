@@ -10,7 +10,7 @@ from flax import nnx
 
 from jquant.kv import KVCacheConfig, KVQuantizer, LayerKVCache, init_cache
 from jquant.models import llama
-from jquant.models.layers import KVSmoothing
+from jquant.kv.smoothing import KVSmoothing
 from jquant.testing.tiny_models import fast_cached_logits, fast_logits
 
 VOCAB = 97
