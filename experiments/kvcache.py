@@ -1,6 +1,8 @@
 """KV-cache quantization results: FP vs RTN vs KIVI vs SKVQ vs WKVQuant -> experiments/results/kvcache.md.
 
     python experiments/kvcache.py                 # all rows (resumes: finished rows are kept in kvcache.json)
+    python experiments/kvcache.py --skip-retrieval  # perplexity and memory only (how the shipped table was made,
+                                                  # after retrieval for the FP16 and RTN K4V4 rows)
     python experiments/kvcache.py --report        # rebuild the markdown from kvcache.json
 
 Every number uses the quantized cache as decoding does:
@@ -236,8 +238,10 @@ def report(path_json: Path, path_md: Path) -> None:
         "# KV-cache quantization: RTN, KIVI, SKVQ, WKVQuant",
         "",
         f"Model: {meta['model']} ({meta['context']}-token context; {meta['kv_channels']} key/value channels "
-        f"per token = {meta['kv_heads']} heads x {meta['head_dim']}). Reproduce: `python experiments/kvcache.py` "
-        "(about 40 minutes on 2 CPU cores).",
+        f"per token = {meta['kv_heads']} heads x {meta['head_dim']}). Reproduce: the retrieval rows with "
+        "`python experiments/kvcache.py --only \"FP16 cache\" \"RTN K4V4\" --depths 0 0.5 1 --needles-per-depth 1 "
+        "--needle-batch 3`, then the rest with `python experiments/kvcache.py --skip-retrieval` (about 40 minutes "
+        "on 2 CPU cores; finished rows are kept in kvcache.json).",
         "",
         "Settings shared by all methods: token groups of 32 channels (SKVQ: 32 on average, k-means clusters "
         "over both heads, permuted, fp8 scale/zero; RTN and KIVI: fixed groups, fp16 scale/zero; KIVI keys: per "
