@@ -134,8 +134,8 @@ def skvq(model: nnx.Module, calib_tokens: np.ndarray, config: SKVQConfig = SKVQC
         chosen = {p: min(config.clip_grid, key=lambda c: (errors[c][p], -c)) for p in samples}
     else:
         chosen = {p: float(config.clip) for p in samples}
-    set_kv_cache(out, {p: configs(chosen[p])[p] for p in samples})
-    layers = {p: out_cfg for p, out_cfg in ((p, configs(chosen[p])[p]) for p in samples)}
+    layers = {p: configs(chosen[p])[p] for p in samples}
+    set_kv_cache(out, layers)
     report = SKVQReport(clip=chosen,
                         key_groups={p: tuple(c.key.groups(channels[p]).tolist()) for p, c in layers.items()},
                         value_groups={p: tuple(c.value.groups(channels[p]).tolist()) for p, c in layers.items()},
