@@ -2,10 +2,11 @@
 
 ``jquant.models.load(name_or_path)`` loads a bundled reference model or any
 supported Hugging Face checkpoint folder; ``jquant.models.llama`` is the
-Llama/Mistral/Qwen2/Qwen3 family.
+Llama/Mistral/Qwen2/Qwen3 family, ``jquant.models.rwkv6`` RWKV-6 (Finch).
 """
 
 from jquant.models import llama as llama
+from jquant.models import rwkv6 as rwkv6
 from jquant.models.registry import DEFAULT_MODEL as DEFAULT_MODEL
 from jquant.models.registry import LoadedModel as LoadedModel
 from jquant.models.registry import ModelInfo as ModelInfo
@@ -13,4 +14,4 @@ from jquant.models.registry import list_models as list_models
 from jquant.models.registry import load as load
 from jquant.models.registry import resolve as resolve
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelInfo", "list_models", "llama", "load", "resolve"]
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelInfo", "list_models", "llama", "load", "resolve", "rwkv6"]

@@ -1,7 +1,8 @@
 """Finding and loading models by name (bundled reference models) or by checkpoint folder.
 
 A name resolves to ``jquant/assets/models/<name>`` (a Hugging Face folder
-shipped with the package); anything else must be a path to such a folder.
+shipped with the package); anything else must be a path to such a folder
+or to a single-file BlinkDL RWKV-6 checkpoint (``.pth`` / ``.safetensors``).
 The family is picked from ``config.json``'s ``model_type``.
 """
 
@@ -15,6 +16,7 @@ from flax import nnx
 from transformers import PreTrainedTokenizerFast
 
 from jquant.models import hf_io, llama
+from jquant.models import rwkv6
 
 DEFAULT_MODEL = "jq-llama-tiny"
 
@@ -54,12 +56,13 @@ def resolve(name_or_path: str | Path) -> Path:
     if isinstance(name_or_path, str) and "/" not in name_or_path and candidate.is_dir():
         return candidate
     path = Path(name_or_path)
-    if path.is_dir():
+    if path.is_dir() or path.is_file() and path.suffix in (".pth", ".safetensors"):
         return path
     names = [m.name for m in list_models()]
     raise ValueError(
         f"unknown model {str(name_or_path)!r}: not a bundled model ({', '.join(names) or 'none installed'}) "
-        "and not a checkpoint folder. Run `jquant list models` to see the bundled ones."
+        "and not a checkpoint folder or BlinkDL .pth/.safetensors file. "
+        "Run `jquant list models` to see the bundled ones."
     )
 
 
@@ -78,6 +81,9 @@ def load(name_or_path: str | Path, *, dtype: llama.DTypeName = "float32", param_
     Face folders.
     """
     path = resolve(name_or_path)
+    if path.is_file():  # a BlinkDL RWKV-6 checkpoint: one file, no tokenizer
+        model = rwkv6.from_blinkdl(path, dtype=dtype, param_dtype=param_dtype)
+        return LoadedModel(model=model, tokenizer=None, path=path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
     if (path / "jquant.json").is_file():  # a checkpoint written by jquant.checkpoint.save (possibly quantized)
         from jquant.checkpoint import load as load_checkpoint

@@ -320,7 +320,8 @@ class TimeMix(nnx.Module):
         lora = jnp.tanh(self.time_maa_w1(a + self.time_maa_x(delta)))
         lora = lora.reshape(*lora.shape[:-1], len(MIX_SLOTS), self.cfg.mix_rank)
         mixes = [getattr(self, f"time_maa_{slot}") for slot in MIX_SLOTS]
-        return [a + mix(delta) + delta * up(lora[..., i, :]) for i, (mix, up) in enumerate(zip(mixes, self.time_maa_w2))]
+        return [a + mix(delta) + delta * up(lora[..., i, :])
+                for i, (mix, up) in enumerate(zip(mixes, self.time_maa_w2, strict=True))]
 
     def __call__(self, a: jax.Array, shift: jax.Array, wkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``a = LN1(x) [B, T, C]``, ``shift [B, C]``, ``wkv [B, H, N, N]`` -> output ``[B, T, C]``, new shift, new wkv.
@@ -645,7 +646,8 @@ def from_tensors(cfg: RWKV6Config, tensors: dict, *, source: str = "tensors") ->
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)} in jquant's layout, but the "
                              f"config implies {tuple(var.shape)}.")
         if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise ValueError(f"{source}: tensor {name!r} has dtype {array.dtype}; a floating-point tensor was expected.")
+            raise ValueError(f"{source}: tensor {name!r} has dtype {array.dtype}; a floating-point tensor was "
+                             "expected.")
         flat.append((p, var.replace(jnp.asarray(array, dtype=pdt))))
     if remaining:
         raise ValueError(f"{source}: unexpected tensors not used by an RWKV-6 model of this config: "

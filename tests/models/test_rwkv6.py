@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jquant.models
 from jquant.models import rwkv6
 from jquant.sites import find_sites
 
@@ -189,6 +190,12 @@ def test_safetensors_file_loads_like_pth(checkpoint, model, tmp_path):
     save_file({k: v.contiguous() for k, v in checkpoint[1].items()}, path)
     tokens = jnp.asarray([_tokens(4, 9)])
     np.testing.assert_array_equal(_forward(rwkv6.from_blinkdl(path, chunk_size=8), tokens), _forward(model, tokens))
+
+
+def test_registry_loads_blinkdl_files(checkpoint):
+    loaded = jquant.models.load(checkpoint[0])
+    assert isinstance(loaded.model, rwkv6.RWKV6) and loaded.tokenizer is None
+    assert loaded.model.config.num_layers == LAYERS
 
 
 def test_blinkdl_round_trip(checkpoint, model):
