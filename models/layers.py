@@ -42,6 +42,10 @@ class Linear(nnx.Module):
     folded into ``kernel`` by ``jquant.transforms``) and ``Q_a`` the optional
     activation quantizer (``activation``). Calibration statistics are recorded
     after the rotation, on what the kernel really multiplies.
+
+    ``lora``: an optional low-rank adapter module (``jquant.finetune.LoRA``, set by
+    ``jquant.finetune.add_lora``); it is called as ``lora(x, kernel, bias)`` and computes
+    ``x kernel + s (x A) B + bias`` through ``jquant.ops.lora_linear`` with a frozen kernel.
     """
 
     QUANT_SITE = SiteSpec(param="kernel", contraction_axis=0, kind="linear")
@@ -62,12 +66,15 @@ class Linear(nnx.Module):
         self.activation = None  # an activation Format once a recipe quantizes this layer's inputs
         self.activation_scale = nnx.data(None)  # a calibrated scalar Param for static activation formats
         self.input_rotation = None  # the order of an online Hadamard applied to the input (set by transforms)
+        self.lora = nnx.data(None)  # a LoRA adapter module (set by jquant.finetune.add_lora)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.input_rotation is not None:
             x = ops.online_hadamard(x, self.input_rotation)
         record_input(self, x)
         bias = None if self.bias is None else self.bias.get_value()
+        if self.lora is not None:
+            return self.lora(x, self.kernel.get_value(), bias)
         scale = None if self.activation_scale is None else self.activation_scale.get_value()
         return ops.linear(x, self.kernel.get_value(), bias, activation=self.activation, activation_scale=scale)
 

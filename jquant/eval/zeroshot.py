@@ -92,7 +92,7 @@ def choice_scores(model: LogitsFn, tokenizer: PreTrainedTokenizerBase,
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token; use jquant.data.tokenizer.load_tokenizer().")
-    pairs = [_encode_pair(tokenizer, item.context, choice, max_len)
+    pairs = [encode_pair(tokenizer, item.context, choice, max_len)
              for item in items for choice in item.choices]
     if not pairs:
         return []
@@ -111,8 +111,9 @@ def choice_scores(model: LogitsFn, tokenizer: PreTrainedTokenizerBase,
     return [(sums[a:b], counts[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, choice: str,
-                 max_len: int | None) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, choice: str,
+                max_len: int | None) -> tuple[list[int], list[int]]:
+    """Token ids of ``<|eos|> + context`` and of ``choice``, the context left-truncated to fit ``max_len``."""
     ctx = [tokenizer.eos_token_id] + tokenizer.encode(context, add_special_tokens=False)
     cont = tokenizer.encode(choice, add_special_tokens=False)
     if max_len is not None:
@@ -245,8 +246,10 @@ def build_next_line(dataset: datasets.Dataset, n_items: int, seed: int) -> list[
             for (ctx, ans, dis), lab in zip(items, labels)]
 
 
-def build_source(dataset: datasets.Dataset, n_items: int, seed: int) -> list[MultipleChoiceItem]:
-    """Excerpt + "This passage is from"; choices name the three sources (label = source)."""
+def build_source(dataset: datasets.Dataset, n_items: int, seed: int, *,
+                 context_chars: int = CONTEXT_CHARS) -> list[MultipleChoiceItem]:
+    """Excerpt (leading whole lines within ``context_chars``) + "This passage is from"; choices
+    name the three sources (label = source)."""
     rng = np.random.default_rng(seed)
     groups = _per_source(dataset)
     if set(groups) != set(SOURCES):
@@ -256,7 +259,7 @@ def build_source(dataset: datasets.Dataset, n_items: int, seed: int) -> list[Mul
     items = []
     for source, wanted in _quota(n_items, SOURCES).items():
         for i in _take(len(groups[source]), wanted, rng, f"{source} passages"):
-            excerpt = _head(groups[source][i].split("\n"), CONTEXT_CHARS)
+            excerpt = _head(groups[source][i].split("\n"), context_chars)
             items.append(MultipleChoiceItem(excerpt + SOURCE_PROMPT, choices,
                                             SOURCES.index(source)))
     return [items[i] for i in rng.permutation(len(items))]

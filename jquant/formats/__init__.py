@@ -2,7 +2,7 @@
 
 Formats: uniform integers (``IntFormat``), scaled FP8 (``FP8Format``), NVFP4
 (``NVFP4Format``), OCP MX (``MXFormat``: MXFP4/6/8, MXINT8), group-shared-exponent
-integers (``GSEFormat``), codebooks (``CodebookFormat`` + ``codebook_quantize``) and PCDVQ's
+integers (``GSEFormat``), QLoRA's NormalFloat (``NF4Format``), codebooks (``CodebookFormat`` + ``codebook_quantize``) and PCDVQ's
 polar direction x magnitude vectors (``PolarVQFormat``).
 
     q = quantize(w, get_format("int4-g128"), axis=0)   # w: [in, out]
@@ -22,6 +22,7 @@ from jquant.formats.fp8 import FP8Format as FP8Format
 from jquant.formats.gse import GSEFormat as GSEFormat
 from jquant.formats.integer import IntFormat as IntFormat
 from jquant.formats.mx import MXFormat as MXFormat
+from jquant.formats.nf4 import NF4Format as NF4Format
 from jquant.formats.nvfp4 import NVFP4Format as NVFP4Format
 from jquant.formats.polar import PolarVQFormat as PolarVQFormat
 from jquant.formats.packing import (pack_bits as pack_bits,
@@ -31,7 +32,7 @@ from jquant.formats.qarray import Format as Format, QArray as QArray
 from jquant.formats.registry import FORMATS as FORMATS, get_format as get_format
 
 __all__ = [
-    "QArray", "Format", "IntFormat", "FP8Format", "NVFP4Format", "MXFormat", "GSEFormat",
+    "QArray", "Format", "IntFormat", "FP8Format", "NVFP4Format", "MXFormat", "GSEFormat", "NF4Format",
     "CodebookFormat", "PolarVQFormat", "quantize", "dequantize", "fake_quantize", "codebook_quantize",
     "bits_per_element", "unpack_codes", "check_finite", "pack_bits", "unpack_bits",
     "packed_length", "FORMATS", "get_format",

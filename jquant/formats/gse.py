@@ -1,7 +1,7 @@
 """GSE-INT: group-shared-exponent integers (spec ``gsq_tuning.md`` §3.1).
 
 Groups of ``group_size`` (G, default 32) consecutive elements along ``axis`` share one
-exponent E; each element is a signed b-bit integer m (b in {4, 5, 6, 8}), a fixed-point
+exponent E; each element is a signed b-bit integer m (b in {4, ..., 8}), a fixed-point
 number with b - 2 fractional bits::
 
     E   = floor(log2 max|x_group|)      (exponent bits; an all-zero group gets the minimum)
@@ -36,7 +36,7 @@ from jquant.formats.minifloat import floor_log2, ldexp
 from jquant.formats.packing import pack_bits, packed_length, to_signed, unpack_bits
 from jquant.formats.qarray import Format, QArray
 
-GSE_BITS = (4, 5, 6, 8)
+GSE_BITS = (4, 5, 6, 7, 8)
 PAPER_EXPONENT_BITS = 5
 
 
@@ -95,9 +95,16 @@ class GSEFormat(Format):
                           else jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32)),
         )
 
-    def encode(self, x, axis, key):
+    def mantissas(self, x: jax.Array, axis: int, key: jax.Array | None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """The encode without packing: ``x`` zero-padded to a multiple of G along ``axis``.
+
+        Returns ``(m, e, stored, offset)``: int32 mantissas at the padded shape, the
+        effective int32 group exponents E (``n_pad / G`` along ``axis``), the stored
+        int8-range exponents and the int32 tensor offset (None without ``exponent_bits``).
+        ``m * 2^(E - (b-2))`` (E repeated G times along ``axis``) is the dequantized value.
+        """
         check_key(self.name, self.rounding, key)
-        shape = tuple(x.shape)
         x = B.pad_axis(x.astype(jnp.float32), axis, self.group_size)
         amax = B.group_reduce(jnp.abs(x), axis, "group", self.group_size, jnp.max)
         pos = amax > 0
@@ -114,9 +121,19 @@ class GSEFormat(Format):
             e_eff = stored + offset
         v = ldexp(x, B.expand((self.bits - 2) - e_eff, axis, x.shape[axis]))
         m = jnp.clip(_round(v, self.rounding, key), -self.qmax, self.qmax).astype(jnp.int32)
+        return m, e_eff.astype(jnp.int32), stored, offset
+
+    def fake_values(self, x: jax.Array, axis: int, key: jax.Array | None = None) -> jax.Array:
+        """``decode(encode(x))`` in float32 without packing (the training-time quantizer)."""
+        m, e, _, _ = self.mantissas(x, axis, key)
+        step = ldexp(jnp.ones(e.shape, jnp.float32), e - (self.bits - 2))
+        return B.crop_axis(m.astype(jnp.float32) * B.expand(step, axis, m.shape[axis]), axis, x.shape[axis])
+
+    def encode(self, x, axis, key):
+        m, _, stored, offset = self.mantissas(x, axis, key)
         codes = m.astype(jnp.int8) if self.bits == 8 else pack_bits(m, self.bits, axis)
         return QArray(codes=codes, scales=stored.astype(jnp.int8), tensor_scale=offset,
-                      format=self, shape=shape, axis=axis)
+                      format=self, shape=tuple(x.shape), axis=axis)
 
     def exponents(self, q: QArray) -> jax.Array:
         """Effective int32 group exponents E (offset applied), ``ceil(n / G)`` along ``axis``."""

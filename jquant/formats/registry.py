@@ -22,6 +22,7 @@ from jquant.formats.codebook import CodebookFormat
 from jquant.formats.fp8 import FP8Format
 from jquant.formats.gse import GSE_BITS, GSEFormat
 from jquant.formats.integer import INT_BITS, IntFormat
+from jquant.formats.nf4 import NF4Format
 from jquant.formats.mx import MX_ELEMENTS, MXFormat
 from jquant.formats.nvfp4 import NVFP4Format
 from jquant.formats.polar import PolarVQFormat
@@ -66,6 +67,8 @@ def _build() -> dict[str, Callable[..., Format]]:
         out[f"mx{el}"] = P(MXFormat, element=el)
     for b in GSE_BITS:
         out[f"gse-int{b}"] = P(GSEFormat, bits=b)
+    out["nf4"] = P(NF4Format)
+    out["nf4-fp32scale"] = P(NF4Format, double_quant=False)
     return out
 
 

@@ -4,6 +4,8 @@ Every matmul and attention a model performs goes through this package, so that
 quantized weights (QArrays), quantized activations and Pallas kernels plug in
 here without touching model code. ``dispatch`` picks the implementation of each
 quantized matmul (a Pallas kernel where the measured table says it wins, else XLA).
+``lora_linear`` is the adapted linear of integer LoRA fine-tuning (``quantized_matmul``:
+quantize-compute-dequantize GEMMs in group-shared-exponent integers).
 """
 
 from jquant.ops.attention import attention as attention
@@ -17,8 +19,12 @@ from jquant.ops.linear import as_array as as_array
 from jquant.ops.linear import dot_general as dot_general
 from jquant.ops.linear import embedding_lookup as embedding_lookup
 from jquant.ops.linear import linear as linear
+from jquant.ops.lora import LoRAArithmetic as LoRAArithmetic
+from jquant.ops.lora import lora_linear as lora_linear
+from jquant.ops.quantized_gemm import quantized_matmul as quantized_matmul
 from jquant.ops.rotation import online_hadamard as online_hadamard
 from jquant.ops.vector import polar_linear as polar_linear
 
-__all__ = ["as_array", "attention", "attention_quantized_past", "causal_mask", "dot_general", "embedding_lookup",
-           "explain", "force_path", "linear", "online_hadamard", "polar_linear", "quantize_kv", "record_dispatch"]
+__all__ = ["LoRAArithmetic", "as_array", "attention", "attention_quantized_past", "causal_mask", "dot_general",
+           "embedding_lookup", "explain", "force_path", "linear", "lora_linear", "online_hadamard", "polar_linear",
+           "quantize_kv", "quantized_matmul", "record_dispatch"]

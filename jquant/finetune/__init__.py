@@ -1,0 +1,24 @@
+"""Integer LoRA fine-tuning (GSQ-Tuning) and its 16-bit / QLoRA baselines.
+
+    base = jq.quantize(model, nf4_recipe)                      # frozen NF4 base (QLoRA)
+    arith = LoRAArithmetic(operands=GSEFormat(bits=8))          # every GEMM in GSE-INT8
+    model = add_lora(base, LoRAConfig(rank=64, arithmetic=arith), key=key)
+    tuned, history = finetune(model, batches, FinetuneConfig(steps=300))
+"""
+
+from jquant.finetune.lora import LoRA as LoRA
+from jquant.finetune.lora import LoRAConfig as LoRAConfig
+from jquant.finetune.lora import LoRAParam as LoRAParam
+from jquant.finetune.lora import adapters as adapters
+from jquant.finetune.lora import add_lora as add_lora
+from jquant.finetune.lora import lora_sites as lora_sites
+from jquant.finetune.lora import merge_lora as merge_lora
+from jquant.finetune.lora import set_rounding_keys as set_rounding_keys
+from jquant.finetune.train import FinetuneConfig as FinetuneConfig
+from jquant.finetune.train import evaluate_loss as evaluate_loss
+from jquant.finetune.train import finetune as finetune
+from jquant.finetune.train import masked_cross_entropy as masked_cross_entropy
+from jquant.ops.lora import LoRAArithmetic as LoRAArithmetic
+
+__all__ = ["FinetuneConfig", "LoRA", "LoRAArithmetic", "LoRAConfig", "LoRAParam", "adapters", "add_lora",
+           "evaluate_loss", "finetune", "lora_sites", "masked_cross_entropy", "merge_lora", "set_rounding_keys"]
