@@ -15,12 +15,12 @@ from pathlib import Path
 from flax import nnx
 from transformers import PreTrainedTokenizerFast
 
-from jquant.models import hf_io, llama
+from jquant.models import hf_io, llama, mamba, mamba2
 from jquant.models import rwkv6
 
 DEFAULT_MODEL = "jq-llama-tiny"
 
-_FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama}
+_FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "mamba": mamba, "mamba2": mamba2}
 
 
 def _bundled_dir() -> Path:

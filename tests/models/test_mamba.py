@@ -1,0 +1,263 @@
+"""jquant's Mamba-1 family: scan forms, decoding state, and parity with transformers' ``MambaForCausalLM``.
+
+The parity models are tiny random transformers models with every tensor
+perturbed (A_log, D, dt bias and norm weights included), written with
+``save_pretrained`` and read back with ``mamba.from_hf``.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jquant.generate import generate
+from jquant.models import hf_io, load, mamba
+from jquant.testing.hf_reference import relative_error
+from jquant.testing.tiny_models import fast_cached_logits, fast_logits
+
+FLOAT32_TOLERANCE = 1e-5
+VOCAB = 96
+# name -> MambaConfig overrides (transformers): the default tied model, and one with biases,
+# no conv bias, an odd time-step rank, an untied head and a residual kept in the compute dtype.
+CASES = {
+    "tied": dict(),
+    "untied-bias": dict(tie_word_embeddings=False, use_bias=True, use_conv_bias=False, time_step_rank=3,
+                        residual_in_fp32=False, conv_kernel=3),
+}
+
+
+def build_hf_mamba(folder, overrides: dict, *, seed: int = 0, scale: float = 0.2):
+    """A perturbed tiny ``MambaForCausalLM`` saved to ``folder``; returns the torch model in eval mode."""
+    import torch
+    import transformers
+
+    cfg = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def _tokens(seed: int, batch: int = 2, length: int = 20) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, VOCAB, size=(batch, length)).astype(np.int32)
+
+
+def _decode(model, tokens: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits of ``tokens`` fed as one ``prefill`` chunk, then one token per jitted ``step``."""
+    chunks = (prefill,) + (1,) * (tokens.shape[1] - prefill)
+    return np.asarray(fast_cached_logits(model, jnp.asarray(tokens), chunks)[0])
+
+
+# ----------------------------------------------------------------------------
+# Without transformers
+# ----------------------------------------------------------------------------
+
+
+def _scan_inputs(seed: int, b=2, t=13, di=6, n=4):
+    """``u, delta, A, B, C, h0`` for ``selective_scan`` (numpy draws: eager JAX draws compile per shape)."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    delta = np.log1p(np.exp(normal(b, t, di)))
+    A = -np.exp(0.5 * normal(di, n))
+    return normal(b, t, di), delta, A, normal(b, t, n), normal(b, t, n), normal(b, di, n)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 64])
+def test_selective_scan_equals_recurrence(chunk_size):
+    args = _scan_inputs(0)
+    y_ref, h_ref = jax.jit(mamba.selective_scan_recurrent)(*args)
+    y, h = jax.jit(mamba.selective_scan, static_argnames="chunk_size")(*args, chunk_size=chunk_size)
+    assert relative_error(y, y_ref) < 1e-6 and relative_error(h, h_ref) < 1e-6
+
+
+def test_selective_scan_matches_explicit_loop():
+    u, delta, A, B, C, h = (np.asarray(a, np.float64) for a in _scan_inputs(1, t=5))
+    ys = []
+    for t in range(u.shape[1]):
+        h = np.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append(np.einsum("bdn,bn->bd", h, C[:, t]))
+    y, h_last = mamba.selective_scan(*_scan_inputs(1, t=5), chunk_size=2)
+    assert relative_error(y, np.stack(ys, axis=1)) < 1e-6 and relative_error(h_last, h) < 1e-6
+
+
+def test_causal_conv1d_in_pieces_equals_whole():
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, 9, 5), (4, 5), (5,)))
+    whole, _ = mamba.causal_conv1d(x, w, b, jnp.zeros((2, 3, 5)))
+    first, state = mamba.causal_conv1d(x[:, :4], w, b, jnp.zeros((2, 3, 5)))
+    second, _ = mamba.causal_conv1d(x[:, 4:], w, b, state)
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, rtol=1e-6, atol=1e-6)
+    expected = b + sum(w[k] * x[:, 8 - 3 + k] for k in range(4))  # y_8 = b + sum_k w[k] x_{8-K+1+k}
+    np.testing.assert_allclose(whole[:, 8], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    cfg = mamba.MambaConfig(vocab_size=VOCAB, hidden_size=16, state_size=4, num_layers=2, scan_chunk_size=5,
+                            tie_embeddings=False)
+    return mamba.init_model(cfg, jax.random.key(0))
+
+
+def test_full_sequence_equals_recurrent_decoding(random_model):
+    tokens = _tokens(0, length=12)
+    full = fast_logits(random_model, tokens)
+    assert relative_error(_decode(random_model, tokens, prefill=1), full) < FLOAT32_TOLERANCE
+    # multi-token chunks continue from the carried state too
+    pieces, _ = fast_cached_logits(random_model, jnp.asarray(tokens), (7, 1, 4))
+    assert relative_error(pieces, full) < FLOAT32_TOLERANCE
+
+
+def test_jit_decode_step(random_model):
+    """One jitted decode step equals the eager one, and the cache keeps its pytree structure (a valid scan carry)."""
+    graphdef, state = nnx.split(random_model)
+    tokens = _tokens(1, length=1)
+    cache = random_model.init_cache(2)
+    step = jax.jit(lambda state, tokens, cache: nnx.merge(graphdef, state).step(tokens, cache))
+    logits, new = step(state, tokens, cache)
+    eager_logits, eager_new = random_model.step(tokens, cache)
+    assert relative_error(logits, eager_logits) < FLOAT32_TOLERANCE
+    assert jax.tree.structure(new) == jax.tree.structure(cache) and int(new.length) == 1
+    assert [a.shape for a in jax.tree.leaves(new)] == [a.shape for a in jax.tree.leaves(cache)]
+    assert relative_error(new.layers[1].ssm, eager_new.layers[1].ssm) < FLOAT32_TOLERANCE
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="hidden_size must be positive"):
+        mamba.MambaConfig(vocab_size=8, hidden_size=0, num_layers=1)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        mamba.MambaConfig(vocab_size=8, hidden_size=8, num_layers=1, dtype="int8")
+    assert mamba.MambaConfig(vocab_size=8, hidden_size=40, num_layers=1).time_step_rank == 3  # ceil(40 / 16)
+
+
+# ----------------------------------------------------------------------------
+# Parity with transformers (one transformers import for the whole file)
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = build_hf_mamba(folder, CASES[request.param], seed=sorted(CASES).index(request.param))
+    return request.param, hf, folder
+
+
+def _torch_logits(hf, tokens):
+    import torch
+
+    with torch.no_grad():
+        return hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def _torch_decode(hf, tokens, prefill):
+    """transformers' own cached decoding: one ``prefill`` chunk, then one token per call."""
+    import torch
+
+    with torch.no_grad():
+        out = hf(torch.tensor(tokens[:, :prefill], dtype=torch.long), use_cache=True)
+        logits = [out.logits]
+        for t in range(prefill, tokens.shape[1]):
+            out = hf(torch.tensor(tokens[:, t : t + 1], dtype=torch.long), cache_params=out.cache_params, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1).numpy()
+
+
+@pytest.mark.parametrize("chunk_size", [256, 6])
+def test_full_sequence_logits_match_transformers(pair, chunk_size):
+    case, hf, folder = pair
+    model = mamba.from_hf(folder)
+    if chunk_size != model.config.scan_chunk_size:  # several chunks with a padded last one (T = 20)
+        model = mamba.from_tensors(model.config.replace(scan_chunk_size=chunk_size), hf_io.read_safetensors(folder))
+    tokens = _tokens(1)
+    assert relative_error(fast_logits(model, tokens), _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+
+
+def test_decode_matches_transformers(pair):
+    case, hf, folder = pair
+    model = mamba.from_hf(folder)
+    tokens = _tokens(2)
+    ours = _decode(model, tokens, prefill=5)
+    assert relative_error(ours, _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+    assert relative_error(ours, _torch_decode(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
+
+
+def test_greedy_generation_matches_transformers(pair):
+    case, hf, folder = pair
+    import torch
+
+    prompt = _tokens(3, length=5)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=6, do_sample=False,
+                          eos_token_id=None, pad_token_id=0).numpy()
+    loaded = load(folder)  # through the registry, by config.json's model_type
+    assert isinstance(loaded.model, mamba.Mamba)
+    np.testing.assert_array_equal(generate(loaded.model, prompt, 6), ref)
+
+
+def test_import_keeps_structure(pair):
+    case, hf, folder = pair
+    model = mamba.from_hf(folder)
+    cfg = model.config
+    assert cfg.tie_embeddings == (case == "tied") and (model.lm_head is None) == cfg.tie_embeddings
+    assert cfg.time_step_rank == hf.config.time_step_rank and cfg.conv_kernel == hf.config.conv_kernel
+    mixer = model.layers[0].mixer
+    assert (mixer.conv1d.bias is None) == (not hf.config.use_conv_bias)
+    np.testing.assert_array_equal(
+        mixer.conv1d.weight[...], hf.backbone.layers[0].mixer.conv1d.weight.detach().numpy()[:, 0, :].T)
+
+
+# ----------------------------------------------------------------------------
+# Bad checkpoints
+# ----------------------------------------------------------------------------
+
+
+def _edit_config(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_rejects_a_mamba2_checkpoint(tmp_path):
+    pytest.importorskip("transformers")
+    import transformers
+
+    transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8, state_size=4, n_groups=1, num_hidden_layers=1,
+    )).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model_type='mamba2'.*expects model_type='mamba' \(MambaForCausalLM\).*mamba2\.from_hf"):
+        mamba.from_hf(tmp_path)
+
+
+def test_rejects_unhandled_config_attributes(pair, tmp_path):
+    _, _, folder = pair
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        mamba.from_hf(_edit_config(folder, tmp_path / "act", hidden_act="gelu"))
+    with pytest.raises(ValueError, match=r"does not handle: \['use_falcon_norm'\]"):
+        mamba.from_hf(_edit_config(folder, tmp_path / "unknown", use_falcon_norm=True))
+    with pytest.raises(ValueError, match="intermediate_size=48 differs from expand"):
+        mamba.from_hf(_edit_config(folder, tmp_path / "inner", intermediate_size=48))
+
+
+def test_rejects_bad_tensors(pair):
+    case, _, folder = pair
+    tensors = hf_io.read_safetensors(folder)
+    cfg = mamba.from_hf(folder).config
+    name = "backbone.layers.1.mixer.A_log"
+    with pytest.raises(ValueError, match=f"{name}' is missing"):
+        mamba.from_tensors(cfg, {k: v for k, v in tensors.items() if k != name})
+    with pytest.raises(ValueError, match=r"conv1d.weight' has shape \(64, 4\)"):
+        mamba.from_tensors(cfg, {**tensors, "backbone.layers.0.mixer.conv1d.weight": np.zeros((64, 4), np.float32)})
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        mamba.from_tensors(cfg, {**tensors, "backbone.layers.0.mixer.extra": np.zeros(3, np.float32)})

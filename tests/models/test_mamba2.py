@@ -1,0 +1,284 @@
+"""jquant's Mamba-2 family: chunked SSD vs recurrence, decoding state, and parity with ``Mamba2ForCausalLM``.
+
+The parity models are tiny random transformers models with every tensor
+perturbed (A_log, D, dt_bias, the gated norm and block norms included), written
+with ``save_pretrained`` and read back with ``mamba2.from_hf``. T = 20 with
+chunk size 8 exercises several chunks and a padded last one.
+"""
+
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jquant.generate import generate
+from jquant.models import hf_io, load, mamba2
+from jquant.testing.hf_reference import relative_error
+from jquant.testing.tiny_models import fast_cached_logits, fast_logits
+
+FLOAT32_TOLERANCE = 1e-5
+VOCAB = 96
+# name -> Mamba2Config overrides (transformers): 2 groups of B/C shared by 4 heads each, untied; and one
+# group, a tied head, in/out biases, no conv bias and a residual kept in the compute dtype.
+CASES = {
+    "groups": dict(n_groups=2),
+    "tied-bias": dict(n_groups=1, tie_word_embeddings=True, use_bias=True, use_conv_bias=False, residual_in_fp32=False),
+}
+
+
+def build_hf_mamba2(folder, overrides: dict, *, seed: int = 0, scale: float = 0.2):
+    """A perturbed tiny ``Mamba2ForCausalLM`` saved to ``folder``; returns the torch model in eval mode."""
+    import torch
+    import transformers
+
+    cfg = transformers.Mamba2Config(vocab_size=VOCAB, hidden_size=32, expand=2, num_heads=8, head_dim=8, state_size=8,
+                                    num_hidden_layers=2, chunk_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                    **overrides)
+    torch.manual_seed(seed)
+    model = transformers.Mamba2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def _tokens(seed: int, batch: int = 2, length: int = 20) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, VOCAB, size=(batch, length)).astype(np.int32)
+
+
+def _decode(model, tokens: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits of ``tokens`` fed as one ``prefill`` chunk, then one token per jitted ``step``."""
+    chunks = (prefill,) + (1,) * (tokens.shape[1] - prefill)
+    return np.asarray(fast_cached_logits(model, jnp.asarray(tokens), chunks)[0])
+
+
+# ----------------------------------------------------------------------------
+# Without transformers
+# ----------------------------------------------------------------------------
+
+
+def _ssd_inputs(seed: int, b=2, t=11, h=4, p=3, g=2, n=5):
+    """``x, dt, A, B, C, s0`` for ``ssd_chunked`` (numpy draws: eager JAX draws compile per shape)."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    dt = np.log1p(np.exp(normal(b, t, h)))
+    A = -np.exp(0.5 * normal(h))
+    return normal(b, t, h, p), dt, A, normal(b, t, g, n), normal(b, t, g, n), normal(b, h, p, n)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 11, 64])
+def test_chunked_ssd_equals_recurrence(chunk_size):
+    args = _ssd_inputs(0)
+    y_ref, s_ref = jax.jit(mamba2.ssd_recurrent)(*args)
+    y, s = jax.jit(mamba2.ssd_chunked, static_argnames="chunk_size")(*args, chunk_size=chunk_size)
+    assert relative_error(y, y_ref) < 1e-6 and relative_error(s, s_ref) < 1e-6
+
+
+def test_ssd_recurrence_matches_explicit_loop():
+    x, dt, A, B, C, s = (np.asarray(a, np.float64) for a in _ssd_inputs(1, t=4))
+    group = np.arange(x.shape[2]) // (x.shape[2] // B.shape[2])  # head h reads group h // (H / G)
+    ys = []
+    for t in range(x.shape[1]):
+        s = (np.exp(dt[:, t] * A)[..., None, None] * s
+             + np.einsum("bh,bhp,bhn->bhpn", dt[:, t], x[:, t], B[:, t][:, group]))
+        ys.append(np.einsum("bhpn,bhn->bhp", s, C[:, t][:, group]))
+    y, s_last = mamba2.ssd_recurrent(*_ssd_inputs(1, t=4))
+    assert relative_error(y, np.stack(ys, axis=1)) < 1e-6 and relative_error(s_last, s) < 1e-6
+
+
+def test_segment_sum():
+    a = jnp.array([1.0, 2.0, 4.0])
+    expected = np.array([[0, -np.inf, -np.inf], [2, 0, -np.inf], [6, 4, 0]])
+    np.testing.assert_array_equal(mamba2.segment_sum(a), expected)
+
+
+def test_gated_norm_normalises_each_group_after_the_gate():
+    norm = mamba2.GatedRMSNorm(6, 2, eps=0.0, param_dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    y, z = rng.standard_normal((3, 6)).astype(np.float32), rng.standard_normal((3, 6)).astype(np.float32)
+    g = (y * z / (1 + np.exp(-z))).reshape(3, 2, 3)
+    expected = (g / np.sqrt(np.mean(g**2, axis=-1, keepdims=True))).reshape(3, 6)
+    np.testing.assert_allclose(norm(y, z), expected, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    cfg = mamba2.Mamba2Config(vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8, state_size=4, n_groups=2,
+                              num_layers=2, chunk_size=5)
+    return mamba2.init_model(cfg, jax.random.key(0))
+
+
+def test_full_sequence_equals_recurrent_decoding(random_model):
+    tokens = _tokens(0, length=12)
+    full = fast_logits(random_model, tokens)
+    assert relative_error(_decode(random_model, tokens, prefill=1), full) < FLOAT32_TOLERANCE
+    # multi-token chunks continue from the carried state too
+    pieces, _ = fast_cached_logits(random_model, jnp.asarray(tokens), (7, 1, 4))
+    assert relative_error(pieces, full) < FLOAT32_TOLERANCE
+
+
+def test_jit_decode_step(random_model):
+    """One jitted decode step equals the eager one, and the cache keeps its pytree structure (a valid scan carry)."""
+    graphdef, state = nnx.split(random_model)
+    tokens = _tokens(1, length=1)
+    cache = random_model.init_cache(2)
+    step = jax.jit(lambda state, tokens, cache: nnx.merge(graphdef, state).step(tokens, cache))
+    logits, new = step(state, tokens, cache)
+    eager_logits, eager_new = random_model.step(tokens, cache)
+    assert relative_error(logits, eager_logits) < FLOAT32_TOLERANCE
+    assert jax.tree.structure(new) == jax.tree.structure(cache) and int(new.length) == 1
+    assert [a.shape for a in jax.tree.leaves(new)] == [a.shape for a in jax.tree.leaves(cache)]
+    assert new.layers[0].ssm.shape == (2, 4, 8, 4) and new.layers[0].conv.shape == (2, 3, 32 + 2 * 2 * 4)
+    assert relative_error(new.layers[1].ssm, eager_new.layers[1].ssm) < FLOAT32_TOLERANCE
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_heads \\* head_dim = 24 must equal expand \\* hidden_size = 32"):
+        mamba2.Mamba2Config(vocab_size=8, hidden_size=16, num_heads=3, head_dim=8, num_layers=1)
+    with pytest.raises(ValueError, match="n_groups=3 must divide num_heads=4"):
+        mamba2.Mamba2Config(vocab_size=8, hidden_size=16, num_heads=4, head_dim=8, n_groups=3, num_layers=1)
+    with pytest.raises(ValueError, match="time_step_limit"):
+        mamba2.Mamba2Config(vocab_size=8, hidden_size=16, num_heads=4, head_dim=8, num_layers=1,
+                            time_step_limit=(0.1, 0.01))
+
+
+# ----------------------------------------------------------------------------
+# Parity with transformers (one transformers import for the whole file)
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = build_hf_mamba2(folder, CASES[request.param], seed=sorted(CASES).index(request.param))
+    return request.param, hf, folder
+
+
+def _torch_logits(hf, tokens):
+    import torch
+
+    with torch.no_grad():
+        return hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def _torch_decode(hf, tokens, prefill):
+    """transformers' own cached decoding: one ``prefill`` chunk, then one token per call."""
+    import torch
+
+    with torch.no_grad():
+        out = hf(torch.tensor(tokens[:, :prefill], dtype=torch.long), use_cache=True)
+        logits = [out.logits]
+        for t in range(prefill, tokens.shape[1]):
+            out = hf(torch.tensor(tokens[:, t : t + 1], dtype=torch.long), cache_params=out.cache_params, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1).numpy()
+
+
+@pytest.mark.parametrize("chunk_size", [8, 256])
+def test_full_sequence_logits_match_transformers(pair, chunk_size):
+    case, hf, folder = pair
+    model = mamba2.from_hf(folder)
+    assert model.config.chunk_size == 8
+    if chunk_size != 8:  # one chunk holding the whole sequence
+        model = mamba2.from_tensors(model.config.replace(chunk_size=chunk_size), hf_io.read_safetensors(folder))
+    tokens = _tokens(1)
+    assert relative_error(fast_logits(model, tokens), _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+
+
+def test_decode_matches_transformers(pair):
+    case, hf, folder = pair
+    model = mamba2.from_hf(folder)
+    tokens = _tokens(2)
+    ours = _decode(model, tokens, prefill=5)
+    assert relative_error(ours, _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+    assert relative_error(ours, _torch_decode(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
+
+
+def test_greedy_generation_matches_transformers(pair):
+    case, hf, folder = pair
+    import torch
+
+    prompt = _tokens(3, length=5)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=6, do_sample=False,
+                          eos_token_id=None, pad_token_id=0).numpy()
+    loaded = load(folder)  # through the registry, by config.json's model_type
+    assert isinstance(loaded.model, mamba2.Mamba2)
+    np.testing.assert_array_equal(generate(loaded.model, prompt, 6), ref)
+
+
+def test_time_step_limit_clips_dt(pair):
+    """A tight ``time_step_limit`` changes the output, identically in the full-sequence and recurrent forms.
+
+    (transformers clips only in its chunked form, so this is checked within jquant.)
+    """
+    _, _, folder = pair
+    model = mamba2.from_hf(folder)
+    clipped = mamba2.from_tensors(model.config.replace(time_step_limit=(0.0, 0.05)), hf_io.read_safetensors(folder))
+    tokens = _tokens(4, length=12)
+    full = fast_logits(clipped, tokens)
+    assert relative_error(full, fast_logits(model, tokens)) > 1e-3
+    assert relative_error(_decode(clipped, tokens, prefill=3), full) < FLOAT32_TOLERANCE
+
+
+def test_import_keeps_structure(pair):
+    case, hf, folder = pair
+    model = mamba2.from_hf(folder)
+    cfg = model.config
+    assert cfg.tie_embeddings == (case == "tied-bias") and (model.lm_head is None) == cfg.tie_embeddings
+    assert cfg.n_groups == hf.config.n_groups and cfg.time_step_limit == (0.0, math.inf)
+    mixer = model.layers[1].mixer
+    assert (mixer.conv1d.bias is None) == (not hf.config.use_conv_bias)
+    np.testing.assert_array_equal(mixer.dt_bias[...], hf.backbone.layers[1].mixer.dt_bias.detach().numpy())
+
+
+# ----------------------------------------------------------------------------
+# Bad checkpoints
+# ----------------------------------------------------------------------------
+
+
+def _edit_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_rejects_a_mamba1_checkpoint(tmp_path):
+    pytest.importorskip("transformers")
+    import transformers
+
+    transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model_type='mamba'.*expects model_type='mamba2' \(Mamba2ForCausalLM\).*mamba\.from_hf"):
+        mamba2.from_hf(tmp_path)
+
+
+def test_rejects_unhandled_config_attributes(pair, tmp_path):
+    _, _, folder = pair
+    with pytest.raises(ValueError, match="norm_before_gate=True"):
+        mamba2.from_hf(_edit_config(folder, tmp_path / "gate", norm_before_gate=True))
+    with pytest.raises(ValueError, match=r"does not handle: \['num_mlp_heads'\]"):
+        mamba2.from_hf(_edit_config(folder, tmp_path / "unknown", num_mlp_heads=2))
+    with pytest.raises(ValueError, match="num_heads \\* head_dim"):
+        mamba2.from_hf(_edit_config(folder, tmp_path / "heads", num_heads=4))
+
+
+def test_rejects_bad_tensors(pair):
+    _, _, folder = pair
+    tensors = hf_io.read_safetensors(folder)
+    cfg = mamba2.from_hf(folder).config
+    name = "backbone.layers.0.mixer.norm.weight"
+    with pytest.raises(ValueError, match=f"{name}' is missing"):
+        mamba2.from_tensors(cfg, {k: v for k, v in tensors.items() if k != name})
+    with pytest.raises(ValueError, match=r"dt_bias' has shape \(4,\), but the config implies \(8,\)"):
+        mamba2.from_tensors(cfg, {**tensors, "backbone.layers.1.mixer.dt_bias": np.zeros(4, np.float32)})
