@@ -2,8 +2,8 @@
 
 ``jquant.models.load(name_or_path)`` loads a bundled reference model or any
 supported Hugging Face checkpoint folder; ``jquant.models.llama`` is the
-Llama/Mistral/Qwen2/Qwen3 family, ``jquant.models.rwkv6`` RWKV-6 (Finch), ``jquant.models.mamba`` / ``mamba2`` the
-Mamba-1 / Mamba-2 state-space families.
+Llama/Mistral/Qwen2/Qwen3 family, ``jquant.models.rwkv6`` RWKV-6 (Finch),
+``jquant.models.mamba`` / ``mamba2`` the Mamba-1 / Mamba-2 state-space families.
 """
 
 from jquant.models import llama as llama

@@ -200,7 +200,7 @@ class CausalSSM(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, state = layer(x, None if states is None else states[i])
             new_states.append(state)
-        x = self.norm_f(x.astype(dtype))
+        x = self.norm_f(x).astype(dtype)  # normalised from the (float32) residual, as Hugging Face does
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits, tuple(new_states)
 

@@ -19,6 +19,8 @@ from jquant.testing.hf_reference import relative_error
 from jquant.testing.tiny_models import fast_cached_logits, fast_logits
 
 FLOAT32_TOLERANCE = 1e-5
+FLOAT64_TOLERANCE = 1e-6
+BFLOAT16_TOLERANCE = 5e-2
 VOCAB = 96
 # name -> MambaConfig overrides (transformers): the default tied model, and one with biases,
 # no conv bias, an odd time-step rank, an untied head and a residual kept in the compute dtype.
@@ -187,6 +189,32 @@ def test_decode_matches_transformers(pair):
     ours = _decode(model, tokens, prefill=5)
     assert relative_error(ours, _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
     assert relative_error(ours, _torch_decode(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
+
+
+def test_float64_matches_transformers(pair, x64):
+    """float64 end to end; transformers casts Mamba logits to float32, which bounds the agreement (~2e-7)."""
+    case, hf, folder = pair
+    model = mamba.from_hf(folder, dtype="float64")
+    tokens = _tokens(5)
+    try:
+        ref = _torch_logits(hf.double(), tokens)
+    finally:
+        hf.float()
+    assert relative_error(fast_logits(model, tokens), ref) < FLOAT64_TOLERANCE, case
+    assert relative_error(_decode(model, tokens, prefill=4), ref) < FLOAT64_TOLERANCE, case
+
+
+def test_bfloat16_compute(pair):
+    """bfloat16 activations (float32 weights as stored); scan state and residual stay float32."""
+    case, hf, folder = pair
+    model = mamba.from_hf(folder, dtype="bfloat16")
+    tokens = _tokens(6)
+    ref = _torch_logits(hf, tokens)
+    full = fast_logits(model, tokens)
+    assert full.dtype == jnp.bfloat16 and relative_error(full, ref) < BFLOAT16_TOLERANCE, case
+    decoded, cache = fast_cached_logits(model, jnp.asarray(tokens), (4,) + (1,) * 16)
+    assert relative_error(decoded, ref) < BFLOAT16_TOLERANCE, case
+    assert cache.layers[0].ssm.dtype == jnp.float32 and cache.layers[0].conv.dtype == jnp.bfloat16
 
 
 def test_greedy_generation_matches_transformers(pair):
