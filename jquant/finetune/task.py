@@ -25,10 +25,18 @@ from jquant.eval.zeroshot import MultipleChoiceItem, build_source, encode_pair
 DEFAULT_CONTEXT_CHARS = 160
 
 
-def source_items(split: str, n_items: int, seed: int, *,
+def source_items(splits: str | Sequence[str], n_items: int, seed: int, *,
                  context_chars: int = DEFAULT_CONTEXT_CHARS) -> list[MultipleChoiceItem]:
-    """``n_items`` source-attribution items from a corpus split, balanced over the three sources."""
-    return build_source(load_split(split), n_items, seed, context_chars=context_chars)
+    """``n_items`` source-attribution items from the passages of one or more corpus splits, balanced over
+    the three sources (held-out items may pool ``("validation", "test")``: Milton has 138 passages in the two).
+    """
+    import datasets
+
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    if "train" in splits and len(splits) > 1:
+        raise ValueError(f"source_items: do not pool the train split with held-out splits, got {splits}.")
+    return build_source(datasets.concatenate_datasets([load_split(s) for s in splits]), n_items, seed,
+                        context_chars=context_chars)
 
 
 def supervised_rows(items: Sequence[MultipleChoiceItem], tokenizer: PreTrainedTokenizerBase,

@@ -83,7 +83,7 @@ def quantize(x: jax.Array, fmt: Format | str, *, axis: int, key: jax.Array | Non
     axis = normalize_axis(axis, x.ndim, f"quantize({fmt.name})")
     fmt.check_shape(tuple(x.shape), axis)
     q, bad = _encode(x, key, fmt, axis)
-    if not isinstance(x, jax.core.Tracer) and int(bad):
+    if not isinstance(bad, jax.core.Tracer) and int(bad):  # concrete only outside a trace
         check_finite(x)  # raises with the message
     return dataclasses.replace(q, dtype=jnp.dtype(x.dtype).name).validate()
 
