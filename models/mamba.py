@@ -114,7 +114,6 @@ class CausalConv1d(nnx.Module):
         self.bias = (
             nnx.Param(jnp.zeros((channels,), param_dtype), out_sharding=("mlp",), eager_sharding=False) if use_bias else None
         )
-        self.width = width
 
     def __call__(self, x: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [B, T, C]``, ``state [B, K-1, C]`` -> ``y [B, T, C]``, new state."""
