@@ -113,9 +113,24 @@ def add_lora(model: nnx.Module, config: LoRAConfig, *, key: jax.Array) -> nnx.Mo
             raise ValueError(f"add_lora: {site.path} quantizes its inputs ({module.activation.name}); LoRA computes "
                              "through its own arithmetic. Quantize the base with a weight-only recipe.")
         in_features, out_features = tuple(site.weight.get_value().shape)
+        _check_groups(site.path, config, in_features, out_features)
         module.lora = LoRA(in_features, out_features, rank=config.rank, alpha=config.alpha,
                            arithmetic=config.arithmetic, key=jax.random.fold_in(key, i))
     return adapted
+
+
+def _check_groups(path: str, config: LoRAConfig, in_features: int, out_features: int) -> None:
+    """Operand groups must tile every feature reduction axis (in, out, rank); the token axis is zero-padded."""
+    group = getattr(config.arithmetic.operands, "group_size", None)
+    if group is None:
+        return
+    for what, n in (("in_features", in_features), ("out_features", out_features), ("rank", config.rank)):
+        if n % group:
+            raise ValueError(
+                f"add_lora: {path}: {what}={n} is not a multiple of the operand group size {group} "
+                f"({config.arithmetic.operands.name}); every GEMM reduces over in, out and rank. Fix: use a "
+                f"group size that divides {in_features}, {out_features} and the rank, or a rank that is a "
+                f"multiple of {group}.")
 
 
 def adapters(model: nnx.Module) -> list[tuple[str, LoRA]]:

@@ -50,7 +50,7 @@ def test_add_lora_starts_equal_and_leaves_the_input_alone(model):
                          ids=lambda a: a.name)
 def test_finetune_trains_adapters_only_and_fits_a_batch(model, arithmetic):
     base = jq.quantize(model, NF4, progress=False)
-    adapted = add_lora(base, LoRAConfig(rank=8, alpha=16, arithmetic=arithmetic), key=jax.random.key(2))
+    adapted = add_lora(base, LoRAConfig(rank=32, alpha=16, arithmetic=arithmetic), key=jax.random.key(2))
     tokens = np.asarray(_tokens(3))
     mask = np.ones((4, 16), bool)
     tuned, history = finetune(adapted, lambda step: (tokens, mask),
@@ -78,7 +78,7 @@ def test_merge_lora_equals_the_adapted_model(model):
 
 
 def test_rounding_keys_are_distinct_per_adapter(model):
-    arith = LoRAArithmetic(operands=GSEFormat(bits=5), gradient_rounding="stochastic")
+    arith = LoRAArithmetic(operands=GSEFormat(bits=5, group_size=4), gradient_rounding="stochastic")
     adapted = add_lora(model, LoRAConfig(rank=4, arithmetic=arith), key=jax.random.key(7))
     set_rounding_keys(adapted, jax.random.key(8))
     keys = {tuple(np.asarray(jax.random.key_data(lora.rounding_key.get_value())).tolist())
@@ -98,7 +98,7 @@ def test_memory_accounting(model):
     dense = measure(model, F32)
     nf4 = measure(jq.quantize(model, NF4, progress=False), F32)
     gse = measure(jq.quantize(model, NF4, progress=False),
-                  LoRAArithmetic(operands=GSEFormat(bits=5), saved="quantized"))
+                  LoRAArithmetic(operands=GSEFormat(bits=5, group_size=8), saved="quantized"))
     shapes = [s.weight.get_value().shape for s in lora_sites(model, LoRAConfig(rank=rank))]
     assert dense.adapters == 4 * rank * sum(i + o for i, o in shapes)
     assert 2 * dense.adapters <= dense.optimizer <= 2 * dense.adapters + 64  # two moments + the step count
@@ -114,6 +114,12 @@ def test_bad_input(model):
         LoRAConfig(rank=0)
     with pytest.raises(TypeError, match="tuples of regexes"):
         LoRAConfig(targets=r".*")
+    with pytest.raises(ValueError, match="rank=8 is not a multiple of the operand group size 32"):
+        add_lora(model, LoRAConfig(rank=8, arithmetic=LoRAArithmetic(operands=GSEFormat(bits=8))),
+                 key=jax.random.key(0))
+    with pytest.raises(ValueError, match="down_proj: out_features=64 is not a multiple of the operand group size 48"):
+        add_lora(model, LoRAConfig(rank=48, arithmetic=LoRAArithmetic(operands=GSEFormat(bits=8, group_size=48))),
+                 key=jax.random.key(0))
     adapted = add_lora(model, LoRAConfig(rank=4), key=jax.random.key(0))
     with pytest.raises(ValueError, match="already has an adapter"):
         add_lora(adapted, LoRAConfig(rank=4), key=jax.random.key(0))
