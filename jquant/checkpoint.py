@@ -2,7 +2,9 @@
 
 A checkpoint folder holds:
 
-  ``jquant.json``  family, Hugging Face-style config, compute/storage dtypes, format version
+  ``jquant.json``  family, config (``config_to_json`` of the family: Llama's is the Hugging Face
+                   config.json dict, the others' the config dataclass's fields), compute/storage
+                   dtypes, format version
   ``recipe.json``  the recipe that produced the model (absent for float models)
   ``kv_cache.json`` how each attention layer caches keys/values (``jquant.kv.serialize``; absent when none
                    quantizes its cache)
@@ -43,17 +45,27 @@ KV_CACHE = "kv_cache.json"
 STATE = "state"
 
 
-def _families():
-    from jquant.models import llama
+def _families() -> dict:
+    """Family name -> module, for every family in ``jquant.models.registry.CHECKPOINT_FAMILIES``.
 
-    return {"llama": llama}
+    A family module declares ``CHECKPOINT_FAMILY`` (its name in the manifest),
+    ``CHECKPOINT_MODEL`` (its model class), ``config_to_json(cfg) -> dict``,
+    ``config_from_json(dict, *, dtype, param_dtype) -> config`` and
+    ``abstract_model(config)``; its models carry their config as ``model.config``
+    (with ``dtype`` and ``param_dtype``).
+    """
+    from jquant.models.registry import CHECKPOINT_FAMILIES
+
+    return {module.CHECKPOINT_FAMILY: module for module in CHECKPOINT_FAMILIES}
 
 
 def _family_of(model: nnx.Module) -> str:
-    for name, module in _families().items():
-        if isinstance(model, module.Llama):
+    families = _families()
+    for name, module in families.items():
+        if isinstance(model, module.CHECKPOINT_MODEL):
             return name
-    raise TypeError(f"save: {type(model).__name__} is not a model family jquant knows how to save.")
+    known = ", ".join(f"{m.CHECKPOINT_MODEL.__name__} ({n})" for n, m in families.items())
+    raise TypeError(f"save: {type(model).__name__} is not a model family jquant knows how to save; known: {known}.")
 
 
 def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
@@ -65,7 +77,7 @@ def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
         raise ValueError("save: the model holds QArrays but no `quantization` report; quantize it with jquant.quantize.")
     recipe = report.recipe if report is not None else None
     cfg = model.config
-    manifest = {"format_version": FORMAT_VERSION, "family": family, "config": _families()[family].config_to_hf(cfg),
+    manifest = {"format_version": FORMAT_VERSION, "family": family, "config": _families()[family].config_to_json(cfg),
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
     with atomic_folder(path) as tmp:
         checkpointer = ocp.StandardCheckpointer()
@@ -91,8 +103,12 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: checkpoint format version {manifest.get('format_version')} is not {FORMAT_VERSION}.")
-    family = _families()[manifest["family"]]
-    cfg = family.config_from_hf(manifest["config"], dtype=manifest["dtype"], param_dtype=manifest["param_dtype"])
+    families = _families()
+    if manifest.get("family") not in families:
+        raise ValueError(f"{folder}: checkpoint model family {manifest.get('family')!r} is not one jquant knows; "
+                         f"known: {', '.join(sorted(families))}.")
+    family = families[manifest["family"]]
+    cfg = family.config_from_json(manifest["config"], dtype=manifest["dtype"], param_dtype=manifest["param_dtype"])
     abstract = family.abstract_model(cfg)
     recipe = Recipe.from_file(folder / RECIPE) if (folder / RECIPE).is_file() else None
     if (folder / KV_CACHE).is_file():

@@ -392,6 +392,12 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     return hf
 
 
+# jquant.checkpoint's family protocol: a Llama-family checkpoint's manifest holds the Hugging Face config.json dict.
+CHECKPOINT_FAMILY = "llama"
+CHECKPOINT_MODEL = Llama
+config_to_json = config_to_hf
+config_from_json = config_from_hf
+
 def _hf_name(path: tuple) -> tuple[str, bool]:
     """NNX parameter path -> (Hugging Face tensor name, whether the tensor is transposed)."""
     *module, leaf = (str(p) for p in path)

@@ -402,6 +402,52 @@ def abstract_model(cfg: MambaConfig) -> Mamba:
 
 
 # ----------------------------------------------------------------------------
+# jquant.checkpoint's family protocol (shared with mamba2.py)
+# ----------------------------------------------------------------------------
+
+CHECKPOINT_FAMILY = "mamba"
+CHECKPOINT_MODEL = Mamba
+
+
+def _json_value(value):
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": str(value).replace("inf", "Infinity").replace("nan", "NaN")}
+    return value
+
+
+def _from_json_value(value):
+    if isinstance(value, list):
+        return tuple(_from_json_value(v) for v in value)
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return float(value["__float__"])
+    return value
+
+
+def dataclass_config_to_json(cfg) -> dict:
+    """A config dataclass's fields as a strict-JSON dict (tuples as lists, infinities as ``{"__float__": ...}``)."""
+    return {f.name: _json_value(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def dataclass_config_from_json(cls, data: dict, *, dtype: DTypeName, param_dtype: DTypeName | None):
+    """The ``cls`` config ``dataclass_config_to_json`` wrote, with the given compute and storage dtypes."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"checkpoint config has fields {cls.__name__} does not know: {unknown}.")
+    values = {k: _from_json_value(v) for k, v in data.items()}
+    return cls(**{**values, "dtype": dtype, "param_dtype": param_dtype or dtype})
+
+
+def config_to_json(cfg: MambaConfig) -> dict:
+    return dataclass_config_to_json(cfg)
+
+
+def config_from_json(data: dict, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None) -> MambaConfig:
+    return dataclass_config_from_json(MambaConfig, data, dtype=dtype, param_dtype=param_dtype)
+
+# ----------------------------------------------------------------------------
 # Hugging Face import (shared with mamba2.py)
 # ----------------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ from jquant.models.mamba import (
     check_dtypes,
     check_dtypes_available,
     check_hf_config,
+    dataclass_config_from_json,
+    dataclass_config_to_json,
     inverse_softplus_time_steps,
     model_from_tensors,
     read_hf,
@@ -275,6 +277,18 @@ def abstract_model(cfg: Mamba2Config) -> Mamba2:
     """The model's structure with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
     return nnx.eval_shape(lambda: Mamba2(cfg, rngs=nnx.Rngs(0)))
 
+
+# jquant.checkpoint's family protocol: the manifest holds the config's fields (``mamba.dataclass_config_to_json``).
+CHECKPOINT_FAMILY = "mamba2"
+CHECKPOINT_MODEL = Mamba2
+
+
+def config_to_json(cfg: Mamba2Config) -> dict:
+    return dataclass_config_to_json(cfg)
+
+
+def config_from_json(data: dict, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None) -> Mamba2Config:
+    return dataclass_config_from_json(Mamba2Config, data, dtype=dtype, param_dtype=param_dtype)
 
 # ----------------------------------------------------------------------------
 # Hugging Face import

@@ -21,6 +21,10 @@ from jquant.models import rwkv6
 DEFAULT_MODEL = "jq-llama-tiny"
 
 _FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "mamba": mamba, "mamba2": mamba2}
+# The families jquant.checkpoint saves and loads. Each module declares CHECKPOINT_FAMILY (the manifest's
+# "family"), CHECKPOINT_MODEL (its model class), config_to_json(cfg) -> dict,
+# config_from_json(dict, *, dtype, param_dtype) -> config and abstract_model(config).
+CHECKPOINT_FAMILIES = (llama, rwkv6, mamba, mamba2)
 
 
 def _bundled_dir() -> Path:

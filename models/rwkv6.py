@@ -474,6 +474,21 @@ def abstract_model(cfg: RWKV6Config) -> RWKV6:
     return nnx.eval_shape(lambda: RWKV6(cfg, rngs=nnx.Rngs(0)))
 
 
+# jquant.checkpoint's family protocol: the manifest holds the config's fields (all JSON scalars).
+CHECKPOINT_FAMILY = "rwkv6"
+CHECKPOINT_MODEL = RWKV6
+
+
+def config_to_json(cfg: RWKV6Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_json(data: dict, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None) -> RWKV6Config:
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RWKV6Config)})
+    if unknown:
+        raise ValueError(f"checkpoint config has fields RWKV6Config does not know: {unknown}.")
+    return RWKV6Config(**{**data, "dtype": dtype, "param_dtype": param_dtype or dtype})
+
 # ----------------------------------------------------------------------------
 # BlinkDL checkpoints (.pth state dicts or .safetensors with the same keys)
 # ----------------------------------------------------------------------------
