@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jquant as jq
 from jquant.formats import QArray
 from jquant.kv import KVCacheConfig, KVQuantizer
 from jquant.kv.baselines import kivi, rtn
@@ -144,3 +145,13 @@ def test_wkvquant_learns_and_stores_int4_weights(model, tokens):
 def test_wkvquant_bad_group_is_named(model, tokens):
     with pytest.raises(ValueError, match="weight_group=48 does not divide"):
         wkvquant(model, tokens, WKVQuantConfig(weight_group=48), progress=False)
+
+
+def test_wkvquant_model_saves_and_loads(model, tokens, tmp_path):
+    q, _ = wkvquant(model, tokens, WKVQuantConfig(weight_group=32, epochs=1), progress=False)
+    assert q.quantization.site("layers/0/mlp/up_proj").startswith("int4-g32-asym")
+    jq.save(q, tmp_path / "w4kv4")
+    loaded = jq.load(tmp_path / "w4kv4")
+    assert loaded.layers[1].self_attn.kv_cache == q.layers[1].self_attn.kv_cache
+    np.testing.assert_array_equal(np.asarray(fast_logits(loaded, jnp.asarray(tokens))),
+                                  np.asarray(fast_logits(q, jnp.asarray(tokens))))
