@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.models.layers import Embed, Linear, RMSNorm
+from jquant.transforms.ssm_layout import SSMLayout, SSMMixerLayout
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -191,6 +192,23 @@ class CausalSSM(nnx.Module):
     def blocks(self) -> list[MambaBlock]:
         """The repeated blocks, in order (each has ``calibration_forward(hidden, context)``)."""
         return list(self.layers)
+
+    def equivalence_layout(self) -> SSMLayout:
+        """The residual-stream structure equivalence transforms act on (``jquant.transforms.ssm_layout``)."""
+        blocks = tuple(layer.mixer.mixer_layout(f"layers/{i}") for i, layer in enumerate(self.layers))
+        return SSMLayout(hidden_size=self.config.hidden_size, embedding="embed_tokens", blocks=blocks,
+                         final_norm="norm_f", head=None if self.lm_head is None else "lm_head")
+
+    def untie_embeddings(self) -> CausalSSM:
+        """A copy whose output head is its own ``lm_head`` (``kernel = embeddingᵀ``); self if already untied."""
+        if self.lm_head is not None:
+            return self
+        cfg = self.config.replace(tie_embeddings=False)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: type(self)(cfg, rngs=nnx.Rngs(0))))
+        values = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(self))}
+        head = values[("embed_tokens", "embedding")].T
+        flat = [(p, v.replace(values.get(p, head))) for p, v in nnx.to_flat_state(state)]
+        return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
     def _forward(self, tokens, states):
         dtype = jnp.dtype(self.config.dtype)
@@ -344,6 +362,16 @@ class MambaMixer(nnx.Module):
         self.A_log = nnx.Param(a_log.astype(pdt), out_sharding=("mlp", None), eager_sharding=False)
         self.D = nnx.Param(jnp.ones((di,), pdt), out_sharding=("mlp",), eager_sharding=False)
         self.out_proj = Linear(di, d, use_bias=cfg.use_bias, sharding=("mlp", "embed"), **kw)
+        self.gate_scale = nnx.data(None)  # a Param [Di] once MambaQuant's S-SiLU smoothing is folded in
+
+    def mixer_layout(self, prefix: str) -> SSMMixerLayout:
+        """This mixer's sites for equivalence transforms, its block at ``prefix`` (``layers/3``)."""
+        cfg, m = self.cfg, f"{prefix}/mixer"
+        di = cfg.intermediate_size
+        return SSMMixerLayout(kind="mamba1", path=m, norm=f"{prefix}/norm", in_proj=f"{m}/in_proj",
+                              out_proj=f"{m}/out_proj", inner=di, gate=(di, 2 * di), conv=f"{m}/conv1d",
+                              x_proj=f"{m}/x_proj", dt_proj=f"{m}/dt_proj", dt_rank=cfg.time_step_rank,
+                              state_size=cfg.state_size)
 
     def initial_state(self, batch: int) -> LayerState:
         """Zero state: ``conv [B, K-1, Di]`` in the compute dtype, ``ssm [B, Di, N]`` in float32 (or wider)."""
@@ -370,7 +398,10 @@ class MambaMixer(nnx.Module):
             y, h = selective_scan_recurrent(*args)
         else:
             y, h = selective_scan(*args, chunk_size=cfg.scan_chunk_size)
-        y = (y + self.D[...].astype(acc) * u_acc) * jax.nn.silu(z.astype(acc))
+        z = z.astype(acc)
+        # SiLU(z), or S-SiLU z·σ(s ⊙ z) when MambaQuant folded 1/s into the gate columns (spec §3.5a)
+        gate = jax.nn.silu(z) if self.gate_scale is None else z * jax.nn.sigmoid(self.gate_scale[...].astype(acc) * z)
+        y = (y + self.D[...].astype(acc) * u_acc) * gate
         return self.out_proj(y.astype(x.dtype)), LayerState(conv=conv, ssm=h)
 
 

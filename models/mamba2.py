@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant.models.layers import Linear
+from jquant.transforms.ssm_layout import SSMMixerLayout
 from jquant.models.mamba import (
     HIGHEST,
     CausalConv1d,
@@ -230,6 +231,12 @@ class Mamba2Mixer(nnx.Module):
         self.D = head_param(jnp.ones((h,)))
         self.norm = GatedRMSNorm(di, cfg.n_groups, eps=cfg.layer_norm_epsilon, param_dtype=pdt)
         self.out_proj = Linear(di, d, use_bias=cfg.use_bias, sharding=("mlp", "embed"), **kw)
+
+    def mixer_layout(self, prefix: str) -> SSMMixerLayout:
+        """This mixer's sites for equivalence transforms, its block at ``prefix`` (``layers/3``)."""
+        di, m = self.cfg.intermediate_size, f"{prefix}/mixer"
+        return SSMMixerLayout(kind="mamba2", path=m, norm=f"{prefix}/norm", in_proj=f"{m}/in_proj",
+                              out_proj=f"{m}/out_proj", inner=di, gate=(0, di), gated_norm=f"{m}/norm")
 
     def initial_state(self, batch: int) -> LayerState:
         """Zero state: ``conv [B, K-1, Di + 2GN]`` in the compute dtype, ``ssm [B, H, P, N]`` in float32 (or wider)."""

@@ -1,0 +1,208 @@
+"""MambaQuant's equivalence transforms on the Mamba families (Xu et al., 2025; spec §3.4–3.7).
+
+Row-vector convention with jquant's ``[in, out]`` kernels. Given an
+:class:`~jquant.transforms.ssm_layout.SSMLayout` and a parameter pytree (every entry
+optional; missing = identity)::
+
+    {"residual": R1 [d, d] orthogonal,             # a0: residual stream (KLT-enhanced: K1 H_d)
+     "blocks": [{"gate_scale": s2 [Di] (> 0),      # a5: smoothing of the out_proj input (S2)
+                 "dt_scale": s5 [R] (> 0),         # a3: smoothing of the dt_proj input (S5, Mamba-1)
+                 "dt_rotation": R5 [R, R]}, ...]}   # a3: rotation of the dt_proj input (K5 H_R, Mamba-1)
+
+:func:`fold` rewrites the weights so the float model computes the same function:
+
+- R1: ``E ← E R1``; ``W_in ← R1ᵀ W_in``; ``W_out ← W_out R1`` (and ``b_out``); ``W_head ← R1ᵀ W_head``
+  (the RMSNorm gains are folded into ``W_in``/``W_head`` first: a gain-free RMSNorm commutes with R1);
+- S2, Mamba-1: the gate columns ``W_z ← W_z / s`` and the mixer's S-SiLU ``z'·σ(s ⊙ z')`` make the
+  gated output ``(y ⊙ SiLU(z)) / s``; Mamba-2: the gated-norm gain ``w ← w / s``; both: ``W_out ← diag(s) W_out``;
+- S5: ``W_δ ← W_δ / s`` (the δ columns of ``x_proj``), ``W_dt ← diag(s) W_dt``;
+- R5: ``W_δ ← W_δ R5``, ``W_dt ← R5ᵀ W_dt`` (the activation becomes ``δ K5 H``, spec §7.4);
+- online R2 (``online=True``): ``out_proj`` applies ``x ↦ x H_Di`` at run time
+  (``Linear.input_rotation``) and ``W_out ← H_Diᵀ W_out`` (after S2: ``X' = (X/s) H``, spec §3.5).
+
+:func:`mambaquant_params` computes the pytree from calibration tokens: S2/S5 by
+SmoothQuant's rule ``s = max|X|^α / max|W|^{1-α}`` (clamped at 1e-2), R1 and R5 by the KLT of
+the covariance of exactly the tensor they rotate (after norm folding and smoothing, §7.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant.calib.capture import model_input_statistics
+from jquant.transforms.equivalence import Weights, merge_weights, module_at, online_size, split_weights
+from jquant.transforms.hadamard import hadamard_numpy
+from jquant.transforms.klt import klt_rotation, random_hadamard_rotation
+from jquant.transforms.ssm_layout import SSMLayout, ssm_layout_of
+
+MIN_SCALE = 1e-2  # the official code's clamp of every smoothing factor
+
+
+def fold(weights: Weights, params: Mapping[str, Any], layout: SSMLayout, *, online: bool = False) -> Weights:
+    """Rewrite float64 numpy ``weights`` so the model computes the same function under ``params`` (module docstring).
+
+    The RMSNorm gains must already be 1 when ``params["residual"]`` is given, and Mamba-1 weights
+    must hold ``{mixer}/gate_scale`` when a ``gate_scale`` is given (:func:`apply_mamba_transforms` does both).
+    """
+    w = dict(weights)
+    rot = params.get("residual")
+    blocks = params.get("blocks") or [{}] * len(layout.blocks)
+    for b, p in zip(layout.blocks, blocks):
+        if (s := p.get("gate_scale")) is not None:
+            if b.kind == "mamba1":
+                lo, hi = b.gate
+                _scale_columns(w, b.in_proj, slice(lo, hi), 1.0 / s)
+                w[f"{b.path}/gate_scale"] = w[f"{b.path}/gate_scale"] * s
+            else:
+                w[f"{b.gated_norm}/weight"] = w[f"{b.gated_norm}/weight"] / s
+            w[f"{b.out_proj}/kernel"] = s[:, None] * w[f"{b.out_proj}/kernel"]
+        if (s := p.get("dt_scale")) is not None:
+            _scale_columns(w, b.x_proj, slice(0, b.dt_rank), 1.0 / s)
+            w[f"{b.dt_proj}/kernel"] = s[:, None] * w[f"{b.dt_proj}/kernel"]
+        if (r5 := p.get("dt_rotation")) is not None:
+            k = w[f"{b.x_proj}/kernel"].copy()
+            k[:, : b.dt_rank] = k[:, : b.dt_rank] @ r5
+            w[f"{b.x_proj}/kernel"] = k
+            w[f"{b.dt_proj}/kernel"] = r5.T @ w[f"{b.dt_proj}/kernel"]
+        if online:
+            w[f"{b.out_proj}/kernel"] = hadamard_numpy(b.inner).T @ w[f"{b.out_proj}/kernel"]
+        if rot is not None:
+            w[f"{b.in_proj}/kernel"] = rot.T @ w[f"{b.in_proj}/kernel"]
+            for leaf in ("kernel", "bias"):
+                if f"{b.out_proj}/{leaf}" in w:
+                    w[f"{b.out_proj}/{leaf}"] = w[f"{b.out_proj}/{leaf}"] @ rot
+    if rot is not None:
+        w[f"{layout.embedding}/embedding"] = w[f"{layout.embedding}/embedding"] @ rot
+        w[f"{layout.head}/kernel"] = rot.T @ w[f"{layout.head}/kernel"]
+    return w
+
+
+def _scale_columns(w: Weights, path: str, cols: slice, factor: np.ndarray) -> None:
+    k = w[f"{path}/kernel"].copy()
+    k[:, cols] = k[:, cols] * factor[None, :]
+    w[f"{path}/kernel"] = k
+    if f"{path}/bias" in w:
+        bias = w[f"{path}/bias"].copy()
+        bias[cols] = bias[cols] * factor
+        w[f"{path}/bias"] = bias
+
+
+def fold_ssm_norms(weights: Weights, layout: SSMLayout) -> Weights:
+    """Fold every block's RMSNorm gain into ``in_proj`` and the final gain into the head (``W ← diag(γ) W``, ``γ ← 1``)."""
+    w = dict(weights)
+    pairs = [(b.norm, b.in_proj) for b in layout.blocks] + [(layout.final_norm, layout.head)]
+    for norm, linear in pairs:
+        w[f"{linear}/kernel"] = w[f"{norm}/weight"][:, None] * w[f"{linear}/kernel"]
+        w[f"{norm}/weight"] = np.ones_like(w[f"{norm}/weight"])
+    return w
+
+
+def _check_params(params: Mapping[str, Any], layout: SSMLayout) -> None:
+    d = layout.hidden_size
+    if (r := params.get("residual")) is not None and np.shape(r) != (d, d):
+        raise ValueError(f"params['residual'] must be [{d}, {d}], got {np.shape(r)}.")
+    blocks = params.get("blocks")
+    if blocks is not None and len(blocks) != len(layout.blocks):
+        raise ValueError(f"params['blocks'] has {len(blocks)} entries for {len(layout.blocks)} blocks.")
+    for b, p in zip(layout.blocks, blocks or ()):
+        shapes = {"gate_scale": (b.inner,)}
+        if b.kind == "mamba1":
+            shapes.update(dt_scale=(b.dt_rank,), dt_rotation=(b.dt_rank, b.dt_rank))
+        unknown = set(p) - set(shapes)
+        if unknown:
+            raise ValueError(f"{b.path}: unknown transform entries {sorted(unknown)} for a {b.kind} mixer; allowed: "
+                             f"{sorted(shapes)}.")
+        for name, value in p.items():
+            if np.shape(value) != shapes[name]:
+                raise ValueError(f"{b.path}: params {name!r} must have shape {shapes[name]}, got {np.shape(value)}.")
+            if name.endswith("scale") and not np.all((np.asarray(value) > 0) & np.isfinite(value)):
+                raise ValueError(f"{b.path}: params {name!r} must be finite and > 0.")
+
+
+def apply_mamba_transforms(model: nnx.Module, params: Mapping[str, Any], *, online: bool = False) -> nnx.Module:
+    """``model -> model``: untie the head, fold RMSNorm gains, fold ``params`` and enable the online R2 (``online``).
+
+    The merge runs on the host in float64 and is cast back to each parameter's dtype; a float64
+    model's logits are unchanged to ~1e-12 relative. The input model is not modified.
+    """
+    layout = ssm_layout_of(model)
+    _check_params(params, layout)
+    model = nnx.clone(model.untie_embeddings())
+    layout = ssm_layout_of(model)
+    blocks = params.get("blocks") or ()
+    for b, p in zip(layout.blocks, blocks):
+        mixer = module_at(model, b.path)
+        if p.get("gate_scale") is not None and b.kind == "mamba1" and mixer.gate_scale is None:
+            dtype = mixer.D.get_value().dtype
+            mixer.gate_scale = nnx.Param(jnp.ones((b.inner,), dtype), out_sharding=("mlp",), eager_sharding=False)
+    for b in layout.blocks:
+        out = module_at(model, b.out_proj)
+        if online:
+            if out.input_rotation is not None:
+                raise ValueError(f"{b.out_proj} already has an online rotation; apply it once.")
+            out.input_rotation = online_size(b.inner, False, b.out_proj)
+        elif out.input_rotation is not None and any(p.get("gate_scale") is not None for p in blocks):
+            raise ValueError(f"{b.out_proj} already rotates its input online, so 'gate_scale' cannot be folded into it.")
+    graphdef, w, rest = split_weights(model)
+    dtypes = {k: v.dtype for k, v in w.items()}
+    host = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), dict(params))
+    merged = fold(fold_ssm_norms(host, layout), params64, layout, online=online)
+    return merge_weights(graphdef, {k: jnp.asarray(v, dtypes[k]) for k, v in merged.items()}, rest, model)
+
+
+def _smoothing(act_absmax: np.ndarray, kernel: np.ndarray, alpha: float) -> np.ndarray:
+    """``s_j = max|X_j|^α / max_o|W[j, o]|^(1-α)`` clamped at ``MIN_SCALE`` (spec §3.5)."""
+    w = np.max(np.abs(np.asarray(kernel, np.float64)), axis=1)
+    return np.maximum(np.maximum(act_absmax, 1e-12) ** alpha / np.maximum(w, 1e-12) ** (1.0 - alpha), MIN_SCALE)
+
+
+def mambaquant_params(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5,
+                      klt: bool = True, smooth: bool = True, batch_size: int = 8) -> dict:
+    """MambaQuant's transform pytree for ``model`` on calibration ``tokens [N, T]`` (float64 numpy).
+
+    ``klt=False`` uses plain random Hadamards for R1 and R5 (the QuaRot-style baseline);
+    ``smooth=False`` drops S2 and S5. K1 is the KLT of layer 0's ``in_proj`` input (the
+    gain-free normalised stream, shared by all layers, spec §3.4); K5 that of each layer's
+    ``dt_proj`` input after S5 (``Σ' = diag(1/s) Σ diag(1/s)``).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"mambaquant: alpha (migration strength) must lie in [0, 1], got {alpha}.")
+    layout = ssm_layout_of(model)
+    folded = apply_mamba_transforms(model, {})
+    paths = {layout.blocks[0].in_proj} | {b.out_proj for b in layout.blocks}
+    paths |= {b.dt_proj for b in layout.blocks if b.kind == "mamba1"}
+    stats = model_input_statistics(folded, tokens, paths, batch_size=batch_size)
+    k_res, k_dt = jax.random.split(key)
+    h_d = random_hadamard_rotation(layout.hidden_size, k_res, "residual stream")
+    params: dict = {"residual": klt_rotation(stats[layout.blocks[0].in_proj].covariance, h_d) if klt else h_d}
+    blocks = []
+    for i, b in enumerate(layout.blocks):
+        p = {}
+        if smooth:
+            p["gate_scale"] = _smoothing(stats[b.out_proj].absmax, module_at(folded, b.out_proj).kernel.get_value(),
+                                         alpha)
+        if b.kind == "mamba1":
+            dt = stats[b.dt_proj]
+            s = _smoothing(dt.absmax, module_at(folded, b.dt_proj).kernel.get_value(), alpha) if smooth else \
+                np.ones(b.dt_rank)
+            if smooth:
+                p["dt_scale"] = s
+            h_r = random_hadamard_rotation(b.dt_rank, jax.random.fold_in(k_dt, i), f"{b.dt_proj} input")
+            p["dt_rotation"] = klt_rotation(dt.covariance / np.outer(s, s), h_r) if klt else h_r
+        blocks.append(p)
+    params["blocks"] = blocks
+    return params
+
+
+def mambaquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5, klt: bool = True,
+               smooth: bool = True, online: bool = True, batch_size: int = 8) -> nnx.Module:
+    """A MambaQuant-transformed copy of ``model`` (same logits in exact arithmetic), ready for W8A8 / W4A8."""
+    params = mambaquant_params(model, tokens, key, alpha=alpha, klt=klt, smooth=smooth, batch_size=batch_size)
+    return apply_mamba_transforms(model, params, online=online)
