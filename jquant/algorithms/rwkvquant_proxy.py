@@ -45,6 +45,7 @@ def gap_distribution(weight: np.ndarray, view_dtype: str | None = "float16") -> 
     """``p [n]``: the distinct non-zero gaps of the sorted entries of ``weight``, normalised to sum 1 (step 1).
 
     ``weight`` is first cast to ``view_dtype`` (None: use it as it is); gaps are taken in float64.
+    A constant weight has no gaps (``n = 0``); both proxies call it uniform (0).
     """
     w = np.asarray(weight)
     if w.size < 2:
@@ -56,21 +57,21 @@ def gap_distribution(weight: np.ndarray, view_dtype: str | None = "float16") -> 
         raise ValueError("the RWKVQuant proxy needs finite weights (in the view dtype); the weight holds NaN or Inf.")
     gaps = np.unique(np.diff(w))
     gaps = gaps[gaps > 0]
-    if gaps.size == 0:
-        raise ValueError("the RWKVQuant proxy is undefined for a constant weight (no non-zero gaps).")
-    return gaps / gaps.sum()
+    return gaps / gaps.sum() if gaps.size else gaps
 
 
 def coarse_proxy(p: np.ndarray) -> float:
     """``P_c = ln n + Σ p_i ln p_i`` for a distribution ``p [n]`` with positive entries (step 2)."""
     p = np.asarray(p, np.float64)
-    return max(float(np.log(p.size) + np.sum(p * np.log(p))), 0.0)
+    return max(float(np.log(p.size) + np.sum(p * np.log(p))), 0.0) if p.size else 0.0
 
 
 def fine_proxy(p: np.ndarray, order: int = 4) -> float:
     """``P_f = Σ_{k=2}^{order} n^k / (k(k−1)) |M_k|`` with ``M_k = mean((p − 1/n)^k)`` (step 3)."""
     p = np.asarray(p, np.float64)
     n = p.size
+    if n == 0:
+        return 0.0
     delta = p - 1.0 / n
     return float(sum(n**k / (k * (k - 1)) * abs(np.mean(delta**k)) for k in range(2, order + 1)))
 

@@ -11,6 +11,10 @@
 - ``pcdvq``: PCDVQ (``jquant.algorithms.pcdvq``) on polar formats (``pcdvq-d8-a14-b2``):
   random Hadamard transform, direction/magnitude codebooks, BlockLDLQ error feedback.
   (``rtn`` on a polar format is PCDVQ with nearest rounding.)
+- ``rwkvquant``: RWKVQuant's per-site branches (``jquant.algorithms.rwkvquant``, whose
+  ``rwkvquant(model, calib, config)`` picks each site's format with the proxy): GPTQ on integer
+  formats, GPTVQ on codebook formats of matrices, activation-weighted k-means codebooks on
+  codebook formats of element-wise vectors.
 
 ``supports(name, fmt)`` says why an algorithm cannot use a format (None if it can).
 """
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 from jquant.algorithms.gptq_core import GPTQConfig, gptq
 from jquant.algorithms.gptvq import GPTVQConfig, gptvq_quantize, gptvq_supports
 from jquant.algorithms.pcdvq import PCDVQConfig, pcdvq_quantize
+from jquant.algorithms.rwkvquant import mix_codebook_weight
 from jquant.calib.capture import InputStatistics
 from jquant.formats import CodebookFormat, Format, IntFormat, PolarVQFormat, QArray, quantize
 
@@ -135,10 +140,32 @@ def pcdvq_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStati
     return pcdvq_quantize(weight, _need_stats(stats, "pcdvq").hessian, fmt, axis=axis, config=config)
 
 
+def rwkvquant_supports(fmt: Format) -> str | None:
+    """Why RWKVQuant's branches cannot use ``fmt`` (None if it can)."""
+    if isinstance(fmt, IntFormat):
+        return gptq_supports(fmt)
+    if isinstance(fmt, CodebookFormat):
+        return gptvq_supports(fmt)
+    return f"rwkvquant needs an integer (GPTQ) or codebook (VQ) format, got {fmt.name}."
+
+
+def rwkvquant_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatistics | None,
+                     options: Mapping[str, Any] = ()) -> QArray:
+    """RWKVQuant on one site: ``gptq_weight`` (integer ``fmt``), ``gptvq_weight`` (codebook ``fmt``, matrix
+    ``weight``) or ``mix_codebook_weight`` (codebook ``fmt``, vector ``weight``); options go to that branch."""
+    if reason := rwkvquant_supports(fmt):
+        raise ValueError(reason)
+    if isinstance(fmt, IntFormat):
+        return gptq_weight(weight, fmt, axis=axis, stats=stats, options=options)
+    branch = mix_codebook_weight if jnp.ndim(weight) == 1 else gptvq_weight
+    return branch(weight, fmt, axis=axis, stats=stats, options=options)
+
+
 ALGORITHMS: dict[str, WeightAlgorithm] = {"rtn": rtn, "gptq": gptq_weight, "gptvq": gptvq_weight,
-                                          "pcdvq": pcdvq_weight}
-NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "gptvq": True, "pcdvq": True}
-_SUPPORTS = {"rtn": rtn_supports, "gptq": gptq_supports, "gptvq": gptvq_supports, "pcdvq": pcdvq_supports}
+                                          "pcdvq": pcdvq_weight, "rwkvquant": rwkvquant_weight}
+NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "gptvq": True, "pcdvq": True, "rwkvquant": True}
+_SUPPORTS = {"rtn": rtn_supports, "gptq": gptq_supports, "gptvq": gptvq_supports, "pcdvq": pcdvq_supports,
+             "rwkvquant": rwkvquant_supports}
 
 
 def supports(name: str, fmt: Format) -> str | None:

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-Algorithm = Literal["rtn", "gptq", "gptvq", "pcdvq"]
-ALGORITHMS: tuple[str, ...] = ("rtn", "gptq", "gptvq", "pcdvq")
+Algorithm = Literal["rtn", "gptq", "gptvq", "pcdvq", "rwkvquant"]
+ALGORITHMS: tuple[str, ...] = ("rtn", "gptq", "gptvq", "pcdvq", "rwkvquant")
 TRANSFORM_KINDS: tuple[str, ...] = ("smoothquant", "quarot", "ostquant")
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = (r"(.*/)?embed_tokens", r"(.*/)?lm_head")
 
@@ -40,7 +40,8 @@ class Rule:
     ``activation_options`` override fields of the named format (e.g.
     ``{"symmetric": False}``); ``options`` go to the algorithm (GPTQ:
     ``damp``, ``act_order``, ``block_size``, ``static_groups``; GPTVQ: ``GPTVQConfig``
-    fields; PCDVQ: ``PCDVQConfig`` fields).
+    fields; PCDVQ: ``PCDVQConfig`` fields; RWKVQuant: those of the branch its format selects,
+    or ``MixConfig`` fields for element-wise vectors).
     ``static_activation`` calibrates one activation scale per site (from the
     largest input magnitude seen in calibration) instead of computing scales
     per token at run time; it needs a per-tensor symmetric integer format

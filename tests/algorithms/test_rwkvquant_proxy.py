@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jquant.algorithms.rwkvquant_proxy import (TAU_C, TAU_F, coarse_proxy, fine_proxy, percentile_thresholds, proxy,
+from jquant.algorithms.rwkvquant_proxy import (TAU_C, Proxy, TAU_F, coarse_proxy, fine_proxy, percentile_thresholds, proxy,
                                                use_vector)
 
 STD = 0.02  # the scale of the spec's reference table (and of RWKV's matrices)
@@ -99,8 +99,7 @@ def test_bad_vq_fraction_raises(fraction):
         percentile_thresholds([1.0, 2.0], [1.0, 2.0], fraction)
 
 
-def test_degenerate_weights_raise():
-    with pytest.raises(ValueError, match="constant weight"):
-        proxy(np.ones((4, 4)))
+def test_constant_weight_is_uniform_and_non_finite_raises():
+    assert proxy(np.zeros((4, 4))) == Proxy(coarse=0.0, fine=0.0, gaps=0)  # e.g. RWKV's zero-initialised LoRAs
     with pytest.raises(ValueError, match="finite"):
         proxy(np.array([0.0, np.inf, 1.0]))

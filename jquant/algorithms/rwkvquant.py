@@ -1,0 +1,293 @@
+"""RWKVQuant (Xu et al., ICML 2025, arXiv 2505.03803): proxy-guided hybrid of scalar and vector quantization.
+
+``rwkvquant(model, calib, config) -> (qmodel, report)``:
+
+1. Every linear site (``jquant.sites``; the recipe's ``keep_float`` sites excepted) gets the
+   coarse-to-fine proxy of its float weight (``jquant.algorithms.rwkvquant_proxy``, §3.2) and
+   the decision: scalar quantization (GPTQ on ``config.sq_format``, §3.3) or vector
+   quantization (GPTVQ on ``config.vq_format``, §3.4), with fixed thresholds ``τ_c, τ_f`` or
+   per-model percentile thresholds (``vq_fraction``).
+2. Every element-wise site (RWKV's ``time_maa_*`` mixes ``y = μ ⊙ δ``) gets an
+   activation-weighted codebook on ``config.mix_format`` (§3.5, ``mix_codebook``).
+3. The choices become a concrete recipe, one ``Rule`` per site path naming its format and the
+   registered algorithm ``"rwkvquant"`` (``jquant.algorithms.weights``: GPTQ on integer formats,
+   GPTVQ on codebook formats of matrices, ``mix_codebook`` on codebook formats of vectors), and
+   ``jquant.quantize`` runs it block by block on the calibration tokens. Every site's format is
+   in the recipe, so ``jquant.save`` / ``jquant.load`` rebuild the model like any other.
+
+The report lists per site the proxy values, the choice, the format and the bits per weight of
+the stored arrays (codes, scales, zero points, codebooks).
+
+Not implemented from the paper: SVD compression and 8-bit quantization of the codebooks
+(codebooks are stored in the format's ``codebook_dtype``, float16 by default; the bits per
+weight count them), the Mahalanobis-rank k-means initialisation (jquant's one k-means starts
+with k-means++), percentile clipping of the activations before ``E[δ²]`` (the calibration keeps
+sums, not samples) and the README's incoherence selector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant.algorithms.kmeans import kmeans
+from jquant.algorithms.rwkvquant_proxy import TAU_C, TAU_F, check_thresholds, percentile_thresholds, proxy, use_vector
+from jquant.calib.capture import InputStatistics
+from jquant.formats import CodebookFormat, Format, IntFormat, QArray, codebook_quantize, get_format
+from jquant.recipes import Recipe, Rule
+from jquant.recipes.rules import DEFAULT_KEEP_FLOAT
+from jquant.sites import find_sites
+
+Importance = Literal["square", "mean_abs"]
+# bits-per-weight settings (float16 scales, zero points and codebooks counted): SQ + VQ format names
+BITS_PRESETS: dict[float, tuple[str, str]] = {
+    3.0: ("int3-asym", "vq-d1-k3-cb128x32"),  # 3 + 32/in per channel; 8 codewords per 4096 weights (3.03)
+    3.25: ("int3-g128-asym", "vq-d1-k3-cb32x16"),  # 3 + 32/128; 8 codewords per 512 weights
+}
+
+
+# ----------------------------------------------------------------------------
+# §3.5: activation-weighted codebooks for element-wise weights
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixConfig:
+    """``importance``: the per-channel weight ``s_c``, ``"square"`` (``E[δ_c²]``, the paper) or
+    ``"mean_abs"`` (``|E[δ_c]|``, the released code); ``kmeans_iters`` Lloyd iterations; ``seed``."""
+
+    importance: Importance = "square"
+    kmeans_iters: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.importance not in ("square", "mean_abs"):
+            raise ValueError(f"MixConfig.importance must be 'square' or 'mean_abs', got {self.importance!r}.")
+        for name in ("kmeans_iters", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"MixConfig.{name} must be an int >= 0, got {value!r}.")
+
+
+def channel_importance(stats: InputStatistics, importance: Importance = "square") -> np.ndarray:
+    """``s [C]`` from the site's input statistics: ``diag(XᵀX) / N`` (``E[δ²]``) or ``|Σ x| / N``."""
+    if importance == "square":
+        return np.diag(stats.hessian) / stats.count
+    return np.abs(stats.mean)
+
+
+def mix_codebook(weight: jax.Array, fmt: CodebookFormat, importance: np.ndarray, *,
+                 config: MixConfig | None = None) -> QArray:
+    """Codebooks for a vector ``μ [C]`` minimising ``Σ_c s_c (μ_c − μ̂_c)²`` (RWKVQuant §3.5).
+
+    ``μ`` is cut into groups of ``fmt.codebook_rows`` channels (all ``C`` when None), each with its
+    own ``2^k``-entry codebook of ``d``-vectors. Per group: weighted k-means
+    (``jquant.algorithms.kmeans``) with weights ``s`` (``importance [C]``): the centroid update is
+    ``c_k = Σ_{c∈k} s_c μ_c / Σ_{c∈k} s_c``; each channel then takes its nearest codeword
+    (``codebook_quantize``; for ``d = 1`` the weighted and unweighted assignments agree).
+    """
+    config = config or MixConfig()
+    w = np.asarray(weight, np.float64)
+    s = np.asarray(importance, np.float64)
+    if w.ndim != 1 or s.shape != w.shape:
+        raise ValueError(f"mix_codebook needs a vector weight [C] and importance [C], got {w.shape} and {s.shape}.")
+    fmt.check_shape(w.shape, 0)
+    d, K = fmt.vector_dim, fmt.codebook_size
+    rows = fmt.codebook_rows or w.size
+    books = []
+    for g in range(w.size // rows):
+        pts = w[g * rows:(g + 1) * rows].reshape(-1, d)
+        wts = s[g * rows:(g + 1) * rows].reshape(-1, d)
+        k = min(K, len(pts))  # fewer vectors than codewords: each vector is a codeword, the rest repeat the last
+        c = kmeans(pts, k, weights=wts, seed=config.seed + g, iters=config.kmeans_iters).centroids
+        books.append(np.concatenate([c, np.repeat(c[-1:], K - k, 0)]))
+    codebooks = jnp.asarray(np.stack(books)[:, None], jnp.float32)  # grid (C/rows,) + (M=1, K, d)
+    q = codebook_quantize(jnp.asarray(weight, jnp.float32), codebooks, fmt, axis=0)
+    return dataclasses.replace(q, dtype=jnp.dtype(weight.dtype).name)
+
+
+def mix_codebook_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatistics | None,
+                        options: Mapping[str, Any] = ()) -> QArray:
+    """``mix_codebook`` behind the weight-algorithm signature; options: ``MixConfig`` fields."""
+    if not isinstance(fmt, CodebookFormat) or fmt.num_codebooks != 1 or fmt.group_size is not None:
+        raise ValueError(f"element-wise codebooks need a codebook format with one codebook per group and no scales "
+                         f"such as 'vq-d1-k3-cb64xall', got {fmt.name}.")
+    if axis != 0 or jnp.ndim(weight) != 1:
+        raise ValueError(f"element-wise codebooks quantize vectors [C] along axis 0, got shape {jnp.shape(weight)}, "
+                         f"axis {axis}.")
+    if stats is None:
+        raise ValueError("element-wise codebooks need calibration statistics of the site's inputs; pass calibration data.")
+    options = dict(options)
+    allowed = [f.name for f in dataclasses.fields(MixConfig)]
+    if unknown := sorted(set(options) - set(allowed)):
+        raise ValueError(f"unknown element-wise codebook options {unknown}; allowed: {allowed}.")
+    config = MixConfig(**options)
+    return mix_codebook(weight, fmt, channel_importance(stats, config.importance), config=config)
+
+
+# ----------------------------------------------------------------------------
+# The model-level driver
+# ----------------------------------------------------------------------------
+
+
+def _freeze(options: Mapping[str, Any] | tuple) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(dict(options).items()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RWKVQuantConfig:
+    """Formats, thresholds and per-branch options of ``rwkvquant``.
+
+    ``sq_format``: integer format of the GPTQ branch; ``vq_format``: codebook format of the VQ
+    branch (``vq-d{d}-k{k}-cb{R}x{C}``: one codebook per ``R`` inputs × ``C`` outputs);
+    ``mix_format``: codebook format of the element-wise weights (one codebook per ``R`` channels).
+    A group, ``R`` or ``C`` longer than a site's dimension is shortened to it (one group along it).
+    ``tau_c``, ``tau_f``: fixed thresholds; ``vq_fraction`` (in [0, 1]) replaces them by per-model
+    percentile thresholds. ``view_dtype``: the precision the proxy sees the weights in.
+    ``sq_options`` / ``vq_options`` / ``mix_options``: ``GPTQConfig`` / ``GPTVQConfig`` / ``MixConfig`` fields.
+    ``RWKVQuantConfig.preset(bits)`` picks the formats of a bits-per-weight setting (``BITS_PRESETS``).
+    """
+
+    sq_format: str = BITS_PRESETS[3.25][0]
+    vq_format: str = BITS_PRESETS[3.25][1]
+    mix_format: str = "vq-d1-k3-cb64xall"
+    tau_c: float = TAU_C
+    tau_f: float = TAU_F
+    vq_fraction: float | None = None
+    view_dtype: str | None = "float16"
+    sq_options: tuple[tuple[str, Any], ...] = ()
+    vq_options: tuple[tuple[str, Any], ...] = ()
+    mix_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        from jquant.algorithms.weights import gptq_supports, gptvq_supports  # weights imports this module
+
+        for name, cls, check in (("sq_format", IntFormat, gptq_supports), ("vq_format", CodebookFormat, gptvq_supports),
+                                 ("mix_format", CodebookFormat, gptvq_supports)):
+            try:
+                fmt = get_format(getattr(self, name))
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"RWKVQuantConfig.{name}: {err}") from None
+            reason = check(fmt) if isinstance(fmt, cls) else f"needs a {cls.__name__}, got {fmt.name}"
+            if reason:
+                raise ValueError(f"RWKVQuantConfig.{name}={getattr(self, name)!r}: {reason}")
+        check_thresholds(self.tau_c, self.tau_f)
+        if self.vq_fraction is not None:
+            percentile_thresholds([0.0], [0.0], self.vq_fraction)  # validates the fraction
+        for name in ("sq_options", "vq_options", "mix_options"):
+            object.__setattr__(self, name, _freeze(getattr(self, name)))
+
+    @classmethod
+    def preset(cls, bits: float, **changes) -> RWKVQuantConfig:
+        """The config of a bits-per-weight setting in ``BITS_PRESETS`` (3 or 3.25), with ``changes``."""
+        if bits not in BITS_PRESETS:
+            raise ValueError(f"RWKVQuant bits setting {bits!r} is not one of {sorted(BITS_PRESETS)}; pass sq_format and "
+                             "vq_format explicitly for other settings.")
+        sq, vq = BITS_PRESETS[bits]
+        return cls(**{"sq_format": sq, "vq_format": vq, **changes})
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteChoice:
+    """One site: ``method`` ``"sq"`` / ``"vq"`` (linear) or ``"mix"`` (element-wise), its ``format`` name,
+    the proxies (None for element-wise sites), ``size`` (elements) and the stored ``bits_per_weight``."""
+
+    path: str
+    method: Literal["sq", "vq", "mix"]
+    format: str
+    coarse: float | None
+    fine: float | None
+    size: int
+    bits_per_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RWKVQuantReport:
+    """The thresholds used and one ``SiteChoice`` per quantized site."""
+
+    tau_c: float
+    tau_f: float
+    sites: tuple[SiteChoice, ...]
+
+    def bits_per_weight(self, methods: tuple[str, ...] = ("sq", "vq")) -> float:
+        """Stored bits per weight over the sites of ``methods`` (default: the linears)."""
+        chosen = [s for s in self.sites if s.method in methods]
+        return sum(s.bits_per_weight * s.size for s in chosen) / max(sum(s.size for s in chosen), 1)
+
+    @property
+    def vq_fraction(self) -> float:
+        """Fraction of the linear sites that took vector quantization."""
+        linear = [s for s in self.sites if s.method != "mix"]
+        return sum(s.method == "vq" for s in linear) / max(len(linear), 1)
+
+
+def _fit(name: str, shape: tuple[int, ...], path: str) -> str:
+    """The format ``name`` with each group (int ``group_size``, codebook rows/cols) longer than its dimension
+    shortened to the dimension; a group that does not divide a longer dimension is an error naming ``path``."""
+    fmt = get_format(name)
+    if isinstance(fmt, IntFormat):
+        fields = (("group_size", 0),)
+    else:
+        fields = (("codebook_rows", 0),) + ((("codebook_cols", len(shape) - 1),) if len(shape) > 1 else ())
+    changes = {}
+    for field, dim in fields:
+        size = getattr(fmt, field)
+        if size is None:
+            continue
+        if shape[dim] < size:
+            changes[field] = shape[dim]
+        elif shape[dim] % size:
+            raise ValueError(f"site {path!r} (weight shape {shape}): {field}={size} of {name} does not divide its "
+                             f"length {shape[dim]} along axis {dim}; pick a divisor.")
+    return dataclasses.replace(fmt, **changes).name if changes else fmt.name
+
+
+def rwkvquant_recipe(model: nnx.Module, config: RWKVQuantConfig | None = None,
+                     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT) -> tuple[Recipe, RWKVQuantReport]:
+    """The concrete per-site recipe of RWKVQuant for ``model`` and a report without bit counts (steps 1-3)."""
+    config = config or RWKVQuantConfig()
+    sites = [s for s in find_sites(model) if not any(re.fullmatch(p, s.path) for p in keep_float)]
+    linear = [s for s in sites if s.spec.kind == "linear"]
+    mixes = [s for s in sites if s.spec.kind == "elementwise"]
+    if not linear and not mixes:
+        raise ValueError("rwkvquant found no linear or element-wise quantization site in the model.")
+    proxies = [proxy(np.asarray(s.weight.get_value()), config.view_dtype) for s in linear]
+    coarse, fine = np.array([p.coarse for p in proxies]), np.array([p.fine for p in proxies])
+    tau_c, tau_f = (config.tau_c, config.tau_f) if config.vq_fraction is None or not linear else \
+        percentile_thresholds(coarse, fine, config.vq_fraction)
+    vq = use_vector(coarse, fine, tau_c, tau_f)
+    rules, choices = [], []
+    for site, p, v in zip(linear, proxies, vq.tolist()):
+        name, options = (config.vq_format, config.vq_options) if v else (config.sq_format, config.sq_options)
+        fmt = _fit(name, tuple(site.weight.get_value().shape), site.path)
+        rules.append(Rule(pattern=re.escape(site.path), weight=fmt, algorithm="rwkvquant", options=options))
+        choices.append(SiteChoice(site.path, "vq" if v else "sq", fmt, p.coarse, p.fine, site.weight.get_value().size,
+                                  float("nan")))
+    for site in mixes:
+        fmt = _fit(config.mix_format, tuple(site.weight.get_value().shape), site.path)
+        rules.append(Rule(pattern=re.escape(site.path), weight=fmt, algorithm="rwkvquant", options=config.mix_options))
+        choices.append(SiteChoice(site.path, "mix", fmt, None, None, site.weight.get_value().size, float("nan")))
+    recipe = Recipe(name="rwkvquant", rules=tuple(rules), keep_float=keep_float,
+                    description=f"RWKVQuant: SQ {config.sq_format} / VQ {config.vq_format} by the proxy "
+                                f"(tau_c={tau_c:.4g}, tau_f={tau_f:.4g}); element-wise {config.mix_format}")
+    return recipe, RWKVQuantReport(tau_c=float(tau_c), tau_f=float(tau_f), sites=tuple(choices))
+
+
+def rwkvquant(model: nnx.Module, calib: np.ndarray, config: RWKVQuantConfig | None = None, *,
+              batch_size: int = 8, progress: bool = True) -> tuple[nnx.Module, RWKVQuantReport]:
+    """RWKVQuant-quantized copy of ``model`` (calibration tokens ``calib [N, T]``) and its per-site report
+    (``config`` defaults to ``RWKVQuantConfig()``: the 3.25 bits-per-weight setting, fixed thresholds)."""
+    from jquant.quantization import quantize  # quantization imports the algorithms registry, which imports this module
+
+    recipe, report = rwkvquant_recipe(model, config)
+    qmodel = quantize(model, recipe, calib, batch_size=batch_size, progress=progress)
+    stored = {s.path: s.weight.get_value() for s in find_sites(qmodel)}
+    sites = tuple(dataclasses.replace(c, bits_per_weight=float(stored[c.path].bits_per_element)) for c in report.sites)
+    return qmodel, dataclasses.replace(report, sites=sites)
