@@ -115,4 +115,10 @@ def layout_of(model) -> DecoderLayout:
             f"{type(model).__name__} does not declare an equivalence layout (equivalence_layout()); rotations, "
             "smoothing and OSTQuant need a pre-norm decoder that does."
         )
-    return fn()
+    layout = fn()
+    if not isinstance(layout, DecoderLayout):
+        raise ValueError(
+            f"{type(model).__name__} declares a {type(layout).__name__}, not a DecoderLayout: QuaRot, SmoothQuant "
+            "and OSTQuant need attention + MLP blocks. For Mamba models use jquant.transforms.mamba_rotation "
+            "(MambaQuant).")
+    return layout

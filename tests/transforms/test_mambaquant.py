@@ -208,3 +208,10 @@ def test_mambaquant_beats_rtn_at_w8a8_and_w4a8():
             rtn = _kl(fast_logits(quantize(model, recipe, progress=False), tokens), ref)
             mq = _kl(fast_logits(quantize(rotated, recipe, progress=False), tokens), ref)
             assert mq < ratio * rtn, (weight, mq, rtn)
+
+
+def test_decoder_transforms_refuse_a_mamba_model_clearly():
+    from jquant.transforms.layout import layout_of
+
+    with pytest.raises(ValueError, match="not a DecoderLayout.*MambaQuant"):
+        layout_of(_model("mamba1"))
