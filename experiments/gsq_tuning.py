@@ -205,22 +205,61 @@ def write_report(results: dict, out: Path) -> None:
     plot(results, out.with_suffix(".png"))
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
 def summary(results: dict) -> list[str]:
+    """The spec's interim targets and the memory claim, checked against the measured runs."""
     runs = results.get("runs", {})
     if "bf16" not in runs:
         return []
     ref = runs["bf16"]
+    dacc = {n: 100 * (r["accuracy"] - ref["accuracy"]) for n, r in runs.items()}
     out = ["## What we measured", ""]
-    for name in ("gse8", "gse6", "gse5", "gse4", "int8-tensor", "gse5-r128", "gse4-r128", "qlora"):
+    if "gse8" in runs:
+        out.append(f"- GSE-INT8 within 0.5 points of bf16 LoRA: {dacc['gse8']:+.1f} points, "
+                   f"{_verdict(abs(dacc['gse8']) <= 0.5)}.")
+    if "gse6" in runs:
+        out.append(f"- GSE-INT6 within about 1 point: {dacc['gse6']:+.1f} points, {_verdict(abs(dacc['gse6']) <= 1)}.")
+    for name in ("gse5-r128", "gse4-r128"):
         if name in runs:
-            r = runs[name]
-            out.append(f"- {name}: accuracy {100 * (r['accuracy'] - ref['accuracy']):+.1f} points, answer ppl "
-                       f"{r['answer_ppl']:.3f} vs {ref['answer_ppl']:.3f}, memory "
-                       f"{ref['memory_bytes']['total'] / r['memory_bytes']['total']:.2f}x less than bf16 LoRA.")
+            out.append(f"- {name} inside bf16 +- 1 point: {dacc[name]:+.1f} points, {_verdict(abs(dacc[name]) <= 1)}.")
+    if "int8-tensor" in runs and "gse8" in runs:
+        t, g = runs["int8-tensor"], runs["gse8"]
+        out.append(f"- Per-tensor INT8 no better than GSE-INT8: answer loss {t['answer_nll']:.4f} vs {g['answer_nll']:.4f}, "
+                   f"accuracy {t['accuracy']:.3f} vs {g['accuracy']:.3f}, validation ppl {t['val_ppl']:.2f} vs "
+                   f"{g['val_ppl']:.2f}: {_verdict(t['answer_nll'] >= g['answer_nll'] and t['accuracy'] <= g['accuracy'])}.")
+    for name in ("qlora", "gse8", "gse5", "gse4"):
+        if name in runs:
+            m, b = runs[name]["memory_bytes"], ref["memory_bytes"]
+            out.append(f"- {name} memory vs bf16 LoRA: total {b['total'] / m['total']:.2f}x less (frozen weights "
+                       f"{b['frozen_weights'] / m['frozen_weights']:.2f}x, saved activations "
+                       f"{b['saved_activations'] / m['saved_activations']:.2f}x); the paper reports 1.85x.")
+    best = max(runs.values(), key=lambda r: r["accuracy"])["accuracy"]
+    worst = min(runs.values(), key=lambda r: r["accuracy"])["accuracy"]
+    out += ["", f"All settings land between {worst:.3f} and {best:.3f} accuracy: on this task every arithmetic "
+            "down to 4-bit GEMM operands learns the labels, so accuracy barely separates them; the held-out answer "
+            "loss is the finer measure. At 10 M parameters and 64-token rows the saved activations (attention, "
+            "norms, SiLU, logits: residuals outside the adapted GEMMs) dominate the step's memory, so the paper's "
+            "1.85x, which comes from 7B-70B weights, cannot show here; the frozen-weight saving does."]
+    if "before" in results:
+        most = max(runs, key=lambda n: runs[n]["val_ppl"])
+        out += ["", f"Fine-tuning on the answer tokens alone raises validation perplexity from "
+                f"{results['before']['bf16']['val_ppl']:.1f} (before) to {ref['val_ppl']:.1f} (bf16 LoRA) and similar "
+                f"values in every setting (highest: {most}, {runs[most]['val_ppl']:.1f}); lower-bit GEMMs do not protect "
+                "general text."]
     return out
 
 
+def operand_bits(name: str) -> int:
+    """Bits of a setting's GEMM operands (16 for the bf16 GEMMs of LoRA and QLoRA)."""
+    operands = SETTINGS[name][1].operands
+    return 16 if operands is None else operands.bits
+
+
 def plot(results: dict, path: Path) -> None:
+    """Accuracy and training-step memory against GEMM operand bits, and the loss curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -228,19 +267,24 @@ def plot(results: dict, path: Path) -> None:
     runs = results.get("runs", {})
     if not runs:
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax2 = ax1.twinx()
     for name, r in runs.items():
-        ax1.scatter(r["memory_bytes"]["total"] / 2 ** 20, r["accuracy"], label=name)
-        ax1.annotate(name, (r["memory_bytes"]["total"] / 2 ** 20, r["accuracy"]), fontsize=7)
+        bits = operand_bits(name) + (0.25 if name == "qlora" else 0.0)  # keep LoRA and QLoRA apart
+        marker = "s" if r["rank"] > 64 else ("^" if name == "int8-tensor" else "o")
+        ax1.scatter(bits, r["accuracy"], marker=marker, color="tab:blue")
+        ax1.annotate(name, (bits, r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax2.scatter(bits, r["memory_bytes"]["total"] / 2 ** 20, marker=marker, color="tab:red", alpha=0.6)
         curve = np.convolve(r["loss_curve"], np.ones(10) / 10, mode="valid")
-        ax2.plot(np.arange(len(curve)) + 10, curve, label=name)
-    ax1.set_xlabel("training-step memory (MiB)")
-    ax1.set_ylabel("test accuracy")
-    ax1.set_title("accuracy vs memory")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("answer loss (10-step mean)")
-    ax2.set_yscale("log")
-    ax2.legend(fontsize=7)
+        ax3.plot(np.arange(len(curve)) + 10, curve, label=name)
+    ax1.set_xlabel("GEMM operand bits (16 = bf16; square: rank 128; triangle: per-tensor int8)")
+    ax1.set_ylabel("held-out accuracy", color="tab:blue")
+    ax2.set_ylabel("training-step memory (MiB)", color="tab:red")
+    ax1.set_title("accuracy and memory vs bits")
+    ax3.set_xlabel("step")
+    ax3.set_ylabel("answer loss (10-step mean)")
+    ax3.set_yscale("log")
+    ax3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
