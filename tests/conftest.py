@@ -1,5 +1,6 @@
 """Test-wide settings: offline hubs, a strict but practical JAX configuration."""
 
+import gc
 import os
 
 import jax
@@ -19,3 +20,13 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled executables after each test module: the suite compiles thousands of
+    programs, and keeping them all for one process exhausted the 2-core CI machine's memory (an XLA
+    segfault while compiling, late in the run)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
