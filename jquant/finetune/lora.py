@@ -146,19 +146,38 @@ def set_rounding_keys(model: nnx.Module, key: jax.Array) -> None:
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """A copy of ``model`` with dense kernels ``deq(W0) + s A B`` (in the kernel's dtype) and no adapters."""
+    """A copy of ``model`` with dense kernels ``deq(W0) + s A B`` (in the kernel's dtype) and no adapters.
+
+    Sites whose base was quantized become float; the model's ``quantization`` report is updated
+    (those paths join the recipe's ``keep_float``), so ``jquant.save`` / ``load`` round-trip it.
+    """
     merged = nnx.clone(model)
-    found = adapters(merged)
-    if not found:
+    if not adapters(merged):
         raise ValueError("merge_lora: the model has no LoRA adapters (add_lora adds them).")
+    dequantized = []
     for site in find_sites(merged):
         lora = getattr(site.module, "lora", None)
         if lora is None:
             continue
         w0 = site.weight.get_value()
+        if isinstance(w0, QArray):
+            dequantized.append(site.path)
         base = dequantize(w0, jnp.float32) if isinstance(w0, QArray) else w0.astype(jnp.float32)
         dtype = jnp.dtype(w0.dtype) if isinstance(w0, QArray) else w0.dtype
         delta = lora.scale * jnp.dot(lora.a.get_value(), lora.b.get_value(), precision=jax.lax.Precision.HIGHEST)
         site.weight.set_value((base + delta).astype(dtype))
         site.module.lora = None
+    report = getattr(merged, "quantization", None)
+    if report is not None and dequantized:
+        merged.quantization = _without_sites(report, dequantized, merged)
     return merged
+
+
+def _without_sites(report, paths: list[str], model: nnx.Module):
+    """``report`` with ``paths`` kept in float; None when no quantized site remains."""
+    still = [s.path for s in find_sites(model) if isinstance(s.weight.get_value(), QArray)]
+    if not still:
+        return None
+    recipe = dataclasses.replace(report.recipe, keep_float=report.recipe.keep_float + tuple(map(re.escape, paths)))
+    return dataclasses.replace(report, recipe=recipe, sites=tuple(x for x in report.sites if x[0] not in paths),
+                               unquantized=report.unquantized + tuple(paths))

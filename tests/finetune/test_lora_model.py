@@ -131,3 +131,20 @@ def test_bad_input(model):
                        progress=False)
     with pytest.raises(ValueError, match="quantizes its inputs"):
         add_lora(w8a8, LoRAConfig(rank=4), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("targets", [(r".*",), (r".*mlp/up_proj",)])
+def test_merged_quantized_model_saves_and_loads(model, targets, tmp_path):
+    base = jq.quantize(model, NF4, progress=False)
+    adapted = add_lora(base, LoRAConfig(rank=8, targets=targets, arithmetic=F32), key=jax.random.key(10))
+    for _, lora in adapters(adapted):
+        lora.b.set_value(0.05 * jax.random.normal(jax.random.key(11), lora.b.get_value().shape))
+    merged = merge_lora(adapted)
+    if targets == (r".*",):
+        assert merged.quantization is None  # every NF4 site became dense
+    else:
+        assert merged.quantization.site("layers/0/mlp/up_proj") == "float"
+        assert merged.quantization.site("layers/0/mlp/down_proj") != "float"
+    jq.save(merged, tmp_path / "merged")
+    tokens = _tokens(12)
+    np.testing.assert_array_equal(np.asarray(jq.load(tmp_path / "merged")(tokens)), np.asarray(merged(tokens)))
