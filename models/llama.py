@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant.kv import KVCache, init_cache
+from jquant.models.config_io import check_dtypes_available
 from jquant.models.layers import Attention, AttentionConfig, Embed, Linear, RMSNorm, RopeConfig, SwiGLU
 from jquant.transforms.layout import AttentionLayout, DecoderLayout, MLPLayout, NormGroup
 from jquant.transforms.layout import DecoderLayer as DecoderLayerLayout
@@ -226,17 +227,9 @@ class Llama(nnx.Module):
         return logits, tuple(new_caches) if layer_caches is not None else None
 
 
-def _check_dtypes_available(cfg: LlamaConfig) -> None:
-    if "float64" in (cfg.dtype, cfg.param_dtype) and not jax.config.jax_enable_x64:
-        raise ValueError(
-            "LlamaConfig asks for float64 but JAX's 64-bit mode is off; call "
-            "jax.config.update('jax_enable_x64', True) first."
-        )
-
-
 def init_model(cfg: LlamaConfig, key: jax.Array) -> Llama:
     """A randomly initialised model (weights ~ N(0, 0.02), norms 1, biases 0)."""
-    _check_dtypes_available(cfg)
+    check_dtypes_available(cfg)
     return Llama(cfg, rngs=nnx.Rngs(params=key))
 
 
@@ -438,7 +431,7 @@ def from_hf(path, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None
 
 def from_tensors(cfg: LlamaConfig, tensors: dict, *, source: str = "tensors") -> Llama:
     """Build a ``Llama`` from Hugging Face-named arrays (``[out, in]`` linear weights), validating every one."""
-    _check_dtypes_available(cfg)
+    check_dtypes_available(cfg)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     pdt = jnp.dtype(cfg.param_dtype)
     remaining = dict(tensors)

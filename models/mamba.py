@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.layers import Embed, Linear, RMSNorm
 from jquant.transforms.ssm_layout import SSMLayout, SSMMixerLayout
 
@@ -412,15 +413,6 @@ class Mamba(CausalSSM):
         super().__init__(cfg, MambaMixer, rngs=rngs)
 
 
-def check_dtypes_available(cfg) -> None:
-    """Raise if ``cfg`` asks for float64 while JAX's 64-bit mode is off."""
-    if "float64" in (cfg.dtype, cfg.param_dtype) and not jax.config.jax_enable_x64:
-        raise ValueError(
-            f"{type(cfg).__name__} asks for float64 but JAX's 64-bit mode is off; call "
-            "jax.config.update('jax_enable_x64', True) first."
-        )
-
-
 def init_model(cfg: MambaConfig, key: jax.Array) -> Mamba:
     """A randomly initialised model (Hugging Face's A_log, D and dt-bias initialisation; kernels ~ N(0, 0.02))."""
     check_dtypes_available(cfg)
@@ -438,37 +430,6 @@ def abstract_model(cfg: MambaConfig) -> Mamba:
 
 CHECKPOINT_FAMILY = "mamba"
 CHECKPOINT_MODEL = Mamba
-
-
-def _json_value(value):
-    if isinstance(value, tuple):
-        return [_json_value(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"__float__": str(value).replace("inf", "Infinity").replace("nan", "NaN")}
-    return value
-
-
-def _from_json_value(value):
-    if isinstance(value, list):
-        return tuple(_from_json_value(v) for v in value)
-    if isinstance(value, dict) and set(value) == {"__float__"}:
-        return float(value["__float__"])
-    return value
-
-
-def dataclass_config_to_json(cfg) -> dict:
-    """A config dataclass's fields as a strict-JSON dict (tuples as lists, infinities as ``{"__float__": ...}``)."""
-    return {f.name: _json_value(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-
-
-def dataclass_config_from_json(cls, data: dict, *, dtype: DTypeName, param_dtype: DTypeName | None):
-    """The ``cls`` config ``dataclass_config_to_json`` wrote, with the given compute and storage dtypes."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"checkpoint config has fields {cls.__name__} does not know: {unknown}.")
-    values = {k: _from_json_value(v) for k, v in data.items()}
-    return cls(**{**values, "dtype": dtype, "param_dtype": param_dtype or dtype})
 
 
 def config_to_json(cfg: MambaConfig) -> dict:

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.layers import Linear
 from jquant.transforms.ssm_layout import SSMMixerLayout
 from jquant.models.mamba import (
@@ -46,10 +47,7 @@ from jquant.models.mamba import (
     LayerState,
     accumulation_dtype,
     check_dtypes,
-    check_dtypes_available,
     check_hf_config,
-    dataclass_config_from_json,
-    dataclass_config_to_json,
     inverse_softplus_time_steps,
     model_from_tensors,
     read_hf,
@@ -285,7 +283,7 @@ def abstract_model(cfg: Mamba2Config) -> Mamba2:
     return nnx.eval_shape(lambda: Mamba2(cfg, rngs=nnx.Rngs(0)))
 
 
-# jquant.checkpoint's family protocol: the manifest holds the config's fields (``mamba.dataclass_config_to_json``).
+# jquant.checkpoint's family protocol: the manifest holds the config's fields (``config_io.dataclass_config_to_json``).
 CHECKPOINT_FAMILY = "mamba2"
 CHECKPOINT_MODEL = Mamba2
 

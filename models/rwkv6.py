@@ -53,6 +53,7 @@ from flax import nnx
 
 from jquant import ops
 from jquant.calib.capture import record_input
+from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.layers import Embed, Linear
 from jquant.sites import SiteSpec
 
@@ -454,18 +455,10 @@ class RWKV6(nnx.Module):
         return list(self.layers)
 
 
-def _check_dtypes_available(cfg: RWKV6Config) -> None:
-    if "float64" in (cfg.dtype, cfg.param_dtype) and not jax.config.jax_enable_x64:
-        raise ValueError(
-            "RWKV6Config asks for float64 but JAX's 64-bit mode is off; call "
-            "jax.config.update('jax_enable_x64', True) first."
-        )
-
-
 def init_model(cfg: RWKV6Config, key: jax.Array) -> RWKV6:
     """A randomly initialised model: matrices ~ N(0, 0.02), LoRA down-projections 0, and BlinkDL's
     layer-dependent ramps for the mixes, ``time_decay`` and ``time_faaaa``."""
-    _check_dtypes_available(cfg)
+    check_dtypes_available(cfg)
     return RWKV6(cfg, rngs=nnx.Rngs(params=key))
 
 
@@ -480,14 +473,12 @@ CHECKPOINT_MODEL = RWKV6
 
 
 def config_to_json(cfg: RWKV6Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return dataclass_config_to_json(cfg)
 
 
 def config_from_json(data: dict, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None) -> RWKV6Config:
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RWKV6Config)})
-    if unknown:
-        raise ValueError(f"checkpoint config has fields RWKV6Config does not know: {unknown}.")
-    return RWKV6Config(**{**data, "dtype": dtype, "param_dtype": param_dtype or dtype})
+    return dataclass_config_from_json(RWKV6Config, data, dtype=dtype, param_dtype=param_dtype)
+
 
 # ----------------------------------------------------------------------------
 # BlinkDL checkpoints (.pth state dicts or .safetensors with the same keys)
@@ -645,7 +636,7 @@ def from_tensors(cfg: RWKV6Config, tensors: dict, *, source: str = "tensors") ->
     Every expected tensor must be present with the shape ``cfg`` implies and
     nothing may be left over; otherwise a ``ValueError`` names the tensor.
     """
-    _check_dtypes_available(cfg)
+    check_dtypes_available(cfg)
     _check_v6(tensors, source)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     pdt = jnp.dtype(cfg.param_dtype)
