@@ -60,6 +60,33 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
+def torch_ssm_decode_logits(model, tokens: np.ndarray, prefill: int) -> np.ndarray:
+    """transformers' own cached decoding of a Mamba/Mamba-2 LM: one ``prefill`` chunk, then one token per call."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor(tokens[:, :prefill], dtype=torch.long), use_cache=True)
+        logits = [out.logits]
+        for t in range(prefill, tokens.shape[1]):
+            out = model(torch.tensor(tokens[:, t : t + 1], dtype=torch.long), cache_params=out.cache_params,
+                        use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1).numpy()
+
+
+def copy_with_config(src: str | Path, dst: str | Path, **changes) -> Path:
+    """A copy of checkpoint folder ``src`` at ``dst`` with ``config.json`` entries replaced by ``changes``."""
+    import json
+    import shutil
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def relative_error(got, expected) -> float:
     """``max |got - expected| / max |expected|`` computed in float64."""
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)

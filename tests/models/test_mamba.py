@@ -5,7 +5,6 @@ perturbed (A_log, D, dt bias and norm weights included), written with
 ``save_pretrained`` and read back with ``mamba.from_hf``.
 """
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from flax import nnx
 from jquant.calib.sequential import run_sequential
 from jquant.generate import generate
 from jquant.models import hf_io, load, mamba
-from jquant.testing.hf_reference import relative_error
+from jquant.testing.hf_reference import copy_with_config, relative_error, torch_logits, torch_ssm_decode_logits
 from jquant.testing.tiny_models import fast_cached_logits, fast_logits
 
 FLOAT32_TOLERANCE = 1e-5
@@ -166,26 +165,6 @@ def pair(request, tmp_path_factory):
     return request.param, hf, folder
 
 
-def _torch_logits(hf, tokens):
-    import torch
-
-    with torch.no_grad():
-        return hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-
-
-def _torch_decode(hf, tokens, prefill):
-    """transformers' own cached decoding: one ``prefill`` chunk, then one token per call."""
-    import torch
-
-    with torch.no_grad():
-        out = hf(torch.tensor(tokens[:, :prefill], dtype=torch.long), use_cache=True)
-        logits = [out.logits]
-        for t in range(prefill, tokens.shape[1]):
-            out = hf(torch.tensor(tokens[:, t : t + 1], dtype=torch.long), cache_params=out.cache_params, use_cache=True)
-            logits.append(out.logits)
-    return torch.cat(logits, dim=1).numpy()
-
-
 @pytest.mark.parametrize("chunk_size", [256, 6])
 def test_full_sequence_logits_match_transformers(pair, chunk_size):
     case, hf, folder = pair
@@ -193,7 +172,7 @@ def test_full_sequence_logits_match_transformers(pair, chunk_size):
     if chunk_size != model.config.scan_chunk_size:  # several chunks with a padded last one (T = 20)
         model = mamba.from_tensors(model.config.replace(scan_chunk_size=chunk_size), hf_io.read_safetensors(folder))
     tokens = _tokens(1)
-    assert relative_error(fast_logits(model, tokens), _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+    assert relative_error(fast_logits(model, tokens), torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
 
 
 def test_decode_matches_transformers(pair):
@@ -201,8 +180,8 @@ def test_decode_matches_transformers(pair):
     model = mamba.from_hf(folder)
     tokens = _tokens(2)
     ours = _decode(model, tokens, prefill=5)
-    assert relative_error(ours, _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
-    assert relative_error(ours, _torch_decode(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
+    assert relative_error(ours, torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+    assert relative_error(ours, torch_ssm_decode_logits(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
 
 
 def test_float64_matches_transformers(pair, x64):
@@ -211,7 +190,7 @@ def test_float64_matches_transformers(pair, x64):
     model = mamba.from_hf(folder, dtype="float64")
     tokens = _tokens(5)
     try:
-        ref = _torch_logits(hf.double(), tokens)
+        ref = torch_logits(hf.double(), tokens)
     finally:
         hf.float()
     assert relative_error(fast_logits(model, tokens), ref) < FLOAT64_TOLERANCE, case
@@ -223,7 +202,7 @@ def test_bfloat16_compute(pair):
     case, hf, folder = pair
     model = mamba.from_hf(folder, dtype="bfloat16")
     tokens = _tokens(6)
-    ref = _torch_logits(hf, tokens)
+    ref = torch_logits(hf, tokens)
     full = fast_logits(model, tokens)
     assert full.dtype == jnp.bfloat16 and relative_error(full, ref) < BFLOAT16_TOLERANCE, case
     decoded, cache = fast_cached_logits(model, jnp.asarray(tokens), (4,) + (1,) * 16)
@@ -261,16 +240,6 @@ def test_import_keeps_structure(pair):
 # ----------------------------------------------------------------------------
 
 
-def _edit_config(src, dst, **changes):
-    import shutil
-
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_rejects_a_mamba2_checkpoint(tmp_path):
     pytest.importorskip("transformers")
     import transformers
@@ -285,11 +254,11 @@ def test_rejects_a_mamba2_checkpoint(tmp_path):
 def test_rejects_unhandled_config_attributes(pair, tmp_path):
     _, _, folder = pair
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        mamba.from_hf(_edit_config(folder, tmp_path / "act", hidden_act="gelu"))
+        mamba.from_hf(copy_with_config(folder, tmp_path / "act", hidden_act="gelu"))
     with pytest.raises(ValueError, match=r"does not handle: \['use_falcon_norm'\]"):
-        mamba.from_hf(_edit_config(folder, tmp_path / "unknown", use_falcon_norm=True))
+        mamba.from_hf(copy_with_config(folder, tmp_path / "unknown", use_falcon_norm=True))
     with pytest.raises(ValueError, match="intermediate_size=48 differs from expand"):
-        mamba.from_hf(_edit_config(folder, tmp_path / "inner", intermediate_size=48))
+        mamba.from_hf(copy_with_config(folder, tmp_path / "inner", intermediate_size=48))
 
 
 def test_rejects_bad_tensors(pair):

@@ -6,9 +6,7 @@ with ``save_pretrained`` and read back with ``mamba2.from_hf``. T = 20 with
 chunk size 8 exercises several chunks and a padded last one.
 """
 
-import json
 import math
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,7 @@ from flax import nnx
 
 from jquant.generate import generate
 from jquant.models import hf_io, load, mamba2
-from jquant.testing.hf_reference import relative_error
+from jquant.testing.hf_reference import copy_with_config, relative_error, torch_logits, torch_ssm_decode_logits
 from jquant.testing.tiny_models import fast_cached_logits, fast_logits
 
 FLOAT32_TOLERANCE = 1e-5
@@ -164,26 +162,6 @@ def pair(request, tmp_path_factory):
     return request.param, hf, folder
 
 
-def _torch_logits(hf, tokens):
-    import torch
-
-    with torch.no_grad():
-        return hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-
-
-def _torch_decode(hf, tokens, prefill):
-    """transformers' own cached decoding: one ``prefill`` chunk, then one token per call."""
-    import torch
-
-    with torch.no_grad():
-        out = hf(torch.tensor(tokens[:, :prefill], dtype=torch.long), use_cache=True)
-        logits = [out.logits]
-        for t in range(prefill, tokens.shape[1]):
-            out = hf(torch.tensor(tokens[:, t : t + 1], dtype=torch.long), cache_params=out.cache_params, use_cache=True)
-            logits.append(out.logits)
-    return torch.cat(logits, dim=1).numpy()
-
-
 @pytest.mark.parametrize("chunk_size", [8, 256])
 def test_full_sequence_logits_match_transformers(pair, chunk_size):
     case, hf, folder = pair
@@ -192,7 +170,7 @@ def test_full_sequence_logits_match_transformers(pair, chunk_size):
     if chunk_size != 8:  # one chunk holding the whole sequence
         model = mamba2.from_tensors(model.config.replace(chunk_size=chunk_size), hf_io.read_safetensors(folder))
     tokens = _tokens(1)
-    assert relative_error(fast_logits(model, tokens), _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+    assert relative_error(fast_logits(model, tokens), torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
 
 
 def test_decode_matches_transformers(pair):
@@ -200,8 +178,8 @@ def test_decode_matches_transformers(pair):
     model = mamba2.from_hf(folder)
     tokens = _tokens(2)
     ours = _decode(model, tokens, prefill=5)
-    assert relative_error(ours, _torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
-    assert relative_error(ours, _torch_decode(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
+    assert relative_error(ours, torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+    assert relative_error(ours, torch_ssm_decode_logits(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
 
 
 def test_float64_matches_transformers(pair, x64):
@@ -210,7 +188,7 @@ def test_float64_matches_transformers(pair, x64):
     model = mamba2.from_hf(folder, dtype="float64")
     tokens = _tokens(5)
     try:
-        ref = _torch_logits(hf.double(), tokens)
+        ref = torch_logits(hf.double(), tokens)
     finally:
         hf.float()
     assert relative_error(fast_logits(model, tokens), ref) < FLOAT64_TOLERANCE, case
@@ -222,7 +200,7 @@ def test_bfloat16_compute(pair):
     case, hf, folder = pair
     model = mamba2.from_hf(folder, dtype="bfloat16")
     tokens = _tokens(6)
-    ref = _torch_logits(hf, tokens)
+    ref = torch_logits(hf, tokens)
     full = fast_logits(model, tokens)
     assert full.dtype == jnp.bfloat16 and relative_error(full, ref) < BFLOAT16_TOLERANCE, case
     decoded, cache = fast_cached_logits(model, jnp.asarray(tokens), (4,) + (1,) * 16)
@@ -273,14 +251,6 @@ def test_import_keeps_structure(pair):
 # ----------------------------------------------------------------------------
 
 
-def _edit_config(src, dst, **changes):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_rejects_a_mamba1_checkpoint(tmp_path):
     pytest.importorskip("transformers")
     import transformers
@@ -294,11 +264,11 @@ def test_rejects_a_mamba1_checkpoint(tmp_path):
 def test_rejects_unhandled_config_attributes(pair, tmp_path):
     _, _, folder = pair
     with pytest.raises(ValueError, match="norm_before_gate=True"):
-        mamba2.from_hf(_edit_config(folder, tmp_path / "gate", norm_before_gate=True))
+        mamba2.from_hf(copy_with_config(folder, tmp_path / "gate", norm_before_gate=True))
     with pytest.raises(ValueError, match=r"does not handle: \['num_mlp_heads'\]"):
-        mamba2.from_hf(_edit_config(folder, tmp_path / "unknown", num_mlp_heads=2))
+        mamba2.from_hf(copy_with_config(folder, tmp_path / "unknown", num_mlp_heads=2))
     with pytest.raises(ValueError, match="num_heads \\* head_dim"):
-        mamba2.from_hf(_edit_config(folder, tmp_path / "heads", num_heads=4))
+        mamba2.from_hf(copy_with_config(folder, tmp_path / "heads", num_heads=4))
 
 
 def test_rejects_bad_tensors(pair):
