@@ -50,13 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant import ops
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.layers import Embed, Linear, RMSNorm
 from jquant.transforms.ssm_layout import SSMLayout, SSMMixerLayout
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -89,23 +89,6 @@ class SSMCache:
     length: jax.Array
 
 
-def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None, state: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Causal depthwise convolution continuing from ``state``.
-
-    ``x [B, T, C]``, ``weight [K, C]``, ``bias [C]``, ``state [B, K-1, C]`` (the
-    inputs before ``x``; zeros at the start) -> ``y [B, T, C]`` with
-    ``y_t[c] = bias[c] + sum_k weight[k, c] * x_{t-K+1+k}[c]``, and the new state
-    (the last ``K-1`` inputs).
-    """
-    k, t = weight.shape[0], x.shape[1]
-    padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
-    w = weight.astype(x.dtype)
-    y = sum(w[j] * padded[:, j : j + t] for j in range(k))
-    if bias is not None:
-        y = y + bias.astype(x.dtype)
-    return y, padded[:, t:]
-
-
 class CausalConv1d(nnx.Module):
     """Depthwise causal convolution over ``channels`` with ``width`` taps: weight ``[K, C]``, optional bias ``[C]``."""
 
@@ -120,7 +103,7 @@ class CausalConv1d(nnx.Module):
     def __call__(self, x: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [B, T, C]``, ``state [B, K-1, C]`` -> ``y [B, T, C]``, new state."""
         bias = None if self.bias is None else self.bias[...]
-        return causal_conv1d(x, self.weight[...], bias, state)
+        return ops.causal_conv1d(x, self.weight[...], bias, state)
 
 
 class MambaBlock(nnx.Module):
@@ -226,55 +209,6 @@ class CausalSSM(nnx.Module):
 # ----------------------------------------------------------------------------
 # Mamba-1 selective scan
 # ----------------------------------------------------------------------------
-
-
-def _combine(earlier: tuple[jax.Array, jax.Array], later: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Compose two affine maps ``h -> a h + b`` (``earlier`` applied first)."""
-    a1, b1 = earlier
-    a2, b2 = later
-    return a1 * a2, a2 * b1 + b2
-
-
-def _chunks(x: jax.Array, q: int) -> jax.Array:
-    """``[B, T, ...]`` -> ``[T_pad / q, B, q, ...]``, zero-padding time to a multiple of ``q``."""
-    pad = (-x.shape[1]) % q
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(x.shape[0], -1, q, *x.shape[2:]), 1, 0)
-
-
-def selective_scan(u, delta, A, B, C, h0, *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Mamba-1 scan, full-sequence form: ``lax.scan`` over chunks, ``associative_scan`` inside each.
-
-    ``u, delta [B, T, Di]``, ``A [Di, N]``, ``B, C [B, T, N]``, ``h0 [B, Di, N]`` ->
-    ``y [B, T, Di]`` with ``y_t = h_t C_t`` (no ``D`` skip) and the last state
-    ``h_T [B, Di, N]``. Memory is ``O(B * chunk * Di * N)``; padded steps have
-    ``delta = 0`` (``h`` unchanged), so ``h_T`` is exact.
-    """
-    b, t, di = u.shape
-    q = min(chunk_size, t)
-
-    def chunk(h, inputs):
-        u_c, d_c, b_c, c_c = inputs
-        decay = jnp.exp(d_c[..., None] * A)                     # [B, q, Di, N]
-        drive = (d_c * u_c)[..., None] * b_c[:, :, None, :]     # [B, q, Di, N]
-        drive = drive.at[:, 0].add(decay[:, 0] * h)
-        _, hs = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
-        return hs[:, -1], jnp.einsum("bqdn,bqn->bqd", hs, c_c, precision=HIGHEST)
-
-    h, ys = jax.lax.scan(chunk, h0, tuple(_chunks(a, q) for a in (u, delta, B, C)))
-    return jnp.moveaxis(ys, 0, 1).reshape(b, -1, di)[:, :t], h
-
-
-def selective_scan_recurrent(u, delta, A, B, C, h0) -> tuple[jax.Array, jax.Array]:
-    """Mamba-1 scan, recurrent form (one token per ``lax.scan`` step); same arguments and results as ``selective_scan``."""
-
-    def token(h, inputs):
-        u_t, d_t, b_t, c_t = inputs
-        h = jnp.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
-        return h, jnp.einsum("bdn,bn->bd", h, c_t, precision=HIGHEST)
-
-    h, ys = jax.lax.scan(token, h0, tuple(jnp.moveaxis(a, 1, 0) for a in (u, delta, B, C)))
-    return jnp.moveaxis(ys, 0, 1), h
 
 
 # ----------------------------------------------------------------------------
@@ -396,9 +330,9 @@ class MambaMixer(nnx.Module):
         u_acc = u.astype(acc)
         args = (u_acc, delta, A, B.astype(acc), C.astype(acc), state.ssm.astype(acc))
         if x.shape[1] == 1:
-            y, h = selective_scan_recurrent(*args)
+            y, h = ops.selective_scan_recurrent(*args)
         else:
-            y, h = selective_scan(*args, chunk_size=cfg.scan_chunk_size)
+            y, h = ops.selective_scan(*args, chunk_size=cfg.scan_chunk_size)
         z = z.astype(acc)
         # SiLU(z), or S-SiLU z·σ(s ⊙ z) when MambaQuant folded 1/s into the gate columns (spec §3.5a)
         gate = jax.nn.silu(z) if self.gate_scale is None else z * jax.nn.sigmoid(self.gate_scale[...].astype(acc) * z)

@@ -16,9 +16,9 @@ Mixer, per token ``t`` (head ``h`` uses group ``g(h) = h // (H / G)``)::
     y            = w * GroupRMSNorm(y * SiLU(z))  (G groups of Di / G channels; gate before norm)
     out          = y W_out
 
-The full-sequence form is the chunked SSD algorithm (``ssd_chunked``: an
+The full-sequence form is the chunked SSD algorithm (``jquant.ops.ssd_chunked``: an
 intra-chunk masked "attention" plus an inter-chunk state recurrence, with no
-loop over time); decoding runs the recurrence (``ssd_recurrent``).
+loop over time); decoding runs the recurrence (``jquant.ops.ssd_recurrent``).
 
 Every weight matmul is a ``layers.Linear`` (``in_proj``, ``out_proj``,
 ``lm_head``). Parameter paths mirror Hugging Face names (see ``mamba``): ``embed_tokens/embedding``,
@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jquant import ops
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.layers import Linear
 from jquant.transforms.ssm_layout import SSMMixerLayout
 from jquant.models.mamba import (
-    HIGHEST,
     CausalConv1d,
     CausalSSM,
     DTypeName,
@@ -57,72 +57,6 @@ from jquant.models.mamba import (
 # ----------------------------------------------------------------------------
 # SSD: chunked (full sequence) and recurrent forms
 # ----------------------------------------------------------------------------
-
-
-def segment_sum(a: jax.Array) -> jax.Array:
-    """``a [..., Q]`` -> ``[..., Q, Q]`` with ``out[l, s] = sum_{k=s+1}^{l} a_k`` for ``s <= l``, ``-inf`` above.
-
-    Summed from masked copies rather than as differences of a cumulative sum, so
-    no cancellation (as Hugging Face and the reference ``ssd_minimal`` do).
-    """
-    q = a.shape[-1]
-    rows = jnp.broadcast_to(a[..., :, None], (*a.shape, q))  # rows[k, s] = a_k
-    strictly_below = jnp.tril(jnp.ones((q, q), bool), -1)
-    sums = jnp.cumsum(jnp.where(strictly_below, rows, 0), axis=-2)
-    return jnp.where(jnp.tril(jnp.ones((q, q), bool)), sums, -jnp.inf)
-
-
-def _per_head(bc: jax.Array, heads: int) -> jax.Array:
-    """``[..., G, N]`` -> ``[..., H, N]``: head ``h`` gets group ``h // (H / G)``."""
-    return jnp.repeat(bc, heads // bc.shape[-2], axis=-2)
-
-
-def ssd_chunked(x, dt, A, B, C, s0, *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Mamba-2 scan, full-sequence (chunked SSD) form.
-
-    ``x [B, T, H, P]``, ``dt [B, T, H]`` (after softplus), ``A [H]``,
-    ``B, C [B, T, G, N]``, ``s0 [B, H, P, N]`` -> ``y [B, T, H, P]`` (no ``D``
-    skip) and the last state ``[B, H, P, N]``. With ``a_t = dt_t A`` and
-    ``x~_t = dt_t x_t``, inside each chunk of ``Q`` tokens:
-    ``Y_diag[l] = sum_{s<=l} exp(sum_{k=s+1}^{l} a_k) (C_l . B_s) x~_s``; chunk
-    start states follow ``S_{c+1} = exp(sum_{k in c} a_k) S_c + S^loc_c``; and
-    ``Y_off[l] = exp(sum_{k<=l} a_k) S_c C_l``. Time is zero-padded to a
-    multiple of ``Q`` (padded steps have ``dt = 0``: the state is unchanged).
-    """
-    b, t, h, p = x.shape
-    q = min(chunk_size, t)
-    B, C = _per_head(B, h), _per_head(C, h)
-
-    def chunks(v):  # [B, T, ...] -> [B, c, Q, ...]
-        v = jnp.pad(v, [(0, 0), (0, (-t) % q)] + [(0, 0)] * (v.ndim - 2))
-        return v.reshape(b, -1, q, *v.shape[2:])
-
-    xd, B, C = chunks(x * dt[..., None]), chunks(B), chunks(C)
-    a = jnp.moveaxis(chunks(dt * A), -1, 1)                                        # [B, H, c, Q]
-    a_cum = jnp.cumsum(a, axis=-1)
-    ein = lambda spec, *ops: jnp.einsum(spec, *ops, precision=HIGHEST)  # noqa: E731
-    scores = ein("bclhn,bcshn->bhcls", C, B) * jnp.exp(segment_sum(a))
-    y_diag = ein("bhcls,bcshp->bclhp", scores, xd)
-    local = ein("bclhn,bhcl,bclhp->bchpn", B, jnp.exp(a_cum[..., -1:] - a_cum), xd)
-    states = jnp.concatenate([s0[:, None], local], axis=1)                         # [B, c+1, H, P, N]
-    chunk_decay = jnp.exp(segment_sum(jnp.pad(a_cum[..., -1], [(0, 0), (0, 0), (1, 0)])))  # [B, H, c+1, c+1]
-    states = ein("bhzs,bshpn->bzhpn", chunk_decay, states)
-    y_off = ein("bclhn,bchpn,bhcl->bclhp", C, states[:, :-1], jnp.exp(a_cum))
-    return (y_diag + y_off).reshape(b, -1, h, p)[:, :t], states[:, -1]
-
-
-def ssd_recurrent(x, dt, A, B, C, s0) -> tuple[jax.Array, jax.Array]:
-    """Mamba-2 scan, recurrent form (one token per ``lax.scan`` step); same arguments and results as ``ssd_chunked``."""
-    heads = x.shape[2]
-
-    def token(s, inputs):
-        x_t, dt_t, b_t, c_t = inputs
-        b_t, c_t = _per_head(b_t, heads), _per_head(c_t, heads)
-        s = jnp.exp(dt_t * A)[..., None, None] * s + (dt_t[..., None] * x_t)[..., None] * b_t[:, :, None, :]
-        return s, jnp.einsum("bhpn,bhn->bhp", s, c_t, precision=HIGHEST)
-
-    s, ys = jax.lax.scan(token, s0, tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, B, C)))
-    return jnp.moveaxis(ys, 0, 1), s
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +194,7 @@ class Mamba2Mixer(nnx.Module):
         dt = jnp.clip(jax.nn.softplus(dt.astype(acc) + self.dt_bias[...].astype(acc)), *cfg.time_step_limit)
         A = -jnp.exp(self.A_log[...].astype(acc))
         args = (xs, dt, A, B, C, state.ssm.astype(acc))
-        y, s = ssd_recurrent(*args) if t == 1 else ssd_chunked(*args, chunk_size=cfg.chunk_size)
+        y, s = ops.ssd_recurrent(*args) if t == 1 else ops.ssd_chunked(*args, chunk_size=cfg.chunk_size)
         y = (y + self.D[...].astype(acc)[:, None] * xs).reshape(b, t, di)
         return self.out_proj(self.norm(y, z).astype(x.dtype)), LayerState(conv=conv, ssm=s)
 

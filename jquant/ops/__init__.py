@@ -5,7 +5,8 @@ quantized weights (QArrays), quantized activations and Pallas kernels plug in
 here without touching model code. ``dispatch`` picks the implementation of each
 quantized matmul (a Pallas kernel where the measured table says it wins, else XLA).
 ``lora_linear`` is the adapted linear of integer LoRA fine-tuning (``quantized_matmul``:
-quantize-compute-dequantize GEMMs in group-shared-exponent integers).
+quantize-compute-dequantize GEMMs in group-shared-exponent integers). ``ssm`` and ``wkv``
+hold the recurrences of the Mamba and RWKV families (their counterpart of attention).
 """
 
 from jquant.ops.attention import attention as attention
@@ -23,8 +24,16 @@ from jquant.ops.lora import LoRAArithmetic as LoRAArithmetic
 from jquant.ops.lora import lora_linear as lora_linear
 from jquant.ops.quantized_gemm import quantized_matmul as quantized_matmul
 from jquant.ops.rotation import online_hadamard as online_hadamard
+from jquant.ops.ssm import causal_conv1d as causal_conv1d
+from jquant.ops.ssm import selective_scan as selective_scan
+from jquant.ops.ssm import selective_scan_recurrent as selective_scan_recurrent
+from jquant.ops.ssm import ssd_chunked as ssd_chunked
+from jquant.ops.ssm import ssd_recurrent as ssd_recurrent
 from jquant.ops.vector import polar_linear as polar_linear
+from jquant.ops.wkv import wkv6_chunked as wkv6_chunked
+from jquant.ops.wkv import wkv6_recurrent as wkv6_recurrent
 
 __all__ = ["LoRAArithmetic", "as_array", "attention", "attention_quantized_past", "causal_mask", "dot_general",
            "embedding_lookup", "explain", "force_path", "linear", "lora_linear", "online_hadamard", "polar_linear",
-           "quantize_kv", "quantized_matmul", "record_dispatch"]
+           "quantize_kv", "quantized_matmul", "record_dispatch", "causal_conv1d", "selective_scan",
+           "selective_scan_recurrent", "ssd_chunked", "ssd_recurrent", "wkv6_chunked", "wkv6_recurrent"]

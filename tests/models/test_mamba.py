@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jquant import ops
 from jquant.calib.sequential import run_sequential
 from jquant.generate import generate
 from jquant.models import hf_io, load, mamba
@@ -74,8 +75,8 @@ def _scan_inputs(seed: int, b=2, t=13, di=6, n=4):
 @pytest.mark.parametrize("chunk_size", [1, 4, 13, 64])
 def test_selective_scan_equals_recurrence(chunk_size):
     args = _scan_inputs(0)
-    y_ref, h_ref = jax.jit(mamba.selective_scan_recurrent)(*args)
-    y, h = jax.jit(mamba.selective_scan, static_argnames="chunk_size")(*args, chunk_size=chunk_size)
+    y_ref, h_ref = jax.jit(ops.selective_scan_recurrent)(*args)
+    y, h = jax.jit(ops.selective_scan, static_argnames="chunk_size")(*args, chunk_size=chunk_size)
     assert relative_error(y, y_ref) < 1e-6 and relative_error(h, h_ref) < 1e-6
 
 
@@ -85,16 +86,16 @@ def test_selective_scan_matches_explicit_loop():
     for t in range(u.shape[1]):
         h = np.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * B[:, t, None, :]
         ys.append(np.einsum("bdn,bn->bd", h, C[:, t]))
-    y, h_last = mamba.selective_scan(*_scan_inputs(1, t=5), chunk_size=2)
+    y, h_last = ops.selective_scan(*_scan_inputs(1, t=5), chunk_size=2)
     assert relative_error(y, np.stack(ys, axis=1)) < 1e-6 and relative_error(h_last, h) < 1e-6
 
 
 def test_causal_conv1d_in_pieces_equals_whole():
     rng = np.random.default_rng(0)
     x, w, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, 9, 5), (4, 5), (5,)))
-    whole, _ = mamba.causal_conv1d(x, w, b, jnp.zeros((2, 3, 5)))
-    first, state = mamba.causal_conv1d(x[:, :4], w, b, jnp.zeros((2, 3, 5)))
-    second, _ = mamba.causal_conv1d(x[:, 4:], w, b, state)
+    whole, _ = ops.causal_conv1d(x, w, b, jnp.zeros((2, 3, 5)))
+    first, state = ops.causal_conv1d(x[:, :4], w, b, jnp.zeros((2, 3, 5)))
+    second, _ = ops.causal_conv1d(x[:, 4:], w, b, state)
     np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, rtol=1e-6, atol=1e-6)
     expected = b + sum(w[k] * x[:, 8 - 3 + k] for k in range(4))  # y_8 = b + sum_k w[k] x_{8-K+1+k}
     np.testing.assert_allclose(whole[:, 8], expected, rtol=1e-6, atol=1e-6)

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jquant import ops
+from jquant.ops.ssm import segment_sum
 from jquant.generate import generate
 from jquant.models import hf_io, load, mamba2
 from jquant.testing.hf_reference import copy_with_config, relative_error, torch_logits, torch_ssm_decode_logits
@@ -75,8 +77,8 @@ def _ssd_inputs(seed: int, b=2, t=11, h=4, p=3, g=2, n=5):
 @pytest.mark.parametrize("chunk_size", [1, 4, 11, 64])
 def test_chunked_ssd_equals_recurrence(chunk_size):
     args = _ssd_inputs(0)
-    y_ref, s_ref = jax.jit(mamba2.ssd_recurrent)(*args)
-    y, s = jax.jit(mamba2.ssd_chunked, static_argnames="chunk_size")(*args, chunk_size=chunk_size)
+    y_ref, s_ref = jax.jit(ops.ssd_recurrent)(*args)
+    y, s = jax.jit(ops.ssd_chunked, static_argnames="chunk_size")(*args, chunk_size=chunk_size)
     assert relative_error(y, y_ref) < 1e-6 and relative_error(s, s_ref) < 1e-6
 
 
@@ -88,14 +90,14 @@ def test_ssd_recurrence_matches_explicit_loop():
         s = (np.exp(dt[:, t] * A)[..., None, None] * s
              + np.einsum("bh,bhp,bhn->bhpn", dt[:, t], x[:, t], B[:, t][:, group]))
         ys.append(np.einsum("bhpn,bhn->bhp", s, C[:, t][:, group]))
-    y, s_last = mamba2.ssd_recurrent(*_ssd_inputs(1, t=4))
+    y, s_last = ops.ssd_recurrent(*_ssd_inputs(1, t=4))
     assert relative_error(y, np.stack(ys, axis=1)) < 1e-6 and relative_error(s_last, s) < 1e-6
 
 
 def test_segment_sum():
     a = jnp.array([1.0, 2.0, 4.0])
     expected = np.array([[0, -np.inf, -np.inf], [2, 0, -np.inf], [6, 4, 0]])
-    np.testing.assert_array_equal(mamba2.segment_sum(a), expected)
+    np.testing.assert_array_equal(segment_sum(a), expected)
 
 
 def test_gated_norm_normalises_each_group_after_the_gate():

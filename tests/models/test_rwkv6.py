@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import jquant.models
+from jquant import ops
 from jquant.models import rwkv6
 from jquant.sites import find_sites
 
@@ -22,8 +23,8 @@ FLOAT32_TOLERANCE = 1e-5
 
 _forward = nnx.jit(lambda m, tokens: m(tokens))
 _step = nnx.jit(lambda m, tokens, state: m.step(tokens, state))
-_wkv_recurrent = jax.jit(rwkv6.wkv6_recurrent)
-_wkv_chunked = jax.jit(rwkv6.wkv6_chunked, static_argnames="chunk_size")
+_wkv_recurrent = jax.jit(ops.wkv6_recurrent)
+_wkv_chunked = jax.jit(ops.wkv6_chunked, static_argnames="chunk_size")
 
 
 def _relative_error(got, expected) -> float:
@@ -162,7 +163,7 @@ def test_chunked_wkv_equals_recurrence_float64(x64):
 
 def test_chunked_wkv_gradients_are_finite():
     r, k, v, log_w, u, state = _random_wkv_inputs(2, length=11)
-    loss = lambda *a: jnp.sum(rwkv6.wkv6_chunked(*a, chunk_size=4)[0] ** 2)  # noqa: E731
+    loss = lambda *a: jnp.sum(ops.wkv6_chunked(*a, chunk_size=4)[0] ** 2)  # noqa: E731
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(r, k, v, log_w, u, state)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
