@@ -45,9 +45,8 @@ def _gse_int32_matmul(p: jax.Array, r: jax.Array, fmt: GSEFormat,
     mp, ep, _, _ = _rounded(fmt, key_p).mantissas(p, 1, key_p)  # [M, Kp], [M, ng]
     mr, er, _, _ = _rounded(fmt, key_r).mantissas(r, 0, key_r)  # [Kp, N], [ng, N]
     ng, g = ep.shape[1], fmt.group_size
-    small = jnp.int8 if fmt.bits <= 8 else jnp.int16
-    inner = jax.lax.dot_general(
-        mp.astype(small).reshape(p.shape[0], ng, g), mr.astype(small).reshape(ng, g, r.shape[1]),
+    inner = jax.lax.dot_general(  # mantissas fit int8 (b <= 8)
+        mp.astype(jnp.int8).reshape(p.shape[0], ng, g), mr.astype(jnp.int8).reshape(ng, g, r.shape[1]),
         (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # [ng, M, N], exact
     shift = ep.T[:, :, None] + er[:, None, :] - 2 * (fmt.bits - 2)
     return jnp.sum(ldexp(inner.astype(jnp.float32), shift), axis=0)
