@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import jquant as jq
@@ -90,24 +89,42 @@ def evaluate(model, tokenizer, data, args) -> dict:
     return {"answer_nll": nll, "answer_ppl": float(np.exp(nll)), "accuracy": acc}
 
 
-def run_setting(name: str, bases: dict, tokenizer, data, args) -> dict:
-    base_name, arithmetic, rank, description = SETTINGS[name]
-    model = add_lora(bases[base_name], LoRAConfig(rank=rank, alpha=16.0, arithmetic=arithmetic),
-                     key=jax.random.key(args.seed))
+def adapted_model(name: str, bases: dict, args):
+    """The setting's model with fresh adapters (the same initialisation for every setting)."""
+    base_name, arithmetic, rank, _ = SETTINGS[name]
+    return add_lora(bases[base_name], LoRAConfig(rank=rank, alpha=16.0, arithmetic=arithmetic),
+                    key=jax.random.key(args.seed))
+
+
+def batch_fn(data, args):
+    """``step -> (tokens, mask)``: the training rows in one seeded order, cycled."""
     tokens, mask = data["train"]
     order = np.random.default_rng(args.seed).permutation(len(tokens))
 
     def batches(step):
         idx = order[(step * args.batch_size + np.arange(args.batch_size)) % len(tokens)]
         return tokens[idx], mask[idx]
+    return batches
 
-    first = batches(0)
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=LoRAParam)
-    memory = training_memory(model, optimizer,
-                             lambda m: batch_loss(m, jnp.asarray(first[0]), jnp.asarray(first[1]))).as_dict()
+
+def finetune_config(args) -> FinetuneConfig:
+    return FinetuneConfig(steps=args.steps, lr=args.lr, seed=args.seed)
+
+
+def measure_memory(model, batches, args) -> dict:
+    """Bytes per part of one training step on the first batch, with the optimizer ``finetune`` builds."""
+    tokens, mask = batches(0)
+    optimizer = nnx.Optimizer(model, finetune_config(args).optimizer(), wrt=LoRAParam)
+    return training_memory(model, optimizer, lambda m: batch_loss(m, jnp.asarray(tokens), jnp.asarray(mask))).as_dict()
+
+
+def run_setting(name: str, bases: dict, tokenizer, data, args) -> dict:
+    base_name, arithmetic, rank, description = SETTINGS[name]
+    model = adapted_model(name, bases, args)
+    batches = batch_fn(data, args)
+    memory = measure_memory(model, batches, args)
     start = time.perf_counter()
-    tuned, history = finetune(model, batches, FinetuneConfig(steps=args.steps, lr=args.lr, seed=args.seed),
-                              progress=args.progress)
+    tuned, history = finetune(model, batches, finetune_config(args), progress=args.progress)
     train_seconds = time.perf_counter() - start
     metrics = evaluate(tuned, tokenizer, data, args)
     val = split_perplexity(tuned, tokenizer, "validation", 256, max_windows=args.windows, progress=False).ppl
@@ -136,6 +153,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "gsq_tuning"))
     parser.add_argument("--force", action="store_true", help="rerun settings already in the JSON")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="re-measure the memory of the settings already in the JSON (no training)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -144,14 +163,18 @@ def main() -> None:
         lm = load(args.model, dtype="bfloat16", param_dtype="bfloat16")
         bases = {"bf16": lm.model, "nf4": jq.quantize(lm.model, NF4, progress=False)}
         data = task_data(lm.tokenizer, args)
-        results["config"] = {k: v for k, v in vars(args).items() if k not in ("force", "report_only", "progress")}
+        results["config"] = {k: v for k, v in vars(args).items() if k not in ("force", "report_only", "memory_only", "progress")}
         if "before" not in results:
             results["before"] = {b: {**evaluate(m, lm.tokenizer, data, args),
                                      "val_ppl": split_perplexity(m, lm.tokenizer, "validation", 256,
                                                                  max_windows=args.windows, progress=False).ppl}
                                  for b, m in bases.items()}
         runs = results.setdefault("runs", {})
-        for name in args.settings:
+        if args.memory_only:
+            for name in runs:
+                runs[name]["memory_bytes"] = measure_memory(adapted_model(name, bases, args), batch_fn(data, args), args)
+            out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        for name in [] if args.memory_only else args.settings:
             if name in runs and not args.force:
                 continue
             print(f"== {name}", flush=True)
