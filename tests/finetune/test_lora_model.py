@@ -148,3 +148,17 @@ def test_merged_quantized_model_saves_and_loads(model, targets, tmp_path):
     jq.save(merged, tmp_path / "merged")
     tokens = _tokens(12)
     np.testing.assert_array_equal(np.asarray(jq.load(tmp_path / "merged")(tokens)), np.asarray(merged(tokens)))
+
+
+def test_finetune_evaluates_the_model_in_training(model):
+    adapted = add_lora(model, LoRAConfig(rank=4, arithmetic=F32), key=jax.random.key(13))
+    tokens, mask = np.asarray(_tokens(14)), np.ones((4, 16), bool)
+
+    def b_norm(m):
+        return {"b_norm": float(sum(jnp.sum(lora.b.get_value() ** 2) for _, lora in adapters(m)))}
+
+    tuned, history = finetune(adapted, lambda step: (tokens, mask), FinetuneConfig(steps=5, lr=1e-2),
+                              evaluate=b_norm, eval_every=2, progress=False)
+    assert [("b_norm" in row) for row in history] == [False, True, False, True, True]  # every 2 steps and the last
+    assert 0 < history[1]["b_norm"] < history[3]["b_norm"]
+    assert history[-1]["b_norm"] == b_norm(tuned)["b_norm"]
