@@ -1,4 +1,5 @@
-"""Small Llama models with planted activation outliers, for tests of transforms and activation quantization.
+"""Small Llama models with planted activation outliers or peaked attention, for tests of transforms, activation
+and KV quantization.
 
 Random-initialised models have no outlier channels, so quantizing their activations
 is too easy to tell methods apart; these models get a few embedding columns scaled up
@@ -46,6 +47,24 @@ def outlier_model(cfg: llama.LlamaConfig, seed: int, *, outliers: tuple[int, ...
             a = np.zeros(value.shape)
         new[path] = jnp.asarray(a * (head_scale if path == "lm_head/kernel" else 1.0), value.dtype)
     return merge_weights(graphdef, new, rest, abstract)
+
+
+def peaked_random_llama(cfg: llama.LlamaConfig, seed: int) -> llama.Llama:
+    """Every parameter random (kernels ~ N(0, 4/in), embeddings ~ N(0, 1), gains exp(0.3 N)) so attention is peaked."""
+    abstract = llama.abstract_model(cfg)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    rng = np.random.default_rng(seed)
+    flat = []
+    for path, var in nnx.to_flat_state(params):
+        shape, leaf = var.shape, str(path[-1])
+        if leaf == "kernel":
+            a = 2.0 * rng.standard_normal(shape) / np.sqrt(shape[0])
+        elif leaf == "weight":
+            a = np.exp(0.3 * rng.standard_normal(shape))
+        else:
+            a = rng.standard_normal(shape)
+        flat.append((path, var.replace(jnp.asarray(a, var.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
 # Tests' own compiled forwards skip LLVM's optimisation passes: compiling dominates tiny models on CPU. Use them for

@@ -17,7 +17,7 @@ import jquant
 from jquant.formats import QArray, dequantize, get_format, quantize
 from jquant.kv import KVCache, KVCacheConfig, LayerKVCache, init_cache
 from jquant.models import llama
-from jquant.testing.tiny_models import fast_cached_logits, fast_logits
+from jquant.testing.tiny_models import peaked_random_llama, fast_cached_logits, fast_logits
 
 VOCAB = 97
 CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -28,21 +28,7 @@ SEQ = 12
 
 # ---- helpers -----------------------------------------------------------------------------------------
 def _random_model(seed, cfg=CFG):
-    """Every parameter random (kernels ~ N(0, 1/in), embeddings ~ N(0, 1), gains exp(0.3 N)) so attention is peaked."""
-    abstract = llama.abstract_model(cfg)
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    rng = np.random.default_rng(seed)
-    flat = []
-    for path, var in nnx.to_flat_state(params):
-        shape, leaf = var.shape, str(path[-1])
-        if leaf == "kernel":
-            a = 2.0 * rng.standard_normal(shape) / np.sqrt(shape[0])
-        elif leaf == "weight":
-            a = np.exp(0.3 * rng.standard_normal(shape))
-        else:
-            a = rng.standard_normal(shape)
-        flat.append((path, var.replace(jnp.asarray(a, var.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    return peaked_random_llama(cfg, seed)
 
 
 def _with_kv(model, fmt, *, qk_rotation=False):

@@ -11,7 +11,7 @@ from flax import nnx
 from jquant.kv import KVCacheConfig, KVQuantizer, LayerKVCache, init_cache
 from jquant.models import llama
 from jquant.kv.smoothing import KVSmoothing
-from jquant.testing.tiny_models import fast_cached_logits, fast_logits
+from jquant.testing.tiny_models import peaked_random_llama, fast_cached_logits, fast_logits
 
 VOCAB = 97
 CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -22,16 +22,7 @@ SEQ = 14
 
 
 def _model(seed):
-    abstract = llama.abstract_model(CFG)
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    rng = np.random.default_rng(seed)
-    flat = []
-    for path, var in nnx.to_flat_state(params):
-        shape, leaf = var.shape, str(path[-1])
-        a = 2.0 * rng.standard_normal(shape) / np.sqrt(shape[0]) if leaf == "kernel" else (
-            np.exp(0.3 * rng.standard_normal(shape)) if leaf == "weight" else rng.standard_normal(shape))
-        flat.append((path, var.replace(jnp.asarray(a, var.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    return peaked_random_llama(CFG, seed)
 
 
 def _perm(seed):
