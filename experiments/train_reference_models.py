@@ -1,7 +1,9 @@
 """Train jquant's reference models on the bundled corpus and export them into jquant/assets/models/.
 
     python experiments/train_reference_models.py --preset jq-llama-tiny --steps 800
-    python experiments/train_reference_models.py --preset jq-llama-small --steps 1600
+    python experiments/train_reference_models.py --preset jq-llama-small --steps 1100
+    python experiments/train_reference_models.py --preset jq-mamba-small --steps 500 --warmup-steps 50
+    python experiments/train_reference_models.py --preset jq-rwkv6-small --steps 500 --warmup-steps 50
 
 Interrupted runs resume from ``runs/<preset>/checkpoints``. The validation
 perplexity of the exported (bf16) weights is written to
@@ -28,7 +30,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, peak_lr=args.peak_lr,
-                      warmup_steps=args.warmup_steps, checkpoint_every=100, eval_every=100)
+                      warmup_steps=args.warmup_steps, checkpoint_every=50, eval_every=100)
     workdir = args.workdir or Path("runs") / args.preset
     summary = train_reference(args.preset, cfg, workdir, export_to=ASSETS / args.preset)
     print(summary)

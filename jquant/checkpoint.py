@@ -60,12 +60,9 @@ def _families() -> dict:
 
 
 def _family_of(model: nnx.Module) -> str:
-    families = _families()
-    for name, module in families.items():
-        if isinstance(model, module.CHECKPOINT_MODEL):
-            return name
-    known = ", ".join(f"{m.CHECKPOINT_MODEL.__name__} ({n})" for n, m in families.items())
-    raise TypeError(f"save: {type(model).__name__} is not a model family jquant knows how to save; known: {known}.")
+    from jquant.models.registry import family_of
+
+    return family_of(model, purpose="save").CHECKPOINT_FAMILY
 
 
 def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:

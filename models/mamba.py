@@ -347,6 +347,14 @@ class Mamba(CausalSSM):
         super().__init__(cfg, MambaMixer, rngs=rngs)
 
 
+PRESETS: dict[str, MambaConfig] = {
+    # ~6M parameters (12 blocks, inner size 512, N = 16): the reference model of the MambaQuant results.
+    # Fewer blocks than Mamba's usual 2 per transformer layer, so that it trains in about an hour on 2 CPU cores.
+    "jq-mamba-small": MambaConfig(vocab_size=4096, hidden_size=256, num_layers=12, state_size=16, expand=2,
+                                  scan_chunk_size=16, bos_token_id=0, eos_token_id=1),
+}
+
+
 def init_model(cfg: MambaConfig, key: jax.Array) -> Mamba:
     """A randomly initialised model (Hugging Face's A_log, D and dt-bias initialisation; kernels ~ N(0, 0.02))."""
     check_dtypes_available(cfg)

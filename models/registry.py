@@ -1,7 +1,8 @@
 """Finding and loading models by name (bundled reference models) or by checkpoint folder.
 
-A name resolves to ``jquant/assets/models/<name>`` (a Hugging Face folder
-shipped with the package); anything else must be a path to such a folder
+A name resolves to ``jquant/assets/models/<name>`` (a Hugging Face folder, or a
+``jquant.checkpoint`` folder for families without a Hugging Face export, shipped
+with the package); anything else must be a path to such a folder
 or to a single-file BlinkDL RWKV-6 checkpoint (``.pth`` / ``.safetensors``).
 The family is picked from ``config.json``'s ``model_type``.
 """
@@ -25,6 +26,27 @@ _FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "
 # "family"), CHECKPOINT_MODEL (its model class), config_to_json(cfg) -> dict,
 # config_from_json(dict, *, dtype, param_dtype) -> config and abstract_model(config).
 CHECKPOINT_FAMILIES = (llama, rwkv6, mamba, mamba2)
+# The families with reference-model presets (each module has PRESETS: name -> config, and init_model(config, key)).
+PRESET_FAMILIES = (llama, mamba, rwkv6)
+
+
+def preset(name: str):
+    """``(family module, config)`` of a reference-model preset such as ``"jq-mamba-small"``."""
+    for family in PRESET_FAMILIES:
+        if name in family.PRESETS:
+            return family, family.PRESETS[name]
+    known = sorted(n for family in PRESET_FAMILIES for n in family.PRESETS)
+    raise ValueError(f"unknown preset {name!r}; choose one of {known}.")
+
+
+def family_of(model: nnx.Module, *, purpose: str = "handle"):
+    """The ``CHECKPOINT_FAMILIES`` module whose model class ``model`` is (``purpose`` words the error)."""
+    for family in CHECKPOINT_FAMILIES:
+        if isinstance(model, family.CHECKPOINT_MODEL):
+            return family
+    known = ", ".join(f"{f.CHECKPOINT_MODEL.__name__} ({f.CHECKPOINT_FAMILY})" for f in CHECKPOINT_FAMILIES)
+    raise TypeError(f"{purpose}: {type(model).__name__} is not a model family jquant knows how to {purpose}; "
+                    f"known: {known}.")
 
 
 def _bundled_dir() -> Path:
@@ -47,7 +69,7 @@ def list_models() -> list[ModelInfo]:
     root = _bundled_dir()
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if (folder / "config.json").is_file():
+        if (folder / "config.json").is_file() or (folder / "jquant.json").is_file():
             info_file = folder / "reference_info.json"
             info = json.loads(info_file.read_text()) if info_file.is_file() else {}
             found.append(ModelInfo(name=folder.name, path=folder, info=info))

@@ -373,6 +373,12 @@ class RWKV6(nnx.Module):
         return list(self.layers)
 
 
+PRESETS: dict[str, RWKV6Config] = {
+    # ~7.9M parameters (6 blocks of 4 heads of 64, channel-mix 896): the reference model of the RWKVQuant results.
+    "jq-rwkv6-small": RWKV6Config(vocab_size=4096, hidden_size=256, intermediate_size=896, num_layers=6),
+}
+
+
 def init_model(cfg: RWKV6Config, key: jax.Array) -> RWKV6:
     """A randomly initialised model: matrices ~ N(0, 0.02), LoRA down-projections 0, and BlinkDL's
     layer-dependent ramps for the mixes, ``time_decay`` and ``time_faaaa``."""

@@ -1,11 +1,13 @@
 """State-space scans of the Mamba families, and their causal depthwise convolution.
 
-Mamba-1's selective scan (chunked ``associative_scan`` and recurrent forms) and Mamba-2's SSD
+Mamba-1's selective scan (chunked form with a hand-written gradient, and recurrent form) and Mamba-2's SSD
 (chunked and recurrent forms). Models call these through ``jquant.ops`` so that a kernel can
 replace them here.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,33 +40,161 @@ def _combine(earlier: tuple[jax.Array, jax.Array], later: tuple[jax.Array, jax.A
 
 
 def _chunks(x: jax.Array, q: int) -> jax.Array:
-    """``[B, T, ...]`` -> ``[T_pad / q, B, q, ...]``, zero-padding time to a multiple of ``q``."""
-    pad = (-x.shape[1]) % q
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    """``[B, T, ...]`` -> ``[T / q, B, q, ...]`` (``T`` a multiple of ``q``)."""
     return jnp.moveaxis(x.reshape(x.shape[0], -1, q, *x.shape[2:]), 1, 0)
 
 
-def selective_scan(u, delta, A, B, C, h0, *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Mamba-1 scan, full-sequence form: ``lax.scan`` over chunks, ``associative_scan`` inside each.
+def _associative_states(decay: jax.Array, drive: jax.Array, h0: jax.Array) -> jax.Array:
+    """All states ``[h_1..h_q] [B, q, ...]`` of ``h_t = decay_t h_{t-1} + drive_t`` (log-depth ``associative_scan``)."""
+    drive = drive.at[:, 0].add(decay[:, 0] * h0)
+    return jax.lax.associative_scan(_combine, (decay, drive), axis=1)[1]
+
+
+def _terms(u, delta, A, B):
+    """``decay = exp(delta A)`` and ``drive = delta u B`` ``[B, (q,) Di, N]`` of Mamba-1's recurrence."""
+    return jnp.exp(delta[..., None] * A), (delta * u)[..., None] * B[..., None, :]
+
+
+def _time_major(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(jnp.moveaxis(x, 1, 0) for x in xs)
+
+
+def _chunk_states(u, delta, A, B, h0, parallel: bool) -> jax.Array:
+    """A chunk's states ``[B, q, Di, N]`` from its start state ``h0 [B, Di, N]``."""
+    if parallel:
+        return _associative_states(*_terms(u, delta, A, B), h0)
+
+    def token(h, inputs):
+        decay, drive = _terms(*inputs[:2], A, inputs[2])
+        h = decay * h + drive
+        return h, h
+
+    return jnp.moveaxis(jax.lax.scan(token, h0, _time_major(u, delta, B))[1], 0, 1)
+
+
+def _chunk_outputs(u, delta, A, B, C, h0, parallel: bool) -> tuple[jax.Array, jax.Array]:
+    """A chunk's ``y [B, q, Di]`` and end state; the sequential form never holds ``[B, q, Di, N]``."""
+    if parallel:
+        hs = _chunk_states(u, delta, A, B, h0, parallel)
+        return jnp.einsum("bqdn,bqn->bqd", hs, C, precision=HIGHEST), hs[:, -1]
+
+    def token(h, inputs):
+        u_t, d_t, b_t, c_t = inputs
+        decay, drive = _terms(u_t, d_t, A, b_t)
+        h = decay * h + drive
+        return h, jnp.einsum("bdn,bn->bd", h, c_t, precision=HIGHEST)
+
+    h, ys = jax.lax.scan(token, h0, _time_major(u, delta, B, C))
+    return jnp.moveaxis(ys, 0, 1), h
+
+
+def _input_grads(g, h_prev, decay, u, delta, A, B, C, h, dy):
+    """Cotangents of one token (or a chunk, with a ``q`` axis) from ``g = dL/dh_t`` (spec of ``selective_scan``).
+
+    ``w = g h_{t-1} decay_t`` is ``dL/d(delta_t A)``. Returns ``du, ddelta, dB, dC`` and this
+    token's share of ``dA``.
+    """
+    g_b = jnp.einsum("b...dn,b...n->b...d", g, B, precision=HIGHEST)
+    w = g * h_prev * decay
+    du = delta * g_b
+    ddelta = u * g_b + jnp.einsum("b...dn,dn->b...d", w, A, precision=HIGHEST)
+    dB = jnp.einsum("b...dn,b...d->b...n", g, delta * u, precision=HIGHEST)
+    dC = jnp.einsum("b...dn,b...d->b...n", h, dy, precision=HIGHEST)
+    dA = jnp.einsum("b...dn,b...d->dn", w, delta, precision=HIGHEST)
+    return du, ddelta, dB, dC, dA
+
+
+def _chunk_grads(u, delta, A, B, C, dy, h_start, g_end, parallel: bool):
+    """Backward through one chunk: ``(du, ddelta, dB, dC)``, ``dA`` and ``dL/dh_start``.
+
+    The adjoint runs backwards: ``g_t = dy_t C_t + decay_{t+1} g_{t+1}``, with
+    ``g_end`` (``dL/dh_q`` from later chunks) entering at the last token.
+    """
+    hs = _chunk_states(u, delta, A, B, h_start, parallel)
+    h_prev = jnp.concatenate([h_start[:, None], hs[:, :-1]], axis=1)
+    if parallel:
+        decay = _terms(u, delta, A, B)[0]
+        later_decay = jnp.concatenate([decay[:, 1:], jnp.ones_like(decay[:, :1])], axis=1)
+        direct = dy[..., None] * C[..., None, :]
+        g = _associative_states(later_decay[:, ::-1], direct[:, ::-1], g_end)[:, ::-1]
+        *grads, dA = _input_grads(g, h_prev, decay, u, delta, A, B, C, hs, dy)
+        return tuple(grads), dA, decay[:, 0] * g[:, 0]
+
+    def token(carry, inputs):
+        g_next, dA = carry
+        u_t, d_t, b_t, c_t, dy_t, h_t, hp_t = inputs
+        decay = _terms(u_t, d_t, A, b_t)[0]
+        g = g_next + dy_t[..., None] * c_t[:, None, :]
+        *grads, dA_t = _input_grads(g, hp_t, decay, u_t, d_t, A, b_t, c_t, h_t, dy_t)
+        return (decay * g, dA + dA_t), tuple(grads)
+
+    (g_start, dA), grads = jax.lax.scan(token, (g_end, jnp.zeros_like(A)),
+                                        _time_major(u, delta, B, C, dy, hs, h_prev), reverse=True)
+    return tuple(jnp.moveaxis(x, 0, 1) for x in grads), dA, g_start
+
+
+def selective_scan(u, delta, A, B, C, h0, *, chunk_size: int, parallel: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mamba-1 scan, full-sequence form: ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t``, ``y_t = h_t C_t``.
 
     ``u, delta [B, T, Di]``, ``A [Di, N]``, ``B, C [B, T, N]``, ``h0 [B, Di, N]`` ->
-    ``y [B, T, Di]`` with ``y_t = h_t C_t`` (no ``D`` skip) and the last state
-    ``h_T [B, Di, N]``. Memory is ``O(B * chunk * Di * N)``; padded steps have
-    ``delta = 0`` (``h`` unchanged), so ``h_T`` is exact.
+    ``y [B, T, Di]`` (no ``D`` skip) and the last state ``h_T [B, Di, N]``.
+
+    ``lax.scan`` over chunks of ``chunk_size`` tokens. ``parallel`` (default: off CPU) solves
+    each chunk with a log-depth ``associative_scan``; otherwise a token loop that never
+    materialises ``[B, chunk, Di, N]`` in the forward pass (on CPU the scan is memory bound, and
+    this is several times faster). The gradient is hand-written (``jax.custom_vjp``): forward
+    keeps only each chunk's start state; backward recomputes the chunk's states and runs the
+    adjoint recurrence backwards, so training memory is ``O(B * (T / chunk + chunk) * Di * N)``.
+    Padded steps have ``delta = 0`` (``h`` unchanged), so ``h_T`` is exact.
     """
-    b, t, di = u.shape
+    if parallel is None:
+        parallel = jax.default_backend() != "cpu"
+    t = u.shape[1]
     q = min(chunk_size, t)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, (-t) % q)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    y, h = _selective_scan(q, parallel, pad(u), pad(delta), A, pad(B), pad(C), h0)
+    return y[:, :t], h
+
+
+def _merge_chunks(x: jax.Array) -> jax.Array:
+    """``[T / q, B, q, ...]`` -> ``[B, T, ...]`` (inverse of ``_chunks``)."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _selective_scan(q, parallel, u, delta, A, B, C, h0):
+    return _selective_scan_fwd(q, parallel, u, delta, A, B, C, h0)[0]
+
+
+def _selective_scan_fwd(q, parallel, u, delta, A, B, C, h0):
+    chunked = tuple(_chunks(x, q) for x in (u, delta, B, C))
 
     def chunk(h, inputs):
-        u_c, d_c, b_c, c_c = inputs
-        decay = jnp.exp(d_c[..., None] * A)                     # [B, q, Di, N]
-        drive = (d_c * u_c)[..., None] * b_c[:, :, None, :]     # [B, q, Di, N]
-        drive = drive.at[:, 0].add(decay[:, 0] * h)
-        _, hs = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
-        return hs[:, -1], jnp.einsum("bqdn,bqn->bqd", hs, c_c, precision=HIGHEST)
+        y, h_end = _chunk_outputs(*inputs[:2], A, *inputs[2:], h, parallel)
+        return h_end, (h, y)
 
-    h, ys = jax.lax.scan(chunk, h0, tuple(_chunks(a, q) for a in (u, delta, B, C)))
-    return jnp.moveaxis(ys, 0, 1).reshape(b, -1, di)[:, :t], h
+    h, (starts, ys) = jax.lax.scan(chunk, h0, chunked)
+    return (_merge_chunks(ys), h), (chunked, A, starts)
+
+
+def _selective_scan_bwd(q, parallel, residuals, cotangents):
+    (u, delta, B, C), A, starts = residuals
+    dy, dh_last = cotangents
+
+    def chunk(carry, inputs):
+        g_end, dA = carry
+        u_c, d_c, b_c, c_c, dy_c, h_start = inputs
+        grads, dA_c, g_start = _chunk_grads(u_c, d_c, A, b_c, c_c, dy_c, h_start, g_end, parallel)
+        return (g_start, dA + dA_c), grads
+
+    (dh0, dA), grads = jax.lax.scan(chunk, (dh_last, jnp.zeros_like(A)), (u, delta, B, C, _chunks(dy, q), starts),
+                                    reverse=True)
+    du, ddelta, dB, dC = (_merge_chunks(x) for x in grads)
+    return du, ddelta, dA, dB, dC, dh0
+
+
+_selective_scan.defvjp(_selective_scan_fwd, _selective_scan_bwd)
 
 
 def selective_scan_recurrent(u, delta, A, B, C, h0) -> tuple[jax.Array, jax.Array]:

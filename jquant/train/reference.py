@@ -1,11 +1,14 @@
-"""Train one of jquant's reference models on the bundled corpus and export it in Hugging Face format.
+"""Train one of jquant's reference models on the bundled corpus and export it.
 
-``train_reference("jq-llama-tiny", steps=600, workdir="runs/tiny", export_to=...)``
+``train_reference("jq-llama-tiny", TrainConfig(steps=600), "runs/tiny", export_to=...)``
 trains with bf16 compute and float32 parameters, writes ``history.jsonl``,
 ``loss_curve.png`` and orbax checkpoints (resumable) under ``workdir``, then
-exports the weights (as ``export_dtype``) together with the tokenizer, and
-records the validation perplexity *of the exported weights* (float32 compute)
-in ``reference_info.json``.
+exports the weights (as ``export_dtype``, float32 compute) together with the
+tokenizer, and records the validation perplexity *of the exported weights* in
+``reference_info.json``. Presets come from every family in
+``jquant.models.registry.PRESET_FAMILIES``; a family with a Hugging Face export
+(``to_hf``: Llama) is written as a Hugging Face folder, the others (Mamba,
+RWKV-6) as a ``jquant.checkpoint`` folder. Both load with ``jquant.load``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import time
 from pathlib import Path
 
 import jax
+from flax import nnx
 
 from jquant.data import load_split, load_tokenizer
 from jquant.data.windows import token_stream, token_windows
 from jquant.eval.perplexity import perplexity
-from jquant.models import llama
+from jquant.models.registry import family_of, preset as find_preset
 from jquant.train.trainer import TrainConfig, TrainResult, plot_history, train
 
 EVAL_SEQ_LEN = 256
@@ -32,18 +36,16 @@ def train_reference(
     workdir: str | Path,
     *,
     export_to: str | Path | None = None,
-    export_dtype: llama.DTypeName = "bfloat16",
+    export_dtype: str = "bfloat16",
     progress: bool = True,
 ) -> dict:
-    """Train ``preset`` (a key of ``llama.PRESETS``); returns the summary written to ``reference_info.json``."""
-    if preset not in llama.PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(llama.PRESETS)}.")
+    """Train ``preset`` (a key of a family's ``PRESETS``); returns the summary written to ``reference_info.json``."""
+    family, cfg = find_preset(preset)
     workdir = Path(workdir)
     tokenizer = load_tokenizer()
-    cfg = llama.PRESETS[preset].replace(dtype="bfloat16", param_dtype="float32")
     if cfg.vocab_size != len(tokenizer):
         raise ValueError(f"preset {preset} has vocab_size={cfg.vocab_size} but the tokenizer has {len(tokenizer)} tokens.")
-    model = llama.init_model(cfg, jax.random.key(train_cfg.seed))
+    model = family.init_model(cfg.replace(dtype="bfloat16", param_dtype="float32"), jax.random.key(train_cfg.seed))
     result: TrainResult = train(
         model,
         token_stream(load_split("train"), tokenizer),
@@ -54,12 +56,13 @@ def train_reference(
     )
     plot_history(result.history, workdir / "loss_curve.png", title=f"{preset}: training")
 
-    shipped = _recast(result.model, export_dtype)
+    shipped = recast(result.model, export_dtype)
     t0 = time.perf_counter()
     val = perplexity(shipped, token_windows(load_split("validation"), tokenizer, EVAL_SEQ_LEN), progress=progress)
     summary = {
         "preset": preset,
-        "parameters": sum(x.size for x in jax.tree.leaves(llama.nnx.state(shipped, llama.nnx.Param))),
+        "family": family.CHECKPOINT_FAMILY,
+        "parameters": sum(x.size for x in jax.tree.leaves(nnx.state(shipped, nnx.Param))),
         "train_config": dataclasses.asdict(train_cfg),
         "train_tokens": train_cfg.steps * train_cfg.batch_size * train_cfg.seq_len,
         "train_seconds": round(result.seconds, 1),
@@ -73,19 +76,34 @@ def train_reference(
     }
     (workdir / "reference_info.json").write_text(json.dumps(summary, indent=2) + "\n")
     if export_to is not None:
-
-        def extra(folder: Path) -> None:
-            tokenizer.save_pretrained(folder)
-            (folder / "reference_info.json").write_text(json.dumps(summary, indent=2) + "\n")
-            (folder / "loss_curve.png").write_bytes((workdir / "loss_curve.png").read_bytes())
-
-        from jquant.models import hf_io
-
-        hf_io.write_checkpoint(export_to, llama.config_to_hf(shipped.config), llama.to_tensors(shipped), extra_files=extra)
+        export_reference(shipped, Path(export_to), tokenizer, summary, workdir / "loss_curve.png")
     return summary
 
 
-def _recast(model: llama.Llama, param_dtype: llama.DTypeName) -> llama.Llama:
+def recast(model: nnx.Module, param_dtype: str) -> nnx.Module:
     """The same weights stored as ``param_dtype`` with float32 compute (what a user loads from the export)."""
+    family = family_of(model)
     cfg = model.config.replace(dtype="float32", param_dtype=param_dtype)
-    return llama.from_tensors(cfg, llama.to_tensors(model), source="trained model")
+    shipped = family.init_model(cfg, jax.random.key(0))
+    nnx.update(shipped, jax.tree.map(lambda x: x.astype(param_dtype), nnx.state(model, nnx.Param)))
+    return shipped
+
+
+def export_reference(model: nnx.Module, folder: Path, tokenizer, summary: dict, loss_curve: Path) -> None:
+    """Write ``model`` with its tokenizer, ``reference_info.json`` and loss curve into ``folder``."""
+    family = family_of(model)
+
+    def extra(target: Path) -> None:
+        tokenizer.save_pretrained(target)
+        (target / "reference_info.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (target / "loss_curve.png").write_bytes(loss_curve.read_bytes())
+
+    if hasattr(family, "to_hf"):
+        from jquant.models import hf_io
+
+        hf_io.write_checkpoint(folder, family.config_to_hf(model.config), family.to_tensors(model), extra_files=extra)
+        return
+    from jquant.checkpoint import save
+
+    save(model, folder, tokenizer=tokenizer)
+    extra(folder)
