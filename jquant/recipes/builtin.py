@@ -8,7 +8,8 @@ weights with MSE clip search, per-token asymmetric activations, per-head asymmet
 point, as in GPTQ), ``w8`` symmetric; activations are quantized dynamically
 per token. ``gptvq-w{2,2.25,3}`` and ``pcdvq-w{2,2.25,3}`` are the vector-quantization
 recipes at about 2, 2.25 and 3 index bits per weight (``VQ_SETTINGS``; bits per weight
-including codebooks: ``jquant.size_report``).
+including codebooks: ``jquant.size_report``). ``{rtn-mamba,mambaquant}-{w8a8,w4a8}`` are the
+MambaQuant settings for the Mamba families (per-tensor activations, as the paper).
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def _vq_recipes() -> list[Recipe]:
                         weight=vq, algorithm="gptvq"),
                 _recipe(f"pcdvq-{bits}", f"PCDVQ {polar}: random Hadamard, E8/lattice directions x Lloyd-Max "
                         "magnitudes, BlockLDLQ error feedback", weight=polar, algorithm="pcdvq")]
+    return out
+
+
+# MambaQuant spec §3.1/3.8: per-output-channel asymmetric RTN weights, dynamic per-tensor asymmetric int8 activations.
+MAMBA_SETTINGS = {"w8a8": "int8-asym", "w4a8": "int4-asym"}
+
+
+def _mamba_recipes() -> list[Recipe]:
+    """RTN and MambaQuant (KLT-enhanced + smooth-fused rotation) at W8A8 and W4A8 for the Mamba families."""
+    out = []
+    for setting, weight in MAMBA_SETTINGS.items():
+        common = dict(weight=weight, activation="int8-tensor-asym")
+        what = f"{weight} per-channel weights, int8 per-tensor dynamic asymmetric activations"
+        out += [_recipe(f"rtn-mamba-{setting}", f"Mamba: {what}, round to nearest", **common),
+                _recipe(f"mambaquant-{setting}", f"MambaQuant (KLT R1/R5, S2/S5 smoothing, online Hadamard R2): {what}",
+                        transforms=(TransformStep("mambaquant", {}),), **common)]
     return out
 
 
@@ -93,6 +110,7 @@ BUILTIN: dict[str, Recipe] = {
         _recipe("nvfp4-w4a16", "NVFP4 weights (E2M1, 16-blocks, E4M3 block scales, fp32 tensor scale)", weight="nvfp4"),
         _recipe("mxfp4-w4a16", "MXFP4 weights (E2M1, 32-blocks, E8M0 scales)", weight="mxfp4"),
         *_rotation_recipes(),
+        *_mamba_recipes(),
         *_vq_recipes(),
     )
 }

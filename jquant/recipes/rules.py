@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 Algorithm = Literal["rtn", "gptq", "gptvq", "pcdvq", "rwkvquant"]
 ALGORITHMS: tuple[str, ...] = ("rtn", "gptq", "gptvq", "pcdvq", "rwkvquant")
-TRANSFORM_KINDS: tuple[str, ...] = ("smoothquant", "quarot", "ostquant")
+TRANSFORM_KINDS: tuple[str, ...] = ("smoothquant", "quarot", "ostquant", "mambaquant")
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = (r"(.*/)?embed_tokens", r"(.*/)?lm_head")
 
 
@@ -91,7 +91,9 @@ class TransformStep:
     ``smoothquant``: ``alpha`` (0.5). ``quarot``: ``online`` (``["down", "qk"]``),
     ``rotation`` (``"hadamard"``), ``pad``, ``seed``. ``ostquant``: fields of
     ``jquant.transforms.OSTQuantConfig`` (``steps``, ``batch_size``, ``init``, ``online``, ...)
-    and ``seed``; its training quantizers follow the recipe's formats.
+    and ``seed``; its training quantizers follow the recipe's formats. ``mambaquant`` (Mamba
+    families): ``alpha`` (0.5), ``klt``, ``smooth``, ``rotate``, ``online`` (all True: the full
+    method; switching parts off gives its ablations), ``seed``.
     """
 
     kind: str

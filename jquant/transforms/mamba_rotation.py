@@ -5,7 +5,8 @@ Row-vector convention with jquant's ``[in, out]`` kernels. Given an
 optional; missing = identity)::
 
     {"residual": R1 [d, d] orthogonal,             # a0: residual stream (KLT-enhanced: K1 H_d)
-     "blocks": [{"gate_scale": s2 [Di] (> 0),      # a5: smoothing of the out_proj input (S2)
+     "blocks": [{"input_scale": s0 [d] (> 0),      # a0: smoothing of the in_proj input (SmoothQuant baseline)
+                 "gate_scale": s2 [Di] (> 0),      # a5: smoothing of the out_proj input (S2)
                  "dt_scale": s5 [R] (> 0),         # a3: smoothing of the dt_proj input (S5, Mamba-1)
                  "dt_rotation": R5 [R, R]}, ...]}   # a3: rotation of the dt_proj input (K5 H_R, Mamba-1)
 
@@ -13,6 +14,7 @@ optional; missing = identity)::
 
 - R1: ``E ← E R1``; ``W_in ← R1ᵀ W_in``; ``W_out ← W_out R1`` (and ``b_out``); ``W_head ← R1ᵀ W_head``
   (the RMSNorm gains are folded into ``W_in``/``W_head`` first: a gain-free RMSNorm commutes with R1);
+- S0 (no R1 only): the block's RMSNorm gain ``γ ← γ / s`` and ``W_in ← diag(s) W_in``;
 - S2, Mamba-1: the gate columns ``W_z ← W_z / s`` and the mixer's S-SiLU ``z'·σ(s ⊙ z')`` make the
   gated output ``(y ⊙ SiLU(z)) / s``; Mamba-2: the gated-norm gain ``w ← w / s``; both: ``W_out ← diag(s) W_out``;
 - S5: ``W_δ ← W_δ / s`` (the δ columns of ``x_proj``), ``W_dt ← diag(s) W_dt``;
@@ -54,6 +56,9 @@ def fold(weights: Weights, params: Mapping[str, Any], layout: SSMLayout, *, onli
     rot = params.get("residual")
     blocks = params.get("blocks") or [{}] * len(layout.blocks)
     for b, p in zip(layout.blocks, blocks):
+        if (s := p.get("input_scale")) is not None:
+            w[f"{b.norm}/weight"] = w[f"{b.norm}/weight"] / s
+            w[f"{b.in_proj}/kernel"] = s[:, None] * w[f"{b.in_proj}/kernel"]
         if (s := p.get("gate_scale")) is not None:
             if b.kind == "mamba1":
                 lo, hi = b.gate
@@ -111,7 +116,10 @@ def _check_params(params: Mapping[str, Any], layout: SSMLayout) -> None:
     if blocks is not None and len(blocks) != len(layout.blocks):
         raise ValueError(f"params['blocks'] has {len(blocks)} entries for {len(layout.blocks)} blocks.")
     for b, p in zip(layout.blocks, blocks or ()):
-        shapes = {"gate_scale": (b.inner,)}
+        if "input_scale" in p and params.get("residual") is not None:
+            raise ValueError(f"{b.path}: 'input_scale' changes the RMSNorm gain, which the residual rotation needs to be "
+                             "1; use one or the other.")
+        shapes = {"input_scale": (layout.hidden_size,), "gate_scale": (b.inner,)}
         if b.kind == "mamba1":
             shapes.update(dt_scale=(b.dt_rank,), dt_rotation=(b.dt_rank, b.dt_rank))
         unknown = set(p) - set(shapes)
@@ -125,6 +133,28 @@ def _check_params(params: Mapping[str, Any], layout: SSMLayout) -> None:
                 raise ValueError(f"{b.path}: params {name!r} must be finite and > 0.")
 
 
+def add_runtime_structure(model: nnx.Module, *, gate_scale: bool, online: bool) -> None:
+    """Give ``model`` (in place; concrete or abstract) the run-time sites MambaQuant's folds use.
+
+    ``gate_scale``: every Mamba-1 mixer gets a ``gate_scale [Di]`` parameter (ones: S-SiLU equals
+    SiLU until a smoothing is folded in); ``online``: every ``out_proj`` rotates its input by a
+    Hadamard of order ``Di`` at run time. ``jquant.load`` calls this on the abstract model of a
+    saved MambaQuant model before its weights are restored.
+    """
+    for b in ssm_layout_of(model).blocks:
+        mixer = module_at(model, b.path)
+        if gate_scale and b.kind == "mamba1" and mixer.gate_scale is None:
+            dtype = mixer.D.get_value().dtype
+            ones = jax.ShapeDtypeStruct((b.inner,), dtype) if isinstance(mixer.D.get_value(), jax.ShapeDtypeStruct) \
+                else jnp.ones((b.inner,), dtype)
+            mixer.gate_scale = nnx.Param(ones, out_sharding=("mlp",), eager_sharding=False)
+        if online:
+            out = module_at(model, b.out_proj)
+            if out.input_rotation is not None:
+                raise ValueError(f"{b.out_proj} already has an online rotation; apply it once.")
+            out.input_rotation = online_size(b.inner, False, b.out_proj)
+
+
 def apply_mamba_transforms(model: nnx.Module, params: Mapping[str, Any], *, online: bool = False) -> nnx.Module:
     """``model -> model``: untie the head, fold RMSNorm gains, fold ``params`` and enable the online R2 (``online``).
 
@@ -133,22 +163,16 @@ def apply_mamba_transforms(model: nnx.Module, params: Mapping[str, Any], *, onli
     """
     layout = ssm_layout_of(model)
     _check_params(params, layout)
+    blocks = params.get("blocks") or ()
+    gate_scale = any(p.get("gate_scale") is not None for p in blocks)
+    if not online and gate_scale:
+        for b in layout.blocks:
+            if module_at(model, b.out_proj).input_rotation is not None:
+                raise ValueError(f"{b.out_proj} already rotates its input online, so 'gate_scale' cannot be folded "
+                                 "into it.")
     model = nnx.clone(model.untie_embeddings())
     layout = ssm_layout_of(model)
-    blocks = params.get("blocks") or ()
-    for b, p in zip(layout.blocks, blocks):
-        mixer = module_at(model, b.path)
-        if p.get("gate_scale") is not None and b.kind == "mamba1" and mixer.gate_scale is None:
-            dtype = mixer.D.get_value().dtype
-            mixer.gate_scale = nnx.Param(jnp.ones((b.inner,), dtype), out_sharding=("mlp",), eager_sharding=False)
-    for b in layout.blocks:
-        out = module_at(model, b.out_proj)
-        if online:
-            if out.input_rotation is not None:
-                raise ValueError(f"{b.out_proj} already has an online rotation; apply it once.")
-            out.input_rotation = online_size(b.inner, False, b.out_proj)
-        elif out.input_rotation is not None and any(p.get("gate_scale") is not None for p in blocks):
-            raise ValueError(f"{b.out_proj} already rotates its input online, so 'gate_scale' cannot be folded into it.")
+    add_runtime_structure(model, gate_scale=gate_scale, online=online)
     graphdef, w, rest = split_weights(model)
     dtypes = {k: v.dtype for k, v in w.items()}
     host = {k: np.asarray(v, np.float64) for k, v in w.items()}
@@ -164,45 +188,56 @@ def _smoothing(act_absmax: np.ndarray, kernel: np.ndarray, alpha: float) -> np.n
 
 
 def mambaquant_params(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5,
-                      klt: bool = True, smooth: bool = True, batch_size: int = 8) -> dict:
+                      klt: bool = True, smooth: bool = True, rotate: bool = True, batch_size: int = 8) -> dict:
     """MambaQuant's transform pytree for ``model`` on calibration ``tokens [N, T]`` (float64 numpy).
 
     ``klt=False`` uses plain random Hadamards for R1 and R5 (the QuaRot-style baseline);
-    ``smooth=False`` drops S2 and S5. K1 is the KLT of layer 0's ``in_proj`` input (the
-    gain-free normalised stream, shared by all layers, spec §3.4); K5 that of each layer's
-    ``dt_proj`` input after S5 (``Σ' = diag(1/s) Σ diag(1/s)``).
+    ``smooth=False`` drops S2 and S5; ``rotate=False`` drops R1 and R5, and with ``smooth``
+    adds S0 at every ``in_proj`` input (SmoothQuant on Mamba: all three smoothings, no rotation).
+    K1 is the KLT of layer 0's ``in_proj`` input (the gain-free normalised stream, shared by all
+    layers, spec §3.4); K5 that of each layer's ``dt_proj`` input after S5
+    (``Σ' = diag(1/s) Σ diag(1/s)``).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"mambaquant: alpha (migration strength) must lie in [0, 1], got {alpha}.")
     layout = ssm_layout_of(model)
     folded = apply_mamba_transforms(model, {})
-    paths = {layout.blocks[0].in_proj} | {b.out_proj for b in layout.blocks}
+    paths = {b.in_proj for b in layout.blocks} | {b.out_proj for b in layout.blocks}
     paths |= {b.dt_proj for b in layout.blocks if b.kind == "mamba1"}
     stats = model_input_statistics(folded, tokens, paths, batch_size=batch_size)
     k_res, k_dt = jax.random.split(key)
-    h_d = random_hadamard_rotation(layout.hidden_size, k_res, "residual stream")
-    params: dict = {"residual": klt_rotation(stats[layout.blocks[0].in_proj].covariance, h_d) if klt else h_d}
+    params: dict = {}
+    if rotate:
+        h_d = random_hadamard_rotation(layout.hidden_size, k_res, "residual stream")
+        params["residual"] = klt_rotation(stats[layout.blocks[0].in_proj].covariance, h_d) if klt else h_d
     blocks = []
     for i, b in enumerate(layout.blocks):
         p = {}
+        kernel = lambda path: module_at(folded, path).kernel.get_value()  # noqa: E731
+        if smooth and not rotate:
+            p["input_scale"] = _smoothing(stats[b.in_proj].absmax, kernel(b.in_proj), alpha)
         if smooth:
-            p["gate_scale"] = _smoothing(stats[b.out_proj].absmax, module_at(folded, b.out_proj).kernel.get_value(),
-                                         alpha)
+            p["gate_scale"] = _smoothing(stats[b.out_proj].absmax, kernel(b.out_proj), alpha)
         if b.kind == "mamba1":
             dt = stats[b.dt_proj]
-            s = _smoothing(dt.absmax, module_at(folded, b.dt_proj).kernel.get_value(), alpha) if smooth else \
-                np.ones(b.dt_rank)
+            s = _smoothing(dt.absmax, kernel(b.dt_proj), alpha) if smooth else np.ones(b.dt_rank)
             if smooth:
                 p["dt_scale"] = s
-            h_r = random_hadamard_rotation(b.dt_rank, jax.random.fold_in(k_dt, i), f"{b.dt_proj} input")
-            p["dt_rotation"] = klt_rotation(dt.covariance / np.outer(s, s), h_r) if klt else h_r
+            if rotate:
+                h_r = random_hadamard_rotation(b.dt_rank, jax.random.fold_in(k_dt, i), f"{b.dt_proj} input")
+                p["dt_rotation"] = klt_rotation(dt.covariance / np.outer(s, s), h_r) if klt else h_r
         blocks.append(p)
     params["blocks"] = blocks
     return params
 
 
 def mambaquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5, klt: bool = True,
-               smooth: bool = True, online: bool = True, batch_size: int = 8) -> nnx.Module:
-    """A MambaQuant-transformed copy of ``model`` (same logits in exact arithmetic), ready for W8A8 / W4A8."""
-    params = mambaquant_params(model, tokens, key, alpha=alpha, klt=klt, smooth=smooth, batch_size=batch_size)
+               smooth: bool = True, rotate: bool = True, online: bool = True, batch_size: int = 8) -> nnx.Module:
+    """A MambaQuant-transformed copy of ``model`` (same logits in exact arithmetic), ready for W8A8 / W4A8.
+
+    The defaults are the full method (KLT-enhanced R1/R5, S2/S5 smoothing, online Hadamard R2);
+    switching parts off gives the paper's ablation steps and the Hadamard/SmoothQuant baselines.
+    """
+    params = mambaquant_params(model, tokens, key, alpha=alpha, klt=klt, smooth=smooth, rotate=rotate,
+                               batch_size=batch_size)
     return apply_mamba_transforms(model, params, online=online)

@@ -21,12 +21,15 @@ from jquant.kv.cache import KVCacheConfig
 from jquant.recipes import Recipe, TransformStep
 from jquant.transforms.equivalence import OnlineRotations, module_at, online_size, set_online_rotations
 from jquant.transforms.layout import DecoderLayout, layout_of
+from jquant.transforms.mamba_rotation import add_runtime_structure, mambaquant
+from jquant.transforms.ssm_layout import ssm_layout_of
 from jquant.transforms.ostquant import OSTQuantConfig, ostquant
 from jquant.transforms.rotate import quarot
 from jquant.transforms.smoothquant import smoothquant
 
-NEEDS_CALIBRATION = {"smoothquant": True, "quarot": False, "ostquant": True}
+NEEDS_CALIBRATION = {"smoothquant": True, "quarot": False, "ostquant": True, "mambaquant": True}
 QUAROT_OPTIONS = {"online", "rotation", "pad", "seed"}
+MAMBAQUANT_OPTIONS = {"alpha": 0.5, "klt": True, "smooth": True, "rotate": True, "online": True, "seed": 0}
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -40,9 +43,37 @@ def _layout(model: nnx.Module, recipe: Recipe) -> DecoderLayout:
         raise ValueError(f"recipe {recipe.name!r} needs equivalence transforms or KV quantization: {err}") from None
 
 
+def _mambaquant_step(recipe: Recipe) -> TransformStep | None:
+    return next((t for t in recipe.transforms if t.kind == "mambaquant"), None)
+
+
+def _check_mambaquant(model: nnx.Module, recipe: Recipe, step: TransformStep) -> None:
+    if len(recipe.transforms) != 1 or recipe.kv_cache is not None:
+        raise ValueError(f"recipe {recipe.name!r}: a mambaquant step must be the only transform and the recipe cannot "
+                         "quantize a KV cache (Mamba models have none).")
+    unknown = set(dict(step.options)) - set(MAMBAQUANT_OPTIONS)
+    if unknown:
+        raise ValueError(f"recipe {recipe.name!r}: mambaquant has unknown options {sorted(unknown)}; "
+                         f"known: {sorted(MAMBAQUANT_OPTIONS)}.")
+    try:
+        layout = ssm_layout_of(model)
+    except ValueError as err:
+        raise ValueError(f"recipe {recipe.name!r}: {err}") from None
+    if _mambaquant_options(step)["online"]:
+        for b in layout.blocks:
+            online_size(b.inner, False, b.out_proj)
+
+
+def _mambaquant_options(step: TransformStep) -> dict:
+    return {**MAMBAQUANT_OPTIONS, **dict(step.options)}
+
+
 def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
     """Validate the transform steps and KV format against ``model`` before any work (errors name the layer)."""
     if not recipe.transforms and recipe.kv_cache is None:
+        return
+    if (step := _mambaquant_step(recipe)) is not None:
+        _check_mambaquant(model, recipe, step)
         return
     layout = _layout(model, recipe)
     for step in recipe.transforms:
@@ -110,6 +141,8 @@ def run_transforms(model: nnx.Module, recipe: Recipe, tokens: np.ndarray | None,
             model = smoothquant(model, tokens, **options)
         elif step.kind == "quarot":
             model = quarot(model, key, **options)
+        elif step.kind == "mambaquant":
+            model = mambaquant(model, tokens, key, **options)
         else:
             model, result = ostquant(model, tokens, key, _ostquant_config(step, recipe, layout_of(model)),
                                      progress=progress)
@@ -132,6 +165,10 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
     rows) and the KV format is set; the weights themselves come from the checkpoint.
     """
     if not recipe.transforms and recipe.kv_cache is None:
+        return
+    if (step := _mambaquant_step(recipe)) is not None:  # the saved config is already untied
+        options = _mambaquant_options(step)
+        add_runtime_structure(model, gate_scale=options["smooth"], online=options["online"])
         return
     layout = _layout(model, recipe)
     online = OnlineRotations.parse(recipe.online_rotations, pad=recipe.pad)
