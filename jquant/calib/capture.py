@@ -10,6 +10,8 @@ wraps a forward function with ``nnx.capture`` so they come back as an output
   ``count``    number of tokens seen
   ``absmax``   per-channel ``max |x|``, ``[in]`` (SmoothQuant-style statistics)
   ``total``    per-channel ``Σ x``, ``[in]`` (with ``hessian``: mean and covariance, for QSUR)
+  ``energy``, ``quantization_error``  ``Σ x²`` and ``Σ (x - Q(x))²`` when the site quantizes its
+               inputs (``module.activation``, with its static scale if any): the site's activation SNR
 
 On device, each sequence (index along the input's leading axis) gets its own
 float32 ``X_b^T X_b``; ``statistics_from_state`` sums those on the host in
@@ -47,6 +49,18 @@ def record_input(module: nnx.Module, x: jax.Array) -> None:
     module.sow(nnx.Intermediate, "input_count", n, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
     module.sow(nnx.Intermediate, "input_absmax", absmax, init_fn=lambda: 0.0, reduce_fn=jnp.maximum)
     module.sow(nnx.Intermediate, "input_total", total, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+    fmt = getattr(module, "activation", None)
+    if fmt is not None:
+        from jquant.ops.linear import quantize_activation
+
+        scale = getattr(module, "activation_scale", None)
+        scale = None if scale is None else scale.get_value()
+        error = (x - quantize_activation(x, fmt, scale)).astype(jnp.float32)
+        energy = jnp.sum(jnp.square(x3), axis=(1, 2))
+        error = jnp.sum(jnp.square(error.reshape(x3.shape)), axis=(1, 2))
+        module.sow(nnx.Intermediate, "input_energy", energy, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+        module.sow(nnx.Intermediate, "input_quantization_error", error, init_fn=lambda: 0.0,
+                   reduce_fn=lambda a, b: a + b)
 
 
 def set_capture(module: nnx.Module, enabled: bool) -> None:
@@ -63,12 +77,23 @@ class InputStatistics:
     count: float
     absmax: np.ndarray
     total: np.ndarray | None = None
+    energy: float | None = None
+    quantization_error: float | None = None
 
     def merge(self, other: InputStatistics) -> InputStatistics:
         """Statistics of the union of both token sets."""
-        total = None if self.total is None or other.total is None else self.total + other.total
+        add = lambda a, b: None if a is None or b is None else a + b  # noqa: E731
         return InputStatistics(hessian=self.hessian + other.hessian, count=self.count + other.count,
-                               absmax=np.maximum(self.absmax, other.absmax), total=total)
+                               absmax=np.maximum(self.absmax, other.absmax), total=add(self.total, other.total),
+                               energy=add(self.energy, other.energy),
+                               quantization_error=add(self.quantization_error, other.quantization_error))
+
+    @property
+    def quantization_snr_db(self) -> float:
+        """``10 log10(Σ x² / Σ (x - Q(x))²)`` of the site's own activation quantizer over the tokens seen."""
+        if self.energy is None or self.quantization_error is None:
+            raise ValueError("these statistics carry no quantization error (the site does not quantize its inputs).")
+        return float(10.0 * np.log10(self.energy / max(self.quantization_error, 1e-300)))
 
     @property
     def mean(self) -> np.ndarray:
@@ -94,7 +119,9 @@ def statistics_from_state(state: nnx.State) -> dict[str, InputStatistics]:
     return {
         p: InputStatistics(hessian=_ordered_sum(s["input_hessian"]), count=float(np.sum(np.asarray(s["input_count"]))),
                            absmax=np.max(np.asarray(s["input_absmax"], np.float64), axis=0),
-                           total=_ordered_sum(s["input_total"]))
+                           total=_ordered_sum(s["input_total"]),
+                           energy=_ordered_total(s.get("input_energy")),
+                           quantization_error=_ordered_total(s.get("input_quantization_error")))
         for p, s in by_site.items()
         if "input_hessian" in s
     }
@@ -106,6 +133,10 @@ def _ordered_sum(per_sequence: jax.Array) -> np.ndarray:
     for part in np.asarray(per_sequence, np.float64):
         total += part
     return total
+
+
+def _ordered_total(per_sequence: jax.Array | None) -> float | None:
+    return None if per_sequence is None else float(_ordered_sum(per_sequence))
 
 
 def capture_statistics(fn: Callable) -> Callable:

@@ -81,3 +81,29 @@ def test_block_forward_compiles_once_per_block_structure(monkeypatch):
 def test_empty_calibration_set_is_rejected(model):
     with pytest.raises(ValueError, match="non-empty"):
         run_sequential(model, np.zeros((0, 8), np.int32), lambda p, b, s: None, progress=False)
+
+
+def test_quantization_snr_is_measured_with_the_sites_own_quantizer(model):
+    from jquant.formats import fake_quantize, get_format
+
+    layer = model.layers[0]
+    fmt = get_format("int4-tensor-asym")
+    layer.mlp.down_proj.activation = fmt
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(2, 5, 32)).astype(np.float32) for _ in range(2)]
+    pos = np.broadcast_to(np.arange(5), (2, 5))
+    set_capture(layer, True)
+    forward = capture_statistics(lambda m, x: m(x, pos, None, None)[0])
+    results = [forward(layer, x)[1] for x in xs]
+    set_capture(layer, False)
+    stats = results[0]["mlp/down_proj"].merge(results[1]["mlp/down_proj"])
+    assert results[0]["mlp/up_proj"].energy is None  # float inputs: no error recorded
+    energy = error = 0.0
+    for x in xs:  # the down_proj input, recomputed from the layer's float parts
+        h = np.asarray(x + layer.self_attn(layer.input_layernorm(x), pos, None, None)[0])
+        normed = np.asarray(layer.post_attention_layernorm(h))
+        act = np.asarray(jax.nn.silu(normed @ np.asarray(layer.mlp.gate_proj.kernel[...]))
+                         * (normed @ np.asarray(layer.mlp.up_proj.kernel[...])), np.float64)
+        energy += np.sum(act**2)
+        error += np.sum((act - np.asarray(fake_quantize(act.astype(np.float32), fmt, axis=-1), np.float64)) ** 2)
+    np.testing.assert_allclose(stats.quantization_snr_db, 10 * np.log10(energy / error), rtol=1e-3)
