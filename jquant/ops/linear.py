@@ -47,11 +47,16 @@ def as_array(w: jax.Array | QArray, dtype: jnp.dtype) -> jax.Array:
 def quantize_activation(x: jax.Array, fmt: Format, scale: jax.Array | None = None) -> jax.Array:
     """Fake-quantize ``x [..., in]`` along its last axis with a straight-through gradient.
 
-    Without ``scale`` the format computes its scales from ``x`` (dynamic); with
-    a calibrated scalar ``scale`` (static, per-tensor integer formats) the codes
-    are ``round(x / scale)`` clipped to the format's range.
+    Without ``scale`` the format computes its scales from ``x`` (dynamic); a
+    per-tensor format then takes one scale per sequence of a ``[B, T, in]`` input
+    (the leading axis), so a request's quantization does not depend on what it is
+    batched with (MambaQuant spec §3.1: min/max per sample). With a calibrated
+    scalar ``scale`` (static, per-tensor integer formats) the codes are
+    ``round(x / scale)`` clipped to the format's range.
     """
     if scale is None:
+        if getattr(fmt, "granularity", None) == "tensor" and x.ndim >= 3:
+            return jax.vmap(lambda xb: fake_quantize(xb, fmt, axis=-1))(x)
         return fake_quantize(x, fmt, axis=-1)
     xs = jax.lax.stop_gradient(x)
     q = fmt.quantize_with_scales(xs, jnp.reshape(scale, (1,) * x.ndim), axis=-1)

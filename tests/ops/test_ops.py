@@ -1,6 +1,7 @@
 """jquant.ops against float64 numpy references on random inputs."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -69,3 +70,17 @@ def test_float64_stays_float64():
         np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-13)
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("name", ["int8-tensor-asym", "int8-asym"])
+def test_dynamic_activation_quantization_does_not_depend_on_the_batch(name):
+    """Per-tensor dynamic formats take one scale per sequence; per-token formats are per token anyway."""
+    from jquant.formats import fake_quantize, get_format
+    from jquant.ops.linear import quantize_activation
+
+    fmt = get_format(name)
+    x = np.random.default_rng(0).normal(size=(3, 7, 16)).astype(np.float32)
+    x[1] *= 50.0  # a loud sequence must not coarsen its neighbours' steps
+    batched = np.asarray(quantize_activation(jnp.asarray(x), fmt))
+    for b in range(3):
+        np.testing.assert_array_equal(batched[b], np.asarray(fake_quantize(jnp.asarray(x[b]), fmt, axis=-1)))
