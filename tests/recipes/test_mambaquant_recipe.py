@@ -104,3 +104,12 @@ def test_bad_mambaquant_recipes_are_refused_clearly():
                                   jax.random.key(0))
     with pytest.raises(ValueError, match="MambaQuant's transforms need a Mamba-family model"):
         jq.quantize(tiny_llama, "mambaquant-w8a8", _tokens(1), progress=False)
+
+
+def test_widths_without_a_hadamard_construction_are_refused_before_any_work():
+    cfg = mamba.MambaConfig(vocab_size=VOCAB, hidden_size=22, num_layers=1, state_size=4, time_step_rank=2)
+    model = mamba.init_model(cfg, jax.random.key(0))  # d = 22 and Di = 44 = 11 * 4 have no construction
+    with pytest.raises(ValueError, match="layers/0/mixer/out_proj: width 44 has no Hadamard construction"):
+        jq.quantize(model, "mambaquant-w8a8", _tokens(1), progress=False)
+    with pytest.raises(ValueError, match="residual stream.*22"):
+        jq.quantize(model, get("mambaquant-w8a8", transform_options={"online": False}), _tokens(1), progress=False)
