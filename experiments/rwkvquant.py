@@ -55,8 +55,9 @@ def _rtn(model, config: RWKVQuantConfig, calib: np.ndarray):
     return jq.quantize(model, dataclasses.replace(recipe, name="rtn", rules=rules), calib, progress=False)
 
 
-def _linear_bits(qmodel) -> float:
-    sites = [s for s in find_sites(qmodel) if s.spec.kind == "linear" and isinstance(s.weight.get_value(), QArray)]
+def _stored_bits(qmodel, kind: str) -> float:
+    """Bits per weight of the stored arrays over the quantized sites of ``kind`` ("linear" or "elementwise")."""
+    sites = [s for s in find_sites(qmodel) if s.spec.kind == kind and isinstance(s.weight.get_value(), QArray)]
     total = sum(s.weight.get_value().bits_per_element * s.weight.get_value().size for s in sites)
     return total / sum(s.weight.get_value().size for s in sites)
 
@@ -106,10 +107,9 @@ def run(args) -> None:
                 qmodel, report = rwkvquant(model, calib, dataclasses.replace(config, **changes), progress=False)
             seconds = time.perf_counter() - t0
             errors[method] = _output_errors(model, qmodel, hessians)
-            row = {"bits": bits, "method": method, "seconds": seconds, "linear_bits": _linear_bits(qmodel),
-                   "output_error": sum(errors[method].values())}
+            row = {"bits": bits, "method": method, "seconds": seconds, "linear_bits": _stored_bits(qmodel, "linear"),
+                   "mix_bits": _stored_bits(qmodel, "elementwise"), "output_error": sum(errors[method].values())}
             if report is not None:
-                row["mix_bits"] = report.bits_per_weight(("mix",))
                 row["vq_share"] = report.vq_fraction
                 row["tau"] = [report.tau_c, report.tau_f]
                 choices[method] = {s.path: s.method for s in report.sites if s.method != "mix"}
