@@ -210,10 +210,10 @@ def mambaquant_params(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, 
     if rotate:
         h_d = random_hadamard_rotation(layout.hidden_size, k_res, "residual stream")
         params["residual"] = klt_rotation(stats[layout.blocks[0].in_proj].covariance, h_d) if klt else h_d
+    kernel = lambda path: module_at(folded, path).kernel.get_value()  # noqa: E731
     blocks = []
     for i, b in enumerate(layout.blocks):
         p = {}
-        kernel = lambda path: module_at(folded, path).kernel.get_value()  # noqa: E731
         if smooth and not rotate:
             p["input_scale"] = _smoothing(stats[b.in_proj].absmax, kernel(b.in_proj), alpha)
         if smooth:
