@@ -1,5 +1,6 @@
 """The shipped reference models: loadable, consistent with their recorded numbers, and actually trained."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from jquant.data import load_split, token_stream, token_windows
 from jquant.eval import perplexity
-from jquant.models import DEFAULT_MODEL, list_models, llama, load
+from jquant.models import DEFAULT_MODEL, list_models, load, registry
 
 
 def test_default_model_is_bundled():
@@ -39,8 +40,11 @@ def test_default_model_beats_a_bigram_fitted_to_the_training_split():
 @pytest.mark.parametrize("name", [m.name for m in list_models()])
 def test_bundled_model_matches_its_preset(name):
     loaded = load(name)
-    preset = llama.PRESETS[name]
+    family, preset = registry.preset(name)
     cfg = loaded.model.config
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-        assert getattr(cfg, field) == getattr(preset, field), field
+    assert isinstance(loaded.model, family.CHECKPOINT_MODEL)
+    for field in dataclasses.fields(preset):
+        if field.name not in ("dtype", "param_dtype"):
+            assert getattr(cfg, field.name) == getattr(preset, field.name), field.name
+    assert cfg.param_dtype == "bfloat16" and cfg.dtype == "float32"
     assert len(loaded.tokenizer) == cfg.vocab_size
