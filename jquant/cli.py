@@ -120,7 +120,7 @@ def _print_table(console: Console, title: str, rows: Sequence[tuple[str, str]]) 
 
 def _cmd_list(args, console: Console) -> dict:
     from jquant.formats import FORMATS
-    from jquant.models import list_models, llama
+    from jquant.models import list_models
     from jquant.recipes import list_recipes
 
     if args.what == "recipes":
@@ -142,14 +142,17 @@ def _cmd_list(args, console: Console) -> dict:
         return data
 
     if args.what == "presets":
-        data = {name: dataclasses.asdict(cfg) for name, cfg in llama.PRESETS.items()}
+        from jquant.models.registry import PRESET_FAMILIES
+
+        presets = [(name, family.CHECKPOINT_FAMILY, cfg) for family in PRESET_FAMILIES for name, cfg in family.PRESETS.items()]
+        data = {name: {"family": family, **dataclasses.asdict(cfg)} for name, family, cfg in presets}
         if not args.json:
             table = Table(title="model presets")
-            for col in ("name", "hidden", "layers", "heads/kv", "ffn", "vocab"):
+            for col in ("name", "family", "hidden", "layers", "inner/ffn", "vocab"):
                 table.add_column(col)
-            for name, cfg in llama.PRESETS.items():
-                table.add_row(name, str(cfg.hidden_size), str(cfg.num_layers), f"{cfg.num_heads}/{cfg.num_kv_heads}",
-                              str(cfg.intermediate_size), str(cfg.vocab_size))
+            for name, family, cfg in presets:
+                table.add_row(name, family, str(cfg.hidden_size), str(cfg.num_layers), str(cfg.intermediate_size),
+                              str(cfg.vocab_size))
             console.print(table)
         return data
     models = list_models()
