@@ -195,7 +195,7 @@ def _plot(data: dict) -> None:
         ax.bar([j + i * width for j in range(len(BITS))], ppl, width, label=method)
     ax.axhline(fp, color="k", lw=0.8, ls="--", label="FP")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(BITS))], [f"{b} bits" for b in BITS])
-    ax.set(title=f"{data['model']}: validation perplexity", ylabel="ppl", yscale="log")
+    ax.set(title=f"{data['model']}: validation perplexity", ylabel="ppl", ylim=(fp * 0.98, None))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "rwkvquant.png", dpi=120)
