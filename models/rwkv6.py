@@ -375,7 +375,8 @@ class RWKV6(nnx.Module):
 
 PRESETS: dict[str, RWKV6Config] = {
     # ~7.9M parameters (6 blocks of 4 heads of 64, channel-mix 896): the reference model of the RWKVQuant results.
-    "jq-rwkv6-small": RWKV6Config(vocab_size=4096, hidden_size=256, intermediate_size=896, num_layers=6),
+    # WKV chunks of 8 train fastest on 2 CPU cores (3.3 s per 16 x 256-token step; 16: 4.1 s, 32: 6.5 s).
+    "jq-rwkv6-small": RWKV6Config(vocab_size=4096, hidden_size=256, intermediate_size=896, num_layers=6, chunk_size=8),
 }
 
 
