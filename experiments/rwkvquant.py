@@ -1,6 +1,7 @@
 """RWKVQuant vs RTN, GPTQ-only and VQ-only at about 3 and 3.25 bits per weight -> experiments/results/rwkvquant.md.
 
-    python experiments/rwkvquant.py --model jq-rwkv6-small      # ~40 min on 2 cores
+    python experiments/rwkvquant.py --model jq-rwkv6-small      # not yet timed on the trained model; the ten
+                                                                # quantizations alone took ~15 min on a random one
     python experiments/rwkvquant.py --report                    # rebuild the .md/.png from the .json
 
 Per bits setting (``RWKVQuantConfig.preset``: 3.25 = int3-g128 GPTQ or 1-D VQ with 8 codewords per
