@@ -31,9 +31,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jquant.atomic import atomic_folder
-from jquant.formats import QArray
+from jquant.formats import ExpertPartition, QArray
 from jquant.kv.serialize import configs_to_json, restore_configs
-from jquant.quantization import QuantizationReport, describe, plan
+from jquant.quantization import QuantizationReport, describe, expert_activations, plan
 from jquant.sites import find_sites
 from jquant.transforms.pipeline import restore_structure
 from jquant.recipes import Recipe
@@ -68,7 +68,8 @@ def _family_of(model: nnx.Module) -> str:
 def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write ``model`` (float, or quantized by ``jquant.quantize``) to ``path`` atomically."""
     family = _family_of(model)
-    quantized = any(isinstance(v.get_value(), QArray) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    quantized = any(isinstance(v.get_value(), (QArray, ExpertPartition))
+                    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     report = getattr(model, "quantization", None)
     if quantized and report is None:
         raise ValueError("save: the model holds QArrays but no `quantization` report; quantize it with jquant.quantize.")
@@ -114,13 +115,18 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
         restore_structure(abstract, recipe)
         plans = plan(abstract, recipe)
         for p in plans:
-            if p.weight is not None:
-                value = p.site.weight.get_value()
-                axis = p.site.spec.contraction_axis % len(value.shape)
-                children = p.weight.expected_children(tuple(value.shape), axis)
-                p.site.weight.set_value(QArray(**{k: v for k, v in children.items() if v is not None}, format=p.weight,
-                                               shape=tuple(value.shape), dtype=str(value.dtype), axis=axis))
-            if p.activation is not None:
+            value = p.site.weight.get_value()
+            axis = p.site.spec.contraction_axis % len(value.shape)
+            if p.site.spec.kind == "experts":
+                groups = p.expert_groups()
+                parts = tuple(_abstract_weight(g.weight, (len(g.experts), *value.shape[1:]), value.dtype, axis)
+                              for g in groups)
+                p.site.weight.set_value(parts[0] if len(parts) == 1 else
+                                        ExpertPartition(parts=parts, experts=tuple(g.experts for g in groups)))
+                p.site.module.activation = expert_activations(groups)
+            elif p.weight is not None:
+                p.site.weight.set_value(_abstract_weight(p.weight, tuple(value.shape), value.dtype, axis))
+            if p.activation is not None and p.site.spec.kind != "experts":
                 p.site.module.activation = p.activation
             if p.rule.static_activation:
                 p.site.module.activation_scale = nnx.Param(jax.ShapeDtypeStruct((), jax.numpy.dtype(p.activation.scale_dtype)))
@@ -129,6 +135,15 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
             unquantized=tuple(s.path for s in find_sites(abstract) if s.path not in {p.site.path for p in plans}),
             seconds=0.0)
     return abstract, recipe
+
+
+def _abstract_weight(fmt, shape: tuple[int, ...], dtype, axis: int):
+    """The ``ShapeDtypeStruct``-leaved QArray ``fmt`` stores for a weight of ``shape`` (float when ``fmt`` is None)."""
+    if fmt is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    children = fmt.expected_children(shape, axis)
+    return QArray(**{k: v for k, v in children.items() if v is not None}, format=fmt, shape=shape, dtype=str(dtype),
+                  axis=axis)
 
 
 def load(path: str | os.PathLike) -> nnx.Module:

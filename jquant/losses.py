@@ -1,4 +1,5 @@
-"""Distillation losses between a student's and a teacher's logits (OSTQuant spec §3.5).
+"""Losses: next-token cross-entropy, and distillation losses between a student's and a teacher's logits
+(OSTQuant spec §3.5).
 
 Logits are ``[..., V]``: every leading index is one position (token). Both losses are computed in at least
 float32 (bf16 / fp16 inputs are upcast; float64 stays float64), stop the gradient into the teacher, and average
@@ -78,3 +79,9 @@ def kl_top(student_logits: jax.Array, teacher_logits: jax.Array, k: int = 1000,
     _, top = jax.lax.top_k(teacher, k)
     terms = _kl_terms(jnp.take_along_axis(log_p, top, axis=-1), jnp.take_along_axis(log_q, top, axis=-1))
     return _masked_mean(jnp.sum(terms, axis=-1), mask)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token negative log-likelihood; ``logits [B, T, V]``, ``targets [B, T]`` (float32 maths)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))

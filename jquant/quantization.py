@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant.algorithms.experts import quantize_experts
 from jquant.algorithms.weights import ALGORITHMS, NEEDS_CALIBRATION, supports
 from jquant.calib.capture import InputStatistics
 from jquant.calib.sequential import block_paths, run_sequential
-from jquant.formats import Format, IntFormat, QArray, get_format
+from jquant.formats import ExpertPartition, Format, IntFormat, QArray, get_format
 from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule, get
 from jquant.sites import Site, find_sites
@@ -41,13 +42,35 @@ from jquant.transforms.pipeline import needs_calibration as transforms_need_cali
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertGroupPlan:
+    """The experts of a stacked expert site that share one rule (``rule`` None: they stay in floating point)."""
+
+    experts: tuple[int, ...]
+    rule: Rule | None
+    weight: Format | None
+    activation: Format | None
+
+
+@dataclasses.dataclass(frozen=True)
 class SitePlan:
-    """What will happen to one site: its rule, resolved formats and algorithm."""
+    """What will happen to one site: its rule, resolved formats and algorithm.
+
+    ``experts`` is set when the experts of a stacked expert site follow different rules (a mixed-precision
+    recipe such as MxMoE's); ``rule`` / ``weight`` / ``activation`` then describe its first quantized group.
+    """
 
     site: Site
     rule: Rule
-    weight: Format
+    weight: Format | None
     activation: Format | None
+    experts: tuple[ExpertGroupPlan, ...] = ()
+
+    def expert_groups(self) -> tuple[ExpertGroupPlan, ...]:
+        """The site's expert groups (one group with every expert when they share a rule)."""
+        if self.experts:
+            return self.experts
+        return (ExpertGroupPlan(tuple(range(self.site.weight.get_value().shape[0])), self.rule, self.weight,
+                                self.activation),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +97,8 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
     recipe = get(recipe) if isinstance(recipe, str) else recipe
     sites = find_sites(model)
     paths = [s.path for s in sites]
-    unused = recipe.unused_rules(paths)
+    experts = {s.path: s.weight.get_value().shape[0] for s in sites if s.spec.kind == "experts"}
+    unused = recipe.unused_rules(paths, experts)
     if unused:
         raise ValueError(
             f"recipe {recipe.name!r}: rules matched no quantization site: {[r.pattern for r in unused]}. "
@@ -82,42 +106,101 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
         )
     plans = []
     for site in sites:
+        if site.spec.kind == "experts":
+            plans.extend(_expert_site_plan(site, recipe))
+            continue
         rule = recipe.rule_for(site.path)
         if rule is None or rule.weight is None and rule.activation is None:
             continue
-        value = site.weight.get_value()
-        if isinstance(value, QArray):
-            raise ValueError(f"site {site.path!r} is already quantized ({value.format.name}); quantize a float model.")
-        weight_fmt = _format(rule.weight, dict(rule.weight_options), site.path) if rule.weight else None
-        act_fmt = _format(rule.activation, dict(rule.activation_options), site.path) if rule.activation else None
-        if weight_fmt is not None:
-            axis = site.spec.contraction_axis
-            try:
-                weight_fmt.check_shape(tuple(value.shape), axis)
-            except ValueError as err:
-                raise ValueError(f"site {site.path!r} (weight shape {tuple(value.shape)}, axis {axis}): {err}") from None
-            if reason := supports(rule.algorithm, weight_fmt):
-                raise ValueError(f"site {site.path!r}: {reason}")
-            if isinstance(value, jax.Array) and not bool(jnp.all(jnp.isfinite(value))):
-                raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
-        if act_fmt is not None and site.spec.kind != "linear":
-            raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear sites.")
-        if act_fmt is not None:
-            features = value.shape[site.spec.contraction_axis]
-            try:
-                act_fmt.check_shape((1, features), 1)
-            except ValueError as err:
-                raise ValueError(f"site {site.path!r}: activation format {act_fmt.name} cannot quantize its "
-                                 f"{features} input features: {err}") from None
-        if rule.static_activation and not (
-            isinstance(act_fmt, IntFormat) and act_fmt.symmetric and act_fmt.granularity == "tensor"
-        ):
-            raise ValueError(
-                f"site {site.path!r}: static activations need a symmetric per-tensor integer format such as "
-                f"'int8-tensor', got {act_fmt.name}."
-            )
+        if "hessian" in dict(rule.options):
+            raise ValueError(f"site {site.path!r}: option 'hessian' (affinity-weighted Hessians) applies to stacked "
+                             "expert sites only; remove it from this rule.")
+        weight_fmt, act_fmt = _resolve(site, rule, tuple(site.weight.get_value().shape))
         plans.append(SitePlan(site=site, rule=rule, weight=weight_fmt, activation=act_fmt))
     return plans
+
+
+def _resolve(site: Site, rule: Rule, shape: tuple[int, ...]) -> tuple[Format | None, Format | None]:
+    """The weight and activation formats ``rule`` gives ``site`` (weight ``shape``), validated."""
+    value = site.weight.get_value()
+    if isinstance(value, QArray):
+        raise ValueError(f"site {site.path!r} is already quantized ({value.format.name}); quantize a float model.")
+    weight_fmt = _format(rule.weight, dict(rule.weight_options), site.path) if rule.weight else None
+    act_fmt = _format(rule.activation, dict(rule.activation_options), site.path) if rule.activation else None
+    if weight_fmt is not None:
+        axis = site.spec.contraction_axis
+        try:
+            weight_fmt.check_shape(shape, axis)
+        except ValueError as err:
+            raise ValueError(f"site {site.path!r} (weight shape {shape}, axis {axis}): {err}") from None
+        if reason := supports(rule.algorithm, weight_fmt):
+            raise ValueError(f"site {site.path!r}: {reason}")
+        if isinstance(value, jax.Array) and not bool(jnp.all(jnp.isfinite(value))):
+            raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
+    if act_fmt is not None and site.spec.kind not in ("linear", "experts"):
+        raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear sites.")
+    if act_fmt is not None:
+        features = shape[site.spec.contraction_axis]
+        try:
+            act_fmt.check_shape((1, features), 1)
+        except ValueError as err:
+            raise ValueError(f"site {site.path!r}: activation format {act_fmt.name} cannot quantize its "
+                             f"{features} input features: {err}") from None
+    if rule.static_activation and not (
+        isinstance(act_fmt, IntFormat) and act_fmt.symmetric and act_fmt.granularity == "tensor"
+    ):
+        raise ValueError(
+            f"site {site.path!r}: static activations need a symmetric per-tensor integer format such as "
+            f"'int8-tensor', got {act_fmt.name}."
+        )
+    return weight_fmt, act_fmt
+
+
+def _expert_site_plan(site: Site, recipe: Recipe) -> list[SitePlan]:
+    """The plan of a stacked expert site ``[E, in, out]``: its experts grouped by the rule each takes."""
+    shape = tuple(site.weight.get_value().shape)
+    by_rule: dict[int, tuple[Rule | None, list[int]]] = {}
+    for e in range(shape[0]):
+        rule = recipe.rule_for(site.path, e)
+        if rule is not None and rule.weight is None and rule.activation is None:
+            rule = None
+        by_rule.setdefault(id(rule), (rule, []))[1].append(e)
+    groups = []
+    for rule, experts in by_rule.values():
+        if rule is None:
+            groups.append(ExpertGroupPlan(tuple(experts), None, None, None))
+            continue
+        _check_expert_rule(site, rule)
+        weight_fmt, act_fmt = _resolve(site, rule, (len(experts), *shape[1:]))
+        if weight_fmt is not None and _keeps_tensor_scale(weight_fmt, (len(experts), *shape[1:])):
+            raise ValueError(f"site {site.path!r}: {weight_fmt.name} keeps one scale for the whole tensor, which would "
+                             "be shared by all experts; use a per-channel or per-group format for stacked experts.")
+        groups.append(ExpertGroupPlan(tuple(experts), rule, weight_fmt, act_fmt))
+    quantized = [g for g in groups if g.rule is not None]
+    if not quantized:
+        return []
+    first = quantized[0]
+    mixed = tuple(groups) if len(groups) > 1 else ()
+    return [SitePlan(site=site, rule=first.rule, weight=first.weight, activation=first.activation, experts=mixed)]
+
+
+def _check_expert_rule(site: Site, rule: Rule) -> None:
+    if rule.algorithm not in ("rtn", "gptq"):
+        raise ValueError(f"site {site.path!r} is a stacked expert site; its experts are quantized with 'rtn' or "
+                         f"'gptq' (per expert), not {rule.algorithm!r}.")
+    if rule.static_activation:
+        raise ValueError(f"site {site.path!r}: stacked experts quantize activations dynamically (per token); "
+                         "remove static_activation.")
+    hessian = dict(rule.options).get("hessian", "plain")
+    if hessian not in ("plain", "affinity"):
+        raise ValueError(f"site {site.path!r}: option hessian={hessian!r} must be 'plain' or 'affinity' "
+                         "(MoEQuant's affinity-weighted Hessian).")
+
+
+def _keeps_tensor_scale(fmt: Format, shape: tuple[int, ...]) -> bool:
+    children = fmt.expected_children(shape, 1)
+    return (children.get("tensor_scale") is not None or children.get("codebooks") is not None
+            or getattr(fmt, "granularity", None) == "tensor")
 
 
 def _format(name: str, overrides: dict, path: str) -> Format:
@@ -176,17 +259,21 @@ def quantize(
         by_path = {p.site.path: p for p in plan(qmodel, recipe)}
     done: set[str] = set()
 
+    uncalibrated: dict[str, tuple[int, ...]] = {}
+
     def apply(plan_: SitePlan, stats: InputStatistics | None) -> None:
         site = plan_.site
         if stats is not None and not (np.all(np.isfinite(stats.hessian)) and np.all(np.isfinite(stats.absmax))):
             raise ValueError(f"site {site.path!r}: its calibration inputs contain NaN or Inf (the model produced non-finite "
                              "activations on the calibration data); check the model and the calibration tokens.")
-        if plan_.weight is not None:
+        if site.spec.kind == "experts":
+            uncalibrated[site.path] = apply_experts(site, plan_.expert_groups(), stats)
+        elif plan_.weight is not None:
             algorithm = ALGORITHMS[plan_.rule.algorithm]
             q = algorithm(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=stats,
                           options=dict(plan_.rule.options))
             site.weight.set_value(q)
-        if plan_.activation is not None:
+        if plan_.activation is not None and site.spec.kind != "experts":
             site.module.activation = plan_.activation
         if plan_.rule.static_activation:
             fmt = plan_.activation
@@ -221,7 +308,7 @@ def quantize(
     jax.block_until_ready(nnx.state(qmodel))
     qmodel.quantization = QuantizationReport(
         recipe=recipe,
-        sites=tuple((p.site.path, describe(p)) for p in by_path.values()),
+        sites=tuple((p.site.path, describe(p, uncalibrated.get(p.site.path, ()))) for p in by_path.values()),
         unquantized=tuple(s.path for s in find_sites(qmodel) if s.path not in by_path),
         seconds=time.perf_counter() - t0,
         transforms=transform_logs,
@@ -230,11 +317,67 @@ def quantize(
 
 
 def _needs_calibration(p: SitePlan) -> bool:
+    if p.experts:
+        return any(g.weight is not None and NEEDS_CALIBRATION[g.rule.algorithm] for g in p.experts)
     return (p.weight is not None and NEEDS_CALIBRATION[p.rule.algorithm]) or p.rule.static_activation
 
 
-def describe(p: SitePlan) -> str:
-    """``int4-g64-asym (gptq), activations int8``-style summary of a site plan."""
-    w = f"{p.weight.name} ({p.rule.algorithm})" if p.weight is not None else "float"
-    static = " static" if p.rule.static_activation else ""
-    return w + (f", activations {p.activation.name}{static}" if p.activation is not None else "")
+def describe(p: SitePlan, uncalibrated: tuple[int, ...] = ()) -> str:
+    """``int4-g64-asym (gptq), activations int8``-style summary of a site plan (per expert group when mixed)."""
+    if p.experts:
+        parts = [f"experts {_ranges(g.experts)}: " + (_summary(g.rule, g.weight, g.activation) if g.rule else "float")
+                 for g in p.experts]
+        text = "; ".join(parts)
+    else:
+        text = _summary(p.rule, p.weight, p.activation)
+    if uncalibrated:
+        text += f"; experts {_ranges(uncalibrated)} saw no calibration token (round-to-nearest)"
+    return text
+
+
+def _summary(rule: Rule, weight: Format | None, activation: Format | None) -> str:
+    w = f"{weight.name} ({rule.algorithm})" if weight is not None else "float"
+    static = " static" if rule.static_activation else ""
+    return w + (f", activations {activation.name}{static}" if activation is not None else "")
+
+
+def _ranges(ids: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``."""
+    out, ids = [], sorted(ids)
+    start = prev = ids[0]
+    for i in ids[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if i is not None:
+            start = prev = i
+    return ",".join(out)
+
+
+def apply_experts(site: Site, groups: tuple[ExpertGroupPlan, ...], stats: InputStatistics | None) -> tuple[int, ...]:
+    """Quantize a stacked expert site group by group; returns the experts that saw no calibration token."""
+    value = site.weight.get_value()
+    parts, uncalibrated = [], []
+    for g in groups:
+        sub = value[np.asarray(g.experts)]
+        if g.weight is None:
+            parts.append(sub)
+            continue
+        result = quantize_experts(sub, g.weight, algorithm=g.rule.algorithm, experts=g.experts, stats=stats,
+                                  options=dict(g.rule.options))
+        parts.append(result.weight)
+        uncalibrated.extend(result.uncalibrated)
+    if len(groups) == 1:
+        site.weight.set_value(parts[0])
+    else:
+        site.weight.set_value(ExpertPartition(parts=tuple(parts), experts=tuple(g.experts for g in groups)))
+    site.module.activation = expert_activations(groups)
+    return tuple(sorted(uncalibrated))
+
+
+def expert_activations(groups: tuple[ExpertGroupPlan, ...]) -> Format | tuple[Format | None, ...] | None:
+    """The ``ExpertLinear.activation`` of a plan's expert groups: one format, or one entry per expert."""
+    per_expert = {e: g.activation for g in groups for e in g.experts}
+    formats = tuple(per_expert[e] for e in range(len(per_expert)))
+    return formats[0] if len(set(formats)) == 1 else formats

@@ -1,7 +1,7 @@
 """Placing models on a ``jax.sharding.Mesh`` from the logical axis names their parameters carry.
 
 Model parameters are annotated with logical names (``vocab``, ``embed``,
-``heads``, ``kv``, ``mlp``, ``norm``; see ``jquant.models.layers``).  A rules
+``heads``, ``kv``, ``mlp``, ``norm``, ``expert``; see ``jquant.models.layers``).  A rules
 table maps each logical name to a mesh axis (or ``None``: replicated); the
 default is Megatron-style tensor parallelism over a ``"model"`` axis, with
 the batch split over ``"data"``.
@@ -22,6 +22,7 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "kv": "model",
     "mlp": "model",
     "norm": None,
+    "expert": None,
 }
 
 

@@ -7,8 +7,9 @@ carry logical sharding names (see ``jquant.sharding``):
   ``vocab``  vocabulary rows        ``embed``  residual stream
   ``heads``  query-head features    ``kv``     key/value-head features
   ``mlp``    feed-forward hidden    ``norm``   norm weights (replicated)
+  ``expert`` the expert axis of stacked expert weights
 
-Weights are stored ``[in, out]``.
+Weights are stored ``[in, out]``; stacked expert weights ``[E, in, out]``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import numpy as np
 from flax import nnx
 
 from jquant import ops
-from jquant.calib.capture import record_input
+from jquant.calib.capture import record_expert_input, record_input
 from jquant.kv import LayerKVCache
+from jquant.formats import Format
+from jquant.ops.experts import combine, route, sort_by_expert
 from jquant.sites import SiteSpec
 
 ShardingNames = tuple[str | None, ...]
@@ -299,3 +302,123 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertLinear(nnx.Module):
+    """``E`` stacked linears ``kernel [E, in, out]`` applied to rows grouped by expert (a quantization site).
+
+    ``activation`` quantizes each expert's input rows: one ``Format`` for all experts, or a tuple with one
+    entry (a ``Format`` or None) per expert, as mixed-precision recipes (MxMoE) assign them.
+    """
+
+    QUANT_SITE = SiteSpec(param="kernel", contraction_axis=1, kind="experts")
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, *, sharding: ShardingNames,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+        shape = (num_experts, in_features, out_features)
+        self.kernel = _param(init_std * jax.random.normal(rngs.params(), shape, param_dtype), ("expert", *sharding))
+        self.activation = None
+
+    def __call__(self, x: jax.Array, group_sizes: jax.Array, affinity: jax.Array | None = None) -> jax.Array:
+        """Rows ``x [M, in]`` sorted by expert (``group_sizes [E]``; ``affinity [M]`` the rows' routing weights,
+        recorded for calibration) -> ``[M, out]``."""
+        record_expert_input(self, x, group_sizes, affinity)
+        if self.activation is not None:
+            formats = self.activation if isinstance(self.activation, tuple) else (self.activation,) * group_sizes.shape[0]
+            x = ops.quantize_expert_activations(x, group_sizes, formats)
+        return ops.grouped_matmul(x, self.kernel.get_value(), group_sizes)
+
+
+class Experts(nnx.Module):
+    """``E`` SwiGLU experts over grouped rows: ``down(silu(gate(x)) * up(x))``. Paths ``gate_proj``, ``up_proj``,
+    ``down_proj`` (each an ``ExpertLinear``)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = ExpertLinear(num_experts, hidden_size, intermediate_size, sharding=("embed", "mlp"), **kw)
+        self.up_proj = ExpertLinear(num_experts, hidden_size, intermediate_size, sharding=("embed", "mlp"), **kw)
+        self.down_proj = ExpertLinear(num_experts, intermediate_size, hidden_size, sharding=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, group_sizes: jax.Array, affinity: jax.Array) -> jax.Array:
+        h = jax.nn.silu(self.gate_proj(x, group_sizes, affinity)) * self.up_proj(x, group_sizes, affinity)
+        return self.down_proj(h, group_sizes, affinity)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseMoEConfig:
+    """A sparse mixture-of-experts feed-forward layer.
+
+    ``top_k`` of ``num_experts`` routed SwiGLU experts of width ``intermediate_size``; ``normalize``
+    renormalises the top-k probabilities (Mixtral, ``norm_topk_prob``); ``scale`` multiplies them
+    (DeepSeek's ``routed_scaling_factor``). ``shared_size`` > 0 adds an always-on SwiGLU expert of that
+    width, gated by ``sigmoid(shared_expert_gate(x))`` when ``shared_gate`` (Qwen-MoE) and ungated
+    otherwise (DeepSeek-MoE).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    normalize: bool
+    scale: float = 1.0
+    shared_size: int = 0
+    shared_gate: bool = False
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ValueError(f"SparseMoEConfig.num_experts must be at least 1, got {self.num_experts}.")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"SparseMoEConfig.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}; "
+                             "a token cannot be routed to more experts than exist.")
+        if self.shared_gate and self.shared_size <= 0:
+            raise ValueError("SparseMoEConfig.shared_gate needs a shared expert (shared_size > 0).")
+
+
+class SparseMoE(nnx.Module):
+    """``y = Σ_{j∈topk} c_j E_j(x) [+ g_s(x) E_s(x)]`` (MoEQuant spec §3.1). Paths: ``gate`` (the router, a
+    ``Linear [D, E]``), ``experts/{gate,up,down}_proj``, ``shared_expert/*`` and ``shared_expert_gate``.
+
+    With ``capture_routing`` set, a call sows the chosen experts ``[B, T, k]`` (``routed_experts``) and their
+    weights (``routed_weights``) as ``nnx.Intermediate`` values, for load statistics and EBSS.
+    """
+
+    def __init__(self, cfg: SparseMoEConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.gate = Linear(d, cfg.num_experts, use_bias=False, sharding=("embed", None), param_dtype=param_dtype, rngs=rngs)
+        self.experts = Experts(cfg.num_experts, d, cfg.intermediate_size, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.shared_expert = SwiGLU(d, cfg.shared_size, use_bias=False, **kw) if cfg.shared_size else None
+        self.shared_expert_gate = (Linear(d, 1, use_bias=False, sharding=("embed", None), **kw)
+                                   if cfg.shared_gate else None)
+        self.capture_routing = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, T, D]`` -> ``[B, T, D]``."""
+        return self.forward_with_load_loss(x)[0]
+
+    def forward_with_load_loss(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B, T, D]`` -> (``[B, T, D]``, the Switch-Transformer load-balancing loss ``E Σ_e f_e P_e``).
+
+        ``f_e`` is the fraction of the ``N k`` assignments that go to expert ``e``, ``P_e`` its mean router
+        probability; the loss is 1 for a perfectly balanced router and ``E`` for a collapsed one.
+        """
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        routing = route(self.gate(flat), self.cfg.top_k, normalize=self.cfg.normalize, scale=self.cfg.scale)
+        if self.capture_routing:
+            self.sow(nnx.Intermediate, "routed_experts", routing.experts.reshape(b, t, -1))
+            self.sow(nnx.Intermediate, "routed_weights", routing.weights.reshape(b, t, -1))
+        grouping = sort_by_expert(routing.experts, self.cfg.num_experts)
+        affinity = routing.weights.reshape(-1)[grouping.order]
+        out = self.experts(flat[grouping.token], grouping.group_sizes, affinity)
+        y = combine(out, routing, grouping, b * t)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = jax.nn.sigmoid(self.shared_expert_gate(flat)) * shared
+            y = y + shared
+        fraction = grouping.group_sizes.astype(jnp.float32) / routing.experts.size
+        load_loss = self.cfg.num_experts * jnp.sum(fraction * jnp.mean(routing.probs, axis=0))
+        return y.reshape(b, t, d), load_loss

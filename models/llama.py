@@ -61,9 +61,11 @@ class LlamaConfig:
     dtype: DTypeName = "float32"
     param_dtype: DTypeName = "float32"
 
+    FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
     def __post_init__(self):
-        if self.family not in ("llama", "mistral", "qwen2", "qwen3"):
-            raise ValueError(f"LlamaConfig.family must be llama, mistral, qwen2 or qwen3, got {self.family!r}.")
+        if self.family not in self.FAMILIES:
+            raise ValueError(f"{type(self).__name__}.family must be one of {self.FAMILIES}, got {self.family!r}.")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}.")
@@ -100,14 +102,17 @@ class LlamaConfig:
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
 
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    ``mlp`` replaces the dense SwiGLU feed-forward (the MoE family passes a ``SparseMoE``).
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, mlp: nnx.Module | None = None):
         pdt = jnp.dtype(cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
         self.self_attn = Attention(cfg.attention, param_dtype=pdt, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, param_dtype=pdt, rngs=rngs)
+        self.mlp = mlp or SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x, positions, cache, cache_start):
         h, cache = self.self_attn(self.input_layernorm(x), positions, cache, cache_start)
@@ -119,25 +124,13 @@ class DecoderLayer(nnx.Module):
         return self(x, positions, None, None)[0]
 
 
-class Llama(nnx.Module):
-    """A Llama-family causal language model.
+class DecoderLM(nnx.Module):
+    """What every pre-norm decoder LM shares (Llama family, MoE family): forward, cached step, calibration blocks.
 
-    ``model(tokens)`` is the training/prefill forward (``[B, T]`` int ->
-    logits ``[B, T, V]``); ``model.step(tokens, cache)`` runs a chunk of new
-    tokens against a KV cache and returns ``(logits, cache)``.
+    A subclass sets ``config`` (with ``num_layers``, ``num_kv_heads``, ``head_dim``, ``dtype``,
+    ``max_position_embeddings``), ``embed_tokens``, ``layers`` (each ``layer(x, positions, cache, start)``
+    with a ``self_attn``), ``norm`` and ``lm_head`` (None when tied).
     """
-
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        pdt = jnp.dtype(cfg.param_dtype)
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pdt, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, sharding=("embed", "vocab"), param_dtype=pdt, rngs=rngs)
-        )
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """Causal forward over ``tokens [B, T]`` (positions default to ``0..T-1``) -> logits ``[B, T, V]``."""
@@ -185,6 +178,37 @@ class Llama(nnx.Module):
             max_context=cfg.max_position_embeddings,
         )
 
+    def _forward(self, tokens, positions, layer_caches, start):
+        x = self.embed_tokens(tokens, jnp.dtype(self.config.dtype))
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, positions, None if layer_caches is None else layer_caches[i], start)
+            new_caches.append(c)
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits, tuple(new_caches) if layer_caches is not None else None
+
+
+class Llama(DecoderLM):
+    """A Llama-family causal language model.
+
+    ``model(tokens)`` is the training/prefill forward (``[B, T]`` int ->
+    logits ``[B, T, V]``); ``model.step(tokens, cache)`` runs a chunk of new
+    tokens against a KV cache and returns ``(logits, cache)``.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pdt, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, sharding=("embed", "vocab"), param_dtype=pdt, rngs=rngs)
+        )
+
     def equivalence_layout(self) -> DecoderLayout:
         """The residual-stream structure equivalence transforms act on (``jquant.transforms.layout``)."""
         cfg = self.config
@@ -215,16 +239,6 @@ class Llama(nnx.Module):
         tensors = to_tensors(self)
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         return from_tensors(self.config.replace(tie_embeddings=False), tensors, source="untie_embeddings")
-
-    def _forward(self, tokens, positions, layer_caches, start):
-        x = self.embed_tokens(tokens, jnp.dtype(self.config.dtype))
-        new_caches = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, None if layer_caches is None else layer_caches[i], start)
-            new_caches.append(c)
-        x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits, tuple(new_caches) if layer_caches is not None else None
 
 
 def init_model(cfg: LlamaConfig, key: jax.Array) -> Llama:

@@ -16,18 +16,19 @@ from pathlib import Path
 from flax import nnx
 from transformers import PreTrainedTokenizerFast
 
-from jquant.models import hf_io, llama, mamba, mamba2
+from jquant.models import hf_io, llama, mamba, mamba2, moe
 from jquant.models import rwkv6
 
 DEFAULT_MODEL = "jq-llama-tiny"
 
-_FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "mamba": mamba, "mamba2": mamba2}
+_FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "mamba": mamba, "mamba2": mamba2,
+             "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe}
 # The families jquant.checkpoint saves and loads. Each module declares CHECKPOINT_FAMILY (the manifest's
 # "family"), CHECKPOINT_MODEL (its model class), config_to_json(cfg) -> dict,
 # config_from_json(dict, *, dtype, param_dtype) -> config and abstract_model(config).
-CHECKPOINT_FAMILIES = (llama, rwkv6, mamba, mamba2)
+CHECKPOINT_FAMILIES = (llama, rwkv6, mamba, mamba2, moe)
 # The families with reference-model presets (each module has PRESETS: name -> config, and init_model(config, key)).
-PRESET_FAMILIES = (llama, mamba, rwkv6)
+PRESET_FAMILIES = (llama, mamba, rwkv6, moe)
 
 
 def preset(name: str):

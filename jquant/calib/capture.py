@@ -13,6 +13,13 @@ wraps a forward function with ``nnx.capture`` so they come back as an output
   ``energy``, ``quantization_error``  ``Σ x²`` and ``Σ (x - Q(x))²`` when the site quantizes its
                inputs (``module.activation``, with its static scale if any): the site's activation SNR
 
+Stacked expert sites (``record_expert_input``) keep the same statistics per expert, over the
+tokens routed to that expert only: ``hessian [E, in, in]``, ``count [E]``, ``absmax``/``total
+[E, in]``, plus MoEQuant's affinity-weighted ``affinity_hessian [E, in, in] = Σ_i c_i x_i x_iᵀ``
+and ``affinity [E] = Σ_i c_i`` (``c_i``: the routing weight of the token for that expert).
+They are summed on device per calibration batch (float32) and across batches on the host
+(float64); ``InputStatistics.expert(e)`` is expert ``e``'s share.
+
 On device, each sequence (index along the input's leading axis) gets its own
 float32 ``X_b^T X_b``; ``statistics_from_state`` sums those on the host in
 float64, in sequence order, and ``InputStatistics.merge`` adds batches in
@@ -63,6 +70,29 @@ def record_input(module: nnx.Module, x: jax.Array) -> None:
                    reduce_fn=lambda a, b: a + b)
 
 
+def record_expert_input(module: nnx.Module, x: jax.Array, group_sizes: jax.Array, affinity: jax.Array | None) -> None:
+    """Sow per-expert statistics of grouped rows ``x [M, in]`` (``group_sizes [E]``, affinities ``[M]``) if capturing."""
+    if not getattr(module, "capture_inputs", False):
+        return
+    from jquant.ops.experts import expert_ids, grouped_gram
+
+    num_experts = group_sizes.shape[0]
+    xf = x.astype(jnp.float32)
+    eid = expert_ids(group_sizes, x.shape[0])
+    c = jnp.ones((x.shape[0],), jnp.float32) if affinity is None else affinity.astype(jnp.float32)
+    stats = {
+        "input_hessian": grouped_gram(xf, group_sizes),
+        "input_affinity_hessian": grouped_gram(xf * jnp.sqrt(c)[:, None], group_sizes),
+        "input_count": group_sizes.astype(jnp.float32),
+        "input_affinity": jax.ops.segment_sum(c, eid, num_experts),
+        "input_total": jax.ops.segment_sum(xf, eid, num_experts),
+    }
+    for name, value in stats.items():
+        module.sow(nnx.Intermediate, name, value[None], init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+    absmax = jnp.maximum(jax.ops.segment_max(jnp.abs(xf), eid, num_experts), 0.0)
+    module.sow(nnx.Intermediate, "input_absmax", absmax[None], init_fn=lambda: 0.0, reduce_fn=jnp.maximum)
+
+
 def set_capture(module: nnx.Module, enabled: bool) -> None:
     """Turn input capture on or off for every site inside ``module`` (in place; a static flag)."""
     for site in find_sites(module):
@@ -74,11 +104,13 @@ class InputStatistics:
     """Accumulated statistics of one site's inputs on the host, float64 (see the module docstring)."""
 
     hessian: np.ndarray
-    count: float
+    count: float | np.ndarray
     absmax: np.ndarray
     total: np.ndarray | None = None
     energy: float | None = None
     quantization_error: float | None = None
+    affinity_hessian: np.ndarray | None = None
+    affinity: np.ndarray | None = None
 
     def merge(self, other: InputStatistics) -> InputStatistics:
         """Statistics of the union of both token sets."""
@@ -86,7 +118,23 @@ class InputStatistics:
         return InputStatistics(hessian=self.hessian + other.hessian, count=self.count + other.count,
                                absmax=np.maximum(self.absmax, other.absmax), total=add(self.total, other.total),
                                energy=add(self.energy, other.energy),
-                               quantization_error=add(self.quantization_error, other.quantization_error))
+                               quantization_error=add(self.quantization_error, other.quantization_error),
+                               affinity_hessian=add(self.affinity_hessian, other.affinity_hessian),
+                               affinity=add(self.affinity, other.affinity))
+
+    @property
+    def num_experts(self) -> int | None:
+        """``E`` for the statistics of a stacked expert site (None for an ordinary site)."""
+        return None if np.ndim(self.count) == 0 else int(np.shape(self.count)[0])
+
+    def expert(self, e: int) -> InputStatistics:
+        """Expert ``e``'s statistics (over the tokens routed to it) of a stacked expert site."""
+        if self.num_experts is None:
+            raise ValueError("these are the statistics of an ordinary site, not of a stacked expert site.")
+        pick = lambda a: None if a is None else a[e]  # noqa: E731
+        return InputStatistics(hessian=self.hessian[e], count=float(self.count[e]), absmax=self.absmax[e],
+                               total=pick(self.total), affinity_hessian=pick(self.affinity_hessian),
+                               affinity=None if self.affinity is None else float(self.affinity[e]))
 
     @property
     def quantization_snr_db(self) -> float:
@@ -116,15 +164,24 @@ def statistics_from_state(state: nnx.State) -> dict[str, InputStatistics]:
         *site, name = path
         value = var[...] if isinstance(var, nnx.Variable) else var
         by_site.setdefault(path_string(tuple(site)), {})[name] = value[0] if isinstance(value, tuple) else value
+    optional = lambda s, name: None if name not in s else _ordered_sum(s[name])  # noqa: E731
     return {
-        p: InputStatistics(hessian=_ordered_sum(s["input_hessian"]), count=float(np.sum(np.asarray(s["input_count"]))),
+        p: InputStatistics(hessian=_ordered_sum(s["input_hessian"]), count=_count(s["input_count"]),
                            absmax=np.max(np.asarray(s["input_absmax"], np.float64), axis=0),
                            total=_ordered_sum(s["input_total"]),
                            energy=_ordered_total(s.get("input_energy")),
-                           quantization_error=_ordered_total(s.get("input_quantization_error")))
+                           quantization_error=_ordered_total(s.get("input_quantization_error")),
+                           affinity_hessian=optional(s, "input_affinity_hessian"),
+                           affinity=optional(s, "input_affinity"))
         for p, s in by_site.items()
         if "input_hessian" in s
     }
+
+
+def _count(per_sequence: jax.Array) -> float | np.ndarray:
+    """Tokens seen: a float for an ordinary site, ``[E]`` per expert for a stacked expert site."""
+    total = np.sum(np.asarray(per_sequence, np.float64), axis=0)
+    return float(total) if total.ndim == 0 else total
 
 
 def _ordered_sum(per_sequence: jax.Array) -> np.ndarray:

@@ -18,6 +18,7 @@ from jquant.formats.api import (bits_per_element as bits_per_element,
                                 unpack_codes as unpack_codes)
 from jquant.formats.codebook import (CodebookFormat as CodebookFormat,
                                      codebook_quantize as codebook_quantize)
+from jquant.formats.experts import ExpertPartition as ExpertPartition, stack_experts as stack_experts
 from jquant.formats.fp8 import FP8Format as FP8Format
 from jquant.formats.gse import GSEFormat as GSEFormat
 from jquant.formats.integer import IntFormat as IntFormat
@@ -35,5 +36,5 @@ __all__ = [
     "QArray", "Format", "IntFormat", "FP8Format", "NVFP4Format", "MXFormat", "GSEFormat", "NF4Format",
     "CodebookFormat", "PolarVQFormat", "quantize", "dequantize", "fake_quantize", "codebook_quantize",
     "bits_per_element", "unpack_codes", "check_finite", "pack_bits", "unpack_bits",
-    "packed_length", "FORMATS", "get_format",
+    "packed_length", "FORMATS", "get_format", "ExpertPartition", "stack_experts",
 ]

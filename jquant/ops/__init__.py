@@ -6,7 +6,8 @@ here without touching model code. ``dispatch`` picks the implementation of each
 quantized matmul (a Pallas kernel where the measured table says it wins, else XLA).
 ``lora_linear`` is the adapted linear of integer LoRA fine-tuning (``quantized_matmul``:
 quantize-compute-dequantize GEMMs in group-shared-exponent integers). ``ssm`` and ``wkv``
-hold the recurrences of the Mamba and RWKV families (their counterpart of attention).
+hold the recurrences of the Mamba and RWKV families (their counterpart of attention); ``experts``
+the routing and grouped matmuls of mixture-of-experts layers.
 """
 
 from jquant.ops.attention import attention as attention
@@ -16,6 +17,8 @@ from jquant.ops.attention import quantize_kv as quantize_kv
 from jquant.ops.dispatch import explain as explain
 from jquant.ops.dispatch import force_path as force_path
 from jquant.ops.dispatch import record_dispatch as record_dispatch
+from jquant.ops.experts import grouped_matmul as grouped_matmul
+from jquant.ops.experts import quantize_expert_activations as quantize_expert_activations
 from jquant.ops.linear import as_array as as_array
 from jquant.ops.linear import dot_general as dot_general
 from jquant.ops.linear import embedding_lookup as embedding_lookup
@@ -34,6 +37,6 @@ from jquant.ops.wkv import wkv6_chunked as wkv6_chunked
 from jquant.ops.wkv import wkv6_recurrent as wkv6_recurrent
 
 __all__ = ["LoRAArithmetic", "as_array", "attention", "attention_quantized_past", "causal_mask", "dot_general",
-           "embedding_lookup", "explain", "force_path", "linear", "lora_linear", "online_hadamard", "polar_linear",
+           "embedding_lookup", "explain", "grouped_matmul", "quantize_expert_activations", "force_path", "linear", "lora_linear", "online_hadamard", "polar_linear",
            "quantize_kv", "quantized_matmul", "record_dispatch", "causal_conv1d", "selective_scan",
            "selective_scan_recurrent", "ssd_chunked", "ssd_recurrent", "wkv6_chunked", "wkv6_recurrent"]

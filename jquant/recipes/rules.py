@@ -149,19 +149,26 @@ class Recipe:
             except re.error as err:
                 raise ValueError(f"Recipe {self.name!r}: keep_float pattern {pattern!r} is invalid: {err}.") from None
 
-    def rule_for(self, path: str) -> Rule | None:
-        """The rule that applies to site ``path`` (None: stays in floating point)."""
-        if any(re.fullmatch(p, path) for p in self.keep_float):
+    def rule_for(self, path: str, expert: int | None = None) -> Rule | None:
+        """The rule that applies to site ``path`` (None: stays in floating point).
+
+        For expert ``e`` of a stacked expert site, a rule (or ``keep_float`` pattern) applies if it matches
+        the site path or the expert's path ``{path}/{e}``, so ``.*/experts/down_proj/[0-3]`` targets experts 0-3.
+        """
+        names = (path,) if expert is None else (path, f"{path}/{expert}")
+        if any(re.fullmatch(p, n) for p in self.keep_float for n in names):
             return None
-        return next((r for r in self.rules if r.matches(path)), None)
+        return next((r for r in self.rules if any(r.matches(n) for n in names)), None)
 
     def assign(self, paths: Iterable[str]) -> dict[str, Rule | None]:
         """Rule (or None) per site path, in the given order."""
         return {p: self.rule_for(p) for p in paths}
 
-    def unused_rules(self, paths: Iterable[str]) -> list[Rule]:
-        """Rules that no site takes (typos, or sites shadowed by an earlier rule)."""
-        used = {id(r) for r in self.assign(paths).values() if r is not None}
+    def unused_rules(self, paths: Iterable[str], experts: Mapping[str, int] | None = None) -> list[Rule]:
+        """Rules that no site takes (typos, or sites shadowed by an earlier rule); ``experts`` gives the number of
+        experts of each stacked expert site, whose experts take rules one by one."""
+        experts = experts or {}
+        used = {id(self.rule_for(p, e)) for p in paths for e in (range(experts[p]) if p in experts else (None,))}
         return [r for r in self.rules if id(r) not in used]
 
     @property

@@ -21,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jquant.losses import cross_entropy as cross_entropy
 from jquant.progress import progress_bar
 
 
@@ -87,15 +88,11 @@ class TrainResult:
         return math.exp(self.final_val_loss)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token negative log-likelihood; ``logits [B, T, V]``, ``targets [B, T]`` (float32 maths)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-
-
 @nnx.jit
 def _train_step(model, optimizer, tokens):
     def loss_fn(m):
+        if hasattr(m, "training_loss"):  # models with auxiliary losses (MoE load balancing) add them themselves
+            return m.training_loss(tokens[:, :-1], tokens[:, 1:])
         return cross_entropy(m(tokens[:, :-1]), tokens[:, 1:])
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
