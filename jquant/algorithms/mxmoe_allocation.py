@@ -89,13 +89,15 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     _scheme(4, 16, 128, 4.25),
     _scheme(3, 16, 128, 3.25),
     _scheme(2, 16, 128, 2.25),
+    _scheme(3, 16, None, 3.0),  # jquant additions: per-channel 3 and 2 bits stand in for the paper's missing
+    _scheme(2, 16, None, 2.0),  # w1a16_g128 as the cheap end of the weight-only set (jquant has no 1-bit format)
     _scheme(4, 4, None, 4.0),
     _scheme(4, 4, 128, 4.25),
     _scheme(8, 8, None, 8.0),
 )}
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
-    "weight-only": ("w2a16_g128", "w3a16_g128", "w4a16_g128", "w4a16_g-1", "w8a16_g-1"),
+    "weight-only": ("w2a16_g-1", "w2a16_g128", "w3a16_g-1", "w3a16_g128", "w4a16_g128", "w4a16_g-1", "w8a16_g-1"),
     "w5a5": ("w4a4_g-1", "w4a4_g128", "w8a8_g-1"),
     "w4.25a15.5": ("w4a16_g-1", "w8a8_g-1"),
 }

@@ -83,3 +83,28 @@ def test_per_expert_activation_formats():
 def test_route_refuses_top_k_above_experts():
     with pytest.raises(ValueError, match="top_k=5"):
         X.route(jnp.zeros((2, 4)), 5, normalize=True)
+
+
+def test_gradients_equal_a_dense_per_token_reference():
+    """Training goes through routing, grouping, the blocked grouped matmul and combine: their gradients (weights,
+    inputs and router logits) equal those of a dense computation that evaluates every expert for every token."""
+    rng = np.random.default_rng(4)
+    n, d, f, e, k = 23, 8, 6, 4, 2
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    logits = jnp.asarray(rng.normal(size=(n, e)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(e, d, f)), jnp.float32)
+
+    def grouped(x, logits, w):
+        routing = X.route(logits, k, normalize=True)
+        grouping = X.sort_by_expert(routing.experts, e)
+        out = X.grouped_matmul(x[grouping.token], w, grouping.group_sizes, block=4)
+        return jnp.sum(jnp.sin(X.combine(out, routing, grouping, n)))
+
+    def dense(x, logits, w):
+        p = jax.nn.softmax(logits, axis=-1)
+        top, idx = jax.lax.top_k(p, k)
+        gates = jnp.zeros_like(p).at[jnp.arange(n)[:, None], idx].set(top / top.sum(-1, keepdims=True))
+        return jnp.sum(jnp.sin(jnp.einsum("te,ted->td", gates, jnp.einsum("td,edf->tef", x, w))))
+
+    for got, want in zip(jax.grad(grouped, argnums=(0, 1, 2))(x, logits, w), jax.grad(dense, argnums=(0, 1, 2))(x, logits, w)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
