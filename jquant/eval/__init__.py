@@ -1,9 +1,10 @@
-"""Evaluation: perplexity, zero-shot multiple choice, size and latency.
+"""Evaluation: perplexity, zero-shot multiple choice, size and latency, expert usage of MoE models.
 
 All scorers take a causal logits function ``model(tokens int32[B, T]) -> [B, T, V]``
 (an ``nnx.Module`` or any callable).
 """
 
+from jquant.eval.experts import ExpertUsage, expert_usage
 from jquant.eval.perplexity import PerplexityResult, perplexity, split_perplexity, target_logprobs
 from jquant.eval.report import LatencyResult, measure_latency, param_bytes, param_count
 from jquant.eval.zeroshot import (
@@ -15,7 +16,7 @@ from jquant.eval.zeroshot import (
 )
 
 __all__ = [
-    "TASKS", "LatencyResult", "MultipleChoiceItem", "MultipleChoiceResult", "PerplexityResult",
-    "evaluate_multiple_choice", "measure_latency", "param_bytes", "param_count", "perplexity",
+    "TASKS", "ExpertUsage", "LatencyResult", "MultipleChoiceItem", "MultipleChoiceResult", "PerplexityResult",
+    "evaluate_multiple_choice", "expert_usage", "measure_latency", "param_bytes", "param_count", "perplexity",
     "split_perplexity", "target_logprobs", "zero_shot",
 ]

@@ -131,10 +131,15 @@ def grouped_matmul(x: jax.Array, w: jax.Array | QArray | ExpertPartition, group_
     """``y[r] = x[r] @ w[e(r)]`` for rows ``x [M, D]`` sorted by expert, ``w [E, D, F]``, ``group_sizes [E]``.
 
     ``w`` may be a ``QArray`` quantized along axis 1 (per-expert scales) or an ``ExpertPartition`` (experts in
-    different formats); it is dequantized to ``x.dtype`` (the XLA path). ``Σ group_sizes`` must equal ``M``. On CPU the product runs as
+    different formats). In dispatch mode ``"pallas"`` (``jq.ops.force_path`` / ``JQUANT_KERNELS``) integer
+    weights go to the Pallas grouped kernel (``pallas_kernels.grouped_matmul``: one call per precision group
+    of a partition) when their formats and shapes fit it; otherwise, and in the other modes until a GPU
+    measurement says the kernel wins, they are dequantized to ``x.dtype`` (the XLA path). ``Σ group_sizes`` must equal ``M``. On CPU the product runs as
     blocked dense matmuls of ``block`` rows (default: the power of two nearest ``M / E``, between 8 and 128);
     elsewhere as ``jax.lax.ragged_dot``.
     """
+    if isinstance(w, (QArray, ExpertPartition)) and (kernel_out := _pallas_grouped(x, w, group_sizes)) is not None:
+        return kernel_out
     if isinstance(w, ExpertPartition):
         weight = w.dequantize(x.dtype)
     else:
@@ -147,6 +152,32 @@ def grouped_matmul(x: jax.Array, w: jax.Array | QArray | ExpertPartition, group_
     if block is None:
         block = int(min(128, max(8, 2 ** round(math.log2(max(x.shape[0] // weight.shape[0], 1))))))
     return _blocked_grouped_matmul(x, weight, group_sizes, block)
+
+
+def _pallas_grouped(x: jax.Array, w: QArray | ExpertPartition, group_sizes: jax.Array) -> jax.Array | None:
+    """The Pallas grouped kernel's result in dispatch mode ``"pallas"`` (None: take the XLA path), recorded."""
+    from jquant.ops import dispatch
+
+    if dispatch.current_mode() != "pallas":
+        dispatch._record(dispatch.XLA_PATH, f"mode {dispatch.current_mode()!r}: no measured grouped-GEMM table yet",
+                         x, w, None)
+        return None
+    from jquant.pallas_kernels import grouped_matmul as kernel
+
+    try:
+        if isinstance(w, ExpertPartition):
+            groups = [kernel.ExpertGroup(ids, p if isinstance(p, QArray) else p.astype(x.dtype))
+                      for ids, p in zip(w.experts, w.parts)]
+            kernel.check_mixed(x, group_sizes, groups, kernel.TileConfig())
+            out = kernel.mixed_grouped_matmul(x, group_sizes, groups)
+        else:
+            kernel.check(x, group_sizes, w, kernel.TileConfig())
+            out = kernel.grouped_matmul(x, group_sizes, w)
+    except ValueError as err:
+        dispatch._record(dispatch.XLA_PATH, f"grouped kernel does not fit: {err}", x, w, None)
+        return None
+    dispatch._record("pallas-grouped-matmul", "mode 'pallas'", x, w, None)
+    return out
 
 
 def combine(expert_out: jax.Array, routing: Routing, grouping: ExpertGrouping, num_tokens: int) -> jax.Array:

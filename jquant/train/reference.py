@@ -74,10 +74,20 @@ def train_reference(
         "weights_dtype": export_dtype,
         "backend": jax.default_backend(),
     }
+    if hasattr(shipped, "moe_layers"):
+        summary["expert_usage"] = validation_expert_usage(shipped, tokenizer)
     (workdir / "reference_info.json").write_text(json.dumps(summary, indent=2) + "\n")
     if export_to is not None:
         export_reference(shipped, Path(export_to), tokenizer, summary, workdir / "loss_curve.png")
     return summary
+
+
+def validation_expert_usage(model: nnx.Module, tokenizer) -> dict:
+    """Tokens routed to each expert of each MoE layer over the validation split."""
+    from jquant.eval import expert_usage
+
+    tokens = token_windows(load_split("validation"), tokenizer, EVAL_SEQ_LEN)
+    return {"windows": len(tokens), **expert_usage(model, tokens).to_dict()}
 
 
 def recast(model: nnx.Module, param_dtype: str) -> nnx.Module:

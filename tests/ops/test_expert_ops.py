@@ -108,3 +108,26 @@ def test_gradients_equal_a_dense_per_token_reference():
 
     for got, want in zip(jax.grad(grouped, argnums=(0, 1, 2))(x, logits, w), jax.grad(dense, argnums=(0, 1, 2))(x, logits, w)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_pallas_mode_uses_the_grouped_kernel_and_falls_back_when_shapes_do_not_tile():
+    from jquant import ops
+
+    rng = np.random.default_rng(5)
+    sizes = jnp.asarray([5, 0, 11, 4], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(20, 128)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 128, 64)), jnp.float32)
+    q = quantize(w, get_format("int4-g128-asym"), axis=1)
+    part = ExpertPartition(parts=(quantize(w[np.array([0, 2])], get_format("int8"), axis=1),
+                                  quantize(w[np.array([1, 3])], get_format("int4-g128-asym"), axis=1)),
+                           experts=((0, 2), (1, 3)))
+    for weight in (q, part):
+        xla = X.grouped_matmul(x, weight, sizes)
+        with ops.force_path("pallas"), ops.record_dispatch() as records:
+            fast = X.grouped_matmul(x, weight, sizes)
+        assert [r.path for r in records] == ["pallas-grouped-matmul"]
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(xla), rtol=1e-5, atol=1e-4)
+    odd = quantize(jnp.asarray(rng.normal(size=(4, 128, 40)), jnp.float32), get_format("int8"), axis=1)
+    with ops.force_path("pallas"), ops.record_dispatch() as records:
+        X.grouped_matmul(x, odd, sizes)
+    assert records[0].path == "xla-dequantize" and "does not fit" in records[0].reason
