@@ -94,7 +94,7 @@ def test_unknown_family_in_a_manifest_is_refused(tmp_path):
     manifest_file = tmp_path / "ckpt" / "jquant.json"
     manifest = json.loads(manifest_file.read_text())
     manifest_file.write_text(json.dumps({**manifest, "family": "gpt2"}))
-    with pytest.raises(ValueError, match=r"family 'gpt2' is not one jquant knows; known: llama, mamba, mamba2, rwkv6"):
+    with pytest.raises(ValueError, match=r"family 'gpt2' is not one jquant knows; known: llama, mamba, mamba2, moe, rwkv6"):
         load(tmp_path / "ckpt")
     manifest_file.write_text(json.dumps({**manifest, "config": {**manifest["config"], "d_inner": 7}}))
     with pytest.raises(ValueError, match=r"MambaConfig does not know: \['d_inner'\]"):

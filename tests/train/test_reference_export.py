@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jquant.data import load_tokenizer
-from jquant.models import llama, load, mamba, rwkv6
+from jquant.models import llama, load, mamba, moe, rwkv6
 from jquant.models.registry import PRESET_FAMILIES, preset
 from jquant.testing.tiny_models import fast_logits
 from jquant.train.reference import export_reference, recast
@@ -19,8 +19,10 @@ TINY = {
     "mamba": mamba.MambaConfig(vocab_size=4096, hidden_size=16, num_layers=2, state_size=4),
     "rwkv6": rwkv6.RWKV6Config(vocab_size=4096, hidden_size=32, intermediate_size=64, num_layers=2, head_size=16,
                                mix_rank=4, decay_rank=8),
+    "moe": moe.MoEConfig(vocab_size=4096, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_layers=2,
+                         num_heads=2, num_kv_heads=1, num_experts=4, top_k=2, max_position_embeddings=64),
 }
-FAMILIES = {"llama": llama, "mamba": mamba, "rwkv6": rwkv6}
+FAMILIES = {"llama": llama, "mamba": mamba, "moe": moe, "rwkv6": rwkv6}
 
 
 def test_every_preset_matches_the_tokenizer_and_resolves_to_its_family():
