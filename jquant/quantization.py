@@ -112,9 +112,7 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
         rule = recipe.rule_for(site.path)
         if rule is None or rule.weight is None and rule.activation is None:
             continue
-        if "hessian" in dict(rule.options):
-            raise ValueError(f"site {site.path!r}: option 'hessian' (affinity-weighted Hessians) applies to stacked "
-                             "expert sites only; remove it from this rule.")
+        _check_hessian_option(site, rule)
         weight_fmt, act_fmt = _resolve(site, rule, tuple(site.weight.get_value().shape))
         plans.append(SitePlan(site=site, rule=rule, weight=weight_fmt, activation=act_fmt))
     return plans
@@ -191,10 +189,16 @@ def _check_expert_rule(site: Site, rule: Rule) -> None:
     if rule.static_activation:
         raise ValueError(f"site {site.path!r}: stacked experts quantize activations dynamically (per token); "
                          "remove static_activation.")
+    _check_hessian_option(site, rule)
+
+
+def _check_hessian_option(site: Site, rule: Rule) -> None:
     hessian = dict(rule.options).get("hessian", "plain")
     if hessian not in ("plain", "affinity"):
         raise ValueError(f"site {site.path!r}: option hessian={hessian!r} must be 'plain' or 'affinity' "
                          "(MoEQuant's affinity-weighted Hessian).")
+    if hessian == "affinity" and rule.algorithm != "gptq":
+        raise ValueError(f"site {site.path!r}: option hessian='affinity' applies to GPTQ, not {rule.algorithm!r}.")
 
 
 def _keeps_tensor_scale(fmt: Format, shape: tuple[int, ...]) -> bool:
@@ -270,8 +274,11 @@ def quantize(
             uncalibrated[site.path] = apply_experts(site, plan_.expert_groups(), stats)
         elif plan_.weight is not None:
             algorithm = ALGORITHMS[plan_.rule.algorithm]
+            options = dict(plan_.rule.options)
+            if options.pop("hessian", "plain") == "affinity":
+                stats = _affinity_statistics(site, stats)
             q = algorithm(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=stats,
-                          options=dict(plan_.rule.options))
+                          options=options)
             site.weight.set_value(q)
         if plan_.activation is not None and site.spec.kind != "experts":
             site.module.activation = plan_.activation
@@ -314,6 +321,14 @@ def quantize(
         transforms=transform_logs,
     )
     return qmodel
+
+
+def _affinity_statistics(site: Site, stats: InputStatistics) -> InputStatistics:
+    """``stats`` with MoEQuant's affinity-weighted Hessian ``Σ c x xᵀ`` in place of ``Σ x xᵀ``."""
+    if stats.affinity_hessian is None:
+        raise ValueError(f"site {site.path!r}: hessian='affinity' needs per-token routing affinities, which only "
+                         "expert stacks and gated shared experts record; use the plain Hessian for this site.")
+    return dataclasses.replace(stats, hessian=stats.affinity_hessian)
 
 
 def _needs_calibration(p: SitePlan) -> bool:

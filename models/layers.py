@@ -71,10 +71,12 @@ class Linear(nnx.Module):
         self.input_rotation = None  # the order of an online Hadamard applied to the input (set by transforms)
         self.lora = nnx.data(None)  # a LoRA adapter module (set by jquant.finetune.add_lora)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, affinity: jax.Array | None = None) -> jax.Array:
+        """``x [..., in]`` -> ``[..., out]``; ``affinity [...]`` (per-token weights, e.g. a shared expert's gate)
+        only adds affinity-weighted calibration statistics."""
         if self.input_rotation is not None:
             x = ops.online_hadamard(x, self.input_rotation)
-        record_input(self, x)
+        record_input(self, x, affinity)
         bias = None if self.bias is None else self.bias.get_value()
         if self.lora is not None:
             return self.lora(x, self.kernel.get_value(), bias)
@@ -300,8 +302,10 @@ class SwiGLU(nnx.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, sharding=("embed", "mlp"), **kw)
         self.down_proj = Linear(intermediate_size, hidden_size, sharding=("mlp", "embed"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, affinity: jax.Array | None = None) -> jax.Array:
+        """``affinity [...]``: per-token weights recorded for calibration (a gated shared expert's gate)."""
+        h = jax.nn.silu(self.gate_proj(x, affinity)) * self.up_proj(x, affinity)
+        return self.down_proj(h, affinity)
 
 
 class ExpertLinear(nnx.Module):
@@ -406,19 +410,21 @@ class SparseMoE(nnx.Module):
         """
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        routing = route(self.gate(flat), self.cfg.top_k, normalize=self.cfg.normalize, scale=self.cfg.scale)
+        logits = self.gate(x).reshape(b * t, -1)  # [B, T, D] in: calibration statistics stay per sequence
+        routing = route(logits, self.cfg.top_k, normalize=self.cfg.normalize, scale=self.cfg.scale)
         if self.capture_routing:
             self.sow(nnx.Intermediate, "routed_experts", routing.experts.reshape(b, t, -1))
             self.sow(nnx.Intermediate, "routed_weights", routing.weights.reshape(b, t, -1))
         grouping = sort_by_expert(routing.experts, self.cfg.num_experts)
         affinity = routing.weights.reshape(-1)[grouping.order]
         out = self.experts(flat[grouping.token], grouping.group_sizes, affinity)
-        y = combine(out, routing, grouping, b * t)
+        y = combine(out, routing, grouping, b * t).reshape(b, t, d)
         if self.shared_expert is not None:
-            shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
-                shared = jax.nn.sigmoid(self.shared_expert_gate(flat)) * shared
-            y = y + shared
+                gate = jax.nn.sigmoid(self.shared_expert_gate(x))  # [B, T, 1]: MoEQuant's shared-expert affinity
+                y = y + gate * self.shared_expert(x, gate[..., 0])
+            else:
+                y = y + self.shared_expert(x)
         fraction = grouping.group_sizes.astype(jnp.float32) / routing.experts.size
         load_loss = self.cfg.num_experts * jnp.sum(fraction * jnp.mean(routing.probs, axis=0))
-        return y.reshape(b, t, d), load_loss
+        return y, load_loss

@@ -87,10 +87,10 @@ def test_gptq_on_moe_reports_starved_expert_and_round_trips(tmp_path):
     model = _model(starve_expert=True)
     recipe = Recipe(name="w4-experts", rules=(Rule(pattern=".*", weight="int4", algorithm="gptq",
                                                    options={"hessian": "affinity"}),))
-    with pytest.raises(ValueError, match="'hessian'.*stacked expert sites only"):
+    with pytest.raises(ValueError, match="only expert stacks and gated shared experts record"):
         jq.quantize(model, recipe, _calib(), progress=False)
     recipe = Recipe(name="w4-experts", rules=(
-        Rule(pattern=".*/experts/.*", weight="int4", algorithm="gptq", options={"hessian": "affinity"}),
+        Rule(pattern=".*/(experts|shared_expert)/.*", weight="int4", algorithm="gptq", options={"hessian": "affinity"}),
         Rule(pattern=".*", weight="int4", algorithm="gptq")))
     q = jq.quantize(model, recipe, _calib(), progress=False)
     report = q.quantization.site("layers/1/mlp/experts/down_proj")
@@ -103,6 +103,23 @@ def test_gptq_on_moe_reports_starved_expert_and_round_trips(tmp_path):
     tokens = jnp.asarray(_calib(5))
     jq.save(q, tmp_path / "q")
     np.testing.assert_array_equal(np.asarray(jq.load(tmp_path / "q")(tokens)), np.asarray(q(tokens)))
+
+
+def test_gated_shared_expert_records_its_gate_as_affinity():
+    """Qwen-MoE's shared expert: c = sigmoid(shared_expert_gate(x)) weights its Hessian (MoEQuant spec §3.3)."""
+    from jquant.calib.capture import model_input_statistics
+
+    model = _model()
+    tokens = _calib(7)
+    stats = model_input_statistics(model, tokens, {"layers/1/mlp/shared_expert/up_proj"})["layers/1/mlp/shared_expert/up_proj"]
+    hidden, positions = model.block_inputs(jnp.asarray(tokens))
+    hidden = model.layers[0].calibration_forward(hidden, positions)
+    layer = model.layers[1]
+    h = hidden + layer.self_attn(layer.input_layernorm(hidden), positions, None, None)[0]
+    x = np.asarray(layer.post_attention_layernorm(h), np.float64).reshape(-1, CFG.hidden_size)
+    c = 1 / (1 + np.exp(-(x @ np.asarray(layer.mlp.shared_expert_gate.kernel.get_value(), np.float64))))
+    np.testing.assert_allclose(stats.affinity_hessian, x.T @ (c * x), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(stats.hessian, x.T @ x, rtol=2e-4, atol=2e-4)
 
 
 def test_mixed_expert_recipe_builds_a_partition_that_saves(tmp_path):

@@ -43,10 +43,21 @@ from flax import nnx
 from jquant.sites import find_sites, path_string
 
 
-def record_input(module: nnx.Module, x: jax.Array) -> None:
-    """Sow per-sequence statistics of ``x [B, ..., in]`` into ``module`` if its capture flag is set."""
+def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = None) -> None:
+    """Sow per-sequence statistics of ``x [B, ..., in]`` into ``module`` if its capture flag is set.
+
+    ``affinity [B, ...]`` (one weight per token, e.g. a gated shared expert's gate) adds the weighted
+    ``Σ c x xᵀ`` (``input_affinity_hessian``) and ``Σ c`` (``input_affinity``).
+    """
     if not getattr(module, "capture_inputs", False):
         return
+    if affinity is not None:
+        c = affinity.reshape(x.shape[0], -1, 1).astype(jnp.float32)
+        xc = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32) * jnp.sqrt(c)
+        weighted = jnp.einsum("bni,bnj->bij", xc, xc, precision=jax.lax.Precision.HIGHEST)
+        module.sow(nnx.Intermediate, "input_affinity_hessian", weighted, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+        module.sow(nnx.Intermediate, "input_affinity", jnp.sum(c, axis=(1, 2)), init_fn=lambda: 0.0,
+                   reduce_fn=lambda a, b: a + b)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
     xtx = jnp.einsum("bni,bnj->bij", x3, x3, precision=jax.lax.Precision.HIGHEST)
     n = jnp.full((x3.shape[0],), x3.shape[1], jnp.float32)
