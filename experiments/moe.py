@@ -38,9 +38,9 @@ import jquant as jq
 from jquant.algorithms.mxmoe import allocate_model, expert_sensitivity
 from jquant.algorithms.mxmoe_allocation import CANDIDATES, parse_scheme
 from jquant.calib.capture import model_input_statistics
-from jquant.calib.ebss import EBSSConfig, expert_balance, self_sample
+from jquant.calib.ebss import EBSSConfig, self_sample
 from jquant.data import load_split, random_windows, token_windows
-from jquant.eval import perplexity, zero_shot
+from jquant.eval import expert_usage, perplexity, zero_shot
 from jquant.formats import ExpertPartition, QArray, dequantize
 from jquant.models import load
 from jquant.recipes import Recipe, Rule
@@ -82,14 +82,9 @@ def _spread(windows: np.ndarray, n: int) -> np.ndarray:
 
 
 def _usage(model, tokens: np.ndarray) -> dict:
-    """Routed tokens per expert and layer on ``tokens`` (from the expert sites' statistics) and the set's σ."""
-    stats = model_input_statistics(model, tokens, batch_size=8)
-    counts = np.array([stats[p].count for p in sorted(stats, key=_layer_index) if p.endswith("experts/gate_proj")])
-    return {"counts": counts.tolist(), "sigma": float(expert_balance(counts)), "min_count": int(counts.min())}
-
-
-def _layer_index(path: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else 0 for p in path.split("/"))
+    """Routed tokens per expert and layer on ``tokens`` and the set's σ."""
+    usage = expert_usage(model, tokens)
+    return {"counts": usage.counts.tolist(), "sigma": usage.sigma, "min_count": int(usage.counts.min())}
 
 
 def _expert_errors(fp_model, qmodel, stats: dict) -> list[dict]:
