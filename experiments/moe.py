@@ -293,7 +293,10 @@ def _reading(data: dict) -> str:
     if ("MxMoE", 2.25) in mx and ("uniform w2a16_g128", 2.25) in mx:
         m, u = mx[("MxMoE", 2.25)], mx[("uniform w2a16_g128", 2.25)]
         text += (f" MxMoE part: at 2.25 average bits the allocation reaches ppl {m['ppl_all']:.2f} against "
-                 f"{u['ppl_all']:.2f} for uniform w2 g128 GPTQ (FP {fp['ppl_all']:.2f}), mixing {m['choices']}.")
+                 f"{u['ppl_all']:.2f} for uniform w2 g128 GPTQ (FP {fp['ppl_all']:.2f}), mixing {m['choices']}. Its "
+                 f"stored arrays take {m['expert_bits']:.3f} bits per expert weight, more than the 2.25 budget: the "
+                 "paper's budget charges per-channel schemes their code bits only (w2 per channel = 2.0), while the "
+                 "fp16 scale and 8-bit zero point of each output channel add 24 / in-features bits.")
     for bits, uniform in ((3.0, "uniform w3a16_g-1"), (4.0, "uniform w4a16_g-1")):
         if ("MxMoE", bits) in mx and (uniform, bits) in mx:
             text += (f" At {bits:g} bits: MxMoE {mx[('MxMoE', bits)]['ppl_all']:.2f} against {uniform} "
