@@ -61,6 +61,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return tensors
 
 
+def stored_dtype(tensors: Mapping[str, np.ndarray], *, default: str) -> str:
+    """The one floating dtype every tensor is stored in, else ``default`` (mixed or non-float storage)."""
+    stored = {str(v.dtype) for v in tensors.values()}
+    return stored.pop() if len(stored) == 1 and stored <= {"float32", "bfloat16", "float16", "float64"} else default
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     config: Mapping,

@@ -296,9 +296,7 @@ def from_hf(path, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None
 
     hf_config = hf_io.read_config(path)
     tensors = {k: v for k, v in hf_io.read_safetensors(path).items() if not k.endswith("rotary_emb.inv_freq")}
-    if param_dtype is None:
-        stored = {str(v.dtype) for v in tensors.values()}
-        param_dtype = stored.pop() if len(stored) == 1 and stored <= {"float32", "bfloat16", "float16", "float64"} else dtype
+    param_dtype = param_dtype or hf_io.stored_dtype(tensors, default=dtype)
     cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
