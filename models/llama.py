@@ -21,7 +21,7 @@ from flax import nnx
 from jquant.kv import KVCache, init_cache
 from jquant.models.config_io import check_dtypes_available
 from jquant.models.layers import Attention, AttentionConfig, Embed, Linear, RMSNorm, RopeConfig, SwiGLU
-from jquant.transforms.layout import AttentionLayout, DecoderLayout, MLPLayout, NormGroup
+from jquant.transforms.layout import AttentionLayout, DecoderLayout, MLPLayout, NormGroup, SparseMLPLayout
 from jquant.transforms.layout import DecoderLayer as DecoderLayerLayout
 
 Family = Literal["llama", "mistral", "qwen2", "qwen3"]
@@ -178,6 +178,38 @@ class DecoderLM(nnx.Module):
             max_context=cfg.max_position_embeddings,
         )
 
+    def mlp_layout(self, i: int) -> tuple[tuple[str, ...], MLPLayout | SparseMLPLayout]:
+        """Layer ``i``'s feed-forward for equivalence transforms: (the linears reading its norm, its layout).
+
+        A dense SwiGLU at ``layers/{i}/mlp``; families with other feed-forwards override this.
+        """
+        p = f"layers/{i}/mlp"
+        mlp = MLPLayout(up=f"{p}/up_proj", gate=f"{p}/gate_proj", down=f"{p}/down_proj",
+                        hidden=self.config.intermediate_size)
+        return (mlp.up, mlp.gate), mlp
+
+    def equivalence_layout(self) -> DecoderLayout:
+        """The residual-stream structure equivalence transforms act on (``jquant.transforms.layout``)."""
+        cfg = self.config
+        layers = []
+        for i in range(cfg.num_layers):
+            p = f"layers/{i}"
+            attn = AttentionLayout(
+                path=f"{p}/self_attn", q=f"{p}/self_attn/q_proj", k=f"{p}/self_attn/k_proj", v=f"{p}/self_attn/v_proj",
+                o=f"{p}/self_attn/o_proj", num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, qk_norm=cfg.qk_norm,
+            )
+            readers, mlp = self.mlp_layout(i)
+            layers.append(DecoderLayerLayout(
+                attn_norm=NormGroup(f"{p}/input_layernorm", (attn.q, attn.k, attn.v)),
+                attention=attn,
+                mlp_norm=NormGroup(f"{p}/post_attention_layernorm", readers),
+                mlp=mlp,
+            ))
+        head = None if self.lm_head is None else "lm_head"
+        return DecoderLayout(hidden_size=cfg.hidden_size, embedding="embed_tokens", layers=tuple(layers),
+                             final_norm=NormGroup("norm", (head,) if head else ()), head=head)
+
     def _forward(self, tokens, positions, layer_caches, start):
         x = self.embed_tokens(tokens, jnp.dtype(self.config.dtype))
         new_caches = []
@@ -208,29 +240,6 @@ class Llama(DecoderLM):
             if cfg.tie_embeddings
             else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, sharding=("embed", "vocab"), param_dtype=pdt, rngs=rngs)
         )
-
-    def equivalence_layout(self) -> DecoderLayout:
-        """The residual-stream structure equivalence transforms act on (``jquant.transforms.layout``)."""
-        cfg = self.config
-        layers = []
-        for i in range(cfg.num_layers):
-            p = f"layers/{i}"
-            attn = AttentionLayout(
-                path=f"{p}/self_attn", q=f"{p}/self_attn/q_proj", k=f"{p}/self_attn/k_proj", v=f"{p}/self_attn/v_proj",
-                o=f"{p}/self_attn/o_proj", num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                head_dim=cfg.head_dim, qk_norm=cfg.qk_norm,
-            )
-            mlp = MLPLayout(up=f"{p}/mlp/up_proj", gate=f"{p}/mlp/gate_proj", down=f"{p}/mlp/down_proj",
-                            hidden=cfg.intermediate_size)
-            layers.append(DecoderLayerLayout(
-                attn_norm=NormGroup(f"{p}/input_layernorm", (attn.q, attn.k, attn.v)),
-                attention=attn,
-                mlp_norm=NormGroup(f"{p}/post_attention_layernorm", (mlp.up, mlp.gate)),
-                mlp=mlp,
-            ))
-        head = None if self.lm_head is None else "lm_head"
-        return DecoderLayout(hidden_size=cfg.hidden_size, embedding="embed_tokens", layers=tuple(layers),
-                             final_norm=NormGroup("norm", (head,) if head else ()), head=head)
 
     def untie_embeddings(self) -> Llama:
         """A float copy whose output head is its own ``lm_head`` (initialised to the embedding); self if untied."""

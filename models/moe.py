@@ -35,6 +35,7 @@ from jquant.models.layers import Embed, Linear, RMSNorm, SparseMoE, SparseMoECon
 from jquant.losses import cross_entropy
 from jquant.models.llama import DecoderLayer, DecoderLM, DTypeName, LlamaConfig
 from jquant.models.llama import _rope_from_hf, _single_id
+from jquant.transforms.layout import MLPLayout, SparseMLPLayout
 
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_moe")
 _HF_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -104,6 +105,30 @@ class MoE(DecoderLM):
         self.lm_head = (None if cfg.tie_embeddings else
                         Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, sharding=("embed", "vocab"),
                                param_dtype=pdt, rngs=rngs))
+
+    def mlp_layout(self, i: int) -> tuple[tuple[str, ...], MLPLayout | SparseMLPLayout]:
+        """Layer ``i``'s feed-forward for equivalence transforms: a dense layer's SwiGLU, or the sparse block's
+        readers (router, gate/up expert stacks, shared expert and its gate) and writers (the down projections)."""
+        mlp = self.layers[i].mlp
+        if not isinstance(mlp, SparseMoE):
+            return super().mlp_layout(i)
+        p = f"layers/{i}/mlp"
+        readers = [f"{p}/gate", f"{p}/experts/gate_proj", f"{p}/experts/up_proj"]
+        writers = [f"{p}/experts/down_proj"]
+        if mlp.shared_expert is not None:
+            readers += [f"{p}/shared_expert/gate_proj", f"{p}/shared_expert/up_proj"]
+            writers.append(f"{p}/shared_expert/down_proj")
+        if mlp.shared_expert_gate is not None:
+            readers.append(f"{p}/shared_expert_gate")
+        return tuple(readers), SparseMLPLayout(path=p, writers=tuple(writers))
+
+    def untie_embeddings(self) -> MoE:
+        """A float copy whose output head is its own ``lm_head`` (initialised to the embedding); self if untied."""
+        if self.lm_head is not None:
+            return self
+        tensors = to_tensors(self)
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        return from_tensors(self.config.replace(tie_embeddings=False), tensors, source="untie_embeddings")
 
     def moe_layers(self) -> list[SparseMoE]:
         """The sparse feed-forward modules, in layer order."""

@@ -17,6 +17,9 @@ function (OSTQuant spec §3.3, §3.8; §7.1–7.3 exact-maths choices):
 - embedding ``E ← E R``; q/k/v and up/gate ``W ← diag(s) Rᵀ W`` with the norm gain
   ``γ ← 1/s`` (the quantized input is ``(x̂ R) ⊘ s``); head ``W ← Rᵀ W``;
 - o_proj and down_proj (residual writers) ``W ← W R``, ``b ← b R``;
+- expert stacks ``kernel [E, in, out]`` (mixture-of-experts blocks) take the same maps
+  expert by expert: readers (router, gate/up stacks, shared expert and its gate)
+  ``W_e ← diag(s) Rᵀ W_e``, down stacks ``W_e ← W_e R``;
 - ``W_q`` columns ``÷ s_qk``, ``W_k`` columns ``× s_qk`` (``s`` repeated over the
   RoPE pair and over the query heads of a KV head);
 - ``W_v`` columns ``÷ s_ov`` then head block ``j`` ``← W_v[:, j] R_j``; ``W_o`` row block
@@ -160,7 +163,7 @@ def fold(weights: Weights, params: Params, layout: DecoderLayout, online: Online
             w[f"{path}/bias"] = w[f"{path}/bias"] @ rot
 
     for layer, p in zip(layout.layers, layers):
-        a, m = layer.attention, layer.mlp
+        a, m = layer.attention, layer.dense_mlp
         read_group(layer.attn_norm, p.get("attn_scale"))
         read_group(layer.mlp_norm, p.get("mlp_scale"))
         if (s := p.get("qk_scale")) is not None:
@@ -186,12 +189,13 @@ def fold(weights: Weights, params: Params, layout: DecoderLayout, online: Online
                 blocks = _xp(r_ov).einsum("kia,kgid->kgad", r_ov, blocks)
             w[f"{a.o}/kernel"] = blocks.reshape(o.shape)
         write(a.o)
-        if (s := p.get("ud_scale")) is not None:
+        if m is not None and (s := p.get("ud_scale")) is not None:
             cols(m.up, s, lambda x, y: x / y)
             w[f"{m.down}/kernel"] = s[:, None] * w[f"{m.down}/kernel"]
-        if online.down:
+        if m is not None and online.down:
             w[f"{m.down}/kernel"] = _hadamard_rows(w[f"{m.down}/kernel"], online_size(m.hidden, online.pad, m.down))
-        write(m.down)
+        for path in layer.mlp_writers:
+            write(path)
     if rot is not None:
         w[f"{layout.embedding}/embedding"] = w[f"{layout.embedding}/embedding"] @ rot
     read_group(layout.final_norm, None)
@@ -257,13 +261,17 @@ def check_params(params: Params, layout: DecoderLayout) -> None:
     for i, (layer, p) in enumerate(zip(layout.layers, layers)):
         a = layer.attention
         shapes = {"attn_scale": (d,), "mlp_scale": (d,), "qk_scale": (a.num_kv_heads, a.head_dim // 2),
-                  "ov_scale": (a.num_kv_heads * a.head_dim,), "ov": (a.num_kv_heads, a.head_dim, a.head_dim),
-                  "ud_scale": (layer.mlp.hidden,)}
-        unknown = set(p) - set(shapes)
+                  "ov_scale": (a.num_kv_heads * a.head_dim,), "ov": (a.num_kv_heads, a.head_dim, a.head_dim)}
+        if layer.dense_mlp is not None:
+            shapes["ud_scale"] = (layer.dense_mlp.hidden,)
+        elif p.get("ud_scale") is not None:
+            raise ValueError(f"params['layers'][{i}]: 'ud_scale' scales a dense MLP's hidden units, but layer {i} is a "
+                             f"mixture of experts ({layer.mlp.path}); drop it for this layer.")
+        unknown = set(p) - set(shapes) - {"ud_scale"}
         if unknown:
             raise ValueError(f"params['layers'][{i}] has unknown entries {sorted(unknown)}; allowed: {sorted(shapes)}.")
         for name, value in p.items():
-            if value is not None and tuple(value.shape) != shapes[name]:
+            if value is not None and name in shapes and tuple(value.shape) != shapes[name]:
                 raise ValueError(f"layer {i} ({a.path}): params {name!r} must have shape {shapes[name]}, got "
                                  f"{tuple(value.shape)}.")
             if name.endswith("scale") and value is not None:
@@ -275,10 +283,17 @@ def check_params(params: Params, layout: DecoderLayout) -> None:
                              "through a per-head RMSNorm (qk_norm); drop 'qk_scale'.")
 
 
+def _check_dense_for_online_down(layer) -> None:
+    if layer.dense_mlp is None:
+        raise ValueError(f"{layer.mlp.path} is a mixture of experts: the online Hadamard before down_proj is defined "
+                         "for dense MLPs only; leave 'down' out of the online rotations (online=('qk',) or ()).")
+
+
 def set_online_rotations(model: nnx.Module, layout: DecoderLayout, online: OnlineRotations) -> None:
     """Switch on the run-time halves of ``online`` in ``model`` (in place; the offline halves are :func:`fold`'s)."""
     for layer in layout.layers:
         if online.down:
+            _check_dense_for_online_down(layer)
             down = module_at(model, layer.mlp.down)
             if getattr(down, "input_rotation", None) is not None:
                 raise ValueError(f"{layer.mlp.down} already has an online rotation; apply it once.")
@@ -309,6 +324,8 @@ def apply_transforms(model: nnx.Module, params: Params, *, online: OnlineRotatio
     layout = _checked_layout(model, "apply_transforms")
     check_params(params, layout)
     for layer, p in zip(layout.layers, params.get("layers") or ()):
+        if layer.dense_mlp is None:
+            continue
         if p.get("ud_scale") is not None and getattr(module_at(model, layer.mlp.down), "input_rotation", None):
             raise ValueError(f"{layer.mlp.down} already has an online Hadamard on its input, so 'ud_scale' cannot be "
                              "folded into it; apply scalings together with (or before) the online rotation.")
@@ -337,7 +354,9 @@ def identity_params(layout: DecoderLayout, *, residual: bool = True, ov: bool = 
             p["ov"] = jnp.broadcast_to(jnp.eye(a.head_dim, dtype=dtype), (a.num_kv_heads, a.head_dim, a.head_dim))
         if scales:
             p.update(attn_scale=jnp.ones((d,), dtype), mlp_scale=jnp.ones((d,), dtype),
-                     ov_scale=jnp.ones((a.num_kv_heads * a.head_dim,), dtype), ud_scale=jnp.ones((layer.mlp.hidden,), dtype))
+                     ov_scale=jnp.ones((a.num_kv_heads * a.head_dim,), dtype))
+            if layer.dense_mlp is not None:
+                p["ud_scale"] = jnp.ones((layer.dense_mlp.hidden,), dtype)
             if not a.qk_norm:
                 p["qk_scale"] = jnp.ones((a.num_kv_heads, a.head_dim // 2), dtype)
         layers.append(p)

@@ -13,6 +13,13 @@ of linears: q/k/v, up/gate, the output head) and *written* by the linears whose
 outputs are added to it (o_proj, down_proj) and by the embedding. Attention declares
 its heads so per-head transforms (value/output rotations, q/k scalings) know their
 blocks; a gated MLP declares its up/gate/down projections.
+
+A mixture-of-experts block declares a :class:`SparseMLPLayout` instead: its readers
+(router, expert stacks ``kernel [E, in, out]``, shared expert and its gate) are the
+post-attention norm group's consumers, and its writers are the down projections
+(``[E, hidden, d]`` stacks and the shared expert's). Residual rotations and norm-group
+scalings act on stacks expert by expert; per-MLP transforms (``ud_scale``, the online
+Hadamard before down_proj) are defined for dense MLPs only.
 """
 
 from __future__ import annotations
@@ -67,13 +74,32 @@ class MLPLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class SparseMLPLayout:
+    """A mixture-of-experts feed-forward block (``path``); ``writers``: the linears/stacks whose outputs reach the
+    residual stream (the experts' down stack, the shared expert's down_proj)."""
+
+    path: str
+    writers: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderLayer:
     """One block: its input norm group (feeding q/k/v), attention, post-attention norm group and MLP."""
 
     attn_norm: NormGroup
     attention: AttentionLayout
     mlp_norm: NormGroup
-    mlp: MLPLayout
+    mlp: MLPLayout | SparseMLPLayout
+
+    @property
+    def mlp_writers(self) -> tuple[str, ...]:
+        """The MLP's residual writers: ``(down,)`` for a dense MLP, every down projection for a sparse one."""
+        return self.mlp.writers if isinstance(self.mlp, SparseMLPLayout) else (self.mlp.down,)
+
+    @property
+    def dense_mlp(self) -> MLPLayout | None:
+        """The dense MLP layout, or None for a mixture-of-experts block."""
+        return self.mlp if isinstance(self.mlp, MLPLayout) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +123,19 @@ class DecoderLayout:
 
     @property
     def block_linears(self) -> tuple[str, ...]:
-        """Every linear inside the blocks (q/k/v, o, up/gate, down), in model order; not the head."""
+        """Every linear inside the blocks (q/k/v, o, up/gate or router/experts, down), in model order; not the head."""
         return tuple(p for layer in self.layers for p in (*layer.attn_norm.consumers, layer.attention.o,
-                                                           *layer.mlp_norm.consumers, layer.mlp.down))
+                                                           *layer.mlp_norm.consumers, *layer.mlp_writers))
 
     @property
     def residual_writers(self) -> tuple[str, ...]:
-        """Linears whose outputs are added to the residual stream (o_proj, down_proj of each block)."""
-        return tuple(p for layer in self.layers for p in (layer.attention.o, layer.mlp.down))
+        """Linears whose outputs are added to the residual stream (o_proj, the down projections of each block)."""
+        return tuple(p for layer in self.layers for p in (layer.attention.o, *layer.mlp_writers))
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether any block is a mixture of experts (per-MLP transforms then do not apply to it)."""
+        return any(layer.dense_mlp is None for layer in self.layers)
 
 
 def layout_of(model) -> DecoderLayout:

@@ -225,6 +225,9 @@ def train_ostquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, config
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"ostquant: calibration tokens must be a non-empty [N, T] array, got shape {tokens.shape}.")
     layout = layout_of(model)
+    if layout.has_experts:
+        raise ValueError("ostquant: mixture-of-experts blocks are not supported (WOMI and the weight fake-quantizers "
+                         "assume [in, out] kernels); rotate MoE models with quarot(model, key, online=('qk',)).")
     k_init, k_data = jax.random.split(key)
     online = OnlineRotations.parse(config.online, pad=config.pad)
     student = student_template(model, layout, config)

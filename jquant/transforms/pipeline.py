@@ -89,6 +89,9 @@ def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
     online = OnlineRotations.parse(recipe.online_rotations, pad=recipe.pad)
     for layer in layout.layers:
         if online.down:
+            if layer.dense_mlp is None:
+                raise ValueError(f"recipe {recipe.name!r} asks for an online rotation before down_proj, but "
+                                 f"{layer.mlp.path} is a mixture of experts; use online_rotations ('qk',) or ().")
             down = module_at(model, layer.mlp.down)
             if not hasattr(down, "input_rotation"):
                 raise ValueError(f"recipe {recipe.name!r} asks for an online rotation before {layer.mlp.down}, which has "

@@ -33,9 +33,10 @@ class QSURReport:
         return float(np.mean(vals))
 
     def rows(self) -> list[dict]:
-        """One dict per layer: ``{"layer": i, "qkv": ..., "up_gate": ..., "o_proj": ..., "down_proj": ...}``."""
+        """One dict per layer: ``{"layer": i, "qkv": ..., "up_gate": ..., "o_proj": ..., "down_proj": ...}``
+        (no ``down_proj`` for a mixture-of-experts layer)."""
         layers = sorted({i for i, _ in self.values})
-        return [{"layer": i, **{k: self.values[(i, k)] for k in SITE_KINDS}} for i in layers]
+        return [{"layer": i, **{k: self.values[(i, k)] for k in SITE_KINDS if (i, k) in self.values}} for i in layers]
 
 
 def qsur_report(model: nnx.Module, tokens: np.ndarray, *, batch_size: int = 8) -> QSURReport:
@@ -50,6 +51,7 @@ def qsur_report(model: nnx.Module, tokens: np.ndarray, *, batch_size: int = 8) -
         where[layer.attn_norm.consumers[0]] = (i, "qkv")
         where[layer.mlp_norm.consumers[0]] = (i, "up_gate")
         where[layer.attention.o] = (i, "o_proj")
-        where[layer.mlp.down] = (i, "down_proj")
+        if layer.dense_mlp is not None:  # an expert stack's input statistics are per expert, not one covariance
+            where[layer.mlp.down] = (i, "down_proj")
     stats = model_input_statistics(model, tokens, set(where), batch_size=batch_size)
     return QSURReport({where[p]: qsur_from_covariance(s.covariance, s.mean) for p, s in stats.items()})

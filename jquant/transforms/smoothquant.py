@@ -5,7 +5,8 @@ For each RMSNorm group (the q/k/v inputs, the up/gate inputs) and input channel 
 
     s_j = max|X_j|^α / max_c max|W_c[j, :]|^(1-α)
 
-over the calibration activations ``X`` and all consumer weights ``W_c [in, out]``.
+over the calibration activations ``X`` and all consumer weights ``W_c [in, out]`` (for an expert
+stack ``[E, in, out]`` the max runs over every expert: the scale is shared, as the norm is).
 The activations become ``X diag(s)^-1`` (folded into the norm gain) and each weight
 ``diag(s) W_c``, an exact equivalence (``jquant.transforms.equivalence.fold``).
 ``α`` (migration strength) is 0.5 by default, the paper's choice for most models.
@@ -24,6 +25,12 @@ from jquant.transforms.layout import layout_of
 MIN_SCALE = 1e-5
 
 
+def _input_channel_absmax(kernel) -> np.ndarray:
+    """``max |W[j, :]|`` per input channel ``j`` of ``[in, out]`` kernels or ``[E, in, out]`` expert stacks."""
+    k = np.abs(np.asarray(kernel, np.float64))
+    return k.max(axis=tuple(i for i in range(k.ndim) if i != k.ndim - 2))
+
+
 def smoothquant_params(model: nnx.Module, tokens: np.ndarray, alpha: float = 0.5, *, batch_size: int = 8) -> dict:
     """The per-layer ``attn_scale`` / ``mlp_scale`` of SmoothQuant for ``model`` on calibration ``tokens [N, T]``."""
     if not 0.0 <= alpha <= 1.0:
@@ -36,8 +43,7 @@ def smoothquant_params(model: nnx.Module, tokens: np.ndarray, alpha: float = 0.5
 
     def scale(group) -> jnp.ndarray:
         act = np.maximum(stats[group.consumers[0]].absmax, MIN_SCALE)
-        w = np.max([np.max(np.abs(np.asarray(module_at(model, c).kernel.get_value(), np.float64)), axis=1)
-                    for c in group.consumers], axis=0)
+        w = np.max([_input_channel_absmax(module_at(model, c).kernel.get_value()) for c in group.consumers], axis=0)
         s = act**alpha / np.maximum(w, MIN_SCALE) ** (1.0 - alpha)
         return jnp.asarray(np.maximum(s, MIN_SCALE), jnp.float32)
 
