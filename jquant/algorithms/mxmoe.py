@@ -35,7 +35,7 @@ from jquant.algorithms.mxmoe_allocation import (H100_SXM, Allocation, HardwareMo
                                                 parse_scheme)
 from jquant.calib.capture import capture_statistics, set_capture
 from jquant.calib.sequential import block_paths
-from jquant.formats import dequantize, get_format
+from jquant.formats import dequantize, get_format, quantize
 from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule
 from jquant.sites import find_sites
@@ -160,21 +160,42 @@ class MxMoEPlan:
         return float(np.mean([a.average_bits for _, a in self.allocations]))
 
 
+def stored_bits(scheme: Scheme, in_features: int, out_features: int) -> float:
+    """Bits per weight that ``scheme``'s weight format stores for an ``[in, out]`` matrix: codes plus every
+    scale and zero point (per channel: ``(16 + 8) / in`` for fp16 scales and uint8 zeros)."""
+    x = jax.random.normal(jax.random.key(0), (in_features, out_features), jnp.float32)
+    return 8.0 * quantize(x, get_format(scheme.weight_format), axis=0).nbytes / (in_features * out_features)
+
+
+def _block_bits(schemes: Sequence[Scheme], d_model: int, d_ffn: int, num_experts: int, accounting: str) -> np.ndarray:
+    """Budget bits per weight ``[blocks, schemes]`` (blocks expert-major, ``PROJECTIONS`` order)."""
+    if accounting == "paper":
+        return np.tile([s.weight_bits for s in schemes], (3 * num_experts, 1))
+    if accounting != "stored":
+        raise ValueError(f"accounting must be 'stored' or 'paper', got {accounting!r}.")
+    shapes = {"gate_proj": (d_model, d_ffn), "up_proj": (d_model, d_ffn), "down_proj": (d_ffn, d_model)}
+    per_projection = np.array([[stored_bits(s, *shapes[p]) for s in schemes] for p in PROJECTIONS])
+    return np.tile(per_projection, (num_experts, 1))
+
+
 def allocate_model(sensitivity: Sensitivity, average_bits: float, *, r: float = 1.0, batch: int = 512,
                    hardware: HardwareModel = H100_SXM, extra_rules: Sequence[Rule] = (),
-                   name: str | None = None) -> MxMoEPlan:
+                   name: str | None = None, accounting: str = "stored") -> MxMoEPlan:
     """Solve MxMoE's allocation layer by layer at ``average_bits`` and build the recipe.
 
     ``r = 1`` optimises accuracy only (the paper's weight-only setting), ``r < 1`` trades it against the modelled
     kernel time at a token batch of ``batch`` on ``hardware``. ``extra_rules`` (e.g. attention) follow the
     expert rules; sites matched by none stay in floating point (the paper keeps attention and routers in FP16).
+    ``accounting``: ``"stored"`` charges each block the bits its format really stores (codes, scales, zeros),
+    so the quantized experts meet the budget; ``"paper"`` charges the spec table's bits (g128 schemes +0.25,
+    per-channel schemes their code bits only), which per-channel choices can exceed once stored.
     """
     schemes = tuple(parse_scheme(s) for s in sensitivity.schemes)
-    bits = np.array([s.weight_bits for s in schemes])
     allocations, rules = [], []
     for layer in sensitivity.layers:
         num_experts = layer.delta.shape[0]
         sizes = layer_sizes(num_experts, layer.d_model, layer.d_ffn)
+        bits = _block_bits(schemes, layer.d_model, layer.d_ffn, num_experts, accounting)
         loss = layer.delta.reshape(num_experts * len(PROJECTIONS), len(schemes))
         time = layer_costs(layer.counts, layer.d_model, layer.d_ffn, batch, schemes, top_k=sensitivity.top_k,
                            hw=hardware)

@@ -317,7 +317,8 @@ def allocate(loss: np.ndarray, time: np.ndarray, sizes: np.ndarray, bits: np.nda
     """Solve the MxMoE allocation of one layer (spec §3.4) exactly.
 
     ``loss [blocks, schemes]``: Δ (≥ 0). ``time [blocks, schemes]``: modelled times (≥ 0).
-    ``sizes [blocks]``: weights per block. ``bits [schemes]``: budget bits per weight.
+    ``sizes [blocks]``: weights per block. ``bits [schemes]`` or ``[blocks, schemes]``: budget bits per
+    weight (per block when scale/zero overhead depends on the block's shape).
     ``budget_bits``: total bits (``budget_from_average_bits``). ``r`` in [0, 1]. ``tied``: groups
     of block indices that must share a scheme (``gate_up_ties``).
     r = 1 and r = 0: one MILP; 0 < r < 1: dichotomic λ-search over ``min L + λT`` (module doc).
@@ -373,14 +374,20 @@ def _prepare(loss, time, sizes, bits, budget_bits, r, tied) -> _Problem:
         if not np.all(np.isfinite(a)) or np.any(a < 0):
             raise ValueError(f"{name} must be finite and >= 0.")
     sizes = _positive_vector("sizes", sizes, loss.shape[0])
-    bits = _positive_vector("bits", bits, loss.shape[1])
+    if np.ndim(bits) == 2:  # per block: the stored bits of each scheme on each block's shape
+        bits = np.asarray(bits, dtype=np.float64)
+        if bits.shape != loss.shape or not np.all(np.isfinite(bits)) or np.any(bits <= 0):
+            raise ValueError(f"bits must be finite, > 0 and of shape [schemes] or [blocks, schemes] = {loss.shape}, "
+                             f"got shape {bits.shape}.")
+    else:
+        bits = _positive_vector("bits", bits, loss.shape[1])[None, :]
     if not (isinstance(budget_bits, (int, float)) and math.isfinite(budget_bits) and budget_bits > 0):
         raise ValueError(f"budget_bits must be a finite number > 0, got {budget_bits!r}.")
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
         raise ValueError(f"r must be a number in [0, 1], got {r!r}.")
     group = _tie_groups(tied, loss.shape[0])
     n_groups = int(group.max()) + 1
-    weight = sizes[:, None] * bits[None, :]
+    weight = sizes[:, None] * bits
     merged = [np.zeros((n_groups, loss.shape[1])) for _ in range(3)]
     for out, a in zip(merged, (loss, time, weight)):
         np.add.at(out, group, a)
