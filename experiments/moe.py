@@ -5,7 +5,7 @@
 
 Part 1, MoEQuant (spec moequant.md §3.4): every linear except embeddings and head (attention, router, experts)
 GPTQ-quantized per output channel, symmetric, at ``--bits`` (default W4, W3, W2: ``int4`` / ``int3`` / ``int2``),
-damping 0.01, no act-order, with the code's MSE clip search (ratios 1 → 0.2 in steps of 0.01). Calibration budgets
+damping 0.01, no act-order, with the code's MSE clip search (ratios 1.00, 0.99, ..., 0.21). Calibration budgets
 are equal (``--calib`` sequences of ``--length`` tokens):
 
 - RTN: no calibration (same format and clip search);
@@ -46,6 +46,7 @@ from jquant.eval import expert_usage, perplexity, zero_shot
 from jquant.formats import ExpertPartition, QArray, dequantize
 from jquant.models import load
 from jquant.recipes import Recipe, Rule, TransformStep
+from jquant.recipes.builtin import W4_MSE
 from jquant.sites import find_sites
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,7 +60,7 @@ MOEQUANT_METHODS = {  # method -> (calibration set, hessian, QuaRot rotation fir
     "QuaRot+GPTQ": ("bible", "plain", True),
     "MoEQuant++ (QuaRot+EBSS+AGQ)": ("ebss", "affinity", True),
 }
-CLIP_SEARCH = (("clip_search", True), ("clip_grid", 80), ("clip_min_ratio", 0.2))  # GPTQ code: maxshrink 0.8, grid 100
+CLIP_SEARCH = tuple(W4_MSE.items())  # the GPTQ code's search: shrink 1.00, 0.99, ..., 0.21
 ROTATION = (TransformStep("quarot", (("online", ()),)),)
 MXMOE_SCHEMES = CANDIDATES["weight-only"]
 UNIFORM = {2.25: "w2a16_g128", 3.0: "w3a16_g-1", 4.0: "w4a16_g-1"}

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--calib-samples", type=int, default=64, help="calibration windows from the train split (default: %(default)s)")
     qz.add_argument("--calib-seq-len", type=int, default=256, help="calibration window length (default: %(default)s)")
     qz.add_argument("--seed", type=int, default=0, help="PRNG seed for picking calibration windows")
+    qz.add_argument("--calib-source", choices=["corpus", "ebss"], default="corpus",
+                    help="calibration text: windows of the bundled corpus, or (MoE models) text the model writes "
+                         "itself with MoEQuant's expert-balanced self-sampling (default: %(default)s)")
     qz.add_argument("--no-eval", action="store_true", help="only quantize (and save); skip the comparison table")
     _add_eval_options(qz)
 
@@ -231,7 +234,14 @@ def _cmd_quantize(args, console: Console) -> dict:
     loaded = load(args.model)
     tokenizer = loaded.tokenizer or load_tokenizer()
     progress = not args.json
-    calib = random_windows(load_split("train"), tokenizer, args.calib_samples, args.calib_seq_len, jax.random.key(args.seed))
+    if args.calib_source == "ebss":
+        from jquant.calib.ebss import EBSSConfig, self_sample
+
+        config = EBSSConfig(num_sequences=args.calib_samples, length=args.calib_seq_len)
+        calib = self_sample(loaded.model, config=config, key=jax.random.key(args.seed), progress=progress).tokens
+    else:
+        calib = random_windows(load_split("train"), tokenizer, args.calib_samples, args.calib_seq_len,
+                               jax.random.key(args.seed))
     qmodel = quantize(loaded.model, recipe, calib, batch_size=args.batch_size, progress=progress)
     report = qmodel.quantization
     result = {"model": str(loaded.path), "recipe": recipe.to_dict(), "quantize_seconds": report.seconds,
@@ -281,11 +291,11 @@ def _cmd_qsur(args, console: Console) -> dict:
     if not args.json:
         table = Table(title=f"QSUR^(1/d) of {args.model}: float vs after {', '.join(t.kind for t in recipe.transforms)}")
         table.add_column("layer")
-        kinds = [k for k in before.rows()[0] if k != "layer"]
+        kinds = list(dict.fromkeys(k for row in before.rows() for k in row if k != "layer"))  # MoE layers: no down_proj
         for k in kinds:
             table.add_column(k, justify="right")
         for b, a in zip(before.rows(), after.rows()):
-            table.add_row(str(b["layer"]), *(f"{b[k]:.4f} -> {a[k]:.4f}" for k in kinds))
+            table.add_row(str(b["layer"]), *(f"{b[k]:.4f} -> {a[k]:.4f}" if k in b else "–" for k in kinds))
         table.add_row("mean", *(f"{before.mean(k):.4f} -> {after.mean(k):.4f}" for k in kinds))
         console.print(table)
     return {"model": args.model, "recipe": recipe.name, "layers": rows, "mean_before": before.mean(),

@@ -115,3 +115,19 @@ def test_qsur_reports_every_layer_before_and_after_and_matches_the_library(capsy
     assert data["layers"][0]["qkv before"] == pytest.approx(before.rows()[0]["qkv"], rel=1e-6)
     code, _, err = _run(capsys, "qsur", "--model", DEFAULT_MODEL, "--recipe", "gptq-w4g64")
     assert code == 2 and "no transform steps" in err
+
+
+def test_quantize_moe_with_ebss_calibration_and_the_moequant_recipe(capsys, tmp_path):
+    from jquant.models import moe
+
+    cfg = moe.MoEConfig(family="mixtral", vocab_size=96, hidden_size=64, intermediate_size=64, moe_intermediate_size=48,
+                        num_layers=1, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2)
+    folder = moe.to_hf(moe.init_model(cfg, jax.random.key(0)), tmp_path / "tiny-moe")
+    code, data, _ = _run(capsys, "quantize", "--model", str(folder), "--recipe", "moequant-w4", "--calib-source", "ebss",
+                         "--calib-samples", "2", "--calib-seq-len", "8", "--no-eval", "--json")
+    assert code == 0
+    assert data["recipe"]["transforms"][0]["kind"] == "quarot"
+    assert data["sites"]["layers/0/mlp/experts/down_proj"].startswith("int4")
+    code, _, err = _run(capsys, "quantize", "--model", DEFAULT_MODEL, "--recipe", "gptq-moe-w4", "--calib-source", "ebss",
+                        "--calib-samples", "2", "--calib-seq-len", "8", "--no-eval")
+    assert code == 2 and "EBSS needs a mixture-of-experts model" in err

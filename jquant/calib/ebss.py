@@ -264,7 +264,7 @@ def model_functions(model: nnx.Module, capacity: int) -> tuple[StepFn, InitCache
         routed = [v for path, v in sorted(nnx.to_flat_state(captured), key=lambda item: _layer_key(item[0]))
                   if path[-1] == "routed_experts"]
         counts = [jax.nn.one_hot((r[0] if isinstance(r, tuple) else r)[:, 0, :], num_experts, dtype=jnp.int32).sum(1)
-                  for r in (getattr(v, "value", v) for v in routed)]
+                  for r in (v.get_value() if isinstance(v, nnx.Variable) else v for v in routed)]
         return logits[:, 0], cache, jnp.stack(counts, axis=1)
 
     def reorder(cache: Cache, index: jax.Array) -> Cache:

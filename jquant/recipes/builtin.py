@@ -10,6 +10,7 @@ per token. ``gptvq-w{2,2.25,3}`` and ``pcdvq-w{2,2.25,3}`` are the vector-quanti
 recipes at about 2, 2.25 and 3 index bits per weight (``VQ_SETTINGS``; bits per weight
 including codebooks: ``jquant.size_report``). ``{rtn-mamba,mambaquant}-{w8a8,w4a8}`` are the
 MambaQuant settings for the Mamba families (per-tensor activations, as the paper).
+``{gptq,quarot-gptq}-moe-w{4,3}`` and ``moequant-w{4,3}`` are MoEQuant's settings for MoE models.
 """
 
 from __future__ import annotations
@@ -87,6 +88,28 @@ def _rotation_recipes() -> list[Recipe]:
     return out
 
 
+def _moe_recipes() -> list[Recipe]:
+    """MoEQuant spec §3.4 at W4/W3: per-channel symmetric GPTQ with the MSE clip search on every linear.
+
+    ``gptq-moe-w{b}``: plain GPTQ; ``quarot-gptq-moe-w{b}``: the paper's Table 1 baseline (offline
+    random-Hadamard rotation, no online rotations); ``moequant-w{b}``: the same plus affinity-guided expert
+    Hessians (AGQ). MoEQuant proper calibrates on the model's own expert-balanced text (EBSS:
+    ``jquant quantize --calib-source ebss``).
+    """
+    rotation = (TransformStep("quarot", {"online": []}),)
+    out = []
+    for bits in (4, 3):
+        fmt = dict(weight=f"int{bits}", weight_options=W4_MSE, algorithm="gptq")
+        experts = Rule(pattern=r".*/experts/.*", options={"hessian": "affinity"}, **fmt)
+        what = f"int{bits} per-channel symmetric weights (MSE clip), GPTQ"
+        out += [_recipe(f"gptq-moe-w{bits}", f"MoE: {what}", **fmt),
+                _recipe(f"quarot-gptq-moe-w{bits}", f"MoE: QuaRot offline rotation, {what}", transforms=rotation, **fmt),
+                Recipe(name=f"moequant-w{bits}", description=f"MoEQuant: QuaRot offline rotation, {what} with "
+                       "affinity-weighted expert Hessians (calibrate on EBSS text)",
+                       rules=(experts, Rule(pattern=ALL, **fmt)), transforms=rotation)]
+    return out
+
+
 BUILTIN: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -112,6 +135,7 @@ BUILTIN: dict[str, Recipe] = {
         *_rotation_recipes(),
         *_mamba_recipes(),
         *_vq_recipes(),
+        *_moe_recipes(),
     )
 }
 
