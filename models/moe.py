@@ -400,9 +400,11 @@ config_from_json = config_from_hf
 
 PRESETS: dict[str, MoEConfig] = {
     # 8 experts, top-2 (Mixtral routing); active parameters per token close to jq-llama-small's.
+    # A weak load-balancing loss (Qwen-MoE's 0.001, not Mixtral's 0.02) leaves expert usage imbalanced,
+    # the condition MoEQuant's expert-balanced calibration addresses.
     "jq-moe-small": MoEConfig(
         family="mixtral", vocab_size=4096, hidden_size=256, intermediate_size=384, moe_intermediate_size=384,
         num_layers=6, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2, max_position_embeddings=1024,
-        bos_token_id=0, eos_token_id=1,
+        bos_token_id=0, eos_token_id=1, router_aux_loss_coef=0.001,
     ),
 }
