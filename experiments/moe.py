@@ -151,9 +151,12 @@ def run(args) -> None:
     print(f"EBSS: {time.perf_counter() - t0:.0f}s", flush=True)
     usage = {name: _usage(model, tokens) for name, tokens in calib.items()}
     eval_stats = model_input_statistics(model, evals["all"][: args.error_windows], batch_size=8)
-    fp = {"method": "FP", **evaluate(model, tok, evals, args.items), "expert_bits": 16.0}
+    previous = _resumable_rows(args)
+    done = {_row_key(r) for r in previous}
+    fp = (previous[0] if previous else
+          {"method": "FP", **evaluate(model, tok, evals, args.items), "expert_bits": 16.0})
     print(fp, flush=True)
-    rows = [fp]
+    rows = previous or [fp]
     meta = {"model": args.model, "calib": args.calib, "length": args.length,
             "windows": {k: len(v) for k, v in evals.items()}, "items": args.items, "usage": usage,
             "ebss_sigma": float(np.mean(ebss.sigma)), "sensitivity_seconds": None, "rows": rows, "jax": jax.__version__,
@@ -164,6 +167,8 @@ def run(args) -> None:
     save = lambda: (RESULTS / "moe.json").write_text(json.dumps(meta, indent=1) + "\n")  # noqa: E731
     for bits in args.bits:
         for method, (calib_name, hessian, rotate) in MOEQUANT_METHODS.items():
+            if ("moequant", bits, method) in done:
+                continue
             fmt = dict(weight=f"int{bits}", weight_options=CLIP_SEARCH)
             rules = ((Rule(pattern=r".*/experts/.*", **fmt, algorithm="gptq", options={"hessian": hessian, "damp": 0.01}),
                       Rule(pattern=".*", **fmt, algorithm="gptq", options={"damp": 0.01}))
@@ -187,6 +192,8 @@ def run(args) -> None:
     settings = [(f"uniform {UNIFORM[b]}", None, b, 1.0) for b in UNIFORM]
     settings += [("MxMoE", None, b, 1.0) for b in (2.25, 3.0, 4.0)]
     for method, _, bits, r in settings:
+        if ("mxmoe", method, bits) in done:
+            continue
         if method == "MxMoE":
             plan = allocate_model(sensitivity, bits, r=r)
             recipe, modelled = plan.recipe, sum(a.time for _, a in plan.allocations)
@@ -207,6 +214,31 @@ def run(args) -> None:
         rows.append(row)
         save()
         print({k: v for k, v in row.items() if k != "expert_errors"}, flush=True)
+
+
+def _row_key(row: dict) -> tuple:
+    """Identity of a results row: ("moequant", bits, method), ("mxmoe", method, target bits) or ("FP",)."""
+    if row.get("part") == "moequant":
+        return ("moequant", row["bits"], row["method"])
+    if row.get("part") == "mxmoe":
+        return ("mxmoe", row["method"], row["target_bits"])
+    return ("FP",)
+
+
+def _resumable_rows(args) -> list[dict]:
+    """Rows of an interrupted run with the same settings (``--resume``), FP first; [] otherwise.
+
+    Everything a row depends on (EBSS samples, evaluation windows, sensitivity) is deterministic given the
+    settings, so finished rows are kept and only the missing ones are recomputed.
+    """
+    path = RESULTS / "moe.json"
+    if not (args.resume and path.exists()):
+        return []
+    old = json.loads(path.read_text())
+    same = all(old.get(k) == getattr(args, k) for k in ("model", "calib", "length", "items"))
+    if not same or old["windows"]["all"] != args.windows:
+        raise SystemExit(f"--resume: {path} was written with other settings ({old['command']}); rerun without --resume")
+    return old["rows"]
 
 
 def _only(sensitivity, scheme: str):
@@ -289,6 +321,11 @@ def _reading(data: dict) -> str:
             if (bits, ours) in moeq and (bits, base) in moeq:
                 o, g = moeq[(bits, ours)]["ppl_other"], moeq[(bits, base)]["ppl_other"]
                 gates.append(f"W{bits} {ours} {o:.2f} {'≤' if o <= g else '>'} {base} {g:.2f}")
+    overfit = [f"W{b} RTN {moeq[(b, 'RTN')]['ppl_other']:.2f} < GPTQ {moeq[(b, 'GPTQ')]['ppl_other']:.2f} on the "
+               f"other domains, while on the calibration domain GPTQ {moeq[(b, 'GPTQ')]['ppl_bible']:.2f} < RTN "
+               f"{moeq[(b, 'RTN')]['ppl_bible']:.2f}" for b in bits_run
+               if (b, "RTN") in moeq and (b, "GPTQ") in moeq
+               and moeq[(b, "RTN")]["ppl_other"] < moeq[(b, "GPTQ")]["ppl_other"]]
     u = data["usage"]
     text = ("Reading. MoEQuant part, other-domain perplexity above FP (" + "; ".join(parts) + "). The spec's gate "
             "(§5.5: MoEQuant ≤ GPTQ calibrated on one domain, on the other domains' perplexity): " + "; ".join(gates)
@@ -296,6 +333,9 @@ def _reading(data: dict) -> str:
             f"Bible windows {u['bible']['sigma']:.4f}, mixed windows {u['mixed']['sigma']:.4f}; the least-used expert "
             f"got {u['ebss']['min_count']} tokens from EBSS, {u['bible']['min_count']} from Bible, "
             f"{u['mixed']['min_count']} from mixed windows.")
+    if overfit:
+        text += (" GPTQ's error compensation fits its calibration text: " + "; ".join(overfit) + ". Every calibrated "
+                 "row of that width inherits this, so the ablation there compares degrees of overfitting.")
     if ("MxMoE", 2.25) in mx and ("uniform w2a16_g128", 2.25) in mx:
         m, un = mx[("MxMoE", 2.25)], mx[("uniform w2a16_g128", 2.25)]
         text += (f" MxMoE part: at 2.25 average bits the allocation reaches ppl {m['ppl_all']:.2f} against "
@@ -304,11 +344,32 @@ def _reading(data: dict) -> str:
                  + (", more than the 2.25 budget: the paper's budget charges per-channel schemes their code bits only "
                     "(w2 per channel = 2.0), while the fp16 scale and 8-bit zero point of each output channel add "
                     "24 / in-features bits." if m["expert_bits"] > 2.25 else "."))
+    text += _error_vs_usage(moeq, mx)
     for bits, uniform in ((3.0, "uniform w3a16_g-1"), (4.0, "uniform w4a16_g-1")):
         if ("MxMoE", bits) in mx and (uniform, bits) in mx:
             text += (f" At {bits:g} bits: MxMoE {mx[('MxMoE', bits)]['ppl_all']:.2f} against {uniform} "
                      f"{mx[(uniform, bits)]['ppl_all']:.2f}.")
     return text
+
+
+def _error_vs_usage(moeq: dict, mx: dict) -> str:
+    """Per-expert error of the rarest and busiest quarter of experts (by eval-text usage) for the plotted rows."""
+    low = min((b for b, _ in moeq), default=None)
+    picks = [(f"W{low} {m}", moeq.get((low, m))) for m in ("GPTQ", "MoEQuant (EBSS+AGQ)")]
+    picks += [(f"2.25-bit {m}", mx.get((m, 2.25))) for m in ("uniform w2a16_g128", "MxMoE")]
+    parts = []
+    for label, row in picks:
+        if row is None or not row.get("expert_errors"):
+            continue
+        tokens = np.array([e["tokens"] for e in row["expert_errors"]])
+        err = np.array([e["relative_error"] for e in row["expert_errors"]])
+        order = np.argsort(tokens)
+        quarter = max(1, len(order) // 4)
+        parts.append(f"{label} {err[order[:quarter]].mean():.4f} vs {err[order[-quarter:]].mean():.4f}")
+    if not parts:
+        return ""
+    return (" Per-expert relative output error (plot), mean over the least-used vs the most-used quarter of experts: "
+            + "; ".join(parts) + ".")
 
 
 def _plot(data: dict) -> None:
@@ -359,6 +420,8 @@ def main() -> None:
     parser.add_argument("--bits", type=lambda v: tuple(int(b) for b in v.split(",")), default=(4, 3, 2),
                         help="weight bits of the MoEQuant part, comma-separated")
     parser.add_argument("--report", action="store_true", help="only rebuild moe.md/.png from the json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of an interrupted run with the same settings; compute the missing ones")
     args = parser.parse_args()
     if not args.report:
         run(args)

@@ -68,8 +68,9 @@ def run_training(data_path: Path, workdir: Path, cfg: TrainConfig, needle_fracti
         rows = []
         for _ in range(cfg.batch_size):
             if rng.random() < needle_fraction:
-                if task == "passages":
-                    rows.append(repeat_window(stream, cfg.seq_len + 1, rng, n_passages=n_needles))
+                if task in ("passages", "scrambled"):
+                    rows.append(repeat_window(stream, cfg.seq_len + 1, rng, n_passages=n_needles,
+                                              scrambled=task == "scrambled"))
                 else:
                     rows.append(training_window(stream, pieces, cfg.seq_len + 1, rng, n_needles=n_needles))
             else:
@@ -108,6 +109,11 @@ def _save_shards(workdir: Path, tensors: dict) -> None:
 
 
 def _load_shards(workdir: Path) -> dict:
+    """The weights of an earlier run's ``params_*.npz``, or of a Hugging Face folder (e.g. the shipped model)."""
+    if (workdir / "config.json").is_file():
+        from jquant.models import hf_io
+
+        return hf_io.read_safetensors(workdir)
     files = sorted(workdir.glob("params_*.npz"))
     if not files:
         raise FileNotFoundError(f"{workdir}: no params_*.npz; run the train step first.")
@@ -166,9 +172,10 @@ def main() -> None:
     t.add_argument("--warmup-steps", type=int, default=60)
     t.add_argument("--needle-fraction", type=float, default=0.5)
     t.add_argument("--needles-per-row", type=int, default=1)
-    t.add_argument("--task", choices=("numbers", "passages"), default="numbers",
-                   help="rows with secret-number needles and their questions, or with repeated passages")
-    t.add_argument("--init", type=Path, default=None, help="continue from the params_*.npz of an earlier run")
+    t.add_argument("--task", choices=("numbers", "passages", "scrambled"), default="numbers",
+                   help="rows with secret-number needles and their questions, with repeated passages, or with "
+                        "repeated runs of independently drawn tokens (only copying predicts them)")
+    t.add_argument("--init", type=Path, default=None, help="continue from an earlier run's params_*.npz or a Hugging Face folder")
     e = sub.add_parser("export")
     e.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()

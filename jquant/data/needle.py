@@ -153,12 +153,21 @@ def make_passage_example(haystack: np.ndarray, source: np.ndarray, *, context_le
 
 
 def repeat_window(stream: np.ndarray, length: int, rng: np.random.Generator, n_passages: int = 4,
-                  passage_len: tuple[int, int] = (24, 48)) -> np.ndarray:
-    """``length`` tokens of ``stream`` where ``n_passages`` passages (from random places of ``stream``) each
-    occur twice, the repeat later in the window: training rows that teach recall over the context."""
+                  passage_len: tuple[int, int] = (24, 48), scrambled: bool = False) -> np.ndarray:
+    """``length`` tokens of ``stream`` where ``n_passages`` passages each occur twice, the repeat later in the
+    window: training rows that teach recall over the context.
+
+    A passage is a run of ``stream`` from a random place, or with ``scrambled`` tokens drawn independently
+    from ``stream`` (its unigram distribution): then nothing but copying predicts the repeat, the plainest
+    signal for forming induction heads.
+    """
     pairs = []
     for _ in range(n_passages):
         n = int(rng.integers(passage_len[0], passage_len[1] + 1))
-        s = int(rng.integers(0, len(stream) - n))
-        pairs.append((stream[s:s + n], stream[s:s + n]))
+        if scrambled:
+            passage = stream[rng.integers(0, len(stream), size=n)]
+        else:
+            s = int(rng.integers(0, len(stream) - n))
+            passage = stream[s:s + n]
+        pairs.append((passage, passage))
     return _interleave(stream, length, pairs, rng, "repeat_window")

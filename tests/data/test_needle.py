@@ -47,5 +47,15 @@ def test_training_rows_put_every_fact_before_its_repeat():
                                       row[hits[1] + len(k) + 1:hits[1] + len(k) + 5])
     row = repeat_window(np.arange(3000, 6000, dtype=np.int32), 400, np.random.default_rng(4), n_passages=3)
     assert len(row) == 400 and len(np.unique(row)) < 400  # passages occur twice
-    with pytest.raises(ValueError, match="do not fit"):
-        training_window(STREAM, PIECES, 20, np.random.default_rng(0), n_needles=2)
+
+
+def test_scrambled_repeat_rows_repeat_each_drawn_passage_verbatim():
+    stream = np.arange(3000, 6000, dtype=np.int32)  # distinct tokens: any repeated run is a copied passage
+    row = repeat_window(stream, 500, np.random.default_rng(5), n_passages=2, passage_len=(30, 30), scrambled=True)
+    assert len(row) == 500 and set(row.tolist()) <= set(stream.tolist())
+    windows = np.lib.stride_tricks.sliding_window_view(row, 30)
+    same = (windows[:, None, :] == windows[None, :, :]).all(-1) & ~np.eye(len(windows), dtype=bool)
+    repeats = [windows[i] for i, j in zip(*np.nonzero(same)) if i < j]
+    assert len(repeats) == 2  # each passage occurs exactly twice
+    for passage in repeats:  # drawn independently, not a run of the (ascending) stream
+        assert not np.all(np.diff(passage) == 1)
