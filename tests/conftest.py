@@ -2,6 +2,7 @@
 
 import gc
 import os
+from pathlib import Path
 
 import jax
 import pytest
@@ -9,6 +10,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Most of the suite's time is XLA compiling the same small programs again: in every test module (the caches
+# are dropped between modules, below) and in each pytest-xdist worker. A persistent compilation cache on
+# disk, shared by the workers, compiles each program once. JQUANT_TEST_COMPILE_CACHE names another folder,
+# or turns the cache off when set to "".
+_COMPILE_CACHE = os.environ.get("JQUANT_TEST_COMPILE_CACHE",
+                                str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compile-cache"))
+if _COMPILE_CACHE:
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture

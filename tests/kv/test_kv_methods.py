@@ -126,8 +126,14 @@ def test_lwc_matches_plain_rtn_at_init_limit():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_wkvquant_learns_and_stores_int4_weights(model, tokens):
-    q, report = wkvquant(model, tokens, WKVQuantConfig(weight_group=32, epochs=3), progress=False)
+@pytest.fixture(scope="module")
+def w4kv4(model, tokens):
+    """One WKVQuant run (learning takes most of a minute on 2 cores), shared by the tests that read its result."""
+    return wkvquant(model, tokens, WKVQuantConfig(weight_group=32, epochs=3), progress=False)
+
+
+def test_wkvquant_learns_and_stores_int4_weights(model, tokens, w4kv4):
+    q, report = w4kv4
     assert len(report.loss_before) == CFG.num_layers
     assert sum(report.loss_after) < sum(report.loss_before)  # CRR training lowers its own loss
     kernel = q.layers[0].mlp.up_proj.kernel.get_value()
@@ -147,8 +153,8 @@ def test_wkvquant_bad_group_is_named(model, tokens):
         wkvquant(model, tokens, WKVQuantConfig(weight_group=48), progress=False)
 
 
-def test_wkvquant_model_saves_and_loads(model, tokens, tmp_path):
-    q, _ = wkvquant(model, tokens, WKVQuantConfig(weight_group=32, epochs=1), progress=False)
+def test_wkvquant_model_saves_and_loads(tokens, w4kv4, tmp_path):
+    q, _ = w4kv4
     assert q.quantization.site("layers/0/mlp/up_proj").startswith("int4-g32-asym")
     jq.save(q, tmp_path / "w4kv4")
     loaded = jq.load(tmp_path / "w4kv4")
