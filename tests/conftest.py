@@ -22,6 +22,7 @@ if _COMPILE_CACHE:
     jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 2**30)  # least recently used entries go first (a run writes ~50 MB)
 
 
 @pytest.fixture
