@@ -160,7 +160,8 @@ def export(workdir: Path) -> dict:
         if (workdir / "loss_curve.png").is_file():
             (folder / "loss_curve.png").write_bytes((workdir / "loss_curve.png").read_bytes())
 
-    hf_io.write_checkpoint(ASSETS / PRESET, llama.config_to_hf(model.config), llama.to_tensors(model), extra_files=extra)
+    hf_io.write_checkpoint(ASSETS / PRESET, llama.config_to_hf(model.config), llama.to_tensors(model), extra_files=extra,
+                             overwrite=True)
     return summary
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -65,8 +66,14 @@ def _family_of(model: nnx.Module) -> str:
     return family_of(model, purpose="save").CHECKPOINT_FAMILY
 
 
-def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Write ``model`` (float, or quantized by ``jquant.quantize``) to ``path`` atomically."""
+def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
+         extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` (float, or quantized by ``jquant.quantize``) to ``path`` atomically.
+
+    ``extra_files(folder)`` may add files before the folder is moved into place.
+    ``path`` must be new or an empty folder; ``overwrite=True`` replaces a folder jquant
+    wrote (never anything else), in one atomic exchange (``jquant.atomic``).
+    """
     family = _family_of(model)
     quantized = any(isinstance(v.get_value(), (QArray, ExpertPartition))
                     for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -77,7 +84,7 @@ def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
     cfg = model.config
     manifest = {"format_version": FORMAT_VERSION, "family": family, "config": _families()[family].config_to_json(cfg),
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / STATE, nnx.state(model, nnx.Param))
         checkpointer.wait_until_finished()
@@ -89,6 +96,8 @@ def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
             (tmp / KV_CACHE).write_text(json.dumps(kv, indent=1, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return Path(path).absolute()
 

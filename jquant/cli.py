@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="quantize a model with a recipe and compare it with the float model")
     qz.add_argument("--model", default="jq-llama-tiny", help="bundled model name or Hugging Face folder (default: %(default)s)")
     qz.add_argument("--recipe", required=True, help="a built-in recipe (`jquant list recipes`) or a .json/.yaml recipe file")
-    qz.add_argument("--out", default=None, help="save the quantized model here (orbax + recipe; load with `--model OUT`)")
+    qz.add_argument("--out", default=None, help="save the quantized model here (orbax + recipe; load with `--model OUT`); "
+                                                "must be a new or empty folder unless --overwrite")
+    qz.add_argument("--overwrite", action="store_true",
+                    help="let --out replace a folder jquant wrote earlier (never anything else)")
     qz.add_argument("--calib-samples", type=int, default=64, help="calibration windows from the train split (default: %(default)s)")
     qz.add_argument("--calib-seq-len", type=int, default=256, help="calibration window length (default: %(default)s)")
     qz.add_argument("--seed", type=int, default=0, help="PRNG seed for picking calibration windows")
@@ -85,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup-steps", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", required=True, help="work folder: checkpoints (resumed if present), history, loss curve")
-    tr.add_argument("--export", default=None, help="write the trained model here as a Hugging Face folder")
+    tr.add_argument("--export", default=None, help="write the trained model here as a Hugging Face folder "
+                                                   "(a new or empty folder unless --overwrite)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="let --export replace a folder jquant wrote earlier (never anything else)")
     tr.add_argument("--json", action="store_true")
 
     bn = sub.add_parser("bench", help="time the quantized matmul paths against bf16 jnp.dot (run on a GPU)")
@@ -224,12 +230,15 @@ def _cmd_eval(args, console: Console) -> dict:
 def _cmd_quantize(args, console: Console) -> dict:
     import jax
 
+    from jquant.atomic import check_output_folder
     from jquant.checkpoint import save
     from jquant.data import load_split, load_tokenizer, random_windows
     from jquant.models import load
     from jquant.quantization import quantize
     from jquant.recipes import Recipe, get
 
+    if args.out:
+        check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
     recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
     loaded = load(args.model)
     tokenizer = loaded.tokenizer or load_tokenizer()
@@ -247,7 +256,7 @@ def _cmd_quantize(args, console: Console) -> dict:
     result = {"model": str(loaded.path), "recipe": recipe.to_dict(), "quantize_seconds": report.seconds,
               "sites": dict(report.sites), "unquantized": list(report.unquantized)}
     if args.out:
-        result["saved_to"] = str(save(qmodel, args.out, tokenizer=tokenizer))
+        result["saved_to"] = str(save(qmodel, args.out, tokenizer=tokenizer, overwrite=args.overwrite))
     if not args.no_eval:
         result["float"] = _evaluate(loaded.model, tokenizer, args, progress)
         result["quantized"] = _evaluate(qmodel, tokenizer, args, progress)
@@ -323,13 +332,20 @@ def _cmd_generate(args, console: Console) -> dict:
 
 
 def _cmd_train(args, console: Console) -> dict:
+    from jquant.atomic import check_output_folder, check_work_folder
     from jquant.train import TrainConfig
     from jquant.train.reference import train_reference
+    from jquant.train.trainer import RESUMABLE
+
+    check_work_folder(args.out, argument="--out", resumable=RESUMABLE)
+    if args.export:
+        check_output_folder(args.export, overwrite=args.overwrite, argument="--export", overwrite_hint="--overwrite")
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, peak_lr=args.peak_lr,
                       warmup_steps=min(args.warmup_steps, args.steps - 1), seed=args.seed,
                       checkpoint_every=max(1, min(200, args.steps)), eval_every=max(1, min(200, args.steps)))
-    summary = train_reference(args.preset, cfg, args.out, export_to=args.export, progress=not args.json)
+    summary = train_reference(args.preset, cfg, args.out, export_to=args.export, overwrite_export=args.overwrite,
+                              progress=not args.json)
     if not args.json:
         _print_table(console, f"train: {args.preset}", [
             ("parameters", f"{summary['parameters'] / 1e6:.3f}M"),

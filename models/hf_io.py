@@ -74,14 +74,15 @@ def write_checkpoint(
     *,
     max_shard_bytes: int = 2 * 1024**3,
     extra_files: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``) atomically.
 
     ``extra_files(folder)`` may add files (a tokenizer, say) before the folder
-    is moved into place.  An existing folder at ``path`` is replaced only after
-    the new one is complete.
+    is moved into place.  ``path`` must be new or an empty folder; ``overwrite=True``
+    replaces a folder jquant wrote, only after the new one is complete (``jquant.atomic``).
     """
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         shards = _plan_shards(tensors, max_shard_bytes)
         metadata = {"format": "pt"}

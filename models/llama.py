@@ -488,16 +488,18 @@ def to_tensors(model: Llama) -> dict:
     return out
 
 
-def to_hf(model: Llama, path, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=None):
+def to_hf(model: Llama, path, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=None, overwrite: bool = False):
     """Write ``model`` as a Hugging Face checkpoint folder (atomically; sharded above ``max_shard_bytes``).
 
-    ``tokenizer`` (anything with ``save_pretrained``) is saved into the same folder.
+    ``tokenizer`` (anything with ``save_pretrained``) is saved into the same folder;
+    ``overwrite=True`` replaces a folder jquant wrote earlier (``hf_io.write_checkpoint``).
     """
     from jquant.models import hf_io
 
     extra = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None
     return hf_io.write_checkpoint(
-        path, config_to_hf(model.config), to_tensors(model), max_shard_bytes=max_shard_bytes, extra_files=extra
+        path, config_to_hf(model.config), to_tensors(model), max_shard_bytes=max_shard_bytes, extra_files=extra,
+        overwrite=overwrite,
     )
 
 

@@ -376,7 +376,7 @@ def to_tensors(model: MoE) -> dict:
     return out
 
 
-def to_hf(model: MoE, path, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=None):
+def to_hf(model: MoE, path, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=None, overwrite: bool = False):
     """Write ``model`` as a Hugging Face checkpoint folder (atomically); Mixtral, Qwen2-MoE and Qwen3-MoE only."""
     from jquant.models import hf_io
 
@@ -384,7 +384,7 @@ def to_hf(model: MoE, path, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=Non
         raise ValueError(f"{model.config.family} has no Hugging Face class; save it with jquant.save instead.")
     extra = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None
     return hf_io.write_checkpoint(path, config_to_hf(model.config), to_tensors(model),
-                                  max_shard_bytes=max_shard_bytes, extra_files=extra)
+                                  max_shard_bytes=max_shard_bytes, extra_files=extra, overwrite=overwrite)
 
 
 # jquant.checkpoint's family protocol: the manifest holds the config.json dict.

@@ -51,7 +51,7 @@ def test_overwriting_keeps_the_old_checkpoint_until_the_new_one_is_complete(mode
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        save(model, tmp_path / "ckpt", tokenizer=FailingTokenizer())
+        save(model, tmp_path / "ckpt", tokenizer=FailingTokenizer(), overwrite=True)
     np.testing.assert_array_equal(np.asarray(load(tmp_path / "ckpt")(TOKENS)), np.asarray(qmodel(TOKENS)))
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from jquant.atomic import check_output_folder, check_work_folder
 from jquant.data import load_split, load_tokenizer
 from jquant.data.windows import token_stream, token_windows
 from jquant.eval.perplexity import perplexity
 from jquant.models.registry import family_of, preset as find_preset
-from jquant.train.trainer import TrainConfig, TrainResult, plot_history, train
+from jquant.train.trainer import RESUMABLE, TrainConfig, TrainResult, plot_history, train
 
 EVAL_SEQ_LEN = 256
 
@@ -37,11 +38,20 @@ def train_reference(
     *,
     export_to: str | Path | None = None,
     export_dtype: str = "bfloat16",
+    overwrite_export: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Train ``preset`` (a key of a family's ``PRESETS``); returns the summary written to ``reference_info.json``."""
+    """Train ``preset`` (a key of a family's ``PRESETS``); returns the summary written to ``reference_info.json``.
+
+    ``export_to`` must be new or an empty folder (``overwrite_export=True`` replaces a
+    folder jquant wrote); it is checked before training starts.
+    """
     family, cfg = find_preset(preset)
     workdir = Path(workdir)
+    check_work_folder(workdir, argument="workdir", resumable=RESUMABLE)
+    if export_to is not None:
+        check_output_folder(export_to, overwrite=overwrite_export, argument="export_to",
+                            overwrite_hint="overwrite_export=True")
     tokenizer = load_tokenizer()
     if cfg.vocab_size != len(tokenizer):
         raise ValueError(f"preset {preset} has vocab_size={cfg.vocab_size} but the tokenizer has {len(tokenizer)} tokens.")
@@ -78,7 +88,8 @@ def train_reference(
         summary["expert_usage"] = validation_expert_usage(shipped, tokenizer)
     (workdir / "reference_info.json").write_text(json.dumps(summary, indent=2) + "\n")
     if export_to is not None:
-        export_reference(shipped, Path(export_to), tokenizer, summary, workdir / "loss_curve.png")
+        export_reference(shipped, Path(export_to), tokenizer, summary, workdir / "loss_curve.png",
+                         overwrite=overwrite_export)
     return summary
 
 
@@ -99,8 +110,9 @@ def recast(model: nnx.Module, param_dtype: str) -> nnx.Module:
     return shipped
 
 
-def export_reference(model: nnx.Module, folder: Path, tokenizer, summary: dict, loss_curve: Path) -> None:
-    """Write ``model`` with its tokenizer, ``reference_info.json`` and loss curve into ``folder``."""
+def export_reference(model: nnx.Module, folder: Path, tokenizer, summary: dict, loss_curve: Path, *,
+                     overwrite: bool = False) -> None:
+    """Write ``model`` with its tokenizer, ``reference_info.json`` and loss curve into ``folder`` (atomically)."""
     family = family_of(model)
 
     def extra(target: Path) -> None:
@@ -111,9 +123,9 @@ def export_reference(model: nnx.Module, folder: Path, tokenizer, summary: dict, 
     if hasattr(family, "to_hf"):
         from jquant.models import hf_io
 
-        hf_io.write_checkpoint(folder, family.config_to_hf(model.config), family.to_tensors(model), extra_files=extra)
+        hf_io.write_checkpoint(folder, family.config_to_hf(model.config), family.to_tensors(model), extra_files=extra,
+                               overwrite=overwrite)
         return
     from jquant.checkpoint import save
 
-    save(model, folder, tokenizer=tokenizer)
-    extra(folder)
+    save(model, folder, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra)

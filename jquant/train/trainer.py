@@ -21,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jquant.atomic import prepare_work_folder
 from jquant.losses import cross_entropy as cross_entropy
 from jquant.progress import progress_bar
 
@@ -67,6 +68,10 @@ class TrainConfig:
             optax.clip_by_global_norm(self.grad_clip),
             optax.adamw(self.schedule(), b1=self.b1, b2=self.b2, weight_decay=self.weight_decay, mask=_decay_mask),
         )
+
+
+RESUMABLE = ("checkpoints", "history.jsonl")
+"""Entries of a work folder that mark an earlier run ``train`` resumes."""
 
 
 def _decay_mask(params):
@@ -138,8 +143,7 @@ def train(
     """
     if len(train_stream) <= cfg.seq_len + 1:
         raise ValueError(f"train_stream has {len(train_stream)} tokens; need more than seq_len+1={cfg.seq_len + 1}.")
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = prepare_work_folder(workdir, argument="workdir", resumable=RESUMABLE)
     n_val = min(cfg.eval_windows, (len(val_stream) - 1) // (cfg.seq_len + 1))
     if n_val < 1:
         raise ValueError(f"val_stream has {len(val_stream)} tokens; need at least seq_len+1={cfg.seq_len + 1}.")

@@ -25,7 +25,7 @@ def _rewrite(folder, mutate_tensors=None, mutate_config=None):
         mutate_tensors(tensors)
     if mutate_config:
         mutate_config(config)
-    hf_io.write_checkpoint(folder, config, tensors)
+    hf_io.write_checkpoint(folder, config, tensors, overwrite=True)
 
 
 def test_missing_tensor_is_named(checkpoint):
