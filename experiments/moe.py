@@ -37,13 +37,13 @@ import jax
 import numpy as np
 
 import jquant as jq
-from jquant.algorithms.mxmoe import allocate_model, expert_sensitivity
-from jquant.algorithms.mxmoe_allocation import CANDIDATES, parse_scheme
 from jquant.calib.capture import model_input_statistics
 from jquant.calib.ebss import EBSSConfig, self_sample
 from jquant.data import load_split, random_windows, token_windows
 from jquant.eval import expert_usage, perplexity, zero_shot
 from jquant.formats import ExpertPartition, QArray, dequantize
+from jquant.mixed.allocation import CANDIDATES, parse_scheme
+from jquant.mixed.mxmoe import allocate_model, expert_sensitivity
 from jquant.models import load
 from jquant.recipes import Recipe, Rule, TransformStep
 from jquant.recipes.builtin import W4_MSE

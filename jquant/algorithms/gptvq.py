@@ -5,7 +5,7 @@ For ``W [in, out]`` (vectors of ``d`` consecutive inputs of one output column) w
 groups), following the paper's Algorithm 1:
 
 1. Row groups are processed in order. When a row group starts, each of its codebooks is
-   initialised by weighted k-means (``jquant.algorithms.kmeans``: k-means++ start, Lloyd) on the
+   initialised by weighted k-means (``jquant.numerics.kmeans``: k-means++ start, Lloyd) on the
    group's *current* weights (earlier groups' error feedback included), each coordinate weighted
    by the Hessian diagonal ``H_ii`` of its input (GPTVQ §3.2's importance weighting).
 2. The group's rows are quantized ``d`` at a time with GPTQ-like error feedback
@@ -30,10 +30,10 @@ import numpy as np
 import optax
 
 from jquant.algorithms.gptq_core import damped_factor
-from jquant.algorithms.kmeans import kmeans
 from jquant.algorithms.vq_core import feedback_sweep
 from jquant.formats import CodebookFormat, QArray
 from jquant.formats.packing import pack_bits
+from jquant.numerics.kmeans import kmeans
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,7 @@ rotated, unit-RMS basis (SGR, spec §3.2, two-sided as QuIP#)::
 
     W̃ = (H_n S_in)ᵀ W (S_out H_m),      W̄ = W̃ / s,      W ≈ s · S_in H_n Ŵ̄ H_mᵀ S_out
 
-with ``H`` the orthonormal Hadamard matrices of ``jquant.transforms.hadamard`` (``fwht``), ``S``
+with ``H`` the orthonormal Hadamard matrices of ``jquant.numerics.hadamard`` (``fwht``), ``S``
 random ±1 diagonals drawn from ``seed`` (``signs``), ``s`` the RMS of ``W̃`` (``scale="tensor"``,
 one float32) or of each output column (``"channel"``). Each column of ``W̄`` is cut into vectors
 ``v`` of ``k = vector_dim`` consecutive inputs, stored as a direction index ``i_d`` (``a`` bits)
@@ -39,6 +39,7 @@ from jquant.formats import _blocks as B
 from jquant.formats.packing import pack_bits, packed_length, unpack_bits
 from jquant.formats.polar_codebooks import DIRECTION_DIMS, polar_codebooks
 from jquant.formats.qarray import Format, QArray
+from jquant.numerics.hadamard import fwht, supported_size
 
 SCALES = ("tensor", "channel")
 
@@ -97,7 +98,6 @@ class PolarVQFormat(Format):
             raise ValueError(f"{self.name}: vector_dim={self.vector_dim} does not divide the input size {n} "
                              f"(shape {shape}); pick a vector_dim dividing {n} or pad the input dimension.")
         if self.rht:
-            from jquant.transforms.hadamard import supported_size
             bad = [d for d in shape if not supported_size(d)]
             if bad:
                 raise ValueError(f"{self.name}: no Hadamard matrix of order {bad} for the random Hadamard transform "
@@ -119,7 +119,6 @@ class PolarVQFormat(Format):
         """``W̃ = (H_n S_in)ᵀ W (S_out H_m)`` for ``w [in, out]`` (identity without ``rht``)."""
         if not self.rht:
             return w
-        from jquant.transforms.hadamard import fwht
         s_in, s_out = jnp.asarray(self.signs(w.shape[0], 0), w.dtype), jnp.asarray(self.signs(w.shape[1], 1), w.dtype)
         return fwht(fwht(s_in[:, None] * w * s_out[None, :], axis=0), axis=1)
 
@@ -127,7 +126,6 @@ class PolarVQFormat(Format):
         """Inverse of ``rotate``: ``S_in H_n W̃ H_mᵀ S_out``."""
         if not self.rht:
             return wt
-        from jquant.transforms.hadamard import fwht
         s_in, s_out = jnp.asarray(self.signs(wt.shape[0], 0), wt.dtype), jnp.asarray(self.signs(wt.shape[1], 1), wt.dtype)
         return s_in[:, None] * fwht(fwht(wt, axis=1, inverse=True), axis=0, inverse=True) * s_out[None, :]
 
@@ -135,7 +133,6 @@ class PolarVQFormat(Format):
         """``H̃ = (H_n S_in)ᵀ H (H_n S_in)``: the Hessian of the rotated inputs ``x S_in H_n``."""
         if not self.rht:
             return h
-        from jquant.transforms.hadamard import fwht
         s_in = jnp.asarray(self.signs(h.shape[0], 0), h.dtype)
         return fwht(fwht(s_in[:, None] * h * s_in[None, :], axis=0), axis=1)
 

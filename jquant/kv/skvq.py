@@ -4,7 +4,7 @@ Per layer, and separately for keys and values (spec §3.1, §3.5):
 
 1. Per-channel ``(min_c, max_c)`` of the calibration keys (before RoPE when ``pre_rope``, the
    recommended setting) and values over all tokens.
-2. k-means (``jquant.algorithms.kmeans``, k-means++, ``n_init`` starts) on the 2-D points
+2. k-means (``jquant.numerics.kmeans``, k-means++, ``n_init`` starts) on the 2-D points
    ``(min_c, max_c)`` into ``C / group_size`` clusters. The permutation ``argsort(label)`` puts a
    cluster's channels together; the clusters are the groups, of variable size (``balanced``:
    channels sorted by (cluster, mid-range) and cut into fixed groups of ``group_size``, the layout
@@ -26,10 +26,10 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
-from jquant.algorithms.kmeans import kmeans
 from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import attention_errors, capture_kv, set_kv_cache
 from jquant.kv.quantizer import KVQuantizer
+from jquant.numerics.kmeans import kmeans
 
 CLIP_GRID = tuple(round(0.80 + 0.01 * i, 2) for i in range(21))
 

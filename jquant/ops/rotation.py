@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jquant.transforms.hadamard import fwht
+from jquant.numerics.hadamard import fwht
 
 
 def online_hadamard(x: jax.Array, size: int | None = None) -> jax.Array:

@@ -19,16 +19,15 @@ import jax
 import jax.numpy as jnp
 
 from jquant.formats import PolarVQFormat, QArray
+from jquant.numerics.hadamard import fwht
 from jquant.ops.dispatch import Kernel, register_kernel
+from jquant.ops.linear import dot_general
 
 KERNEL_NAME = "pcdvq-xla-rht"
 
 
 def polar_linear(x: jax.Array, w: QArray, b: jax.Array | None = None) -> jax.Array:
     """``x [..., in] @ W [in, out] (+ b)`` for a ``PolarVQFormat`` QArray, in ``x.dtype``."""
-    from jquant.ops.linear import dot_general
-    from jquant.transforms.hadamard import fwht
-
     fmt: PolarVQFormat = w.format
     n, m = w.shape
     if x.shape[-1] != n:

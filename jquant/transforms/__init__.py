@@ -1,20 +1,12 @@
-"""Equivalence transforms: Hadamard matrices, rotations and scalings folded into weights, SmoothQuant, QuaRot,
-OSTQuant, and the QSUR diagnostic.
+"""Equivalence transforms: rotations and scalings folded into weights, SmoothQuant, QuaRot, OSTQuant, and the
+QSUR diagnostic; the Hadamard matrices they use (``jquant.numerics.hadamard``) are re-exported here.
 
 Every transform is a pure ``model -> model`` function on a model that declares its
 residual-stream structure (``model.equivalence_layout()``, see ``layout``); recipes
 run them as steps (``jquant.recipes.TransformStep``) before quantizing.
 """
 
-from jquant.transforms.equivalence import (
-    OnlineRotations,
-    apply_transforms,
-    check_params,
-    fold,
-    fold_norms,
-    identity_params,
-)
-from jquant.transforms.hadamard import (
+from jquant.numerics.hadamard import (
     SMALL_HADAMARD_ORDERS,
     fwht,
     hadamard_factorization,
@@ -23,6 +15,14 @@ from jquant.transforms.hadamard import (
     random_hadamard,
     random_orthogonal,
     supported_size,
+)
+from jquant.transforms.equivalence import (
+    OnlineRotations,
+    apply_transforms,
+    check_params,
+    fold,
+    fold_norms,
+    identity_params,
 )
 from jquant.transforms.layout import DecoderLayout, layout_of
 from jquant.transforms.ostquant import OSTQuantConfig, OSTQuantResult, TrainingDiverged, ostquant, plot_losses, train_ostquant

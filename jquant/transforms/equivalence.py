@@ -47,8 +47,8 @@ import numpy as np
 from flax import nnx
 
 from jquant.formats import QArray
+from jquant.numerics.hadamard import fwht, hadamard_numpy, pad_to_hadamard_size, supported_size
 from jquant.sites import path_string
-from jquant.transforms.hadamard import fwht, hadamard_numpy, pad_to_hadamard_size, supported_size
 from jquant.transforms.layout import DecoderLayout, layout_of
 
 Weights = dict[str, Any]  # "module/path/param" -> array

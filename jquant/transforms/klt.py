@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jquant.transforms.hadamard import hadamard_numpy, pad_to_hadamard_size, supported_size
+from jquant.numerics.hadamard import hadamard_numpy, pad_to_hadamard_size, supported_size
 
 ORTHOGONALITY_TOL = 1e-4
 

@@ -38,8 +38,8 @@ import numpy as np
 from flax import nnx
 
 from jquant.calib.capture import model_input_statistics
+from jquant.numerics.hadamard import hadamard_numpy
 from jquant.transforms.equivalence import Weights, merge_weights, module_at, online_size, split_weights
-from jquant.transforms.hadamard import hadamard_numpy
 from jquant.transforms.klt import klt_rotation, random_hadamard_rotation
 from jquant.transforms.ssm_layout import SSMLayout, ssm_layout_of
 

@@ -44,6 +44,7 @@ from flax import nnx
 from jquant.formats import Format, IntFormat, fake_quantize, get_format
 from jquant.kv.cache import KVCacheConfig
 from jquant.losses import kl_top
+from jquant.numerics.hadamard import hadamard_matrix, random_hadamard, supported_size
 from jquant.optim.stiefel import ROTATION_LR, SCALE_LR, ostquant_optimizer
 from jquant.progress import progress_bar
 from jquant.sites import path_string
@@ -57,7 +58,6 @@ from jquant.transforms.equivalence import (
     set_online_rotations,
     split_weights,
 )
-from jquant.transforms.hadamard import hadamard_matrix, random_hadamard, supported_size
 from jquant.transforms.layout import DecoderLayout, layout_of
 
 Init = Literal["hadamard", "womi"]

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jquant.numerics.hadamard import hadamard_numpy, pad_to_hadamard_size, supported_size
 from jquant.transforms.equivalence import OnlineRotations, apply_transforms
-from jquant.transforms.hadamard import hadamard_numpy, pad_to_hadamard_size, supported_size
 from jquant.transforms.layout import DecoderLayout, layout_of
 
 Rotation = Literal["hadamard", "orthogonal"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from jquant.algorithms.gptvq import GPTVQConfig, _finetune, gptvq_quantize
-from jquant.algorithms.kmeans import kmeans
 from jquant.formats import CodebookFormat, codebook_quantize, dequantize, unpack_codes
+from jquant.numerics.kmeans import kmeans
 from jquant.testing.layer_problems import correlated_layer, relative_output_error
 
 

@@ -7,7 +7,7 @@ import pytest
 import jquant as jq
 from jquant.formats import PolarVQFormat, dequantize, get_format, quantize, unpack_codes
 from jquant.formats.packing import packed_length
-from jquant.transforms.hadamard import hadamard_numpy
+from jquant.numerics.hadamard import hadamard_numpy
 
 FMT = PolarVQFormat(vector_dim=8, direction_bits=8, magnitude_bits=2)
 

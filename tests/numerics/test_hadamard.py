@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant.transforms import (
+from jquant.numerics.hadamard import (
     SMALL_HADAMARD_ORDERS,
+    _small_hadamard,
     fwht,
     hadamard_factorization,
     hadamard_matrix,
@@ -16,7 +17,6 @@ from jquant.transforms import (
     random_orthogonal,
     supported_size,
 )
-from jquant.transforms.hadamard import _small_hadamard
 
 
 

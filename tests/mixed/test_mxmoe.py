@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jquant as jq
-from jquant.algorithms.mxmoe import allocate_model, expert_sensitivity
 from jquant.formats import ExpertPartition, QArray
+from jquant.mixed.mxmoe import allocate_model, expert_sensitivity
 from jquant.models import moe
 
 CFG = moe.MoEConfig(family="mixtral", vocab_size=64, hidden_size=128, intermediate_size=128,

@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from jquant.algorithms.mxmoe_allocation import (CANDIDATES, H100_SXM, RTX_4090, SCHEMES, HardwareModel, allocate,
-                                                block_time, brute_force, budget_from_average_bits, expert_workloads,
-                                                gate_up_ties, layer_costs, layer_shapes, layer_sizes, parse_scheme)
+from jquant.mixed.allocation import (CANDIDATES, H100_SXM, RTX_4090, SCHEMES, HardwareModel, allocate,
+                                     block_time, brute_force, budget_from_average_bits, expert_workloads,
+                                     gate_up_ties, layer_costs, layer_shapes, layer_sizes, parse_scheme)
 
 
 def _instance(seed: int, blocks: int = 6, schemes: int = 3):

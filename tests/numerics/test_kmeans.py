@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from jquant.algorithms.kmeans import kmeans
+from jquant.numerics.kmeans import kmeans
 
 
 def _brute_force_inertia(x, w, k):

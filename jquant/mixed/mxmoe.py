@@ -7,8 +7,8 @@ MxMoE (Duanmu et al., ICML 2025; ``specs/mxmoe.md``):
    tokens) and measure ``Δ_{i,j,k} = ‖Ô − O‖_F`` over the calibration tokens, ``O`` being the layer's output.
    Rarely used experts get small Δ by construction; an expert with no token has Δ = 0.
 2. **Allocation** (§3.3–3.4). Per layer, pick one scheme per block to minimise ``L^r T^(1-r)`` under a memory
-   budget of ``average_bits`` per weight, gate and up sharing a scheme (``mxmoe_allocation.allocate``).
-   ``T`` is the analytic kernel-time model of ``mxmoe_allocation`` at the traced expert frequencies.
+   budget of ``average_bits`` per weight, gate and up sharing a scheme (``allocation.allocate``).
+   ``T`` is the analytic kernel-time model of ``jquant.mixed.allocation`` at the traced expert frequencies.
 3. **Recipe** (§3.5). The allocation becomes ordinary per-expert rules (``layers/3/mlp/experts/down_proj/5``
    gets ``int3-g128-asym`` by GPTQ), which ``jquant.quantize`` executes like any recipe.
 
@@ -30,12 +30,11 @@ import numpy as np
 from flax import nnx
 
 from jquant.algorithms.experts import quantize_experts
-from jquant.algorithms.mxmoe_allocation import (H100_SXM, Allocation, HardwareModel, Scheme, allocate,
-                                                budget_from_average_bits, gate_up_ties, layer_costs, layer_sizes,
-                                                parse_scheme)
 from jquant.calib.capture import capture_statistics, set_capture
 from jquant.calib.sequential import block_paths
 from jquant.formats import dequantize, get_format, quantize
+from jquant.mixed.allocation import (H100_SXM, Allocation, HardwareModel, Scheme, allocate, budget_from_average_bits,
+                                     gate_up_ties, layer_costs, layer_sizes, parse_scheme)
 from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule
 from jquant.sites import find_sites
