@@ -10,8 +10,11 @@
    recipe's equivalence transforms (SmoothQuant, QuaRot, OSTQuant;
    ``jquant.transforms.pipeline``) run on the copy first.
 3. If any rule's algorithm needs calibration (GPTQ, GPTVQ, PCDVQ), blocks are processed in
-   order on the outputs of the already-quantized blocks
-   (``jquant.calib.sequential``); other sites are quantized directly.
+   order on the outputs of the already-quantized blocks (``jquant.calib.sequential.walk_blocks``;
+   the calibration set is any pytree of model inputs with a leading sample axis,
+   ``jquant.calib.data``); other sites are quantized directly. Sites that receive group ids
+   (``jquant.sites.ActivationGroups``: modalities, timestep buckets) get grouped statistics,
+   per-group activation formats (rules with ``when=``) and per-group static scales.
 4. Each site's weight becomes a ``QArray``; sites with an activation format
    record it so ``jquant.ops.linear`` quantizes their inputs. The returned
    model carries ``model.quantization`` (a ``QuantizationReport``: recipe,
@@ -32,11 +35,13 @@ from flax import nnx
 from jquant.algorithms.experts import quantize_experts
 from jquant.algorithms.weights import ALGORITHMS, NEEDS_CALIBRATION, supports
 from jquant.calib.capture import InputStatistics
-from jquant.calib.sequential import block_paths, run_sequential
+from jquant.calib.data import check_calibration
+from jquant.calib.sequential import BlockVisit, block_paths, walk_blocks
 from jquant.formats import ExpertPartition, Format, IntFormat, QArray, get_format
+from jquant.ops.linear import ActivationFormat
 from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule, get
-from jquant.sites import Site, find_sites
+from jquant.sites import ActivationGroups, Site, activation_groups, find_sites
 from jquant.transforms.pipeline import TransformLog, check_recipe, run_transforms, set_kv_cache_format
 from jquant.transforms.pipeline import needs_calibration as transforms_need_calibration
 
@@ -57,13 +62,28 @@ class SitePlan:
 
     ``experts`` is set when the experts of a stacked expert site follow different rules (a mixed-precision
     recipe such as MxMoE's); ``rule`` / ``weight`` / ``activation`` then describe its first quantized group.
+    ``groups`` names the activation groups of a site that receives group ids, and ``group_rules`` the rule
+    each group's inputs take; ``activation`` is then one format for all groups or a tuple, one per group.
     """
 
     site: Site
     rule: Rule
     weight: Format | None
-    activation: Format | None
+    activation: ActivationFormat | None
     experts: tuple[ExpertGroupPlan, ...] = ()
+    groups: tuple[str, ...] = ()
+    group_rules: tuple[Rule | None, ...] = ()
+
+    @property
+    def static(self) -> bool:
+        """Whether the site's activation scales are calibrated (static) rather than computed per token."""
+        rules = [r for r in self.group_rules if r is not None and r.activation is not None] or [self.rule]
+        return any(r.static_activation for r in rules)
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """Shape of the static scale: ``()``, or ``(G,)`` (one per group) at a site that receives group ids."""
+        return (len(self.groups),) if self.groups else ()
 
     def expert_groups(self) -> tuple[ExpertGroupPlan, ...]:
         """The site's expert groups (one group with every expert when they share a rule)."""
@@ -97,8 +117,11 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
     recipe = get(recipe) if isinstance(recipe, str) else recipe
     sites = find_sites(model)
     paths = [s.path for s in sites]
+    groups = activation_groups(model)
+    _check_when(recipe, groups)
     experts = {s.path: s.weight.get_value().shape[0] for s in sites if s.spec.kind == "experts"}
-    unused = recipe.unused_rules(paths, experts)
+    grouped = {s.path: groups.names for s in sites if groups is not None and _receives_groups(s, groups)}
+    unused = recipe.unused_rules(paths, experts, grouped)
     if unused:
         raise ValueError(
             f"recipe {recipe.name!r}: rules matched no quantization site: {[r.pattern for r in unused]}. "
@@ -110,12 +133,49 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
             plans.extend(_expert_site_plan(site, recipe))
             continue
         rule = recipe.rule_for(site.path)
-        if rule is None or rule.weight is None and rule.activation is None:
+        group_rules = tuple(recipe.rule_for(site.path, group=g) for g in grouped.get(site.path, ()))
+        if rule is not None and rule.weight is None and rule.activation is None:
+            rule = None
+        if rule is None and not any(r is not None and r.activation is not None for r in group_rules):
             continue
+        rule = rule or next(r for r in group_rules if r is not None and r.activation is not None)
         _check_hessian_option(site, rule)
         weight_fmt, act_fmt = _resolve(site, rule, tuple(site.weight.get_value().shape))
-        plans.append(SitePlan(site=site, rule=rule, weight=weight_fmt, activation=act_fmt))
+        if group_rules:
+            act_fmt = _group_activations(site, group_rules, tuple(site.weight.get_value().shape))
+        plans.append(SitePlan(site=site, rule=rule, weight=weight_fmt, activation=act_fmt,
+                              groups=grouped.get(site.path, ()), group_rules=group_rules))
     return plans
+
+
+def _receives_groups(site: Site, groups: ActivationGroups) -> bool:
+    return site.spec.kind == "linear" and groups.covers(site.path)
+
+
+def _check_when(recipe: Recipe, groups: ActivationGroups | None) -> None:
+    """Every ``when=`` of the recipe names groups the model declares."""
+    for r in recipe.rules:
+        if not r.when:
+            continue
+        if groups is None:
+            raise ValueError(f"recipe {recipe.name!r}: Rule({r.pattern!r}) has when={list(r.when)}, but the model "
+                             "declares no activation groups (activation_groups()); remove when= for this model.")
+        unknown = [g for g in r.when if g not in groups.names]
+        if unknown:
+            raise ValueError(f"recipe {recipe.name!r}: Rule({r.pattern!r}) has when={list(r.when)}, but {unknown} "
+                             f"match no group of the model; its groups are {list(groups.names)}.")
+
+
+def _group_activations(site: Site, group_rules: tuple[Rule | None, ...], shape: tuple[int, ...]) -> ActivationFormat | None:
+    """The activation format of each group at a site that receives group ids: one format, or one per group."""
+    active = [r for r in group_rules if r is not None and r.activation is not None]
+    if len({r.static_activation for r in active}) > 1:
+        raise ValueError(f"site {site.path!r}: its groups' rules disagree on static_activation; a site's groups are "
+                         "all static or all dynamic. Make the rules agree.")
+    formats = tuple(None if r is None or r.activation is None else _resolve(site, r, shape)[1] for r in group_rules)
+    if not active:
+        return None
+    return formats[0] if len(set(formats)) == 1 else formats
 
 
 def _resolve(site: Site, rule: Rule, shape: tuple[int, ...]) -> tuple[Format | None, Format | None]:
@@ -214,27 +274,10 @@ def _format(name: str, overrides: dict, path: str) -> Format:
         raise ValueError(f"site {path!r}: {err}") from None
 
 
-def _check_calibration(calib, vocab_size: int | None) -> np.ndarray:
-    if calib is None:
-        raise ValueError(
-            "this recipe uses GPTQ, static activations or a calibrated transform (SmoothQuant, OSTQuant), which need "
-            "calibration data: pass calib=tokens [N, T], e.g. "
-            "jquant.data.random_windows(jquant.data.load_split('train'), tokenizer, n=128, seq_len=512, key=key)."
-        )
-    tokens = np.asarray(calib)
-    if tokens.ndim != 2 or tokens.size == 0:
-        raise ValueError(f"calibration data must be a non-empty [N, T] token array, got shape {tokens.shape}.")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"calibration data must hold integer token ids, got dtype {tokens.dtype}.")
-    if vocab_size is not None and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"calibration token ids must lie in [0, {vocab_size}), got range [{tokens.min()}, {tokens.max()}].")
-    return tokens.astype(np.int32)
-
-
 def quantize(
     model: nnx.Module,
     recipe: Recipe | str,
-    calib: np.ndarray | None = None,
+    calib=None,
     *,
     batch_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
@@ -242,9 +285,10 @@ def quantize(
 ) -> nnx.Module:
     """A quantized copy of ``model`` following ``recipe`` (a ``Recipe`` or a built-in name).
 
-    ``calib`` (token ids ``[N, T]``) is needed when a rule uses GPTQ or static
-    activations (``jquant.data.random_windows`` draws it deterministically from
-    a corpus split for a given key); with a
+    ``calib`` is needed when a rule uses GPTQ or static activations: a pytree of
+    model inputs with a leading sample axis (``jquant.calib.data``): token ids
+    ``[N, T]`` for a language model (``jquant.data.random_windows`` draws them
+    deterministically from a corpus split for a given key); with a
     ``mesh`` its batches are split over the mesh's ``"data"`` axis (the model
     may be sharded with ``jquant.sharding.shard_model`` beforehand). The copy's
     ``quantization`` attribute reports what was done.
@@ -255,8 +299,7 @@ def quantize(
     check_recipe(qmodel, recipe)
     by_path = {p.site.path: p for p in plan(qmodel, recipe)}
     needs_calib = any(_needs_calibration(p) for p in by_path.values())
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    tokens = _check_calibration(calib, vocab) if needs_calib or transforms_need_calibration(recipe) else None
+    tokens = check_calibration(qmodel, calib) if needs_calib or transforms_need_calibration(recipe) else None
     transform_logs = ()
     if recipe.transforms:
         qmodel, transform_logs = run_transforms(qmodel, recipe, tokens, progress=progress)
@@ -264,28 +307,33 @@ def quantize(
     done: set[str] = set()
 
     uncalibrated: dict[str, tuple[int, ...]] = {}
+    empty_groups: dict[str, tuple[str, ...]] = {}
 
     def apply(plan_: SitePlan, stats: InputStatistics | None) -> None:
         site = plan_.site
         if stats is not None and not (np.all(np.isfinite(stats.hessian)) and np.all(np.isfinite(stats.absmax))):
             raise ValueError(f"site {site.path!r}: its calibration inputs contain NaN or Inf (the model produced non-finite "
                              "activations on the calibration data); check the model and the calibration tokens.")
+        if plan_.groups and stats is not None and stats.num_groups is None:
+            raise ValueError(f"site {site.path!r} is declared to receive group ids (the model's activation_groups()), "
+                             "but its calls passed none during calibration; pass groups= in the family's forward or "
+                             "narrow ActivationGroups.sites.")
         if site.spec.kind == "experts":
             uncalibrated[site.path] = apply_experts(site, plan_.expert_groups(), stats)
         elif plan_.weight is not None:
             algorithm = ALGORITHMS[plan_.rule.algorithm]
             options = dict(plan_.rule.options)
+            weighting = options.pop("group_weighting", "tokens")
+            pooled = None if stats is None else stats.pooled(_group_weights(stats, weighting))
             if options.pop("hessian", "plain") == "affinity":
-                stats = _affinity_statistics(site, stats)
-            q = algorithm(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=stats,
+                pooled = _affinity_statistics(site, pooled)
+            q = algorithm(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=pooled,
                           options=options)
             site.weight.set_value(q)
-        if plan_.activation is not None and site.spec.kind != "experts":
-            site.module.activation = plan_.activation
-        if plan_.rule.static_activation:
-            fmt = plan_.activation
-            scale = np.float32(max(float(stats.absmax.max()), np.finfo(np.float32).tiny) / fmt.qmax)
-            site.module.activation_scale = nnx.Param(jnp.asarray(scale, jnp.dtype(fmt.scale_dtype)))
+        scale = None
+        if plan_.static:
+            scale, empty_groups[site.path] = static_scales(plan_, stats)
+        attach_activation(plan_, scale)
         done.add(site.path)
 
     if needs_calib:
@@ -298,13 +346,13 @@ def quantize(
                 f"use 'rtn' and dynamic activations for {outside}."
             )
 
-        def process_block(block_path: str, block: nnx.Module, stats: dict[str, InputStatistics]) -> None:
-            for rel, st in stats.items():
-                full = f"{block_path}/{rel}"
+        def process_block(visit: BlockVisit) -> None:
+            for rel, st in visit.stats.items():
+                full = f"{visit.path}/{rel}"
                 if full in by_path:
                     apply(by_path[full], st)
 
-        run_sequential(qmodel, tokens, process_block, batch_size=batch_size, mesh=mesh, progress=progress)
+        walk_blocks(qmodel, tokens, process_block, batch_size=batch_size, mesh=mesh, progress=progress)
     remaining = [p for p in by_path.values() if p.site.path not in done]
     with progress_bar(total=len(remaining), description="quantize", enabled=progress and bool(remaining)) as bar:
         for p in remaining:
@@ -315,12 +363,58 @@ def quantize(
     jax.block_until_ready(nnx.state(qmodel))
     qmodel.quantization = QuantizationReport(
         recipe=recipe,
-        sites=tuple((p.site.path, describe(p, uncalibrated.get(p.site.path, ()))) for p in by_path.values()),
+        sites=tuple((p.site.path, describe(p, uncalibrated.get(p.site.path, ()), empty_groups.get(p.site.path, ())))
+                    for p in by_path.values()),
         unquantized=tuple(s.path for s in find_sites(qmodel) if s.path not in by_path),
         seconds=time.perf_counter() - t0,
         transforms=transform_logs,
     )
     return qmodel
+
+
+def _group_weights(stats: InputStatistics, weighting: str) -> np.ndarray | None:
+    """Weights of each group's Hessian in GPTQ's: by token count (None), or ``N / (G n_g)`` ("balanced")."""
+    if weighting == "tokens" or stats.num_groups is None:
+        return None
+    counts = np.asarray(stats.count, np.float64)
+    seen = counts > 0
+    return np.where(seen, counts.sum() / (seen.sum() * np.maximum(counts, 1.0)), 0.0)
+
+
+def static_scales(p: SitePlan, stats: InputStatistics | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Calibrated activation scales ``max |x| / qmax``: a scalar, or one per group at a grouped site.
+
+    A group that saw no calibration token takes the scale of all tokens; its name is returned.
+    """
+    if stats is None:
+        raise ValueError(f"site {p.site.path!r}: static activation scales need calibration statistics.")
+    tiny = np.finfo(np.float32).tiny
+    if not p.groups:
+        return np.float32(max(float(stats.pooled().absmax.max()), tiny) / p.activation.qmax), ()
+    formats = p.activation if isinstance(p.activation, tuple) else (p.activation,) * len(p.groups)
+    overall = float(stats.pooled().absmax.max())
+    scales, empty = [], []
+    for g, fmt in enumerate(formats):
+        part = stats.group(g)
+        if part.count == 0:
+            empty.append(p.groups[g])
+        amax = overall if part.count == 0 else float(part.absmax.max())
+        scales.append(1.0 if fmt is None else max(amax, tiny) / fmt.qmax)
+    return np.asarray(scales, np.float32), tuple(empty)
+
+
+def attach_activation(p: SitePlan, scale) -> None:
+    """Give ``p``'s site module its activation format(s) and static scale (an array, or a ``ShapeDtypeStruct``
+    when ``jquant.load`` builds the abstract model); the one place both quantize and load set them."""
+    if p.site.spec.kind == "experts":
+        return
+    if p.activation is not None:
+        p.site.module.activation = p.activation
+    if p.static:
+        fmt = p.activation if not isinstance(p.activation, tuple) else next(f for f in p.activation if f is not None)
+        dtype = jnp.dtype(fmt.scale_dtype)
+        value = jax.ShapeDtypeStruct(scale.shape, dtype) if isinstance(scale, jax.ShapeDtypeStruct) else jnp.asarray(scale, dtype)
+        p.site.module.activation_scale = nnx.Param(value)
 
 
 def _affinity_statistics(site: Site, stats: InputStatistics) -> InputStatistics:
@@ -334,26 +428,33 @@ def _affinity_statistics(site: Site, stats: InputStatistics) -> InputStatistics:
 def _needs_calibration(p: SitePlan) -> bool:
     if p.experts:
         return any(g.weight is not None and NEEDS_CALIBRATION[g.rule.algorithm] for g in p.experts)
-    return (p.weight is not None and NEEDS_CALIBRATION[p.rule.algorithm]) or p.rule.static_activation
+    return (p.weight is not None and NEEDS_CALIBRATION[p.rule.algorithm]) or p.static
 
 
-def describe(p: SitePlan, uncalibrated: tuple[int, ...] = ()) -> str:
+def describe(p: SitePlan, uncalibrated: tuple[int, ...] = (), empty_groups: tuple[str, ...] = ()) -> str:
     """``int4-g64-asym (gptq), activations int8``-style summary of a site plan (per expert group when mixed)."""
     if p.experts:
         parts = [f"experts {_ranges(g.experts)}: " + (_summary(g.rule, g.weight, g.activation) if g.rule else "float")
                  for g in p.experts]
         text = "; ".join(parts)
     else:
-        text = _summary(p.rule, p.weight, p.activation)
+        text = _summary(p.rule, p.weight, p.activation, p.static, p.groups)
     if uncalibrated:
         text += f"; experts {_ranges(uncalibrated)} saw no calibration token (round-to-nearest)"
+    if empty_groups:
+        text += f"; groups {', '.join(empty_groups)} saw no calibration token (scale of all tokens)"
     return text
 
 
-def _summary(rule: Rule, weight: Format | None, activation: Format | None) -> str:
+def _summary(rule: Rule, weight: Format | None, activation: ActivationFormat | None, static: bool | None = None,
+             groups: tuple[str, ...] = ()) -> str:
     w = f"{weight.name} ({rule.algorithm})" if weight is not None else "float"
-    static = " static" if rule.static_activation else ""
-    return w + (f", activations {activation.name}{static}" if activation is not None else "")
+    static = rule.static_activation if static is None else static
+    kind = (" static per group" if groups else " static") if static else ""
+    if isinstance(activation, tuple):
+        names = ", ".join(f"{g}: {f.name if f is not None else 'float'}" for g, f in zip(groups, activation))
+        return f"{w}, activations {{{names}}}{kind}"
+    return w + (f", activations {activation.name}{kind}" if activation is not None else "")
 
 
 def _ranges(ids: tuple[int, ...]) -> str:

@@ -12,6 +12,7 @@ weights declare their own axis and kind.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 from flax import nnx
@@ -53,3 +54,32 @@ def find_sites(model: nnx.Module) -> list[Site]:
         if isinstance(node, nnx.Module) and isinstance(spec, SiteSpec):
             sites.append(Site(path=path_string(path), module=node, spec=spec))
     return sites
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationGroups:
+    """How a family's tokens fall into groups for calibration statistics and activation quantization.
+
+    ``names``: one per group id (``("text", "image")`` for an MLLM's modalities, ``("t0", "t1", "t2")``
+    for a diffusion model's timestep buckets). ``sites``: a regex of the site paths whose calls pass
+    group ids (``Linear(x, groups=ids)``); only those can hold per-group activation formats and static
+    scales. A model declares them with an ``activation_groups()`` method.
+    """
+
+    names: tuple[str, ...]
+    sites: str = ".*"
+
+    def __post_init__(self):
+        object.__setattr__(self, "names", tuple(self.names))
+        if not self.names or len(set(self.names)) != len(self.names):
+            raise ValueError(f"ActivationGroups.names must be distinct and non-empty, got {self.names}.")
+
+    def covers(self, path: str) -> bool:
+        """Whether site ``path`` receives group ids."""
+        return re.fullmatch(self.sites, path) is not None
+
+
+def activation_groups(model: nnx.Module) -> ActivationGroups | None:
+    """The groups ``model`` declares (``model.activation_groups()``), or None."""
+    declare = getattr(model, "activation_groups", None)
+    return None if declare is None else declare()

@@ -46,15 +46,15 @@ def test_expert_statistics_use_only_routed_rows_and_affinities():
     c = rng.uniform(0.1, 1.0, size=9).astype(np.float32)
     _, stats = capture_statistics(lambda m, x, s, c: m(x, s, c))(layer, jnp.asarray(x), jnp.asarray(sizes), jnp.asarray(c))
     st = stats[""]
-    assert st.num_experts == 3 and list(st.count) == [4, 0, 5]
+    assert st.num_groups == 3 and list(st.count) == [4, 0, 5]
     rows = {0: slice(0, 4), 2: slice(4, 9)}
     for e, r in rows.items():
         xe = x[r].astype(np.float64)
-        np.testing.assert_allclose(st.expert(e).hessian, xe.T @ xe, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(st.expert(e).affinity_hessian, xe.T @ (c[r, None] * xe), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(st.expert(e).affinity, c[r].sum(), rtol=1e-6)
-        np.testing.assert_allclose(st.expert(e).absmax, np.abs(xe).max(0), rtol=1e-6)
-    assert st.expert(1).count == 0 and np.all(st.expert(1).hessian == 0)
+        np.testing.assert_allclose(st.group(e).hessian, xe.T @ xe, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(st.group(e).affinity_hessian, xe.T @ (c[r, None] * xe), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(st.group(e).affinity, c[r].sum(), rtol=1e-6)
+        np.testing.assert_allclose(st.group(e).absmax, np.abs(xe).max(0), rtol=1e-6)
+    assert st.group(1).count == 0 and np.all(st.group(1).hessian == 0)
     h = st.affinity_hessian[2]
     assert np.allclose(h, h.T) and np.linalg.eigvalsh(h).min() > -1e-5  # symmetric PSD
 
@@ -76,7 +76,7 @@ def test_affinity_one_gives_bit_identical_gptq():
     np.testing.assert_array_equal(np.asarray(plain.weight.scales), np.asarray(agq.weight.scales))
     # and each expert equals GPTQ run on its own [in, out] slice with its own Hessian
     for e in range(2):
-        alone = gptq_weight(w[e], fmt, axis=0, stats=stats.expert(e))
+        alone = gptq_weight(w[e], fmt, axis=0, stats=stats.group(e))
         np.testing.assert_array_equal(np.asarray(dequantize(alone)), np.asarray(dequantize(plain.weight))[e])
     weighted = dataclasses.replace(stats, affinity_hessian=np.stack([x[:20].T @ (np.linspace(0.1, 1, 20)[:, None] * x[:20])] * 2))
     differs = quantize_experts(w, fmt, algorithm="gptq", experts=(0, 1), stats=weighted, options={"hessian": "affinity"})

@@ -1,7 +1,7 @@
 """Quantizing a stack of expert weights ``[n, in, out]`` expert by expert, with each expert's own statistics.
 
 Every expert is a separate ``[in, out]`` problem with its own scales. GPTQ uses the Hessian of the tokens
-routed to that expert (``InputStatistics.expert(e)``), or MoEQuant's affinity-weighted Hessian
+routed to that expert (``InputStatistics.group(e)``), or MoEQuant's affinity-weighted Hessian
 ``H_e = Σ_i c_i x_i x_iᵀ`` (AGQ, MoEQuant Eq. 19) with ``options["hessian"] = "affinity"``. An expert that
 received no calibration token has no Hessian; it is rounded to nearest instead and reported.
 """
@@ -39,11 +39,11 @@ def quantize_experts(weight: jax.Array, fmt: Format, *, algorithm: str, experts:
     hessian = options.pop("hessian", "plain")
     if algorithm == "rtn":
         return ExpertQuantization(weight=quantize(weight, fmt, axis=1), uncalibrated=())
-    if stats is None or stats.num_experts is None:
+    if stats is None or stats.num_groups is None:
         raise ValueError(f"{algorithm} on stacked experts needs per-expert calibration statistics.")
     parts, uncalibrated = [], []
     for i, e in enumerate(experts):
-        expert_stats = stats.expert(e)
+        expert_stats = stats.group(e)
         if expert_stats.count == 0:
             parts.append(quantize(weight[i], fmt, axis=0))
             uncalibrated.append(e)

@@ -18,7 +18,14 @@ tokens routed to that expert only: ``hessian [E, in, in]``, ``count [E]``, ``abs
 [E, in]``, plus MoEQuant's affinity-weighted ``affinity_hessian [E, in, in] = Σ_i c_i x_i x_iᵀ``
 and ``affinity [E] = Σ_i c_i`` (``c_i``: the routing weight of the token for that expert).
 They are summed on device per calibration batch (float32) and across batches on the host
-(float64); ``InputStatistics.expert(e)`` is expert ``e``'s share.
+(float64); ``InputStatistics.group(e)`` is expert ``e``'s share.
+
+**Groups.** Experts are one kind of group; modalities (an MLLM's text and image tokens) and timestep
+buckets (a diffusion transformer's sampling phases) are others, and all share one layout: a leading
+group axis ``G`` on every statistic (``hessian [G, in, in]``, ``count [G]``, ``absmax [G, in]``, ...).
+A site records grouped statistics when its ``capture_groups`` is set (``set_capture(..., num_groups=G)``)
+and its call passes ``groups`` (int ids broadcastable to the tokens, e.g. ``[B, T]`` modality ids or a
+``[B, 1]`` timestep bucket); ``group(g)`` is group ``g``'s share and ``pooled()`` the sum over groups.
 
 On device, each sequence (index along the input's leading axis) gets its own
 float32 ``X_b^T X_b``; ``statistics_from_state`` sums those on the host in
@@ -43,42 +50,56 @@ from flax import nnx
 from jquant.sites import find_sites, path_string
 
 
-def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = None) -> None:
+def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = None,
+                 groups: jax.Array | None = None) -> None:
     """Sow per-sequence statistics of ``x [B, ..., in]`` into ``module`` if its capture flag is set.
 
     ``affinity [B, ...]`` (one weight per token, e.g. a gated shared expert's gate) adds the weighted
-    ``Σ c x xᵀ`` (``input_affinity_hessian``) and ``Σ c`` (``input_affinity``).
+    ``Σ c x xᵀ`` (``input_affinity_hessian``) and ``Σ c`` (``input_affinity``). ``groups`` (int ids
+    broadcastable to ``x.shape[:-1]``) splits every statistic by group when the module's
+    ``capture_groups`` (the number of groups ``G``) is set: per sequence ``X_gᵀ X_g`` is
+    ``Σ_n 1[g_n = g] x_n x_nᵀ``.
     """
     if not getattr(module, "capture_inputs", False):
         return
+    b, features = x.shape[0], x.shape[-1]
+    x3 = x.reshape(b, -1, features).astype(jnp.float32)
+    num_groups = getattr(module, "capture_groups", None)
+    grouped = groups is not None and num_groups is not None
+    if grouped:  # [B, N, G]: token n's group
+        onehot = jax.nn.one_hot(jnp.broadcast_to(groups, x.shape[:-1]).reshape(b, -1), num_groups, dtype=jnp.float32)
+    else:  # one group (summed with the plain formulas, so ungrouped statistics are unchanged bit for bit)
+        onehot = jnp.ones((b, x3.shape[1], 1), jnp.float32)
+
+    def gram(rows: jax.Array) -> jax.Array:
+        if grouped:
+            return jnp.einsum("bng,bni,bnj->bgij", onehot, rows, rows, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("bni,bnj->bij", rows, rows, precision=jax.lax.Precision.HIGHEST)
+
+    def per_token(name: str, values: jax.Array) -> None:  # Σ over each group's tokens of a [B, N] value
+        add(name, jnp.einsum("bng,bn->bg", onehot, values) if grouped else jnp.sum(values, axis=1))
+
+    def add(name: str, value: jax.Array, reduce=lambda a, b: a + b) -> None:
+        module.sow(nnx.Intermediate, name, value, init_fn=lambda: 0.0, reduce_fn=reduce)
+
     if affinity is not None:
-        c = affinity.reshape(x.shape[0], -1, 1).astype(jnp.float32)
-        xc = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32) * jnp.sqrt(c)
-        weighted = jnp.einsum("bni,bnj->bij", xc, xc, precision=jax.lax.Precision.HIGHEST)
-        module.sow(nnx.Intermediate, "input_affinity_hessian", weighted, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
-        module.sow(nnx.Intermediate, "input_affinity", jnp.sum(c, axis=(1, 2)), init_fn=lambda: 0.0,
-                   reduce_fn=lambda a, b: a + b)
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
-    xtx = jnp.einsum("bni,bnj->bij", x3, x3, precision=jax.lax.Precision.HIGHEST)
-    n = jnp.full((x3.shape[0],), x3.shape[1], jnp.float32)
-    absmax = jnp.max(jnp.abs(x3), axis=1)
-    total = jnp.sum(x3, axis=1)
-    module.sow(nnx.Intermediate, "input_hessian", xtx, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
-    module.sow(nnx.Intermediate, "input_count", n, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
-    module.sow(nnx.Intermediate, "input_absmax", absmax, init_fn=lambda: 0.0, reduce_fn=jnp.maximum)
-    module.sow(nnx.Intermediate, "input_total", total, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+        c = affinity.reshape(b, -1).astype(jnp.float32)
+        add("input_affinity_hessian", gram(x3 * jnp.sqrt(c)[..., None]))
+        per_token("input_affinity", c)
+    add("input_hessian", gram(x3))
+    per_token("input_count", jnp.ones(x3.shape[:2], jnp.float32))
+    absmax = jnp.max(jnp.abs(x3)[:, :, None, :] * onehot[..., None], axis=1) if grouped else jnp.max(jnp.abs(x3), axis=1)
+    add("input_absmax", absmax, jnp.maximum)
+    add("input_total", jnp.einsum("bng,bni->bgi", onehot, x3) if grouped else jnp.sum(x3, axis=1))
     fmt = getattr(module, "activation", None)
     if fmt is not None:
         from jquant.ops.linear import quantize_activation
 
         scale = getattr(module, "activation_scale", None)
         scale = None if scale is None else scale.get_value()
-        error = (x - quantize_activation(x, fmt, scale)).astype(jnp.float32)
-        energy = jnp.sum(jnp.square(x3), axis=(1, 2))
-        error = jnp.sum(jnp.square(error.reshape(x3.shape)), axis=(1, 2))
-        module.sow(nnx.Intermediate, "input_energy", energy, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
-        module.sow(nnx.Intermediate, "input_quantization_error", error, init_fn=lambda: 0.0,
-                   reduce_fn=lambda a, b: a + b)
+        error = (x - quantize_activation(x, fmt, scale, groups)).astype(jnp.float32).reshape(x3.shape)
+        per_token("input_energy", jnp.sum(jnp.square(x3), axis=-1))
+        per_token("input_quantization_error", jnp.sum(jnp.square(error), axis=-1))
 
 
 def record_expert_input(module: nnx.Module, x: jax.Array, group_sizes: jax.Array, affinity: jax.Array | None) -> None:
@@ -104,10 +125,14 @@ def record_expert_input(module: nnx.Module, x: jax.Array, group_sizes: jax.Array
     module.sow(nnx.Intermediate, "input_absmax", absmax[None], init_fn=lambda: 0.0, reduce_fn=jnp.maximum)
 
 
-def set_capture(module: nnx.Module, enabled: bool) -> None:
-    """Turn input capture on or off for every site inside ``module`` (in place; a static flag)."""
+def set_capture(module: nnx.Module, enabled: bool, *, num_groups: int | None = None) -> None:
+    """Turn input capture on or off for every site inside ``module`` (in place; static flags).
+
+    ``num_groups`` makes sites whose calls pass ``groups`` record statistics per group.
+    """
     for site in find_sites(module):
         site.module.capture_inputs = enabled
+        site.module.capture_groups = num_groups if enabled else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,18 +159,43 @@ class InputStatistics:
                                affinity=add(self.affinity, other.affinity))
 
     @property
-    def num_experts(self) -> int | None:
-        """``E`` for the statistics of a stacked expert site (None for an ordinary site)."""
+    def num_groups(self) -> int | None:
+        """``G`` for grouped statistics (experts of a stacked expert site, modalities, timestep buckets);
+        None for statistics over all tokens."""
         return None if np.ndim(self.count) == 0 else int(np.shape(self.count)[0])
 
-    def expert(self, e: int) -> InputStatistics:
-        """Expert ``e``'s statistics (over the tokens routed to it) of a stacked expert site."""
-        if self.num_experts is None:
-            raise ValueError("these are the statistics of an ordinary site, not of a stacked expert site.")
-        pick = lambda a: None if a is None else a[e]  # noqa: E731
-        return InputStatistics(hessian=self.hessian[e], count=float(self.count[e]), absmax=self.absmax[e],
-                               total=pick(self.total), affinity_hessian=pick(self.affinity_hessian),
-                               affinity=None if self.affinity is None else float(self.affinity[e]))
+    def group(self, g: int) -> InputStatistics:
+        """Group ``g``'s statistics (over its tokens: those routed to expert ``g``, of modality ``g``, ...)."""
+        if self.num_groups is None:
+            raise ValueError("these statistics are over all tokens, not grouped; capture them with "
+                             "set_capture(..., num_groups=G) on a site whose calls pass groups.")
+        if not 0 <= g < self.num_groups:
+            raise ValueError(f"group {g} is out of range for statistics of {self.num_groups} groups.")
+        pick = lambda a: None if a is None else a[g]  # noqa: E731
+        scalar = lambda a: None if a is None else float(a[g])  # noqa: E731
+        return InputStatistics(hessian=self.hessian[g], count=float(self.count[g]), absmax=self.absmax[g],
+                               total=pick(self.total), energy=scalar(self.energy),
+                               quantization_error=scalar(self.quantization_error),
+                               affinity_hessian=pick(self.affinity_hessian), affinity=scalar(self.affinity))
+
+    def pooled(self, weights: np.ndarray | None = None) -> InputStatistics:
+        """All groups as one token set: ``H = Σ_g w_g H_g`` (``w_g = 1`` by default: the plain sum over tokens).
+
+        ``weights [G]`` re-weights groups, e.g. ``N / (G n_g)`` so each group counts as much as the others
+        (GPTQ's ``group_weighting="balanced"``). Statistics that are not grouped are returned unchanged.
+        """
+        if self.num_groups is None:
+            return self
+        w = np.ones(self.num_groups) if weights is None else np.asarray(weights, np.float64)
+        if w.shape != (self.num_groups,):
+            raise ValueError(f"pooled: weights must have shape ({self.num_groups},), got {w.shape}.")
+        total = lambda a: None if a is None else np.tensordot(w, a, axes=1)  # noqa: E731
+        scalar = lambda a: None if a is None else float(np.dot(w, a))  # noqa: E731
+        return InputStatistics(hessian=total(self.hessian), count=scalar(self.count),
+                               absmax=np.max(self.absmax[w > 0], axis=0) if np.any(w > 0) else np.zeros_like(self.absmax[0]),
+                               total=total(self.total), energy=scalar(self.energy),
+                               quantization_error=scalar(self.quantization_error),
+                               affinity_hessian=total(self.affinity_hessian), affinity=scalar(self.affinity))
 
     @property
     def quantization_snr_db(self) -> float:
@@ -203,8 +253,12 @@ def _ordered_sum(per_sequence: jax.Array) -> np.ndarray:
     return total
 
 
-def _ordered_total(per_sequence: jax.Array | None) -> float | None:
-    return None if per_sequence is None else float(_ordered_sum(per_sequence))
+def _ordered_total(per_sequence: jax.Array | None) -> float | np.ndarray | None:
+    """A scalar total, or ``[G]`` per group for grouped statistics."""
+    if per_sequence is None:
+        return None
+    total = _ordered_sum(per_sequence)
+    return float(total) if total.ndim == 0 else total
 
 
 def capture_statistics(fn: Callable) -> Callable:

@@ -44,7 +44,36 @@ def as_array(w: jax.Array | QArray, dtype: jnp.dtype) -> jax.Array:
     return dequantize(w, dtype) if isinstance(w, QArray) else w
 
 
-def quantize_activation(x: jax.Array, fmt: Format, scale: jax.Array | None = None) -> jax.Array:
+ActivationFormat = Format | tuple[Format | None, ...]
+"""One activation format, or one per group (None: that group's inputs stay in floating point)."""
+
+
+def quantize_activation(x: jax.Array, fmt: ActivationFormat, scale: jax.Array | None = None,
+                        groups: jax.Array | None = None) -> jax.Array:
+    """Fake-quantize ``x [..., in]`` along its last axis, per group where the site is grouped.
+
+    ``fmt`` may be a tuple of per-group formats and ``scale`` a per-group table ``[G]`` of static
+    scales; then ``groups`` (int ids broadcastable to ``x.shape[:-1]``: a modality per token, or a
+    timestep bucket per sample) picks, token by token, the format and scale applied. Every group is
+    computed and selected with ``where``, so the choice is data, not a recompilation.
+    """
+    table = scale is not None and jnp.ndim(scale) == 1
+    if not isinstance(fmt, tuple) and not table:
+        return _quantize_one(x, fmt, scale)
+    num_groups = len(fmt) if isinstance(fmt, tuple) else scale.shape[0]
+    if groups is None:
+        raise ValueError(f"this site quantizes its inputs per group ({num_groups} groups); its call must pass "
+                         "groups= (int ids per token, or per sample for a timestep bucket).")
+    ids = jnp.broadcast_to(groups, x.shape[:-1])[..., None]
+    out = x
+    for g in range(num_groups):
+        f = fmt[g] if isinstance(fmt, tuple) else fmt
+        if f is not None:
+            out = jnp.where(ids == g, _quantize_one(x, f, scale[g] if table else scale), out)
+    return out
+
+
+def _quantize_one(x: jax.Array, fmt: Format, scale: jax.Array | None = None) -> jax.Array:
     """Fake-quantize ``x [..., in]`` along its last axis with a straight-through gradient.
 
     Without ``scale`` the format computes its scales from ``x`` (dynamic); a
@@ -68,8 +97,9 @@ def linear(
     w: jax.Array | QArray,
     b: jax.Array | None = None,
     *,
-    activation: Format | None = None,
+    activation: ActivationFormat | None = None,
     activation_scale: jax.Array | None = None,
+    groups: jax.Array | None = None,
 ) -> jax.Array:
     """``y = Q_a(x) @ w + b``.
 
@@ -80,16 +110,19 @@ def linear(
       activation: optional activation format; ``x`` is quantized with it along
         its last axis (per token for per-channel formats), with a
         straight-through gradient.
-      activation_scale: a calibrated (static) scalar scale for ``activation``.
+      activation_scale: a calibrated (static) scalar scale for ``activation``, or a table ``[G]`` of them.
+      groups: int group ids broadcastable to ``x.shape[:-1]``; needed when ``activation`` is a tuple of
+        per-group formats or ``activation_scale`` a per-group table (``quantize_activation``).
 
     Returns:
       ``[..., out]`` in ``x.dtype``.
     """
-    kernel = select_kernel(x, w, activation, activation_scale)
+    grouped = isinstance(activation, tuple) or (activation_scale is not None and jnp.ndim(activation_scale) == 1)
+    kernel = None if grouped else select_kernel(x, w, activation, activation_scale)
     if kernel is not None:
         return kernel.apply(x, w, b, activation)
     if activation is not None:
-        x = quantize_activation(x, activation, activation_scale)
+        x = quantize_activation(x, activation, activation_scale, groups)
     w = as_array(w, x.dtype)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(

@@ -45,7 +45,14 @@ class Rule:
     ``static_activation`` calibrates one activation scale per site (from the
     largest input magnitude seen in calibration) instead of computing scales
     per token at run time; it needs a per-tensor symmetric integer format
-    such as ``"int8-tensor"``.
+    such as ``"int8-tensor"``; at a site that receives group ids (``jquant.sites.ActivationGroups``:
+    an MLLM's modalities, a diffusion model's timestep buckets) it calibrates one scale per group.
+
+    ``when`` (group names) conditions the rule on groups: it then applies only to the inputs of those
+    groups and may set only activation fields (a weight is shared by every group). For each group, a
+    site takes the first rule that matches its path and either has no ``when`` or names the group.
+    GPTQ's ``options={"group_weighting": "balanced"}`` weighs each group's Hessian equally
+    (``Σ_g H_g / n_g``) instead of by token count (``"tokens"``, the default).
     """
 
     pattern: str
@@ -56,6 +63,7 @@ class Rule:
     activation_options: tuple[tuple[str, Any], ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
     static_activation: bool = False
+    when: tuple[str, ...] = ()
 
     def __post_init__(self):
         try:
@@ -70,8 +78,20 @@ class Rule:
             raise ValueError(f"Rule({self.pattern!r}): static_activation needs an activation format (e.g. 'int8-tensor').")
         for name in ("weight_options", "activation_options", "options"):
             object.__setattr__(self, name, _freeze(getattr(self, name)))
+        object.__setattr__(self, "when", (self.when,) if isinstance(self.when, str) else tuple(self.when))
+        if self.when and (self.weight is not None or self.algorithm != "rtn" or self.weight_options or self.options):
+            raise ValueError(f"Rule({self.pattern!r}, when={list(self.when)}): a rule conditioned on groups sets only "
+                             "activation formats (the weight is shared by all groups); move the weight to a rule "
+                             "without when=.")
+        weighting = dict(self.options).get("group_weighting", "tokens")
+        if weighting not in ("tokens", "balanced"):
+            raise ValueError(f"Rule({self.pattern!r}): option group_weighting={weighting!r} must be 'tokens' or "
+                             "'balanced'.")
 
-    def matches(self, path: str) -> bool:
+    def matches(self, path: str, group: str | None = None) -> bool:
+        """Whether the rule applies to site ``path`` (for the inputs of ``group``, when given)."""
+        if self.when and group not in self.when:
+            return False
         return re.fullmatch(self.pattern, path) is not None
 
     def to_dict(self) -> dict:
@@ -81,6 +101,8 @@ class Rule:
                 out[name] = dict(getattr(self, name))
         if self.static_activation:
             out["static_activation"] = True
+        if self.when:
+            out["when"] = list(self.when)
         return out
 
 
@@ -149,26 +171,30 @@ class Recipe:
             except re.error as err:
                 raise ValueError(f"Recipe {self.name!r}: keep_float pattern {pattern!r} is invalid: {err}.") from None
 
-    def rule_for(self, path: str, expert: int | None = None) -> Rule | None:
+    def rule_for(self, path: str, expert: int | None = None, group: str | None = None) -> Rule | None:
         """The rule that applies to site ``path`` (None: stays in floating point).
 
         For expert ``e`` of a stacked expert site, a rule (or ``keep_float`` pattern) applies if it matches
         the site path or the expert's path ``{path}/{e}``, so ``.*/experts/down_proj/[0-3]`` targets experts 0-3.
+        With ``group`` (a group name), rules conditioned on that group (``when=``) take part too.
         """
         names = (path,) if expert is None else (path, f"{path}/{expert}")
         if any(re.fullmatch(p, n) for p in self.keep_float for n in names):
             return None
-        return next((r for r in self.rules if any(r.matches(n) for n in names)), None)
+        return next((r for r in self.rules if any(r.matches(n, group) for n in names)), None)
 
     def assign(self, paths: Iterable[str]) -> dict[str, Rule | None]:
         """Rule (or None) per site path, in the given order."""
         return {p: self.rule_for(p) for p in paths}
 
-    def unused_rules(self, paths: Iterable[str], experts: Mapping[str, int] | None = None) -> list[Rule]:
+    def unused_rules(self, paths: Iterable[str], experts: Mapping[str, int] | None = None,
+                     groups: Mapping[str, tuple[str, ...]] | None = None) -> list[Rule]:
         """Rules that no site takes (typos, or sites shadowed by an earlier rule); ``experts`` gives the number of
-        experts of each stacked expert site, whose experts take rules one by one."""
-        experts = experts or {}
+        experts of each stacked expert site, whose experts take rules one by one; ``groups`` the group names
+        of each site that receives group ids, whose groups take rules one by one."""
+        experts, groups = experts or {}, groups or {}
         used = {id(self.rule_for(p, e)) for p in paths for e in (range(experts[p]) if p in experts else (None,))}
+        used |= {id(self.rule_for(p, group=g)) for p, names in groups.items() for g in names}
         return [r for r in self.rules if id(r) not in used]
 
     @property

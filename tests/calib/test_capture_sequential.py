@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from jquant.calib.capture import capture_statistics, set_capture
-from jquant.calib.sequential import run_sequential
+from jquant.calib.sequential import walk_blocks
 from jquant.models import llama
 
 CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2)
@@ -39,13 +39,13 @@ def test_each_block_sees_the_outputs_of_processed_blocks(model):
     tokens = np.random.default_rng(1).integers(0, 64, size=(5, 8))
     seen = {}
 
-    def zero_block(path, block, stats):
-        seen[path] = stats
+    def zero_block(visit):
+        seen[visit.path], block = visit.stats, visit.block
         # make the block an identity map: no attention or MLP contribution to the residual stream
         block.self_attn.o_proj.kernel[...] = 0 * block.self_attn.o_proj.kernel[...]
         block.mlp.down_proj.kernel[...] = 0 * block.mlp.down_proj.kernel[...]
 
-    run_sequential(model, tokens, zero_block, batch_size=2, progress=False)
+    walk_blocks(model, tokens, zero_block, batch_size=2, progress=False)
     assert list(seen) == ["layers/0", "layers/1", "layers/2"]
     # all norms are 1 at init, so identity blocks feed every later block exactly the embedding
     for later in ("layers/1", "layers/2"):
@@ -56,7 +56,7 @@ def test_each_block_sees_the_outputs_of_processed_blocks(model):
 def test_untouched_blocks_see_different_inputs(model):
     tokens = np.random.default_rng(1).integers(0, 64, size=(4, 8))
     seen = {}
-    run_sequential(model, tokens, lambda p, b, s: seen.setdefault(p, s), batch_size=4, progress=False)
+    walk_blocks(model, tokens, lambda v: seen.setdefault(v.path, v.stats), batch_size=4, progress=False)
     assert not np.allclose(np.asarray(seen["layers/1"]["self_attn/q_proj"].hessian),
                            np.asarray(seen["layers/0"]["self_attn/q_proj"].hessian))
 
@@ -73,14 +73,14 @@ def test_block_forward_compiles_once_per_block_structure(monkeypatch):
 
     monkeypatch.setattr(llama.DecoderLayer, "calibration_forward", counting)
     tokens = np.random.default_rng(2).integers(0, 64, size=(6, 8))
-    run_sequential(model, tokens, lambda p, b, s: None, batch_size=2, progress=False)
+    walk_blocks(model, tokens, lambda v: None, batch_size=2, progress=False)
     # 3 layers x 3 chunks x 2 passes = 18 calls, but only two traces: capturing and not capturing
     assert traces == [True, False], traces
 
 
 def test_empty_calibration_set_is_rejected(model):
-    with pytest.raises(ValueError, match="non-empty"):
-        run_sequential(model, np.zeros((0, 8), np.int32), lambda p, b, s: None, progress=False)
+    with pytest.raises(ValueError, match="no sample"):
+        walk_blocks(model, np.zeros((0, 8), np.int32), lambda v: None, progress=False)
 
 
 def test_quantization_snr_is_measured_with_the_sites_own_quantizer(model):

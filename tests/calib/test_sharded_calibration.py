@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import jax, numpy as np
     from jax.sharding import Mesh
     import jquant as jq
-    from jquant.calib.sequential import run_sequential
+    from jquant.calib.sequential import walk_blocks
     from jquant.formats import QArray
     from jquant.models import llama
 
@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
 
     def hessians(m, mesh):
         seen = {}
-        run_sequential(m, tokens, lambda p, b, s: seen.update({f"{p}/{k}": v for k, v in s.items()}),
+        walk_blocks(m, tokens, lambda v: seen.update({f"{v.path}/{k}": s for k, s in v.stats.items()}),
                        batch_size=8, mesh=mesh, progress=False)
         return seen
 
