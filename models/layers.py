@@ -66,22 +66,25 @@ class Linear(nnx.Module):
     ):
         self.kernel = _param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype), sharding)
         self.bias = _param(jnp.zeros((out_features,), param_dtype), sharding[-1:]) if use_bias else None
-        self.activation = None  # an activation Format once a recipe quantizes this layer's inputs
-        self.activation_scale = nnx.data(None)  # a calibrated scalar Param for static activation formats
+        self.activation = None  # an activation Format (or one per group) once a recipe quantizes this layer's inputs
+        self.activation_scale = nnx.data(None)  # a calibrated Param for static formats: scalar, or [G] per group
         self.input_rotation = None  # the order of an online Hadamard applied to the input (set by transforms)
         self.lora = nnx.data(None)  # a LoRA adapter module (set by jquant.finetune.add_lora)
 
-    def __call__(self, x: jax.Array, affinity: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, affinity: jax.Array | None = None, *, groups: jax.Array | None = None) -> jax.Array:
         """``x [..., in]`` -> ``[..., out]``; ``affinity [...]`` (per-token weights, e.g. a shared expert's gate)
-        only adds affinity-weighted calibration statistics."""
+        only adds affinity-weighted calibration statistics. ``groups`` (int ids broadcastable to ``x.shape[:-1]``:
+        a modality per token, a timestep bucket per sample) selects per-group activation formats and static
+        scales, and splits calibration statistics by group (``jquant.calib.capture``)."""
         if self.input_rotation is not None:
             x = ops.online_hadamard(x, self.input_rotation)
-        record_input(self, x, affinity)
+        record_input(self, x, affinity, groups)
         bias = None if self.bias is None else self.bias.get_value()
         if self.lora is not None:
             return self.lora(x, self.kernel.get_value(), bias)
         scale = None if self.activation_scale is None else self.activation_scale.get_value()
-        return ops.linear(x, self.kernel.get_value(), bias, activation=self.activation, activation_scale=scale)
+        return ops.linear(x, self.kernel.get_value(), bias, activation=self.activation, activation_scale=scale,
+                          groups=groups)
 
 
 class Embed(nnx.Module):

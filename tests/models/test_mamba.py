@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jquant import ops
-from jquant.calib.sequential import run_sequential
+from jquant.calib.sequential import walk_blocks
 from jquant.generate import generate
 from jquant.models import hf_io, load, mamba
 from jquant.testing.hf_reference import copy_with_config, relative_error, torch_logits, torch_ssm_decode_logits
@@ -156,10 +156,10 @@ def test_block_calibration_sees_every_mixer_linear(random_model):
     """Block-by-block calibration (GPTQ's driver) records the inputs of in_proj, x_proj, dt_proj and out_proj."""
     seen = {}
 
-    def process_block(path, block, stats):
-        seen.update({f"{path}/{site}": (s.hessian.shape, s.count) for site, s in stats.items()})
+    def process_block(visit):
+        seen.update({f"{visit.path}/{site}": (s.hessian.shape, s.count) for site, s in visit.stats.items()})
 
-    run_sequential(random_model, _tokens(7, batch=3, length=6), process_block, batch_size=2, progress=False)
+    walk_blocks(random_model, _tokens(7, batch=3, length=6), process_block, batch_size=2, progress=False)
     di, rank = random_model.config.intermediate_size, random_model.config.time_step_rank
     sizes = {"in_proj": 16, "x_proj": di, "dt_proj": rank, "out_proj": di}
     assert seen == {f"layers/{i}/mixer/{name}": ((n, n), 18.0) for i in range(2) for name, n in sizes.items()}
