@@ -1,75 +1,160 @@
 """Quantization baselines on a bundled reference model -> experiments/results/baselines.md (+ .json).
 
     python experiments/baselines.py                        # jq-llama-small, all recipes
-    python experiments/baselines.py --windows 160 --items 200 --calib 64   # about 25 min on 2 cores
+    python experiments/baselines.py --model jq-llama-small --windows 160 --items 200 --calib 64  # ~25 min, 2 cores
+    python experiments/baselines.py --quick --out /tmp/b   # smoke run: jq-llama-tiny, 2 recipes, a few windows
+    python experiments/baselines.py --report-only          # rebuild baselines.md from baselines.json
 
 RTN vs GPTQ at W8, W4 g128, W3 g128 and W2 g64 (asymmetric), fp8 / NVFP4 /
 MXFP4 weight-only and W8A8 (int8 and fp8), all with embeddings and lm_head
 kept in bf16. Calibration: 128 random 256-token windows of the train split
-(key 0) by default. Evaluation: validation perplexity (256-token windows) and zero-shot
+(key: the seed, 0 by default). Evaluation: validation perplexity (256-token windows) and zero-shot
 accuracy on the test split. Size counts every stored array (codes, scales,
 zero points) plus the float embeddings and head.
+
+A baselines.json of the older layout (a bare list of rows) does not record its arguments: rebuild its
+report with the arguments it was run with, e.g. ``--report-only --windows 160 --items 200 --calib 64``.
 """
 
 import argparse
-import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
-import jax
+import harness
+from harness import Column, Results
 
-import jquant as jq
-from jquant.data import load_split, random_windows, token_windows
-from jquant.eval import perplexity, zero_shot
-from jquant.models import load
-
-RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = ["rtn-w8", "gptq-w8", "rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "rtn-w2g64", "gptq-w2g64",
            "fp8-w8a16", "nvfp4-w4a16", "mxfp4-w4a16", "rtn-w8a8", "rtn-w8a8-static", "fp8-w8a8"]
+FLOAT = "float (bf16)"
 TASKS = ("next_line", "same_source")
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+COLUMNS = [Column("recipe", "recipe"), Column("ppl", "ppl", ".2f"), Column("next_line", "next_line", ".3f"),
+           Column("same_source", "same_source", ".3f"), Column("size (MB)", "mb", ".2f"),
+           Column("bits/param", "bits", ".2f"), Column("time (s)", "seconds", ".1f")]
 
 
-def evaluate(model, tokenizer, windows, n_items: int) -> dict:
+def evaluate(model, tokenizer, windows, n_items: int) -> dict[str, Any]:
+    """Perplexity, zero-shot accuracy per task, total size and the float / quantized parts of it."""
+    import jquant as jq
+    from jquant.eval import perplexity, zero_shot
+
     size = jq.size_report(model)
     zs = zero_shot(model, tokenizer, TASKS, n_items=n_items, progress=False)
+    quantized = [r for r in size.rows if r[3] not in FLOAT_DTYPES]
     return {"ppl": perplexity(model, windows, batch_size=16, progress=False).ppl,
-            **{t: zs[t].accuracy for t in TASKS}, "mb": size.megabytes, "bits": size.bits_per_parameter}
+            **{t: zs[t].accuracy for t in TASKS}, "mb": size.megabytes, "bits": size.bits_per_parameter,
+            "float_mb": sum(r[2] for r in size.rows if r[3] in FLOAT_DTYPES) / 1e6,
+            "float_params": sum(r[1] for r in size.rows if r[3] in FLOAT_DTYPES), "params": size.parameters,
+            "linear_bits": 8 * sum(r[2] for r in quantized) / sum(r[1] for r in quantized) if quantized else None}
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
+    """Evaluate the float model once, then every recipe per seed; rows already in ``results`` are skipped."""
+    import jax
+
+    import jquant as jq
+    from jquant.data import load_split, random_windows, token_windows
+    from jquant.models import load
+
+    loaded = load(args.model)
+    tok = loaded.tokenizer
+    windows = token_windows(load_split("validation"), tok, 256, max_windows=args.windows)
+    results.set_meta(windows=len(windows), platform=jax.devices()[0].platform, cpus=os.cpu_count())
+    if not results.has(recipe=FLOAT, seed=None):
+        results.add({"recipe": FLOAT, "seed": None, "seconds": 0.0, **evaluate(loaded.model, tok, windows, args.items)})
+        print(results.rows[-1], flush=True)
+    for seed in args.seeds:
+        calib = random_windows(load_split("train"), tok, args.calib, 256, jax.random.key(seed))
+        results.set_meta(calib=len(calib))
+        for name in args.recipes:
+            if results.has(recipe=name, seed=seed):
+                continue
+            t0 = time.perf_counter()
+            qmodel = jq.quantize(loaded.model, name, calib, progress=False)
+            seconds = time.perf_counter() - t0
+            results.add({"recipe": name, "seed": seed, "seconds": seconds,
+                         **evaluate(qmodel, tok, windows, args.items)})
+            print(results.rows[-1], flush=True)
+
+
+def _gptq_vs_rtn(rows: list[dict], fp: dict, seeds: int) -> list[str]:
+    """A bullet and an indented table: perplexity increase over float of RTN and GPTQ at each width both ran."""
+    pairs = [(r, g) for r in rows for g in rows
+             if r["recipe"].startswith("rtn-") and g["recipe"] == "gptq-" + r["recipe"][4:] and r["seed"] == g["seed"]]
+    if not pairs:
+        return []
+    wins = [r["recipe"][4:] for r, g in pairs if g["ppl"] < r["ppl"]]
+    columns = [Column("width", lambda p: p[0]["recipe"][4:]), *([Column("seed", lambda p: p[0]["seed"])] * (seeds > 1)),
+               Column("RTN", lambda p: p[0]["ppl"] - fp["ppl"], "+.2f"),
+               Column("GPTQ", lambda p: p[1]["ppl"] - fp["ppl"], "+.2f")]
+    return [f"- GPTQ has the lower perplexity at {len(wins)} of {len(pairs)} widths ({', '.join(wins) or 'none'}); "
+            "perplexity increase over float:", "", *(f"  {line}" for line in harness.table(pairs, columns)), ""]
+
+
+def notes(results: Results) -> list[str]:
+    """The reading of the table (markdown lines), every number formatted from the run."""
+    rows, args, meta = results.rows, results.args, results.meta
+    fp = next(r for r in rows if r["recipe"] == FLOAT)
+    quantized = [r for r in rows if r["recipe"] != FLOAT]
+    out = []
+    q = next((r for r in quantized if "float_mb" in r), None)
+    if q is not None:
+        per_weight = ", ".join(f"{r['recipe']} {r['linear_bits']:.3f}" for r in quantized if r.get("linear_bits"))
+        out.append(f"- Sizes include the float embedding, head and norms: {q['float_params'] / 1e6:.1f} M of the "
+                   f"{q['params'] / 1e6:.1f} M parameters, {q['float_mb']:.2f} MB. Bits per quantized weight "
+                   f"(codes, scales, zero points): {per_weight}.")
+    out += _gptq_vs_rtn(quantized, fp, len(args.get("seeds", [0])))
+    if quantized:
+        worst = max(quantized, key=lambda r: r["ppl"])
+        out.append(f"- Largest perplexity increase over float: {worst['recipe']}, {worst['ppl'] - fp['ppl']:+.2f} "
+                   f"({100 * (worst['ppl'] / fp['ppl'] - 1):.1f} %).")
+    shift = max((abs(r[t] - fp[t]) for r in quantized for t in TASKS), default=0.0)
+    out.append(f"- The largest zero-shot change from float is {shift:.3f}; two binomial standard errors at "
+               f"{args['items']} items are about ±{2 * (0.25 / args['items']) ** 0.5:.3f}.")
+    where = f" on {meta['platform'].upper()} ({meta['cpus']} cores)" if "platform" in meta else ""
+    out.append(f"- Times are wall seconds{where}; GPTQ's include the block-by-block calibration forward over "
+               f"{meta['calib']} × 256 tokens.")
+    return out
+
+
+def report(runs: list[Results], base: Path) -> None:
+    """Write ``<base>.md`` from the results."""
+    results = runs[0]
+    args, meta = results.args, results.meta
+    columns = COLUMNS[:1] + [Column("seed", "seed")] + COLUMNS[1:] if len(args.get("seeds", [0])) > 1 else COLUMNS
+    lines = [f"# Quantization baselines on {args['model']}", "",
+             f"Validation perplexity over {meta['windows']} windows of 256 tokens; zero-shot accuracy on "
+             f"{args['items']} items per task (test split; chance: next_line 0.25, same_source 0.33); size of all "
+             "parameters (embeddings and lm_head stay bf16); GPTQ calibrated on "
+             f"{meta['calib']} random 256-token train windows. {harness.reproduce(results.command)}", "",
+             *harness.table(results.rows, columns), "", "Reading the table:", *notes(results)]
+    harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def legacy(data: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    """The older layout (a bare list of rows, no arguments): arguments from this invocation, command rebuilt."""
+    command = (f"python experiments/baselines.py --model {args.model}"
+               f"{f' --windows {args.windows}' if args.windows else ''} --items {args.items} --calib {args.calib}")
+    rows = [{**r, "seed": None if r["recipe"] == FLOAT else 0} for r in data]
+    return {"script": "baselines", "command": command, "args": harness.run_args(args), "key": ["recipe", "seed"],
+            "meta": {"windows": args.windows, "calib": args.calib}, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="jq-llama-small")
     parser.add_argument("--windows", type=int, default=None, help="validation windows (default: the whole split)")
     parser.add_argument("--items", type=int, default=200, help="zero-shot items per task (default: %(default)s)")
     parser.add_argument("--calib", type=int, default=128, help="calibration windows (default: %(default)s)")
-    args = parser.parse_args()
-    loaded = load(args.model)
-    tok = loaded.tokenizer
-    windows = token_windows(load_split("validation"), tok, 256, max_windows=args.windows)
-    calib = random_windows(load_split("train"), tok, args.calib, 256, jax.random.key(0))
-    n_items = args.items
-    rows = [{"recipe": "float (bf16)", "seconds": 0.0, **evaluate(loaded.model, tok, windows, n_items)}]
-    print(rows[-1], flush=True)
-    for name in RECIPES:
-        t0 = time.perf_counter()
-        qmodel = jq.quantize(loaded.model, name, calib, progress=False)
-        seconds = time.perf_counter() - t0
-        rows.append({"recipe": name, "seconds": seconds, **evaluate(qmodel, tok, windows, n_items)})
-        print(rows[-1], flush=True)
-    stem = f"baselines{'-' + args.model if args.model != 'jq-llama-small' else ''}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = [f"# Quantization baselines on {args.model}", "",
-             f"Validation perplexity over {len(windows)} windows of 256 tokens; zero-shot accuracy on {n_items} items per "
-             "task (test split; chance: next_line 0.25, same_source 0.33); size of all parameters (embeddings and "
-             f"lm_head stay bf16); GPTQ calibrated on {len(calib)} random 256-token train windows. "
-             f"Reproduce: `python experiments/baselines.py --model {args.model}"
-             f"{f' --windows {args.windows}' if args.windows else ''} --items {n_items} --calib {len(calib)}`.", "",
-             "| recipe | ppl | next_line | same_source | size (MB) | bits/param | time (s) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | {r['next_line']:.3f} | {r['same_source']:.3f} | {r['mb']:.2f} | "
-                     f"{r['bits']:.2f} | {r['seconds']:.1f} |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    parser.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES, metavar="RECIPE",
+                        help="recipes to run (default: all of %(choices)s)")
+    harness.add_arguments(parser, model="jq-llama-small", seeds=[0])
+    harness.run_experiment(
+        parser, stem=lambda a: f"baselines{'-' + a.model if a.model != 'jq-llama-small' else ''}",
+        key=("recipe", "seed"), run=run, report=report, legacy=legacy,
+        quick={"model": "jq-llama-tiny", "windows": 2, "items": 8, "calib": 4, "recipes": ["rtn-w2g64", "gptq-w2g64"]})
 
 
 if __name__ == "__main__":

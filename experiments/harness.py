@@ -1,0 +1,313 @@
+"""The shared skeleton of the scripts in experiments/: arguments, run-or-resume rows, JSON -> markdown (+ plot).
+
+A script declares its own arguments, then hands the rest to :func:`run_experiment`::
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib", type=int, default=64)
+    harness.add_arguments(parser, model="jq-llama-small")
+    harness.run_experiment(parser, stem=lambda a: "mine", key=("recipe",), run=run, report=report,
+                           quick={"calib": 4})
+
+``run(args, results)`` skips the rows ``results.has(...)`` already holds and calls ``results.add(row)`` for each
+finished row (written at once, atomically); ``report(runs, base)`` writes ``<base>.md`` (and a plot) from the
+saved results only, so ``--report-only`` rebuilds it without running anything.
+
+Results JSON layout (one file per run, owned by the script that writes it)::
+
+    {"script": "baselines", "command": "python experiments/baselines.py ...", "args": {...}, "key": ["recipe"],
+     "meta": {...run-level numbers...}, "rows": [{...}, ...]}
+
+Markdown helpers: :class:`Column` + :func:`table` (rows -> a markdown table), :func:`reproduce` (the recorded
+command line), :func:`bullets` (notes a script formats from the run's numbers); plots: :func:`figure`,
+:func:`plot_rows`, :func:`save_figure` (matplotlib, Agg); files: :func:`write_text_atomic`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+# Arguments of the harness that never change a run's numbers: not part of the recorded arguments or command.
+HARNESS_ONLY = ("resume", "out", "report_only", "quick")
+# Flags dropped from the recorded command line (with their value where they take one): they never change the rows.
+_DROPPED_FLAGS = {"--resume": 0, "--out": 1}
+
+Row = dict[str, Any]
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, model: str | None = None,
+                  seeds: Sequence[int] | None = None) -> None:
+    """Add the common arguments to a script's ``parser``.
+
+    ``--model`` (when ``model`` gives its default), ``--seeds`` (when ``seeds`` gives the default list),
+    ``--resume``, ``--out`` (default experiments/results), ``--quick`` and ``--report-only [JSON ...]``.
+    """
+    group = parser.add_argument_group("experiment harness")
+    if model is not None:
+        group.add_argument("--model", default=model, help="model name (default: %(default)s)")
+    if seeds is not None:
+        group.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="seeds (default: %(default)s)")
+    group.add_argument("--resume", action="store_true",
+                       help="keep the rows of an existing results JSON of the same arguments; run only the others")
+    group.add_argument("--out", type=Path, default=RESULTS,
+                       help="folder of the JSON, markdown and plot (default: %(default)s)")
+    group.add_argument("--quick", action="store_true",
+                       help="smoke run: the script's smallest arguments, files named <stem>-quick.*")
+    group.add_argument("--report-only", nargs="*", type=Path, default=None, metavar="JSON",
+                       help="rebuild the markdown/plot from results JSON files (default: the script's own) "
+                            "without running anything")
+
+
+def run_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that define a run (JSON-ready): every argument but the harness-only ones."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in HARNESS_ONLY}
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """``python <script> <args>`` from ``argv`` (default ``sys.argv``), without --resume and --out.
+
+    The script path is written relative to the repository when it lies inside it.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]).resolve()
+    head = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else argv[0]
+    kept, rest = [], argv[1:]
+    while rest:
+        arg, rest = rest[0], rest[1:]
+        name = arg.split("=", 1)[0]
+        if name in _DROPPED_FLAGS:
+            rest = rest[_DROPPED_FLAGS[name] if "=" not in arg else 0:]
+        else:
+            kept.append(arg)
+    return shlex.join(["python", head, *kept])
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (open descriptor, name), readable as the umask allows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    fd, tmp = _temporary(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Results:
+    """A run's results: its arguments, run-level ``meta`` numbers and rows identified by the ``key`` fields.
+
+    Every :meth:`add` and :meth:`set_meta` rewrites ``path`` at once (atomically).
+    """
+
+    path: Path
+    script: str
+    command: str
+    args: dict[str, Any]
+    key: tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+
+    def row_id(self, row: Mapping[str, Any]) -> tuple:
+        """The id of ``row``: its values of the key fields."""
+        return tuple(row[k] for k in self.key)
+
+    def get(self, **key: Any) -> Row | None:
+        """The row whose key fields equal ``key``, or None."""
+        wanted = tuple(key[k] for k in self.key)
+        return next((r for r in self.rows if self.row_id(r) == wanted), None)
+
+    def has(self, **key: Any) -> bool:
+        """Whether a row with these key fields is already present (finished or resumed)."""
+        return self.get(**key) is not None
+
+    def add(self, row: Row) -> None:
+        """Add (or replace, same id) a finished row and save."""
+        rid = self.row_id(row)
+        self.rows = [r for r in self.rows if self.row_id(r) != rid] + [row]
+        self.save()
+
+    def set_meta(self, **values: Any) -> None:
+        """Record run-level numbers (window counts, timings, ...) and save."""
+        self.meta.update(values)
+        self.save()
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON layout written to ``path``."""
+        return {"script": self.script, "command": self.command, "args": self.args, "key": list(self.key),
+                "meta": self.meta, "rows": self.rows}
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def open(cls, path: Path, *, script: str, command: str, args: dict[str, Any], key: Sequence[str],
+             resume: bool) -> Results:
+        """A new run's results; with ``resume``, the rows (and meta) of ``path`` when it holds the same arguments.
+
+        Resuming a file of other arguments is refused (SystemExit) rather than mixing two runs.
+        """
+        results = cls(path=path, script=script, command=command, args=args, key=tuple(key))
+        if resume and path.is_file():
+            old = cls.load(path)
+            if old.args != args:
+                changed = sorted(k for k in {*args, *old.args} if args.get(k) != old.args.get(k))
+                raise SystemExit(f"--resume: {path} was written with other arguments ({', '.join(changed)}); "
+                                 "drop --resume to start over")
+            results.meta, results.rows = old.meta, old.rows
+            print(f"resuming {path}: {len(old.rows)} rows kept", flush=True)
+        return results
+
+    @classmethod
+    def load(cls, path: Path, legacy: Callable[[Any], dict[str, Any]] | None = None) -> Results:
+        """Read a results JSON; a file in a script's older layout goes through ``legacy(data)`` first."""
+        data = json.loads(path.read_text())
+        if not (isinstance(data, dict) and {"script", "args", "key", "rows"} <= data.keys()):
+            if legacy is None:
+                raise SystemExit(f"{path} is not a harness results JSON")
+            data = legacy(data)
+        return cls(path=path, script=data["script"], command=data["command"], args=data["args"],
+                   key=tuple(data["key"]), meta=data.get("meta", {}), rows=data["rows"])
+
+
+def run_experiment(parser: argparse.ArgumentParser, *, stem: Callable[[argparse.Namespace], str],
+                   key: Sequence[str], run: Callable[[argparse.Namespace, Results], None],
+                   report: Callable[[list[Results], Path], None], quick: Mapping[str, Any] | None = None,
+                   legacy: Callable[[Any, argparse.Namespace], dict[str, Any]] | None = None,
+                   report_inputs: Callable[[argparse.Namespace, Path], list[Path]] | None = None,
+                   argv: Sequence[str] | None = None) -> None:
+    """Parse the arguments, then either rebuild the report (``--report-only``) or run-or-resume and report.
+
+    ``stem(args)`` names the files: ``<out>/<stem>.json``, and ``report(runs, <out>/<stem>)`` writes
+    ``<out>/<stem>.md`` (+ ``.png``). ``quick`` holds the argument values of ``--quick`` (set where an argument was
+    left at its default; ``-quick`` is appended to the stem). ``legacy(data, args)`` converts a JSON of the
+    script's older layout into the harness layout (``args``: this invocation's, for what the old file did not
+    record). ``report_inputs(args, json_path)`` lists the JSON files the report reads after a run (default: the
+    run's own).
+    """
+    args = parser.parse_args(None if argv is None else argv[1:])
+    if args.quick:
+        for name, value in (quick or {}).items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    name = stem(args) + ("-quick" if args.quick else "")
+    path = args.out / f"{name}.json"
+    if args.report_only is not None:
+        paths = args.report_only or [path]
+    else:
+        script = Path(sys.argv[0] if argv is None else argv[0]).stem
+        results = Results.open(path, script=script, command=command_line(argv), args=run_args(args), key=key,
+                               resume=args.resume)
+        run(args, results)
+        paths = report_inputs(args, path) if report_inputs else [path]
+    adapter = None if legacy is None else (lambda data: legacy(data, args))
+    report([Results.load(p, adapter) for p in paths], args.out / name)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A markdown table column: ``header``, the row's ``key`` (or a function of the row) and a number format.
+
+    ``fmt`` is a format spec (``".2f"``, ``"+.2f"``); a missing value (None / absent key) prints ``missing``.
+    """
+
+    header: str
+    key: str | Callable[[Row], Any]
+    fmt: str = ""
+    missing: str = "–"
+
+    def cell(self, row: Row) -> str:
+        value = self.key(row) if callable(self.key) else row.get(self.key)
+        return self.missing if value is None else format(value, self.fmt)
+
+
+def table(rows: Sequence[Row], columns: Sequence[Column]) -> list[str]:
+    """A markdown table (header, rule, one line per row)."""
+    return ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(c.cell(r) for c in columns) + " |" for r in rows)]
+
+
+def reproduce(command: str) -> str:
+    """The ``Reproduce:`` sentence of a report, from the command recorded with the run."""
+    return f"Reproduce: `{command}`."
+
+
+def bullets(notes: Sequence[str]) -> list[str]:
+    """Markdown bullets of notes (each formatted by the script from the run's numbers)."""
+    return [f"- {n}" for n in notes]
+
+
+def figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0)):
+    """A matplotlib figure (Agg backend) and its 2-D array of axes; ``size`` is per panel, in inches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+
+
+def plot_rows(ax, rows: Sequence[Row], *, x: str, y: str, series: str | None = None, kind: str = "line",
+              title: str = "", ylabel: str = "", **axis: Any) -> None:
+    """Plot ``rows`` on ``ax``: ``y`` against ``x``, one line (``kind="line"``) or bar set (``"bar"``) per
+    distinct value of ``series``. Bars are grouped by ``x`` value in order of first appearance; ``axis``
+    goes to ``ax.set`` (``yscale``, ``ylim``, ...)."""
+    groups: dict[Any, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r[series] if series else y, []).append(r)
+    if kind == "line":
+        for label, group in groups.items():
+            ax.plot([r[x] for r in group], [r[y] for r in group], "o-", label=str(label))
+    elif kind == "bar":
+        xs = list(dict.fromkeys(r[x] for r in rows))
+        width = 0.8 / len(groups)
+        for i, (label, group) in enumerate(groups.items()):
+            at = {r[x]: r[y] for r in group}
+            ax.bar([j + i * width for j, v in enumerate(xs) if v in at], [at[v] for v in xs if v in at], width,
+                   label=str(label))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], [str(v) for v in xs])
+    else:
+        raise ValueError(f"kind must be 'line' or 'bar', not {kind!r}")
+    ax.set(title=title, xlabel=x if kind == "line" else "", ylabel=ylabel or y, **axis)
+    if series:
+        ax.legend(fontsize=7)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Save ``fig`` as PNG through a temporary file in the same folder, then close it."""
+    import matplotlib.pyplot as plt
+
+    fd, tmp = _temporary(path)
+    os.close(fd)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
