@@ -37,7 +37,8 @@ from jquant.kv import KVCacheConfig, KVQuantizer, init_cache
 from jquant.kv.baselines import kivi, rtn
 from jquant.kv.calibrate import set_kv_cache
 from jquant.kv.skvq import SKVQConfig, skvq
-from jquant.kv.wkvquant import WKVQuantConfig, wkvquant
+from jquant.kv.wkvquant import WKVQuantConfig
+from jquant.methods.wkvquant import wkvquant
 from jquant.models.registry import load
 from jquant.recipes import get as get_recipe
 

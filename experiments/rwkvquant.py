@@ -32,11 +32,11 @@ import jax
 import numpy as np
 
 import jquant as jq
-from jquant.algorithms.rwkvquant import RWKVQuantConfig, rwkvquant, rwkvquant_recipe
 from jquant.calib.capture import model_input_statistics
 from jquant.data import load_split, random_windows, token_windows
 from jquant.eval import perplexity, zero_shot
 from jquant.formats import QArray, dequantize
+from jquant.methods.rwkvquant import RWKVQuantConfig, rwkvquant, rwkvquant_recipe
 from jquant.models import load
 from jquant.sites import find_sites
 

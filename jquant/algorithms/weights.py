@@ -11,8 +11,8 @@
 - ``pcdvq``: PCDVQ (``jquant.algorithms.pcdvq``) on polar formats (``pcdvq-d8-a14-b2``):
   random Hadamard transform, direction/magnitude codebooks, BlockLDLQ error feedback.
   (``rtn`` on a polar format is PCDVQ with nearest rounding.)
-- ``rwkvquant``: RWKVQuant's per-site branches (``jquant.algorithms.rwkvquant``, whose
-  ``rwkvquant(model, calib, config)`` picks each site's format with the proxy): GPTQ on integer
+- ``rwkvquant``: RWKVQuant's per-site branches (``jquant.methods.rwkvquant.rwkvquant(model, calib, config)``
+  picks each site's format with the proxy; ``jquant.algorithms.rwkvquant`` fits the codebooks): GPTQ on integer
   formats, GPTVQ on codebook formats of matrices, activation-weighted k-means codebooks on
   codebook formats of element-wise vectors.
 

@@ -4,7 +4,8 @@
   ``KVStore``, ``init_cache``;
 - ``quantizer``: ``KVQuantizer`` (min-max groups with a floating zero point, channel reorder, variable
   groups, KIVI channel blocks, 1.5-bit ternary codes, fp8 metadata) and ``FormatKV`` (any jquant Format);
-- ``baselines``: ``rtn``, ``kivi``; ``skvq``: SKVQ; ``wkvquant``: WKVQuant (``smoothing.KVSmoothing``);
+- ``baselines``: ``rtn``, ``kivi``; ``skvq``: SKVQ; ``wkvquant``: WKVQuant's config and block training
+  (``smoothing.KVSmoothing``; the entry point with the weights' report is ``jquant.methods.wkvquant``);
 - ``calibrate``: ``capture_kv``, ``attention_errors``, ``set_kv_cache``; ``serialize``: configs as JSON (checkpoints);
 - ``decode_attention``: attention read from the cache's segments (the fused kernel's reference).
 """
@@ -18,7 +19,7 @@ from jquant.kv.quantizer import FormatKV as FormatKV
 from jquant.kv.quantizer import KVQuantizer as KVQuantizer
 
 _LAZY = {"rtn": "baselines", "kivi": "baselines", "SKVQConfig": "skvq", "skvq": "skvq",
-         "WKVQuantConfig": "wkvquant", "wkvquant": "wkvquant", "capture_kv": "calibrate",
+         "WKVQuantConfig": "wkvquant", "capture_kv": "calibrate",
          "attention_errors": "calibrate", "set_kv_cache": "calibrate", "decode_attention": "decode_attention"}
 __all__ = ["FormatKV", "KVCache", "KVCacheConfig", "KVQuantizer", "KVStore", "LayerKVCache", "init_cache", *sorted(_LAZY)]
 

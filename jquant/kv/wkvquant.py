@@ -25,13 +25,13 @@ Three parts (spec §3; the paper's code is not public, the exact forms are the s
 
 The algorithm uses only the block protocol (``model.blocks()``, ``model.block_inputs(tokens)``,
 ``block.calibration_forward(hidden, context)``), ``jquant.sites`` and the attention layers'
-``kv_cache``/``kv_smoothing`` attributes; it imports no model family.
+``kv_cache``/``kv_smoothing`` attributes; it imports no model family. ``train_blocks`` is the training;
+the entry point ``jquant.methods.wkvquant.wkvquant`` adds the weights' ``QuantizationReport``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 
 import jax
@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jquant.formats import IntFormat, QArray
+from jquant.formats import IntFormat
 from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import attention_layers, capture_kv
 from jquant.kv.quantizer import KVQuantizer
@@ -127,9 +127,14 @@ def _initial_smoothing(samples) -> tuple[np.ndarray, ...]:
     return ((k_hi + k_lo) / 2, np.maximum((k_hi - k_lo) / 2, 1e-5), (v_hi + v_lo) / 2, np.maximum((v_hi - v_lo) / 2, 1e-5))
 
 
-def wkvquant(model: nnx.Module, calib_tokens: np.ndarray, config: WKVQuantConfig = WKVQuantConfig(), *,
-             progress: bool = True) -> tuple[nnx.Module, WKVQuantReport]:
-    """A copy of ``model`` with WKVQuant's W4 weights, smoothed KV4 cache and past-only attention."""
+def train_blocks(model: nnx.Module, calib_tokens: np.ndarray, config: WKVQuantConfig = WKVQuantConfig(), *,
+                 progress: bool = True) -> tuple[nnx.Module, WKVQuantReport]:
+    """A copy of ``model`` with WKVQuant's W4 weights, smoothed KV4 cache and past-only attention, trained block by
+    block (parts 1-3 above).
+
+    The stored int4 weights carry no ``quantization`` report: ``jquant.methods.wkvquant.wkvquant`` (which sits
+    above ``jquant.quantize``) runs this and adds it, so ``jquant.save`` / ``load`` rebuild their formats.
+    """
     t0 = time.perf_counter()
     calib_tokens = np.asarray(calib_tokens)
     reference, out = nnx.clone(model), nnx.clone(model)
@@ -161,33 +166,7 @@ def wkvquant(model: nnx.Module, calib_tokens: np.ndarray, config: WKVQuantConfig
             x_fp = target_in
             x_q = _forward_all(block, x_q, context)
             bar.update(1)
-    seconds = time.perf_counter() - t0
-    if config.weight_bits is not None:
-        out.quantization = _weight_report(out, config, seconds)
-    return out, WKVQuantReport(loss_before=before, loss_after=after, seconds=seconds)
-
-
-def _weight_report(model: nnx.Module, config: WKVQuantConfig, seconds: float):
-    """The ``QuantizationReport`` of the stored weights, so ``jquant.save``/``load`` rebuild their formats.
-
-    The recipe states the stored format of every block linear (``int{b}-g{g}-asym``); its
-    algorithm field says ``rtn`` because WKVQuant's learned clipping is not a ``jquant.quantize``
-    algorithm (re-run ``jquant.kv.wkvquant`` to reproduce the weights; the description says so).
-    """
-    from jquant.quantization import QuantizationReport
-    from jquant.recipes import Recipe, Rule
-
-    fmt = IntFormat(bits=config.weight_bits, symmetric=False, group_size=config.weight_group)
-    quantized = [s.path for s in find_sites(model) if isinstance(s.weight.get_value(), QArray)]
-    recipe = Recipe(
-        name=f"wkvquant-w{config.weight_bits}",
-        description=(f"WKVQuant weights: {fmt.name} with OmniQuant learned clipping trained on the cross-block "
-                     "reconstruction loss (stored format only; jquant.kv.wkvquant produces the values)"),
-        rules=tuple(Rule(pattern=re.escape(p), weight=fmt.name) for p in quantized))
-    described = f"{fmt.name} (WKVQuant: learned clipping + CRR)"
-    return QuantizationReport(recipe=recipe, sites=tuple((p, described) for p in quantized),
-                              unquantized=tuple(s.path for s in find_sites(model) if s.path not in set(quantized)),
-                              seconds=seconds)
+    return out, WKVQuantReport(loss_before=before, loss_after=after, seconds=time.perf_counter() - t0)
 
 
 @nnx.jit

@@ -1,4 +1,5 @@
-"""RWKVQuant (Xu et al., ICML 2025, arXiv 2505.03803): proxy-guided hybrid of scalar and vector quantization.
+"""RWKVQuant (Xu et al., ICML 2025, arXiv 2505.03803): proxy-guided hybrid of scalar and vector quantization,
+the model-level driver (it sits above ``jquant.quantize``, which it calls).
 
 ``rwkvquant(model, calib, config) -> (qmodel, report)``:
 
@@ -8,7 +9,7 @@
    quantization (GPTVQ on ``config.vq_format``, §3.4), with fixed thresholds ``τ_c, τ_f`` or
    per-model percentile thresholds (``vq_fraction``).
 2. Every element-wise site (RWKV's ``time_maa_*`` mixes ``y = μ ⊙ δ``) gets an
-   activation-weighted codebook on ``config.mix_format`` (§3.5, ``mix_codebook``).
+   activation-weighted codebook on ``config.mix_format`` (§3.5, ``jquant.algorithms.rwkvquant.mix_codebook``).
 3. The choices become a concrete recipe, one ``Rule`` per site path naming its format and the
    registered algorithm ``"rwkvquant"`` (``jquant.algorithms.weights``: GPTQ on integer formats,
    GPTVQ on codebook formats of matrices, ``mix_codebook`` on codebook formats of vectors), and
@@ -32,109 +33,22 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant.algorithms.kmeans import kmeans
 from jquant.algorithms.rwkvquant_proxy import TAU_C, TAU_F, check_thresholds, percentile_thresholds, proxy, use_vector
-from jquant.calib.capture import InputStatistics
-from jquant.formats import CodebookFormat, Format, IntFormat, QArray, codebook_quantize, get_format
+from jquant.algorithms.weights import gptq_supports, gptvq_supports
+from jquant.formats import CodebookFormat, IntFormat, get_format
+from jquant.quantization import quantize
 from jquant.recipes import Recipe, Rule
 from jquant.recipes.rules import DEFAULT_KEEP_FLOAT
 from jquant.sites import find_sites
 
-Importance = Literal["square", "mean_abs"]
 # bits-per-weight settings (float16 scales, zero points and codebooks counted): SQ + VQ format names
 BITS_PRESETS: dict[float, tuple[str, str]] = {
     3.0: ("int3-asym", "vq-d1-k3-cb128x32"),  # 3 + 32/in per channel; 8 codewords per 4096 weights (3.03)
     3.25: ("int3-g128-asym", "vq-d1-k3-cb32x16"),  # 3 + 32/128; 8 codewords per 512 weights
 }
-
-
-# ----------------------------------------------------------------------------
-# §3.5: activation-weighted codebooks for element-wise weights
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MixConfig:
-    """``importance``: the per-channel weight ``s_c``, ``"square"`` (``E[δ_c²]``, the paper) or
-    ``"mean_abs"`` (``|E[δ_c]|``, the released code); ``kmeans_iters`` Lloyd iterations; ``seed``."""
-
-    importance: Importance = "square"
-    kmeans_iters: int = 100
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.importance not in ("square", "mean_abs"):
-            raise ValueError(f"MixConfig.importance must be 'square' or 'mean_abs', got {self.importance!r}.")
-        for name in ("kmeans_iters", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"MixConfig.{name} must be an int >= 0, got {value!r}.")
-
-
-def channel_importance(stats: InputStatistics, importance: Importance = "square") -> np.ndarray:
-    """``s [C]`` from the site's input statistics: ``diag(XᵀX) / N`` (``E[δ²]``) or ``|Σ x| / N``."""
-    if importance == "square":
-        return np.diag(stats.hessian) / stats.count
-    return np.abs(stats.mean)
-
-
-def mix_codebook(weight: jax.Array, fmt: CodebookFormat, importance: np.ndarray, *,
-                 config: MixConfig | None = None) -> QArray:
-    """Codebooks for a vector ``μ [C]`` minimising ``Σ_c s_c (μ_c − μ̂_c)²`` (RWKVQuant §3.5).
-
-    ``μ`` is cut into groups of ``fmt.codebook_rows`` channels (all ``C`` when None), each with its
-    own ``2^k``-entry codebook of ``d``-vectors. Per group: weighted k-means
-    (``jquant.algorithms.kmeans``) with weights ``s`` (``importance [C]``): the centroid update is
-    ``c_k = Σ_{c∈k} s_c μ_c / Σ_{c∈k} s_c``; each channel then takes its nearest codeword
-    (``codebook_quantize``; for ``d = 1`` the weighted and unweighted assignments agree).
-    """
-    config = config or MixConfig()
-    w = np.asarray(weight, np.float64)
-    s = np.asarray(importance, np.float64)
-    if w.ndim != 1 or s.shape != w.shape:
-        raise ValueError(f"mix_codebook needs a vector weight [C] and importance [C], got {w.shape} and {s.shape}.")
-    fmt.check_shape(w.shape, 0)
-    d, K = fmt.vector_dim, fmt.codebook_size
-    rows = fmt.codebook_rows or w.size
-    books = []
-    for g in range(w.size // rows):
-        pts = w[g * rows:(g + 1) * rows].reshape(-1, d)
-        wts = s[g * rows:(g + 1) * rows].reshape(-1, d)
-        k = min(K, len(pts))  # fewer vectors than codewords: each vector is a codeword, the rest repeat the last
-        c = kmeans(pts, k, weights=wts, seed=config.seed + g, iters=config.kmeans_iters).centroids
-        books.append(np.concatenate([c, np.repeat(c[-1:], K - k, 0)]))
-    codebooks = jnp.asarray(np.stack(books)[:, None], jnp.float32)  # grid (C/rows,) + (M=1, K, d)
-    q = codebook_quantize(jnp.asarray(weight, jnp.float32), codebooks, fmt, axis=0)
-    return dataclasses.replace(q, dtype=jnp.dtype(weight.dtype).name)
-
-
-def mix_codebook_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatistics | None,
-                        options: Mapping[str, Any] = ()) -> QArray:
-    """``mix_codebook`` behind the weight-algorithm signature; options: ``MixConfig`` fields."""
-    if not isinstance(fmt, CodebookFormat) or fmt.num_codebooks != 1 or fmt.group_size is not None:
-        raise ValueError(f"element-wise codebooks need a codebook format with one codebook per group and no scales "
-                         f"such as 'vq-d1-k3-cb64xall', got {fmt.name}.")
-    if axis != 0 or jnp.ndim(weight) != 1:
-        raise ValueError(f"element-wise codebooks quantize vectors [C] along axis 0, got shape {jnp.shape(weight)}, "
-                         f"axis {axis}.")
-    if stats is None:
-        raise ValueError("element-wise codebooks need calibration statistics of the site's inputs; pass calibration data.")
-    options = dict(options)
-    allowed = [f.name for f in dataclasses.fields(MixConfig)]
-    if unknown := sorted(set(options) - set(allowed)):
-        raise ValueError(f"unknown element-wise codebook options {unknown}; allowed: {allowed}.")
-    config = MixConfig(**options)
-    return mix_codebook(weight, fmt, channel_importance(stats, config.importance), config=config)
-
-
-# ----------------------------------------------------------------------------
-# The model-level driver
-# ----------------------------------------------------------------------------
 
 
 def _freeze(options: Mapping[str, Any] | tuple) -> tuple[tuple[str, Any], ...]:
@@ -167,8 +81,6 @@ class RWKVQuantConfig:
     mix_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
-        from jquant.algorithms.weights import gptq_supports, gptvq_supports  # weights imports this module
-
         for name, cls, check in (("sq_format", IntFormat, gptq_supports), ("vq_format", CodebookFormat, gptvq_supports),
                                  ("mix_format", CodebookFormat, gptvq_supports)):
             try:
@@ -284,8 +196,6 @@ def rwkvquant(model: nnx.Module, calib: np.ndarray, config: RWKVQuantConfig | No
               batch_size: int = 8, progress: bool = True) -> tuple[nnx.Module, RWKVQuantReport]:
     """RWKVQuant-quantized copy of ``model`` (calibration tokens ``calib [N, T]``) and its per-site report
     (``config`` defaults to ``RWKVQuantConfig()``: the 3.25 bits-per-weight setting, fixed thresholds)."""
-    from jquant.quantization import quantize  # quantization imports the algorithms registry, which imports this module
-
     recipe, report = rwkvquant_recipe(model, config)
     qmodel = quantize(model, recipe, calib, batch_size=batch_size, progress=progress)
     stored = {s.path: s.weight.get_value() for s in find_sites(qmodel)}

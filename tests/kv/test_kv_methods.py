@@ -11,7 +11,8 @@ from jquant.kv import KVCacheConfig, KVQuantizer
 from jquant.kv.baselines import kivi, rtn
 from jquant.kv.calibrate import attention_errors, capture_kv, set_kv_cache
 from jquant.kv.skvq import SKVQConfig, channel_groups, skvq
-from jquant.kv.wkvquant import WKVQuantConfig, lwc_fake_quantize, wkvquant
+from jquant.kv.wkvquant import WKVQuantConfig, lwc_fake_quantize
+from jquant.methods.wkvquant import wkvquant
 from jquant.models import llama
 from jquant.testing.tiny_models import fast_logits
 

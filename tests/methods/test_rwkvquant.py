@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant.algorithms.rwkvquant import (MixConfig, RWKVQuantConfig, mix_codebook, rwkvquant, rwkvquant_recipe)
+from jquant.algorithms.rwkvquant import MixConfig, mix_codebook
 from jquant.algorithms.rwkvquant_proxy import proxy, use_vector
 from jquant.checkpoint import load, save
 from jquant.formats import CodebookFormat, IntFormat, QArray, dequantize, get_format
+from jquant.methods.rwkvquant import RWKVQuantConfig, rwkvquant, rwkvquant_recipe
 from jquant.models import rwkv6
 from jquant.sites import find_sites
 
