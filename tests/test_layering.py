@@ -2,7 +2,7 @@
 
 Every ``import`` / ``from ... import`` statement of every module under jquant/, models/ (``jquant.models``) and
 pallas_kernels/ (``jquant.pallas_kernels``) is read with ``ast``, function-local ones included: a lazy import
-that only hides a circle is still a circle. ``from a.b import c`` is an edge to the module ``a.b.c`` when that
+that only hides a circle is still a circle. Imports under ``if TYPE_CHECKING:`` never run and are left out. ``from a.b import c`` is an edge to the module ``a.b.c`` when that
 module exists, else to ``a.b``; importing a module is not counted as importing its parent packages' ``__init__``
 (every import would otherwise reach ``jquant/__init__.py``).
 """
@@ -60,6 +60,18 @@ def _modules() -> dict[str, Path]:
     return found
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except the bodies of ``if TYPE_CHECKING:`` blocks."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+
+
 def _import_graph() -> dict[str, set[str]]:
     modules = _modules()
 
@@ -73,7 +85,7 @@ def _import_graph() -> dict[str, set[str]]:
         is_package = path.name == "__init__.py"
         package = module if is_package else module.rpartition(".")[0]
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
