@@ -87,6 +87,60 @@ class Linear(nnx.Module):
                           groups=groups)
 
 
+class Conv(nnx.Module):
+    """``y = conv(Q_a(x), kernel) + bias`` over 1 to 3 spatial axes, channels last (``jquant.ops.conv``).
+
+    ``x [B, *spatial, C_in]`` -> ``[B, *out_spatial, C_out]``. ``kernel`` is the matrix view
+    ``[K C_in, C_out]`` (``K = prod(kernel_size)``, rows ordered kernel offset first, channel last),
+    so recipes and algorithms treat it as a linear's ``[in, out]`` weight; calibration records the
+    im2col patches ``[B, *out_spatial, K C_in]`` the kernel multiplies (``ops.conv_patches``), whose
+    ``Σ Pᵀ P`` is GPTQ's Hessian. ``padding`` / ``padding_mode`` as in ``ops.conv`` (``"causal"``
+    pads the first spatial axis only before). ``activation`` (and ``activation_scale``) quantize
+    ``x`` per position along its channels.
+    """
+
+    QUANT_SITE = SiteSpec(param="kernel", contraction_axis=0, kind="conv")
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, ...],
+        *,
+        use_bias: bool,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int | tuple[int, int], ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
+        padding_mode: Literal["zeros", "replicate"] = "zeros",
+        sharding: ShardingNames = (None, None),
+        init_std: float = 0.02,
+    ):
+        if not (isinstance(kernel_size, tuple) and 1 <= len(kernel_size) <= 3):
+            raise ValueError(f"Conv: kernel_size={kernel_size!r} must be a tuple of 1 to 3 ints (one per spatial "
+                             "axis), e.g. (3, 3) for a 2-D convolution.")
+        rows = math.prod(kernel_size) * in_channels
+        self.kernel = _param(init_std * jax.random.normal(rngs.params(), (rows, out_channels), param_dtype), sharding)
+        self.bias = _param(jnp.zeros((out_channels,), param_dtype), sharding[-1:]) if use_bias else None
+        self.kernel_size, self.stride, self.dilation, self.padding_mode = kernel_size, stride, dilation, padding_mode
+        self.padding = padding if isinstance(padding, (int, str)) else tuple(
+            p if isinstance(p, int) else tuple(p) for p in padding)
+        self.activation = None  # an activation Format once a recipe quantizes this layer's inputs
+        self.activation_scale = nnx.data(None)  # a calibrated Param for static formats
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, *spatial, C_in]`` -> ``[B, *out_spatial, C_out]``."""
+        geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                        dilation=self.dilation, padding_mode=self.padding_mode)
+        if getattr(self, "capture_inputs", False):
+            record_input(self, ops.conv_patches(x, **geometry))
+        bias = None if self.bias is None else self.bias.get_value()
+        scale = None if self.activation_scale is None else self.activation_scale.get_value()
+        return ops.conv(x, self.kernel.get_value(), bias, activation=self.activation, activation_scale=scale,
+                        **geometry)
+
+
 class Embed(nnx.Module):
     """Token embedding table ``[V, D]``; ``attend`` reuses it as a tied output head."""
 

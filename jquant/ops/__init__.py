@@ -14,6 +14,9 @@ from jquant.ops.attention import attention as attention
 from jquant.ops.attention import attention_quantized_past as attention_quantized_past
 from jquant.ops.attention import causal_mask as causal_mask
 from jquant.ops.attention import quantize_kv as quantize_kv
+from jquant.ops.conv import conv as conv
+from jquant.ops.conv import conv_patches as conv_patches
+from jquant.ops.conv import conv_weight_matrix as conv_weight_matrix
 from jquant.ops.dispatch import explain as explain
 from jquant.ops.dispatch import force_path as force_path
 from jquant.ops.dispatch import record_dispatch as record_dispatch
@@ -36,7 +39,8 @@ from jquant.ops.vector import polar_linear as polar_linear
 from jquant.ops.wkv import wkv6_chunked as wkv6_chunked
 from jquant.ops.wkv import wkv6_recurrent as wkv6_recurrent
 
-__all__ = ["LoRAArithmetic", "as_array", "attention", "attention_quantized_past", "causal_mask", "dot_general",
+__all__ = ["LoRAArithmetic", "as_array", "attention", "attention_quantized_past", "causal_mask", "conv", "conv_patches",
+           "conv_weight_matrix", "dot_general",
            "embedding_lookup", "explain", "grouped_matmul", "quantize_expert_activations", "force_path", "linear", "lora_linear", "online_hadamard", "polar_linear",
            "quantize_kv", "quantized_matmul", "record_dispatch", "causal_conv1d", "selective_scan",
            "selective_scan_recurrent", "ssd_chunked", "ssd_recurrent", "wkv6_chunked", "wkv6_recurrent"]

@@ -1,9 +1,11 @@
-"""Where quantized matmuls pick their implementation.
+"""Where ops pick their implementation, keyed by op.
 
-``linear`` asks ``select_kernel(x, w, activation, activation_scale)`` for a fast
-path. The choice, in order:
+Every op with more than one implementation asks this module at trace time; the
+ops are ``"linear"``, ``"grouped_matmul"`` (stacked experts), ``"conv"`` and
+``"attention"`` (``OPS``). For ``linear`` with a quantized weight,
+``select_kernel(x, w, activation, activation_scale)`` chooses, in order:
 
-1. kernels added with ``register_kernel`` (user extensions), first that accepts;
+1. kernels added with ``register_kernel`` for that op (user extensions), first that accepts;
 2. the Pallas kernels of ``jquant.pallas_kernels`` (see ``jquant.ops.pallas_path``):
    in mode ``"auto"`` only on a GPU and only where the measured dispatch table says
    the kernel (or XLA's native int8/fp8 GEMM) beat the XLA dequantize path at this
@@ -12,10 +14,15 @@ path. The choice, in order:
 3. otherwise the XLA path: dequantize the weight (fake-quantize the activation) and
    run a float dot, which is correct on every backend.
 
+``conv`` (quantized weight) and ``attention`` (every call) try their registered kernels
+(``select_conv`` / ``select_attention``) and otherwise take XLA: ``lax.conv_general_dilated``
+on the dequantized kernel (``XLA_PATH``), and the dense masked softmax (``XLA_ATTENTION_PATH``).
+
 The mode comes from ``force_path(mode)`` (a context manager) or the environment
 variable ``JQUANT_KERNELS`` (``auto`` by default, ``xla``, ``pallas``). Decisions are
-made at trace time (shapes are static), and ``record_dispatch()`` collects them;
-``explain`` says which path one call would take.
+made at trace time (shapes are static), and ``record_dispatch()`` collects them (the ops
+with a quantized weight by default, any ops asked for); ``explain`` says which path one
+call would take.
 """
 
 from __future__ import annotations
@@ -23,27 +30,48 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 
 XLA_PATH = "xla-dequantize"
+XLA_ATTENTION_PATH = "xla-dense-attention"
 MODES = ("auto", "xla", "pallas")
+OPS = ("linear", "grouped_matmul", "conv", "attention")
+WEIGHT_OPS = ("linear", "grouped_matmul", "conv")
+"""The ops whose records ``record_dispatch()`` collects by default (those with a quantized weight)."""
 MODE_ENV = "JQUANT_KERNELS"
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """A fast path: ``accepts(x, w, activation) -> bool`` and ``apply(x, w, b, activation) -> y``."""
+    """A fast path for ``op``, tried before the built-in paths.
+
+    ``op="linear"``: ``accepts(x, w, activation) -> bool``, ``apply(x, w, b, activation) -> y``.
+    ``op="conv"``: ``accepts(x, w, geometry)``, ``apply(x, w, b, geometry)`` with ``geometry`` a
+    ``jquant.ops.conv.ConvGeometry`` (``w`` the ``[k C_in / G, C_out]`` matrix, ``x`` already padded and
+    activation-quantized). ``op="attention"``: ``accepts(q, k, mask)``, ``apply(q, k, v, mask, scale)`` with
+    ``mask`` a ``jquant.ops.Mask`` or a dense ``[B, T, S]`` array.
+    """
 
     name: str
     accepts: Callable[..., bool]
     apply: Callable[..., jax.Array]
+    op: str = "linear"
+
+    def __post_init__(self):
+        if self.op not in ("linear", "conv", "attention"):
+            raise ValueError(f"Kernel {self.name!r}: op={self.op!r}; kernels can be registered for 'linear', 'conv' "
+                             "or 'attention'.")
 
 
 @dataclasses.dataclass(frozen=True)
 class DispatchRecord:
-    """One dispatch decision: the path taken and why."""
+    """One dispatch decision of ``op``: the path taken and why.
+
+    ``x_shape`` / ``w_shape`` are the input and weight shapes (for attention: the query and key shapes);
+    ``weight_format`` the weight's format name or dtype (attention: the keys' dtype).
+    """
 
     path: str
     reason: str
@@ -51,15 +79,16 @@ class DispatchRecord:
     w_shape: tuple[int, ...]
     weight_format: str
     activation_format: str | None
+    op: str = "linear"
 
 
 _KERNELS: list[Kernel] = []
 _MODE_STACK: list[str] = []
-_RECORDERS: list[list[DispatchRecord]] = []
+_RECORDERS: list[tuple[list[DispatchRecord], frozenset[str]]] = []
 
 
 def register_kernel(kernel: Kernel) -> None:
-    """Add a kernel; kernels are tried in registration order, before the Pallas kernels."""
+    """Add a kernel for ``kernel.op``; an op's kernels are tried in registration order, before its built-in paths."""
     if any(k.name == kernel.name for k in _KERNELS):
         raise ValueError(f"a kernel named {kernel.name!r} is already registered.")
     _KERNELS.append(kernel)
@@ -97,24 +126,40 @@ def force_path(mode: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def record_dispatch() -> Iterator[list[DispatchRecord]]:
-    """Collects a ``DispatchRecord`` for every quantized ``linear`` traced in the block."""
+def record_dispatch(ops: Iterable[str] = WEIGHT_OPS) -> Iterator[list[DispatchRecord]]:
+    """Collects a ``DispatchRecord`` for every call of ``ops`` traced in the block.
+
+    ``linear``, ``grouped_matmul`` and ``conv`` are recorded when their weight is quantized (a float
+    weight has one path), ``attention`` on every call. The default collects the quantized-weight ops;
+    ``record_dispatch(OPS)`` collects all of them, ``record_dispatch(("attention",))`` attention only.
+    """
+    ops = (ops,) if isinstance(ops, str) else tuple(ops)
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"record_dispatch: unknown ops {unknown}; choose from {OPS}.")
     records: list[DispatchRecord] = []
-    _RECORDERS.append(records)
+    entry = (records, frozenset(ops))
+    _RECORDERS.append(entry)
     try:
         yield records
     finally:
-        _RECORDERS.remove(records)
+        _RECORDERS.remove(entry)
 
 
-def _record(path: str, reason: str, x, w, activation) -> None:
+def _record(path: str, reason: str, x, w, activation, op: str = "linear") -> None:
     if not _RECORDERS:
         return
     rec = DispatchRecord(path, reason, tuple(x.shape), tuple(w.shape),
                          getattr(getattr(w, "format", None), "name", str(getattr(w, "dtype", ""))),
-                         None if activation is None else activation.name)
-    for records in _RECORDERS:
-        records.append(rec)
+                         None if activation is None else activation.name, op)
+    for records, ops in _RECORDERS:
+        if op in ops:
+            records.append(rec)
+
+
+def _registered(op: str, *args) -> Kernel | None:
+    """The first kernel registered for ``op`` that accepts ``args``."""
+    return next((k for k in _KERNELS if k.op == op and k.accepts(*args)), None)
 
 
 def select_kernel(x, w, activation, activation_scale=None) -> Kernel | None:
@@ -127,7 +172,7 @@ def select_kernel(x, w, activation, activation_scale=None) -> Kernel | None:
     if mode == "xla":
         _record(XLA_PATH, "mode 'xla'", x, w, activation)
         return None
-    kernel = next((k for k in _KERNELS if k.accepts(x, w, activation)), None)
+    kernel = _registered("linear", x, w, activation)
     if kernel is not None:
         _record(kernel.name, "registered kernel", x, w, activation)
         return kernel
@@ -138,7 +183,49 @@ def select_kernel(x, w, activation, activation_scale=None) -> Kernel | None:
     return kernel
 
 
-def explain(x, w, activation=None, activation_scale=None) -> str:
-    """The name of the path ``linear(x, w, activation=activation)`` takes."""
-    kernel = select_kernel(x, w, activation, activation_scale)
-    return XLA_PATH if kernel is None else kernel.name
+def select_conv(x, w, geometry) -> Kernel | None:
+    """The fast path for ``conv`` of padded ``x [B, *spatial, C_in]`` with ``w`` (``[k C_in / G, C_out]``), or None
+    for XLA. Only a quantized weight is recorded (a float weight has one path)."""
+    from jquant.formats import QArray
+
+    quantized = isinstance(w, QArray)
+    kernel = None if current_mode() == "xla" else _registered("conv", x, w, geometry)
+    if quantized:
+        reason = "registered kernel" if kernel is not None else (
+            "mode 'xla'" if current_mode() == "xla" else "no conv kernel accepts it: dequantize + conv_general_dilated")
+        _record(XLA_PATH if kernel is None else kernel.name, reason, x, w, None, op="conv")
+    return kernel
+
+
+def select_attention(q, k, mask) -> Kernel | None:
+    """The fast path for ``attention(q [B, T, H, D], k [B, S, K, D], ..., mask)``, or None for the dense XLA
+    softmax; every call is recorded."""
+    kernel = None if current_mode() == "xla" else _registered("attention", q, k, mask)
+    reason = "registered kernel" if kernel is not None else (
+        "mode 'xla'" if current_mode() == "xla" else f"no attention kernel accepts it: dense {_mask_name(mask)} mask")
+    _record(XLA_ATTENTION_PATH if kernel is None else kernel.name, reason, q, k, None, op="attention")
+    return kernel
+
+
+def _mask_name(mask) -> str:
+    return type(mask).__name__ if hasattr(mask, "dense") else "array"
+
+
+def explain(x, w, activation=None, activation_scale=None, *, op: str = "linear", geometry=None, mask=None) -> str:
+    """The name of the path one call of ``op`` takes.
+
+    ``op="linear"``: ``linear(x, w, activation=activation, activation_scale=...)``; ``op="conv"``: ``conv`` of padded
+    ``x`` with the matrix ``w`` and ``geometry`` (``jquant.ops.conv.ConvGeometry``); ``op="attention"``: ``x`` the
+    query ``[B, T, H, D]``, ``w`` the key ``[B, S, K, D]`` and ``mask``.
+    """
+    if op == "linear":
+        kernel = select_kernel(x, w, activation, activation_scale)
+        return XLA_PATH if kernel is None else kernel.name
+    if op == "conv":
+        kernel = select_conv(x, w, geometry)
+        return XLA_PATH if kernel is None else kernel.name
+    if op == "attention":
+        kernel = select_attention(x, w, mask)
+        return XLA_ATTENTION_PATH if kernel is None else kernel.name
+    raise ValueError(f"explain: op={op!r}; choose 'linear', 'conv' or 'attention' (grouped_matmul decides inside "
+                     "jquant.ops.grouped_matmul; record it with record_dispatch).")

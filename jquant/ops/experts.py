@@ -160,7 +160,7 @@ def _pallas_grouped(x: jax.Array, w: QArray | ExpertPartition, group_sizes: jax.
 
     if dispatch.current_mode() != "pallas":
         dispatch._record(dispatch.XLA_PATH, f"mode {dispatch.current_mode()!r}: no measured grouped-GEMM table yet",
-                         x, w, None)
+                         x, w, None, op="grouped_matmul")
         return None
     from jquant.pallas_kernels import grouped_matmul as kernel
 
@@ -174,9 +174,9 @@ def _pallas_grouped(x: jax.Array, w: QArray | ExpertPartition, group_sizes: jax.
             kernel.check(x, group_sizes, w, kernel.TileConfig())
             out = kernel.grouped_matmul(x, group_sizes, w)
     except ValueError as err:
-        dispatch._record(dispatch.XLA_PATH, f"grouped kernel does not fit: {err}", x, w, None)
+        dispatch._record(dispatch.XLA_PATH, f"grouped kernel does not fit: {err}", x, w, None, op="grouped_matmul")
         return None
-    dispatch._record("pallas-grouped-matmul", "mode 'pallas'", x, w, None)
+    dispatch._record("pallas-grouped-matmul", "mode 'pallas'", x, w, None, op="grouped_matmul")
     return out
 
 
