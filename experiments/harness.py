@@ -68,9 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, model: str | None = None,
                             "without running anything")
 
 
-def run_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments that define a run (JSON-ready): every argument but the harness-only ones."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in HARNESS_ONLY}
+def run_args(args: argparse.Namespace, volatile: Sequence[str] = ()) -> dict[str, Any]:
+    """The arguments that define a run (JSON-ready): every argument but the harness-only and ``volatile`` ones."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in HARNESS_ONLY and k not in volatile}
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
@@ -198,15 +199,17 @@ def run_experiment(parser: argparse.ArgumentParser, *, stem: Callable[[argparse.
                    report: Callable[[list[Results], Path], None], quick: Mapping[str, Any] | None = None,
                    legacy: Callable[[Any, argparse.Namespace], dict[str, Any]] | None = None,
                    report_inputs: Callable[[argparse.Namespace, Path], list[Path]] | None = None,
-                   argv: Sequence[str] | None = None) -> None:
+                   volatile: Sequence[str] = (), argv: Sequence[str] | None = None) -> None:
     """Parse the arguments, then either rebuild the report (``--report-only``) or run-or-resume and report.
 
     ``stem(args)`` names the files: ``<out>/<stem>.json``, and ``report(runs, <out>/<stem>)`` writes
     ``<out>/<stem>.md`` (+ ``.png``). ``quick`` holds the argument values of ``--quick`` (set where an argument was
     left at its default; ``-quick`` is appended to the stem). ``legacy(data, args)`` converts a JSON of the
     script's older layout into the harness layout (``args``: this invocation's, for what the old file did not
-    record). ``report_inputs(args, json_path)`` lists the JSON files the report reads after a run (default: the
-    run's own).
+    record). ``report_inputs(args, json_path)`` lists the JSON files the report reads after a run or with a bare
+    ``--report-only`` (default: the run's own). ``volatile`` names the script's arguments that choose which rows
+    run or how progress shows, never what a row holds: they are left out of the recorded arguments, so
+    ``--resume`` accepts other values of them. ``argv`` (default ``sys.argv``) is for tests.
     """
     args = parser.parse_args(None if argv is None else argv[1:])
     if args.quick:
@@ -216,11 +219,11 @@ def run_experiment(parser: argparse.ArgumentParser, *, stem: Callable[[argparse.
     name = stem(args) + ("-quick" if args.quick else "")
     path = args.out / f"{name}.json"
     if args.report_only is not None:
-        paths = args.report_only or [path]
+        paths = args.report_only or (report_inputs(args, path) if report_inputs else [path])
     else:
         script = Path(sys.argv[0] if argv is None else argv[0]).stem
-        results = Results.open(path, script=script, command=command_line(argv), args=run_args(args), key=key,
-                               resume=args.resume)
+        results = Results.open(path, script=script, command=command_line(argv), args=run_args(args, volatile),
+                               key=key, resume=args.resume)
         run(args, results)
         paths = report_inputs(args, path) if report_inputs else [path]
     adapter = None if legacy is None else (lambda data: legacy(data, args))
@@ -271,16 +274,16 @@ def figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0
 
 
 def plot_rows(ax, rows: Sequence[Row], *, x: str, y: str, series: str | None = None, kind: str = "line",
-              title: str = "", ylabel: str = "", **axis: Any) -> None:
-    """Plot ``rows`` on ``ax``: ``y`` against ``x``, one line (``kind="line"``) or bar set (``"bar"``) per
-    distinct value of ``series``. Bars are grouped by ``x`` value in order of first appearance; ``axis``
-    goes to ``ax.set`` (``yscale``, ``ylim``, ...)."""
+              title: str = "", ylabel: str = "", line: str = "o-", **axis: Any) -> None:
+    """Plot ``rows`` on ``ax``: ``y`` against ``x``, one line (``kind="line"``, matplotlib format ``line``) or
+    bar set (``"bar"``) per distinct value of ``series``. Bars are grouped by ``x`` value in order of first
+    appearance; ``axis`` goes to ``ax.set`` (``yscale``, ``ylim``, ...)."""
     groups: dict[Any, list[Row]] = {}
     for r in rows:
         groups.setdefault(r[series] if series else y, []).append(r)
     if kind == "line":
         for label, group in groups.items():
-            ax.plot([r[x] for r in group], [r[y] for r in group], "o-", label=str(label))
+            ax.plot([r[x] for r in group], [r[y] for r in group], line, label=str(label))
     elif kind == "bar":
         xs = list(dict.fromkeys(r[x] for r in rows))
         width = 0.8 / len(groups)

@@ -2,7 +2,8 @@
 
     python experiments/ostquant.py --model jq-llama-tiny                 # ~15 min on 2 cores
     python experiments/ostquant.py --model jq-llama-small --steps 60     # ~45 min on 2 cores
-    python experiments/ostquant.py --report                               # rebuild the .md/.png from the .json files
+    python experiments/ostquant.py --report-only                          # rebuild the .md/.png from the .json files
+    python experiments/ostquant.py --quick --out /tmp/o                   # smoke run: a few steps and windows
 
 Per model and setting: the built-in recipes ``{rtn,gptq,smoothquant,quarot,ostquant}-{setting}``
 (int4 per-channel symmetric weights with MSE clip search; per-token asymmetric activations;
@@ -11,23 +12,24 @@ perplexity (256-token windows), zero-shot accuracy on the bundled tasks, mean QS
 the activations entering the quantized linears, and wall time (OSTQuant's CPU training
 time separately). Calibration: random 256-token train windows (key 0). Writes
 ``ostquant-<model>.json`` per model, then ``ostquant.md`` and ``ostquant.png`` (OSTQuant
-loss curves and perplexity per method) from every json present.
+loss curves and perplexity per method) from every json present (the older json layout is read too).
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
+import harness
 import jquant as jq
+from harness import Column, Results
 from jquant.data import load_split, random_windows, token_windows
 from jquant.eval import perplexity, zero_shot
 from jquant.models import load
 from jquant.transforms import qsur_report
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("w4a16", "w4a8kv8", "w4a4kv4")
 METHODS = ("rtn", "gptq", "smoothquant", "quarot", "ostquant")
 TASKS = ("next_line", "same_source")
@@ -50,15 +52,11 @@ PAPER = """Paper (spec §4, Table 2; 9-task zero-shot average ↑ / WikiText2 PP
 """
 
 
-READING = """Reading the tables (scale matters): the bundled models are 3-10 M-parameter models trained on
-2.8 M tokens, and their activations have far milder outliers than LLaMA's, so RTN at W4A4KV4 degrades
-perplexity by a few percent instead of collapsing. OSTQuant here trains for 60-100 steps on batches of
-4 x 256 tokens, about 1/50 of the paper's 150 x 8 x 2048 tokens, on 2 CPU cores, and its KL-Top curves
-(plot) are nearly flat at the code's learning rates: most of what OSTQuant adds over QuaRot here comes from
-its initialisation (WOMI for the activation-quantized settings) and its scalings, not from a long descent.
-Perplexity differences below ~0.1 are within the spread of the calibration draw. Compare the computed
-"OSTQuant − QuaRot" column with the paper's ordering below (OSTQuant ahead of QuaRot at W4A4KV4).
-"""
+PAPER_TOKENS = 150 * 8 * 2048  # the paper's OSTQuant training: 150 steps of 8 x 2048 tokens
+COLUMNS = [Column("setting", "setting"), Column("method", "method"), Column("ppl", "ppl", ".2f"),
+           Column("next_line", "next_line", ".3f"), Column("same_source", "same_source", ".3f"),
+           Column("mean QSUR", "qsur", ".4f"), Column("time (s)", "seconds", ".1f"),
+           Column("of which OSTQuant training (s)", "train_seconds", ".1f")]
 
 
 def evaluate(model, tokenizer, windows, qsur_tokens, n_items: int) -> dict:
@@ -67,65 +65,76 @@ def evaluate(model, tokenizer, windows, qsur_tokens, n_items: int) -> dict:
             **{t: zs[t].accuracy for t in TASKS}, "qsur": qsur_report(model, qsur_tokens).mean()}
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace, results: Results) -> None:
+    """The float row, then every setting x method; rows already in ``results`` are skipped."""
     loaded = load(args.model)
     tok = loaded.tokenizer
     windows = token_windows(load_split("validation"), tok, 256, max_windows=args.windows)
     calib = random_windows(load_split("train"), tok, args.calib, 256, jax.random.key(0))
     qsur_tokens = calib[: args.qsur_windows]
-    rows = [{"setting": "w16a16", "method": "float", "seconds": 0.0, "train_seconds": 0.0,
-             **evaluate(loaded.model, tok, windows, qsur_tokens, args.items)}]
-    print(rows[-1], flush=True)
-    losses = {}
+    results.set_meta(windows=len(windows), calib=len(calib))
+    if not results.has(setting="w16a16", method="float"):
+        results.add({"setting": "w16a16", "method": "float", "seconds": 0.0, "train_seconds": 0.0,
+                     **evaluate(loaded.model, tok, windows, qsur_tokens, args.items)})
+        print(results.rows[-1], flush=True)
     for setting in SETTINGS:
         for method in METHODS:
-            name = f"{method}-{setting}"
+            if results.has(setting=setting, method=method):
+                continue
             options = {"steps": args.steps, "batch_size": args.batch} if method == "ostquant" else None
-            recipe = jq.recipes.get(name, transform_options=options)
+            recipe = jq.recipes.get(f"{method}-{setting}", transform_options=options)
             t0 = time.perf_counter()
             qmodel = jq.quantize(loaded.model, recipe, calib, progress=False)
             seconds = time.perf_counter() - t0
             train = sum(log.seconds for log in qmodel.quantization.transforms if log.kind == "ostquant")
-            for log in qmodel.quantization.transforms:
-                if log.losses:
-                    losses[setting] = list(log.losses)
-            rows.append({"setting": setting, "method": method, "seconds": seconds, "train_seconds": train,
+            curves = [list(log.losses) for log in qmodel.quantization.transforms if log.losses]
+            if curves:
+                results.set_meta(losses={**results.meta.get("losses", {}), setting: curves[-1]})
+            results.add({"setting": setting, "method": method, "seconds": seconds, "train_seconds": train,
                          **evaluate(qmodel, tok, windows, qsur_tokens, args.items)})
-            print(rows[-1], flush=True)
-    out = {"model": args.model, "steps": args.steps, "batch": args.batch, "calib": args.calib, "windows": len(windows),
-           "items": args.items, "rows": rows, "losses": losses,
-           "command": f"python experiments/ostquant.py --model {args.model} --steps {args.steps} --batch {args.batch} "
-                      f"--calib {args.calib} --windows {args.windows} --items {args.items}"}
-    (RESULTS / f"ostquant-{args.model}.json").write_text(json.dumps(out, indent=1) + "\n")
+            print(results.rows[-1], flush=True)
 
 
-def _table(data: dict) -> list[str]:
-    lines = ["| setting | method | ppl | next_line | same_source | mean QSUR | time (s) | of which OSTQuant training (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        lines.append(f"| {r['setting']} | {r['method']} | {r['ppl']:.2f} | {r['next_line']:.3f} | {r['same_source']:.3f} "
-                     f"| {r['qsur']:.4f} | {r['seconds']:.1f} | {r['train_seconds']:.1f} |")
-    return lines
-
-
-def _summary(data: dict) -> list[str]:
-    """Computed observations per setting: best method, OSTQuant vs QuaRot, QSUR ordering, training cost."""
-    rows = {(r["setting"], r["method"]): r for r in data["rows"]}
-    fp = rows[("w16a16", "float")]
-    lines = ["| setting | best ppl (method) | OSTQuant − QuaRot ppl | OSTQuant − RTN ppl | QSUR float < QuaRot < OSTQuant |",
-             "|---|---|---|---|---|"]
+def _summary(results: Results) -> list[str]:
+    """Computed observations per setting: best method, OSTQuant vs QuaRot, QSUR ordering."""
+    fp = results.get(setting="w16a16", method="float")
+    summary = []
     for s in SETTINGS:
-        best = min(METHODS, key=lambda m: rows[(s, m)]["ppl"])
-        q, o, r = rows[(s, "quarot")], rows[(s, "ostquant")], rows[(s, "rtn")]
-        order = "yes" if fp["qsur"] < q["qsur"] < o["qsur"] else "no"
-        lines.append(f"| {s} | {rows[(s, best)]['ppl']:.2f} ({best}) | {o['ppl'] - q['ppl']:+.2f} | "
-                     f"{o['ppl'] - r['ppl']:+.2f} | {order} |")
-    return lines
+        rows = {m: results.get(setting=s, method=m) for m in METHODS}
+        if None in rows.values():
+            continue
+        best = min(METHODS, key=lambda m: rows[m]["ppl"])
+        q, o, r = rows["quarot"], rows["ostquant"], rows["rtn"]
+        summary.append({"setting": s, "best": f"{rows[best]['ppl']:.2f} ({best})", "o_q": o["ppl"] - q["ppl"],
+                      "o_r": o["ppl"] - r["ppl"], "order": "yes" if fp["qsur"] < q["qsur"] < o["qsur"] else "no"})
+    return harness.table(summary, [Column("setting", "setting"), Column("best ppl (method)", "best"),
+                                   Column("OSTQuant − QuaRot ppl", "o_q", "+.2f"),
+                                   Column("OSTQuant − RTN ppl", "o_r", "+.2f"),
+                                   Column("QSUR float < QuaRot < OSTQuant", "order")])
 
 
-def report() -> None:
-    runs = [json.loads((RESULTS / f"ostquant-{m}.json").read_text()) for m in MODELS
-            if (RESULTS / f"ostquant-{m}.json").is_file()]
+def _reading(runs: list[Results]) -> str:
+    """The reading of the tables, its numbers formatted from the runs."""
+    degradation = []
+    for results in runs:
+        fp, rtn = results.get(setting="w16a16", method="float"), results.get(setting="w4a4kv4", method="rtn")
+        if fp and rtn:
+            degradation.append(f"{100 * (rtn['ppl'] / fp['ppl'] - 1):.1f} % on {results.args['model']}")
+    training = [f"{r.args['steps']} steps of {r.args['batch']} x 256 tokens on {r.args['model']} "
+                f"(1/{PAPER_TOKENS / (r.args['steps'] * r.args['batch'] * 256):.0f} of the paper's 150 x 8 x 2048)"
+                for r in runs]
+    return (f"Reading the tables (scale matters): the bundled models are far smaller than LLaMA and their activations "
+            f"have far milder outliers, so RTN at W4A4KV4 degrades perplexity by {', '.join(degradation) or '–'} "
+            f"instead of collapsing. OSTQuant here trains for {' and '.join(training)} on "
+            "CPU, and its KL-Top curves are in the plot: where they are nearly flat, what OSTQuant adds over QuaRot "
+            "comes from its initialisation (WOMI for the activation-quantized settings) and its scalings, not from "
+            "a long descent. Compare the computed \"OSTQuant − QuaRot\" column with the paper's ordering below "
+            "(OSTQuant ahead of QuaRot at W4A4KV4).\n")
+
+
+def report(runs: list[Results], base: Path) -> None:
+    """Write ``ostquant.md`` and ``ostquant.png`` (``-quick`` names for a quick run) beside ``base``."""
+    name = "ostquant-quick" if base.name.endswith("-quick") else "ostquant"
     lines = ["# OSTQuant and the rotation baselines on the bundled reference models", "",
              "Int4 per-channel symmetric weights (MSE clip search) with RTN, GPTQ, SmoothQuant (alpha 0.5, RTN), "
              "QuaRot (random-Hadamard residual and value rotations, online Hadamards, GPTQ) and OSTQuant "
@@ -133,58 +142,64 @@ def report() -> None:
              "per-token asymmetric, KV per token and head asymmetric; embeddings and head float. Zero-shot chance: "
              "next_line 0.25, same_source 0.33. QSUR^(1/d) is the mean over layers of the four activation sites "
              "(q/k/v, up/gate, o_proj, down_proj inputs) on calibration windows.", ""]
-    for data in runs:
-        provenance = [f"Note: {data['note']}", ""] if data.get("note") else []
-        lines += [f"## {data['model']}", "", *provenance,
-                  f"OSTQuant: {data['steps']} steps, batch {data['batch']} x 256 tokens, from {data['calib']} "
-                  f"calibration windows; perplexity over {data['windows']} validation windows, {data['items']} "
-                  f"zero-shot items per task. Reproduce: `{data['command']}`.", ""]
-        lines += _table(data) + ["", "Computed from the table:", ""] + _summary(data) + [""]
-    lines += [READING, PAPER, "![OSTQuant loss curves and perplexity](ostquant.png)", ""]
-    (RESULTS / "ostquant.md").write_text("\n".join(lines) + "\n")
-    _plot(runs)
+    for results in runs:
+        args, meta = results.args, results.meta
+        provenance = [f"Note: {meta['note']}", ""] if meta.get("note") else []
+        lines += [f"## {args['model']}", "", *provenance,
+                  f"OSTQuant: {args['steps']} steps, batch {args['batch']} x 256 tokens, from {meta['calib']} "
+                  f"calibration windows; perplexity over {meta['windows']} validation windows, {args['items']} "
+                  f"zero-shot items per task. {harness.reproduce(results.command)}", ""]
+        lines += harness.table(results.rows, COLUMNS) + ["", "Computed from the table:", ""] + _summary(results) + [""]
+    lines += [_reading(runs), PAPER, f"![OSTQuant loss curves and perplexity]({name}.png)", ""]
+    harness.write_text_atomic(base.parent / f"{name}.md", "\n".join(lines) + "\n")
+    _plot(runs, base.parent / f"{name}.png")
 
 
-def _plot(runs: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.4 * len(runs)), squeeze=False)
-    for (ax_loss, ax_ppl), data in zip(axes, runs):
-        for setting, curve in data["losses"].items():
-            ax_loss.plot(range(1, len(curve) + 1), curve, label=setting)
-        ax_loss.set(title=f"{data['model']}: OSTQuant KL-Top", xlabel="step", ylabel="loss", yscale="log")
-        ax_loss.legend()
-        fp = next(r["ppl"] for r in data["rows"] if r["method"] == "float")
-        width = 0.8 / len(METHODS)
-        for i, method in enumerate(METHODS):
-            ppl = [next(r["ppl"] for r in data["rows"] if r["method"] == method and r["setting"] == s) for s in SETTINGS]
-            ax_ppl.bar([j + i * width for j in range(len(SETTINGS))], ppl, width, label=method)
+def _plot(runs: list[Results], path: Path) -> None:
+    """Per model: the OSTQuant loss curves, and perplexity per setting and method against float."""
+    fig, axes = harness.figure(len(runs), 2, size=(5, 3.4))
+    for (ax_loss, ax_ppl), results in zip(axes, runs):
+        model = results.args["model"]
+        curves = [{"setting": s, "step": i + 1, "loss": v}
+                  for s, curve in results.meta.get("losses", {}).items() for i, v in enumerate(curve)]
+        harness.plot_rows(ax_loss, curves, x="step", y="loss", series="setting", line="-",
+                          title=f"{model}: OSTQuant KL-Top", yscale="log")
+        fp = results.get(setting="w16a16", method="float")["ppl"]
+        harness.plot_rows(ax_ppl, [r for r in results.rows if r["method"] != "float"], x="setting", y="ppl",
+                          series="method", kind="bar", title=f"{model}: perplexity", ylim=(fp * 0.98, None))
         ax_ppl.axhline(fp, color="k", lw=0.8, ls="--", label="float")
-        ax_ppl.set_xticks([j + 0.4 - width / 2 for j in range(len(SETTINGS))], SETTINGS)
-        ax_ppl.set(title=f"{data['model']}: perplexity", ylabel="ppl", ylim=(fp * 0.98, None))
         ax_ppl.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "ostquant.png", dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
+
+
+def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The older layout (arguments, rows and losses side by side) -> the harness layout."""
+    run_args = {"model": data["model"], "steps": data["steps"], "batch": data["batch"], "calib": data["calib"],
+                "windows": data["windows"], "items": data["items"]}
+    meta = {"windows": data["windows"], "calib": data["calib"], "losses": data["losses"],
+            **({"note": data["note"]} if data.get("note") else {})}
+    return {"script": "ostquant", "command": data["command"], "args": run_args, "key": ["setting", "method"],
+            "meta": meta, "rows": data["rows"]}
+
+
+def _inputs(args: argparse.Namespace, path: Path) -> list[Path]:
+    """Every model's json present beside ``path`` (the report covers all of them)."""
+    suffix = "-quick" if path.stem.endswith("-quick") else ""
+    return [p for m in MODELS if (p := path.parent / f"ostquant-{m}{suffix}.json").is_file()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="jq-llama-tiny", choices=MODELS)
     parser.add_argument("--steps", type=int, default=100, help="OSTQuant steps (paper: 150)")
     parser.add_argument("--batch", type=int, default=4, help="OSTQuant batch of 256-token windows (paper: 8 x 2048)")
     parser.add_argument("--calib", type=int, default=64, help="calibration windows (GPTQ, SmoothQuant, OSTQuant)")
     parser.add_argument("--windows", type=int, default=80, help="validation windows for perplexity")
     parser.add_argument("--items", type=int, default=200, help="zero-shot items per task")
     parser.add_argument("--qsur-windows", type=int, default=16, help="calibration windows for the QSUR report")
-    parser.add_argument("--report", action="store_true", help="only rebuild ostquant.md/.png from the json files")
-    args = parser.parse_args()
-    if not args.report:
-        run(args)
-    report()
+    harness.add_arguments(parser, model="jq-llama-tiny")
+    harness.run_experiment(parser, stem=lambda a: f"ostquant-{a.model}", key=("setting", "method"), run=run,
+                           report=report, legacy=legacy, report_inputs=_inputs,
+                           quick={"steps": 2, "batch": 1, "calib": 4, "windows": 2, "items": 8, "qsur_windows": 2})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python experiments/vq.py                                   # jq-llama-small, everything
     python experiments/vq.py --windows 160 --items 200 --calib 64
+    python experiments/vq.py --report-only                     # rebuild vq.md from vq.json
 
 At about 2, 2.25 and 3 bits per weight: RTN and GPTQ (asymmetric integers, fp16 scales, uint8
 zero points), GPTVQ-style VQ and PCDVQ (recipes ``gptvq-w*`` / ``pcdvq-w*``), plus PCDVQ with
@@ -13,27 +14,29 @@ quantization time (calibration forward included; CPU).
 
 Sensitivity (the paper's motivation experiment): every linear with only the directions
 quantized (exact norms) or only the magnitudes (exact directions), PCD nearest rounding after
-the random Hadamard transform, at two codebook sizes.
+the random Hadamard transform, at two codebook sizes. Rows are saved as they finish (``--resume``
+keeps them); the older json layout is read too.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
 
+import harness
 import jquant as jq
 from jquant.algorithms.pcdvq import simulate_parts
 from jquant.data import load_split, random_windows, token_windows
+from harness import Column, Results
 from jquant.eval import perplexity, zero_shot
 from jquant.formats import PolarVQFormat
 from jquant.models import load
 from jquant.recipes import Recipe, Rule
 from jquant.sites import find_sites
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("next_line", "same_source")
 INT = {"w2": "int2-g128-asym", "w2.25": "int2-g64-asym", "w3": "int3-g128-asym"}
 SENSITIVITY = ((14, 2), (8, 1))  # (direction bits, magnitude bits) with k = 8
@@ -80,88 +83,108 @@ def simulated(model, fmt: PolarVQFormat, parts: str):
     return copy
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="jq-llama-small")
-    parser.add_argument("--windows", type=int, default=160, help="validation windows (default: %(default)s)")
-    parser.add_argument("--items", type=int, default=200, help="zero-shot items per task (default: %(default)s)")
-    parser.add_argument("--calib", type=int, default=64, help="calibration windows (default: %(default)s)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the saved .json")
-    args = parser.parse_args()
-    stem = f"vq{'-' + args.model if args.model != 'jq-llama-small' else ''}"
-    if args.report_only:
-        out = json.loads((RESULTS / f"{stem}.json").read_text())
-        args = argparse.Namespace(**{**out["config"], "report_only": True})
-        write_markdown(out, args, out["n_windows"], out["n_calib"])
-        return
+def _row_name(row: dict) -> str:
+    """The row id within its table: ``bits/method`` (quantized) or ``a/b/parts`` (sensitivity)."""
+    return f"{row['a']}/{row['b']}/{row['parts']}" if "parts" in row else f"{row['bits']}/{row['method']}"
+
+
+def _add(results: Results, table: str, row: dict) -> None:
+    results.add({"table": table, "name": _row_name(row), **row})
+    print(row, flush=True)
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
+    """Float row, every recipe, then the sensitivity rows; rows already in ``results`` are skipped."""
     loaded = load(args.model)
     tok = loaded.tokenizer
     windows = token_windows(load_split("validation"), tok, 256, max_windows=args.windows)
     calib = random_windows(load_split("train"), tok, args.calib, 256, jax.random.key(0))
-    out = {"config": vars(args), "n_windows": len(windows), "n_calib": len(calib), "rows": [], "sensitivity": []}
-
-    def dump():
-        (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
-
+    results.set_meta(n_windows=len(windows), n_calib=len(calib))
+    codebook = dict(results.meta.get("codebook_seconds", {}))
     for fmt in sorted({jq.formats.get_format(jq.recipes.get(f"pcdvq-{bits}").rules[0].weight) for bits in INT},
                       key=lambda f: f.name):  # data-free codebooks: built once, offline in the paper, not timed below
         t0 = time.perf_counter()
         fmt.codebooks()
-        out.setdefault("codebook_seconds", {})[fmt.name] = time.perf_counter() - t0
-    base = {"bits": "16", "method": "float (bf16)", "recipe": "-", "seconds": 0.0, "linear_bits": 16.0,
-            **evaluate(loaded.model, tok, windows, args.items)}
-    out["rows"].append(base)
-    print(base, flush=True)
+        codebook.setdefault(fmt.name, time.perf_counter() - t0)  # a resumed run keeps the first build's time
+    results.set_meta(codebook_seconds=codebook)
+    if not results.has(table="quantized", name="16/float (bf16)"):
+        _add(results, "quantized", {"bits": "16", "method": "float (bf16)", "recipe": "-", "seconds": 0.0,
+                                    "linear_bits": 16.0, **evaluate(loaded.model, tok, windows, args.items)})
     for bits, method, recipe in recipes():
+        if results.has(table="quantized", name=f"{bits}/{method}"):
+            continue
         t0 = time.perf_counter()
         qmodel = jq.quantize(loaded.model, recipe, calib, progress=False)
         seconds = time.perf_counter() - t0
         name = recipe if isinstance(recipe, str) else recipe.name
-        out["rows"].append({"bits": bits, "method": method, "recipe": name, "seconds": seconds,
-                            "linear_bits": linear_bits(qmodel), **evaluate(qmodel, tok, windows, args.items)})
-        print(out["rows"][-1], flush=True)
-        dump()
+        _add(results, "quantized", {"bits": bits, "method": method, "recipe": name, "seconds": seconds,
+                                    "linear_bits": linear_bits(qmodel), **evaluate(qmodel, tok, windows, args.items)})
     for a, b in SENSITIVITY:
         fmt = PolarVQFormat(vector_dim=8, direction_bits=a, magnitude_bits=b)
         for parts in ("direction", "magnitude"):
-            row = {"a": a, "b": b, "parts": parts, **evaluate(simulated(loaded.model, fmt, parts), tok, windows, args.items)}
-            out["sensitivity"].append(row)
-            print(row, flush=True)
-            dump()
-    write_markdown(out, args, len(windows), len(calib))
+            if not results.has(table="sensitivity", name=f"{a}/{b}/{parts}"):
+                model = simulated(loaded.model, fmt, parts)
+                _add(results, "sensitivity",
+                     {"a": a, "b": b, "parts": parts, **evaluate(model, tok, windows, args.items)})
 
 
-def write_markdown(out: dict, args, n_windows: int, n_calib: int) -> None:
-    rows, sens = out["rows"], out["sensitivity"]
-    base = rows[0]
-    lines = [f"# Vector quantization (GPTVQ-style, PCDVQ) vs RTN/GPTQ on {args.model}", "",
-             f"Validation perplexity over {n_windows} windows of 256 tokens; zero-shot accuracy on {args.items} items per "
-             "task (test split; chance: next_line 0.25, same_source 0.33; two binomial standard errors at this count: "
-             f"±{2 * (0.25 / args.items) ** 0.5:.3f}); calibration "
-             f"{n_calib} random 256-token train windows. `bits/weight`: stored bits of the quantized linears (codes, "
-             "scales, zero points, codebooks; PCDVQ's shared codebooks counted once per model); `bits/param`: the "
-             "whole model, bf16 embeddings and head included. Times: CPU (2 shared cores), calibration forward "
-             f"included. Reproduce: `python experiments/vq.py --model {args.model} --windows {args.windows} "
-             f"--items {args.items} --calib {args.calib}`. PCDVQ's data-free codebooks are built once before timing "
-             f"(seconds: {', '.join(f'{k} {v:.1f}' for k, v in out.get('codebook_seconds', {}).items())}).", "",
-             "| bits | method | recipe / format | ppl | Δppl | next_line | same_source | bits/weight | bits/param | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['bits']} | {r['method']} | {r['recipe']} | {r['ppl']:.2f} | {r['ppl'] - base['ppl']:+.2f} | "
-                     f"{r['next_line']:.3f} | {r['same_source']:.3f} | {r['linear_bits']:.3f} | {r['bits_param']:.2f} | "
-                     f"{r['seconds']:.1f} |")
+COLUMNS = [Column("bits", "bits"), Column("method", "method"), Column("recipe / format", "recipe"),
+           Column("ppl", "ppl", ".2f"), Column("Δppl", "dppl", "+.2f"), Column("next_line", "next_line", ".3f"),
+           Column("same_source", "same_source", ".3f"), Column("bits/weight", "linear_bits", ".3f"),
+           Column("bits/param", "bits_param", ".2f"), Column("time (s)", "seconds", ".1f")]
+SENSITIVITY_COLUMNS = [Column("direction bits a", "a"), Column("magnitude bits b", "b"),
+                       Column("quantized part", "parts"), Column("ppl", "ppl", ".2f"), Column("Δppl", "dppl", "+.2f"),
+                       Column("next_line", "next_line", ".3f"), Column("same_source", "same_source", ".3f")]
+
+
+def report(runs: list[Results], base: Path) -> None:
+    """Write ``<base>.md``."""
+    results = runs[0]
+    args, meta = results.args, results.meta
+    rows = [r for r in results.rows if r["table"] == "quantized"]
+    sens = [r for r in results.rows if r["table"] == "sensitivity"]
+    base_ppl = rows[0]["ppl"]
+    lines = [f"# Vector quantization (GPTVQ-style, PCDVQ) vs RTN/GPTQ on {args['model']}", "",
+             f"Validation perplexity over {meta['n_windows']} windows of 256 tokens; zero-shot accuracy on "
+             f"{args['items']} items per task (test split; chance: next_line 0.25, same_source 0.33; two binomial "
+             f"standard errors at this count: ±{2 * (0.25 / args['items']) ** 0.5:.3f}); calibration "
+             f"{meta['n_calib']} random 256-token train windows. `bits/weight`: stored bits of the quantized linears "
+             "(codes, scales, zero points, codebooks; PCDVQ's shared codebooks counted once per model); `bits/param`: "
+             "the whole model, bf16 embeddings and head included. Times: CPU (2 shared cores), calibration forward "
+             f"included. {harness.reproduce(results.command)} PCDVQ's data-free codebooks are built once before "
+             f"timing (seconds: {', '.join(f'{k} {v:.1f}' for k, v in meta.get('codebook_seconds', {}).items())}).",
+             "", *harness.table([{**r, "dppl": r["ppl"] - base_ppl} for r in rows], COLUMNS)]
     if sens:
         lines += ["", "## Sensitivity: quantize only the directions or only the magnitudes", "",
                   "Every linear after the random Hadamard transform and unit-RMS scaling, vectors of 8, nearest "
                   "rounding; `direction`: each vector keeps its exact norm, `magnitude`: its exact direction.", "",
-                  "| direction bits a | magnitude bits b | quantized part | ppl | Δppl | next_line | same_source |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sens:
-            lines.append(f"| {r['a']} | {r['b']} | {r['parts']} | {r['ppl']:.2f} | {r['ppl'] - base['ppl']:+.2f} | "
-                         f"{r['next_line']:.3f} | {r['same_source']:.3f} |")
+                  *harness.table([{**r, "dppl": r["ppl"] - base_ppl} for r in sens], SENSITIVITY_COLUMNS)]
     lines += ["", *summary(rows, sens), "", *NOTES]
-    (RESULTS / f"{'vq' if args.model == 'jq-llama-small' else 'vq-' + args.model}.md").write_text("\n".join(lines) + "\n")
+    harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The older layout (config, two row lists, counts side by side) -> the harness layout."""
+    config = data["config"]
+    command = (f"python experiments/vq.py --model {config['model']} --windows {config['windows']} "
+               f"--items {config['items']} --calib {config['calib']}")
+    rows = [{"table": table, "name": _row_name(r), **r}
+            for table, key in (("quantized", "rows"), ("sensitivity", "sensitivity")) for r in data[key]]
+    meta = {k: data[k] for k in ("n_windows", "n_calib", "codebook_seconds") if k in data}
+    return {"script": "vq", "command": command, "args": {k: v for k, v in config.items() if k != "report_only"},
+            "key": ["table", "name"], "meta": meta, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=160, help="validation windows (default: %(default)s)")
+    parser.add_argument("--items", type=int, default=200, help="zero-shot items per task (default: %(default)s)")
+    parser.add_argument("--calib", type=int, default=64, help="calibration windows (default: %(default)s)")
+    harness.add_arguments(parser, model="jq-llama-small")
+    harness.run_experiment(parser, stem=lambda a: f"vq{'-' + a.model if a.model != 'jq-llama-small' else ''}",
+                           key=("table", "name"), run=run, report=report, legacy=legacy,
+                           quick={"windows": 2, "items": 8, "calib": 4})
 
 
 NOTES = [

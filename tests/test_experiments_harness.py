@@ -20,6 +20,7 @@ ROWS = [{"method": "rtn", "bits": 4, "ppl": 54.14229, "acc": 0.365},
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--progress", action="store_true")
     harness.add_arguments(parser, model="tiny", seeds=[0])
     return parser
 
@@ -41,7 +42,7 @@ def _experiment(tmp_path: Path, extra: list[str], ran: list, reports: list) -> N
              harness.reproduce(runs[0].command)]) + "\n")
 
     harness.run_experiment(_parser(), stem=lambda a: f"exp-{a.model}", key=("method",), run=run, report=report,
-                           quick={"items": 8}, argv=["experiments/exp.py", "--out", str(tmp_path), *extra])
+                           quick={"items": 8}, volatile=("progress",), argv=["experiments/exp.py", "--out", str(tmp_path), *extra])
 
 
 def test_resume_keeps_rows_of_the_same_arguments(tmp_path):
@@ -54,6 +55,8 @@ def test_resume_keeps_rows_of_the_same_arguments(tmp_path):
     ran.clear()
     _experiment(tmp_path, ["--resume"], ran, reports)
     assert ran == []  # both rows kept
+    _experiment(tmp_path, ["--resume", "--progress"], ran, reports)
+    assert ran == []  # a volatile argument is not part of the run's identity
     ran.clear()
     _experiment(tmp_path, [], ran, reports)
     assert ran == ["rtn", "gptq"]  # without --resume the run starts over
