@@ -85,7 +85,7 @@ def run_training(data_path: Path, workdir: Path, cfg: TrainConfig, needle_fracti
                 rows.append(stream[start:start + cfg.seq_len + 1])
         return np.stack(rows).astype(np.int32)
 
-    model_cfg = llama.PRESETS[PRESET].replace(dtype="bfloat16", param_dtype="float32")
+    model_cfg = llama.FAMILY.presets[PRESET].replace(dtype="bfloat16", param_dtype="float32")
     model = llama.init_model(model_cfg, jax.random.key(cfg.seed)) if init is None else \
         llama.from_tensors(model_cfg, _load_shards(init), source=str(init))
     result = train(model, stream, data["validation"], cfg, workdir, sample_batch=sample_batch)
@@ -135,7 +135,7 @@ def export(workdir: Path) -> dict:
 
     summary = json.loads((workdir / "train_summary.json").read_text())
     tensors = _load_shards(workdir)
-    cfg = llama.PRESETS[PRESET].replace(dtype="float32", param_dtype="bfloat16")
+    cfg = llama.FAMILY.presets[PRESET].replace(dtype="float32", param_dtype="bfloat16")
     model = llama.from_tensors(cfg, tensors, source=str(workdir))
     tok = load_tokenizer()
     history = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()] \

@@ -47,23 +47,21 @@ STATE = "state"
 
 
 def _families() -> dict:
-    """Family name -> module, for every family in ``jquant.models.registry.CHECKPOINT_FAMILIES``.
+    """Family name -> ``jquant.models.family.Family``, for every family in ``jquant.models.registry``.
 
-    A family module declares ``CHECKPOINT_FAMILY`` (its name in the manifest),
-    ``CHECKPOINT_MODEL`` (its model class), ``config_to_json(cfg) -> dict``,
-    ``config_from_json(dict, *, dtype, param_dtype) -> config`` and
-    ``abstract_model(config)``; its models carry their config as ``model.config``
-    (with ``dtype`` and ``param_dtype``).
+    A family's ``config_to_json`` / ``config_from_json`` write and read the manifest's config and its
+    ``abstract_model`` gives the structure to restore into; its models carry their config as
+    ``model.config`` (with ``dtype`` and ``param_dtype``).
     """
-    from jquant.models.registry import CHECKPOINT_FAMILIES
+    from jquant.models.registry import families
 
-    return {module.CHECKPOINT_FAMILY: module for module in CHECKPOINT_FAMILIES}
+    return {family.name: family for family in families()}
 
 
 def _family_of(model: nnx.Module) -> str:
     from jquant.models.registry import family_of
 
-    return family_of(model, purpose="save").CHECKPOINT_FAMILY
+    return family_of(model, purpose="save").name
 
 
 def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,

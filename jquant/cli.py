@@ -151,9 +151,9 @@ def _cmd_list(args, console: Console) -> dict:
         return data
 
     if args.what == "presets":
-        from jquant.models.registry import PRESET_FAMILIES
+        from jquant.models.registry import families
 
-        presets = [(name, family.CHECKPOINT_FAMILY, cfg) for family in PRESET_FAMILIES for name, cfg in family.PRESETS.items()]
+        presets = [(name, family.name, cfg) for family in families() for name, cfg in family.presets.items()]
         data = {name: {"family": family, **dataclasses.asdict(cfg)} for name, family, cfg in presets}
         if not args.json:
             table = Table(title="model presets")

@@ -20,6 +20,8 @@ from flax import nnx
 
 from jquant.kv import KVCache, init_cache
 from jquant.models.config_io import check_dtypes_available
+from jquant.models.family import LM_KEEP_FLOAT
+from jquant.models.family import Family as FamilyDeclaration
 from jquant.models.layers import Attention, AttentionConfig, Embed, Linear, RMSNorm, RopeConfig, SwiGLU
 from jquant.transforms.layout import AttentionLayout, DecoderLayout, MLPLayout, NormGroup, SparseMLPLayout
 from jquant.transforms.layout import DecoderLayer as DecoderLayerLayout
@@ -405,14 +407,12 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         raise ValueError(f"{cfg.family}: sliding_window export is only supported for Mistral.")
     if cfg.family in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=False, sliding_window=None)
+    if cfg.qk_norm != (cfg.family == "qwen3"):
+        raise ValueError(f"{cfg.family} cannot express qk_norm={cfg.qk_norm} in its config.json (Qwen3 always "
+                         "normalises q/k, the others never); set family='qwen3' for a q/k-normalised model.")
     return hf
 
 
-# jquant.checkpoint's family protocol: a Llama-family checkpoint's manifest holds the Hugging Face config.json dict.
-CHECKPOINT_FAMILY = "llama"
-CHECKPOINT_MODEL = Llama
-config_to_json = config_to_hf
-config_from_json = config_from_hf
 
 def _hf_name(path: tuple) -> tuple[str, bool]:
     """NNX parameter path -> (Hugging Face tensor name, whether the tensor is transposed)."""
@@ -488,40 +488,51 @@ def to_tensors(model: Llama) -> dict:
     return out
 
 
-def to_hf(model: Llama, path, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=None, overwrite: bool = False):
+def to_hf(model: Llama, path, *, max_shard_bytes: int = 2 * 1024**3, extra_files=None, overwrite: bool = False):
     """Write ``model`` as a Hugging Face checkpoint folder (atomically; sharded above ``max_shard_bytes``).
 
-    ``tokenizer`` (anything with ``save_pretrained``) is saved into the same folder;
-    ``overwrite=True`` replaces a folder jquant wrote earlier (``hf_io.write_checkpoint``).
+    ``extra_files(folder)`` adds files (a tokenizer's ``save_pretrained``) before the folder is moved into
+    place; ``overwrite=True`` replaces a folder jquant wrote earlier (``hf_io.write_checkpoint``).
     """
     from jquant.models import hf_io
 
-    extra = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None
-    return hf_io.write_checkpoint(
-        path, config_to_hf(model.config), to_tensors(model), max_shard_bytes=max_shard_bytes, extra_files=extra,
-        overwrite=overwrite,
-    )
+    return hf_io.write_checkpoint(path, config_to_hf(model.config), to_tensors(model), max_shard_bytes=max_shard_bytes,
+                                  extra_files=extra_files, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------
-# Named presets of jquant's own reference models
+# The family declaration, with the named presets of jquant's own reference models
 # ----------------------------------------------------------------------------
 
-PRESETS: dict[str, LlamaConfig] = {
-    # ~3.2M parameters: trains in minutes on a 2-core CPU; the default model of the README and tests.
-    "jq-llama-tiny": LlamaConfig(
-        vocab_size=4096, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2,
-        max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
-    ),
-    # ~10M parameters: the reference model of the result tables.
-    "jq-llama-small": LlamaConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=10, num_heads=4, num_kv_heads=2,
-        max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
-    ),
-    # jq-llama-small's shape with a 4096-token context: the long-context model of the KV-cache results,
-    # trained on 4096-token windows with needle-retrieval sequences mixed in (experiments/train_long_context.py).
-    "jq-llama-long": LlamaConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=10, num_heads=4, num_kv_heads=2,
-        max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
-    ),
-}
+FAMILY = FamilyDeclaration(
+    name="llama",
+    config_class=LlamaConfig,
+    model_class=Llama,
+    hf_model_types=tuple(_HF_ARCHITECTURES),
+    presets={
+        # ~3.2M parameters: trains in minutes on a 2-core CPU; the default model of the README and tests.
+        "jq-llama-tiny": LlamaConfig(
+            vocab_size=4096, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2,
+            max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+        ),
+        # ~10M parameters: the reference model of the result tables.
+        "jq-llama-small": LlamaConfig(
+            vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=10, num_heads=4, num_kv_heads=2,
+            max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+        ),
+        # jq-llama-small's shape with a 4096-token context: the long-context model of the KV-cache results,
+        # trained on 4096-token windows with needle-retrieval sequences mixed in (experiments/train_long_context.py).
+        "jq-llama-long": LlamaConfig(
+            vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=10, num_heads=4, num_kv_heads=2,
+            max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
+        ),
+    },
+    init_model=init_model,
+    abstract_model=abstract_model,
+    config_to_json=config_to_hf,
+    config_from_json=config_from_hf,
+    checkpoint_protocol="the manifest's config is the Hugging Face config.json dict (config_to_hf / config_from_hf).",
+    from_hf=from_hf,
+    to_hf=to_hf,
+    keep_float=LM_KEEP_FLOAT,
+)

@@ -41,6 +41,7 @@ the conv window and ``h`` in an ``SSMCache``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
@@ -52,6 +53,7 @@ from flax import nnx
 
 from jquant import ops
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
+from jquant.models.family import LM_KEEP_FLOAT, Family
 from jquant.models.layers import Embed, Linear, RMSNorm
 from jquant.transforms.ssm_layout import SSMLayout, SSMMixerLayout
 
@@ -347,14 +349,6 @@ class Mamba(CausalSSM):
         super().__init__(cfg, MambaMixer, rngs=rngs)
 
 
-PRESETS: dict[str, MambaConfig] = {
-    # ~6M parameters (12 blocks, inner size 512, N = 16): the reference model of the MambaQuant results.
-    # Fewer blocks than Mamba's usual 2 per transformer layer, so that it trains in about an hour on 2 CPU cores.
-    "jq-mamba-small": MambaConfig(vocab_size=4096, hidden_size=256, num_layers=12, state_size=16, expand=2,
-                                  scan_chunk_size=16, bos_token_id=0, eos_token_id=1),
-}
-
-
 def init_model(cfg: MambaConfig, key: jax.Array) -> Mamba:
     """A randomly initialised model (Hugging Face's A_log, D and dt-bias initialisation; kernels ~ N(0, 0.02))."""
     check_dtypes_available(cfg)
@@ -365,21 +359,6 @@ def abstract_model(cfg: MambaConfig) -> Mamba:
     """The model's structure with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
     return nnx.eval_shape(lambda: Mamba(cfg, rngs=nnx.Rngs(0)))
 
-
-# ----------------------------------------------------------------------------
-# jquant.checkpoint's family protocol (shared with mamba2.py)
-# ----------------------------------------------------------------------------
-
-CHECKPOINT_FAMILY = "mamba"
-CHECKPOINT_MODEL = Mamba
-
-
-def config_to_json(cfg: MambaConfig) -> dict:
-    return dataclass_config_to_json(cfg)
-
-
-def config_from_json(data: dict, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None) -> MambaConfig:
-    return dataclass_config_from_json(MambaConfig, data, dtype=dtype, param_dtype=param_dtype)
 
 # ----------------------------------------------------------------------------
 # Hugging Face import (shared with mamba2.py)
@@ -558,3 +537,28 @@ def from_tensors(cfg: MambaConfig, tensors: dict, *, source: str = "tensors") ->
     """Build a ``Mamba`` from Hugging Face-named arrays, validating every one."""
     check_dtypes_available(cfg)
     return model_from_tensors(abstract_model(cfg), tensors, source=source)
+
+
+# ----------------------------------------------------------------------------
+# The family declaration
+# ----------------------------------------------------------------------------
+
+FAMILY = Family(
+    name="mamba",
+    config_class=MambaConfig,
+    model_class=Mamba,
+    hf_model_types=("mamba",),
+    presets={
+        # ~6M parameters (12 blocks, inner size 512, N = 16): the reference model of the MambaQuant results.
+        # Fewer blocks than Mamba's usual 2 per transformer layer, so that it trains in about an hour on 2 CPU cores.
+        "jq-mamba-small": MambaConfig(vocab_size=4096, hidden_size=256, num_layers=12, state_size=16, expand=2,
+                                      scan_chunk_size=16, bos_token_id=0, eos_token_id=1),
+    },
+    init_model=init_model,
+    abstract_model=abstract_model,
+    config_to_json=dataclass_config_to_json,
+    config_from_json=functools.partial(dataclass_config_from_json, MambaConfig),
+    checkpoint_protocol="the manifest's config holds the MambaConfig fields (config_io.dataclass_config_to_json).",
+    from_hf=from_hf,
+    keep_float=LM_KEEP_FLOAT,
+)

@@ -30,6 +30,7 @@ Every weight matmul is a ``layers.Linear`` (``in_proj``, ``out_proj``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -38,6 +39,7 @@ from flax import nnx
 
 from jquant import ops
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
+from jquant.models.family import LM_KEEP_FLOAT, Family
 from jquant.models.layers import Linear
 from jquant.transforms.ssm_layout import SSMMixerLayout
 from jquant.models.mamba import (
@@ -217,18 +219,6 @@ def abstract_model(cfg: Mamba2Config) -> Mamba2:
     return nnx.eval_shape(lambda: Mamba2(cfg, rngs=nnx.Rngs(0)))
 
 
-# jquant.checkpoint's family protocol: the manifest holds the config's fields (``config_io.dataclass_config_to_json``).
-CHECKPOINT_FAMILY = "mamba2"
-CHECKPOINT_MODEL = Mamba2
-
-
-def config_to_json(cfg: Mamba2Config) -> dict:
-    return dataclass_config_to_json(cfg)
-
-
-def config_from_json(data: dict, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None) -> Mamba2Config:
-    return dataclass_config_from_json(Mamba2Config, data, dtype=dtype, param_dtype=param_dtype)
-
 # ----------------------------------------------------------------------------
 # Hugging Face import
 # ----------------------------------------------------------------------------
@@ -299,3 +289,22 @@ def from_tensors(cfg: Mamba2Config, tensors: dict, *, source: str = "tensors") -
     """Build a ``Mamba2`` from Hugging Face-named arrays, validating every one."""
     check_dtypes_available(cfg)
     return model_from_tensors(abstract_model(cfg), tensors, source=source)
+
+
+# ----------------------------------------------------------------------------
+# The family declaration
+# ----------------------------------------------------------------------------
+
+FAMILY = Family(
+    name="mamba2",
+    config_class=Mamba2Config,
+    model_class=Mamba2,
+    hf_model_types=("mamba2",),
+    init_model=init_model,
+    abstract_model=abstract_model,
+    config_to_json=dataclass_config_to_json,
+    config_from_json=functools.partial(dataclass_config_from_json, Mamba2Config),
+    checkpoint_protocol="the manifest's config holds the Mamba2Config fields (config_io.dataclass_config_to_json).",
+    from_hf=from_hf,
+    keep_float=LM_KEEP_FLOAT,
+)

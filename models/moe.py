@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.models.config_io import check_dtypes_available
+from jquant.models.family import LM_KEEP_FLOAT, Family
 from jquant.models.layers import Embed, Linear, RMSNorm, SparseMoE, SparseMoEConfig
 from jquant.losses import cross_entropy
 from jquant.models.llama import DecoderLayer, DecoderLM, DTypeName, LlamaConfig
@@ -376,35 +377,45 @@ def to_tensors(model: MoE) -> dict:
     return out
 
 
-def to_hf(model: MoE, path, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=None, overwrite: bool = False):
-    """Write ``model`` as a Hugging Face checkpoint folder (atomically); Mixtral, Qwen2-MoE and Qwen3-MoE only."""
+def to_hf(model: MoE, path, *, max_shard_bytes: int = 2 * 1024**3, extra_files=None, overwrite: bool = False):
+    """Write ``model`` as a Hugging Face checkpoint folder (atomically); Mixtral, Qwen2-MoE and Qwen3-MoE only.
+
+    ``extra_files(folder)`` adds files (a tokenizer's ``save_pretrained``) before the folder is moved into place.
+    """
     from jquant.models import hf_io
 
     if model.config.family not in _HF_ARCHITECTURES:
         raise ValueError(f"{model.config.family} has no Hugging Face class; save it with jquant.save instead.")
-    extra = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None
     return hf_io.write_checkpoint(path, config_to_hf(model.config), to_tensors(model),
-                                  max_shard_bytes=max_shard_bytes, extra_files=extra, overwrite=overwrite)
-
-
-# jquant.checkpoint's family protocol: the manifest holds the config.json dict.
-CHECKPOINT_FAMILY = "moe"
-CHECKPOINT_MODEL = MoE
-config_to_json = config_to_hf
-config_from_json = config_from_hf
+                                  max_shard_bytes=max_shard_bytes, extra_files=extra_files, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------
-# Named presets of jquant's own reference models
+# The family declaration, with the named presets of jquant's own reference models
 # ----------------------------------------------------------------------------
 
-PRESETS: dict[str, MoEConfig] = {
-    # 8 experts, top-2 (Mixtral routing); active parameters per token close to jq-llama-small's.
-    # A weak load-balancing loss (Qwen-MoE's 0.001, not Mixtral's 0.02) leaves expert usage imbalanced,
-    # the condition MoEQuant's expert-balanced calibration addresses.
-    "jq-moe-small": MoEConfig(
-        family="mixtral", vocab_size=4096, hidden_size=256, intermediate_size=384, moe_intermediate_size=384,
-        num_layers=6, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2, max_position_embeddings=1024,
-        bos_token_id=0, eos_token_id=1, router_aux_loss_coef=0.001,
-    ),
-}
+FAMILY = Family(
+    name="moe",
+    config_class=MoEConfig,
+    model_class=MoE,
+    hf_model_types=tuple(_HF_ARCHITECTURES),
+    presets={
+        # 8 experts, top-2 (Mixtral routing); active parameters per token close to jq-llama-small's.
+        # A weak load-balancing loss (Qwen-MoE's 0.001, not Mixtral's 0.02) leaves expert usage imbalanced,
+        # the condition MoEQuant's expert-balanced calibration addresses.
+        "jq-moe-small": MoEConfig(
+            family="mixtral", vocab_size=4096, hidden_size=256, intermediate_size=384, moe_intermediate_size=384,
+            num_layers=6, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2, max_position_embeddings=1024,
+            bos_token_id=0, eos_token_id=1, router_aux_loss_coef=0.001,
+        ),
+    },
+    init_model=init_model,
+    abstract_model=abstract_model,
+    config_to_json=config_to_hf,
+    config_from_json=config_from_hf,
+    checkpoint_protocol="the manifest's config is the config.json dict (config_to_hf / config_from_hf; "
+                        "deepseek_moe, which has no Hugging Face class here, is saved with jquant.save only).",
+    from_hf=from_hf,
+    to_hf=to_hf,
+    keep_float=LM_KEEP_FLOAT,
+)

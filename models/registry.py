@@ -1,53 +1,94 @@
-"""Finding and loading models by name (bundled reference models) or by checkpoint folder.
+"""The model families jquant knows, and finding and loading models by name or checkpoint folder.
 
-A name resolves to ``jquant/assets/models/<name>`` (a Hugging Face folder, or a
+Families are looked up lazily: ``_FAMILY_MODULES`` maps each family's name to the module that declares
+its ``FAMILY`` (``jquant.models.family.Family``), and a module is imported on first use, so importing this
+registry imports no family. A new family is one line there.
+
+A model name resolves to ``jquant/assets/models/<name>`` (a Hugging Face folder, or a
 ``jquant.checkpoint`` folder for families without a Hugging Face export, shipped
 with the package); anything else must be a path to such a folder
 or to a single-file BlinkDL RWKV-6 checkpoint (``.pth`` / ``.safetensors``).
-The family is picked from ``config.json``'s ``model_type``.
+The family of a Hugging Face folder is picked from ``config.json``'s ``model_type``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from flax import nnx
-from transformers import PreTrainedTokenizerFast
 
-from jquant.models import hf_io, llama, mamba, mamba2, moe
-from jquant.models import rwkv6
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from jquant.models.family import Family
 
 DEFAULT_MODEL = "jq-llama-tiny"
+DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 
-_FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "mamba": mamba, "mamba2": mamba2,
-             "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe}
-# The families jquant.checkpoint saves and loads. Each module declares CHECKPOINT_FAMILY (the manifest's
-# "family"), CHECKPOINT_MODEL (its model class), config_to_json(cfg) -> dict,
-# config_from_json(dict, *, dtype, param_dtype) -> config and abstract_model(config).
-CHECKPOINT_FAMILIES = (llama, rwkv6, mamba, mamba2, moe)
-# The families with reference-model presets (each module has PRESETS: name -> config, and init_model(config, key)).
-PRESET_FAMILIES = (llama, mamba, rwkv6, moe)
-
-
-def preset(name: str):
-    """``(family module, config)`` of a reference-model preset such as ``"jq-mamba-small"``."""
-    for family in PRESET_FAMILIES:
-        if name in family.PRESETS:
-            return family, family.PRESETS[name]
-    known = sorted(n for family in PRESET_FAMILIES for n in family.PRESETS)
-    raise ValueError(f"unknown preset {name!r}; choose one of {known}.")
+# Family name (as written in checkpoint manifests) -> the module whose ``FAMILY`` declares it.
+_FAMILY_MODULES: dict[str, str] = {
+    "llama": "jquant.models.llama",
+    "moe": "jquant.models.moe",
+    "mamba": "jquant.models.mamba",
+    "mamba2": "jquant.models.mamba2",
+    "rwkv6": "jquant.models.rwkv6",
+}
 
 
-def family_of(model: nnx.Module, *, purpose: str = "handle"):
-    """The ``CHECKPOINT_FAMILIES`` module whose model class ``model`` is (``purpose`` words the error)."""
-    for family in CHECKPOINT_FAMILIES:
-        if isinstance(model, family.CHECKPOINT_MODEL):
-            return family
-    known = ", ".join(f"{f.CHECKPOINT_MODEL.__name__} ({f.CHECKPOINT_FAMILY})" for f in CHECKPOINT_FAMILIES)
+def family(name: str) -> Family:
+    """The family called ``name`` (a checkpoint manifest's ``family``); imports its module on first use."""
+    if name not in _FAMILY_MODULES:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(_FAMILY_MODULES))}.")
+    declared = importlib.import_module(_FAMILY_MODULES[name]).FAMILY
+    if declared.name != name:
+        raise RuntimeError(f"{_FAMILY_MODULES[name]}.FAMILY is named {declared.name!r}, but the registry lists it as "
+                           f"{name!r}; make the two agree.")
+    return declared
+
+
+def families() -> tuple[Family, ...]:
+    """Every family, in registry order (imports all family modules)."""
+    return tuple(family(name) for name in _FAMILY_MODULES)
+
+
+def family_for_model_type(model_type: str | None) -> Family:
+    """The family that reads Hugging Face folders whose ``config.json`` has ``model_type``."""
+    known = {t: f for f in families() for t in f.hf_model_types}
+    if model_type not in known:
+        raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; supported: {sorted(known)}.")
+    return known[model_type]
+
+
+def family_for_diffusers_class(class_name: str | None) -> Family:
+    """The family that reads diffusers folders whose ``config.json`` has ``_class_name``."""
+    known = {c: f for f in families() for c in f.diffusers_class_names}
+    if class_name not in known:
+        raise ValueError(f"diffusers _class_name {class_name!r} is not supported; supported: "
+                         f"{sorted(known) or 'none yet'}.")
+    return known[class_name]
+
+
+def family_of(model: nnx.Module, *, purpose: str = "handle") -> Family:
+    """The family whose ``model_class`` ``model`` is an instance of (``purpose`` words the error: "save")."""
+    for candidate in families():
+        if isinstance(model, candidate.model_class):
+            return candidate
+    known = ", ".join(f"{f.model_class.__name__} ({f.name})" for f in families())
     raise TypeError(f"{purpose}: {type(model).__name__} is not a model family jquant knows how to {purpose}; "
                     f"known: {known}.")
+
+
+def preset(name: str) -> tuple[Family, Any]:
+    """``(family, config)`` of a reference-model preset such as ``"jq-mamba-small"``."""
+    for candidate in families():
+        if name in candidate.presets:
+            return candidate, candidate.presets[name]
+    known = sorted(n for f in families() for n in f.presets)
+    raise ValueError(f"unknown preset {name!r}; choose one of {known}.")
 
 
 def _bundled_dir() -> Path:
@@ -95,20 +136,28 @@ def resolve(name_or_path: str | Path) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
+    """A loaded model, its tokenizer (None when the folder has none) and where it came from."""
+
     model: nnx.Module
     tokenizer: PreTrainedTokenizerFast | None
     path: Path
 
 
-def load(name_or_path: str | Path, *, dtype: llama.DTypeName = "float32", param_dtype: llama.DTypeName | None = None) -> LoadedModel:
+def load(name_or_path: str | Path, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None) -> LoadedModel:
     """Load a model (and its tokenizer when the folder has one) by bundled name or path.
 
     A folder written by ``jquant.checkpoint.save`` (it has ``jquant.json``) is
     restored as saved, quantized or not; ``dtype`` options apply to Hugging
     Face folders.
     """
+    from transformers import PreTrainedTokenizerFast
+
+    from jquant.models import hf_io
+
     path = resolve(name_or_path)
     if path.is_file():  # a BlinkDL RWKV-6 checkpoint: one file, no tokenizer
+        from jquant.models import rwkv6
+
         model = rwkv6.from_blinkdl(path, dtype=dtype, param_dtype=param_dtype)
         return LoadedModel(model=model, tokenizer=None, path=path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
@@ -116,8 +165,13 @@ def load(name_or_path: str | Path, *, dtype: llama.DTypeName = "float32", param_
         from jquant.checkpoint import load as load_checkpoint
 
         return LoadedModel(model=load_checkpoint(path), tokenizer=tokenizer, path=path)
-    model_type = hf_io.read_config(path).get("model_type")
-    if model_type not in _FAMILIES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {sorted(_FAMILIES)}.")
-    model = _FAMILIES[model_type].from_hf(path, dtype=dtype, param_dtype=param_dtype)
+    config = hf_io.read_config(path)
+    diffusers = "_class_name" in config  # diffusers folders name their class, transformers folders their model_type
+    try:
+        found = (family_for_diffusers_class(config["_class_name"]) if diffusers
+                 else family_for_model_type(config.get("model_type")))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    read = found.from_diffusers if diffusers else found.from_hf
+    model = read(path, dtype=dtype, param_dtype=param_dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path)

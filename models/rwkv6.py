@@ -41,6 +41,7 @@ families share a convention (``blocks.{i}`` is ``layers/{i}``, ``emb`` is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from pathlib import Path
@@ -54,6 +55,7 @@ from flax import nnx
 from jquant import ops
 from jquant.calib.capture import record_input
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
+from jquant.models.family import LM_KEEP_FLOAT, Family
 from jquant.models.layers import Embed, Linear
 from jquant.sites import SiteSpec
 
@@ -373,13 +375,6 @@ class RWKV6(nnx.Module):
         return list(self.layers)
 
 
-PRESETS: dict[str, RWKV6Config] = {
-    # ~7.9M parameters (6 blocks of 4 heads of 64, channel-mix 896): the reference model of the RWKVQuant results.
-    # WKV chunks of 8 train fastest on 2 CPU cores (3.3 s per 16 x 256-token step; 16: 4.1 s, 32: 6.5 s).
-    "jq-rwkv6-small": RWKV6Config(vocab_size=4096, hidden_size=256, intermediate_size=896, num_layers=6, chunk_size=8),
-}
-
-
 def init_model(cfg: RWKV6Config, key: jax.Array) -> RWKV6:
     """A randomly initialised model: matrices ~ N(0, 0.02), LoRA down-projections 0, and BlinkDL's
     layer-dependent ramps for the mixes, ``time_decay`` and ``time_faaaa``."""
@@ -390,19 +385,6 @@ def init_model(cfg: RWKV6Config, key: jax.Array) -> RWKV6:
 def abstract_model(cfg: RWKV6Config) -> RWKV6:
     """The model's structure with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
     return nnx.eval_shape(lambda: RWKV6(cfg, rngs=nnx.Rngs(0)))
-
-
-# jquant.checkpoint's family protocol: the manifest holds the config's fields (all JSON scalars).
-CHECKPOINT_FAMILY = "rwkv6"
-CHECKPOINT_MODEL = RWKV6
-
-
-def config_to_json(cfg: RWKV6Config) -> dict:
-    return dataclass_config_to_json(cfg)
-
-
-def config_from_json(data: dict, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None) -> RWKV6Config:
-    return dataclass_config_from_json(RWKV6Config, data, dtype=dtype, param_dtype=param_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -617,3 +599,26 @@ def to_blinkdl(model: RWKV6) -> dict[str, np.ndarray]:
         else:
             out[name] = value
     return out
+
+
+# ----------------------------------------------------------------------------
+# The family declaration
+# ----------------------------------------------------------------------------
+
+FAMILY = Family(
+    name="rwkv6",
+    config_class=RWKV6Config,
+    model_class=RWKV6,
+    presets={
+        # ~7.9M parameters (6 blocks of 4 heads of 64, channel-mix 896): the reference model of the RWKVQuant results.
+        # WKV chunks of 8 train fastest on 2 CPU cores (3.3 s per 16 x 256-token step; 16: 4.1 s, 32: 6.5 s).
+        "jq-rwkv6-small": RWKV6Config(vocab_size=4096, hidden_size=256, intermediate_size=896, num_layers=6, chunk_size=8),
+    },
+    init_model=init_model,
+    abstract_model=abstract_model,
+    config_to_json=dataclass_config_to_json,
+    config_from_json=functools.partial(dataclass_config_from_json, RWKV6Config),
+    checkpoint_protocol="the manifest's config holds the RWKV6Config fields (all JSON scalars); BlinkDL files are read with "
+                        "from_blinkdl and written with to_blinkdl.",
+    keep_float=LM_KEEP_FLOAT,
+)

@@ -5,9 +5,9 @@ trains with bf16 compute and float32 parameters, writes ``history.jsonl``,
 ``loss_curve.png`` and orbax checkpoints (resumable) under ``workdir``, then
 exports the weights (as ``export_dtype``, float32 compute) together with the
 tokenizer, and records the validation perplexity *of the exported weights* in
-``reference_info.json``. Presets come from every family in
-``jquant.models.registry.PRESET_FAMILIES``; a family with a Hugging Face export
-(``to_hf``: Llama) is written as a Hugging Face folder, the others (Mamba,
+``reference_info.json``. Presets come from every family's ``presets``
+(``jquant.models.registry.preset``); a family with a Hugging Face export
+(``to_hf``: Llama, MoE) is written as a Hugging Face folder, the others (Mamba,
 RWKV-6) as a ``jquant.checkpoint`` folder. Both load with ``jquant.load``.
 """
 
@@ -41,7 +41,7 @@ def train_reference(
     overwrite_export: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Train ``preset`` (a key of a family's ``PRESETS``); returns the summary written to ``reference_info.json``.
+    """Train ``preset`` (a key of a family's ``presets``); returns the summary written to ``reference_info.json``.
 
     ``export_to`` must be new or an empty folder (``overwrite_export=True`` replaces a
     folder jquant wrote); it is checked before training starts.
@@ -71,7 +71,7 @@ def train_reference(
     val = perplexity(shipped, token_windows(load_split("validation"), tokenizer, EVAL_SEQ_LEN), progress=progress)
     summary = {
         "preset": preset,
-        "family": family.CHECKPOINT_FAMILY,
+        "family": family.name,
         "parameters": sum(x.size for x in jax.tree.leaves(nnx.state(shipped, nnx.Param))),
         "train_config": dataclasses.asdict(train_cfg),
         "train_tokens": train_cfg.steps * train_cfg.batch_size * train_cfg.seq_len,
@@ -120,11 +120,8 @@ def export_reference(model: nnx.Module, folder: Path, tokenizer, summary: dict, 
         (target / "reference_info.json").write_text(json.dumps(summary, indent=2) + "\n")
         (target / "loss_curve.png").write_bytes(loss_curve.read_bytes())
 
-    if hasattr(family, "to_hf"):
-        from jquant.models import hf_io
-
-        hf_io.write_checkpoint(folder, family.config_to_hf(model.config), family.to_tensors(model), extra_files=extra,
-                               overwrite=overwrite)
+    if family.to_hf is not None:
+        family.to_hf(model, folder, extra_files=extra, overwrite=overwrite)
         return
     from jquant.checkpoint import save
 

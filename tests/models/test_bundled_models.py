@@ -42,7 +42,7 @@ def test_bundled_model_matches_its_preset(name):
     loaded = load(name)
     family, preset = registry.preset(name)
     cfg = loaded.model.config
-    assert isinstance(loaded.model, family.CHECKPOINT_MODEL)
+    assert isinstance(loaded.model, family.model_class)
     for field in dataclasses.fields(preset):
         if field.name not in ("dtype", "param_dtype"):
             assert getattr(cfg, field.name) == getattr(preset, field.name), field.name

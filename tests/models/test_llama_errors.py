@@ -99,5 +99,7 @@ def test_config_validation_names_the_field():
         llama.LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=1, num_heads=4, num_kv_heads=3).attention
     with pytest.raises(ValueError, match="head_dim"):
         llama.LlamaConfig(vocab_size=8, hidden_size=30, intermediate_size=8, num_layers=1, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="llama cannot express qk_norm=True"):
+        llama.config_to_hf(CFG.replace(qk_norm=True))
     with pytest.raises(ValueError, match="jax_enable_x64"):
         llama.init_model(CFG.replace(dtype="float64"), jax.random.key(0))

@@ -1,4 +1,5 @@
-"""jquant's Mamba-1 family: scan forms, decoding state, and parity with transformers' ``MambaForCausalLM``.
+"""jquant's Mamba-1 family: scan forms, decoding state, and the shared family suite (parity with
+transformers' ``MambaForCausalLM``, checkpoint round trips, decode consistency).
 
 The parity models are tiny random transformers models with every tensor
 perturbed (A_log, D, dt bias and norm weights included), written with
@@ -14,8 +15,9 @@ from flax import nnx
 
 from jquant import ops
 from jquant.calib.sequential import walk_blocks
-from jquant.generate import generate
-from jquant.models import hf_io, load, mamba
+from jquant.models import hf_io, mamba
+from jquant.recipes import Recipe, Rule
+from jquant.testing.family_suite import FamilySpec, FamilySuite, torch_greedy_tokens, torch_reference_logits
 from jquant.testing.hf_reference import copy_with_config, relative_error, torch_logits, torch_ssm_decode_logits
 from jquant.testing.tiny_models import fast_cached_logits, fast_logits
 
@@ -30,6 +32,10 @@ CASES = {
     "untied-bias": dict(tie_word_embeddings=False, use_bias=True, use_conv_bias=False, time_step_rank=3,
                         residual_in_fp32=False, conv_kernel=3),
 }
+
+
+TINY = mamba.MambaConfig(vocab_size=VOCAB, hidden_size=16, state_size=4, num_layers=2, scan_chunk_size=5,
+                         tie_embeddings=False)
 
 
 def build_hf_mamba(folder, overrides: dict, *, seed: int = 0, scale: float = 0.2):
@@ -124,18 +130,7 @@ def test_causal_conv1d_in_pieces_equals_whole():
 
 @pytest.fixture(scope="module")
 def random_model():
-    cfg = mamba.MambaConfig(vocab_size=VOCAB, hidden_size=16, state_size=4, num_layers=2, scan_chunk_size=5,
-                            tie_embeddings=False)
-    return mamba.init_model(cfg, jax.random.key(0))
-
-
-def test_full_sequence_equals_recurrent_decoding(random_model):
-    tokens = _tokens(0, length=12)
-    full = fast_logits(random_model, tokens)
-    assert relative_error(_decode(random_model, tokens, prefill=1), full) < FLOAT32_TOLERANCE
-    # multi-token chunks continue from the carried state too
-    pieces, _ = fast_cached_logits(random_model, jnp.asarray(tokens), (7, 1, 4))
-    assert relative_error(pieces, full) < FLOAT32_TOLERANCE
+    return mamba.init_model(TINY, jax.random.key(0))
 
 
 def test_jit_decode_step(random_model):
@@ -178,83 +173,85 @@ def test_config_validation():
 # ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def pair(request, tmp_path_factory):
-    pytest.importorskip("torch")
+def _build(case: str, folder, seed: int):
     pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = build_hf_mamba(folder, CASES[request.param], seed=sorted(CASES).index(request.param))
-    return request.param, hf, folder
+    return build_hf_mamba(folder, CASES[case], seed=seed)
 
 
-@pytest.mark.parametrize("chunk_size", [256, 6])
-def test_full_sequence_logits_match_transformers(pair, chunk_size):
-    case, hf, folder = pair
-    model = mamba.from_hf(folder)
-    if chunk_size != model.config.scan_chunk_size:  # several chunks with a padded last one (T = 20)
-        model = mamba.from_tensors(model.config.replace(scan_chunk_size=chunk_size), hf_io.read_safetensors(folder))
-    tokens = _tokens(1)
-    assert relative_error(fast_logits(model, tokens), torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+class TestMambaFamily(FamilySuite):
+    spec = FamilySpec(
+        family=mamba.FAMILY,
+        tiny_config=TINY,
+        vocab_size=VOCAB,
+        first_token=3,
+        cases=tuple(sorted(CASES)),
+        build_reference=_build,
+        reference_logits=torch_reference_logits,  # float64: transformers casts Mamba logits to float32 (~2e-7)
+        reference_generate=torch_greedy_tokens,
+        parity_shape=(2, 20),
+        decode_prefill=5,
+        float32_tolerance=FLOAT32_TOLERANCE,
+        float64_tolerance=FLOAT64_TOLERANCE,
+        # per-channel int4 round to nearest and int8 on every site
+        save_recipes=("rtn-w8", Recipe(name="rtn-w4", rules=(Rule(pattern=r".*", weight="int4"),))),
+    )
 
+    def test_several_scan_chunks_match_transformers(self, reference):
+        """Chunks of 6 over T = 20: several chunks and a padded last one."""
+        case, hf, folder = reference
+        model = mamba.from_tensors(mamba.from_hf(folder).config.replace(scan_chunk_size=6), hf_io.read_safetensors(folder))
+        tokens = _tokens(1)
+        assert relative_error(fast_logits(model, tokens), torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
 
-def test_decode_matches_transformers(pair):
-    case, hf, folder = pair
-    model = mamba.from_hf(folder)
-    tokens = _tokens(2)
-    ours = _decode(model, tokens, prefill=5)
-    assert relative_error(ours, torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
-    assert relative_error(ours, torch_ssm_decode_logits(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
+    def test_decode_matches_transformers_cached_decode(self, reference):
+        case, hf, folder = reference
+        tokens = _tokens(2)
+        ours = _decode(mamba.from_hf(folder), tokens, prefill=5)
+        assert relative_error(ours, torch_ssm_decode_logits(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
 
+    def test_bfloat16_compute(self, reference):
+        """bfloat16 activations (float32 weights as stored); scan state and residual stay float32."""
+        case, hf, folder = reference
+        model = mamba.from_hf(folder, dtype="bfloat16")
+        tokens = _tokens(6)
+        ref = torch_logits(hf, tokens)
+        full = fast_logits(model, tokens)
+        assert full.dtype == jnp.bfloat16 and relative_error(full, ref) < BFLOAT16_TOLERANCE, case
+        decoded, cache = fast_cached_logits(model, jnp.asarray(tokens), (4,) + (1,) * 16)
+        assert relative_error(decoded, ref) < BFLOAT16_TOLERANCE, case
+        assert cache.layers[0].ssm.dtype == jnp.float32 and cache.layers[0].conv.dtype == jnp.bfloat16
 
-def test_float64_matches_transformers(pair, x64):
-    """float64 end to end; transformers casts Mamba logits to float32, which bounds the agreement (~2e-7)."""
-    case, hf, folder = pair
-    model = mamba.from_hf(folder, dtype="float64")
-    tokens = _tokens(5)
-    try:
-        ref = torch_logits(hf.double(), tokens)
-    finally:
-        hf.float()
-    assert relative_error(fast_logits(model, tokens), ref) < FLOAT64_TOLERANCE, case
-    assert relative_error(_decode(model, tokens, prefill=4), ref) < FLOAT64_TOLERANCE, case
+    def test_import_keeps_structure(self, reference):
+        case, hf, folder = reference
+        model = mamba.from_hf(folder)
+        cfg = model.config
+        assert cfg.tie_embeddings == (case == "tied") and (model.lm_head is None) == cfg.tie_embeddings
+        assert cfg.time_step_rank == hf.config.time_step_rank and cfg.conv_kernel == hf.config.conv_kernel
+        mixer = model.layers[0].mixer
+        assert (mixer.conv1d.bias is None) == (not hf.config.use_conv_bias)
+        np.testing.assert_array_equal(
+            mixer.conv1d.weight[...], hf.backbone.layers[0].mixer.conv1d.weight.detach().numpy()[:, 0, :].T)
 
+    def test_rejects_unhandled_config_attributes(self, reference, tmp_path):
+        _, _, folder = reference
+        with pytest.raises(ValueError, match="hidden_act='gelu'"):
+            mamba.from_hf(copy_with_config(folder, tmp_path / "act", hidden_act="gelu"))
+        with pytest.raises(ValueError, match=r"does not handle: \['use_falcon_norm'\]"):
+            mamba.from_hf(copy_with_config(folder, tmp_path / "unknown", use_falcon_norm=True))
+        with pytest.raises(ValueError, match="intermediate_size=48 differs from expand"):
+            mamba.from_hf(copy_with_config(folder, tmp_path / "inner", intermediate_size=48))
 
-def test_bfloat16_compute(pair):
-    """bfloat16 activations (float32 weights as stored); scan state and residual stay float32."""
-    case, hf, folder = pair
-    model = mamba.from_hf(folder, dtype="bfloat16")
-    tokens = _tokens(6)
-    ref = torch_logits(hf, tokens)
-    full = fast_logits(model, tokens)
-    assert full.dtype == jnp.bfloat16 and relative_error(full, ref) < BFLOAT16_TOLERANCE, case
-    decoded, cache = fast_cached_logits(model, jnp.asarray(tokens), (4,) + (1,) * 16)
-    assert relative_error(decoded, ref) < BFLOAT16_TOLERANCE, case
-    assert cache.layers[0].ssm.dtype == jnp.float32 and cache.layers[0].conv.dtype == jnp.bfloat16
-
-
-def test_greedy_generation_matches_transformers(pair):
-    case, hf, folder = pair
-    import torch
-
-    prompt = _tokens(3, length=5)
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=6, do_sample=False,
-                          eos_token_id=None, pad_token_id=0).numpy()
-    loaded = load(folder)  # through the registry, by config.json's model_type
-    assert isinstance(loaded.model, mamba.Mamba)
-    np.testing.assert_array_equal(generate(loaded.model, prompt, 6), ref)
-
-
-def test_import_keeps_structure(pair):
-    case, hf, folder = pair
-    model = mamba.from_hf(folder)
-    cfg = model.config
-    assert cfg.tie_embeddings == (case == "tied") and (model.lm_head is None) == cfg.tie_embeddings
-    assert cfg.time_step_rank == hf.config.time_step_rank and cfg.conv_kernel == hf.config.conv_kernel
-    mixer = model.layers[0].mixer
-    assert (mixer.conv1d.bias is None) == (not hf.config.use_conv_bias)
-    np.testing.assert_array_equal(
-        mixer.conv1d.weight[...], hf.backbone.layers[0].mixer.conv1d.weight.detach().numpy()[:, 0, :].T)
+    def test_rejects_bad_tensors(self, reference):
+        case, _, folder = reference
+        tensors = hf_io.read_safetensors(folder)
+        cfg = mamba.from_hf(folder).config
+        name = "backbone.layers.1.mixer.A_log"
+        with pytest.raises(ValueError, match=f"{name}' is missing"):
+            mamba.from_tensors(cfg, {k: v for k, v in tensors.items() if k != name})
+        with pytest.raises(ValueError, match=r"conv1d.weight' has shape \(64, 4\)"):
+            mamba.from_tensors(cfg, {**tensors, "backbone.layers.0.mixer.conv1d.weight": np.zeros((64, 4), np.float32)})
+        with pytest.raises(ValueError, match="unexpected tensors"):
+            mamba.from_tensors(cfg, {**tensors, "backbone.layers.0.mixer.extra": np.zeros(3, np.float32)})
 
 
 # ----------------------------------------------------------------------------
@@ -271,26 +268,3 @@ def test_rejects_a_mamba2_checkpoint(tmp_path):
     )).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model_type='mamba2'.*expects model_type='mamba' \(MambaForCausalLM\).*mamba2\.from_hf"):
         mamba.from_hf(tmp_path)
-
-
-def test_rejects_unhandled_config_attributes(pair, tmp_path):
-    _, _, folder = pair
-    with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        mamba.from_hf(copy_with_config(folder, tmp_path / "act", hidden_act="gelu"))
-    with pytest.raises(ValueError, match=r"does not handle: \['use_falcon_norm'\]"):
-        mamba.from_hf(copy_with_config(folder, tmp_path / "unknown", use_falcon_norm=True))
-    with pytest.raises(ValueError, match="intermediate_size=48 differs from expand"):
-        mamba.from_hf(copy_with_config(folder, tmp_path / "inner", intermediate_size=48))
-
-
-def test_rejects_bad_tensors(pair):
-    case, _, folder = pair
-    tensors = hf_io.read_safetensors(folder)
-    cfg = mamba.from_hf(folder).config
-    name = "backbone.layers.1.mixer.A_log"
-    with pytest.raises(ValueError, match=f"{name}' is missing"):
-        mamba.from_tensors(cfg, {k: v for k, v in tensors.items() if k != name})
-    with pytest.raises(ValueError, match=r"conv1d.weight' has shape \(64, 4\)"):
-        mamba.from_tensors(cfg, {**tensors, "backbone.layers.0.mixer.conv1d.weight": np.zeros((64, 4), np.float32)})
-    with pytest.raises(ValueError, match="unexpected tensors"):
-        mamba.from_tensors(cfg, {**tensors, "backbone.layers.0.mixer.extra": np.zeros(3, np.float32)})

@@ -1,4 +1,5 @@
-"""jquant's Mamba-2 family: chunked SSD vs recurrence, decoding state, and parity with ``Mamba2ForCausalLM``.
+"""jquant's Mamba-2 family: chunked SSD vs recurrence, decoding state, and the shared family suite (parity
+with ``Mamba2ForCausalLM``, checkpoint round trips, decode consistency).
 
 The parity models are tiny random transformers models with every tensor
 perturbed (A_log, D, dt_bias, the gated norm and block norms included), written
@@ -16,8 +17,9 @@ from flax import nnx
 
 from jquant import ops
 from jquant.ops.ssm import segment_sum
-from jquant.generate import generate
-from jquant.models import hf_io, load, mamba2
+from jquant.models import hf_io, mamba2
+from jquant.recipes import Recipe, Rule
+from jquant.testing.family_suite import FamilySpec, FamilySuite, torch_greedy_tokens, torch_reference_logits
 from jquant.testing.hf_reference import copy_with_config, relative_error, torch_logits, torch_ssm_decode_logits
 from jquant.testing.tiny_models import fast_cached_logits, fast_logits
 
@@ -31,6 +33,10 @@ CASES = {
     "groups": dict(n_groups=2),
     "tied-bias": dict(n_groups=1, tie_word_embeddings=True, use_bias=True, use_conv_bias=False, residual_in_fp32=False),
 }
+
+
+TINY = mamba2.Mamba2Config(vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8, state_size=4, n_groups=2,
+                           num_layers=2, chunk_size=5)
 
 
 def build_hf_mamba2(folder, overrides: dict, *, seed: int = 0, scale: float = 0.2):
@@ -111,18 +117,7 @@ def test_gated_norm_normalises_each_group_after_the_gate():
 
 @pytest.fixture(scope="module")
 def random_model():
-    cfg = mamba2.Mamba2Config(vocab_size=VOCAB, hidden_size=16, num_heads=4, head_dim=8, state_size=4, n_groups=2,
-                              num_layers=2, chunk_size=5)
-    return mamba2.init_model(cfg, jax.random.key(0))
-
-
-def test_full_sequence_equals_recurrent_decoding(random_model):
-    tokens = _tokens(0, length=12)
-    full = fast_logits(random_model, tokens)
-    assert relative_error(_decode(random_model, tokens, prefill=1), full) < FLOAT32_TOLERANCE
-    # multi-token chunks continue from the carried state too
-    pieces, _ = fast_cached_logits(random_model, jnp.asarray(tokens), (7, 1, 4))
-    assert relative_error(pieces, full) < FLOAT32_TOLERANCE
+    return mamba2.init_model(TINY, jax.random.key(0))
 
 
 def test_jit_decode_step(random_model):
@@ -155,97 +150,97 @@ def test_config_validation():
 # ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def pair(request, tmp_path_factory):
-    pytest.importorskip("torch")
+def _build(case: str, folder, seed: int):
     pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = build_hf_mamba2(folder, CASES[request.param], seed=sorted(CASES).index(request.param))
-    return request.param, hf, folder
+    return build_hf_mamba2(folder, CASES[case], seed=seed)
 
 
-@pytest.mark.parametrize("chunk_size", [8, 256])
-def test_full_sequence_logits_match_transformers(pair, chunk_size):
-    case, hf, folder = pair
-    model = mamba2.from_hf(folder)
-    assert model.config.chunk_size == 8
-    if chunk_size != 8:  # one chunk holding the whole sequence
-        model = mamba2.from_tensors(model.config.replace(chunk_size=chunk_size), hf_io.read_safetensors(folder))
-    tokens = _tokens(1)
-    assert relative_error(fast_logits(model, tokens), torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
+class TestMamba2Family(FamilySuite):
+    spec = FamilySpec(
+        family=mamba2.FAMILY,
+        tiny_config=TINY,
+        vocab_size=VOCAB,
+        first_token=3,
+        cases=tuple(sorted(CASES)),
+        build_reference=_build,
+        reference_logits=torch_reference_logits,  # float64: transformers casts Mamba logits to float32 (~2e-7)
+        reference_generate=torch_greedy_tokens,
+        parity_shape=(2, 20),
+        decode_prefill=5,
+        float32_tolerance=FLOAT32_TOLERANCE,
+        float64_tolerance=FLOAT64_TOLERANCE,
+        # per-channel int4 by GPTQ (no clip search, to stay fast) and int8 on every site
+        save_recipes=("rtn-w8", Recipe(name="gptq-w4", rules=(Rule(pattern=r".*", weight="int4", algorithm="gptq"),))),
+    )
 
+    def test_one_chunk_matches_transformers(self, reference):
+        """The checkpoint's chunk size is 8 (T = 20: several chunks, a padded last one); 256 holds the whole sequence."""
+        case, hf, folder = reference
+        model = mamba2.from_hf(folder)
+        assert model.config.chunk_size == 8
+        model = mamba2.from_tensors(model.config.replace(chunk_size=256), hf_io.read_safetensors(folder))
+        tokens = _tokens(1)
+        assert relative_error(fast_logits(model, tokens), torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
 
-def test_decode_matches_transformers(pair):
-    case, hf, folder = pair
-    model = mamba2.from_hf(folder)
-    tokens = _tokens(2)
-    ours = _decode(model, tokens, prefill=5)
-    assert relative_error(ours, torch_logits(hf, tokens)) < FLOAT32_TOLERANCE, case
-    assert relative_error(ours, torch_ssm_decode_logits(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
+    def test_decode_matches_transformers_cached_decode(self, reference):
+        case, hf, folder = reference
+        tokens = _tokens(2)
+        ours = _decode(mamba2.from_hf(folder), tokens, prefill=5)
+        assert relative_error(ours, torch_ssm_decode_logits(hf, tokens, prefill=5)) < FLOAT32_TOLERANCE, case
 
+    def test_bfloat16_compute(self, reference):
+        """bfloat16 activations (float32 weights as stored); scan state and residual stay float32."""
+        case, hf, folder = reference
+        model = mamba2.from_hf(folder, dtype="bfloat16")
+        tokens = _tokens(6)
+        ref = torch_logits(hf, tokens)
+        full = fast_logits(model, tokens)
+        assert full.dtype == jnp.bfloat16 and relative_error(full, ref) < BFLOAT16_TOLERANCE, case
+        decoded, cache = fast_cached_logits(model, jnp.asarray(tokens), (4,) + (1,) * 16)
+        assert relative_error(decoded, ref) < BFLOAT16_TOLERANCE, case
+        assert cache.layers[0].ssm.dtype == jnp.float32 and cache.layers[0].conv.dtype == jnp.bfloat16
 
-def test_float64_matches_transformers(pair, x64):
-    """float64 end to end; transformers casts Mamba logits to float32, which bounds the agreement (~2e-7)."""
-    case, hf, folder = pair
-    model = mamba2.from_hf(folder, dtype="float64")
-    tokens = _tokens(5)
-    try:
-        ref = torch_logits(hf.double(), tokens)
-    finally:
-        hf.float()
-    assert relative_error(fast_logits(model, tokens), ref) < FLOAT64_TOLERANCE, case
-    assert relative_error(_decode(model, tokens, prefill=4), ref) < FLOAT64_TOLERANCE, case
+    def test_time_step_limit_clips_dt(self, reference):
+        """A tight ``time_step_limit`` changes the output, identically in the full-sequence and recurrent forms.
 
+        (transformers clips only in its chunked form, so this is checked within jquant.)
+        """
+        _, _, folder = reference
+        model = mamba2.from_hf(folder)
+        clipped = mamba2.from_tensors(model.config.replace(time_step_limit=(0.0, 0.05)), hf_io.read_safetensors(folder))
+        tokens = _tokens(4, length=12)
+        full = fast_logits(clipped, tokens)
+        assert relative_error(full, fast_logits(model, tokens)) > 1e-3
+        assert relative_error(_decode(clipped, tokens, prefill=3), full) < FLOAT32_TOLERANCE
 
-def test_bfloat16_compute(pair):
-    """bfloat16 activations (float32 weights as stored); scan state and residual stay float32."""
-    case, hf, folder = pair
-    model = mamba2.from_hf(folder, dtype="bfloat16")
-    tokens = _tokens(6)
-    ref = torch_logits(hf, tokens)
-    full = fast_logits(model, tokens)
-    assert full.dtype == jnp.bfloat16 and relative_error(full, ref) < BFLOAT16_TOLERANCE, case
-    decoded, cache = fast_cached_logits(model, jnp.asarray(tokens), (4,) + (1,) * 16)
-    assert relative_error(decoded, ref) < BFLOAT16_TOLERANCE, case
-    assert cache.layers[0].ssm.dtype == jnp.float32 and cache.layers[0].conv.dtype == jnp.bfloat16
+    def test_import_keeps_structure(self, reference):
+        case, hf, folder = reference
+        model = mamba2.from_hf(folder)
+        cfg = model.config
+        assert cfg.tie_embeddings == (case == "tied-bias") and (model.lm_head is None) == cfg.tie_embeddings
+        assert cfg.n_groups == hf.config.n_groups and cfg.time_step_limit == (0.0, math.inf)
+        mixer = model.layers[1].mixer
+        assert (mixer.conv1d.bias is None) == (not hf.config.use_conv_bias)
+        np.testing.assert_array_equal(mixer.dt_bias[...], hf.backbone.layers[1].mixer.dt_bias.detach().numpy())
 
+    def test_rejects_unhandled_config_attributes(self, reference, tmp_path):
+        _, _, folder = reference
+        with pytest.raises(ValueError, match="norm_before_gate=True"):
+            mamba2.from_hf(copy_with_config(folder, tmp_path / "gate", norm_before_gate=True))
+        with pytest.raises(ValueError, match=r"does not handle: \['num_mlp_heads'\]"):
+            mamba2.from_hf(copy_with_config(folder, tmp_path / "unknown", num_mlp_heads=2))
+        with pytest.raises(ValueError, match="num_heads \\* head_dim"):
+            mamba2.from_hf(copy_with_config(folder, tmp_path / "heads", num_heads=4))
 
-def test_greedy_generation_matches_transformers(pair):
-    case, hf, folder = pair
-    import torch
-
-    prompt = _tokens(3, length=5)
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=6, do_sample=False,
-                          eos_token_id=None, pad_token_id=0).numpy()
-    loaded = load(folder)  # through the registry, by config.json's model_type
-    assert isinstance(loaded.model, mamba2.Mamba2)
-    np.testing.assert_array_equal(generate(loaded.model, prompt, 6), ref)
-
-
-def test_time_step_limit_clips_dt(pair):
-    """A tight ``time_step_limit`` changes the output, identically in the full-sequence and recurrent forms.
-
-    (transformers clips only in its chunked form, so this is checked within jquant.)
-    """
-    _, _, folder = pair
-    model = mamba2.from_hf(folder)
-    clipped = mamba2.from_tensors(model.config.replace(time_step_limit=(0.0, 0.05)), hf_io.read_safetensors(folder))
-    tokens = _tokens(4, length=12)
-    full = fast_logits(clipped, tokens)
-    assert relative_error(full, fast_logits(model, tokens)) > 1e-3
-    assert relative_error(_decode(clipped, tokens, prefill=3), full) < FLOAT32_TOLERANCE
-
-
-def test_import_keeps_structure(pair):
-    case, hf, folder = pair
-    model = mamba2.from_hf(folder)
-    cfg = model.config
-    assert cfg.tie_embeddings == (case == "tied-bias") and (model.lm_head is None) == cfg.tie_embeddings
-    assert cfg.n_groups == hf.config.n_groups and cfg.time_step_limit == (0.0, math.inf)
-    mixer = model.layers[1].mixer
-    assert (mixer.conv1d.bias is None) == (not hf.config.use_conv_bias)
-    np.testing.assert_array_equal(mixer.dt_bias[...], hf.backbone.layers[1].mixer.dt_bias.detach().numpy())
+    def test_rejects_bad_tensors(self, reference):
+        _, _, folder = reference
+        tensors = hf_io.read_safetensors(folder)
+        cfg = mamba2.from_hf(folder).config
+        name = "backbone.layers.0.mixer.norm.weight"
+        with pytest.raises(ValueError, match=f"{name}' is missing"):
+            mamba2.from_tensors(cfg, {k: v for k, v in tensors.items() if k != name})
+        with pytest.raises(ValueError, match=r"dt_bias' has shape \(4,\), but the config implies \(8,\)"):
+            mamba2.from_tensors(cfg, {**tensors, "backbone.layers.1.mixer.dt_bias": np.zeros(4, np.float32)})
 
 
 # ----------------------------------------------------------------------------
@@ -261,24 +256,3 @@ def test_rejects_a_mamba1_checkpoint(tmp_path):
         vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model_type='mamba'.*expects model_type='mamba2' \(Mamba2ForCausalLM\).*mamba\.from_hf"):
         mamba2.from_hf(tmp_path)
-
-
-def test_rejects_unhandled_config_attributes(pair, tmp_path):
-    _, _, folder = pair
-    with pytest.raises(ValueError, match="norm_before_gate=True"):
-        mamba2.from_hf(copy_with_config(folder, tmp_path / "gate", norm_before_gate=True))
-    with pytest.raises(ValueError, match=r"does not handle: \['num_mlp_heads'\]"):
-        mamba2.from_hf(copy_with_config(folder, tmp_path / "unknown", num_mlp_heads=2))
-    with pytest.raises(ValueError, match="num_heads \\* head_dim"):
-        mamba2.from_hf(copy_with_config(folder, tmp_path / "heads", num_heads=4))
-
-
-def test_rejects_bad_tensors(pair):
-    _, _, folder = pair
-    tensors = hf_io.read_safetensors(folder)
-    cfg = mamba2.from_hf(folder).config
-    name = "backbone.layers.0.mixer.norm.weight"
-    with pytest.raises(ValueError, match=f"{name}' is missing"):
-        mamba2.from_tensors(cfg, {k: v for k, v in tensors.items() if k != name})
-    with pytest.raises(ValueError, match=r"dt_bias' has shape \(4,\), but the config implies \(8,\)"):
-        mamba2.from_tensors(cfg, {**tensors, "backbone.layers.1.mixer.dt_bias": np.zeros(4, np.float32)})

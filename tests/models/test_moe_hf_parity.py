@@ -1,4 +1,4 @@
-"""Parity of jquant's MoE family with transformers' Mixtral, Qwen2-MoE and Qwen3-MoE, through files on disk.
+"""The MoE family through the shared family suite: parity with transformers' Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 Each case builds a tiny random transformers model with every tensor perturbed (router weights included,
 which transformers initialises to zero), writes it with ``save_pretrained`` (the per-expert on-disk layout)
@@ -6,7 +6,6 @@ and loads it with ``moe.from_hf``. DeepSeek-MoE routing (no renormalisation, sca
 experts) is compared at the level of the MoE block, since DeepSeek-V2's attention (MLA) is not implemented.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,8 @@ from flax import nnx  # noqa: E402
 
 from jquant.models import moe  # noqa: E402
 from jquant.models.layers import SparseMoE, SparseMoEConfig  # noqa: E402
-from jquant.testing.hf_reference import relative_error, torch_logits  # noqa: E402
+from jquant.testing.family_suite import FamilySpec, FamilySuite, torch_reference_logits  # noqa: E402
+from jquant.testing.hf_reference import relative_error  # noqa: E402
 
 BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=128,
@@ -47,64 +47,47 @@ def _build(case: str, folder, seed: int):
     return model
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def pair(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    return request.param, _build(request.param, folder, sorted(CASES).index(request.param)), folder
+def _reload(case: str, folder):
+    return getattr(transformers, CASES[case][0]).from_pretrained(
+        folder, attn_implementation="eager", experts_implementation="eager").eval()
 
 
-def _tokens(seed: int, batch=2, length=10):
-    return np.random.default_rng(seed).integers(3, BASE["vocab_size"], size=(batch, length)).astype(np.int32)
+class TestMoEFamily(FamilySuite):
+    spec = FamilySpec(
+        family=moe.FAMILY,
+        # Qwen2-MoE-style: a dense first layer, a gated shared expert and q/k/v biases
+        tiny_config=moe.MoEConfig(family="qwen2_moe", vocab_size=BASE["vocab_size"], hidden_size=32,
+                                  intermediate_size=48, moe_intermediate_size=16, num_layers=2, num_heads=2,
+                                  num_kv_heads=1, num_experts=4, top_k=2, shared_expert_size=24,
+                                  shared_expert_gate=True, dense_layers=(0,), qkv_bias=True),
+        vocab_size=BASE["vocab_size"],
+        first_token=3,
+        cases=tuple(sorted(CASES)),
+        build_reference=_build,
+        reference_logits=torch_reference_logits,
+        reload_reference=_reload,
+        parity_shape=(2, 10),
+        decode_prefill=4,
+        float64_tolerance=2e-6,
+    )
 
+    def test_config_and_structure(self, reference):
+        case, hf, folder = reference
+        model = moe.from_hf(folder)
+        cfg = model.config
+        assert cfg.family == case and len(model.moe_layers()) == cfg.num_layers - len(cfg.dense_layers)
+        if case == "qwen2_moe":
+            assert cfg.dense_layers == (0,) and cfg.shared_expert_gate and not cfg.norm_topk_prob
+        assert model.moe_layers()[0].experts.gate_proj.kernel.shape == (cfg.num_experts, 64, cfg.moe_intermediate_size)
 
-def test_config_and_structure(pair):
-    case, hf, folder = pair
-    model = moe.from_hf(folder)
-    cfg = model.config
-    assert cfg.family == case and len(model.moe_layers()) == cfg.num_layers - len(cfg.dense_layers)
-    if case == "qwen2_moe":
-        assert cfg.dense_layers == (0,) and cfg.shared_expert_gate and not cfg.norm_topk_prob
-    assert model.moe_layers()[0].experts.gate_proj.kernel.shape == (cfg.num_experts, 64, cfg.moe_intermediate_size)
-
-
-def test_prefill_and_decode_float32(pair):
-    case, hf, folder = pair
-    ours = moe.from_hf(folder)
-    tokens = _tokens(1)
-    ref = torch_logits(hf, tokens)
-    assert relative_error(ours(tokens), ref) < 1e-5, case
-    cache = ours.init_cache(tokens.shape[0], tokens.shape[1])
-    logits, cache = ours.step(jnp.asarray(tokens[:, :4]), cache)
-    steps = [logits]
-    for t in range(4, tokens.shape[1]):
-        logits, cache = ours.step(jnp.asarray(tokens[:, t : t + 1]), cache)
-        steps.append(logits)
-    assert relative_error(jnp.concatenate(steps, axis=1), ref) < 1e-5, case
-
-
-def test_float64(pair):
-    case, hf, folder = pair
-    jax.config.update("jax_enable_x64", True)
-    try:
-        ours = moe.from_hf(folder, dtype="float64")
-        tokens = _tokens(2)
-        ref = torch_logits(hf.double(), tokens)
-        hf.float()
-        assert relative_error(ours(tokens), ref) < 2e-6, case
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
-def test_export_round_trip_loads_in_transformers(pair, tmp_path):
-    case, hf, folder = pair
-    ours = moe.from_hf(folder)
-    moe.to_hf(ours, tmp_path / "out")
-    reloaded = getattr(transformers, CASES[case][0]).from_pretrained(tmp_path / "out")
-    expected = hf.state_dict()
-    got = reloaded.state_dict()
-    assert sorted(got) == sorted(expected)
-    for name, value in expected.items():
-        np.testing.assert_array_equal(got[name].numpy(), value.numpy(), err_msg=name)
+    def test_inconsistent_expert_shapes_are_refused(self, reference):
+        case, hf, folder = reference
+        model = moe.from_hf(folder)
+        tensors = moe.to_tensors(model)
+        name = next(k for k in tensors if ".experts.1." in k)
+        tensors[name] = tensors[name][:, :-1]
+        with pytest.raises(ValueError, match="every expert of a layer must have the same shape"):
+            moe.from_tensors(model.config, tensors)
 
 
 def test_deepseek_moe_block_matches_transformers():
@@ -138,19 +121,11 @@ def test_deepseek_moe_block_matches_transformers():
 
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="top_k"):
-        moe.PRESETS["jq-moe-small"].replace(top_k=9)
+        moe.FAMILY.presets["jq-moe-small"].replace(top_k=9)
     with pytest.raises(ValueError, match="sliding-window"):
         moe.config_from_hf({"model_type": "mixtral", "sliding_window": 4096, "num_hidden_layers": 1})
     with pytest.raises(ValueError, match="not a mixture-of-experts family"):
         moe.config_from_hf({"model_type": "llama"})
     with pytest.raises(ValueError, match="cannot be written as a mixtral"):
-        moe.config_to_hf(moe.PRESETS["jq-moe-small"].replace(shared_expert_size=64))
+        moe.config_to_hf(moe.FAMILY.presets["jq-moe-small"].replace(shared_expert_size=64))
 
-
-def test_inconsistent_expert_shapes_are_refused(pair, tmp_path):
-    case, hf, folder = pair
-    tensors = moe.to_tensors(moe.from_hf(folder))
-    name = next(k for k in tensors if ".experts.1." in k)
-    tensors[name] = tensors[name][:, :-1]
-    with pytest.raises(ValueError, match="every expert of a layer must have the same shape"):
-        moe.from_tensors(moe.from_hf(folder).config, tensors)

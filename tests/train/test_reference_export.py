@@ -9,7 +9,7 @@ from flax import nnx
 
 from jquant.data import load_tokenizer
 from jquant.models import llama, load, mamba, moe, rwkv6
-from jquant.models.registry import PRESET_FAMILIES, preset
+from jquant.models.registry import families, preset
 from jquant.testing.tiny_models import fast_logits
 from jquant.train.reference import export_reference, recast
 
@@ -27,8 +27,8 @@ FAMILIES = {"llama": llama, "mamba": mamba, "moe": moe, "rwkv6": rwkv6}
 
 def test_every_preset_matches_the_tokenizer_and_resolves_to_its_family():
     vocab = len(load_tokenizer())
-    for family in PRESET_FAMILIES:
-        for name, cfg in family.PRESETS.items():
+    for family in families():
+        for name, cfg in family.presets.items():
             assert preset(name) == (family, cfg)
             assert cfg.vocab_size == vocab, name
 
