@@ -69,9 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, model: str | None = None,
 
 
 def run_args(args: argparse.Namespace, volatile: Sequence[str] = ()) -> dict[str, Any]:
-    """The arguments that define a run (JSON-ready): every argument but the harness-only and ``volatile`` ones."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in HARNESS_ONLY and k not in volatile}
+    """The arguments that define a run, as they read back from JSON (tuples as lists, paths as strings): every
+    argument but the harness-only and ``volatile`` ones."""
+    kept = {k: v for k, v in vars(args).items() if k not in HARNESS_ONLY and k not in volatile}
+    return json.loads(json.dumps(kept, default=str))
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

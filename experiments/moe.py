@@ -1,7 +1,8 @@
 """MoEQuant (EBSS + AGQ) and MxMoE on jq-moe-small -> experiments/results/moe.md (+ .json, .png).
 
     python -u experiments/moe.py --model jq-moe-small      # about an hour on 2 CPU cores
-    python experiments/moe.py --report                     # rebuild the .md/.png from the .json
+    python experiments/moe.py --report-only                # rebuild the .md/.png from the .json
+    python experiments/moe.py --quick --out /tmp/m         # smoke run: W2 only, a few sequences and windows
 
 Part 1, MoEQuant (spec moequant.md §3.4): every linear except embeddings and head (attention, router, experts)
 GPTQ-quantized per output channel, symmetric, at ``--bits`` (default W4, W3, W2: ``int4`` / ``int3`` / ``int2``),
@@ -25,18 +26,22 @@ each allocation is reported beside it.
 
 Metrics: validation perplexity on all sources, on the calibration domain (Bible) and on the other domains
 (Shakespeare, Milton); zero-shot accuracy on the bundled tasks; stored bits per expert weight; per-expert output
-error against expert usage (plot).
+error against expert usage (plot). Rows are saved as they finish (``--resume`` keeps them: everything a row
+depends on is deterministic given the arguments); the older json layout is read too.
 """
 
 import argparse
-import json
+import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
+import harness
 import jquant as jq
+from harness import Column, Results
 from jquant.calib.capture import model_input_statistics
 from jquant.calib.ebss import EBSSConfig, self_sample
 from jquant.data import load_split, random_windows, token_windows
@@ -49,7 +54,6 @@ from jquant.recipes import Recipe, Rule, TransformStep
 from jquant.recipes.builtin import W4_MSE
 from jquant.sites import find_sites
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("next_line", "same_source")
 MOEQUANT_METHODS = {  # method -> (calibration set, hessian, QuaRot rotation first)
     "RTN": (None, None, False),
@@ -136,7 +140,22 @@ def evaluate(model, tok, evals: dict, items: int) -> dict:
     return {**out, **{t: zs[t].accuracy for t in TASKS}}
 
 
-def run(args) -> None:
+def _row_id(row: dict) -> str:
+    """Identity of a results row: ``FP``, ``moequant/W<bits>/<method>`` or ``mxmoe/<method>/<target bits>``."""
+    if row.get("part") == "moequant":
+        return f"moequant/W{row['bits']}/{row['method']}"
+    if row.get("part") == "mxmoe":
+        return f"mxmoe/{row['method']}/{row['target_bits']}"
+    return "FP"
+
+
+def _add(results: Results, row: dict) -> None:
+    results.add({"row": _row_id(row), **row})
+    print({k: v for k, v in row.items() if k != "expert_errors"}, flush=True)
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
+    """FP, the MoEQuant part, then the MxMoE part; rows already in ``results`` are skipped."""
     loaded = load(args.model)
     model, tok = loaded.model, loaded.tokenizer
     evals = {"all": _spread(token_windows(load_split("validation"), tok, 256), args.windows)}
@@ -149,25 +168,17 @@ def run(args) -> None:
     calib = {"bible": _windows(tok, "bible", "train", args.calib, args.length, 0),
              "mixed": _windows(tok, None, "train", args.calib, args.length, 0), "ebss": ebss.tokens}
     print(f"EBSS: {time.perf_counter() - t0:.0f}s", flush=True)
-    usage = {name: _usage(model, tokens) for name, tokens in calib.items()}
     eval_stats = model_input_statistics(model, evals["all"][: args.error_windows], batch_size=8)
-    previous = _resumable_rows(args)
-    done = {_row_key(r) for r in previous}
-    fp = (previous[0] if previous else
-          {"method": "FP", **evaluate(model, tok, evals, args.items), "expert_bits": 16.0})
-    print(fp, flush=True)
-    rows = previous or [fp]
-    meta = {"model": args.model, "calib": args.calib, "length": args.length,
-            "windows": {k: len(v) for k, v in evals.items()}, "items": args.items, "usage": usage,
-            "ebss_sigma": float(np.mean(ebss.sigma)), "sensitivity_seconds": None, "rows": rows, "jax": jax.__version__,
-            "eval_usage": {p: s.count.tolist() for p, s in eval_stats.items() if p.endswith("experts/gate_proj")},
-            "command": f"python -u experiments/moe.py --model {args.model} --calib {args.calib} --length {args.length} "
-                       f"--windows {args.windows} --items {args.items} --error-windows {args.error_windows} "
-                       f"--sensitivity-windows {args.sensitivity_windows} --bits {','.join(map(str, args.bits))}"}
-    save = lambda: (RESULTS / "moe.json").write_text(json.dumps(meta, indent=1) + "\n")  # noqa: E731
+    results.set_meta(windows={k: len(v) for k, v in evals.items()},
+                     usage={name: _usage(model, tokens) for name, tokens in calib.items()},
+                     ebss_sigma=float(np.mean(ebss.sigma)), jax=jax.__version__,
+                     eval_usage={p: s.count.tolist() for p, s in eval_stats.items()
+                                 if p.endswith("experts/gate_proj")})
+    if not results.has(row="FP"):
+        _add(results, {"method": "FP", **evaluate(model, tok, evals, args.items), "expert_bits": 16.0})
     for bits in args.bits:
         for method, (calib_name, hessian, rotate) in MOEQUANT_METHODS.items():
-            if ("moequant", bits, method) in done:
+            if results.has(row=f"moequant/W{bits}/{method}"):
                 continue
             fmt = dict(weight=f"int{bits}", weight_options=CLIP_SEARCH)
             rules = ((Rule(pattern=r".*/experts/.*", **fmt, algorithm="gptq", options={"hessian": hessian, "damp": 0.01}),
@@ -176,24 +187,22 @@ def run(args) -> None:
             recipe = Recipe(name=f"{method}-w{bits}", rules=rules, transforms=ROTATION if rotate else ())
             t0 = time.perf_counter()
             q = jq.quantize(model, recipe, calib[calib_name] if calib_name else None, progress=False)
-            row = {"part": "moequant", "bits": bits, "method": method, "calibration": calib_name, "rotation": rotate,
-                   "seconds": time.perf_counter() - t0, **evaluate(q, tok, evals, args.items),
-                   "expert_bits": _expert_bits(q),
-                   # a rotated model's experts live in another basis: their error against the float weights is moot
-                   "expert_errors": None if rotate else _expert_errors(model, q, eval_stats),
-                   "uncalibrated": [d for _, d in q.quantization.sites if "no calibration token" in d]}
-            rows.append(row)
-            save()
-            print({k: v for k, v in row.items() if k != "expert_errors"}, flush=True)
-    t0 = time.perf_counter()
-    sensitivity = expert_sensitivity(model, calib["mixed"][: args.sensitivity_windows], MXMOE_SCHEMES, progress=True)
-    meta["sensitivity_seconds"] = sens_seconds = time.perf_counter() - t0
-    print(f"MxMoE sensitivity: {sens_seconds:.0f}s", flush=True)
-    settings = [(f"uniform {UNIFORM[b]}", None, b, 1.0) for b in UNIFORM]
-    settings += [("MxMoE", None, b, 1.0) for b in (2.25, 3.0, 4.0)]
-    for method, _, bits, r in settings:
-        if ("mxmoe", method, bits) in done:
-            continue
+            _add(results, {"part": "moequant", "bits": bits, "method": method, "calibration": calib_name,
+                           "rotation": rotate, "seconds": time.perf_counter() - t0,
+                           **evaluate(q, tok, evals, args.items), "expert_bits": _expert_bits(q),
+                           # a rotated model's experts live in another basis: their error against the float
+                           # weights is moot
+                           "expert_errors": None if rotate else _expert_errors(model, q, eval_stats),
+                           "uncalibrated": [d for _, d in q.quantization.sites if "no calibration token" in d]})
+    settings = [(f"uniform {UNIFORM[b]}", b, 1.0) for b in UNIFORM] + [("MxMoE", b, 1.0) for b in (2.25, 3.0, 4.0)]
+    pending = [s for s in settings if not results.has(row=f"mxmoe/{s[0]}/{s[1]}")]
+    if pending:
+        t0 = time.perf_counter()
+        sensitivity = expert_sensitivity(model, calib["mixed"][: args.sensitivity_windows], MXMOE_SCHEMES,
+                                         progress=True)
+        results.set_meta(sensitivity_seconds=time.perf_counter() - t0)
+        print(f"MxMoE sensitivity: {results.meta['sensitivity_seconds']:.0f}s", flush=True)
+    for method, bits, r in pending:
         if method == "MxMoE":
             plan = allocate_model(sensitivity, bits, r=r)
             recipe, modelled = plan.recipe, sum(a.time for _, a in plan.allocations)
@@ -208,37 +217,10 @@ def run(args) -> None:
             modelled, choices = sum(a.time for _, a in uniform_plan.allocations), {scheme: "all"}
         t0 = time.perf_counter()
         q = jq.quantize(model, recipe, calib["mixed"], progress=False)
-        row = {"part": "mxmoe", "method": method, "target_bits": bits, "r": r, "seconds": time.perf_counter() - t0,
-               **evaluate(q, tok, evals, args.items), "expert_bits": _expert_bits(q), "modelled_time_s": modelled,
-               "choices": choices, "expert_errors": _expert_errors(model, q, eval_stats)}
-        rows.append(row)
-        save()
-        print({k: v for k, v in row.items() if k != "expert_errors"}, flush=True)
-
-
-def _row_key(row: dict) -> tuple:
-    """Identity of a results row: ("moequant", bits, method), ("mxmoe", method, target bits) or ("FP",)."""
-    if row.get("part") == "moequant":
-        return ("moequant", row["bits"], row["method"])
-    if row.get("part") == "mxmoe":
-        return ("mxmoe", row["method"], row["target_bits"])
-    return ("FP",)
-
-
-def _resumable_rows(args) -> list[dict]:
-    """Rows of an interrupted run with the same settings (``--resume``), FP first; [] otherwise.
-
-    Everything a row depends on (EBSS samples, evaluation windows, sensitivity) is deterministic given the
-    settings, so finished rows are kept and only the missing ones are recomputed.
-    """
-    path = RESULTS / "moe.json"
-    if not (args.resume and path.exists()):
-        return []
-    old = json.loads(path.read_text())
-    same = all(old.get(k) == getattr(args, k) for k in ("model", "calib", "length", "items"))
-    if not same or old["windows"]["all"] != args.windows:
-        raise SystemExit(f"--resume: {path} was written with other settings ({old['command']}); rerun without --resume")
-    return old["rows"]
+        _add(results, {"part": "mxmoe", "method": method, "target_bits": bits, "r": r,
+                       "seconds": time.perf_counter() - t0, **evaluate(q, tok, evals, args.items),
+                       "expert_bits": _expert_bits(q), "modelled_time_s": modelled, "choices": choices,
+                       "expert_errors": _expert_errors(model, q, eval_stats)})
 
 
 def _only(sensitivity, scheme: str):
@@ -254,48 +236,50 @@ def _fmt(v, digits=2):
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def report() -> None:
-    data = json.loads((RESULTS / "moe.json").read_text())
-    rows = data["rows"]
-    fp = rows[0]
-    head = "| bits | method | calibration | ppl all | ppl Bible (calib domain) | ppl other domains | " + \
-           " | ".join(TASKS) + " | mean zero-shot |"
-    lines = ["# MoEQuant and MxMoE on jq-moe-small", "",
+def _mean_zero_shot(row: dict) -> float:
+    return float(np.mean([row[t] for t in TASKS]))
+
+
+MOEQUANT_COLUMNS = [
+    Column("bits", lambda r: f"W{r['bits']}" if r.get("part") else "16"), Column("method", "method"),
+    Column("calibration", lambda r: (r["calibration"] or "–") + (" + rotation" if r.get("rotation") else "")
+           if r.get("part") else "–"),
+    Column("ppl all", lambda r: _fmt(r["ppl_all"])), Column("ppl Bible (calib domain)", lambda r: _fmt(r["ppl_bible"])),
+    Column("ppl other domains", lambda r: _fmt(r["ppl_other"])), *(Column(t, t, ".3f") for t in TASKS),
+    Column("mean zero-shot", _mean_zero_shot, ".3f")]
+USAGE_COLUMNS = [Column("set", "set"), Column("σ", "sigma", ".4f"),
+                 Column("fewest tokens any expert got", "min_count"),
+                 Column("tokens per expert (layer 0)", lambda u: ", ".join(str(int(c)) for c in u["counts"][0]))]
+MXMOE_COLUMNS = [
+    Column("method", "method"), Column("target bits", "target_bits"), Column("r", "r"),
+    Column("stored bits / expert weight", "expert_bits", ".3f"), Column("ppl all", "ppl_all", ".2f"),
+    Column("ppl other domains", "ppl_other", ".2f"), Column("mean zero-shot", _mean_zero_shot, ".3f"),
+    Column("modelled expert-GEMM time (µs, H100 model, 512 tokens)", lambda r: 1e6 * r["modelled_time_s"], ".1f"),
+    Column("schemes chosen", "choices")]
+
+
+def report(runs: list[Results], base: Path) -> None:
+    """Write ``<base>.md`` and ``<base>.png``."""
+    results = runs[0]
+    data = {**results.args, **results.meta, "rows": results.rows}
+    fp = results.get(row="FP")
+    lines = [f"# MoEQuant and MxMoE on {data['model']}", "",
              f"Model {data['model']} (Mixtral-style, 8 experts, top-2). Calibration: {data['calib']} sequences of "
              f"{data['length']} tokens for every calibrated method. Perplexity over {data['windows']} validation windows "
              f"of 256 tokens; {data['items']} zero-shot items per task. JAX {data['jax']}, CPU. "
-             f"Reproduce: `{data['command']}`.", "",
+             f"{harness.reproduce(results.command)}", "",
              "## MoEQuant: per-channel symmetric GPTQ (MSE clip search) on every linear (experts, router, attention)", "",
-             head, "|" + "---|" * (7 + len(TASKS))]
-
-    def cells(r):
-        zs = [r[t] for t in TASKS]
-        return (f"{_fmt(r['ppl_all'])} | {_fmt(r['ppl_bible'])} | {_fmt(r['ppl_other'])} | "
-                + " | ".join(f"{z:.3f}" for z in zs) + f" | {np.mean(zs):.3f}")
-
-    lines.append(f"| 16 | FP | – | {cells(fp)} |")
-    for r in rows:
-        if r.get("part") == "moequant":
-            calib_name = (r["calibration"] or "–") + (" + rotation" if r.get("rotation") else "")
-            lines.append(f"| W{r['bits']} | {r['method']} | {calib_name} | {cells(r)} |")
-    lines += ["", "Calibration sets (routed tokens per expert, summed over layers; σ = MoEQuant's expert-balance "
-              "measure, lower is more balanced):", "", "| set | σ | fewest tokens any expert got | tokens per expert (layer 0) |",
-              "|---|---|---|---|"]
-    for name, u in data["usage"].items():
-        lines.append(f"| {name} | {u['sigma']:.4f} | {u['min_count']} | {', '.join(str(int(c)) for c in u['counts'][0])} |")
-    lines += ["", "## MxMoE: routed experts only (attention and router float)", "",
-              "| method | target bits | r | stored bits / expert weight | ppl all | ppl other domains | mean zero-shot | "
-              "modelled expert-GEMM time (µs, H100 model, 512 tokens) | schemes chosen |", "|" + "---|" * 9]
-    for r in rows:
-        if r.get("part") == "mxmoe":
-            zs = np.mean([r[t] for t in TASKS])
-            lines.append(f"| {r['method']} | {r['target_bits']} | {r['r']} | {r['expert_bits']:.3f} | {r['ppl_all']:.2f} | "
-                         f"{r['ppl_other']:.2f} | {zs:.3f} | {1e6 * r['modelled_time_s']:.1f} | {r['choices']} |")
-    lines += ["", f"FP: ppl all {fp['ppl_all']:.2f}, other domains {fp['ppl_other']:.2f}. Sensitivity Δ took "
-              f"{data['sensitivity_seconds'] or 0:.0f} s.", "", _reading(data), "", DEVIATIONS, "", PAPER, "",
-              "![per-expert error against usage](moe.png)", ""]
-    (RESULTS / "moe.md").write_text("\n".join(lines) + "\n")
-    _plot(data)
+             *harness.table([fp] + [r for r in results.rows if r.get("part") == "moequant"], MOEQUANT_COLUMNS), "",
+             "Calibration sets (routed tokens per expert, summed over layers; σ = MoEQuant's expert-balance "
+             "measure, lower is more balanced):", "",
+             *harness.table([{"set": name, **u} for name, u in data["usage"].items()], USAGE_COLUMNS), "",
+             "## MxMoE: routed experts only (attention and router float)", "",
+             *harness.table([r for r in results.rows if r.get("part") == "mxmoe"], MXMOE_COLUMNS),
+             "", f"FP: ppl all {fp['ppl_all']:.2f}, other domains {fp['ppl_other']:.2f}. Sensitivity Δ took "
+             f"{data.get('sensitivity_seconds') or 0:.0f} s.", "", _reading(data), "", DEVIATIONS, "", PAPER, "",
+             f"![per-expert error against usage]({base.name}.png)", ""]
+    harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
+    _plot(data, base.with_name(base.name + ".png"))
 
 
 DEVIATIONS = """Deviations (documented choices): 'GPTQ' is the repository's plain-GPTQ row and 'QuaRot+GPTQ' the paper's
@@ -309,7 +293,7 @@ a measurement; Δ is measured with the other layers in floating point; no W-A sc
 def _reading(data: dict) -> str:
     """What the tables say, every number and comparison taken from the run."""
     rows = data["rows"]
-    fp = rows[0]
+    fp = next(r for r in rows if r["row"] == "FP")
     moeq = {(r["bits"], r["method"]): r for r in rows if r.get("part") == "moequant"}
     mx = {(r["method"], r["target_bits"]): r for r in rows if r.get("part") == "mxmoe"}
     bits_run = sorted({b for b, _ in moeq}, reverse=True)
@@ -372,13 +356,9 @@ def _error_vs_usage(moeq: dict, mx: dict) -> str:
             + "; ".join(parts) + ".")
 
 
-def _plot(data: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+def _plot(data: dict, path: Path) -> None:
+    """Per-expert relative output error against expert usage: the MoEQuant part's lowest width, MxMoE at 2.25."""
+    fig, (axes,) = harness.figure(1, 2, size=(6, 4.5))
     low = min(r["bits"] for r in data["rows"] if r.get("part") == "moequant")
     picks = [("moequant", low, "GPTQ"), ("moequant", low, "MoEQuant (EBSS+AGQ)")]
     for ax, (part, bits, _) in zip(axes[:1], picks[:1]):
@@ -403,14 +383,11 @@ def _plot(data: dict) -> None:
     ax.set(xscale="log", yscale="log", xlabel="expert usage on eval text (1 = uniform share)",
            title="per-expert error vs usage (MxMoE, 2.25 bits)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "moe.png", dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="jq-moe-small")
     parser.add_argument("--calib", type=int, default=64, help="calibration sequences (every calibrated method)")
     parser.add_argument("--length", type=int, default=256, help="tokens per calibration sequence")
     parser.add_argument("--windows", type=int, default=60, help="validation windows per perplexity set")
@@ -419,13 +396,24 @@ def main() -> None:
     parser.add_argument("--sensitivity-windows", type=int, default=32, help="calibration windows for MxMoE's Δ")
     parser.add_argument("--bits", type=lambda v: tuple(int(b) for b in v.split(",")), default=(4, 3, 2),
                         help="weight bits of the MoEQuant part, comma-separated")
-    parser.add_argument("--report", action="store_true", help="only rebuild moe.md/.png from the json")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the rows of an interrupted run with the same settings; compute the missing ones")
-    args = parser.parse_args()
-    if not args.report:
-        run(args)
-    report()
+    harness.add_arguments(parser, model="jq-moe-small")
+    return parser
+
+
+def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The older layout (arguments, run-level numbers and rows side by side; the arguments in full only in the
+    recorded command, read back with this script's parser)."""
+    run_args = harness.run_args(_parser().parse_args(shlex.split(data["command"])[3:]))
+    meta = {k: v for k, v in data.items() if k not in ("rows", "command", "model", "calib", "length", "items")}
+    return {"script": "moe", "command": data["command"], "args": run_args, "key": ["row"], "meta": meta,
+            "rows": [{"row": _row_id(r), **r} for r in data["rows"]]}
+
+
+def main() -> None:
+    harness.run_experiment(_parser(), stem=lambda a: "moe" if a.model == "jq-moe-small" else f"moe-{a.model}",
+                           key=("row",), run=run, report=report, legacy=legacy,
+                           quick={"calib": 2, "length": 32, "windows": 2, "items": 8, "error_windows": 1,
+                                  "sensitivity_windows": 1, "bits": (2,)})
 
 
 if __name__ == "__main__":

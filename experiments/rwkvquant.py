@@ -2,7 +2,8 @@
 
     python experiments/rwkvquant.py --model jq-rwkv6-small      # 51 min on 2 cores shared with a training run
                                                                 # and another experiment (the ten quantizations: 19 min)
-    python experiments/rwkvquant.py --report                    # rebuild the .md/.png from the .json
+    python experiments/rwkvquant.py --report-only               # rebuild the .md/.png from the .json
+    python experiments/rwkvquant.py --quick --out /tmp/r        # smoke run: a few windows and items
 
 Per bits setting (``RWKVQuantConfig.preset``: 3.25 = int3-g128 GPTQ or 1-D VQ with 8 codewords per
 512 weights; 3 = per-channel int3 GPTQ or 8 codewords per 4096 weights) every linear of the blocks
@@ -18,20 +19,24 @@ quantized setting, so the rows differ only in how the matrices are quantized. Em
 float. Metrics: validation perplexity, zero-shot accuracy, stored bits per weight (from the arrays),
 the proxy's choice per matrix kind, and how often that choice agrees with the branch of lower
 layer-output error ``tr(ΔWᵀ H ΔW)`` (``H = XᵀX`` of the float model's inputs on the calibration set).
+Rows are saved as they finish; ``--resume`` keeps every bits setting whose rows are all present (the
+agreement column compares the methods of one setting). The older json layout is read too.
 """
 
 import argparse
 import dataclasses
-import json
 import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
+import harness
 import jquant as jq
+from harness import Column, Results
 from jquant.calib.capture import model_input_statistics
 from jquant.data import load_split, random_windows, token_windows
 from jquant.eval import perplexity, zero_shot
@@ -40,7 +45,6 @@ from jquant.methods.rwkvquant import RWKVQuantConfig, rwkvquant, rwkvquant_recip
 from jquant.models import load
 from jquant.sites import find_sites
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BITS = (3.25, 3.0)
 TASKS = ("next_line", "same_source")
 PAPER = """Paper (spec §4; table-level values could not be read from the PDF): RWKV-6-14B at about 3 bits loses
@@ -85,22 +89,32 @@ def evaluate(model, tokenizer, windows, n_items: int) -> dict:
     return {"ppl": perplexity(model, windows, batch_size=8, progress=False).ppl, **{t: zs[t].accuracy for t in TASKS}}
 
 
-def run(args) -> None:
+def _methods(vq_fraction: float) -> dict[str, dict | None]:
+    """Method name -> RWKVQuantConfig changes (None: RTN)."""
+    return {"RTN": None, "GPTQ only": {"vq_fraction": 0.0}, "VQ only": {"vq_fraction": 1.0},
+            "RWKVQuant (fixed thresholds)": {},
+            f"RWKVQuant (percentile, {vq_fraction:.0%} VQ)": {"vq_fraction": vq_fraction}}
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
+    """The FP row, then per bits setting every method (a setting with all its rows in ``results`` is skipped)."""
     loaded = load(args.model)
     model, tok = loaded.model, loaded.tokenizer
     windows = token_windows(load_split("validation"), tok, 256, max_windows=args.windows)
     calib = random_windows(load_split("train"), tok, args.calib, 256, jax.random.key(0))
-    linear = {s.path for s in find_sites(model) if s.spec.kind == "linear" and s.path != "lm_head"}
-    hessians = {p: s.hessian for p, s in model_input_statistics(model, calib, linear).items()}
-    rows = [{"bits": 16, "method": "FP", "seconds": 0.0, **evaluate(model, tok, windows, args.items)}]
-    print(rows[-1], flush=True)
-    for bits in BITS:
+    results.set_meta(windows=len(windows), jax=jax.__version__)
+    if not results.has(bits=16, method="FP"):
+        results.add({"bits": 16, "method": "FP", "seconds": 0.0, **evaluate(model, tok, windows, args.items)})
+        print(results.rows[-1], flush=True)
+    methods = _methods(args.vq_fraction)
+    pending = [b for b in BITS if not all(results.has(bits=b, method=m) for m in methods)]
+    if pending:
+        linear = {s.path for s in find_sites(model) if s.spec.kind == "linear" and s.path != "lm_head"}
+        hessians = {p: s.hessian for p, s in model_input_statistics(model, calib, linear).items()}
+    for bits in pending:
         config = RWKVQuantConfig.preset(bits)
         errors, choices = {}, {}
-        runs = {"RTN": None, "GPTQ only": {"vq_fraction": 0.0}, "VQ only": {"vq_fraction": 1.0},
-                "RWKVQuant (fixed thresholds)": {},
-                f"RWKVQuant (percentile, {args.vq_fraction:.0%} VQ)": {"vq_fraction": args.vq_fraction}}
-        for method, changes in runs.items():
+        for method, changes in methods.items():
             t0 = time.perf_counter()
             if changes is None:
                 qmodel, report = _rtn(model, config, calib), None
@@ -116,127 +130,129 @@ def run(args) -> None:
                 choices[method] = {s.path: s.method for s in report.sites if s.method != "mix"}
                 if method.startswith("RWKVQuant (fixed"):
                     row["proxies"] = {s.path: [s.coarse, s.fine, s.method] for s in report.sites if s.method != "mix"}
-            rows.append({**row, **evaluate(qmodel, tok, windows, args.items)})
-            print({k: v for k, v in rows[-1].items() if k != "proxies"}, flush=True)
+            results.add({**row, **evaluate(qmodel, tok, windows, args.items)})
+            print({k: v for k, v in results.rows[-1].items() if k != "proxies"}, flush=True)
         sq, vq = errors["GPTQ only"], errors["VQ only"]
         better = {p: "vq" if vq[p] < sq[p] else "sq" for p in sq}
         for method, chosen in choices.items():
             if method.startswith("RWKVQuant"):
-                row = next(r for r in rows if r["bits"] == bits and r["method"] == method)
-                row["agreement"] = float(np.mean([chosen[p] == better[p] for p in better]))
-                row["lower_error_vq_share"] = float(np.mean([b == "vq" for b in better.values()]))
-    out = {"model": args.model, "calib": args.calib, "windows": len(windows), "items": args.items, "rows": rows,
-           "jax": jax.__version__,
-           "command": f"python experiments/rwkvquant.py --model {args.model} --calib {args.calib} --windows "
-                      f"{args.windows} --items {args.items} --vq-fraction {args.vq_fraction}"}
-    (RESULTS / "rwkvquant.json").write_text(json.dumps(out, indent=1) + "\n")
+                results.add({**results.get(bits=bits, method=method),
+                             "agreement": float(np.mean([chosen[p] == better[p] for p in better])),
+                             "lower_error_vq_share": float(np.mean([b == "vq" for b in better.values()]))})
 
 
-def _table(data: dict) -> list[str]:
-    lines = ["| bits | method | ppl | next_line | same_source | mean acc | linear bpw | mix bpw | VQ share | "
-             "Σ layer-output error | proxy agrees with lower error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda r, k, f: f.format(r[k]) if k in r else "–"  # noqa: E731
-    for r in data["rows"]:
-        mean = (r["next_line"] + r["same_source"]) / 2
-        lines.append(f"| {r['bits']} | {r['method']} | {r['ppl']:.2f} | {r['next_line']:.3f} | {r['same_source']:.3f} | "
-                     f"{mean:.3f} | {fmt(r, 'linear_bits', '{:.3f}')} | {fmt(r, 'mix_bits', '{:.2f}')} | "
-                     f"{fmt(r, 'vq_share', '{:.2f}')} | {fmt(r, 'output_error', '{:.4g}')} | "
-                     f"{fmt(r, 'agreement', '{:.2f}')} |")
-    return lines
+COLUMNS = [Column("bits", "bits"), Column("method", "method"), Column("ppl", "ppl", ".2f"),
+           Column("next_line", "next_line", ".3f"), Column("same_source", "same_source", ".3f"),
+           Column("mean acc", lambda r: (r["next_line"] + r["same_source"]) / 2, ".3f"),
+           Column("linear bpw", "linear_bits", ".3f"), Column("mix bpw", "mix_bits", ".2f"),
+           Column("VQ share", "vq_share", ".2f"), Column("Σ layer-output error", "output_error", ".4g"),
+           Column("proxy agrees with lower error", "agreement", ".2f")]
 
 
-def _choices(data: dict) -> list[str]:
+def _choices(results: Results) -> list[str]:
     """The fixed-threshold proxy's choice per matrix kind (how many blocks chose VQ), at each bits setting."""
-    lines = ["| bits | matrix | VQ chosen in blocks | median coarse proxy P_c | median fine proxy P_f |", "|---|---|---|---|---|"]
-    for r in data["rows"]:
-        if "proxies" not in r:
-            continue
+    summary = []
+    for r in results.rows:
         by_kind: dict[str, list] = {}
-        for path, (coarse, fine, method) in r["proxies"].items():
+        for path, (coarse, fine, method) in r.get("proxies", {}).items():
             by_kind.setdefault(_kind(path), []).append((coarse, fine, method))
         for kind, vals in sorted(by_kind.items()):
-            counts = Counter(m for _, _, m in vals)
-            lines.append(f"| {r['bits']} | {kind} | {counts['vq']}/{len(vals)} | {np.median([c for c, _, _ in vals]):.3f} | "
-                         f"{np.median([f for _, f, _ in vals]):.3g} |")
-    return lines
+            summary.append({"bits": r["bits"], "matrix": kind,
+                            "vq": f"{Counter(m for _, _, m in vals)['vq']}/{len(vals)}",
+                            "coarse": np.median([c for c, _, _ in vals]), "fine": np.median([f for _, f, _ in vals])})
+    return harness.table(summary, [Column("bits", "bits"), Column("matrix", "matrix"),
+                                   Column("VQ chosen in blocks", "vq"),
+                                   Column("median coarse proxy P_c", "coarse", ".3f"),
+                                   Column("median fine proxy P_f", "fine", ".3g")])
 
 
-def _reading(data: dict) -> str:
+def _mean_acc(row: dict) -> float:
+    return (row["next_line"] + row["same_source"]) / 2
+
+
+def _reading(results: Results) -> str:
     """What the table says, with its numbers taken from the run."""
-    rows = {(r["bits"], r["method"]): r for r in data["rows"][1:]}
-    fp = data["rows"][0]["ppl"]
-    worst = max(r["ppl"] for r in rows.values()) - fp
-    fixed = [r for (b, m), r in rows.items() if m.startswith("RWKVQuant (fixed")]
-    gq, vq = rows[(3.0, "GPTQ only")], rows[(3.0, "VQ only")]
-    return (f"Reading: at this scale every method stays within {worst:.2f} perplexity of FP, and the accuracy "
-            f"differences (at most a point or so) are within the noise of {data['items']} items per task (standard "
-            f"error about 0.034), so the paper's claim, under 1 point lost at about 3 bits, holds here for RWKVQuant "
-            f"and for the baselines alike. With the paper's fixed thresholds (tau_c = 1.54, tau_f = 30) every matrix "
-            f"of jq-rwkv6-small has P_c above tau_c, so the proxy sends all of them to VQ (VQ share "
-            f"{fixed[0]['vq_share']:.2f}): the RWKVQuant row equals VQ only. VQ gives the lower summed layer-output "
-            f"error (3 bits: {vq['output_error']:.3g} against GPTQ's {gq['output_error']:.3g}) but not a lower "
-            f"perplexity ({vq['ppl']:.2f} against {gq['ppl']:.2f}). Per matrix the fixed-threshold choice agrees "
-            f"with the branch of lower output error {fixed[0]['agreement']:.0%} of the time; the percentile rule "
-            f"(half the matrices to VQ) agrees {rows[(3.0, 'RWKVQuant (percentile, 50% VQ)')]['agreement']:.0%}, "
-            "so on this model the proxy is a weak predictor of which branch wins. The paper's gains come from "
-            "14B-parameter models whose weights have far heavier outliers than a 7.9 M-parameter model trained on "
-            "2 M tokens.")
+    rows = {(r["bits"], r["method"]): r for r in results.rows if r["method"] != "FP"}
+    fp = results.get(bits=16, method="FP")
+    items, model, low = results.args["items"], results.args["model"], min(BITS)
+    worst = max(r["ppl"] for r in rows.values()) - fp["ppl"]
+    lost = max(100 * (_mean_acc(fp) - _mean_acc(r)) for r in rows.values())
+    fixed = rows[(low, "RWKVQuant (fixed thresholds)")]
+    percentile = next(m for m in _methods(results.args["vq_fraction"]) if m.startswith("RWKVQuant (percentile"))
+    gq, vq = rows[(low, "GPTQ only")], rows[(low, "VQ only")]
+    routing = (f"every matrix of {model} has P_c above tau_c, so the proxy sends all of them to VQ (VQ share "
+               f"{fixed['vq_share']:.2f}): the RWKVQuant row equals VQ only" if fixed["vq_share"] == 1.0 else
+               f"the proxy sends a share {fixed['vq_share']:.2f} of the matrices to VQ")
+    se = 100 * (0.25 / items) ** 0.5
+    claim = "holds for every method" if lost < 1 else "cannot be told from noise" if lost < se else "is missed"
+    return (f"Reading: at this scale every method stays within {worst:.2f} perplexity of FP and loses at most "
+            f"{lost:.1f} points of mean accuracy (one standard error at {items} items per task: about {se:.1f} "
+            f"points); the paper's claim, under 1 point lost at about 3 bits, {claim} here. With the paper's fixed "
+            f"thresholds (tau_c = {fixed['tau'][0]:.3g}, tau_f = {fixed['tau'][1]:.3g}) {routing}. At {low} bits "
+            f"VQ gives {'a lower' if vq['output_error'] < gq['output_error'] else 'a higher'} summed layer-output error "
+            f"({vq['output_error']:.3g} against GPTQ's {gq['output_error']:.3g}) and "
+            f"{'a lower' if vq['ppl'] < gq['ppl'] else 'a higher'} perplexity ({vq['ppl']:.2f} against "
+            f"{gq['ppl']:.2f}). Per matrix the fixed-threshold choice agrees with the branch of lower output error "
+            f"{fixed['agreement']:.0%} of the time; the percentile rule ({results.args['vq_fraction']:.0%} of the "
+            f"matrices to VQ) agrees {rows[(low, percentile)]['agreement']:.0%}. The paper's gains come from "
+            "14B-parameter models whose weights have far heavier outliers than the small bundled models.")
 
 
-def report() -> None:
-    data = json.loads((RESULTS / "rwkvquant.json").read_text())
-    fp = data["rows"][0]
-    fp_acc = (fp["next_line"] + fp["same_source"]) / 2
-    lines = ["# RWKVQuant on jq-rwkv6-small", "",
-             f"Model {data['model']}; calibration {data['calib']} random train windows of 256 tokens; perplexity over "
-             f"{data['windows']} validation windows; {data['items']} zero-shot items per task (chance: next_line 0.25, "
-             f"same_source 0.33). JAX {data['jax']}, CPU. Reproduce: `{data['command']}`.", "",
+def report(runs: list[Results], base: Path) -> None:
+    """Write ``<base>.md`` and ``<base>.png``."""
+    results = runs[0]
+    args, meta = results.args, results.meta
+    fp = results.get(bits=16, method="FP")
+    lines = [f"# RWKVQuant on {args['model']}", "",
+             f"Model {args['model']}; calibration {args['calib']} random train windows of 256 tokens; perplexity over "
+             f"{meta['windows']} validation windows; {args['items']} zero-shot items per task (chance: next_line 0.25, "
+             f"same_source 0.33). JAX {meta['jax']}, CPU. {harness.reproduce(results.command)}", "",
              "Bits per weight are read from the stored arrays (codes, float16 scales/zero points, codebooks) over the "
              "block matrices; the mix vectors' bits are listed apart.", ""]
-    lines += _table(data)
+    lines += harness.table(results.rows, COLUMNS)
     lines += ["", "Computed: accuracy lost against FP (mean of the two tasks, points):", ""]
-    for r in data["rows"][1:]:
-        lines.append(f"- {r['bits']} bits, {r['method']}: {100 * (fp_acc - (r['next_line'] + r['same_source']) / 2):+.1f}")
-    lines += ["", "The proxy's choices (fixed thresholds):", ""] + _choices(data) + ["", _reading(data), "", PAPER, "",
-                                                                                   "![perplexity](rwkvquant.png)", ""]
-    (RESULTS / "rwkvquant.md").write_text("\n".join(lines) + "\n")
-    _plot(data)
+    lines += harness.bullets([f"{r['bits']} bits, {r['method']}: {100 * (_mean_acc(fp) - _mean_acc(r)):+.1f}"
+                              for r in results.rows if r is not fp])
+    lines += ["", "The proxy's choices (fixed thresholds):", "", *_choices(results), "", _reading(results), "", PAPER,
+              "", f"![perplexity]({base.name}.png)", ""]
+    harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
+    _plot(results, base.with_name(base.name + ".png"))
 
 
-def _plot(data: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fp = data["rows"][0]["ppl"]
-    methods = list(dict.fromkeys(r["method"] for r in data["rows"][1:]))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        ppl = [next(r["ppl"] for r in data["rows"] if r["method"] == method and r["bits"] == b) for b in BITS]
-        ax.bar([j + i * width for j in range(len(BITS))], ppl, width, label=method)
+def _plot(results: Results, path: Path) -> None:
+    """Perplexity per bits setting and method against FP."""
+    fp = results.get(bits=16, method="FP")["ppl"]
+    fig, ((ax,),) = harness.figure(1, 1, size=(8, 4))
+    rows = [{**r, "setting": f"{r['bits']} bits"} for r in results.rows if r["method"] != "FP"]
+    harness.plot_rows(ax, rows, x="setting", y="ppl", series="method", kind="bar",
+                      title=f"{results.args['model']}: validation perplexity", ylim=(fp * 0.98, None))
     ax.axhline(fp, color="k", lw=0.8, ls="--", label="FP")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(BITS))], [f"{b} bits" for b in BITS])
-    ax.set(title=f"{data['model']}: validation perplexity", ylabel="ppl", ylim=(fp * 0.98, None))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "rwkvquant.png", dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
+
+
+def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The older layout (arguments, rows and versions side by side; --vq-fraction only in the command)."""
+    command = data["command"].split()
+    run_args = {**{k: data[k] for k in ("model", "calib", "windows", "items")},
+                "vq_fraction": float(command[command.index("--vq-fraction") + 1])}
+    return {"script": "rwkvquant", "command": data["command"], "args": run_args, "key": ["bits", "method"],
+            "meta": {"windows": data["windows"], "jax": data["jax"]}, "rows": data["rows"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="jq-rwkv6-small")
-    parser.add_argument("--calib", type=int, default=64, help="calibration windows (GPTQ/GPTVQ Hessians, mix importance)")
+    parser.add_argument("--calib", type=int, default=64,
+                        help="calibration windows (GPTQ/GPTVQ Hessians, mix importance)")
     parser.add_argument("--windows", type=int, default=120, help="validation windows for perplexity")
     parser.add_argument("--items", type=int, default=200, help="zero-shot items per task")
-    parser.add_argument("--vq-fraction", type=float, default=0.5, help="share of matrices given VQ by the percentile rule")
-    parser.add_argument("--report", action="store_true", help="only rebuild rwkvquant.md/.png from the json")
-    args = parser.parse_args()
-    if not args.report:
-        run(args)
-    report()
+    parser.add_argument("--vq-fraction", type=float, default=0.5,
+                        help="share of matrices given VQ by the percentile rule")
+    harness.add_arguments(parser, model="jq-rwkv6-small")
+    harness.run_experiment(
+        parser, stem=lambda a: "rwkvquant" if a.model == "jq-rwkv6-small" else f"rwkvquant-{a.model}",
+        key=("bits", "method"), run=run, report=report, legacy=legacy,
+        quick={"calib": 4, "windows": 2, "items": 8})
 
 
 if __name__ == "__main__":
