@@ -27,6 +27,14 @@ from jquant.ops.linear import dot_general as dot_general
 from jquant.ops.linear import embedding_lookup as embedding_lookup
 from jquant.ops.linear import linear as linear
 from jquant.ops.lora import LoRAArithmetic as LoRAArithmetic
+from jquant.ops.mask import And as And
+from jquant.ops.mask import Arrow as Arrow
+from jquant.ops.mask import Band as Band
+from jquant.ops.mask import Causal as Causal
+from jquant.ops.mask import Full as Full
+from jquant.ops.mask import Mask as Mask
+from jquant.ops.mask import Padding as Padding
+from jquant.ops.mask import SlidingWindow as SlidingWindow
 from jquant.ops.lora import lora_linear as lora_linear
 from jquant.ops.quantized_gemm import quantized_matmul as quantized_matmul
 from jquant.ops.rotation import online_hadamard as online_hadamard
@@ -39,7 +47,7 @@ from jquant.ops.vector import polar_linear as polar_linear
 from jquant.ops.wkv import wkv6_chunked as wkv6_chunked
 from jquant.ops.wkv import wkv6_recurrent as wkv6_recurrent
 
-__all__ = ["LoRAArithmetic", "as_array", "attention", "attention_quantized_past", "causal_mask", "conv", "conv_patches",
+__all__ = ["And", "Arrow", "Band", "Causal", "Full", "LoRAArithmetic", "Mask", "Padding", "SlidingWindow", "as_array", "attention", "attention_quantized_past", "causal_mask", "conv", "conv_patches",
            "conv_weight_matrix", "dot_general",
            "embedding_lookup", "explain", "grouped_matmul", "quantize_expert_activations", "force_path", "linear", "lora_linear", "online_hadamard", "polar_linear",
            "quantize_kv", "quantized_matmul", "record_dispatch", "causal_conv1d", "selective_scan",

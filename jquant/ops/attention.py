@@ -1,7 +1,8 @@
 """Scaled dot-product attention with grouped-query heads.
 
 Shapes: ``B`` batch, ``T`` query length, ``S`` key length, ``H`` query heads,
-``K`` key/value heads (``H % K == 0``), ``D`` head dim.
+``K`` key/value heads (``H % K == 0``), ``D`` head dim. A mask is a dense bool array
+or a ``jquant.ops.mask.Mask`` description (causal, sliding window, band, arrow, padding, ...).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jquant.formats import Format, fake_quantize
+from jquant.ops.dispatch import select_attention
+from jquant.ops.mask import Mask
 
 
 def causal_mask(
@@ -38,13 +41,27 @@ def causal_mask(
     return mask
 
 
+def dense_mask(mask: jax.Array | Mask, batch: int, q_len: int, k_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
+    """``mask`` as a bool ``[B, T, S]`` array: a ``Mask``'s ``dense(T, S, q_offset)`` or a dense ``[T, S]`` /
+    ``[B, T, S]`` array, broadcast."""
+    m = mask.dense(q_len, k_len, q_offset) if isinstance(mask, Mask) else mask
+    if jnp.ndim(m) not in (2, 3):
+        raise ValueError(f"attention: mask must be a Mask or a bool [B, T, S] / [T, S] array, got shape {jnp.shape(m)}.")
+    try:
+        return jnp.broadcast_to(jnp.asarray(m), (batch, q_len, k_len))
+    except ValueError:
+        raise ValueError(f"attention: mask shape {jnp.shape(m)} does not broadcast to [B, T, S] = "
+                         f"{(batch, q_len, k_len)}; build it for these queries and keys.") from None
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | Mask,
     *,
     scale: float | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """``softmax(q k^T * scale + mask) v`` for grouped-query attention.
 
@@ -52,12 +69,14 @@ def attention(
       q: ``[B, T, H, D]``.
       k: ``[B, S, K, D]``.
       v: ``[B, S, K, D]``.
-      mask: ``[B, T, S]`` bool, True where attention is allowed.
+      mask: ``[B, T, S]`` (or ``[T, S]``) bool, True where attention is allowed, or a ``Mask``
+        (``jquant.ops.mask``) evaluated for queries at positions ``q_offset ..`` and keys at ``0 .. S-1``.
       scale: logit scale, default ``D ** -0.5``.
+      q_offset: the first query's position, for a ``Mask`` (a decode step's cache slot); ignored for arrays.
 
     Returns:
       ``[B, T, H, D]`` in ``q.dtype``. Logits and softmax are computed in at
-      least float32.
+      least float32. The path is chosen (and recorded) by ``jquant.ops.dispatch.select_attention``.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
@@ -65,6 +84,10 @@ def attention(
         raise ValueError(f"attention: {h} query heads is not a multiple of {kv_heads} key/value heads.")
     groups = h // kv_heads
     scale = d**-0.5 if scale is None else scale
+    kernel = select_attention(q, k, mask)
+    if kernel is not None:
+        return kernel.apply(q, k, v, mask, scale)
+    mask = dense_mask(mask, b, t, k.shape[1], q_offset)
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
     qg = q.reshape(b, t, kv_heads, groups, d)
     logits = jnp.einsum(
