@@ -2,7 +2,9 @@
 
     python experiments/gsq_tuning.py                          # jq-llama-small, every setting
     python experiments/gsq_tuning.py --settings gse8 gse6 --steps 100
+    python experiments/gsq_tuning.py --resume                 # run only the settings not yet in the JSON
     python experiments/gsq_tuning.py --report-only            # rewrite the table from the JSON
+    python experiments/gsq_tuning.py --quick --out /tmp/g     # smoke run: two settings, a few steps
 
 Task (``jquant.finetune.task``): name the source of a short excerpt (" Shakespeare",
 " Milton", " the Bible"); the reference model never saw these labels, so it starts near
@@ -19,22 +21,26 @@ GSE-INT with groups of 32, activations kept for the backward pass in GSE), ``int
 the same adapter initialisation on the same batches. Columns: training loss (mean of the
 last 20 steps), held-out answer loss and its perplexity, accuracy on test-split items,
 validation-text perplexity (does the model keep its language modelling?) and the measured
-memory of one training step (``jquant.finetune.memory``).
+memory of one training step (``jquant.finetune.memory``). Each setting's row is saved when it finishes;
+``--settings`` only chooses which run, so ``--resume`` adds settings to an existing JSON. The older json
+layout (``config``/``before``/``runs``) is read too.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import harness
 import jquant as jq
+from harness import Results
 from jquant.eval import split_perplexity
 from jquant.eval.zeroshot import evaluate_multiple_choice
 from jquant.finetune import FinetuneConfig, LoRAArithmetic, LoRAConfig, LoRAParam, add_lora, evaluate_loss, finetune
@@ -45,7 +51,6 @@ from jquant.formats import GSEFormat, IntFormat
 from jquant.models import load
 from jquant.recipes import Recipe, Rule
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NF4 = Recipe(name="nf4", description="QLoRA base: NF4, blocks of 64, FP8 double-quantized block constants",
              rules=(Rule(pattern=".*", weight="nf4"),))
 
@@ -136,9 +141,42 @@ def run_setting(name: str, bases: dict, tokenizer, data, args) -> dict:
             "loss_curve": losses}
 
 
+def run(args: argparse.Namespace, results: Results) -> None:
+    """The bases' scores before fine-tuning, then every chosen setting not yet in ``results`` (with
+    ``--memory-only``: the memory of every setting already there, re-measured)."""
+    lm = load(args.model, dtype="bfloat16", param_dtype="bfloat16")
+    bases = {"bf16": lm.model, "nf4": jq.quantize(lm.model, NF4, progress=False)}
+    data = task_data(lm.tokenizer, args)
+    if "before" not in results.meta:
+        results.set_meta(before={b: {**evaluate(m, lm.tokenizer, data, args),
+                                     "val_ppl": split_perplexity(m, lm.tokenizer, "validation", 256,
+                                                                 max_windows=args.windows, progress=False).ppl}
+                                 for b, m in bases.items()})
+    if args.memory_only:
+        if not results.rows:
+            raise SystemExit("--memory-only re-measures the settings of an existing JSON: add --resume")
+        for row in list(results.rows):
+            name = row["setting"]
+            results.add({**row, "memory_bytes": measure_memory(adapted_model(name, bases, args), batch_fn(data, args),
+                                                               args)})
+        return
+    for name in args.settings:
+        if results.has(setting=name):
+            continue
+        print(f"== {name}", flush=True)
+        results.add(run_setting(name, bases, lm.tokenizer, data, args))
+        print({k: v for k, v in results.rows[-1].items() if k != "loss_curve"}, flush=True)
+
+
+def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The older layout: ``config`` (with an output path), ``before`` and ``runs`` by setting."""
+    run_args = {k: v for k, v in data["config"].items() if k not in ("settings", "out")}
+    return {"script": "gsq_tuning", "command": "python experiments/gsq_tuning.py", "args": run_args,
+            "key": ["setting"], "meta": {"before": data["before"]}, "rows": list(data["runs"].values())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="jq-llama-small")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -146,65 +184,43 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="QLoRA uses 2e-4 on 7B models; the 10 M-parameter model needs more in 150 steps")
     parser.add_argument("--train-items", type=int, default=2400)
-    parser.add_argument("--test-items", type=int, default=405, help="held-out items (validation + test passages; 135 per source)")
+    parser.add_argument("--test-items", type=int, default=405,
+                        help="held-out items (validation + test passages; 135 per source)")
     parser.add_argument("--context-chars", type=int, default=160)
     parser.add_argument("--windows", type=int, default=40, help="256-token validation windows for val_ppl")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS / "gsq_tuning"))
-    parser.add_argument("--force", action="store_true", help="rerun settings already in the JSON")
-    parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--memory-only", action="store_true",
-                        help="re-measure the memory of the settings already in the JSON (no training)")
+                        help="with --resume: re-measure the memory of the settings already in the JSON (no training)")
     parser.add_argument("--progress", action="store_true")
-    args = parser.parse_args()
-    out = Path(args.out)
-    results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-    if not args.report_only:
-        lm = load(args.model, dtype="bfloat16", param_dtype="bfloat16")
-        bases = {"bf16": lm.model, "nf4": jq.quantize(lm.model, NF4, progress=False)}
-        data = task_data(lm.tokenizer, args)
-        results["config"] = {k: v for k, v in vars(args).items() if k not in ("force", "report_only", "memory_only", "progress")}
-        if "before" not in results:
-            results["before"] = {b: {**evaluate(m, lm.tokenizer, data, args),
-                                     "val_ppl": split_perplexity(m, lm.tokenizer, "validation", 256,
-                                                                 max_windows=args.windows, progress=False).ppl}
-                                 for b, m in bases.items()}
-        runs = results.setdefault("runs", {})
-        if args.memory_only:
-            for name in runs:
-                runs[name]["memory_bytes"] = measure_memory(adapted_model(name, bases, args), batch_fn(data, args), args)
-            out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-        for name in [] if args.memory_only else args.settings:
-            if name in runs and not args.force:
-                continue
-            print(f"== {name}", flush=True)
-            runs[name] = run_setting(name, bases, lm.tokenizer, data, args)
-            print({k: v for k, v in runs[name].items() if k != "loss_curve"}, flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    write_report(results, out)
+    harness.add_arguments(parser, model="jq-llama-small")
+    harness.run_experiment(parser, stem=lambda a: "gsq_tuning", key=("setting",), run=run, report=write_report,
+                           legacy=legacy, volatile=("settings", "memory_only", "progress"),
+                           quick={"settings": ["bf16", "gse8"], "steps": 3, "batch_size": 2, "train_items": 12,
+                                  "test_items": 6, "windows": 2})
 
 
 def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.1f}"
 
 
-def write_report(results: dict, out: Path) -> None:
-    runs = results.get("runs", {})
-    cfg = results["config"]
+def write_report(all_runs: list[Results], base: Path) -> None:
+    """Write ``<base>.md`` and ``<base>.png``."""
+    results = all_runs[0]
+    runs = {r["setting"]: r for r in results.rows}
+    cfg, before = results.args, results.meta.get("before", {})
     ref = runs.get("bf16")
     lines = [
         f"# GSQ-Tuning: integer LoRA fine-tuning ({cfg['model']})", "",
-        f"Regenerate: `python experiments/gsq_tuning.py` (settings are cached in `gsq_tuning.json`; "
-        f"`--force` reruns). Model {cfg['model']} (bf16), task: name the source of an excerpt of at most "
+        f"Regenerate: `{results.command}` (`--resume` keeps the settings already in `{base.name}.json`). "
+        f"Model {cfg['model']} (bf16), task: name the source of an excerpt of at most "
         f"{cfg['context_chars']} characters; {cfg['steps']} steps of {cfg['batch_size']} rows x {cfg['seq_len']} "
         f"tokens, lr {cfg['lr']}, AdamW (0.9, 0.999), cosine with 3 % warm-up, clip 0.3; {cfg['test_items']} "
-        f"held-out items (validation and test passages); validation perplexity on {cfg['windows']} windows of 256 tokens. CPU, float32 "
-        "accumulation of the GSE GEMMs (equal to the int32 path up to float32 summation order; "
+        f"held-out items (validation and test passages); validation perplexity on {cfg['windows']} windows of 256 "
+        "tokens. CPU, float32 accumulation of the GSE GEMMs (equal to the int32 path up to float32 summation order; "
         "tests/finetune/test_lora_linear.py).", "",
         "Before fine-tuning: " + "; ".join(
             f"{b} base accuracy {v['accuracy']:.3f}, answer ppl {v['answer_ppl']:.2f}, val ppl {v['val_ppl']:.2f}"
-            for b, v in results.get("before", {}).items()) + ".", "",
+            for b, v in before.items()) + ".", "",
         "| setting | GEMM operands | rank | train loss | answer ppl | accuracy | Δacc vs bf16 | val ppl | "
         "weights MiB | adapters+opt MiB | saved act. MiB | total MiB | total / bf16 | s/step |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -223,18 +239,17 @@ def write_report(results: dict, out: Path) -> None:
               "`jax.vjp` keeps for the backward pass (the adapted linears keep their inputs in GSE codes; "
               "attention, norms, SiLU and the loss keep bf16/f32 residuals in every setting).", "",
               "## The paper's claims", "", PAPER, ""]
-    lines += summary(results)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(results, out.with_suffix(".png"))
+    lines += summary(runs, before, cfg)
+    harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
+    plot(runs, base.with_name(base.name + ".png"))
 
 
 def _verdict(ok: bool) -> str:
     return "met" if ok else "not met"
 
 
-def summary(results: dict) -> list[str]:
+def summary(runs: dict[str, dict], before: dict, cfg: dict) -> list[str]:
     """The spec's interim targets and the memory claim, checked against the measured runs."""
-    runs = results.get("runs", {})
     if "bf16" not in runs:
         return []
     ref = runs["bf16"]
@@ -263,13 +278,13 @@ def summary(results: dict) -> list[str]:
     worst = min(runs.values(), key=lambda r: r["accuracy"])["accuracy"]
     out += ["", f"All settings land between {worst:.3f} and {best:.3f} accuracy: on this task every arithmetic "
             "down to 4-bit GEMM operands learns the labels, so accuracy barely separates them; the held-out answer "
-            "loss is the finer measure. At 10 M parameters and 64-token rows the saved activations (attention, "
-            "norms, SiLU, logits: residuals outside the adapted GEMMs) dominate the step's memory, so the paper's "
-            "1.85x, which comes from 7B-70B weights, cannot show here; the frozen-weight saving does."]
-    if "before" in results:
+            f"loss is the finer measure. At this model's size and {cfg['seq_len']}-token rows the saved activations "
+            "(attention, norms, SiLU, logits: residuals outside the adapted GEMMs) dominate the step's memory, so "
+            "the paper's 1.85x, which comes from 7B-70B weights, cannot show here; the frozen-weight saving does."]
+    if before:
         most = max(runs, key=lambda n: runs[n]["val_ppl"])
         out += ["", f"Fine-tuning on the answer tokens alone raises validation perplexity from "
-                f"{results['before']['bf16']['val_ppl']:.1f} (before) to {ref['val_ppl']:.1f} (bf16 LoRA) and similar "
+                f"{before['bf16']['val_ppl']:.1f} (before) to {ref['val_ppl']:.1f} (bf16 LoRA) and similar "
                 f"values in every setting (highest: {most}, {runs[most]['val_ppl']:.1f}); lower-bit GEMMs do not protect "
                 "general text."]
     return out
@@ -281,16 +296,11 @@ def operand_bits(name: str) -> int:
     return 16 if operands is None else operands.bits
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(runs: dict[str, dict], path: Path) -> None:
     """Accuracy and training-step memory against GEMM operand bits, and the loss curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = results.get("runs", {})
     if not runs:
         return
-    fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, ((ax1, ax3),) = harness.figure(1, 2, size=(6, 4.2))
     ax2 = ax1.twinx()
     for name, r in runs.items():
         bits = operand_bits(name) + (0.25 if name == "qlora" else 0.0)  # keep LoRA and QLoRA apart
@@ -308,8 +318,7 @@ def plot(results: dict, path: Path) -> None:
     ax3.set_ylabel("answer loss (10-step mean)")
     ax3.set_yscale("log")
     ax3.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

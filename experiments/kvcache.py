@@ -1,9 +1,16 @@
 """KV-cache quantization results: FP vs RTN vs KIVI vs SKVQ vs WKVQuant -> experiments/results/kvcache.md.
 
-    python experiments/kvcache.py                 # all rows (resumes: finished rows are kept in kvcache.json)
-    python experiments/kvcache.py --skip-retrieval  # perplexity and memory only (how the shipped table was made,
-                                                  # after retrieval for the FP16 and RTN K4V4 rows)
-    python experiments/kvcache.py --report        # rebuild the markdown from kvcache.json
+    python experiments/kvcache.py                 # all rows
+    python experiments/kvcache.py --resume --skip-retrieval  # perplexity and memory of the rows not yet in
+                                                  # kvcache.json (how the shipped table was made, after retrieval
+                                                  # for the FP16 and RTN K4V4 rows)
+    python experiments/kvcache.py --report-only   # rebuild the markdown from kvcache.json
+    python experiments/kvcache.py --quick --out /tmp/k  # smoke run: two rows, short windows, no retrieval
+
+Rows are saved as they finish. ``--only`` (re)runs the named rows, ``--skip-retrieval`` and the needle
+arguments change what the next rows measure: none of them is part of the run's identity, so ``--resume``
+adds or replaces rows in an existing kvcache.json (each row records its own retrieval settings) and the
+report lists every command that wrote rows. The older json layout is read too.
 
 Every number uses the quantized cache as decoding does:
 
@@ -19,14 +26,18 @@ Every number uses the quantized cache as decoding does:
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import harness
+from harness import Column, Results
 from jquant import quantize
 from jquant.data import load_split
 from jquant.data.needle import make_passage_example
@@ -42,7 +53,6 @@ from jquant.methods.wkvquant import wkvquant
 from jquant.models.registry import load
 from jquant.recipes import get as get_recipe
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {"K4V4": (4, 4), "K2V2": (2, 2), "K2V1.5": (2, 1.5)}
 GROUP = 32  # channels per token group (SKVQ: average cluster size; KIVI: also tokens per key block)
 PAPER = [
@@ -187,7 +197,7 @@ def _retrieval_text(rs: list[dict]) -> str:
             + ", ".join(x["name"] for x in done) + " only (see below)")
 
 
-def summary(rs: list[dict]) -> list[str]:
+def summary(rs: list[dict], ppl_len: int) -> list[str]:
     """Sentences computed from the rows (nothing here is typed in by hand)."""
     by = {r["name"]: r for r in rs}
     fp = by.get("FP16 cache")
@@ -210,9 +220,11 @@ def summary(rs: list[dict]) -> list[str]:
                    f"(WKVQuant's gap a small fraction of RTN's) {'holds' if abs(gap_w) < 0.5 * abs(gap_r) else 'does not hold'} here.")
     skvq_row = by.get("SKVQ K2V2")
     if skvq_row is not None:
-        out.append("- SKVQ keeps its 5 sink and 128 window tokens exact: with the 1024-token perplexity windows that "
-                   "is up to 13% of a window's tokens, which is part of its lead over methods without a window "
-                   "(the paper's own perplexity script uses no window).")
+        exact = SKVQConfig()
+        out.append(f"- SKVQ keeps its {exact.sink} sink and {exact.window} window tokens exact: with the "
+                   f"{ppl_len}-token perplexity windows that is up to {(exact.sink + exact.window) / ppl_len:.0%} of "
+                   "a window's tokens, which is part of its lead over methods without a window (the paper's own "
+                   "perplexity script uses no window).")
     steps = ["ablation K2V2: RTN, head groups", "ablation K2V2: + past-only", "ablation K2V2: + smoothing (init)",
              "WKVQuant K2V2"]
     if all(n in by for n in steps):
@@ -226,23 +238,36 @@ def summary(rs: list[dict]) -> list[str]:
     return out
 
 
-def report(path_json: Path, path_md: Path) -> None:
-    data = json.loads(path_json.read_text())
-    rs, meta = data["rows"], data["meta"]
-    if "context" not in meta:
-        from jquant.models.hf_io import read_config
-        from jquant.models.registry import resolve
+COLUMNS = [
+    Column("method", "name"), Column("KV bits/elem (32k)", "bits_per_element", ".2f"),
+    Column("perplexity", "ppl", ".2f"),
+    Column("Δ vs FP", "delta", "+.2f", missing=""),
+    Column("retrieval (exact / tokens)", lambda r: f"{r['retrieval']:.2f} / {r['retrieval_tokens']:.2f}"
+           if "retrieval" in r else None, missing="-"),
+    Column("cache MB at 1k / 8k / 32k",
+           lambda r: f"{r['cache_mb_1024']:.2f} / {r['cache_mb_8192']:.1f} / {r['cache_mb_32768']:.1f}"),
+    Column("Llama-2-7B shape, 32k, GB", "cache_gb_llama2_7b_32k", ".2f"),
+    Column("calib s", "calibration_seconds", ".0f")]
 
-        meta["context"] = read_config(resolve(meta["model"]))["max_position_embeddings"]
-    fp = next((r for r in rs if r["name"] == "FP16 cache"), None)
+
+def _reproduce(commands: list[str]) -> str:
+    """The Reproduce sentence: the one command, or every command that wrote rows, in order."""
+    if len(commands) == 1:
+        return harness.reproduce(commands[0])
+    return ("Reproduce: in turn (each after the first with `--resume`, which keeps the rows before it) "
+            + ", then ".join(f"`{c}`" for c in commands) + ".")
+
+
+def report(runs: list[Results], base: Path) -> None:
+    """Write ``<base>.md``."""
+    results = runs[0]
+    rs, meta = results.rows, results.meta
+    fp = results.get(name="FP16 cache")
     lines = [
         "# KV-cache quantization: RTN, KIVI, SKVQ, WKVQuant",
         "",
         f"Model: {meta['model']} ({meta['context']}-token context; {meta['kv_channels']} key/value channels "
-        f"per token = {meta['kv_heads']} heads x {meta['head_dim']}). Reproduce: the retrieval rows with "
-        "`python experiments/kvcache.py --only \"FP16 cache\" \"RTN K4V4\" --depths 0 0.5 1 --needles-per-depth 1 "
-        "--needle-batch 3`, then the rest with `python experiments/kvcache.py --skip-retrieval` (about 40 minutes "
-        "on 2 CPU cores; finished rows are kept in kvcache.json).",
+        f"per token = {meta['kv_heads']} heads x {meta['head_dim']}). {_reproduce(meta['commands'])}",
         "",
         "Settings shared by all methods: token groups of 32 channels (SKVQ: 32 on average, k-means clusters "
         "over both heads, permuted, fp8 scale/zero; RTN and KIVI: fixed groups, fp16 scale/zero; KIVI keys: per "
@@ -254,33 +279,66 @@ def report(path_json: Path, path_md: Path) -> None:
         f"Perplexity: {meta['ppl']} — every token is predicted as in token-by-token decoding through the "
         "quantized cache. Retrieval: " + _retrieval_text(rs) + ".",
         "",
-        "| method | KV bits/elem (32k) | perplexity | Δ vs FP | retrieval (exact / tokens) | cache MB at 1k / 8k / 32k "
-        "| Llama-2-7B shape, 32k, GB | calib s |",
-        "|---|---|---|---|---|---|---|---|",
+        *harness.table([{**r, "delta": None if fp is None or r is fp else r["ppl"] - fp["ppl"]} for r in rs], COLUMNS),
     ]
-    for r in rs:
-        delta = "" if fp is None or r is fp else f"{r['ppl'] - fp['ppl']:+.2f}"
-        ret = "-" if "retrieval" not in r else f"{r['retrieval']:.2f} / {r['retrieval_tokens']:.2f}"
-        lines.append(f"| {r['name']} | {r['bits_per_element']:.2f} | {r['ppl']:.2f} | {delta} | {ret} | "
-                     f"{r['cache_mb_1024']:.2f} / {r['cache_mb_8192']:.1f} / {r['cache_mb_32768']:.1f} | "
-                     f"{r['cache_gb_llama2_7b_32k']:.2f} | {r['calibration_seconds']:.0f} |")
     lines += ["", "Cache configurations:", ""]
     lines += [f"- {r['name']}: `{r['kv']}`" for r in rs]
-    if "decode_check" in data:
-        d = data["decode_check"]
+    if "decode_check" in meta:
+        d = meta["decode_check"]
         lines += ["", f"Real decoding check ({d['name']}, one {d['tokens']}-token window): token-by-token decode "
                       f"through the packed cache gives perplexity {d['decoded']:.4f}; the simulated pass gives "
                       f"{d['simulated']:.4f}."]
     lines += ["", "## The papers' numbers (their models; not comparable in absolute terms)", "",
               "| paper | setting | reported |", "|---|---|---|"]
     lines += [f"| {p} | {s} | {v} |" for p, s, v in PAPER]
-    lines += ["", "## What we see", ""] + summary(rs)
-    path_md.write_text("\n".join(lines) + "\n")
+    lines += ["", "## What we see", ""] + summary(rs, results.args["ppl_len"])
+    harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
 
 
-def main() -> None:
+def run(args: argparse.Namespace, results: Results) -> None:
+    """Every row not yet in ``results`` (with ``--only``: the named rows, replaced if present)."""
+    loaded = load(args.model)
+    base, tok = loaded.model, loaded.tokenizer
+    data = prepare(args, tok)
+    cfg = base.config
+    commands = results.meta.get("commands", [])
+    results.set_meta(
+        model=args.model, context=cfg.max_position_embeddings, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        kv_channels=cfg.num_kv_heads * cfg.head_dim, wkv_epochs=args.wkv_epochs,
+        calib=f"{args.calib_windows} x {args.calib_len} training-split tokens",
+        ppl=f"{len(data['ppl_windows'])} validation windows of {args.ppl_len} tokens",
+        commands=commands + [results.command] * (results.command not in commands))
+    for name, build in rows(args, base, data):
+        if (args.only is not None and name not in args.only) or (args.only is None and results.has(name=name)):
+            continue
+        model, seconds = build()
+        results.add(evaluate(name, model, args, data, seconds))
+        print(json.dumps({k: v for k, v in results.rows[-1].items() if k != "retrieval_by_depth"}), flush=True)
+        if name == "SKVQ K2V2" and "decode_check" not in results.meta:
+            window = data["ppl_windows"][0][:512]
+            results.set_meta(decode_check={
+                "name": name, "tokens": len(window), "decoded": decode_check(model, window),
+                "simulated": perplexity(model, window[None], batch_size=1, progress=False).ppl})
+
+
+# The commands that wrote the older kvcache.json (its markdown named them; the json did not).
+LEGACY_COMMANDS = ['python experiments/kvcache.py --only "FP16 cache" "RTN K4V4" --depths 0 0.5 1 '
+                   '--needles-per-depth 1 --needle-batch 3', "python experiments/kvcache.py --skip-retrieval"]
+VOLATILE = ("only", "skip_retrieval", "depths", "needles_per_depth", "needle_batch")
+
+
+def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The older layout: rows, ``meta`` and ``decode_check`` side by side, no arguments (those of its last
+    command, the defaults but for ``--skip-retrieval``)."""
+    run_args = harness.run_args(_parser().parse_args(shlex.split(LEGACY_COMMANDS[-1])[2:]), VOLATILE)
+    meta = {**data["meta"], "commands": LEGACY_COMMANDS,
+            **({"decode_check": data["decode_check"]} if "decode_check" in data else {})}
+    return {"script": "kvcache", "command": LEGACY_COMMANDS[-1], "args": run_args, "key": ["name"], "meta": meta,
+            "rows": data["rows"]}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="jq-llama-long")
     parser.add_argument("--ppl-len", type=int, default=1024)
     parser.add_argument("--ppl-windows", type=int, default=24)
     parser.add_argument("--calib-len", type=int, default=512)
@@ -292,39 +350,15 @@ def main() -> None:
     parser.add_argument("--wkv-epochs", type=int, default=2)
     parser.add_argument("--skip-retrieval", action="store_true")
     parser.add_argument("--only", nargs="*", default=None, help="row names to (re)run")
-    parser.add_argument("--report", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path_json, path_md = args.out / "kvcache.json", args.out / "kvcache.md"
-    if args.report:
-        report(path_json, path_md)
-        return
-    loaded = load(args.model)
-    base, tok = loaded.model, loaded.tokenizer
-    data = prepare(args, tok)
-    store = json.loads(path_json.read_text()) if path_json.is_file() else {"rows": []}
-    cfg = base.config
-    store["meta"] = {
-        "model": args.model, "context": cfg.max_position_embeddings, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "kv_channels": cfg.num_kv_heads * cfg.head_dim, "wkv_epochs": args.wkv_epochs,
-        "calib": f"{args.calib_windows} x {args.calib_len} training-split tokens",
-        "ppl": f"{len(data['ppl_windows'])} validation windows of {args.ppl_len} tokens",
-    }
-    done = {r["name"] for r in store["rows"]}
-    for name, build in rows(args, base, data):
-        if (args.only is not None and name not in args.only) or (args.only is None and name in done):
-            continue
-        model, seconds = build()
-        row = evaluate(name, model, args, data, seconds)
-        store["rows"] = [r for r in store["rows"] if r["name"] != name] + [row]
-        print(json.dumps({k: v for k, v in row.items() if k != "retrieval_by_depth"}), flush=True)
-        if name == "SKVQ K2V2" and "decode_check" not in store:
-            window = data["ppl_windows"][0][:512]
-            store["decode_check"] = {"name": name, "tokens": len(window), "decoded": decode_check(model, window),
-                                     "simulated": perplexity(model, window[None], batch_size=1, progress=False).ppl}
-        path_json.write_text(json.dumps(store, indent=1) + "\n")
-    report(path_json, path_md)
+    harness.add_arguments(parser, model="jq-llama-long")
+    return parser
+
+
+def main() -> None:
+    harness.run_experiment(_parser(), stem=lambda a: "kvcache", key=("name",), run=run, report=report, legacy=legacy,
+                           volatile=VOLATILE,
+                           quick={"ppl_len": 64, "ppl_windows": 2, "calib_len": 64, "calib_windows": 2,
+                                  "skip_retrieval": True, "only": ["FP16 cache", "RTN K4V4"]})
 
 
 if __name__ == "__main__":
