@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant.calib.data import batches
 from jquant.sites import find_sites, path_string
 
 
@@ -275,16 +276,15 @@ def capture_statistics(fn: Callable) -> Callable:
     return wrapped
 
 
-def model_input_statistics(model: nnx.Module, tokens: np.ndarray, paths: set[str] | None = None, *,
+def model_input_statistics(model: nnx.Module, tokens, paths: set[str] | None = None, *,
                            batch_size: int = 8) -> dict[str, InputStatistics]:
-    """Input statistics of the sites of ``model`` (all, or those in ``paths``) over a full forward of ``tokens [N, T]``.
+    """Input statistics of the sites of ``model`` (all, or those in ``paths``) over a full forward of ``tokens``
+    (the model's inputs with a leading sample axis, ``jquant.calib.data``: ids ``[N, T]`` for an LM).
 
     Unlike block-by-block calibration this runs the whole model as it is, batch by
-    batch (``model(tokens)``); the model is not modified (capture runs on a copy).
+    batch (``model(batch)``); the model is not modified (capture runs on a copy).
     """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[0] == 0:
-        raise ValueError(f"tokens must be a non-empty [N, T] array, got shape {tokens.shape}.")
+    chunks = batches(tokens, batch_size)
     probe = nnx.clone(model)
     sites = [s for s in find_sites(probe) if paths is None or s.path in paths]
     if paths is not None and len(sites) != len(paths):
@@ -294,7 +294,7 @@ def model_input_statistics(model: nnx.Module, tokens: np.ndarray, paths: set[str
         site.module.capture_inputs = True
     forward = capture_statistics(lambda m, t: m(t))
     stats: dict[str, InputStatistics] = {}
-    for i in range(0, len(tokens), batch_size):
-        _, new = forward(probe, jnp.asarray(tokens[i : i + batch_size]))
+    for chunk in chunks:
+        _, new = forward(probe, jax.tree.map(jnp.asarray, chunk))
         stats = new if not stats else {p: stats[p].merge(s) for p, s in new.items()}
     return stats

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant.calib.data import Calibration, batches
 from jquant.sites import path_string
 
 NAMES = ("q", "k_pre_rope", "k", "v")
@@ -55,11 +57,10 @@ def set_kv_cache(model: nnx.Module, configs: dict[str, object] | Callable[[str],
         layer.kv_cache = configs.get(path, layer.kv_cache) if isinstance(configs, dict) else configs(path)
 
 
-def capture_kv(model: nnx.Module, tokens: np.ndarray, *, batch_size: int = 4) -> dict[str, KVSamples]:
-    """``tokens [N, T]`` through ``model`` -> per attention layer path, its ``KVSamples``."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[0] == 0:
-        raise ValueError(f"capture_kv: tokens must be a non-empty [N, T] array, got shape {tokens.shape}.")
+def capture_kv(model: nnx.Module, tokens: Calibration, *, batch_size: int = 4) -> dict[str, KVSamples]:
+    """``tokens`` (the model's inputs with a leading sample axis: ids ``[N, T]`` for an LM) through ``model`` ->
+    per attention layer path, its ``KVSamples``."""
+    chunks = batches(tokens, batch_size)
     probe = nnx.clone(model)
     layers = attention_layers(probe)
     if not layers:
@@ -68,19 +69,19 @@ def capture_kv(model: nnx.Module, tokens: np.ndarray, *, batch_size: int = 4) ->
         layer.capture_kv = True
     forward = nnx.jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
     parts: dict[str, dict[str, list]] = {p: {n: [] for n in NAMES} for p in layers}
-    for i in range(0, len(tokens), batch_size):
-        _, state = forward(probe, jnp.asarray(tokens[i:i + batch_size]))
+    for chunk in chunks:
+        _, state = forward(probe, jax.tree.map(jnp.asarray, chunk))
         for path, layer_state in _by_layer(state, layers).items():
             for n in NAMES:
                 parts[path][n].append(np.asarray(layer_state[f"kv_{n}"], np.float32))
     return {p: KVSamples(**{n: np.concatenate(v[n]) for n in NAMES}) for p, v in parts.items()}
 
 
-def attention_errors(model: nnx.Module, tokens: np.ndarray, *, batch_size: int = 4) -> dict[str, float]:
+def attention_errors(model: nnx.Module, tokens: Calibration, *, batch_size: int = 4) -> dict[str, float]:
     """Per attention layer: mean squared error of its output caused by its ``kv_cache`` quantization.
 
     Each layer compares its (decode-simulated) quantized attention with exact attention on the same
-    inputs, over ``tokens [N, T]``; layers without a ``kv_cache`` report 0.
+    inputs, over ``tokens`` (model inputs with a leading sample axis); layers without a ``kv_cache`` report 0.
     """
     probe = nnx.clone(model)
     layers = attention_layers(probe)
@@ -88,8 +89,8 @@ def attention_errors(model: nnx.Module, tokens: np.ndarray, *, batch_size: int =
         layer.capture_kv = True
     forward = nnx.jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
     totals = {p: [] for p in layers}
-    for i in range(0, len(tokens), batch_size):
-        _, state = forward(probe, jnp.asarray(tokens[i:i + batch_size]))
+    for chunk in batches(tokens, batch_size):
+        _, state = forward(probe, jax.tree.map(jnp.asarray, chunk))
         for path, layer_state in _by_layer(state, layers).items():
             if "kv_attention_error" in layer_state:
                 totals[path].append(np.asarray(layer_state["kv_attention_error"], np.float64))

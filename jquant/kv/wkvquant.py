@@ -45,7 +45,7 @@ from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import attention_layers, capture_kv
 from jquant.kv.quantizer import KVQuantizer
 from jquant.kv.smoothing import KVSmoothing
-from jquant.progress import progress_bar
+from jquant.calib.sequential import BlockVisit, walk_blocks
 from jquant.sites import find_sites
 
 LWC_INIT = 4.0  # sigmoid(4) = 0.982: almost no clipping at the start (OmniQuant)
@@ -140,8 +140,6 @@ def train_blocks(model: nnx.Module, calib_tokens: np.ndarray, config: WKVQuantCo
     reference, out = nnx.clone(model), nnx.clone(model)
     attn_paths = list(attention_layers(out))
     samples = capture_kv(model, calib_tokens) if config.smoothing else {}
-    hidden, context = out.block_inputs(jnp.asarray(calib_tokens))
-    x_fp, x_q = hidden, hidden
     ref_blocks, blocks = reference.blocks(), out.blocks()
     if len(attn_paths) != len(blocks):
         raise ValueError(f"wkvquant: {len(attn_paths)} attention layers for {len(blocks)} blocks; one per block expected.")
@@ -150,33 +148,33 @@ def train_blocks(model: nnx.Module, calib_tokens: np.ndarray, config: WKVQuantCo
             if site.weight.get_value().shape[0] % config.weight_group:
                 raise ValueError(f"wkvquant: weight_group={config.weight_group} does not divide the input size "
                                  f"{site.weight.get_value().shape[0]} of {site.path}.")
-    before, after = [], []
-    with progress_bar(total=len(blocks), description="wkvquant", enabled=progress) as bar:
-        for i, block in enumerate(blocks):
-            attn = next(iter(attention_layers(block).values()))
-            attn.kv_cache = _kv_config(config, attn.cfg.head_dim)
-            if config.smoothing:
-                attn.kv_smoothing = KVSmoothing(*(jnp.asarray(a, jnp.float32)
-                                                  for a in _initial_smoothing(samples[attn_paths[i]])))
-            following = ref_blocks[i + 1:i + 1 + config.crr_depth]
-            target_in = _forward_all(ref_blocks[i], x_fp, context)
-            loss_b, loss_a = _train_block(block, following, x_q, target_in, context, config)
-            before.append(loss_b)
-            after.append(loss_a)
-            x_fp = target_in
-            x_q = _forward_all(block, x_q, context)
-            bar.update(1)
+    before, after, x_fp = [], [], []
+
+    def visit(v: BlockVisit) -> None:
+        """Train block ``v.index`` on the quantized stream ``v.inputs`` against the float stream ``x_fp``."""
+        i, block = v.index, v.block
+        if i == 0:
+            x_fp.extend(h for h, _ in v.inputs)
+        attn = next(iter(attention_layers(block).values()))
+        attn.kv_cache = _kv_config(config, attn.cfg.head_dim)
+        if config.smoothing:
+            attn.kv_smoothing = KVSmoothing(*(jnp.asarray(a, jnp.float32)
+                                              for a in _initial_smoothing(samples[attn_paths[i]])))
+        following = ref_blocks[i + 1:i + 1 + config.crr_depth]
+        x_fp[:] = [v.forward(ref_blocks[i], h, c) for h, (_, c) in zip(x_fp, v.inputs)]
+        x_q = jnp.concatenate([h for h, _ in v.inputs])
+        context = jnp.concatenate([c for _, c in v.inputs])
+        loss_b, loss_a = _train_block(block, following, x_q, jnp.concatenate(x_fp), context, config)
+        before.append(loss_b)
+        after.append(loss_a)
+
+    walk_blocks(out, calib_tokens, visit, batch_size=FORWARD_BATCH, capture=False, description="wkvquant",
+                progress=progress)
     return out, WKVQuantReport(loss_before=before, loss_after=after, seconds=time.perf_counter() - t0)
 
 
-@nnx.jit
-def _block_forward(block, x, context):
-    return block.calibration_forward(x, context)
-
-
-def _forward_all(block, x, context, batch: int = 4):
-    return jnp.concatenate([_block_forward(block, x[j:j + batch], context[j:j + batch])
-                            for j in range(0, x.shape[0], batch)])
+FORWARD_BATCH = 4
+"""Calibration sequences per block forward (the walker's batch); training uses all of them at once."""
 
 
 def _train_block(block, following, x_q, target_in, context, config: WKVQuantConfig) -> tuple[float, float]:

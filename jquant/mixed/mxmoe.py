@@ -30,12 +30,10 @@ import numpy as np
 from flax import nnx
 
 from jquant.algorithms.experts import quantize_experts
-from jquant.calib.capture import capture_statistics, set_capture
-from jquant.calib.sequential import block_paths
+from jquant.calib.sequential import BlockVisit, walk_blocks
 from jquant.formats import dequantize, get_format, quantize
 from jquant.mixed.allocation import (H100_SXM, Allocation, HardwareModel, Scheme, allocate, budget_from_average_bits,
                                      gate_up_ties, layer_costs, layer_sizes, parse_scheme)
-from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule
 from jquant.sites import find_sites
 
@@ -84,37 +82,26 @@ def expert_sensitivity(model: nnx.Module, tokens: np.ndarray, schemes: Sequence[
     cached; then each expert's block is swapped in alone and the layer re-run. The model is not modified.
     """
     schemes = tuple(parse_scheme(s) for s in schemes)
-    probe = nnx.clone(model)
-    paths = block_paths(probe)
-    chunks = [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
-    embed = nnx.jit(lambda m, t: m.block_inputs(t))
-    states = [embed(probe, c) for c in chunks]
-    forward = nnx.jit(lambda b, h, c: b.calibration_forward(h, c))
-    statistics = capture_statistics(lambda b, h, c: b.calibration_forward(h, c))
-    layers, top_k = [], None
-    blocks = probe.blocks()
-    with progress_bar(total=len(blocks), description="mxmoe sensitivity", enabled=progress) as bar:
-        for block in blocks:
-            groups = _expert_groups(block)
-            if len(groups) > 1:
-                raise ValueError(f"block {paths[id(block)]!r} holds {len(groups)} expert stacks; expected at most one.")
-            set_capture(block, True)
-            outputs, stats = [], {}
-            for hidden, context in states:
-                out, new = statistics(block, hidden, context)
-                outputs.append(out)
-                stats = new if not stats else {p: stats[p].merge(s) for p, s in new.items()}
-            set_capture(block, False)
-            for prefix, sites in groups.items():
-                router = next(n for _, n in nnx.iter_graph(block) if hasattr(n, "capture_routing"))
-                top_k = router.cfg.top_k
-                layers.append(_layer_delta(f"{paths[id(block)]}/{prefix}", block, sites, stats, schemes, states,
-                                           outputs, forward, prefix, dict(gptq_options or {})))
-            states = [(forward(block, h, c), c) for (h, c) in states]
-            bar.update(1)
+    layers, top_k = [], []
+
+    def visit(v: BlockVisit) -> None:
+        groups = _expert_groups(v.block)
+        if len(groups) > 1:
+            raise ValueError(f"block {v.path!r} holds {len(groups)} expert stacks; expected at most one.")
+        if not groups:
+            return
+        outputs = [v.forward(v.block, h, c) for h, c in v.inputs]
+        for prefix, sites in groups.items():
+            router = next(n for _, n in nnx.iter_graph(v.block) if hasattr(n, "capture_routing"))
+            top_k.append(router.cfg.top_k)
+            layers.append(_layer_delta(f"{v.path}/{prefix}", v.block, sites, v.stats, schemes, v.inputs,
+                                       outputs, v.forward, prefix, dict(gptq_options or {})))
+
+    walk_blocks(nnx.clone(model), tokens, visit, batch_size=batch_size, description="mxmoe sensitivity",
+                progress=progress)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no stacked expert sites; MxMoE applies to MoE models.")
-    return Sensitivity(schemes=tuple(s.name for s in schemes), layers=tuple(layers), top_k=top_k)
+    return Sensitivity(schemes=tuple(s.name for s in schemes), layers=tuple(layers), top_k=top_k[-1])
 
 
 def _layer_delta(full_prefix, block, sites, stats, schemes, states, outputs, forward, prefix, gptq_options):
