@@ -34,7 +34,7 @@ from flax import nnx
 from jquant.atomic import atomic_folder
 from jquant.formats import ExpertPartition, QArray
 from jquant.kv.serialize import configs_to_json, restore_configs
-from jquant.quantization import QuantizationReport, describe, expert_activations, plan
+from jquant.quantization import QuantizationReport, attach_activation, describe, expert_activations, plan
 from jquant.sites import find_sites
 from jquant.transforms.pipeline import restore_structure
 from jquant.recipes import Recipe
@@ -133,10 +133,7 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
                 p.site.module.activation = expert_activations(groups)
             elif p.weight is not None:
                 p.site.weight.set_value(_abstract_weight(p.weight, tuple(value.shape), value.dtype, axis))
-            if p.activation is not None and p.site.spec.kind != "experts":
-                p.site.module.activation = p.activation
-            if p.rule.static_activation:
-                p.site.module.activation_scale = nnx.Param(jax.ShapeDtypeStruct((), jax.numpy.dtype(p.activation.scale_dtype)))
+            attach_activation(p, jax.ShapeDtypeStruct(p.scale_shape, jax.numpy.float32))
         abstract.quantization = QuantizationReport(
             recipe=recipe, sites=tuple((p.site.path, describe(p)) for p in plans),
             unquantized=tuple(s.path for s in find_sites(abstract) if s.path not in {p.site.path for p in plans}),

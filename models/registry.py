@@ -39,10 +39,31 @@ _FAMILY_MODULES: dict[str, str] = {
 }
 
 
+# Families declared outside jquant's own modules (a user's model, a test fixture), added with ``register``.
+_REGISTERED: dict[str, Family] = {}
+
+
+def register(declared: Family) -> Family:
+    """Make a family declared outside jquant known to ``jquant.save`` / ``load`` and the lookups below.
+
+    Registering the same declaration again is a no-op; another family under a taken name is refused.
+    """
+    taken = _REGISTERED.get(declared.name) or (family(declared.name) if declared.name in _FAMILY_MODULES else None)
+    if taken is not None and taken is not declared:
+        raise ValueError(f"a model family named {declared.name!r} is already registered ({taken!r}); "
+                         "give yours another name.")
+    _REGISTERED[declared.name] = declared
+    return declared
+
+
 def family(name: str) -> Family:
     """The family called ``name`` (a checkpoint manifest's ``family``); imports its module on first use."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     if name not in _FAMILY_MODULES:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(_FAMILY_MODULES))}.")
+        known = sorted({*_FAMILY_MODULES, *_REGISTERED})
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(known)} (families of your own are "
+                         "added with jquant.models.registry.register).")
     declared = importlib.import_module(_FAMILY_MODULES[name]).FAMILY
     if declared.name != name:
         raise RuntimeError(f"{_FAMILY_MODULES[name]}.FAMILY is named {declared.name!r}, but the registry lists it as "
@@ -51,8 +72,8 @@ def family(name: str) -> Family:
 
 
 def families() -> tuple[Family, ...]:
-    """Every family, in registry order (imports all family modules)."""
-    return tuple(family(name) for name in _FAMILY_MODULES)
+    """Every family: jquant's in registry order (imports all family modules), then registered ones."""
+    return tuple(family(name) for name in _FAMILY_MODULES) + tuple(_REGISTERED.values())
 
 
 def family_for_model_type(model_type: str | None) -> Family:
