@@ -8,9 +8,11 @@ A script declares its own arguments, then hands the rest to :func:`run_experimen
     harness.run_experiment(parser, stem=lambda a: "mine", key=("recipe",), run=run, report=report,
                            quick={"calib": 4})
 
-``run(args, results)`` skips the rows ``results.has(...)`` already holds and calls ``results.add(row)`` for each
-finished row (written at once, atomically); ``report(runs, base)`` writes ``<base>.md`` (and a plot) from the
-saved results only, so ``--report-only`` rebuilds it without running anything.
+``run(args, results)`` skips the rows ``results.has(...)`` already holds (``--resume``) and calls
+``results.add(row)`` for each finished row and ``results.set_meta(...)`` for run-level numbers (each written at
+once, atomically); ``report(runs, base)`` writes ``<base>.md`` (and a plot) from the saved results only, so
+``--report-only`` rebuilds it without running anything. A script whose older JSON layout differs passes
+``legacy`` (a converter applied when reading); ``volatile`` names arguments that only choose which rows run.
 
 Results JSON layout (one file per run, owned by the script that writes it)::
 
@@ -37,7 +39,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parent.parent
-# Arguments of the harness that never change a run's numbers: not part of the recorded arguments or command.
+# The harness's own arguments, never in a run's recorded arguments (--quick is recorded through the values it sets).
 HARNESS_ONLY = ("resume", "out", "report_only", "quick")
 # Flags dropped from the recorded command line (with their value where they take one): they never change the rows.
 _DROPPED_FLAGS = {"--resume": 0, "--out": 1}
