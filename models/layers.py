@@ -198,8 +198,7 @@ class RopeConfig:
 
 def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> np.ndarray:
     """Inverse frequencies ``[head_dim // 2]`` in float32 (Hugging Face's rounding)."""
-    inv_freq = 1.0 / (np.float32(rope.theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    inv_freq = inv_freq.astype(np.float32)
+    inv_freq = ops.inverse_frequencies(head_dim, rope.theta)
     if rope.kind == "linear":
         inv_freq = inv_freq / np.float32(rope.factor)
     elif rope.kind == "llama3":
@@ -216,17 +215,14 @@ def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> np.ndarray:
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    """``positions [B, T]`` -> ``cos, sin [B, T, D]`` (angles in float32, cast to ``dtype``)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    """``positions [B, T]`` -> ``cos, sin [B, T, D]`` (angles in float32, cast to ``dtype``; ``jquant.ops.rope``)."""
+    angles = ops.rope_angles(positions[..., None], dims=(2 * len(inv_freq),), inv_freq=(inv_freq,))
+    return ops.rope_cos_sin(angles, "half", dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate ``x [B, T, H, D]`` by ``cos/sin [B, T, D]`` (rotate-half layout, as in Hugging Face Llama)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return ops.apply_rope(x, cos, sin, "half")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -37,6 +37,10 @@ from jquant.ops.mask import Padding as Padding
 from jquant.ops.mask import SlidingWindow as SlidingWindow
 from jquant.ops.lora import lora_linear as lora_linear
 from jquant.ops.quantized_gemm import quantized_matmul as quantized_matmul
+from jquant.ops.rope import apply_rope as apply_rope
+from jquant.ops.rope import inverse_frequencies as inverse_frequencies
+from jquant.ops.rope import rope_angles as rope_angles
+from jquant.ops.rope import rope_cos_sin as rope_cos_sin
 from jquant.ops.rotation import online_hadamard as online_hadamard
 from jquant.ops.ssm import causal_conv1d as causal_conv1d
 from jquant.ops.ssm import selective_scan as selective_scan
@@ -47,7 +51,8 @@ from jquant.ops.vector import polar_linear as polar_linear
 from jquant.ops.wkv import wkv6_chunked as wkv6_chunked
 from jquant.ops.wkv import wkv6_recurrent as wkv6_recurrent
 
-__all__ = ["And", "Arrow", "Band", "Causal", "Full", "LoRAArithmetic", "Mask", "Padding", "SlidingWindow", "as_array", "attention", "attention_quantized_past", "causal_mask", "conv", "conv_patches",
+__all__ = ["And", "Arrow", "Band", "Causal", "Full", "LoRAArithmetic", "Mask", "Padding", "SlidingWindow", "apply_rope",
+           "inverse_frequencies", "rope_angles", "rope_cos_sin", "as_array", "attention", "attention_quantized_past", "causal_mask", "conv", "conv_patches",
            "conv_weight_matrix", "dot_general",
            "embedding_lookup", "explain", "grouped_matmul", "quantize_expert_activations", "force_path", "linear", "lora_linear", "online_hadamard", "polar_linear",
            "quantize_kv", "quantized_matmul", "record_dispatch", "causal_conv1d", "selective_scan",
