@@ -25,6 +25,7 @@ from typing import Any
 import harness
 from harness import Column, Results
 
+# jax and jquant are imported where they are used: --help and --report-only need neither.
 RECIPES = ["rtn-w8", "gptq-w8", "rtn-w4g128", "gptq-w4g128", "rtn-w3g128", "gptq-w3g128", "rtn-w2g64", "gptq-w2g64",
            "fp8-w8a16", "nvfp4-w4a16", "mxfp4-w4a16", "rtn-w8a8", "rtn-w8a8-static", "fp8-w8a8"]
 FLOAT = "float (bf16)"
