@@ -7,7 +7,11 @@ quantized matmul (a Pallas kernel where the measured table says it wins, else XL
 ``lora_linear`` is the adapted linear of integer LoRA fine-tuning (``quantized_matmul``:
 quantize-compute-dequantize GEMMs in group-shared-exponent integers). ``ssm`` and ``wkv``
 hold the recurrences of the Mamba and RWKV families (their counterpart of attention); ``experts``
-the routing and grouped matmuls of mixture-of-experts layers.
+the routing and grouped matmuls of mixture-of-experts layers. ``conv`` is the 1-D/2-D/3-D
+convolution on a ``[K C_in, C_out]`` matrix weight (``conv_patches``: its im2col rows), ``mask`` the
+static attention-mask descriptions ``attention`` accepts besides dense arrays (with block layouts
+for block-sparse kernels), and ``rope`` rotary embeddings over position tuples (1-D, M-RoPE, 3-D, Flux).
+``dispatch`` is keyed by op (linear, grouped_matmul, conv, attention).
 """
 
 from jquant.ops.attention import attention as attention
@@ -51,9 +55,10 @@ from jquant.ops.vector import polar_linear as polar_linear
 from jquant.ops.wkv import wkv6_chunked as wkv6_chunked
 from jquant.ops.wkv import wkv6_recurrent as wkv6_recurrent
 
-__all__ = ["And", "Arrow", "Band", "Causal", "Full", "LoRAArithmetic", "Mask", "Padding", "SlidingWindow", "apply_rope",
-           "inverse_frequencies", "rope_angles", "rope_cos_sin", "as_array", "attention", "attention_quantized_past", "causal_mask", "conv", "conv_patches",
-           "conv_weight_matrix", "dot_general",
-           "embedding_lookup", "explain", "grouped_matmul", "quantize_expert_activations", "force_path", "linear", "lora_linear", "online_hadamard", "polar_linear",
-           "quantize_kv", "quantized_matmul", "record_dispatch", "causal_conv1d", "selective_scan",
-           "selective_scan_recurrent", "ssd_chunked", "ssd_recurrent", "wkv6_chunked", "wkv6_recurrent"]
+__all__ = ["And", "apply_rope", "Arrow", "as_array", "attention", "attention_quantized_past", "Band", "Causal",
+           "causal_conv1d", "causal_mask", "conv", "conv_patches", "conv_weight_matrix", "dot_general",
+           "embedding_lookup", "explain", "force_path", "Full", "grouped_matmul", "inverse_frequencies", "linear",
+           "lora_linear", "LoRAArithmetic", "Mask", "online_hadamard", "Padding", "polar_linear",
+           "quantize_expert_activations", "quantize_kv", "quantized_matmul", "record_dispatch", "rope_angles",
+           "rope_cos_sin", "selective_scan", "selective_scan_recurrent", "SlidingWindow", "ssd_chunked",
+           "ssd_recurrent", "wkv6_chunked", "wkv6_recurrent"]

@@ -30,7 +30,7 @@ from jquant.ops.dispatch import select_conv
 from jquant.ops.linear import ActivationFormat, as_array, quantize_activation
 
 IntOrTuple = int | Sequence[int]
-Padding = int | Sequence[int | tuple[int, int]] | Literal["valid", "same", "causal"]
+PaddingSpec = int | Sequence[int | tuple[int, int]] | Literal["valid", "same", "causal"]
 PaddingMode = Literal["zeros", "replicate"]
 
 _DIMENSION_NUMBERS = {
@@ -79,7 +79,7 @@ def _geometry(x: jax.Array, kernel_size: IntOrTuple, stride: IntOrTuple, dilatio
                         _per_axis(dilation, rank, "dilation"), groups)
 
 
-def _pads(padding: Padding, geometry: ConvGeometry) -> tuple[tuple[int, int], ...]:
+def _pads(padding: PaddingSpec, geometry: ConvGeometry) -> tuple[tuple[int, int], ...]:
     """``(before, after)`` per spatial axis. ``"same"`` splits ``d (k - 1)`` with the smaller half first (PyTorch);
     ``"causal"`` pads the first spatial axis (time) only before, by ``d (k - 1)``, and the others as ``"same"``."""
     rank = len(geometry.kernel_size)
@@ -114,7 +114,10 @@ def _pad(x: jax.Array, pads: tuple[tuple[int, int], ...], padding_mode: PaddingM
     return jnp.pad(x, widths, mode="constant" if padding_mode == "zeros" else "edge")
 
 
-def _padded_input(x, kernel_size, stride, padding, dilation, groups, padding_mode):
+def _padded_input(x: jax.Array, kernel_size: IntOrTuple, stride: IntOrTuple, padding: PaddingSpec,
+                  dilation: IntOrTuple, groups: int,
+                  padding_mode: PaddingMode) -> tuple[jax.Array, ConvGeometry, tuple[int, ...]]:
+    """``x`` padded, the geometry, and the output spatial sizes (checked to be at least 1)."""
     geometry = _geometry(x, kernel_size, stride, dilation, groups)
     xp = _pad(x, _pads(padding, geometry), padding_mode)
     out = geometry.out_spatial(xp.shape[1:-1])
@@ -130,7 +133,7 @@ def conv_patches(
     *,
     kernel_size: IntOrTuple,
     stride: IntOrTuple = 1,
-    padding: Padding = 0,
+    padding: PaddingSpec = 0,
     dilation: IntOrTuple = 1,
     padding_mode: PaddingMode = "zeros",
 ) -> jax.Array:
@@ -157,7 +160,7 @@ def conv(
     *,
     kernel_size: IntOrTuple,
     stride: IntOrTuple = 1,
-    padding: Padding = 0,
+    padding: PaddingSpec = 0,
     dilation: IntOrTuple = 1,
     groups: int = 1,
     padding_mode: PaddingMode = "zeros",
