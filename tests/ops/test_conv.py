@@ -65,12 +65,14 @@ def test_conv_matches_torch(spatial, c_in, c_out, kernel, stride, padding, dilat
     ((8, 7), (3, 2), (1, 2), ((2, 1), (0, 1)), (1, 2)),
     ((5, 6, 6), (2, 3, 3), (1, 2, 1), "causal", (1, 1, 2)),
     ((9,), (4,), 1, "causal", 3),
+    ((4, 5, 5), (3, 3, 3), 1, "causal", 1),
 ])
-def test_patches_times_matrix_is_the_convolution(spatial, kernel, stride, padding, dilation):
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+def test_patches_times_matrix_is_the_convolution(spatial, kernel, stride, padding, dilation, padding_mode):
     rng = np.random.default_rng(7 + len(spatial))
     x, w, _ = _case(rng, spatial, 3, 5, kernel)
     matrix = ops.conv_weight_matrix(w)
-    kw = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation)
+    kw = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
     patches = ops.conv_patches(jnp.asarray(x), **kw)
     assert patches.shape[-1] == np.prod(kernel) * 3
     got = np.einsum("...r,ro->...o", np.asarray(patches, np.float64), np.asarray(matrix, np.float64))
