@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.algorithms.experts import quantize_experts
-from jquant.algorithms.weights import ALGORITHMS, NEEDS_CALIBRATION, supports
+from jquant.algorithms.weights import algorithm
 from jquant.calib.capture import InputStatistics
 from jquant.calib.data import check_calibration
 from jquant.calib.sequential import BlockVisit, block_paths, walk_blocks
@@ -191,7 +191,7 @@ def _resolve(site: Site, rule: Rule, shape: tuple[int, ...]) -> tuple[Format | N
             weight_fmt.check_shape(shape, axis)
         except ValueError as err:
             raise ValueError(f"site {site.path!r} (weight shape {shape}, axis {axis}): {err}") from None
-        if reason := supports(rule.algorithm, weight_fmt):
+        if reason := algorithm(rule.algorithm).supports(weight_fmt):
             raise ValueError(f"site {site.path!r}: {reason}")
         if isinstance(value, jax.Array) and not bool(jnp.all(jnp.isfinite(value))):
             raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
@@ -321,13 +321,13 @@ def quantize(
         if site.spec.kind == "experts":
             uncalibrated[site.path] = apply_experts(site, plan_.expert_groups(), stats)
         elif plan_.weight is not None:
-            algorithm = ALGORITHMS[plan_.rule.algorithm]
+            spec = algorithm(plan_.rule.algorithm)
             options = dict(plan_.rule.options)
             weighting = options.pop("group_weighting", "tokens")
             pooled = None if stats is None else stats.pooled(_group_weights(stats, weighting))
             if options.pop("hessian", "plain") == "affinity":
                 pooled = _affinity_statistics(site, pooled)
-            q = algorithm(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=pooled,
+            q = spec.quantize(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=pooled,
                           options=options)
             site.weight.set_value(q)
         scale = None
@@ -427,8 +427,8 @@ def _affinity_statistics(site: Site, stats: InputStatistics) -> InputStatistics:
 
 def _needs_calibration(p: SitePlan) -> bool:
     if p.experts:
-        return any(g.weight is not None and NEEDS_CALIBRATION[g.rule.algorithm] for g in p.experts)
-    return (p.weight is not None and NEEDS_CALIBRATION[p.rule.algorithm]) or p.static
+        return any(g.weight is not None and algorithm(g.rule.algorithm).needs_calibration for g in p.experts)
+    return (p.weight is not None and algorithm(p.rule.algorithm).needs_calibration) or p.static
 
 
 def describe(p: SitePlan, uncalibrated: tuple[int, ...] = (), empty_groups: tuple[str, ...] = ()) -> str:

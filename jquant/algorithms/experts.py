@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from jquant.algorithms.weights import ALGORITHMS
+from jquant.algorithms.weights import algorithm as algorithm_spec
 from jquant.calib.capture import InputStatistics
 from jquant.formats import Format, QArray, quantize, stack_experts
 
@@ -50,5 +50,5 @@ def quantize_experts(weight: jax.Array, fmt: Format, *, algorithm: str, experts:
             continue
         if hessian == "affinity":
             expert_stats = dataclasses.replace(expert_stats, hessian=expert_stats.affinity_hessian)
-        parts.append(ALGORITHMS[algorithm](weight[i], fmt, axis=0, stats=expert_stats, options=options))
+        parts.append(algorithm_spec(algorithm).quantize(weight[i], fmt, axis=0, stats=expert_stats, options=options))
     return ExpertQuantization(weight=stack_experts(parts), uncalibrated=tuple(uncalibrated))

@@ -1,6 +1,8 @@
 """Weight quantization algorithms behind one signature, so the pipeline never special-cases them.
 
-``ALGORITHMS[name](weight, fmt, axis=..., stats=..., options=...) -> QArray``:
+``algorithm(name).quantize(weight, fmt, axis=..., stats=..., options=...) -> QArray``; each algorithm is an
+``AlgorithmSpec`` (function, format support check, needs-calibration, typed options) in one registry, which
+recipes validate against and ``register_algorithm`` extends:
 
 - ``rtn``: round to nearest with the format's own scale choice (clip ratio / MSE
   clip search included); needs no calibration.
@@ -16,7 +18,7 @@
   formats, GPTVQ on codebook formats of matrices, activation-weighted k-means codebooks on
   codebook formats of element-wise vectors.
 
-``supports(name, fmt)`` says why an algorithm cannot use a format (None if it can).
+``algorithm(name).supports(fmt)`` says why an algorithm cannot use a format (None if it can).
 """
 
 from __future__ import annotations
@@ -161,13 +163,49 @@ def rwkvquant_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputS
     return branch(weight, fmt, axis=axis, stats=stats, options=options)
 
 
-ALGORITHMS: dict[str, WeightAlgorithm] = {"rtn": rtn, "gptq": gptq_weight, "gptvq": gptvq_weight,
-                                          "pcdvq": pcdvq_weight, "rwkvquant": rwkvquant_weight}
-NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "gptvq": True, "pcdvq": True, "rwkvquant": True}
-_SUPPORTS = {"rtn": rtn_supports, "gptq": gptq_supports, "gptvq": gptvq_supports, "pcdvq": pcdvq_supports,
-             "rwkvquant": rwkvquant_supports}
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSpec:
+    """A weight algorithm as recipes name it: its function, what formats it takes, whether it needs calibration.
+
+    ``quantize(weight, fmt, *, axis, stats, options) -> QArray``; ``supports(fmt)`` says why it cannot use
+    ``fmt`` (None if it can); ``options`` is the dataclass its ``Rule.options`` are the fields of (None: takes
+    none, or they go to a branch chosen by format).
+    """
+
+    name: str
+    quantize: WeightAlgorithm
+    supports: Callable[[Format], str | None]
+    needs_calibration: bool
+    options: type | None = None
 
 
-def supports(name: str, fmt: Format) -> str | None:
-    """Why algorithm ``name`` cannot use weight format ``fmt`` (None if it can)."""
-    return _SUPPORTS[name](fmt)
+_REGISTRY: dict[str, AlgorithmSpec] = {}
+
+
+def register_algorithm(spec: AlgorithmSpec) -> AlgorithmSpec:
+    """Add a weight algorithm recipes can name; a second spec under a taken name is refused."""
+    if _REGISTRY.get(spec.name, spec) is not spec:
+        raise ValueError(f"a weight algorithm named {spec.name!r} is already registered; give yours another name.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def algorithm(name: str) -> AlgorithmSpec:
+    """The registered algorithm ``name``; the error lists the known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown weight algorithm {name!r}; known: {', '.join(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def algorithm_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+for _spec in (
+    AlgorithmSpec("rtn", rtn, rtn_supports, needs_calibration=False),
+    AlgorithmSpec("gptq", gptq_weight, gptq_supports, needs_calibration=True, options=GPTQConfig),
+    AlgorithmSpec("gptvq", gptvq_weight, gptvq_supports, needs_calibration=True, options=GPTVQConfig),
+    AlgorithmSpec("pcdvq", pcdvq_weight, pcdvq_supports, needs_calibration=True, options=PCDVQConfig),
+    AlgorithmSpec("rwkvquant", rwkvquant_weight, rwkvquant_supports, needs_calibration=True),
+):
+    register_algorithm(_spec)

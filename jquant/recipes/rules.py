@@ -16,11 +16,11 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Algorithm = Literal["rtn", "gptq", "gptvq", "pcdvq", "rwkvquant"]
-ALGORITHMS: tuple[str, ...] = ("rtn", "gptq", "gptvq", "pcdvq", "rwkvquant")
-TRANSFORM_KINDS: tuple[str, ...] = ("smoothquant", "quarot", "ostquant", "mambaquant")
+from jquant.algorithms.weights import algorithm_names
+from jquant.transforms.registry import transform_kinds
+
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = (r"(.*/)?embed_tokens", r"(.*/)?lm_head")
 
 
@@ -58,7 +58,7 @@ class Rule:
     pattern: str
     weight: str | None = None
     activation: str | None = None
-    algorithm: Algorithm = "rtn"
+    algorithm: str = "rtn"
     weight_options: tuple[tuple[str, Any], ...] = ()
     activation_options: tuple[tuple[str, Any], ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
@@ -70,8 +70,9 @@ class Rule:
             re.compile(self.pattern)
         except re.error as err:
             raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regular expression: {err}.") from None
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"Rule({self.pattern!r}).algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+        if self.algorithm not in algorithm_names():
+            raise ValueError(f"Rule({self.pattern!r}).algorithm must be one of {algorithm_names()} (registered weight "
+                             f"algorithms), got {self.algorithm!r}.")
         if self.algorithm != "rtn" and self.weight is None:
             raise ValueError(f"Rule({self.pattern!r}): algorithm {self.algorithm!r} needs a weight format.")
         if self.static_activation and self.activation is None:
@@ -108,7 +109,7 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class TransformStep:
-    """An equivalence transform run before the rules: ``kind`` in ``TRANSFORM_KINDS`` with its ``options``.
+    """An equivalence transform run before the rules: ``kind`` in ``transform_kinds()`` with its ``options``.
 
     ``smoothquant``: ``alpha`` (0.5). ``quarot``: ``online`` (``["down", "qk"]``),
     ``rotation`` (``"hadamard"``), ``pad``, ``seed``. ``ostquant``: fields of
@@ -122,8 +123,9 @@ class TransformStep:
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
-        if self.kind not in TRANSFORM_KINDS:
-            raise ValueError(f"TransformStep.kind must be one of {TRANSFORM_KINDS}, got {self.kind!r}.")
+        if self.kind not in transform_kinds():
+            raise ValueError(f"TransformStep.kind must be one of {transform_kinds()} (registered transforms), got "
+                             f"{self.kind!r}.")
         object.__setattr__(self, "options", _freeze({k: tuple(v) if isinstance(v, list) else v
                                                      for k, v in dict(_freeze(self.options)).items()}))
 
@@ -134,7 +136,7 @@ class TransformStep:
     def from_dict(cls, data: Mapping[str, Any]) -> TransformStep:
         data = dict(data)
         if "kind" not in data:
-            raise ValueError(f"recipe transform {data} needs a 'kind' ({', '.join(TRANSFORM_KINDS)}).")
+            raise ValueError(f"recipe transform {data} needs a 'kind' ({', '.join(transform_kinds())}).")
         kind = data.pop("kind")
         return cls(kind=kind, options=data)
 

@@ -13,7 +13,6 @@ import dataclasses
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from jquant.formats import Format, get_format
@@ -21,19 +20,13 @@ from jquant.kv.cache import KVCacheConfig
 from jquant.recipes import Recipe, TransformStep
 from jquant.transforms.equivalence import OnlineRotations, module_at, online_size, set_online_rotations
 from jquant.transforms.layout import DecoderLayout, layout_of
-from jquant.transforms.mamba_rotation import add_runtime_structure, mambaquant
+from jquant.transforms.mamba_rotation import add_runtime_structure
+from jquant.transforms.registry import transform
 from jquant.transforms.ssm_layout import ssm_layout_of
-from jquant.transforms.ostquant import OSTQuantConfig, ostquant
-from jquant.transforms.rotate import quarot
-from jquant.transforms.smoothquant import smoothquant
-
-NEEDS_CALIBRATION = {"smoothquant": True, "quarot": False, "ostquant": True, "mambaquant": True}
-QUAROT_OPTIONS = {"online", "rotation", "pad", "seed"}
-MAMBAQUANT_OPTIONS = {"alpha": 0.5, "klt": True, "smooth": True, "rotate": True, "online": True, "seed": 0}
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    return any(NEEDS_CALIBRATION[t.kind] for t in recipe.transforms)
+    return any(transform(t.kind).needs_calibration for t in recipe.transforms)
 
 
 def _layout(model: nnx.Module, recipe: Recipe) -> DecoderLayout:
@@ -51,21 +44,18 @@ def _check_mambaquant(model: nnx.Module, recipe: Recipe, step: TransformStep) ->
     if len(recipe.transforms) != 1 or recipe.kv_cache is not None:
         raise ValueError(f"recipe {recipe.name!r}: a mambaquant step must be the only transform and the recipe cannot "
                          "quantize a KV cache (Mamba models have none).")
-    unknown = set(dict(step.options)) - set(MAMBAQUANT_OPTIONS)
-    if unknown:
-        raise ValueError(f"recipe {recipe.name!r}: mambaquant has unknown options {sorted(unknown)}; "
-                         f"known: {sorted(MAMBAQUANT_OPTIONS)}.")
+    _mambaquant_options(step, recipe)
     try:
         layout = ssm_layout_of(model)
     except ValueError as err:
         raise ValueError(f"recipe {recipe.name!r}: {err}") from None
-    if _mambaquant_options(step)["online"]:
+    if _mambaquant_options(step, recipe)["online"]:
         for b in layout.blocks:
             online_size(b.inner, False, b.out_proj)
 
 
-def _mambaquant_options(step: TransformStep) -> dict:
-    return {**MAMBAQUANT_OPTIONS, **dict(step.options)}
+def _mambaquant_options(step: TransformStep, recipe: Recipe) -> dict:
+    return transform("mambaquant").resolved_options(dict(step.options), f"recipe {recipe.name!r}")
 
 
 def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
@@ -77,15 +67,10 @@ def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
         return
     layout = _layout(model, recipe)
     for step in recipe.transforms:
-        options = dict(step.options)
-        if step.kind == "smoothquant":
-            unknown = set(options) - {"alpha"}
-        elif step.kind == "quarot":
-            unknown = set(options) - QUAROT_OPTIONS
-        else:
-            unknown = set(options) - {f.name for f in dataclasses.fields(OSTQuantConfig)} - {"seed"}
-        if unknown:
-            raise ValueError(f"recipe {recipe.name!r}: {step.kind} has unknown options {sorted(unknown)}.")
+        spec = transform(step.kind)
+        if spec.only_step:
+            raise ValueError(f"recipe {recipe.name!r}: a {step.kind} step must be the recipe's only transform.")
+        spec.check_options(dict(step.options), f"recipe {recipe.name!r}")
     online = OnlineRotations.parse(recipe.online_rotations, pad=recipe.pad)
     for layer in layout.layers:
         if online.down:
@@ -111,17 +96,6 @@ def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
                                  f"(head_dim {a.head_dim}): {err}") from None
 
 
-def _ostquant_config(step: TransformStep, recipe: Recipe, layout: DecoderLayout) -> OSTQuantConfig:
-    """The step's options plus training quantizers that follow the recipe's formats (spec §3.6)."""
-    options = {k: v for k, v in step.options if k != "seed"}
-    rule = recipe.rule_for(layout.block_linears[0])
-    activation = rule.activation if rule is not None else None
-    weight = None
-    if rule is not None and rule.weight is not None and activation is None:  # weight-only settings train with fake-quant weights
-        weight = get_format(rule.weight, **dict(rule.weight_options))
-    return OSTQuantConfig(**{"activation": activation, "kv": recipe.kv_cache, "weight": weight, **options})
-
-
 @dataclasses.dataclass(frozen=True)
 class TransformLog:
     """What one transform step did: its ``kind``, wall ``seconds`` and (OSTQuant) the per-step training ``losses``."""
@@ -131,25 +105,19 @@ class TransformLog:
     losses: tuple[float, ...] = ()
 
 
-def run_transforms(model: nnx.Module, recipe: Recipe, tokens: np.ndarray | None, *,
+def run_transforms(model: nnx.Module, recipe: Recipe, calib, *,
                    progress: bool = True) -> tuple[nnx.Module, tuple[TransformLog, ...]]:
-    """``model`` after the recipe's transform steps, in order (each step returns a new model), and their logs."""
+    """``model`` after the recipe's transform steps, in order (each step returns a new model), and their logs.
+
+    ``calib`` is the recipe's calibration pytree (``jquant.calib.data``; None when no step needs one).
+    """
     logs = []
     for step in recipe.transforms:
         t0 = time.perf_counter()
-        options = dict(step.options)
-        key = jax.random.key(int(options.pop("seed", 0)))
-        losses: tuple[float, ...] = ()
-        if step.kind == "smoothquant":
-            model = smoothquant(model, tokens, **options)
-        elif step.kind == "quarot":
-            model = quarot(model, key, **options)
-        elif step.kind == "mambaquant":
-            model = mambaquant(model, tokens, key, **options)
-        else:
-            model, result = ostquant(model, tokens, key, _ostquant_config(step, recipe, layout_of(model)),
-                                     progress=progress)
-            losses = result.losses
+        spec = transform(step.kind)
+        options = spec.check_options(dict(step.options), f"recipe {recipe.name!r}")
+        key = jax.random.key(int(dict(step.options).get("seed", 0)))
+        model, losses = spec.run(model, calib, key, options, recipe, progress)
         logs.append(TransformLog(step.kind, time.perf_counter() - t0, losses))
     return model, tuple(logs)
 
@@ -170,7 +138,7 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
     if not recipe.transforms and recipe.kv_cache is None:
         return
     if (step := _mambaquant_step(recipe)) is not None:  # the saved config is already untied
-        options = _mambaquant_options(step)
+        options = _mambaquant_options(step, recipe)
         add_runtime_structure(model, gate_scale=options["smooth"], online=options["online"])
         return
     layout = _layout(model, recipe)

@@ -10,7 +10,7 @@ from flax import nnx
 
 import jquant as jq
 from jquant import ops
-from jquant.algorithms.weights import ALGORITHMS
+from jquant.algorithms.weights import algorithm
 from jquant.calib.capture import capture_statistics, set_capture
 from jquant.formats import QArray, dequantize, get_format, quantize
 from jquant.models.layers import Conv
@@ -181,8 +181,8 @@ def test_gptq_on_captured_patch_statistics_beats_rtn():
     np.testing.assert_allclose(stats["conv_in"].hessian, patches.T @ patches, rtol=1e-5, atol=1e-3)
     assert stats["conv_in"].count == patches.shape[0]
     weight, fmt = site.kernel.get_value(), get_format("int4-g32")
-    gptq = ALGORITHMS["gptq"](weight, fmt, axis=0, stats=stats["conv_in"], options={})
-    rtn = ALGORITHMS["rtn"](weight, fmt, axis=0)
+    gptq = algorithm("gptq").quantize(weight, fmt, axis=0, stats=stats["conv_in"], options={})
+    rtn = algorithm("rtn").quantize(weight, fmt, axis=0)
 
     def error(q):
         return np.linalg.norm(patches @ (np.asarray(dequantize(q), np.float64) - np.asarray(weight, np.float64)))
