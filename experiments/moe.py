@@ -116,7 +116,7 @@ def _expert_errors(fp_model, qmodel, stats: dict) -> list[dict]:
                 q = value.dequantize("float32") if isinstance(value, ExpertPartition) else (
                     dequantize(value) if isinstance(value, QArray) else value)
                 delta = np.asarray(q, np.float64)[e] - w
-                h = stats[path].expert(e).hessian
+                h = stats[path].group(e).hessian
                 err += float(np.sum(delta * (h @ delta)))
                 ref += float(np.sum(w * (h @ w)))
             rows.append({"site": prefix, "expert": e, "tokens": float(stats[site.path].count[e]),
