@@ -50,7 +50,7 @@ from jquant.kv.calibrate import set_kv_cache
 from jquant.kv.skvq import SKVQConfig, skvq
 from jquant.kv.wkvquant import WKVQuantConfig
 from jquant.methods.wkvquant import wkvquant
-from jquant.models.registry import load
+from jquant.models.loading import load
 from jquant.recipes import get as get_recipe
 
 SETTINGS = {"K4V4": (4, 4), "K2V2": (2, 2), "K2V1.5": (2, 1.5)}

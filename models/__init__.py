@@ -11,12 +11,12 @@ modules are imported on first attribute access (``jquant.models.mamba``), not wi
 
 import importlib
 
-from jquant.models.registry import DEFAULT_MODEL as DEFAULT_MODEL
-from jquant.models.registry import LoadedModel as LoadedModel
-from jquant.models.registry import ModelInfo as ModelInfo
-from jquant.models.registry import list_models as list_models
-from jquant.models.registry import load as load
-from jquant.models.registry import resolve as resolve
+from jquant.models.loading import DEFAULT_MODEL as DEFAULT_MODEL
+from jquant.models.loading import LoadedModel as LoadedModel
+from jquant.models.loading import ModelInfo as ModelInfo
+from jquant.models.loading import list_models as list_models
+from jquant.models.loading import load as load
+from jquant.models.loading import resolve as resolve
 
 _LAZY_FAMILIES = ("llama", "mamba", "mamba2", "moe", "rwkv6")
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelInfo", "list_models", "load", "resolve", *_LAZY_FAMILIES]

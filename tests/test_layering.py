@@ -29,21 +29,6 @@ QUANTIZE_MODULE = "jquant.quantization"
 # The format registry and the formats it names are one unit (the registry builds every named format; a format's
 # ``name`` parses through it), so cycles inside jquant.formats are allowed.
 CYCLES_ALLOWED_INSIDE = "jquant.formats"
-# Edges that still close a cycle, each named with the change that removes it. They sit in modules being rewritten
-# by other work at the time of writing (an edit there beyond import lines would collide), so they are listed here
-# instead of being hidden; ``test_known_cycle_edges_still_exist`` fails once one is gone, so the list only shrinks.
-KNOWN_CYCLE_EDGES = {
-    ("jquant.ops.pallas_path", "jquant.ops.dispatch"):
-        "pallas_path builds dispatch.Kernel while dispatch.select_kernel imports pallas_path (function-local); "
-        "fix: move the Kernel dataclass to a module of its own (jquant/ops/kernel.py) that both import",
-    ("jquant.checkpoint", "jquant.models.registry"):
-        "checkpoint looks families up in the registry (function-local) while registry.load calls checkpoint.load; "
-        "fix: the family table (names -> modules, family(), families(), family_of) below checkpoint, e.g. in "
-        "jquant.models.family, imported by both",
-    ("jquant.models.registry", "jquant"):
-        "registry._bundled_dir imports the jquant facade only for jquant.__file__; fix: locate the assets "
-        "without it (importlib.resources.files('jquant') or a path constant in a bottom-level module)",
-}
 
 
 def _modules() -> dict[str, Path]:
@@ -190,14 +175,8 @@ def test_nothing_below_quantize_imports_it():
     assert not offenders, "\n".join(offenders)
 
 
-def test_known_cycle_edges_still_exist():
-    graph = _import_graph()
-    gone = [f"{a} -> {b}" for a, b in KNOWN_CYCLE_EDGES if b not in graph.get(a, ())]
-    assert not gone, f"remove these fixed edges from KNOWN_CYCLE_EDGES: {gone}"
-
-
 def test_no_import_cycles_outside_formats():
-    graph = {module: edges - {b for a, b in KNOWN_CYCLE_EDGES if a == module} for module, edges in _import_graph().items()}
+    graph = _import_graph()
     chains = [
         chain for chain in _cycles(graph) if not all(_in_package(m, CYCLES_ALLOWED_INSIDE) for m in chain if not m.startswith("("))
     ]

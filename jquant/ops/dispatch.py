@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import jax
 
+from jquant.ops.kernel import Kernel as Kernel
+
 XLA_PATH = "xla-dequantize"
 XLA_ATTENTION_PATH = "xla-dense-attention"
 MODES = ("auto", "xla", "pallas")
@@ -41,28 +43,6 @@ OPS = ("linear", "grouped_matmul", "conv", "attention")
 WEIGHT_OPS = ("linear", "grouped_matmul", "conv")
 """The ops whose records ``record_dispatch()`` collects by default (those with a quantized weight)."""
 MODE_ENV = "JQUANT_KERNELS"
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    """A fast path for ``op``, tried before the built-in paths.
-
-    ``op="linear"``: ``accepts(x, w, activation) -> bool``, ``apply(x, w, b, activation) -> y``.
-    ``op="conv"``: ``accepts(x, w, geometry)``, ``apply(x, w, b, geometry)`` with ``geometry`` a
-    ``jquant.ops.conv.ConvGeometry`` (``w`` the ``[k C_in / G, C_out]`` matrix, ``x`` already padded and
-    activation-quantized). ``op="attention"``: ``accepts(q, k, mask)``, ``apply(q, k, v, mask, scale)`` with
-    ``mask`` a ``jquant.ops.Mask`` or a dense ``[B, T, S]`` array.
-    """
-
-    name: str
-    accepts: Callable[..., bool]
-    apply: Callable[..., jax.Array]
-    op: str = "linear"
-
-    def __post_init__(self):
-        if self.op not in ("linear", "conv", "attention"):
-            raise ValueError(f"Kernel {self.name!r}: op={self.op!r}; kernels can be registered for 'linear', 'conv' "
-                             "or 'attention'.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jquant.ops.dispatch import Kernel
+from jquant.ops.kernel import Kernel
 
 FAST_DTYPES = (jnp.bfloat16, jnp.float16)
 
