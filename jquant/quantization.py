@@ -40,7 +40,9 @@ from jquant.calib.sequential import BlockVisit, block_paths, walk_blocks
 from jquant.formats import ExpertPartition, Format, IntFormat, QArray, get_format
 from jquant.ops.linear import ActivationFormat
 from jquant.progress import progress_bar
+from jquant.models.registry import family_of
 from jquant.recipes import Recipe, Rule, get
+from jquant.recipes.rules import DEFAULT_KEEP_FLOAT
 from jquant.sites import ActivationGroups, Site, activation_groups, find_sites
 from jquant.transforms.pipeline import TransformLog, check_recipe, run_transforms, set_kv_cache_format
 from jquant.transforms.pipeline import needs_calibration as transforms_need_calibration
@@ -113,8 +115,12 @@ class QuantizationReport:
 
 
 def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
-    """Resolve and validate the recipe against ``model``'s sites (no work done, nothing modified)."""
-    recipe = get(recipe) if isinstance(recipe, str) else recipe
+    """Resolve and validate the recipe against ``model``'s sites (no work done, nothing modified).
+
+    A recipe with the default ``keep_float`` leaves in floating point what the model's family declares
+    (``Family.keep_float``: an LM's embeddings and head, a DiT's patch embedding and final layer ...).
+    """
+    recipe = family_keep_float(model, get(recipe) if isinstance(recipe, str) else recipe)
     sites = find_sites(model)
     paths = [s.path for s in sites]
     groups = activation_groups(model)
@@ -146,6 +152,18 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
         plans.append(SitePlan(site=site, rule=rule, weight=weight_fmt, activation=act_fmt,
                               groups=grouped.get(site.path, ()), group_rules=group_rules))
     return plans
+
+
+def family_keep_float(model: nnx.Module, recipe: Recipe) -> Recipe:
+    """``recipe`` with its family's ``keep_float`` when it keeps the default (models of no registered family
+    keep the default, the language models' embeddings and head)."""
+    if recipe.keep_float != DEFAULT_KEEP_FLOAT:
+        return recipe
+    try:
+        declared = family_of(model).keep_float
+    except TypeError:
+        return recipe
+    return dataclasses.replace(recipe, keep_float=declared)
 
 
 def _receives_groups(site: Site, groups: ActivationGroups) -> bool:

@@ -25,8 +25,6 @@ from jquant.testing.tiny_families import FAMILIES, TinyDiT, TinyDiTConfig, TinyM
 for _family in FAMILIES:
     register(_family)
 
-KEEP_MLLM = ("patch_embed", "projector", "embed_tokens", "lm_head")
-KEEP_DIT = ("latent_in", "text_in", "time_in", "out")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +130,7 @@ def test_per_group_activation_quantization_matches_quantizing_each_group_alone()
         quantize_activation(x, formats)
 
 
-MSQ = Recipe(name="msq", keep_float=KEEP_MLLM, rules=(
+MSQ = Recipe(name="msq", rules=(  # the family keeps patch_embed, projector, embed_tokens, lm_head float
     Rule(pattern=r"(vision|layers)/.*", weight="int4-g16", algorithm="gptq", activation="int8-tensor",
          static_activation=True),))
 
@@ -155,6 +153,7 @@ def test_gptq_with_per_modality_static_scales(mllm, tmp_path):
     assert np.shape(tower) == ()
     assert tower == _stored(refs["vision/0/q_proj"].absmax.max() / 127)
     assert "static per group" in qmodel.quantization.site("layers/0/q_proj")
+    assert set(qmodel.quantization.unquantized) == {"patch_embed", "projector", "embed_tokens", "lm_head"}
     logits = np.asarray(qmodel(calib))
     assert np.all(np.isfinite(logits)) and not np.allclose(logits, np.asarray(mllm(calib)))
     save(qmodel, tmp_path / "mllm")
@@ -164,7 +163,7 @@ def test_gptq_with_per_modality_static_scales(mllm, tmp_path):
 
 
 def test_when_rules_give_each_modality_its_own_activation_format(mllm, tmp_path):
-    recipe = Recipe(name="image-int8", keep_float=KEEP_MLLM, rules=(
+    recipe = Recipe(name="image-int8", rules=(
         Rule(pattern=r"layers/.*", activation="int8-tensor", static_activation=True, when=("image",)),
         Rule(pattern=r"(vision|layers)/.*", weight="int8", algorithm="gptq"),
     ))
@@ -186,7 +185,7 @@ def test_when_rules_give_each_modality_its_own_activation_format(mllm, tmp_path)
 
 
 def test_dit_gptq_balanced_over_timestep_buckets_with_per_bucket_scales(dit, tmp_path):
-    recipe = Recipe(name="dit-w4a8", keep_float=KEEP_DIT, rules=(
+    recipe = Recipe(name="dit-w4a8", rules=(
         Rule(pattern=r"blocks_/.*", weight="int4-g16", algorithm="gptq", activation="int8-tensor",
              static_activation=True, options={"group_weighting": "balanced"}),))
     calib = _dit_calib(6, [0.1, 0.2, 0.5, 0.8, 0.95, 0.15])
@@ -218,7 +217,7 @@ def test_bad_calibration_is_refused_before_work(mllm, dit, no_work):
     with pytest.raises(ValueError, match="disagree on the number of samples"):
         quantize(mllm, MSQ, calib, progress=False)
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1\]\): group id 3 is out of range"):
-        quantize(dit, Recipe(name="x", keep_float=KEEP_DIT, rules=(Rule(pattern=".*", weight="int8", algorithm="gptq"),)),
+        quantize(dit, Recipe(name="x", rules=(Rule(pattern=".*", weight="int8", algorithm="gptq"),)),
                  _dit_calib(0, [0.5, 1.5]), progress=False)
 
 
@@ -235,7 +234,7 @@ def test_when_that_matches_no_group_is_refused(mllm, no_work):
         quantize(tiny, bad, progress=False)
     with pytest.raises(ValueError, match="sets only activation formats"):
         Rule(pattern=".*", weight="int4", when=("image",))
-    mixed = Recipe(name="mixed-static", keep_float=KEEP_MLLM, rules=(
+    mixed = Recipe(name="mixed-static", rules=(
         Rule(pattern="layers/.*", activation="int8-tensor", static_activation=True, when=("image",)),
         Rule(pattern="layers/.*", activation="int8")))
     with pytest.raises(ValueError, match="disagree on static_activation"):
