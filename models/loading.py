@@ -1,7 +1,8 @@
 """Loading models by name (bundled reference models) or by checkpoint folder.
 
-A name resolves to ``jquant/assets/models/<name>`` (a Hugging Face folder, or a ``jquant.checkpoint``
-folder for families without a Hugging Face export, shipped with the package); anything else must be a
+A name resolves to a folder of the ``jquant_models`` data package (``packages/jquant-models`` in the
+repository: a Hugging Face folder, or a ``jquant.checkpoint`` folder for families without a Hugging Face
+export), installed beside the library so its wheel stays small; anything else must be a
 path to such a folder or to a single-file BlinkDL RWKV-6 checkpoint (``.pth`` / ``.safetensors``).
 The family of a Hugging Face folder is picked from ``config.json``'s ``model_type`` (diffusers folders:
 ``_class_name``) through ``jquant.models.registry``. This module sits above ``jquant.checkpoint`` (it
@@ -27,9 +28,13 @@ DEFAULT_MODEL = "jq-llama-tiny"
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 
 
-def _bundled_dir() -> Path:
-    """``jquant/assets/models`` of the installed package (found without importing it)."""
-    return Path(importlib.util.find_spec("jquant").origin).resolve().parent / "assets" / "models"
+INSTALL_MODELS = "pip install ./packages/jquant-models (from the jquant repository)"
+
+
+def _bundled_dir() -> Path | None:
+    """The folder of the installed ``jquant_models`` data package (None when it is not installed)."""
+    spec = importlib.util.find_spec("jquant_models")
+    return None if spec is None or spec.origin is None else Path(spec.origin).resolve().parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +47,11 @@ class ModelInfo:
 
 
 def list_models() -> list[ModelInfo]:
-    """The reference models shipped with jquant (folders under ``jquant/assets/models``)."""
+    """The reference models shipped with jquant (folders of the ``jquant_models`` data package; none when it is
+    not installed)."""
     root = _bundled_dir()
     found = []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root is not None else []:
         if (folder / "config.json").is_file() or (folder / "jquant.json").is_file():
             info_file = folder / "reference_info.json"
             info = json.loads(info_file.read_text()) if info_file.is_file() else {}
@@ -55,15 +61,16 @@ def list_models() -> list[ModelInfo]:
 
 def resolve(name_or_path: str | Path) -> Path:
     """Folder of a bundled model name or an existing checkpoint path; a clear error otherwise."""
-    candidate = _bundled_dir() / str(name_or_path)
-    if isinstance(name_or_path, str) and "/" not in name_or_path and candidate.is_dir():
-        return candidate
+    root = _bundled_dir()
+    if root is not None and isinstance(name_or_path, str) and "/" not in name_or_path and (root / name_or_path).is_dir():
+        return root / name_or_path
     path = Path(name_or_path)
     if path.is_dir() or path.is_file() and path.suffix in (".pth", ".safetensors"):
         return path
     names = [m.name for m in list_models()]
+    bundled = ", ".join(names) if names else f"none installed: {INSTALL_MODELS}"
     raise ValueError(
-        f"unknown model {str(name_or_path)!r}: not a bundled model ({', '.join(names) or 'none installed'}) "
+        f"unknown model {str(name_or_path)!r}: not a bundled model ({bundled}) "
         "and not a checkpoint folder or BlinkDL .pth/.safetensors file. "
         "Run `jquant list models` to see the bundled ones."
     )
