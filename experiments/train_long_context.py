@@ -24,7 +24,7 @@ a GPU are the next thing to try.
 batches of ``--seq-len`` windows where a fraction ``--needle-fraction`` of the rows carry a
 needle and, later in the row, its question and answer (``needle.training_window``), so the
 model learns to copy a fact from anywhere in its context; it writes the weights (``params_<i>.npz``, bfloat16) and the
-loss history. ``export`` writes the Hugging Face folder into jquant/assets/models/jq-llama-long
+loss history. ``export`` writes the Hugging Face folder into packages/jquant-models/jquant_models/jq-llama-long
 with its validation perplexity (256-token windows, as the other reference models, and
 eight 4096-token windows).
 """
@@ -44,7 +44,7 @@ from jquant.models import llama
 from jquant.train.trainer import TrainConfig, plot_history, train
 
 PRESET = "jq-llama-long"
-ASSETS = Path(__file__).resolve().parents[1] / "jquant" / "assets" / "models"
+ASSETS = Path(__file__).resolve().parents[1] / "packages" / "jquant-models" / "jquant_models"
 
 
 def prepare(out: Path) -> None:

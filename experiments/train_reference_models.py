@@ -1,4 +1,4 @@
-"""Train jquant's reference models on the bundled corpus and export them into jquant/assets/models/.
+"""Train jquant's reference models on the bundled corpus and export them into packages/jquant-models/jquant_models/.
 
     python experiments/train_reference_models.py --preset jq-llama-tiny --steps 800
     python experiments/train_reference_models.py --preset jq-llama-small --steps 1100
@@ -7,7 +7,7 @@
 
 Interrupted runs resume from ``runs/<preset>/checkpoints``. The validation
 perplexity of the exported (bf16) weights is written to
-``jquant/assets/models/<preset>/reference_info.json``.
+``packages/jquant-models/jquant_models/<preset>/reference_info.json``.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 from jquant.train import TrainConfig
 from jquant.train.reference import train_reference
 
-ASSETS = Path(__file__).resolve().parents[1] / "jquant" / "assets" / "models"
+ASSETS = Path(__file__).resolve().parents[1] / "packages" / "jquant-models" / "jquant_models"
 
 
 def main() -> None:
@@ -32,7 +32,8 @@ def main() -> None:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, peak_lr=args.peak_lr,
                       warmup_steps=args.warmup_steps, checkpoint_every=50, eval_every=100)
     workdir = args.workdir or Path("runs") / args.preset
-    summary = train_reference(args.preset, cfg, workdir, export_to=ASSETS / args.preset)
+    summary = train_reference(args.preset, cfg, workdir, export_to=ASSETS / args.preset,
+                              overwrite_export=True)
     print(summary)
 
 
