@@ -377,7 +377,7 @@ def quantize(
             apply(p, None)
             bar.update(1)
     if recipe.kv_cache is not None:
-        set_kv_cache_format(qmodel, recipe.kv_cache)
+        set_kv_cache_format(qmodel, recipe)
     jax.block_until_ready(nnx.state(qmodel))
     qmodel.quantization = QuantizationReport(
         recipe=recipe,

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jquant.formats import get_format
 from jquant.kv.cache import KVCacheConfig
-from jquant.kv.calibrate import attention_layers
+from jquant.kv.calibrate import attention_layers, set_kv_cache
 from jquant.kv.quantizer import FormatKV, KVQuantizer
 from jquant.kv.smoothing import KVSmoothing
 
@@ -61,11 +61,12 @@ def configs_to_json(model: nnx.Module) -> dict:
 def restore_configs(model: nnx.Module, data: dict) -> None:
     """Set the saved configs on ``model`` (in place), with placeholder smoothing parameters where saved."""
     layers = attention_layers(model)
+    unknown = sorted(set(data) - set(layers))
+    if unknown:
+        raise ValueError(f"kv_cache.json names {unknown[0]!r}, which is not an attention layer of this model.")
+    set_kv_cache(model, {path: config_from_dict(d) for path, d in data.items()})
     for path, d in data.items():
-        if path not in layers:
-            raise ValueError(f"kv_cache.json names {path!r}, which is not an attention layer of this model.")
         layer = layers[path]
-        layer.kv_cache = config_from_dict(d)
         if d.get("smoothing"):
             c = layer.cfg.num_kv_heads * layer.cfg.head_dim
             layer.kv_smoothing = KVSmoothing(*(jax.ShapeDtypeStruct((c,), jnp.float32) for _ in range(4)))

@@ -42,7 +42,7 @@ from flax import nnx
 
 from jquant.formats import IntFormat
 from jquant.kv.cache import KVCacheConfig
-from jquant.kv.calibrate import attention_layers, capture_kv
+from jquant.kv.calibrate import attention_layers, capture_kv, set_kv_cache
 from jquant.kv.quantizer import KVQuantizer
 from jquant.kv.smoothing import KVSmoothing
 from jquant.calib.sequential import BlockVisit, walk_blocks
@@ -155,8 +155,8 @@ def train_blocks(model: nnx.Module, calib_tokens: np.ndarray, config: WKVQuantCo
         i, block = v.index, v.block
         if i == 0:
             x_fp.extend(h for h, _ in v.inputs)
-        attn = next(iter(attention_layers(block).values()))
-        attn.kv_cache = _kv_config(config, attn.cfg.head_dim)
+        (attn_path, attn), = attention_layers(block).items()
+        set_kv_cache(block, {attn_path: _kv_config(config, attn.cfg.head_dim)})
         if config.smoothing:
             attn.kv_smoothing = KVSmoothing(*(jnp.asarray(a, jnp.float32)
                                               for a in _initial_smoothing(samples[attn_paths[i]])))

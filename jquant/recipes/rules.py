@@ -147,7 +147,9 @@ class Recipe:
 
     ``transforms`` run in order on the float model before any rule (equivalence
     transforms: SmoothQuant, QuaRot, OSTQuant); ``kv_cache`` names the format that
-    keys and values are quantized with, per token and head (``"int4-asym"``: KV4).
+    keys and values are quantized with, per token and head (``"int4-asym"``: KV4), for every
+    attention layer, or gives ``(pattern, format)`` pairs over attention-layer paths (first match
+    wins; format None keeps that layer's cache in floating point; ``kv_format_for``).
     """
 
     name: str
@@ -155,9 +157,20 @@ class Recipe:
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     description: str = ""
     transforms: tuple[TransformStep, ...] = ()
-    kv_cache: str | None = None
+    kv_cache: str | tuple[tuple[str, str | None], ...] | None = None
 
     def __post_init__(self):
+        if self.kv_cache is not None and not isinstance(self.kv_cache, str):
+            pairs = tuple(tuple(p) for p in self.kv_cache)
+            for pair in pairs:
+                if len(pair) != 2 or not isinstance(pair[0], str) or not (pair[1] is None or isinstance(pair[1], str)):
+                    raise ValueError(f"Recipe {self.name!r}: kv_cache entries are (layer pattern, format name or None) "
+                                     f"pairs, got {pair!r}.")
+                try:
+                    re.compile(pair[0])
+                except re.error as err:
+                    raise ValueError(f"Recipe {self.name!r}: kv_cache pattern {pair[0]!r} is invalid: {err}.") from None
+            object.__setattr__(self, "kv_cache", pairs)
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
         object.__setattr__(self, "transforms", tuple(
@@ -172,6 +185,12 @@ class Recipe:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"Recipe {self.name!r}: keep_float pattern {pattern!r} is invalid: {err}.") from None
+
+    def kv_format_for(self, layer: str) -> str | None:
+        """The KV-cache format of attention layer ``layer`` (its module path), or None (float cache)."""
+        if self.kv_cache is None or isinstance(self.kv_cache, str):
+            return self.kv_cache
+        return next((fmt for pattern, fmt in self.kv_cache if re.fullmatch(pattern, layer)), None)
 
     def rule_for(self, path: str, expert: int | None = None, group: str | None = None) -> Rule | None:
         """The rule that applies to site ``path`` (None: stays in floating point).
@@ -219,7 +238,7 @@ class Recipe:
         if self.transforms:
             out["transforms"] = [t.to_dict() for t in self.transforms]
         if self.kv_cache is not None:
-            out["kv_cache"] = self.kv_cache
+            out["kv_cache"] = self.kv_cache if isinstance(self.kv_cache, str) else [list(p) for p in self.kv_cache]
         return out
 
     def to_json(self) -> str:

@@ -43,6 +43,7 @@ from flax import nnx
 
 from jquant.formats import Format, IntFormat, fake_quantize, get_format
 from jquant.kv.cache import KVCacheConfig
+from jquant.kv.calibrate import set_kv_cache
 from jquant.losses import kl_top
 from jquant.numerics.hadamard import hadamard_matrix, random_hadamard, supported_size
 from jquant.optim.stiefel import ROTATION_LR, SCALE_LR, ostquant_optimizer
@@ -180,9 +181,8 @@ def student_template(model: nnx.Module, layout: DecoderLayout, config: OSTQuantC
         for path in layout.block_linears:
             module_at(student, path).activation = fmt
     if config.kv is not None:
-        kv = _training_format(config.kv)
-        for layer in layout.layers:
-            module_at(student, layer.attention.path).kv_cache = KVCacheConfig.of_format(kv)
+        kv = KVCacheConfig.of_format(_training_format(config.kv))
+        set_kv_cache(student, {layer.attention.path: kv for layer in layout.layers})
     return student
 
 

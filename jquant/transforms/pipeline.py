@@ -10,13 +10,15 @@ before its weights are restored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import jax
 from flax import nnx
 
-from jquant.formats import Format, get_format
+from jquant.formats import get_format
 from jquant.kv.cache import KVCacheConfig
+from jquant.kv.calibrate import set_kv_cache
 from jquant.recipes import Recipe, TransformStep
 from jquant.transforms.equivalence import OnlineRotations, module_at, online_size, set_online_rotations
 from jquant.transforms.layout import DecoderLayout, layout_of
@@ -86,9 +88,17 @@ def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
             raise ValueError(f"recipe {recipe.name!r} asks for an online q/k rotation in {layer.attention.path}, which "
                              "has no such site.")
     if recipe.kv_cache is not None:
-        fmt = get_format(recipe.kv_cache)
+        paths = [layer.attention.path for layer in layout.layers]
+        if not isinstance(recipe.kv_cache, str):
+            unused = [p for p, _ in recipe.kv_cache if not any(re.fullmatch(p, path) for path in paths)]
+            if unused:
+                raise ValueError(f"recipe {recipe.name!r}: kv_cache patterns {unused} match no attention layer; "
+                                 f"layers look like {paths[:2]}.")
         for layer in layout.layers:
             a = layer.attention
+            if recipe.kv_format_for(a.path) is None:
+                continue
+            fmt = get_format(recipe.kv_format_for(a.path))
             try:
                 fmt.check_shape((1, 1, a.num_kv_heads, a.head_dim), 3)
             except ValueError as err:
@@ -122,11 +132,11 @@ def run_transforms(model: nnx.Module, recipe: Recipe, calib, *,
     return model, tuple(logs)
 
 
-def set_kv_cache_format(model: nnx.Module, fmt: Format | str | None) -> None:
-    """Quantize keys and values of every attention layer with ``fmt`` (in place; None: float)."""
-    config = None if fmt is None else KVCacheConfig.of_format(fmt)
-    for layer in layout_of(model).layers:
-        module_at(model, layer.attention.path).kv_cache = config
+def set_kv_cache_format(model: nnx.Module, recipe: Recipe) -> None:
+    """Quantize keys and values of each attention layer with the recipe's format for it (in place; through
+    ``jquant.kv.set_kv_cache``, the one place KV configurations are attached)."""
+    formats = {layer.attention.path: recipe.kv_format_for(layer.attention.path) for layer in layout_of(model).layers}
+    set_kv_cache(model, {path: None if fmt is None else KVCacheConfig.of_format(fmt) for path, fmt in formats.items()})
 
 
 def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
@@ -151,4 +161,4 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
             if down.input_rotation != kernel.shape[0]:
                 down.kernel.set_value(jax.ShapeDtypeStruct((down.input_rotation, *kernel.shape[1:]), kernel.dtype))
     if recipe.kv_cache is not None:
-        set_kv_cache_format(model, recipe.kv_cache)
+        set_kv_cache_format(model, recipe)

@@ -86,6 +86,9 @@ def _ostquant_config(options: Mapping[str, Any], recipe, model: nnx.Module) -> O
     weight = None
     if rule is not None and rule.weight is not None and activation is None:  # weight-only: train with fake-quant weights
         weight = get_format(rule.weight, **dict(rule.weight_options))
+    if recipe.kv_cache is not None and not isinstance(recipe.kv_cache, str):
+        raise ValueError(f"recipe {recipe.name!r}: OSTQuant trains with one KV format for every layer; give kv_cache "
+                         "as one format name.")
     return OSTQuantConfig(**{"activation": activation, "kv": recipe.kv_cache, "weight": weight, **options})
 
 

@@ -279,3 +279,27 @@ def test_transforms_that_calibrate_need_calib(model):
                         transforms=(TransformStep("quarot", {"online": ["down"]}),))
     qmodel = jq.quantize(model, rtn_quarot, progress=False)
     assert qmodel.layers[1].mlp.down_proj.input_rotation == 96
+
+
+def test_kv_formats_per_layer_from_recipe_pairs(tmp_path):
+    """``kv_cache`` as (layer pattern, format) pairs: first match wins, None keeps a layer float; saved and loaded."""
+    from jquant.checkpoint import load, save
+    from jquant.kv.calibrate import attention_layers
+    from jquant.models import llama
+    from jquant.quantization import quantize
+    from jquant.recipes import Recipe, Rule
+
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                            num_kv_heads=2)
+    model = llama.init_model(cfg, jax.random.key(0))
+    recipe = Recipe(name="kv-mixed", rules=(Rule(pattern=".*", weight="int8"),),
+                    kv_cache=(("layers/0/.*", "int4-asym"), ("layers/1/.*", None), (".*", "int8-asym")))
+    qmodel = quantize(model, recipe, progress=False)
+    caches = {p: (None if a.kv_cache is None else a.kv_cache.key.name) for p, a in attention_layers(qmodel).items()}
+    assert caches == {"layers/0/self_attn": "int4-asym", "layers/1/self_attn": None, "layers/2/self_attn": "int8-asym"}
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    tokens = np.arange(12).reshape(1, 12) % 64
+    save(qmodel, tmp_path / "kv")
+    np.testing.assert_array_equal(np.asarray(load(tmp_path / "kv")(tokens)), np.asarray(qmodel(tokens)))
+    with pytest.raises(ValueError, match=r"kv_cache patterns \['layer/9'\] match no attention layer"):
+        quantize(model, Recipe(name="typo", rules=recipe.rules, kv_cache=(("layer/9", "int4-asym"),)), progress=False)
