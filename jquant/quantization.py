@@ -38,9 +38,9 @@ from jquant.calib.capture import InputStatistics
 from jquant.calib.data import check_calibration
 from jquant.calib.sequential import BlockVisit, block_paths, walk_blocks
 from jquant.formats import ExpertPartition, Format, IntFormat, QArray, get_format
+from jquant.models.registry import family_of
 from jquant.ops.linear import ActivationFormat
 from jquant.progress import progress_bar
-from jquant.models.registry import family_of
 from jquant.recipes import Recipe, Rule, get
 from jquant.recipes.rules import DEFAULT_KEEP_FLOAT
 from jquant.sites import ActivationGroups, Site, activation_groups, find_sites
