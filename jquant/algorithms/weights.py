@@ -37,6 +37,7 @@ from jquant.algorithms.pcdvq import PCDVQConfig, pcdvq_quantize
 from jquant.algorithms.rwkvquant import mix_codebook_weight
 from jquant.calib.capture import InputStatistics
 from jquant.formats import CodebookFormat, Format, IntFormat, PolarVQFormat, QArray, quantize
+from jquant.named_registry import NamedRegistry
 
 WeightAlgorithm = Callable[..., QArray]
 
@@ -179,26 +180,21 @@ class AlgorithmSpec:
     options: type | None = None
 
 
-_REGISTRY: dict[str, AlgorithmSpec] = {}
+_REGISTRY: NamedRegistry[AlgorithmSpec] = NamedRegistry("weight algorithm")
 
 
 def register_algorithm(spec: AlgorithmSpec) -> AlgorithmSpec:
     """Add a weight algorithm recipes can name; a second spec under a taken name is refused."""
-    if _REGISTRY.get(spec.name, spec) is not spec:
-        raise ValueError(f"a weight algorithm named {spec.name!r} is already registered; give yours another name.")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.register(spec.name, spec)
 
 
 def algorithm(name: str) -> AlgorithmSpec:
     """The registered algorithm ``name``; the error lists the known ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown weight algorithm {name!r}; known: {', '.join(_REGISTRY)}.")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def algorithm_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return _REGISTRY.names()
 
 
 for _spec in (

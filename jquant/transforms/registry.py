@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from jquant.formats import get_format
+from jquant.named_registry import NamedRegistry
 from jquant.transforms.layout import layout_of
 from jquant.transforms.mamba_rotation import mambaquant
 from jquant.transforms.ostquant import OSTQuantConfig, ostquant
@@ -57,26 +58,21 @@ class TransformSpec:
         return {**self.options, **self.check_options(given, where)}
 
 
-_REGISTRY: dict[str, TransformSpec] = {}
+_REGISTRY: NamedRegistry[TransformSpec] = NamedRegistry("transform")
 
 
 def register_transform(spec: TransformSpec) -> TransformSpec:
     """Add a transform recipes can name; a second spec under a taken kind is refused."""
-    if _REGISTRY.get(spec.kind, spec) is not spec:
-        raise ValueError(f"a transform named {spec.kind!r} is already registered; give yours another name.")
-    _REGISTRY[spec.kind] = spec
-    return spec
+    return _REGISTRY.register(spec.kind, spec)
 
 
 def transform(kind: str) -> TransformSpec:
     """The registered transform ``kind``; the error lists the known ones."""
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown transform {kind!r}; known: {', '.join(_REGISTRY)}.")
-    return _REGISTRY[kind]
+    return _REGISTRY.get(kind)
 
 
 def transform_kinds() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def _ostquant_config(options: Mapping[str, Any], recipe, model: nnx.Module) -> OSTQuantConfig:
