@@ -19,11 +19,18 @@ from jquant.ops.linear import quantize_activation
 from jquant.quantization import plan, quantize
 from jquant.recipes import Recipe, Rule
 from jquant.checkpoint import load, save
-from jquant.models.registry import register
+from jquant.models import registry
 from jquant.testing.tiny_families import FAMILIES, TinyDiT, TinyDiTConfig, TinyMLLM, TinyMLLMConfig
 
-for _family in FAMILIES:
-    register(_family)
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_families_registered():
+    """Register the test families for this module only (the registry is process-wide)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+        for family in FAMILIES:
+            registry.register(family)
+        yield
 
 
 
