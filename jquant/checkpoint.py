@@ -153,14 +153,24 @@ def _abstract_weight(fmt, shape: tuple[int, ...], dtype, axis: int):
 def load(path: str | os.PathLike) -> nnx.Module:
     """Restore a model written by ``save`` (validating every stored array's shape first)."""
     folder = Path(path).absolute()
-    abstract, _ = abstract_quantized(folder)
+    abstract, recipe = abstract_quantized(folder)
     graphdef, target = nnx.split(abstract)
+    if not (folder / STATE).is_dir():
+        raise FileNotFoundError(f"{folder} is not a complete jquant checkpoint ({STATE}/ is missing); save the model again.")
     checkpointer = ocp.StandardCheckpointer()
-    stored = checkpointer.metadata(folder / STATE)
-    stored_tree = getattr(stored, "item_metadata", stored)
-    _check_shapes(nnx.state(abstract, nnx.Param), stored_tree, folder)
-    params = checkpointer.restore(folder / STATE, nnx.state(abstract, nnx.Param))
-    checkpointer.close()
+    try:
+        stored = checkpointer.metadata(folder / STATE)
+        stored_tree = getattr(stored, "item_metadata", stored)
+        _check_shapes(nnx.state(abstract, nnx.Param), stored_tree, folder, recipe_missing=recipe is None)
+        params = checkpointer.restore(folder / STATE, nnx.state(abstract, nnx.Param))
+    except ValueError:
+        raise
+    except Exception as err:  # orbax/TensorStore raise bare Exceptions with pages of detail for damaged chunks
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ValueError(f"{folder / STATE} could not be read ({detail}): the checkpoint is damaged or truncated; "
+                         "save the model again (or copy the folder again from its source).") from None
+    finally:
+        checkpointer.close()
     return nnx.merge(graphdef, params, nnx.state(abstract, nnx.Not(nnx.Param)))
 
 
@@ -170,10 +180,17 @@ def _key(path) -> str:
     return "/".join(str(p) for p in parts)
 
 
-def _check_shapes(target, stored, folder: Path) -> None:
+def _check_shapes(target, stored, folder: Path, *, recipe_missing: bool) -> None:
     want = {_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(target)}
     have = {_key(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored) if hasattr(v, "shape")}
+    if not have:
+        raise ValueError(f"{folder / STATE} holds no readable arrays: the checkpoint is damaged or truncated; "
+                         "save the model again (or copy the folder again from its source).")
     for name, shape in want.items():
+        if name not in have and recipe_missing and any(k.startswith(name + "/") for k in have):
+            raise ValueError(f"{folder}: {RECIPE} is missing but the state holds quantized arrays "
+                             f"(e.g. under {name}): the checkpoint is incomplete; copy {RECIPE} back from where the "
+                             "checkpoint was saved, or save the quantized model again.")
         if name not in have:
             raise ValueError(f"{folder}: the checkpoint has no array for {name} (expected shape {shape}).")
         if have[name] != shape:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -25,6 +26,32 @@ EPILOG = """examples:
   jquant generate --model jq-llama-tiny --prompt "To be, or not to be" --max-new-tokens 40
   jquant train --preset jq-llama-tiny --steps 800 --out runs/tiny --export runs/tiny/hf
 """
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (argparse names the flag in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+TOKENIZER_HELP = ("tokenizer folder (with tokenizer.json) for a model folder that ships none "
+                  "(default: the model folder's own tokenizer)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                                                 "must be a new or empty folder unless --overwrite")
     qz.add_argument("--overwrite", action="store_true",
                     help="let --out replace a folder jquant wrote earlier (never anything else)")
-    qz.add_argument("--calib-samples", type=int, default=64, help="calibration windows from the train split (default: %(default)s)")
-    qz.add_argument("--calib-seq-len", type=int, default=256, help="calibration window length (default: %(default)s)")
+    qz.add_argument("--calib-samples", type=_positive_int, default=64, help="calibration windows from the train split (default: %(default)s)")
+    qz.add_argument("--calib-seq-len", type=_positive_int, default=256, help="calibration window length (default: %(default)s)")
     qz.add_argument("--seed", type=int, default=0, help="PRNG seed for picking calibration windows")
     qz.add_argument("--calib-source", choices=["corpus", "ebss"], default="corpus",
                     help="calibration text: windows of the bundled corpus, or (MoE models) text the model writes "
@@ -65,25 +92,31 @@ def _parser() -> argparse.ArgumentParser:
                         "recipe's equivalence transforms")
     qs.add_argument("--model", default="jq-llama-tiny", help="bundled model name or Hugging Face folder (default: %(default)s)")
     qs.add_argument("--recipe", required=True, help="a recipe with transform steps, e.g. quarot-w4a4kv4")
-    qs.add_argument("--calib-samples", type=int, default=32, help="calibration windows from the train split (default: %(default)s)")
-    qs.add_argument("--calib-seq-len", type=int, default=256)
-    qs.add_argument("--seed", type=int, default=0)
-    qs.add_argument("--json", action="store_true")
+    qs.add_argument("--calib-samples", type=_positive_int, default=32, help="calibration windows from the train split (default: %(default)s)")
+    qs.add_argument("--calib-seq-len", type=_positive_int, default=256,
+                    help="calibration window length (default: %(default)s)")
+    qs.add_argument("--seed", type=int, default=0, help="PRNG seed for picking calibration windows")
+    qs.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    qs.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     gen = sub.add_parser("generate", help="continue a prompt")
     gen.add_argument("--model", default="jq-llama-tiny", help="bundled model name or checkpoint folder (default: %(default)s)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=60)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    gen.add_argument("--json", action="store_true")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=60,
+                     help="tokens to generate; prompt + these must fit the model's context (default: %(default)s)")
+    gen.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                     help="sampling temperature, 0 = greedy (default: %(default)s)")
+    gen.add_argument("--top-k", type=_positive_int, default=None,
+                     help="sample only from the K most likely tokens, at most the vocabulary size (default: all)")
+    gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default: %(default)s)")
+    gen.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    gen.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     tr = sub.add_parser("train", help="train a reference-model preset on the bundled corpus")
     tr.add_argument("--preset", default="jq-llama-tiny", help="a preset from `jquant list presets` (default: %(default)s)")
-    tr.add_argument("--steps", type=int, required=True, help="optimizer steps of batch-size x seq-len tokens")
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--seq-len", type=int, default=256)
+    tr.add_argument("--steps", type=_positive_int, required=True, help="optimizer steps of batch-size x seq-len tokens")
+    tr.add_argument("--batch-size", type=_positive_int, default=16)
+    tr.add_argument("--seq-len", type=_positive_int, default=256)
     tr.add_argument("--peak-lr", type=float, default=2e-3)
     tr.add_argument("--warmup-steps", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
@@ -98,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--cases", default=None, help="comma-separated case names (default: all; see jquant.benchmark.CASES)")
     bn.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x8192", help="KxN list (default: %(default)s)")
     bn.add_argument("--m", default="1,2,4,8,16,64,256,1024,4096,8192", help="batch sizes M (default: %(default)s)")
-    bn.add_argument("--reps", type=int, default=5)
+    bn.add_argument("--reps", type=_positive_int, default=5)
     bn.add_argument("--no-xla", action="store_true", help="skip the XLA dequantize path")
     bn.add_argument("--out", default=None, help="also write the JSON result and markdown report to this folder")
     bn.add_argument("--allow-cpu", action="store_true", help="run without a GPU (interpret mode; tiny shapes only)")
@@ -110,10 +143,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="ppl,next_line,same_source",
                    help="comma-separated: ppl and zero-shot tasks next_line, source, same_source (default: %(default)s)")
     p.add_argument("--split", default="validation", help="corpus split for perplexity (zero-shot uses test) (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=256, help="perplexity window length in tokens (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
-    p.add_argument("--n-items", type=int, default=200, help="items per zero-shot task (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="perplexity window length in tokens (default: %(default)s)")
+    p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--n-items", type=_positive_int, default=200, help="items per zero-shot task (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward pass (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--no-latency", action="store_true", help="skip the prefill/decode latency measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -127,6 +161,15 @@ def _print_table(console: Console, title: str, rows: Sequence[tuple[str, str]]) 
     console.print(table)
 
 
+def _named_table(title: str, names: Sequence[str], columns: Sequence[str]) -> Table:
+    """A table whose first column holds ``names`` in full (never wrapped or cut; the other columns fold instead)."""
+    table = Table(title=title)
+    table.add_column("name", no_wrap=True, min_width=max(map(len, names), default=4))
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
 def _cmd_list(args, console: Console) -> dict:
     from jquant.formats import FORMATS
     from jquant.models import list_models
@@ -135,9 +178,8 @@ def _cmd_list(args, console: Console) -> dict:
     if args.what == "recipes":
         data = {r.name: r.to_dict() for r in list_recipes()}
         if not args.json:
-            table = Table(title="built-in recipes (embeddings and lm_head stay float)")
-            for col in ("name", "transforms", "weights", "activations", "KV", "algorithm", "description"):
-                table.add_column(col)
+            table = _named_table("built-in recipes (embeddings and lm_head stay float)", list(data),
+                                 ("transforms", "weights", "activations", "KV", "algorithm", "description"))
             for r in list_recipes():
                 rule = r.rules[0]
                 table.add_row(r.name, ",".join(t.kind for t in r.transforms) or "-", rule.weight or "-",
@@ -156,9 +198,7 @@ def _cmd_list(args, console: Console) -> dict:
         presets = [(name, family.name, cfg) for family in families() for name, cfg in family.presets.items()]
         data = {name: {"family": family, **dataclasses.asdict(cfg)} for name, family, cfg in presets}
         if not args.json:
-            table = Table(title="model presets")
-            for col in ("name", "family", "hidden", "layers", "inner/ffn", "vocab"):
-                table.add_column(col)
+            table = _named_table("model presets", list(data), ("family", "hidden", "layers", "inner/ffn", "vocab"))
             for name, family, cfg in presets:
                 table.add_row(name, family, str(cfg.hidden_size), str(cfg.num_layers), str(cfg.intermediate_size),
                               str(cfg.vocab_size))
@@ -167,9 +207,8 @@ def _cmd_list(args, console: Console) -> dict:
     models = list_models()
     data = {m.name: {"path": str(m.path), **m.info} for m in models}
     if not args.json:
-        table = Table(title="bundled models")
-        for col in ("name", "parameters", "validation ppl", "train tokens", "train time", "weights"):
-            table.add_column(col)
+        table = _named_table("bundled models", list(data),
+                             ("parameters", "validation ppl", "train tokens", "train time", "weights"))
         for m in models:
             i = m.info
             table.add_row(m.name, f"{i.get('parameters', 0) / 1e6:.2f}M", f"{i.get('validation_ppl', float('nan')):.2f}",
@@ -179,6 +218,38 @@ def _cmd_list(args, console: Console) -> dict:
     return data
 
 
+def _tasks(args) -> list[str]:
+    """The ``--tasks`` list; an empty one is refused (it would evaluate nothing and look like success)."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks {args.tasks!r} names no task; pass e.g. --tasks ppl,next_line,same_source.")
+    return tasks
+
+
+def _tokenizer(loaded, args, *, required: bool = True):
+    """``--tokenizer`` when given, else the model folder's own; a folder without one is an error when ``required``
+    (never a silent fallback to the bundled tokenizer) and None otherwise."""
+    from jquant.data import load_tokenizer
+    from jquant.data.tokenizer import DEFAULT_TOKENIZER_DIR
+
+    if args.tokenizer is not None:
+        return load_tokenizer(args.tokenizer)
+    if loaded.tokenizer is None and required:
+        raise FileNotFoundError(f"{loaded.path} has no tokenizer files (tokenizer.json); pass --tokenizer PATH, "
+                                f"e.g. --tokenizer {DEFAULT_TOKENIZER_DIR} for jquant's bundled tokenizer.")
+    return loaded.tokenizer
+
+
+def _check_fits_context(model, length: int, flag: str) -> None:
+    """Refuse ``length``-token windows beyond the model's context (RoPE models give numbers, but wrong ones)."""
+    from jquant.generate import max_context
+
+    context = max_context(model)
+    if context is not None and length > context:
+        raise ValueError(f"{flag} {length} exceeds the model's context of {context} tokens; pass {flag} {context} "
+                         "or less.")
+
+
 def _evaluate(model, tokenizer, args, progress: bool) -> dict:
     """Size, perplexity, zero-shot accuracy and latency of ``model`` as selected by ``args``."""
     from jquant.data import load_split, token_windows
@@ -186,7 +257,7 @@ def _evaluate(model, tokenizer, args, progress: bool) -> dict:
     from jquant.eval.size import size_report
     from jquant.eval.speed import prefill_decode_latency
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = _tasks(args)
     size = size_report(model)
     result: dict = {"parameters": size.parameters, "parameter_bytes": size.bytes, "bits_per_parameter": size.bits_per_parameter}
     if "ppl" in tasks:
@@ -217,11 +288,13 @@ def _metric_rows(result: dict, args) -> list[tuple[str, object]]:
 
 
 def _cmd_eval(args, console: Console) -> dict:
-    from jquant.data import load_tokenizer
     from jquant.models import load
 
+    _tasks(args)
     loaded = load(args.model)
-    result = {"model": str(loaded.path), **_evaluate(loaded.model, loaded.tokenizer or load_tokenizer(), args, not args.json)}
+    tokenizer = _tokenizer(loaded, args)
+    _check_fits_context(loaded.model, args.seq_len, "--seq-len")
+    result = {"model": str(loaded.path), **_evaluate(loaded.model, tokenizer, args, not args.json)}
     if not args.json:
         _print_table(console, f"eval: {args.model}", _metric_rows(result, args))
     return result
@@ -232,16 +305,21 @@ def _cmd_quantize(args, console: Console) -> dict:
 
     from jquant.atomic import check_output_folder
     from jquant.checkpoint import save
-    from jquant.data import load_split, load_tokenizer, random_windows
+    from jquant.data import load_split, random_windows
     from jquant.models import load
     from jquant.quantization import quantize
     from jquant.recipes import Recipe, get
 
     if args.out:
         check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
+    if not args.no_eval:
+        _tasks(args)
     recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
     loaded = load(args.model)
-    tokenizer = loaded.tokenizer or load_tokenizer()
+    tokenizer = _tokenizer(loaded, args, required=args.calib_source == "corpus" or not args.no_eval)
+    _check_fits_context(loaded.model, args.calib_seq_len, "--calib-seq-len")
+    if not args.no_eval:
+        _check_fits_context(loaded.model, args.seq_len, "--seq-len")
     progress = not args.json
     if args.calib_source == "ebss":
         from jquant.calib.ebss import EBSSConfig, self_sample
@@ -279,7 +357,7 @@ def _cmd_quantize(args, console: Console) -> dict:
 def _cmd_qsur(args, console: Console) -> dict:
     import jax
 
-    from jquant.data import load_split, load_tokenizer, random_windows
+    from jquant.data import load_split, random_windows
     from jquant.models import load
     from jquant.recipes import Recipe, get
     from jquant.transforms import qsur_report
@@ -290,7 +368,8 @@ def _cmd_qsur(args, console: Console) -> dict:
         raise ValueError(f"recipe {recipe.name!r} has no transform steps; pick e.g. smoothquant-w8a8 or quarot-w4a4kv4.")
     loaded = load(args.model)
     check_recipe(loaded.model, recipe)
-    tokenizer = loaded.tokenizer or load_tokenizer()
+    tokenizer = _tokenizer(loaded, args)
+    _check_fits_context(loaded.model, args.calib_seq_len, "--calib-seq-len")
     calib = random_windows(load_split("train"), tokenizer, args.calib_samples, args.calib_seq_len, jax.random.key(args.seed))
     before = qsur_report(loaded.model, calib)
     transformed, _ = run_transforms(loaded.model, recipe, calib, progress=not args.json)
@@ -315,13 +394,21 @@ def _cmd_generate(args, console: Console) -> dict:
     import jax
     import numpy as np
 
-    from jquant.data import load_tokenizer
-    from jquant.generate import SamplingConfig, generate
+    from jquant.generate import SamplingConfig, generate, max_context
     from jquant.models import load
 
     loaded = load(args.model)
-    tokenizer = loaded.tokenizer or load_tokenizer()
+    tokenizer = _tokenizer(loaded, args)
     ids = [tokenizer.eos_token_id] + tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", None)
+    if args.top_k is not None and vocab is not None and args.top_k > vocab:
+        raise ValueError(f"--top-k {args.top_k} exceeds the model's vocabulary of {vocab} tokens; "
+                         f"pass --top-k {vocab} or less (or leave it out to sample from all tokens).")
+    context = max_context(loaded.model)
+    if context is not None and len(ids) + args.max_new_tokens > context:
+        raise ValueError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the "
+                         f"model's context of {context} tokens; pass --max-new-tokens {max(context - len(ids), 0)} "
+                         "or less, or a shorter --prompt.")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
     out = generate(loaded.model, np.array([ids]), args.max_new_tokens, sampling=sampling, key=jax.random.key(args.seed),
                    eos_token_id=None)
@@ -400,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = COMMANDS[args.command](args, console)
     except (ValueError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {err}")
         return 2
     if args.json:
         print(json.dumps(result, indent=2, default=str))

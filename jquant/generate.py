@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +26,16 @@ class SamplingConfig:
     top_k: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}.")
-        if self.top_k is not None and self.top_k < 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), "
+                             f"got {self.temperature}.")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"SamplingConfig.top_k must be a positive integer or None, got {self.top_k}.")
+
+
+def max_context(model: nnx.Module) -> int | None:
+    """The longest sequence ``model`` is built for (its config's ``max_position_embeddings``; None when unbounded)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def _pick(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -63,6 +70,14 @@ def generate(
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}.")
     if sampling.temperature > 0 and key is None:
         raise ValueError("generate: sampling with temperature > 0 needs a PRNG key, e.g. key=jax.random.key(0).")
+    vocab = getattr(model.config, "vocab_size", None)
+    if sampling.top_k is not None and vocab is not None and sampling.top_k > vocab:
+        raise ValueError(f"generate: top_k={sampling.top_k} exceeds the model's vocabulary of {vocab} tokens; "
+                         f"pass a top_k <= {vocab} (or None for no top-k cut).")
+    context = max_context(model)
+    if context is not None and prompt.shape[1] + max_new_tokens > context:
+        raise ValueError(f"generate: the prompt ({prompt.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's context of {context} tokens; shorten the prompt or generate fewer tokens.")
     key = jax.random.key(0) if key is None else key
     if max_new_tokens == 0:
         return np.asarray(prompt)

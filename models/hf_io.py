@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jquant.atomic import atomic_folder
@@ -27,10 +27,16 @@ def read_config(path: str | os.PathLike) -> dict:
     """``config.json`` of a checkpoint folder as a dict."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
+        if (Path(path) / "state").is_dir():
+            raise FileNotFoundError(f"{path} looks like an incomplete jquant checkpoint: it has a state/ folder but no "
+                                    "jquant.json; save the model again (or copy the whole folder from its source).")
         raise FileNotFoundError(
             f"{config_path} not found: a Hugging Face checkpoint folder needs config.json next to its safetensors files."
         )
-    return json.loads(config_path.read_text())
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); fix or re-download the file.") from None
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -51,9 +57,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         shard = folder / name
         if not shard.is_file():
             raise FileNotFoundError(f"{INDEX_FILE} in {folder} lists shard {name}, which is missing.")
-        with safe_open(shard, framework="numpy") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(shard, framework="numpy") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except SafetensorError as err:
+            raise ValueError(f"{shard} is not a readable safetensors file ({err}): it is damaged or truncated; "
+                             "re-download or re-export the checkpoint.") from None
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:

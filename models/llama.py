@@ -12,6 +12,7 @@ Parameter paths mirror Hugging Face names so recipes can match them:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -68,9 +69,13 @@ class LlamaConfig:
     def __post_init__(self):
         if self.family not in self.FAMILIES:
             raise ValueError(f"{type(self).__name__}.family must be one of {self.FAMILIES}, got {self.family!r}.")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}.")
+                raise ValueError(f"{type(self).__name__}.{name} must be positive, got {getattr(self, name)}.")
+        if not math.isfinite(self.rms_norm_eps) or self.rms_norm_eps <= 0:
+            raise ValueError(f"{type(self).__name__}.rms_norm_eps (config.json rms_norm_eps) must be a finite "
+                             f"number > 0, got {self.rms_norm_eps}; the usual values are 1e-5 or 1e-6.")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(

@@ -85,7 +85,11 @@ def load_tokenizer(path: Path | str | None = None) -> PreTrainedTokenizerFast:
         raise FileNotFoundError(
             f"No tokenizer.json in {path}. Train one with `python -m jquant.data.tokenizer "
             f"train --corpus {DEFAULT_CORPUS_DIR} --vocab-size 4096 --out {path}`.")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a damaged tokenizer.json
+        raise ValueError(f"the tokenizer in {path} could not be read ({err}): tokenizer.json or a file beside it is "
+                         "damaged; copy the tokenizer files again or pass another tokenizer folder.") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -66,6 +66,9 @@ class Rule:
     when: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise ValueError(f"Rule.pattern must be a regular expression string matched against site paths "
+                             f"(e.g. r'.*mlp.*'), got {type(self.pattern).__name__} {self.pattern!r}.")
         try:
             re.compile(self.pattern)
         except re.error as err:
@@ -274,11 +277,22 @@ class Recipe:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"recipe file {path} is not valid YAML ({err}); fix the file or use a built-in "
+                                 "recipe (`jquant list recipes`).") from None
         elif path.suffix == ".json":
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"recipe file {path} is not valid JSON ({err}); fix the file or use a built-in "
+                                 "recipe (`jquant list recipes`).") from None
         else:
             raise ValueError(f"recipe file {path}: use a .json, .yaml or .yml file.")
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe file {path} must hold a mapping of recipe fields (name, rules, ...), "
+                             f"got {type(data).__name__}.")
         data = dict(data)
         data.setdefault("name", path.stem)
         return cls.from_dict(data)
