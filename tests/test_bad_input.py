@@ -87,6 +87,12 @@ def test_truncated_safetensors_names_the_file(hf_folder):
         load(hf_folder)
 
 
+def test_broken_config_json_names_the_file(hf_folder):
+    (hf_folder / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON .*fix or re-download the file"):
+        load(hf_folder)
+
+
 @pytest.mark.parametrize("name, text, kind", [("broken.yaml", "rules: [unclosed", "YAML"),
                                                 ("broken.json", '{"rules": [', "JSON")])
 def test_broken_recipe_file_names_the_file(capsys, tmp_path, name, text, kind):
