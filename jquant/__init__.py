@@ -14,8 +14,13 @@ fine-tuning), ``jquant.kv`` and ``jquant.train`` are imported on first attribute
 """
 
 import importlib
+import os
 
-from jquant import calib as calib
+# transformers (imported below for tokenizers and configs only) prints a "PyTorch was not found" advisory on
+# import when torch is absent, which jquant never needs; advisories only, its warnings and errors still show.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from jquant import calib as calib  # noqa: E402
 from jquant import formats as formats
 from jquant import ops as ops
 from jquant import recipes as recipes
