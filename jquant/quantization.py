@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -213,10 +214,13 @@ def _resolve(site: Site, rule: Rule, shape: tuple[int, ...]) -> tuple[Format | N
             raise ValueError(f"site {site.path!r}: {reason}")
         if isinstance(value, jax.Array) and not bool(jnp.all(jnp.isfinite(value))):
             raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
-    if act_fmt is not None and site.spec.kind not in ("linear", "experts"):
-        raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear sites.")
+    if act_fmt is not None and site.spec.kind not in ("linear", "experts", "conv"):
+        raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear, "
+                         "expert and convolution sites.")
     if act_fmt is not None:
         features = shape[site.spec.contraction_axis]
+        if site.spec.kind == "conv":  # the [K C_in, C_out] matrix view: inputs are quantized over C_in channels
+            features //= math.prod(site.module.kernel_size)
         try:
             act_fmt.check_shape((1, features), 1)
         except ValueError as err:

@@ -12,7 +12,7 @@ import jquant as jq
 from jquant import ops
 from jquant.algorithms.weights import algorithm
 from jquant.calib.capture import capture_statistics, set_capture
-from jquant.formats import QArray, dequantize, get_format, quantize
+from jquant.formats import QArray, dequantize, fake_quantize, get_format, quantize
 from jquant.models.layers import Conv
 from jquant.quantization import plan
 from jquant.recipes import Recipe, Rule
@@ -195,3 +195,20 @@ def test_plan_names_a_conv_site_whose_rows_the_group_size_does_not_divide():
     recipe = Recipe(name="w4", rules=(Rule(pattern=".*", weight="int4-g32", algorithm="gptq"),))
     with pytest.raises(ValueError, match=r"site 'conv_in' \(weight shape \(27, 32\), axis 0\).*does not divide.*Fix"):
         plan(model, recipe)
+
+
+def test_activation_formats_apply_to_conv_sites_over_their_input_channels():
+    model = _TinyVAE(4, nnx.Rngs(2))
+    recipe = Recipe(name="conv-w8a8", rules=(Rule(pattern=".*", weight="int8", activation="int8"),))
+    q = jq.quantize(model, recipe, progress=False)
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((2, 6, 6, 4)), jnp.float32)
+    act = get_format("int8")
+    h = ops.conv(fake_quantize(x, act, axis=-1), dequantize(q.conv_in.kernel.get_value()), q.conv_in.bias.get_value(),
+             kernel_size=(3, 3), padding=1)
+    want = ops.conv(fake_quantize(jax.nn.silu(h), act, axis=-1), dequantize(q.down.kernel.get_value()),
+                kernel_size=(2, 2), stride=2)
+    np.testing.assert_allclose(np.asarray(q(x)), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # groups of 128 tile the 128 rows of down's matrix view, but its inputs have 32 channels: refused by name
+    wide = Recipe(name="g128", rules=(Rule(pattern="down", activation="int8-g128"),))
+    with pytest.raises(ValueError, match=r"site 'down': activation format int8-g128 cannot quantize its 32 input"):
+        jq.quantize(model, wide, progress=False)
