@@ -8,10 +8,9 @@ from jquant.calib.data import batches as batches
 from jquant.calib.data import check_calibration as check_calibration
 from jquant.calib.data import check_group_ids as check_group_ids
 from jquant.calib.data import num_samples as num_samples
-from jquant.calib.data import stack_samples as stack_samples
 from jquant.calib.sequential import BlockVisit as BlockVisit
 from jquant.calib.sequential import Stage as Stage
 from jquant.calib.sequential import walk_blocks as walk_blocks
 
 __all__ = ["BlockVisit", "InputStatistics", "Stage", "batches", "capture_statistics", "check_calibration",
-           "check_group_ids", "model_input_statistics", "num_samples", "set_capture", "stack_samples", "walk_blocks"]
+           "check_group_ids", "model_input_statistics", "num_samples", "set_capture", "walk_blocks"]

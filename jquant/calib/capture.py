@@ -67,10 +67,9 @@ def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = 
     x3 = x.reshape(b, -1, features).astype(jnp.float32)
     num_groups = getattr(module, "capture_groups", None)
     grouped = groups is not None and num_groups is not None
-    if grouped:  # [B, N, G]: token n's group
-        onehot = jax.nn.one_hot(jnp.broadcast_to(groups, x.shape[:-1]).reshape(b, -1), num_groups, dtype=jnp.float32)
-    else:  # one group (summed with the plain formulas, so ungrouped statistics are unchanged bit for bit)
-        onehot = jnp.ones((b, x3.shape[1], 1), jnp.float32)
+    # [B, N, G]: token n's group; ungrouped statistics keep the plain formulas (unchanged bit for bit)
+    onehot = (jax.nn.one_hot(jnp.broadcast_to(groups, x.shape[:-1]).reshape(b, -1), num_groups, dtype=jnp.float32)
+              if grouped else None)
 
     def gram(rows: jax.Array) -> jax.Array:
         if grouped:
@@ -193,7 +192,7 @@ class InputStatistics:
         total = lambda a: None if a is None else np.tensordot(w, a, axes=1)  # noqa: E731
         scalar = lambda a: None if a is None else float(np.dot(w, a))  # noqa: E731
         return InputStatistics(hessian=total(self.hessian), count=scalar(self.count),
-                               absmax=np.max(self.absmax[w > 0], axis=0) if np.any(w > 0) else np.zeros_like(self.absmax[0]),
+                               absmax=np.max(self.absmax, axis=0),
                                total=total(self.total), energy=scalar(self.energy),
                                quantization_error=scalar(self.quantization_error),
                                affinity_hessian=total(self.affinity_hessian), affinity=scalar(self.affinity))

@@ -12,7 +12,6 @@ without one is a token language model, whose calibration must be integer ids bel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -96,9 +95,3 @@ def check_group_ids(ids: np.ndarray, groups: ActivationGroups, where: str) -> No
         raise ValueError(f"{where}: group id {int(bad[0])} is out of range; the model's groups are "
                          f"{dict(enumerate(groups.names))}. Fix the ids or the model's group names.")
 
-
-def stack_samples(samples: Sequence[Calibration]) -> Calibration:
-    """One calibration pytree from per-sample pytrees (e.g. states collected along sampler trajectories)."""
-    if not samples:
-        raise ValueError("stack_samples: no sample given.")
-    return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *samples)
