@@ -17,7 +17,9 @@ The checkpoint protocol every family implements:
 Import and export are optional: ``from_hf(path, *, dtype, param_dtype)`` reads a Hugging Face
 folder of one of ``hf_model_types``; ``to_hf(model, path, *, extra_files=None, overwrite=False)``
 writes one (atomically; ``extra_files(folder)`` adds files first); ``from_diffusers(path, *, dtype,
-param_dtype)`` reads a diffusers folder whose ``config.json`` names one of ``diffusers_class_names``.
+param_dtype)`` reads a diffusers folder whose ``config.json`` names one of ``diffusers_class_names``, and
+``to_diffusers(model, path, *, overwrite=False)`` writes one (atomically, ``config.json`` +
+``diffusion_pytorch_model.safetensors``, readable by diffusers' ``from_pretrained``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Family:
     from_hf: Callable[..., nnx.Module] | None = None
     to_hf: Callable[..., Any] | None = None
     from_diffusers: Callable[..., nnx.Module] | None = None
+    to_diffusers: Callable[..., Any] | None = None
     keep_float: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -72,6 +75,9 @@ class Family:
         if self.diffusers_class_names and self.from_diffusers is None:
             raise ValueError(f"Family {self.name!r} declares diffusers_class_names {list(self.diffusers_class_names)} "
                              "but no from_diffusers to read them; pass from_diffusers or drop diffusers_class_names.")
+        if self.to_diffusers is not None and not self.diffusers_class_names:
+            raise ValueError(f"Family {self.name!r} has to_diffusers but declares no diffusers_class_names; name the "
+                             "diffusers classes it writes.")
         for name, cfg in self.presets.items():
             if not isinstance(cfg, self.config_class):
                 raise TypeError(f"Family {self.name!r}: preset {name!r} is a {type(cfg).__name__}, not a "
