@@ -21,6 +21,12 @@ from jquant.atomic import atomic_folder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# diffusers' file names (``ModelMixin.save_pretrained``): one file, or shards with this index.
+DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def _index_name(weights_name: str) -> str:
+    return weights_name + ".index.json"
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -39,24 +45,44 @@ def read_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{config_path} is not valid JSON ({err}); fix or re-download the file.") from None
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint folder, single-file or sharded with an index."""
+def read_diffusers_config(path: str | os.PathLike, class_names: tuple[str, ...]) -> dict:
+    """``config.json`` of a diffusers model folder whose ``_class_name`` is one of ``class_names``.
+
+    A folder of another class (or a transformers folder) is refused with an error naming what it holds.
+    """
+    config = read_config(path)
+    found = config.get("_class_name")
+    if found not in class_names:
+        what = f"_class_name {found!r}" if found is not None else f"no _class_name (model_type {config.get('model_type')!r})"
+        raise ValueError(f"{path}: config.json has {what}, but this reader takes diffusers "
+                         f"{' / '.join(class_names)} folders; load it with the family that reads it "
+                         "(jquant.models.load picks one from the folder).")
+    return config
+
+
+def read_safetensors(path: str | os.PathLike, *, weights_name: str = SINGLE_FILE) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder, single-file or sharded with an index.
+
+    ``weights_name`` is the single file's name (``DIFFUSERS_FILE`` for diffusers folders); the index of a
+    sharded folder is that name plus ``.index.json``.
+    """
     folder = Path(path)
-    if (folder / INDEX_FILE).is_file():
-        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    index_file = _index_name(weights_name)
+    if (folder / index_file).is_file():
+        weight_map = json.loads((folder / index_file).read_text())["weight_map"]
         files = sorted(set(weight_map.values()))
-    elif (folder / SINGLE_FILE).is_file():
-        weight_map, files = None, [SINGLE_FILE]
+    elif (folder / weights_name).is_file():
+        weight_map, files = None, [weights_name]
     else:
         raise FileNotFoundError(
-            f"No weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards "
+            f"No weights in {folder}: expected {weights_name} or {index_file} with its shards "
             "(PyTorch .bin checkpoints are not read; re-save with safe_serialization=True)."
         )
     tensors: dict[str, np.ndarray] = {}
     for name in files:
         shard = folder / name
         if not shard.is_file():
-            raise FileNotFoundError(f"{INDEX_FILE} in {folder} lists shard {name}, which is missing.")
+            raise FileNotFoundError(f"{index_file} in {folder} lists shard {name}, which is missing.")
         try:
             with safe_open(shard, framework="numpy") as f:
                 for key in f.keys():
@@ -67,7 +93,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
-            raise ValueError(f"{INDEX_FILE} in {folder} lists tensors that no shard holds: {missing[:5]}")
+            raise ValueError(f"{index_file} in {folder} lists tensors that no shard holds: {missing[:5]}")
     return tensors
 
 
@@ -85,8 +111,12 @@ def write_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     extra_files: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    weights_name: str = SINGLE_FILE,
 ) -> Path:
     """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``) atomically.
+
+    ``weights_name``: the single file's name (``DIFFUSERS_FILE`` writes a folder diffusers'
+    ``from_pretrained`` reads); shards are named after it and indexed in ``weights_name + ".index.json"``.
 
     ``extra_files(folder)`` may add files (a tokenizer, say) before the folder
     is moved into place.  ``path`` must be new or an empty folder; ``overwrite=True``
@@ -97,16 +127,17 @@ def write_checkpoint(
         shards = _plan_shards(tensors, max_shard_bytes)
         metadata = {"format": "pt"}
         if len(shards) == 1:
-            save_file({k: np.ascontiguousarray(tensors[k]) for k in shards[0]}, tmp / SINGLE_FILE, metadata=metadata)
+            save_file({k: np.ascontiguousarray(tensors[k]) for k in shards[0]}, tmp / weights_name, metadata=metadata)
         else:
             weight_map = {}
+            stem = weights_name.removesuffix(".safetensors")
             for i, names in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 save_file({k: np.ascontiguousarray(tensors[k]) for k in names}, tmp / fname, metadata=metadata)
                 weight_map.update({k: fname for k in names})
             total = int(sum(t.nbytes for t in tensors.values()))
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (tmp / _index_name(weights_name)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if extra_files is not None:
             extra_files(tmp)
     return Path(path).absolute()
