@@ -22,6 +22,7 @@ from jquant.formats.experts import ExpertPartition as ExpertPartition, stack_exp
 from jquant.formats.fp8 import FP8Format as FP8Format
 from jquant.formats.gse import GSEFormat as GSEFormat
 from jquant.formats.integer import IntFormat as IntFormat
+from jquant.formats.minmax import MinMaxFormat as MinMaxFormat
 from jquant.formats.mx import MXFormat as MXFormat
 from jquant.formats.nf4 import NF4Format as NF4Format
 from jquant.formats.nvfp4 import NVFP4Format as NVFP4Format

@@ -15,8 +15,8 @@ A layer's ``KVCacheConfig`` says how keys and values are held (SKVQ §3.3, WKVQu
 - ``pre_rope``: keys are cached before RoPE and rotated after dequantization (SKVQ's choice).
 
 Storage per layer and per tensor (``KVStore``): ``dense [B, S, K, D]`` when the tensor is not
-quantized; otherwise ``packed`` (the quantizer's arrays, one row per token or token block,
-``ceil((S - sink) / block)`` rows), ``sink [B, sink, K, D]`` and ``recent [B, R, K, D]``, the
+quantized; otherwise ``packed`` (a ``QArray`` of the quantizer's format, one row per token or
+token block on axis 1, ``ceil((S - sink) / block)`` rows), ``sink [B, sink, K, D]`` and ``recent [B, R, K, D]``, the
 last ``R = window + block - 1`` tokens in position order. Everything is allocated at full
 capacity, so ``KVCache.nbytes`` is the real footprint.
 
@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from jquant.formats import Format
-from jquant.kv.quantizer import FormatKV, KVQuantizer, Quantizer, Smoothing, Stored
+from jquant.formats import QArray
+from jquant.kv.quantizer import FormatKV, KVQuantizer, Quantizer, Smoothing
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,7 +126,7 @@ class KVStore:
     """Keys or values of one layer (see the module docstring for the fields' shapes)."""
 
     dense: jax.Array | None = None
-    packed: Stored | None = None
+    packed: QArray | None = None
     sink: jax.Array | None = None
     recent: jax.Array | None = None
 
@@ -141,7 +142,7 @@ def _empty_store(cfg: KVCacheConfig, q: Quantizer | None, shape: tuple[int, int,
     rows = _rows(cfg, q, s)
     spec = jax.eval_shape(lambda x: q.encode(x), jax.ShapeDtypeStruct((b, rows * q.block, k, d), jnp.float32))
     r = cfg.recent_length(q)
-    return KVStore(packed={n: jnp.zeros(a.shape, a.dtype) for n, a in spec.items()},
+    return KVStore(packed=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), spec),
                    sink=jnp.zeros((b, cfg.sink, k, d), dtype) if cfg.sink else None,
                    recent=jnp.zeros((b, r, k, d), dtype) if r else None)
 
@@ -176,7 +177,8 @@ def _write(store: KVStore, new: jax.Array, start: jax.Array, cfg: KVCacheConfig,
     rows = _rows(cfg, q, capacity)
     index = jnp.where(leaving, (block_start - cfg.sink) // blk, rows)
     encoded = q.encode(chunk, smooth)
-    packed = {n: store.packed[n].at[:, index].set(encoded[n], mode="drop") for n in store.packed}
+    written = {n: a.at[:, index].set(getattr(encoded, n), mode="drop") for n, a in store.packed.arrays().items()}
+    packed = dataclasses.replace(store.packed, **written)
     return KVStore(packed=packed, sink=sink, recent=recent)
 
 
@@ -187,7 +189,7 @@ def _read(store: KVStore, new: jax.Array, start: jax.Array, cfg: KVCacheConfig, 
         return store.dense.astype(new.dtype)
     b, t, k, d = new.shape
     length = jnp.asarray(start, jnp.int32) + t
-    rows = next(iter(store.packed.values())).shape[1]
+    rows = store.packed.shape[1]
     deq = q.decode(store.packed, (b, rows * q.block, k, d), smooth, new.dtype)
     full = jnp.concatenate([jnp.zeros((b, cfg.sink, k, d), new.dtype), deq], axis=1)[:, :capacity]
     pos = jnp.arange(capacity, dtype=jnp.int32)[None, :, None, None]

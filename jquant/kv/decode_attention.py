@@ -27,12 +27,11 @@ from jquant.kv.cache import KVCacheConfig, KVStore, LayerKVCache
 
 def _segments(store: KVStore, cfg: KVCacheConfig, q, length: jax.Array, dtype, smooth, shape):
     """``(values [B, N, K, D], positions [N], valid [N])`` per segment of one tensor."""
-    b, (k, d) = next(iter(store.packed.values())).shape[0], shape
+    (b, rows), (k, d) = store.packed.shape[:2], shape
     segments = []
     if cfg.sink:
         pos = jnp.arange(cfg.sink, dtype=jnp.int32)
         segments.append((store.sink.astype(dtype), pos, pos < length))
-    rows = next(iter(store.packed.values())).shape[1]
     deq = q.decode(store.packed, (b, rows * q.block, k, d), smooth, dtype)
     pos = cfg.sink + jnp.arange(rows * q.block, dtype=jnp.int32)
     end = cfg.quantized_end(q, length)

@@ -24,13 +24,13 @@ Group layouts (``axis``):
   a block is quantized only when all its tokens are known (the cache keeps them in full
   precision until then).
 
-Storage (a dict of arrays, token or block index on axis 1):
-``codes`` uint8 ``[B, N, Cp]`` (token) or ``[B, N, bt, Cp]`` (channel), packed along channels
-(``b`` bits per code; 1.5 bits as base-3 "trits", five per byte, 1.6 bits); ``scale`` and
-``zero`` ``[B, N, G]`` (token) or ``[B, N, C]`` (channel) in ``meta_dtype``.
+Storage: a ``QArray`` of the quantizer's ``format`` (``jquant.formats.MinMaxFormat``: the maths above,
+codes packed along the grouped axis, 1.5 bits as base-3 "trits", five per byte), token or block index
+on axis 1: logical shape ``[B, N, C]`` grouped along the channels (token), or ``[B, N, bt, C]``
+grouped along the ``bt`` tokens of each block, one range per channel (channel).
 
 ``FormatKV`` adapts any ``jquant.formats`` Format (e.g. ``int4-asym``, per token and head as in
-QuaRot/OSTQuant) to the same interface; it stores the QArray's children.
+QuaRot/OSTQuant) to the same interface; its QArrays have the logical shape ``[B, T, K, D]``.
 """
 
 from __future__ import annotations
@@ -42,19 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.formats import Format, QArray, dequantize, fake_quantize, get_format, quantize
-from jquant.formats.packing import pack_bits, pack_trits, packed_length, trit_packed_length, unpack_bits, unpack_trits
+from jquant.formats.minmax import META_DTYPES, MINMAX_BITS, MinMaxFormat
 
-KV_BITS = (1.5, 2, 3, 4, 8)
-META_DTYPES = ("float16", "bfloat16", "float8_e4m3fn", "float32")
+KV_BITS = MINMAX_BITS
 AXES = ("token", "channel")
-Stored = dict[str, jax.Array]
 Smoothing = tuple[jax.Array, jax.Array] | None  # (shift [C], scale [C]) of WKVQuant, or None
-
-
-def _store_meta(v: jax.Array, dtype: str) -> jax.Array:
-    """Round float32 metadata to ``dtype``, saturating at its largest finite value (fp8 e4m3fn: 448)."""
-    big = float(jnp.finfo(jnp.dtype(dtype)).max)
-    return jnp.clip(v, -big, big).astype(jnp.dtype(dtype))
 
 
 def _round_ste(u: jax.Array) -> jax.Array:
@@ -153,17 +145,24 @@ class KVQuantizer:
                 raise ValueError(f"{self.name}: group_size={self.group_size} does not divide the {c} channels of a "
                                  f"token ({kv_heads} heads x {head_dim}); use a divisor such as {head_dim}.")
 
+    @property
+    def format(self) -> MinMaxFormat:
+        """The storage format: channel groups of a token (token axis), or one range per channel over a block of
+        tokens (channel axis, the block being the QArray's grouped axis)."""
+        token = self.axis == "token"
+        return MinMaxFormat(bits=self.bits, group_size=self.group_size if token and self.group_sizes is None else None,
+                            group_sizes=self.group_sizes, clip=self.clip, meta_dtype=self.meta_dtype)
+
     def bits_per_element(self, channels: int) -> float:
-        """Stored bits per cached element: codes plus scale and zero point."""
-        meta = 2 * 8 * jnp.dtype(self.meta_dtype).itemsize
-        code = 8 * (trit_packed_length(channels) if self.bits == 1.5 else packed_length(channels, int(self.bits)))
-        if self.axis == "channel":
-            return code / channels + meta / self.group_size
-        return code / channels + meta * len(self.groups(channels)) / channels
+        """Stored bits per cached element (codes plus scales and zero points), from the QArray of one block."""
+        shape = (1, 1, channels) if self.axis == "token" else (1, 1, self.block, channels)
+        spec = self.format.expected_children(shape, 2)
+        stored = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in spec.values() if a is not None)
+        return 8.0 * stored / (channels * self.block)
 
     # -- maths -------------------------------------------------------------------------
     def _prepare(self, x: jax.Array, smooth: Smoothing) -> jax.Array:
-        """``[B, T, K, D]`` -> smoothed, permuted float32 ``[B, T, C]``."""
+        """``[B, T, K, D]`` -> smoothed, permuted float32 ``[B, T, C]`` (channel axis: ``[B, T / bt, bt, C]``)."""
         b, t = x.shape[:2]
         x = x.reshape(b, t, -1).astype(jnp.float32)
         if smooth is not None:
@@ -179,64 +178,23 @@ class KVQuantizer:
             y = y * smooth[1].astype(jnp.float32) + smooth[0].astype(jnp.float32)
         return y.reshape(shape).astype(dtype)
 
-    def _range(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Group min and max: ``[B, T, G]`` (token) or ``[B, N, 1, C]`` (channel, x blocked ``[B, N, bt, C]``)."""
-        if self.axis == "channel":
-            return x.min(axis=2, keepdims=True), x.max(axis=2, keepdims=True)
-        sizes = self.groups(x.shape[-1])
-        if len(set(sizes.tolist())) == 1:
-            g = x.reshape(*x.shape[:-1], len(sizes), int(sizes[0]))
-            return g.min(-1), g.max(-1)
-        ids = np.repeat(np.arange(len(sizes)), sizes)
-        xt = jnp.moveaxis(x, -1, 0)
-        lo = jax.ops.segment_min(xt, ids, num_segments=len(sizes), indices_are_sorted=True)
-        hi = jax.ops.segment_max(xt, ids, num_segments=len(sizes), indices_are_sorted=True)
-        return jnp.moveaxis(lo, 0, -1), jnp.moveaxis(hi, 0, -1)
-
-    def _expand(self, m: jax.Array, channels: int) -> jax.Array:
-        """Per-group metadata -> per channel (token axis); channel-axis metadata already is."""
-        if self.axis == "channel":
-            return m
-        return jnp.repeat(m, self.groups(channels), axis=-1, total_repeat_length=channels)
-
-    def _scale_zero(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Exact float32 ``(s, z)`` and their stored copies."""
-        lo, hi = self._range(x)
-        lo, hi = lo * self.clip, hi * self.clip
-        floor = max(1e-5, float(jnp.finfo(jnp.dtype(self.meta_dtype)).smallest_subnormal))
-        s = jnp.maximum((hi - lo) / self.levels, floor)
-        return s, lo, _store_meta(s, self.meta_dtype), _store_meta(lo, self.meta_dtype)
-
     def _blocked(self, x: jax.Array) -> jax.Array:
         b, t, c = x.shape
         if t % self.block:
             raise ValueError(f"{self.name}: {t} tokens are not whole blocks of {self.block}.")
         return x.reshape(b, t // self.block, self.block, c)
 
-    def encode(self, x: jax.Array, smooth: Smoothing = None) -> Stored:
-        """``x [B, T, K, D]`` -> stored arrays (T a multiple of ``block``)."""
+    def encode(self, x: jax.Array, smooth: Smoothing = None) -> QArray:
+        """``x [B, T, K, D]`` -> a QArray of ``format`` (T a multiple of ``block``; see the module docstring)."""
         xf = self._prepare(x, smooth)
         if self.axis == "channel":
             xf = self._blocked(xf)
-        c = xf.shape[-1]
-        _, _, s, z = self._scale_zero(xf)
-        s32, z32 = self._expand(s.astype(jnp.float32), c), self._expand(z.astype(jnp.float32), c)
-        q = jnp.clip(jnp.round((xf - z32) / s32), 0, self.levels).astype(jnp.int32)
-        codes = pack_trits(q, axis=-1) if self.bits == 1.5 else pack_bits(q, int(self.bits), axis=-1)
-        if self.axis == "channel":
-            s, z = s[:, :, 0], z[:, :, 0]
-        return {"codes": codes, "scale": s, "zero": z}
+        return quantize(xf, self.format, axis=2)
 
-    def decode(self, stored: Stored, shape: tuple[int, ...], smooth: Smoothing = None, dtype=jnp.float32) -> jax.Array:
-        """Stored arrays -> ``[B, T, K, D]`` of ``shape`` in ``dtype``."""
-        c = shape[2] * shape[3]
-        codes = stored["codes"]
-        q = unpack_trits(codes, c, axis=-1) if self.bits == 1.5 else unpack_bits(codes, int(self.bits), c, axis=-1)
-        s, z = stored["scale"].astype(jnp.float32), stored["zero"].astype(jnp.float32)
-        if self.axis == "channel":
-            s, z = s[:, :, None], z[:, :, None]
-        y = q.astype(jnp.float32) * self._expand(s, c) + self._expand(z, c)
-        return self._finish(y.reshape(shape[0], shape[1], c), shape, smooth, dtype)
+    def decode(self, stored: QArray, shape: tuple[int, ...], smooth: Smoothing = None, dtype=jnp.float32) -> jax.Array:
+        """A QArray of ``encode`` -> ``[B, T, K, D]`` of ``shape`` in ``dtype``."""
+        y = dequantize(stored, jnp.float32)
+        return self._finish(y.reshape(shape[0], shape[1], -1), shape, smooth, dtype)
 
     def fake(self, x: jax.Array, smooth: Smoothing = None) -> jax.Array:
         """``decode(encode(x))`` exactly in the forward pass; straight-through rounding, gradients reach the
@@ -247,12 +205,12 @@ class KVQuantizer:
         if self.axis == "channel":
             pad = -t % self.block
             xf = self._blocked(jnp.pad(xf, ((0, 0), (0, pad), (0, 0)), mode="edge"))
-        c = xf.shape[-1]
-        s, z, s_st, z_st = self._scale_zero(xf)
-        s, z = self._expand(_ste(s, s_st), c), self._expand(_ste(z, z_st), c)
+        fmt, n = self.format, xf.shape[2]
+        s, z, s_st, z_st = fmt.scale_zero(xf, 2)
+        s, z = fmt.expand(_ste(s, s_st), 2, n), fmt.expand(_ste(z, z_st), 2, n)
         v = _round_ste((xf - z) / s)
         v = jnp.where(v < 0, 0.0, jnp.where(v > self.levels, float(self.levels), v))
-        y = (v * s + z).reshape(b, -1, c)[:, :t]
+        y = (v * s + z).reshape(b, -1, xf.shape[-1])[:, :t]
         return self._finish(y, x.shape, smooth, x.dtype)
 
 
@@ -278,13 +236,13 @@ class FormatKV:
         except ValueError as err:
             raise ValueError(f"KV format {self.format.name} cannot hold head_dim={head_dim}: {err}") from None
 
-    def encode(self, x: jax.Array, smooth: Smoothing = None) -> Stored:
+    def encode(self, x: jax.Array, smooth: Smoothing = None) -> QArray:
         _no_smoothing(self, smooth)
-        return dict(quantize(x, self.format, axis=3).arrays())
+        return quantize(x, self.format, axis=3)
 
-    def decode(self, stored: Stored, shape: tuple[int, ...], smooth: Smoothing = None, dtype=jnp.float32) -> jax.Array:
+    def decode(self, stored: QArray, shape: tuple[int, ...], smooth: Smoothing = None, dtype=jnp.float32) -> jax.Array:
         _no_smoothing(self, smooth)
-        return dequantize(QArray(**stored, format=self.format, shape=tuple(shape), axis=3), dtype)
+        return dequantize(stored, dtype).reshape(shape)
 
     def fake(self, x: jax.Array, smooth: Smoothing = None) -> jax.Array:
         _no_smoothing(self, smooth)

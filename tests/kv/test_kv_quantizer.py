@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jquant.formats import QArray
 from jquant.formats.packing import pack_trits, unpack_trits
 from jquant.kv import FormatKV, KVQuantizer
 
@@ -81,9 +82,10 @@ def test_encode_decode_matches_spec_reference(name):
     assert np.all(np.abs(got - want) <= np.abs(want).max() * 1e-5 + _step_bound(x, q)), name
     # the fake (simulated) path is bit-identical to the packed round trip
     np.testing.assert_array_equal(np.asarray(q.fake(jnp.asarray(x))), np.asarray(q.decode(stored, x.shape)))
-    # bits per element counted from the stored arrays
-    nbytes = sum(a.size * a.dtype.itemsize for a in stored.values())
-    assert q.bits_per_element(C) == pytest.approx(8 * nbytes / x.size)
+    # the store is a validated QArray of the quantizer's format; bits per element counted from its arrays
+    assert isinstance(stored, QArray) and stored.format == q.format
+    stored.validate()
+    assert q.bits_per_element(C) == pytest.approx(8 * stored.nbytes / x.size)
 
 
 def _step_bound(x, q):

@@ -71,9 +71,11 @@ def test_quantized_cache_storage_and_size(name, bits):
         for store in (layer.k, layer.v):
             slot = store.packed
             assert store.dense is None and store.sink is None and store.recent is None
-            assert slot["codes"].dtype == jnp.uint8
-            assert slot["codes"].shape == (3, 10, 2, HEAD_DIM * bits // 8)  # packed along the head dim
-            assert slot["scales"].shape == slot["zeros"].shape == (3, 10, 2, 1)  # one per token and head
+            assert isinstance(slot, QArray) and slot.format == get_format(name) and slot.shape == (3, 10, 2, HEAD_DIM)
+            slot.validate()
+            assert slot.codes.dtype == jnp.uint8
+            assert slot.codes.shape == (3, 10, 2, HEAD_DIM * bits // 8)  # packed along the head dim
+            assert slot.scales.shape == slot.zeros.shape == (3, 10, 2, 1)  # one per token and head
     for layer in dense.layers:
         assert layer.config is None and layer.k.dense.dtype == jnp.float32 and layer.k.dense.shape == (3, 10, 2, HEAD_DIM)
     quantized_bytes, dense_bytes = _nbytes(cache.layers), _nbytes(dense.layers)
@@ -98,7 +100,7 @@ def test_update_writes_dequantize_of_quantize(name):
     rng = np.random.default_rng(1)
     layer = init_cache(num_layers=1, batch=2, capacity=10, kv_heads=2, head_dim=HEAD_DIM, dtype=jnp.float32,
                        configs=name).layers[0]
-    empty_k = np.asarray(dequantize(QArray(**layer.k.packed, format=fmt, shape=(2, 10, 2, HEAD_DIM), axis=3)))
+    empty_k = np.asarray(dequantize(layer.k.packed))
 
     def rand(t):
         return jnp.asarray(rng.standard_normal((2, t, 2, HEAD_DIM)) * rng.uniform(0.1, 3.0, (2, t, 2, 1)), jnp.float32)
@@ -120,10 +122,10 @@ def test_update_writes_dequantize_of_quantize(name):
     # the stored children of the other slots are bit-identical
     for before, after in ((first.k, second.k), (first.v, second.v)):
         for name_ in ("codes", "scales", "zeros"):
-            b, a = np.asarray(before.packed[name_]), np.asarray(after.packed[name_])
+            b, a = np.asarray(getattr(before.packed, name_)), np.asarray(getattr(after.packed, name_))
             np.testing.assert_array_equal(a[:, :4], b[:, :4])
             np.testing.assert_array_equal(a[:, 7:], b[:, 7:])
-        np.testing.assert_array_equal(np.asarray(after.packed["codes"][:, 4:7]), np.asarray(quantize(
+        np.testing.assert_array_equal(np.asarray(after.packed.codes[:, 4:7]), np.asarray(quantize(
             k1 if before is first.k else v1, fmt, axis=3).codes))
 
 

@@ -121,9 +121,10 @@ def test_each_token_is_quantized_once_from_its_own_value(name):
         assert end > cfg.sink
         direct = q.encode(full[:, cfg.sink:end])
         rows = (end - cfg.sink) // q.block
-        for n_, a in direct.items():
-            np.testing.assert_array_equal(np.asarray(store.packed[n_][:, :rows]), np.asarray(a), err_msg=n_)
-            assert not np.asarray(store.packed[n_][:, rows:]).any()  # later rows never written
+        stored = store.packed.arrays()
+        for n_, a in direct.arrays().items():
+            np.testing.assert_array_equal(np.asarray(stored[n_][:, :rows]), np.asarray(a), err_msg=n_)
+            assert not np.asarray(stored[n_][:, rows:]).any()  # later rows never written
         if cfg.sink:
             np.testing.assert_array_equal(np.asarray(store.sink), np.asarray(full[:, :cfg.sink]))
         if store.recent is not None:  # the last R tokens, exact, in position order
