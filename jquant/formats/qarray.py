@@ -6,7 +6,8 @@ A ``QArray`` is a registered pytree. Array children (``None`` when unused):
                    native float8 codes);
 - ``scales``       per-group scales (float16/bfloat16/float32 values, or uint8 scale
                    bytes: UE4M3 for NVFP4, E8M0 for MX; int8 exponents for GSE-INT);
-- ``zeros``        integer zero points (asymmetric integers), uint8;
+- ``zeros``        integer zero points (asymmetric integers), uint8; or the float offsets of
+                   min-max formats (``minmax``: the KV caches), in their metadata dtype;
 - ``tensor_scale`` one per-tensor value (NVFP4's float32 s_t; GSE-INT's int32 exponent
                    offset when the exponent field is narrowed);
 - ``codebooks``    lookup tables of codebook formats.
