@@ -1,6 +1,7 @@
 """Trainer: loss goes down, interrupted runs resume to the same weights, bad settings fail clearly."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -79,3 +80,52 @@ def test_nan_loss_stops_with_a_message(tmp_path):
 def test_bad_config_names_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
         TrainConfig(**kwargs)
+
+
+
+def test_fit_keeps_an_ema_that_resumes_and_ends_in_the_model(tmp_path):
+    """The generic loop on a regression batch pytree: the EMA follows ema_k = d ema_(k-1) + (1 - d) p_k over the
+    raw parameters p_k, validation sees it, the final model holds it, and an interrupted run resumes to it."""
+    from jquant.models.layers import Linear
+    from jquant.train import LoopConfig, fit
+
+    w_true = np.random.default_rng(0).standard_normal((3, 2)).astype(np.float32)
+    cfg = LoopConfig(steps=6, warmup_steps=1, peak_lr=0.05, checkpoint_every=2, eval_every=1, ema_decay=0.7)
+
+    def make():
+        return Linear(3, 2, use_bias=True, sharding=(None, None), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+    def run(workdir, stop_at=None):
+        model, raw, ema = make(), [], []
+
+        def batch(step):
+            if step == stop_at:
+                raise KeyboardInterrupt("simulated interruption")
+            raw.append(np.asarray(model.kernel[...]))  # the raw parameters after `step` updates
+            x = np.random.default_rng([1, step]).standard_normal((8, 3)).astype(np.float32)
+            return {"x": jnp.asarray(x), "y": jnp.asarray(x @ w_true)}
+
+        def loss(m, b, key):
+            noise = 0.01 * jax.random.normal(key, b["y"].shape)  # the step's key reaches the loss
+            return jnp.mean((m(b["x"]) - b["y"] - noise) ** 2)
+
+        def validation(m):
+            ema.append(np.asarray(m.kernel[...]))
+            return 0.0
+
+        fit(model, cfg, workdir, loss=loss, sample_batch=batch, validation=validation, progress=False)
+        return model, raw, ema
+
+    model, raw, ema = run(tmp_path / "a")
+    assert len(raw) == 6 and len(ema) == 6
+    expected = raw[0]  # the EMA starts at the initial parameters
+    for k in range(1, 6):
+        expected = cfg.ema_decay * expected + (1 - cfg.ema_decay) * raw[k]
+        np.testing.assert_allclose(ema[k - 1], expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(model.kernel[...]), ema[-1])
+    assert not np.allclose(ema[-1], raw[-1])  # the EMA really lags the raw parameters
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_at=3)
+    resumed, _, _ = run(tmp_path / "b")  # fresh weights: parameters, optimizer state and EMA come from step 2
+    np.testing.assert_array_equal(np.asarray(resumed.kernel[...]), np.asarray(model.kernel[...]))
