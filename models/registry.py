@@ -23,6 +23,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "mamba": "jquant.models.mamba",
     "mamba2": "jquant.models.mamba2",
     "rwkv6": "jquant.models.rwkv6",
+    "image_classifier": "jquant.models.image_classifier",
 }
 
 
