@@ -13,10 +13,10 @@ Each prompt is ``<start> + tokens`` right-padded to ``max_length``; ``<start>`` 
 which is how the LM saw the start of every passage in training (the corpus stream is ``p0 <eos> p1 <eos>``,
 without BOS). The LM is causal, so right padding cannot change the states of real tokens.
 
-Pooling is the masked mean rather than the last token's state: in a causal LM only the last token has seen the
-whole prompt, but its final state is shaped to predict the next token; the mean keeps every token's content and
-does not depend on where the prompt stops (SD3 and Flux pool their CLIP encoder in the same spirit, from a
-contrastive head this LM does not have).
+Pooling is the masked mean rather than the last token's state. In a causal LM only the last token has seen the
+whole prompt, but its final state is trained to predict the next token, not to summarise; CLIP (the pooled
+input of SD3 and Flux) can pool its end token because contrastive training makes that token the summary, which
+this LM never had. The mean keeps every token's content and weighs the prompt's words alike.
 
 The unconditional input of classifier-free guidance is ``unconditional(batch, max_length)``: the start token
 alone. ``encode`` refuses an empty prompt, so an empty caption in a data set cannot silently become the

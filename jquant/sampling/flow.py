@@ -43,6 +43,11 @@ def euler_flow(velocity: Velocity, x: jax.Array, sigmas: jax.Array, cond: Any, *
     call on the batch ``[x; x]`` with ``[cond; uncond]`` and mixes ``v_u + guidance (v_c - v_u)``.
     Returns the state at ``sigmas[-1]``, float32.
     """
+    if (uncond is None) != (guidance is None):
+        raise ValueError("euler_flow: classifier-free guidance needs both uncond and guidance; give both or neither.")
+    if np.ndim(sigmas) != 1 or np.shape(sigmas)[0] < 2:
+        raise ValueError(f"euler_flow: sigmas must be a 1-D schedule of at least 2 noise levels (flow_sigmas), got "
+                         f"shape {np.shape(sigmas)}.")
     x = jnp.asarray(x, jnp.float32)
     sigmas = jnp.asarray(sigmas, jnp.float32)
     b = x.shape[0]

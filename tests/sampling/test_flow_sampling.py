@@ -138,3 +138,11 @@ def test_untyped_key_and_wrong_velocity_shape_are_refused():
         sample(_never, jnp.zeros((1, 2)), key=jax.random.PRNGKey(0), shape=(1, 4, 4, 2), steps=2)
     with pytest.raises(ValueError, match="velocity returned shape"):
         sample(lambda x, t, c: x[..., :1], jnp.zeros((1, 2)), key=jax.random.key(0), shape=(1, 4, 4, 2), steps=2)
+
+
+def test_euler_flow_refuses_half_guidance_and_short_schedules():
+    x = jnp.zeros((1, 4, 4, 2))
+    with pytest.raises(ValueError, match="needs both uncond and guidance"):
+        euler_flow(_never, x, flow_sigmas(2), x, uncond=x)
+    with pytest.raises(ValueError, match="at least 2 noise levels"):
+        euler_flow(_never, x, np.ones(1), x)
