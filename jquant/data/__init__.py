@@ -17,6 +17,8 @@ _EXPORTS = {
     "BOS": "tokenizer", "EOS": "tokenizer", "PAD": "tokenizer", "load_tokenizer": "tokenizer",
     "batches": "windows", "random_windows": "windows", "token_stream": "windows",
     "token_windows": "windows",
+    "load_glyphs": "emoji",
+    "EmojiScenes": "scenes", "emoji_scenes": "scenes", "make_scene": "scenes",
 }
 __all__ = sorted(_EXPORTS)
 

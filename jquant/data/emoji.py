@@ -411,6 +411,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     sheet_cmd.add_argument("--seed", type=int, default=0)
     sheet_cmd.add_argument("--vocabulary", default="all", help='"all", a subset name, or comma-separated names')
     args = parser.parse_args(argv)
+    try:
+        _command(args)
+    except (OSError, RuntimeError, ValueError) as err:  # bad paths, refused output folders, failed downloads
+        parser.exit(1, f"error: {err}\n")
+
+
+def _command(args: argparse.Namespace) -> None:
     if args.command == "build":
         manifest = build(args.out, deb=args.deb, font=args.font, unicode_deb=args.unicode_deb,
                          emoji_test=args.emoji_test, overwrite=args.overwrite)

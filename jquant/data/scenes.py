@@ -62,7 +62,8 @@ _MAX_TRIPLE_TRIES = 1000
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One placed glyph: atlas index ``glyph``, vocabulary position ``label``, box ``[top:top+size, left:left+size]``."""
+    """One placed glyph: atlas index ``glyph``, vocabulary position ``label``, caption ``phrase`` and
+    box ``[top : top + size, left : left + size]``."""
 
     glyph: int
     label: int
@@ -125,10 +126,6 @@ def background_options(kind: str) -> list[tuple[str, ...]]:
     return [(a, b) for a in COLORS for b in COLORS if a != b]
 
 
-def _background_text(background: tuple[str, ...]) -> str:
-    return "/".join(background)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """Composition units of one vocabulary by split: ``singles[(split, kind)] [m, 2]`` (label, background
@@ -144,7 +141,7 @@ def _plan(names: tuple[str, ...], held_out: frozenset[str]) -> _Plan:
     held = [n in held_out for n in names]
     singles = {}
     for kind in BACKGROUND_KINDS:
-        units = [(i, b, 2 if held[i] else unit_split(f"single/{n}/{_background_text(bg)}"))
+        units = [(i, b, 2 if held[i] else unit_split(f"single/{n}/{'/'.join(bg)}"))
                  for i, n in enumerate(names) for b, bg in enumerate(background_options(kind))]
         for s in range(len(SPLITS)):
             singles[(s, kind)] = np.array([(i, b) for i, b, u in units if u == s], np.int64).reshape(-1, 2)
@@ -173,7 +170,7 @@ def vocabulary_ids(vocabulary: str | Sequence[str | int], glyphs: Glyphs) -> tup
         vocabulary = glyphs.subsets[vocabulary]
     ids = []
     for item in vocabulary:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+        if _is_int(item):
             if not 0 <= item < len(glyphs.names):
                 raise ValueError(f"vocabulary: atlas index {item} is outside [0, {len(glyphs.names)}).")
             ids.append(int(item))
@@ -296,14 +293,18 @@ def render(layout: Layout, glyphs: Glyphs | None = None) -> np.ndarray:
 # ------------------------------------------------------------------------- API
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _check(resolution: int, split: str, objects: Sequence[int], kinds: Sequence[str]) -> int:
-    if isinstance(resolution, bool) or resolution not in RESOLUTIONS:
+    if not _is_int(resolution) or resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}.")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-    if not objects or any(isinstance(k, bool) or k not in OBJECT_COUNTS for k in objects):
+    if not objects or any(not _is_int(k) or k not in OBJECT_COUNTS for k in objects):
         raise ValueError(f"objects must be a non-empty list of glyph counts from {OBJECT_COUNTS}, got {objects!r}.")
-    if not kinds or any(k not in BACKGROUND_KINDS for k in kinds) or isinstance(kinds, str):
+    if isinstance(kinds, str) or not kinds or any(k not in BACKGROUND_KINDS for k in kinds):
         raise ValueError(f"backgrounds must be a non-empty list from {BACKGROUND_KINDS}, got {kinds!r}.")
     return SPLITS.index(split)
 
@@ -319,7 +320,7 @@ def make_scene(rng: np.random.Generator | int, resolution: int = 32, split: str 
     split_index = _check(resolution, split, objects, backgrounds)
     glyphs = glyphs or load_glyphs()
     if not isinstance(rng, np.random.Generator):
-        if isinstance(rng, bool) or not isinstance(rng, (int, np.integer)):
+        if not _is_int(rng):
             raise ValueError(f"rng must be a numpy Generator or an integer seed, got {rng!r}.")
         rng = np.random.default_rng(int(rng))
     vocab = vocabulary_ids(vocabulary, glyphs)
@@ -334,9 +335,9 @@ def emoji_scenes(split: str, n: int, resolution: int = 32, seed: int = 0, *,
     """``n`` scenes of ``split`` from ``np.random.default_rng([seed, split index])`` (the first ``m`` of ``n``
     scenes equal the ``m`` scenes of the same call with ``n=m``). See :class:`EmojiScenes`."""
     split_index = _check(resolution, split, objects, backgrounds)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+    if not _is_int(n) or n <= 0:
         raise ValueError(f"n must be a positive integer number of scenes, got {n!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     glyphs = glyphs or load_glyphs()
     vocab = vocabulary_ids(vocabulary, glyphs)
@@ -356,17 +357,19 @@ def contact_sheet(path: str | Path, *, n: int = 15, columns: int = 5, resolution
     from PIL import Image, ImageDraw, ImageFont
 
     scenes = emoji_scenes(split, n, resolution, seed, vocabulary=vocabulary)
-    tile, text_height, pad = 128, 54, 6
     font = ImageFont.load_default(size=11)
+    captions = [textwrap.wrap(caption, width=22) for caption in scenes.captions]
+    line_height = font.getbbox("Ag")[3] + 2
+    tile, pad, text_height = 128, 6, line_height * max(map(len, captions)) + 4
     rows = -(-n // columns)
     sheet = Image.new("RGB", (columns * (tile + pad) + pad, rows * (tile + text_height + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (image, caption) in enumerate(zip(scenes.images, scenes.captions)):
+    for i, (image, lines) in enumerate(zip(scenes.images, captions)):
         x = pad + (i % columns) * (tile + pad)
         y = pad + (i // columns) * (tile + text_height + pad)
         sheet.paste(Image.fromarray(image).resize((tile, tile), Image.Resampling.NEAREST), (x, y))
-        lines = textwrap.wrap(caption, width=22)
-        draw.multiline_text((x, y + tile + 2), "\n".join(lines), fill="black", font=font, spacing=1)
+        for k, line in enumerate(lines):
+            draw.text((x, y + tile + 2 + k * line_height), line, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, optimize=True)
