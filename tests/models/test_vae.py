@@ -213,6 +213,16 @@ def test_jit_gives_the_eager_outputs():
     assert relative_error(nnx.jit(lambda m, x: m(x))(model, images), model(images)) < 1e-5
 
 
+def test_bfloat16_compute_stays_near_float32():
+    """bf16 activations (norms and softmax in float32) on the float32 weights: within bf16's few-percent error."""
+    model = vae.init_model(TINY, jax.random.key(3))
+    low = nnx.merge(nnx.graphdef(vae.abstract_model(TINY.replace(dtype="bfloat16"))), nnx.state(model))
+    images = jnp.asarray(make_inputs(TINY, 4)["images"])
+    got = low(images)
+    assert got.dtype == jnp.bfloat16 and low.encode(images).mean.dtype == jnp.bfloat16
+    assert relative_error(got.astype(jnp.float32), model(images)) < 5e-2
+
+
 # ----------------------------------------------------------------------------
 # Quantization
 # ----------------------------------------------------------------------------
