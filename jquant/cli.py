@@ -198,10 +198,11 @@ def _cmd_list(args, console: Console) -> dict:
         presets = [(name, family.name, cfg) for family in families() for name, cfg in family.presets.items()]
         data = {name: {"family": family, **dataclasses.asdict(cfg)} for name, family, cfg in presets}
         if not args.json:
-            table = _named_table("model presets", list(data), ("family", "hidden", "layers", "inner/ffn", "vocab"))
-            for name, family, cfg in presets:
-                table.add_row(name, family, str(cfg.hidden_size), str(cfg.num_layers), str(cfg.intermediate_size),
-                              str(cfg.vocab_size))
+            sizes = {"hidden": "hidden_size", "layers": "num_layers", "inner/ffn": "intermediate_size",
+                     "vocab": "vocab_size", "channels": "block_out_channels", "latent": "latent_channels"}
+            table = _named_table("model presets", list(data), ("family", *sizes))
+            for name, family, cfg in presets:  # a family's configs name only some sizes ("-" for the others)
+                table.add_row(name, family, *(str(getattr(cfg, field, "-")) for field in sizes.values()))
             console.print(table)
         return data
     models = list_models()

@@ -11,7 +11,7 @@ given)::
 
     python -m jquant.data.emoji build [--deb PATH | --font PATH] [--unicode-deb PATH | --emoji-test PATH]
                                       [--out jquant/assets/emoji] [--overwrite]
-    python -m jquant.data.emoji sheet --out experiments/results/emoji_scenes.png
+    python -m jquant.data.scenes sheet --out experiments/results/emoji_scenes.png
 
 ``build`` keeps fully-qualified single-code-point emoji (so no skin-tone modifiers, ZWJ sequences,
 keycaps or flags) of the groups and subgroups in :data:`KEPT_GROUPS` minus :data:`DROPPED_SUBGROUPS`
@@ -405,11 +405,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     names.add_argument("--emoji-test", type=Path, help="emoji-test.txt itself")
     build_cmd.add_argument("--out", type=Path, default=DEFAULT_EMOJI_DIR, help="output folder")
     build_cmd.add_argument("--overwrite", action="store_true", help="replace a folder this command wrote")
-    sheet_cmd = commands.add_parser("sheet", help="write a contact sheet PNG of captioned scenes")
-    sheet_cmd.add_argument("--out", type=Path, required=True, help="PNG path")
-    sheet_cmd.add_argument("--resolution", type=int, default=64)
-    sheet_cmd.add_argument("--seed", type=int, default=0)
-    sheet_cmd.add_argument("--vocabulary", default="all", help='"all", a subset name, or comma-separated names')
     args = parser.parse_args(argv)
     try:
         _command(args)
@@ -418,17 +413,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _command(args: argparse.Namespace) -> None:
-    if args.command == "build":
-        manifest = build(args.out, deb=args.deb, font=args.font, unicode_deb=args.unicode_deb,
-                         emoji_test=args.emoji_test, overwrite=args.overwrite)
-        atlas = manifest["atlas"]
-        print(f"{atlas['shape'][0]} glyphs, {atlas['bytes']:,} bytes -> {args.out}")
-    else:
-        from jquant.data.scenes import contact_sheet
-
-        vocabulary = [n.strip() for n in args.vocabulary.split(",")] if "," in args.vocabulary else args.vocabulary
-        contact_sheet(args.out, resolution=args.resolution, seed=args.seed, vocabulary=vocabulary)
-        print(f"wrote {args.out}")
+    manifest = build(args.out, deb=args.deb, font=args.font, unicode_deb=args.unicode_deb,
+                     emoji_test=args.emoji_test, overwrite=args.overwrite)
+    atlas = manifest["atlas"]
+    print(f"{atlas['shape'][0]} glyphs, {atlas['bytes']:,} bytes -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -374,3 +374,28 @@ def contact_sheet(path: str | Path, *, n: int = 15, columns: int = 5, resolution
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, optimize=True)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jquant.data.scenes sheet --out PNG``: a contact sheet of captioned scenes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jquant.data.scenes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    sheet_cmd = commands.add_parser("sheet", help="write a contact sheet PNG of captioned scenes")
+    sheet_cmd.add_argument("--out", type=Path, required=True, help="PNG path")
+    sheet_cmd.add_argument("--resolution", type=int, default=64)
+    sheet_cmd.add_argument("--seed", type=int, default=0)
+    sheet_cmd.add_argument("--vocabulary", default="all", help='"all", a subset name, or comma-separated names')
+    args = parser.parse_args(argv)
+    vocabulary = [n.strip() for n in args.vocabulary.split(",")] if "," in args.vocabulary else args.vocabulary
+    try:
+        contact_sheet(args.out, resolution=args.resolution, seed=args.seed, vocabulary=vocabulary)
+    except (OSError, ValueError) as err:
+        parser.exit(1, f"error: {err}\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

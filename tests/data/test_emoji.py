@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jquant.atomic import OutputPathError
-from jquant.data import emoji
+from jquant.data import emoji, scenes
 from jquant.data.emoji import DEFAULT_EMOJI_DIR, build, caption_phrase, load_glyphs, parse_emoji_test, select_entries
 from jquant.data.scenes import COLORS, SPLITS, emoji_scenes, make_scene, render, resize_premultiplied
 
@@ -275,7 +275,7 @@ def test_contact_sheet(tmp_path):
     from PIL import Image
 
     path = tmp_path / "sheet.png"
-    emoji.main(["sheet", "--out", str(path), "--resolution", "32", "--vocabulary", "reference-16"])
+    scenes.main(["sheet", "--out", str(path), "--resolution", "32", "--vocabulary", "reference-16"])
     scenes_shown = emoji_scenes("train", 15, 32, 0, vocabulary="reference-16").images
     with Image.open(path) as sheet:
         pixels = np.asarray(sheet.convert("RGB"))

@@ -62,8 +62,9 @@ def test_preset_gives_the_family_and_its_config():
 
 
 def test_load_refuses_an_unknown_diffusers_folder(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "_diffusers_version": "0.30"}))
-    with pytest.raises(ValueError, match=rf"{tmp_path}: diffusers _class_name 'AutoencoderKL' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                      "_diffusers_version": "0.30"}))
+    with pytest.raises(ValueError, match=rf"{tmp_path}: diffusers _class_name 'UNet2DConditionModel' is not supported"):
         load(tmp_path)
 
 

@@ -30,7 +30,8 @@ def test_every_preset_matches_the_tokenizer_and_resolves_to_its_family():
     for family in families():
         for name, cfg in family.presets.items():
             assert preset(name) == (family, cfg)
-            assert cfg.vocab_size == vocab, name
+            if hasattr(cfg, "vocab_size"):  # language models read the bundled tokenizer's ids
+                assert cfg.vocab_size == vocab, name
 
 
 def test_unknown_preset_lists_the_known_ones():
