@@ -9,10 +9,14 @@ A script declares its own arguments, then hands the rest to :func:`run_experimen
                            quick={"calib": 4})
 
 ``run(args, results)`` skips the rows ``results.has(...)`` already holds (``--resume``) and calls
-``results.add(row)`` for each finished row and ``results.set_meta(...)`` for run-level numbers (each written at
-once, atomically); ``report(runs, base)`` writes ``<base>.md`` (and a plot) from the saved results only, so
-``--report-only`` rebuilds it without running anything. A script whose older JSON layout differs passes
-``legacy`` (a converter applied when reading); ``volatile`` names arguments that only choose which rows run.
+``results.add(row)`` for each finished row (``results.add_rows(rows)`` for rows finished together) and
+``results.set_meta(...)`` for run-level numbers (each written at once, atomically); ``report(runs, base)`` writes
+``<base>.md`` (and a plot) from the saved results only, so ``--report-only`` rebuilds it without running anything.
+A script whose older JSON layout differs passes ``legacy`` (a converter applied when reading); ``volatile`` names
+arguments that only choose which rows run. A script whose file names depend on the machine (the GPU benchmarks:
+``kernels_<gpu>``) names its files after the device in ``stem``; with ``--report-only`` its ``report`` names each
+markdown after the JSON it read (``<out>/<json name>.md``), and a bare ``--report-only`` reads every such JSON in
+``--out`` through ``report_inputs``.
 
 Results JSON layout (one file per run, owned by the script that writes it)::
 
@@ -22,6 +26,14 @@ Results JSON layout (one file per run, owned by the script that writes it)::
 Markdown helpers: :class:`Column` + :func:`table` (rows -> a markdown table), :func:`reproduce` (the recorded
 command line), :func:`bullets` (notes a script formats from the run's numbers); plots: :func:`figure`,
 :func:`plot_rows`, :func:`save_figure` (matplotlib, Agg); files: :func:`write_text_atomic`.
+
+Every script in experiments/ uses it except the two that train the bundled models, ``train_reference_models.py``
+and ``train_long_context.py``. What they produce is model weights exported into packages/jquant-models with a
+``reference_info.json``, not rows of results; they resume from the trainer's step checkpoints in their work folder
+(``jquant.train``), not from finished rows, so the harness's arguments would mean nothing there (``--resume`` is
+always on, ``--out`` is a work folder, ``--report-only`` has no rows to read); and ``train_long_context.py``'s
+``prepare`` / ``train`` / ``export`` steps run on different machines with their own files. The report of what was
+trained is ``reference_models_report.py``'s table, whose rows start from each model's ``reference_info.json``.
 """
 
 from __future__ import annotations
@@ -150,8 +162,13 @@ class Results:
 
     def add(self, row: Row) -> None:
         """Add (or replace, same id) a finished row and save."""
-        rid = self.row_id(row)
-        self.rows = [r for r in self.rows if self.row_id(r) != rid] + [row]
+        self.add_rows([row])
+
+    def add_rows(self, rows: Sequence[Row]) -> None:
+        """Add (or replace, same id) several rows finished together (e.g. one benchmark shape) and save once."""
+        for row in rows:
+            rid = self.row_id(row)
+            self.rows = [r for r in self.rows if self.row_id(r) != rid] + [row]
         self.save()
 
     def set_meta(self, **values: Any) -> None:
@@ -198,7 +215,8 @@ class Results:
 
 
 def run_experiment(parser: argparse.ArgumentParser, *, stem: Callable[[argparse.Namespace], str],
-                   key: Sequence[str], run: Callable[[argparse.Namespace, Results], None],
+                   key: Sequence[str] | Callable[[argparse.Namespace], Sequence[str]],
+                   run: Callable[[argparse.Namespace, Results], None],
                    report: Callable[[list[Results], Path], None], quick: Mapping[str, Any] | None = None,
                    legacy: Callable[[Any, argparse.Namespace], dict[str, Any]] | None = None,
                    report_inputs: Callable[[argparse.Namespace, Path], list[Path]] | None = None,
@@ -206,13 +224,15 @@ def run_experiment(parser: argparse.ArgumentParser, *, stem: Callable[[argparse.
     """Parse the arguments, then either rebuild the report (``--report-only``) or run-or-resume and report.
 
     ``stem(args)`` names the files: ``<out>/<stem>.json``, and ``report(runs, <out>/<stem>)`` writes
-    ``<out>/<stem>.md`` (+ ``.png``). ``quick`` holds the argument values of ``--quick`` (set where an argument was
-    left at its default; ``-quick`` is appended to the stem). ``legacy(data, args)`` converts a JSON of the
-    script's older layout into the harness layout (``args``: this invocation's, for what the old file did not
-    record). ``report_inputs(args, json_path)`` lists the JSON files the report reads after a run or with a bare
-    ``--report-only`` (default: the run's own). ``volatile`` names the script's arguments that choose which rows
-    run or how progress shows, never what a row holds: they are left out of the recorded arguments, so
-    ``--resume`` accepts other values of them. ``argv`` (default ``sys.argv``) is for tests.
+    ``<out>/<stem>.md`` (+ ``.png``). ``key`` names the fields that identify a row (or, for a script whose modes
+    write rows of different kinds, is a function of the arguments that returns them). ``quick`` holds the argument
+    values of ``--quick`` (set where an argument was left at its default; ``-quick`` is appended to the stem).
+    ``legacy(data, args)`` converts a JSON of the script's older layout into the harness layout (``args``: this
+    invocation's, for what the old file did not record). ``report_inputs(args, json_path)`` lists the JSON files
+    the report reads after a run or with a bare ``--report-only`` (default: the run's own). ``volatile`` names the
+    script's arguments that choose which rows run or how progress shows, never what a row holds: they are left out
+    of the recorded arguments, so ``--resume`` accepts other values of them. ``argv`` (default ``sys.argv``) is for
+    tests.
     """
     args = parser.parse_args(None if argv is None else argv[1:])
     if args.quick:
@@ -226,7 +246,7 @@ def run_experiment(parser: argparse.ArgumentParser, *, stem: Callable[[argparse.
     else:
         script = Path(sys.argv[0] if argv is None else argv[0]).stem
         results = Results.open(path, script=script, command=command_line(argv), args=run_args(args, volatile),
-                               key=key, resume=args.resume)
+                               key=key(args) if callable(key) else key, resume=args.resume)
         run(args, results)
         paths = report_inputs(args, path) if report_inputs else [path]
     adapter = None if legacy is None else (lambda data: legacy(data, args))

@@ -1,4 +1,5 @@
-"""experiments/harness.py: rows resume, atomic writes, markdown tables, report-only round trip (pure python)."""
+"""experiments/harness.py: rows resume, atomic writes, markdown tables, report-only round trip (pure python); the
+GPU benchmark bench_kernels.py's merge and report-only paths (no GPU needed)."""
 
 import argparse
 import json
@@ -6,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -42,7 +44,8 @@ def _experiment(tmp_path: Path, extra: list[str], ran: list, reports: list) -> N
              harness.reproduce(runs[0].command)]) + "\n")
 
     harness.run_experiment(_parser(), stem=lambda a: f"exp-{a.model}", key=("method",), run=run, report=report,
-                           quick={"items": 8}, volatile=("progress",), argv=["experiments/exp.py", "--out", str(tmp_path), *extra])
+                           quick={"items": 8}, volatile=("progress",),
+                           argv=["experiments/exp.py", "--out", str(tmp_path), *extra])
 
 
 def test_resume_keeps_rows_of_the_same_arguments(tmp_path):
@@ -158,3 +161,86 @@ def test_plot_rows_writes_a_png(tmp_path):
     harness.plot_rows(axes[0, 1], ROWS, x="method", y="ppl", kind="bar")
     harness.save_figure(fig, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_add_rows_saves_once_and_replaces_rows_of_the_same_id(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    results = Results(path=path, script="s", command="c", args={}, key=("method", "bits"))
+    results.add(ROWS[0])
+    replaced = []
+    real = os.replace
+    monkeypatch.setattr(harness.os, "replace", lambda src, dst: (replaced.append(dst), real(src, dst)))
+    results.add_rows([ROWS[1], {**ROWS[0], "ppl": 3.0}])
+    assert len(replaced) == 1
+    assert json.loads(path.read_text())["rows"] == [ROWS[1], {**ROWS[0], "ppl": 3.0}]
+
+
+def test_the_key_may_depend_on_the_arguments(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check", action="store_true")
+    harness.add_arguments(parser)
+
+    def run(args, results: Results) -> None:
+        results.add({"kernel": "k", "config": {"bm": 1}} if args.check else {"case": "c", "m": 1})
+
+    for extra, key in (([], ["case", "m"]), (["--check"], ["kernel", "config"])):
+        harness.run_experiment(parser, stem=lambda a: "check" if a.check else "sweep",
+                               key=lambda a: ("kernel", "config") if a.check else ("case", "m"), run=run,
+                               report=lambda runs, base: None, argv=["x.py", "--out", str(tmp_path), *extra])
+        assert json.loads((tmp_path / f"{'check' if extra else 'sweep'}.json").read_text())["key"] == key
+
+
+def _sweep(rng, device: str, shape: tuple[int, int]) -> dict:
+    """A random sweep in ``jquant.benchmark.run_benchmark``'s layout (the older bench_kernels JSON)."""
+    k, n = shape
+    rows, tuned = [], {}
+    for m in (1, 4):
+        base = float(rng.uniform(1e-5, 1e-4))
+        for case, path in (("bf16", "bf16"), ("w4", "xla"), ("w4", "pallas")):
+            seconds = base if path == "bf16" else float(rng.uniform(1e-5, 1e-4))
+            config = {"block_m": int(rng.choice([1, 16])), "block_n": 64} if path == "pallas" else None
+            rows.append({"case": case, "path": path, "k": k, "n": n, "m": m, "seconds": seconds,
+                         "roofline_fraction": float(rng.uniform()), "tb_per_s": float(rng.uniform()),
+                         "tflop_per_s": float(rng.uniform()), "vs_bf16": base / seconds, "config": config,
+                         "kernel": "pallas-w" if config else None, "span_seconds": seconds, "kernels": {},
+                         "method": "device"})
+            if config:
+                tuned[f"w4|{k}x{n}|{m}"] = {"kernel": "pallas-w", "config": config}
+    return {"device": device, "jax": "0.11.2", "ceilings": {"hbm_bytes_per_s": float(rng.uniform(1e12, 3e12)),
+                                                           "bf16_flops_per_s": float(rng.uniform(1e14, 9e14))},
+            "rows": rows, "tuned": tuned}
+
+
+def test_bench_kernels_merges_and_reports_older_sweeps(tmp_path, monkeypatch):
+    """bench_kernels --merge / --report-only (no GPU): the older sweep layout read, rows and tuned choices
+    combined as before, the markdown and dispatch table those of jquant.benchmark_report."""
+    import bench_kernels
+    from jquant import benchmark_report
+    from jquant.pallas_kernels import registry
+
+    rng = np.random.default_rng()
+    parts = [_sweep(rng, "Some GPU 80GB", (256, 512)), _sweep(rng, "Some GPU 80GB", (512, 256))]
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for part, path in zip(parts, paths):
+        path.write_text(json.dumps(part))
+    merged = {**parts[0], "rows": parts[0]["rows"] + parts[1]["rows"], "tuned": {**parts[0]["tuned"],
+                                                                              **parts[1]["tuned"]}}
+    monkeypatch.setattr(registry, "TABLE_PATH", str(tmp_path / "table.json"))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["experiments/bench_kernels.py", "--merge", *map(str, paths), "--out", str(out),
+                                      "--write-table"])
+    bench_kernels.main()
+    data = json.loads((out / "kernels_some_gpu_80gb.json").read_text())
+    assert data["rows"] == merged["rows"] and data["meta"]["tuned"] == merged["tuned"]
+    assert data["meta"]["ceilings"] == parts[0]["ceilings"]
+    assert json.loads((tmp_path / "table.json").read_text()) == benchmark_report.dispatch_table(merged)
+    expected = benchmark_report.markdown_report(merged)
+    assert (out / "kernels_some_gpu_80gb.md").read_text() == expected + f"\n{harness.reproduce(data['command'])}\n"
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--report-only", str(paths[0]), "--out", str(out)])
+    bench_kernels.main()  # the older layout, named after its JSON; no command recorded, so no Reproduce line
+    assert (out / "a.md").read_text() == benchmark_report.markdown_report(parts[0])
+    (out / "kernels_some_gpu_80gb.md").unlink()
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--report-only", "--out", str(out)])
+    bench_kernels.main()  # every kernels_*.json in --out
+    assert (out / "kernels_some_gpu_80gb.md").read_text().startswith(expected)
+    assert paths[0].read_text() == json.dumps(parts[0])  # never rewritten
