@@ -14,7 +14,8 @@ larger tuned choice) and writes ``DIR/kernels_<gpu>.json`` and ``.md``, the JSON
 combines sweep JSON files (no GPU needed). ``--write-table`` also writes ``pallas_kernels/dispatch_table.json``
 from the sweep or merge (when a kernel is used by ``jquant.ops``), ``--update-table`` merges into it. Times
 are device kernel times from a profiler trace (``jquant.device_timing``). ``--report-only`` with JSON files
-writes ``<out>/<json name>.md`` for each; sweep JSON files of the older layout (``{"device", "jax", "ceilings", "rows", "tuned"}``) are read too.
+writes ``<out>/<json name>.md`` for each; sweep JSON files of the older layout
+(``{"device", "jax", "ceilings", "rows", "tuned"}``) are read too.
 """
 
 from __future__ import annotations
