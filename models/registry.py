@@ -24,6 +24,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "mamba2": "jquant.models.mamba2",
     "rwkv6": "jquant.models.rwkv6",
     "image_classifier": "jquant.models.image_classifier",
+    "sd3": "jquant.models.sd3",
     "vae": "jquant.models.vae",
 }
 
