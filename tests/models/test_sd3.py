@@ -94,3 +94,68 @@ class TestSD3Family(DiffusersSuite):
                          reload_reference=reload_reference, float32_tolerance=1e-5,
                          # float64 is bounded by the float32 timestep sinusoid both sides compute (sd3.timestep_sinusoid)
                          float64_tolerance=1e-5)
+
+
+def _calibration(cfg: sd3.SD3Config, n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"latents": rng.standard_normal((n, cfg.sample_size, cfg.sample_size, cfg.in_channels)).astype(np.float32),
+            "sigmas": rng.uniform(0, 1, n).astype(np.float32),
+            "text": rng.standard_normal((n, 5, cfg.joint_attention_dim)).astype(np.float32),
+            "pooled": rng.standard_normal((n, cfg.pooled_projection_dim)).astype(np.float32)}
+
+
+def _velocity(model, batch: dict) -> np.ndarray:
+    return np.asarray(model.flow_velocity(batch["latents"], batch["sigmas"], batch["text"], batch["pooled"]))
+
+
+def test_gptq_with_timestep_grouped_statistics_and_per_bucket_static_scales(tmp_path):
+    """GPTQ (balanced over timestep buckets) beats RTN on held-out trajectories' velocities; per-bucket static int8
+    activation scales differ between buckets; both save and load bit-exactly."""
+    from jquant.checkpoint import load, save
+    from jquant.quantization import quantize
+    from jquant.recipes import Recipe, Rule
+
+    model = sd3.init_model(TINY, jax.random.key(0))
+    calib, held_out = _calibration(TINY, 32, 1), _calibration(TINY, 16, 2)
+    reference = _velocity(model, held_out)
+
+    def error(q):
+        return float(np.sqrt(np.mean((_velocity(q, held_out) - reference) ** 2) / np.mean(reference ** 2)))
+
+    grouped = Recipe(name="gptq-w4-buckets", rules=(Rule(pattern=".*", weight="int4", algorithm="gptq",
+                                                         options=(("group_weighting", "balanced"),)),))
+    rtn = Recipe(name="rtn-w4", rules=(Rule(pattern=".*", weight="int4", algorithm="rtn"),))
+    gptq_model, rtn_model = quantize(model, grouped, calib, progress=False), quantize(model, rtn, calib, progress=False)
+    assert error(gptq_model) < error(rtn_model) < 0.5
+    static = Recipe(name="w8a8-static-buckets", rules=(Rule(pattern=".*", weight="int8", activation="int8-tensor",
+                                                            algorithm="rtn", static_activation=True),))
+    static_model = quantize(model, static, calib, progress=False)
+    assert error(static_model) < 0.1
+    scales = np.asarray(static_model.transformer_blocks[0].to_q.activation_scale.get_value())
+    assert scales.shape == (len(TINY.bucket_edges) + 1,) and len(set(scales.tolist())) > 1
+    for name, q in (("gptq", gptq_model), ("static", static_model)):
+        save(q, tmp_path / name)
+        np.testing.assert_array_equal(_velocity(load(tmp_path / name), held_out), _velocity(q, held_out))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: {**c, "sigmas": c["sigmas"] + 1.5}, r"timestep buckets"),
+    (lambda c: {**c, "text": c["text"][:3]}, r"disagree|leading"),
+    (lambda c: {k: v for k, v in c.items() if k != "pooled"}, r"keys"),
+    (lambda c: {**c, "latents": c["latents"][:, :7]}, r"multiples of patch_size"),
+])
+def test_bad_calibration_is_refused_before_any_work(change, match):
+    model = sd3.init_model(TINY, jax.random.key(0))
+    with pytest.raises(ValueError, match=match):
+        model.check_calibration(change(_calibration(TINY, 4, 0)))
+
+
+def test_bad_inputs_name_the_argument():
+    model = sd3.init_model(TINY, jax.random.key(0))
+    batch = _calibration(TINY, 2, 0)
+    with pytest.raises(ValueError, match="text must be"):
+        model.flow_velocity(batch["latents"], batch["sigmas"], batch["text"][..., :5], batch["pooled"])
+    with pytest.raises(ValueError, match="dual_attention_layers"):
+        sd3.config_from_diffusers({"_class_name": sd3.CLASS_NAME, "dual_attention_layers": [0]})
+    with pytest.raises(ValueError, match="does not handle"):
+        sd3.config_from_diffusers({"_class_name": sd3.CLASS_NAME, "use_pos_embed": False})
