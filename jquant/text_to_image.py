@@ -1,0 +1,196 @@
+"""Text-to-image generation: a text encoder, a diffusion transformer and a VAE, sampled by rectified flow.
+
+``TextToImage`` holds the three parts and the sampling defaults; ``generate(prompts, seed=...)`` is::
+
+    states, pooled = text_encoder.encode(prompts)                     (and the unconditional "" encoding)
+    z_1 ~ N(0, I) [B, h, w, L] from the seed;  z_0 = Euler flow of v(z, σ) from σ = 1 to 0 (jquant.sampling)
+    v(z, σ) = v_u + g (v_c - v_u),  v_c = transformer.flow_velocity(z, σ, states, pooled)
+    images = vae.decode_latents(z_0)                                  [B, H, W, 3] in [-1, 1]
+
+A transformer family takes part by defining ``flow_velocity(latents [B, h, w, L], sigmas [B] in [0, 1],
+text [B, S, D], pooled [B, P]) -> [B, h, w, L]`` (it maps σ to its own timestep convention: SD3 feeds
+``1000 σ``, Flux ``σ`` plus its position ids and guidance).
+
+A pipeline folder (``save_pipeline`` / ``load_pipeline``; bundled as ``jq-mmdit-tiny``) holds
+``pipeline.json`` (the sampling defaults and the text encoder's name or subfolder), ``transformer/`` and
+``vae/``: diffusers folders when float, ``jquant.checkpoint`` folders when quantized (``jquant.models.load``
+reads either).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant.atomic import atomic_folder
+from jquant.sampling.flow import sample
+
+PIPELINE_FILE = "pipeline.json"
+PIPELINE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingDefaults:
+    """What ``generate`` uses unless told otherwise: ``steps`` Euler steps, guidance scale ``guidance``
+    (None: no classifier-free guidance), the SD3 schedule ``shift``, and the text length ``max_length``."""
+
+    steps: int = 20
+    guidance: float | None = 4.0
+    shift: float = 1.0
+    max_length: int = 32
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"SamplingDefaults.steps must be a positive int, got {self.steps!r}.")
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise ValueError(f"SamplingDefaults.guidance must be finite or None, got {self.guidance!r}.")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"SamplingDefaults.shift must be a positive finite number, got {self.shift!r}.")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"SamplingDefaults.max_length must be an int >= 2, got {self.max_length!r}.")
+
+
+class FlowVelocity(nnx.Module):
+    """The velocity the sampler integrates: ``transformer.flow_velocity`` on ``cond = (states, pooled)``."""
+
+    def __init__(self, transformer: nnx.Module):
+        self.transformer = transformer
+
+    def __call__(self, latents: jax.Array, sigmas: jax.Array, cond: tuple[jax.Array, jax.Array]) -> jax.Array:
+        states, pooled = cond
+        return self.transformer.flow_velocity(latents, sigmas, states, pooled)
+
+
+@dataclasses.dataclass
+class TextToImage:
+    """A text encoder (``jquant.models.text_encoder.TextEncoder``), a transformer with ``flow_velocity`` and a VAE
+    (``jquant.models.vae.AutoencoderKL`` with its latent scaling set), plus ``defaults``; ``text_encoder_name``
+    is what ``save_pipeline`` records to find the encoder again."""
+
+    text_encoder: object
+    transformer: nnx.Module
+    vae: nnx.Module
+    defaults: SamplingDefaults = dataclasses.field(default_factory=SamplingDefaults)
+    text_encoder_name: str = "jq-llama-tiny"
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(h, w, L)`` of one image's latents."""
+        cfg = self.vae.config
+        side = cfg.sample_size // cfg.downsampling
+        return side, side, cfg.latent_channels
+
+    def encode(self, prompts: Sequence[str], max_length: int | None = None) -> tuple[tuple, tuple]:
+        """``(cond, uncond)``: ``(states, pooled)`` of ``prompts`` and of the unconditional prompt, batch-sized."""
+        if isinstance(prompts, str) or not len(prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
+        length = max_length or self.defaults.max_length
+        enc = self.text_encoder.encode(list(prompts), length)
+        unc = self.text_encoder.unconditional(len(prompts), length)
+        return (enc.states, enc.pooled), (unc.states, unc.pooled)
+
+    def generate_latents(self, prompts: Sequence[str], *, seed: int | None = None, key: jax.Array | None = None,
+                         steps: int | None = None, guidance: float | None | str = "default",
+                         progress: bool = False) -> jax.Array:
+        """Latents ``[B, h, w, L]`` for ``prompts`` (one image each) from ``key`` (or ``seed``)."""
+        key = _key(seed, key)
+        steps = self.defaults.steps if steps is None else steps
+        guidance = self.defaults.guidance if guidance == "default" else guidance
+        cond, uncond = self.encode(prompts)
+        return sample(FlowVelocity(self.transformer), cond, key=key, shape=(len(prompts), *self.latent_shape),
+                      steps=steps, guidance=guidance, uncond=None if guidance is None else uncond,
+                      shift=self.defaults.shift, progress=progress)
+
+    def generate(self, prompts: Sequence[str], **options) -> jax.Array:
+        """Images ``[B, H, W, 3]`` in ``[-1, 1]`` (float32) for ``prompts``; ``options`` as ``generate_latents``."""
+        latents = self.generate_latents(prompts, **options)
+        return jnp.clip(_decode(self.vae, latents).astype(jnp.float32), -1.0, 1.0)
+
+
+@nnx.jit
+def _decode(vae: nnx.Module, latents: jax.Array) -> jax.Array:
+    return vae.decode_latents(latents)
+
+
+def _key(seed: int | None, key: jax.Array | None) -> jax.Array:
+    if (seed is None) == (key is None):
+        raise ValueError("give exactly one of seed= (an int) or key= (a jax PRNG key).")
+    if key is not None:
+        return key
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+    return jax.random.key(int(seed))
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+    """Images in ``[-1, 1]`` -> uint8 ``[B, H, W, 3]``."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 1) -> np.ndarray:
+    """uint8 images ``[N, H, W, 3]`` -> one grid image (row-major, ``columns`` wide), each enlarged ``scale``
+    times (nearest neighbour); empty cells are white."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * h, columns * w, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_pipeline(pipe: TextToImage, path: str | Path, *, overwrite: bool = False, extra: dict | None = None,
+                  extra_files=None) -> Path:
+    """Write ``pipe`` as a pipeline folder (module docstring), atomically; ``extra`` entries go into pipeline.json and
+    ``extra_files(folder)`` may add files before the folder is moved into place."""
+    from jquant.checkpoint import save
+    from jquant.models.registry import family_of
+
+    manifest = {"format_version": PIPELINE_VERSION, "text_encoder": pipe.text_encoder_name,
+                "defaults": dataclasses.asdict(pipe.defaults), **(extra or {})}
+    with atomic_folder(path, overwrite=overwrite) as tmp:
+        for name, part in (("transformer", pipe.transformer), ("vae", pipe.vae)):
+            family = family_of(part, purpose="save")
+            if getattr(part, "quantization", None) is None and family.to_diffusers is not None:
+                family.to_diffusers(part, tmp / name)
+            else:
+                save(part, tmp / name)
+        (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if extra_files is not None:
+            extra_files(tmp)
+    return Path(path).absolute()
+
+
+def is_pipeline(path: str | Path) -> bool:
+    """Whether ``path`` is a pipeline folder (it holds ``pipeline.json``)."""
+    return (Path(path) / PIPELINE_FILE).is_file()
+
+
+def load_pipeline(path: str | Path, *, dtype: str = "float32") -> TextToImage:
+    """Read a pipeline folder written by ``save_pipeline`` (its transformer and VAE float or quantized)."""
+    from jquant.models.loading import load
+    from jquant.models.text_encoder import TextEncoder
+
+    folder = Path(path)
+    if not is_pipeline(folder):
+        raise ValueError(f"{folder} is not a text-to-image pipeline folder: it has no {PIPELINE_FILE}. Pass a "
+                         "bundled pipeline name (jquant list models) or a folder written by save_pipeline.")
+    manifest = json.loads((folder / PIPELINE_FILE).read_text())
+    if manifest.get("format_version") != PIPELINE_VERSION:
+        raise ValueError(f"{folder / PIPELINE_FILE}: format_version {manifest.get('format_version')!r} is not "
+                         f"{PIPELINE_VERSION}; re-export the pipeline with this version of jquant.")
+    name = manifest["text_encoder"]
+    encoder_path = folder / name if (folder / name).is_dir() else name
+    return TextToImage(text_encoder=TextEncoder.load(encoder_path),
+                       transformer=load(folder / "transformer", dtype=dtype).model,
+                       vae=load(folder / "vae", dtype=dtype).model,
+                       defaults=SamplingDefaults(**manifest["defaults"]), text_encoder_name=name)
