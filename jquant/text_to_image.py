@@ -115,6 +115,36 @@ class TextToImage:
         return jnp.clip(_decode(self.vae, latents).astype(jnp.float32), -1.0, 1.0)
 
 
+    def trajectory_calibration(self, prompts: Sequence[str], *, seed: int, steps: int | None = None,
+                               guidance: float | None | str = "default") -> dict[str, np.ndarray]:
+        """Calibration inputs of the transformer drawn along sampler trajectories (PTQ4DiT / Q-DiT / ViDiT-Q style):
+        every velocity call of the guided Euler flow from ``seed`` for ``prompts``, conditional and unconditional,
+        as ``{"latents" [N, h, w, L], "sigmas" [N], "text" [N, S, D], "pooled" [N, P]}`` with
+        ``N = steps x len(prompts) x (2 with guidance, else 1)`` (the transformer families' calibration contract)."""
+        from jquant.sampling.schedule import flow_sigmas
+
+        steps = self.defaults.steps if steps is None else steps
+        guidance = self.defaults.guidance if guidance == "default" else guidance
+        (states, pooled), (u_states, u_pooled) = self.encode(prompts)
+        if guidance is not None:
+            states, pooled = jnp.concatenate([states, u_states]), jnp.concatenate([pooled, u_pooled])
+        b = len(prompts)
+        z = jax.random.normal(_key(seed, None), (b, *self.latent_shape), jnp.float32)
+        sigmas = flow_sigmas(steps, shift=self.defaults.shift)
+        velocity = nnx.jit(lambda t, x, s, c, p: t.flow_velocity(x, s, c, p))
+        rows: dict[str, list] = {"latents": [], "sigmas": [], "text": [], "pooled": []}
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x = z if guidance is None else jnp.concatenate([z, z])
+            sig = jnp.full((x.shape[0],), s, jnp.float32)
+            for name, value in (("latents", x), ("sigmas", sig), ("text", states), ("pooled", pooled)):
+                rows[name].append(np.asarray(value, np.float32))
+            v = velocity(self.transformer, x, sig, states, pooled)
+            if guidance is not None:
+                v = v[b:] + guidance * (v[:b] - v[b:])
+            z = z + (s_next - s) * v
+        return {name: np.concatenate(values) for name, values in rows.items()}
+
+
 @nnx.jit
 def _decode(vae: nnx.Module, latents: jax.Array) -> jax.Array:
     return vae.decode_latents(latents)

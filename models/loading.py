@@ -47,12 +47,12 @@ class ModelInfo:
 
 
 def list_models() -> list[ModelInfo]:
-    """The reference models shipped with jquant (folders of the ``jquant_models`` data package; none when it is
-    not installed)."""
+    """The reference models shipped with jquant (folders of the ``jquant_models`` data package: model folders and
+    text-to-image pipeline folders; none when the package is not installed)."""
     root = _bundled_dir()
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root is not None else []:
-        if (folder / "config.json").is_file() or (folder / "jquant.json").is_file():
+        if any((folder / marker).is_file() for marker in ("config.json", "jquant.json", "pipeline.json")):
             info_file = folder / "reference_info.json"
             info = json.loads(info_file.read_text()) if info_file.is_file() else {}
             found.append(ModelInfo(name=folder.name, path=folder, info=info))
@@ -103,6 +103,10 @@ def load(name_or_path: str | Path, *, dtype: DTypeName = "float32", param_dtype:
         model = rwkv6.from_blinkdl(path, dtype=dtype, param_dtype=param_dtype)
         return LoadedModel(model=model, tokenizer=None, path=path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+    if (path / "pipeline.json").is_file():
+        raise ValueError(f"{path} is a text-to-image pipeline (text encoder, transformer and VAE), not one model; "
+                         "load it with jquant.text_to_image.load_pipeline, or load one part, e.g. "
+                         f"jquant.models.load('{path}/transformer').")
     if (path / "jquant.json").is_file():  # a checkpoint written by jquant.checkpoint.save (possibly quantized)
         from jquant.checkpoint import load as load_checkpoint
 

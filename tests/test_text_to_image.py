@@ -84,3 +84,21 @@ def test_bad_generation_arguments_are_refused(pipe, kwargs, match):
 def test_load_refuses_a_folder_without_a_pipeline(tmp_path):
     with pytest.raises(ValueError, match="no pipeline.json"):
         load_pipeline(tmp_path)
+
+
+def test_trajectory_calibration_records_every_velocity_call(pipe):
+    """The recorded inputs, fed back step by step, reproduce the sampler's own latents; shapes follow the contract."""
+    prompts = ["a red apple", "grapes", "a carrot"]
+    calib = pipe.trajectory_calibration(prompts, seed=4, steps=3)
+    n = 3 * len(prompts) * 2
+    assert calib["latents"].shape == (n, 8, 8, 4) and calib["sigmas"].shape == (n,)
+    assert calib["text"].shape[0] == calib["pooled"].shape[0] == n
+    pipe.transformer.check_calibration(calib)
+    np.testing.assert_allclose(np.unique(calib["sigmas"]), [1 / 3, 2 / 3, 1.0], rtol=1e-6)
+    # the last step's conditional latents, moved by that step's guided velocity, are the sampler's result
+    last = calib["latents"][-6:-3], calib["latents"][-3:]
+    np.testing.assert_array_equal(last[0], last[1])  # cond and uncond halves see the same latents
+    v = np.asarray(pipe.transformer.flow_velocity(calib["latents"][-6:], calib["sigmas"][-6:], calib["text"][-6:],
+                                                  calib["pooled"][-6:]))
+    z0 = last[0] + (0 - 1 / 3) * (v[3:] + 2.0 * (v[:3] - v[3:]))
+    np.testing.assert_allclose(z0, np.asarray(pipe.generate_latents(prompts, seed=4, steps=3)), atol=2e-5)
