@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from jquant import cli_image
+
 EPILOG = """examples:
   jquant list models
   jquant list recipes
@@ -25,6 +27,10 @@ EPILOG = """examples:
   jquant eval --model path/to/hf_checkpoint --tasks ppl --max-windows 50 --json
   jquant generate --model jq-llama-tiny --prompt "To be, or not to be" --max-new-tokens 40
   jquant train --preset jq-llama-tiny --steps 800 --out runs/tiny --export runs/tiny/hf
+  jquant generate --model jq-mmdit-tiny --prompt "a red apple" --steps 20 --seed 0 --out apple.png
+  jquant generate --model jq-mmdit-tiny --prompt "a dog face" --num-images 8 --out dogs.png
+  jquant quantize --model jq-mmdit-tiny --recipe gptq-w4a16 --out runs/mmdit-w4
+  jquant eval --model runs/mmdit-w4
 """
 
 
@@ -99,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     qs.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     qs.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    gen = sub.add_parser("generate", help="continue a prompt")
+    gen = sub.add_parser("generate", help="continue a prompt (language models) or draw it (text-to-image models)")
     gen.add_argument("--model", default="jq-llama-tiny", help="bundled model name or checkpoint folder (default: %(default)s)")
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=60,
@@ -111,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default: %(default)s)")
     gen.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     gen.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cli_image.add_image_generate_options(gen, _positive_int)
 
     tr = sub.add_parser("train", help="train a reference-model preset on the bundled corpus")
     tr.add_argument("--preset", default="jq-llama-tiny", help="a preset from `jquant list presets` (default: %(default)s)")
@@ -150,6 +157,14 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--no-latency", action="store_true", help="skip the prefill/decode latency measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    image = p.add_argument_group("text-to-image models")
+    image.add_argument("--reference", default=None, help="float pipeline the images are compared with (PSNR/SSIM; "
+                                                         "default: the bundled jq-mmdit-tiny)")
+    image.add_argument("--seeds-per-prompt", type=_positive_int, default=2,
+                       help="images per single-glyph prompt (default: %(default)s)")
+    image.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default: the pipeline's)")
+    image.add_argument("--guidance", type=float, default=None,
+                       help="guidance scale (default: the pipeline's; 0 turns guidance off)")
 
 
 def _print_table(console: Console, title: str, rows: Sequence[tuple[str, str]]) -> None:
@@ -291,6 +306,9 @@ def _metric_rows(result: dict, args) -> list[tuple[str, object]]:
 def _cmd_eval(args, console: Console) -> dict:
     from jquant.models import load
 
+    if cli_image.is_pipeline_model(args.model):
+        return cli_image.evaluate(args, console)
+
     _tasks(args)
     loaded = load(args.model)
     tokenizer = _tokenizer(loaded, args)
@@ -311,6 +329,8 @@ def _cmd_quantize(args, console: Console) -> dict:
     from jquant.quantization import quantize
     from jquant.recipes import Recipe, get
 
+    if cli_image.is_pipeline_model(args.model):
+        return cli_image.quantize(args, console)
     if args.out:
         check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
     if not args.no_eval:
@@ -397,6 +417,13 @@ def _cmd_generate(args, console: Console) -> dict:
 
     from jquant.generate import SamplingConfig, generate, max_context
     from jquant.models import load
+
+    if cli_image.is_pipeline_model(args.model):
+        return cli_image.generate(args, console)
+    image_only = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--out", args.out))
+                  if value is not None] + (["--num-images"] if args.num_images != 1 else [])
+    if image_only:
+        raise ValueError(f"{', '.join(image_only)} apply to text-to-image models; {args.model} is a language model.")
 
     loaded = load(args.model)
     tokenizer = _tokenizer(loaded, args)

@@ -1,0 +1,197 @@
+"""The ``jquant`` commands on text-to-image pipelines (``generate``, ``eval``, ``quantize`` of e.g. jq-mmdit-tiny).
+
+``jquant.cli`` hands a command here when ``--model`` names a pipeline folder (``pipeline.json``):
+
+- ``generate``: ``--prompt`` -> a PNG at ``--out`` (a grid of ``--num-images`` seeds from ``--seed``);
+- ``eval``: prompt accuracy of single-glyph prompts (the bundled judge, jq-emoji-classifier), next to the
+  random-label baseline, FD-emoji against real scenes, PSNR/SSIM against ``--reference`` (default: the
+  bundled float pipeline) for the same prompts and seeds, and sampling time per image;
+- ``quantize``: calibration along sampler trajectories of training captions, ``jquant.quantize`` of the
+  transformer with the recipe, and the quantized pipeline saved to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+JUDGE = "jq-emoji-classifier"
+REFERENCE_PIPELINE = "jq-mmdit-tiny"
+
+
+def is_pipeline_model(name_or_path: str) -> bool:
+    """Whether ``--model`` names a text-to-image pipeline (bundled name or folder)."""
+    from jquant.models.loading import resolve
+    from jquant.text_to_image import is_pipeline
+
+    try:
+        return is_pipeline(resolve(name_or_path))
+    except ValueError:
+        return False
+
+
+def add_image_generate_options(parser: argparse.ArgumentParser, positive_int) -> None:
+    group = parser.add_argument_group("text-to-image models")
+    group.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: the pipeline's)")
+    group.add_argument("--guidance", type=float, default=None,
+                       help="classifier-free guidance scale (default: the pipeline's; 0 turns guidance off)")
+    group.add_argument("--num-images", type=positive_int, default=1,
+                       help="images from seeds SEED, SEED+1, ...; more than one writes a grid (default: 1)")
+    group.add_argument("--out", default=None, help="the PNG to write (required for text-to-image models)")
+
+
+def _guidance(value: float | None, default: float | None) -> float | None:
+    if value is None:
+        return default
+    if not math.isfinite(value):
+        raise ValueError(f"--guidance must be a finite number, got {value}.")
+    return None if value == 0 else value
+
+
+def _check_png(out: str | None, overwrite: bool = False) -> Path:
+    if out is None:
+        raise ValueError("--out is required for a text-to-image model: the PNG file to write, e.g. --out apple.png.")
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {out!r} must end in .png.")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--out {out!r} exists; jquant never replaces a file it did not create. Pick a new name.")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {out!r}: the folder {path.parent} does not exist.")
+    return path
+
+
+def generate(args, console: Console) -> dict:
+    from PIL import Image
+
+    from jquant.models.loading import resolve
+    from jquant.text_to_image import image_grid, load_pipeline, to_uint8
+
+    path = _check_png(args.out)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative int, got {args.seed}.")
+    pipe = load_pipeline(resolve(args.model))
+    guidance = _guidance(args.guidance, pipe.defaults.guidance)
+    steps = args.steps or pipe.defaults.steps
+    prompts = [args.prompt] * args.num_images
+    start = time.perf_counter()
+    images = np.concatenate([np.asarray(pipe.generate([args.prompt], seed=args.seed + i, steps=steps,
+                                                      guidance=guidance, progress=not args.json))
+                             for i in range(len(prompts))])
+    seconds = time.perf_counter() - start
+    pixels = to_uint8(images)
+    picture = pixels[0] if len(pixels) == 1 else image_grid(pixels)
+    tmp = path.with_name(f".{path.name}.partial")
+    Image.fromarray(picture).save(tmp, format="PNG")
+    tmp.replace(path)
+    result = {"prompt": args.prompt, "out": str(path), "seeds": [args.seed + i for i in range(len(prompts))],
+              "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
+    if not args.json:
+        console.print(f"wrote {path} ({len(prompts)} image(s), {steps} steps, guidance {guidance}, {seconds:.1f} s)")
+    return result
+
+
+def _prompts(seeds: int) -> tuple[list[str], np.ndarray]:
+    from jquant.data.emoji import load_glyphs
+    from jquant.data.scenes import COLORS, vocabulary_ids
+
+    glyphs = load_glyphs()
+    colours = list(COLORS)
+    prompts, labels = [], []
+    for label, gid in enumerate(vocabulary_ids("reference-32", glyphs)):
+        for k in range(seeds):
+            prompts.append(f"{glyphs.phrases[gid]} on a {colours[(label + 3 * k) % len(colours)]} background")
+            labels.append(label)
+    return prompts, np.asarray(labels)
+
+
+def evaluate_pipeline(pipe, reference, *, seeds: int, steps: int | None, guidance, batch: int = 64) -> dict:
+    """``image_report`` of ``pipe`` on single-glyph prompts (``seeds`` per glyph), against ``reference``'s images."""
+    from jquant.checkpoint import load as load_checkpoint
+    from jquant.data.scenes import emoji_scenes
+    from jquant.eval.generation import image_report
+    from jquant.models.loading import resolve
+
+    prompts, labels = _prompts(seeds)
+
+    def images_of(p) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        out = np.concatenate([np.asarray(p.generate(prompts[i:i + batch], seed=i, steps=steps, guidance=guidance))
+                              for i in range(0, len(prompts), batch)])
+        return out, (time.perf_counter() - start) / len(prompts)
+
+    images, per_image = images_of(pipe)
+    reference_images = None if reference is None else images_of(reference)[0]
+    real = emoji_scenes("validation", 1024, 32, 0, vocabulary="reference-32", objects=(1,)).images
+    report = image_report(images, labels, load_checkpoint(resolve(JUDGE)), real_images=real.astype(np.float32) / 127.5 - 1,
+                          reference_images=reference_images)
+    return {**report, "seconds_per_image": per_image, "steps": steps or pipe.defaults.steps, "guidance": guidance}
+
+
+def evaluate(args, console: Console) -> dict:
+    from jquant.models.loading import resolve
+    from jquant.text_to_image import load_pipeline
+
+    pipe = load_pipeline(resolve(args.model))
+    reference_name = args.reference or REFERENCE_PIPELINE
+    reference = None if Path(resolve(reference_name)) == Path(resolve(args.model)) else load_pipeline(
+        resolve(reference_name))
+    guidance = _guidance(args.guidance, pipe.defaults.guidance)
+    result = {"model": args.model, "reference": None if reference is None else reference_name,
+              **evaluate_pipeline(pipe, reference, seeds=args.seeds_per_prompt, steps=args.steps, guidance=guidance)}
+    if not args.json:
+        table = Table(title=f"eval: {args.model}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in ("prompt_accuracy", "random_label_accuracy", "chance", "fd_emoji", "psnr_db", "ssim",
+                    "seconds_per_image"):
+            if key in result:
+                table.add_row(key, f"{result[key]:.4g}")
+        console.print(table)
+    return result
+
+
+def quantize(args, console: Console) -> dict:
+    from jquant.atomic import check_output_folder
+    from jquant.data.scenes import emoji_scenes
+    from jquant.models.loading import resolve
+    from jquant.quantization import quantize as quantize_model
+    from jquant.recipes import Recipe, get
+    from jquant.text_to_image import TextToImage, load_pipeline, save_pipeline
+
+    if args.out:
+        check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
+    recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
+    pipe = load_pipeline(resolve(args.model))
+    captions = emoji_scenes("train", args.calib_samples, 32, args.seed, vocabulary="reference-32",
+                            objects=(1, 2)).captions
+    calib = pipe.trajectory_calibration(captions, seed=args.seed)
+    start = time.perf_counter()
+    qtransformer = quantize_model(pipe.transformer, recipe, calib, progress=not args.json)
+    quantized = TextToImage(text_encoder=pipe.text_encoder, transformer=qtransformer, vae=pipe.vae,
+                            defaults=pipe.defaults, text_encoder_name=pipe.text_encoder_name)
+    result = {"model": args.model, "recipe": recipe.to_dict(), "quantize_seconds": time.perf_counter() - start,
+              "calibration_inputs": int(len(calib["sigmas"])), "sites": dict(qtransformer.quantization.sites)}
+    if args.out:
+        result["saved_to"] = str(save_pipeline(quantized, args.out, overwrite=args.overwrite))
+    if not args.no_eval:
+        result["quantized"] = evaluate_pipeline(quantized, pipe, seeds=1, steps=None, guidance=pipe.defaults.guidance)
+    if not args.json:
+        table = Table(title=f"{args.model} quantized with {recipe.name}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("calibration inputs (trajectory steps)", str(result["calibration_inputs"]))
+        table.add_row("quantization time (s)", f"{result['quantize_seconds']:.1f}")
+        for key, value in result.get("quantized", {}).items():
+            if isinstance(value, float):
+                table.add_row(key, f"{value:.4g}")
+        console.print(table)
+        if args.out:
+            console.print(f"saved to {result['saved_to']}")
+    return result
