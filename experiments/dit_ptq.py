@@ -84,6 +84,8 @@ def run(args: argparse.Namespace, results: Results) -> None:
     results.set_meta(platform=jax.devices()[0].platform, jax=jax.__version__, steps=pipe.defaults.steps,
                      guidance=pipe.defaults.guidance, bucket_edges=list(pipe.transformer.config.bucket_edges))
     grids = {}
+    float_images = cli_image.single_glyph_images(pipe, seeds=args.seeds_per_prompt, steps=None,
+                                                 guidance=pipe.defaults.guidance)[0]
     for name in args.recipes:
         seeds = [None] if name in CALIBRATION_FREE else args.seeds
         for seed in seeds:
@@ -105,9 +107,9 @@ def run(args: argparse.Namespace, results: Results) -> None:
             quantize_seconds = time.perf_counter() - start
             qpipe = TextToImage(text_encoder=pipe.text_encoder, transformer=model, vae=pipe.vae,
                                 defaults=pipe.defaults, text_encoder_name=pipe.text_encoder_name)
-            report = cli_image.evaluate_pipeline(qpipe, None if name == "float" else pipe,
-                                                 seeds=args.seeds_per_prompt, steps=None,
-                                                 guidance=pipe.defaults.guidance)
+            report = cli_image.evaluate_pipeline(qpipe, None, seeds=args.seeds_per_prompt, steps=None,
+                                                 guidance=pipe.defaults.guidance,
+                                                 reference_images=None if name == "float" else float_images)
             grids[name] = to_uint8(qpipe.generate(GRID_PROMPTS, seed=0))
             results.add({"recipe": name, "calib_seed": seed, "calibration_inputs": calib_inputs,
                          "quantize_seconds": quantize_seconds, "transformer_bytes": _transformer_bytes(model),

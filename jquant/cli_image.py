@@ -111,23 +111,29 @@ def _prompts(seeds: int) -> tuple[list[str], np.ndarray]:
     return prompts, np.asarray(labels)
 
 
-def evaluate_pipeline(pipe, reference, *, seeds: int, steps: int | None, guidance, batch: int = 64) -> dict:
-    """``image_report`` of ``pipe`` on single-glyph prompts (``seeds`` per glyph), against ``reference``'s images."""
+def single_glyph_images(pipe, *, seeds: int, steps: int | None, guidance, batch: int = 64
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(images [N, H, W, 3], labels [N], seconds per image)`` of ``pipe`` for the single-glyph prompts (``seeds``
+    images per glyph, prompt ``i`` sampled from seed ``i``)."""
+    prompts, labels = _prompts(seeds)
+    start = time.perf_counter()
+    images = np.concatenate([np.asarray(pipe.generate(prompts[i:i + batch], seed=i, steps=steps, guidance=guidance))
+                             for i in range(0, len(prompts), batch)])
+    return images, labels, (time.perf_counter() - start) / len(prompts)
+
+
+def evaluate_pipeline(pipe, reference, *, seeds: int, steps: int | None, guidance, batch: int = 64,
+                      reference_images: np.ndarray | None = None) -> dict:
+    """``image_report`` of ``pipe`` on single-glyph prompts (``seeds`` per glyph), against ``reference``'s images for
+    the same prompts and seeds (or the given ``reference_images``)."""
     from jquant.checkpoint import load as load_checkpoint
     from jquant.data.scenes import emoji_scenes
     from jquant.eval.generation import image_report
     from jquant.models.loading import resolve
 
-    prompts, labels = _prompts(seeds)
-
-    def images_of(p) -> tuple[np.ndarray, float]:
-        start = time.perf_counter()
-        out = np.concatenate([np.asarray(p.generate(prompts[i:i + batch], seed=i, steps=steps, guidance=guidance))
-                              for i in range(0, len(prompts), batch)])
-        return out, (time.perf_counter() - start) / len(prompts)
-
-    images, per_image = images_of(pipe)
-    reference_images = None if reference is None else images_of(reference)[0]
+    images, labels, per_image = single_glyph_images(pipe, seeds=seeds, steps=steps, guidance=guidance, batch=batch)
+    if reference_images is None and reference is not None:
+        reference_images = single_glyph_images(reference, seeds=seeds, steps=steps, guidance=guidance, batch=batch)[0]
     real = emoji_scenes("validation", 1024, 32, 0, vocabulary="reference-32", objects=(1,)).images
     report = image_report(images, labels, load_checkpoint(resolve(JUDGE)), real_images=real.astype(np.float32) / 127.5 - 1,
                           reference_images=reference_images)
