@@ -185,6 +185,24 @@ def _named_table(title: str, names: Sequence[str], columns: Sequence[str]) -> Ta
     return table
 
 
+def _folder_kind(path) -> str:
+    """What a bundled folder holds when its reference_info.json does not say: a config's model_type / class."""
+    config = path / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        return data.get("model_type") or data.get("_class_name") or "?"
+    return "pipeline" if (path / "pipeline.json").is_file() else "?"
+
+
+def _validation(info: dict) -> str:
+    """The headline validation number a bundled model's reference_info.json records, named."""
+    for key, label, fmt in (("validation_ppl", "ppl", ".2f"), ("prompt_accuracy", "prompt acc.", ".3f"),
+                            ("validation_psnr_db", "PSNR dB", ".1f"), ("test_accuracy", "accuracy", ".4f")):
+        if key in info:
+            return f"{label} {info[key]:{fmt}}"
+    return "–"
+
+
 def _cmd_list(args, console: Console) -> dict:
     from jquant.formats import FORMATS
     from jquant.models import list_models
@@ -224,12 +242,13 @@ def _cmd_list(args, console: Console) -> dict:
     data = {m.name: {"path": str(m.path), **m.info} for m in models}
     if not args.json:
         table = _named_table("bundled models", list(data),
-                             ("parameters", "validation ppl", "train tokens", "train time", "weights"))
+                             ("family", "parameters", "validation", "train tokens", "train time", "weights"))
         for m in models:
             i = m.info
-            table.add_row(m.name, f"{i.get('parameters', 0) / 1e6:.2f}M", f"{i.get('validation_ppl', float('nan')):.2f}",
-                          f"{i.get('train_tokens', 0) / 1e6:.1f}M", f"{i.get('train_seconds', 0) / 60:.1f} min",
-                          i.get("weights_dtype", "?"))
+            table.add_row(m.name, i.get("family") or _folder_kind(m.path),
+                          f"{i['parameters'] / 1e6:.2f}M" if "parameters" in i else "–", _validation(i),
+                          f"{i['train_tokens'] / 1e6:.1f}M" if "train_tokens" in i else "–",
+                          f"{i.get('train_seconds', 0) / 60:.1f} min", i.get("weights_dtype", "float32"))
         console.print(table)
     return data
 
