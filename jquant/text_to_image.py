@@ -12,9 +12,9 @@ text [B, S, D], pooled [B, P]) -> [B, h, w, L]`` (it maps σ to its own timestep
 ``1000 σ``, Flux ``σ`` plus its position ids and guidance).
 
 A pipeline folder (``save_pipeline`` / ``load_pipeline``; bundled as ``jq-mmdit-tiny``) holds
-``pipeline.json`` (the sampling defaults and the text encoder's name or subfolder), ``transformer/`` and
-``vae/``: diffusers folders when float, ``jquant.checkpoint`` folders when quantized (``jquant.models.load``
-reads either).
+``pipeline.json`` (the sampling defaults and the text encoder: a bundled model's name, or ``text_encoder/``, a
+Hugging Face folder with its tokenizer inside the pipeline), ``transformer/`` and ``vae/``: diffusers folders
+when float, ``jquant.checkpoint`` folders when quantized (``jquant.models.load`` reads either).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from jquant.atomic import atomic_folder
 from jquant.sampling.flow import sample
 
 PIPELINE_FILE = "pipeline.json"
+TEXT_ENCODER_FOLDER = "text_encoder"
 PIPELINE_VERSION = 1
 
 
@@ -185,9 +186,15 @@ def save_pipeline(pipe: TextToImage, path: str | Path, *, overwrite: bool = Fals
     from jquant.checkpoint import save
     from jquant.models.registry import family_of
 
-    manifest = {"format_version": PIPELINE_VERSION, "text_encoder": pipe.text_encoder_name,
-                "defaults": dataclasses.asdict(pipe.defaults), **(extra or {})}
+    from jquant.models.loading import bundled_model
+
+    bundled = bundled_model(pipe.text_encoder_name)
+    manifest = {"format_version": PIPELINE_VERSION, "text_encoder": pipe.text_encoder_name if bundled else
+                TEXT_ENCODER_FOLDER, "defaults": dataclasses.asdict(pipe.defaults), **(extra or {})}
     with atomic_folder(path, overwrite=overwrite) as tmp:
+        if not bundled:  # an encoder that is not a bundled model travels with the pipeline
+            lm, tokenizer = pipe.text_encoder.model, pipe.text_encoder.tokenizer
+            family_of(lm, purpose="save").to_hf(lm, tmp / TEXT_ENCODER_FOLDER, extra_files=tokenizer.save_pretrained)
         for name, part in (("transformer", pipe.transformer), ("vae", pipe.vae)):
             family = family_of(part, purpose="save")
             if getattr(part, "quantization", None) is None and family.to_diffusers is not None:

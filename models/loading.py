@@ -59,6 +59,12 @@ def list_models() -> list[ModelInfo]:
     return found
 
 
+def bundled_model(name: str) -> bool:
+    """Whether ``name`` is the name of a bundled model (a folder of the installed models package)."""
+    root = _bundled_dir()
+    return root is not None and isinstance(name, str) and "/" not in name and (root / name).is_dir()
+
+
 def resolve(name_or_path: str | Path) -> Path:
     """Folder of a bundled model name or an existing checkpoint path; a clear error otherwise."""
     root = _bundled_dir()
