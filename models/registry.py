@@ -25,6 +25,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "rwkv6": "jquant.models.rwkv6",
     "image_classifier": "jquant.models.image_classifier",
     "sd3": "jquant.models.sd3",
+    "flux": "jquant.models.flux",
     "vae": "jquant.models.vae",
 }
 
