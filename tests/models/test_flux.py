@@ -255,3 +255,29 @@ def test_preset_builds_with_the_text_encoders_width():
     assert family is flux.FAMILY and 2e6 < params < 4e6
     _, llama = preset("jq-llama-tiny")
     assert cfg.joint_attention_dim == cfg.pooled_projection_dim == llama.hidden_size
+
+
+def test_text_to_image_pipeline_samples_calibrates_and_saves_with_a_flux_transformer(tmp_path):
+    """Flux takes part in ``TextToImage`` through ``flow_velocity``: its trajectory calibration is this family's
+    calibration contract, and a pipeline folder (the transformer as a diffusers folder) loads to the same images."""
+    from jquant.data import load_tokenizer
+    from jquant.models import llama, vae
+    from jquant.models.text_encoder import TextEncoder
+    from jquant.text_to_image import SamplingDefaults, TextToImage, load_pipeline, save_pipeline
+
+    tokenizer = load_tokenizer()
+    lm = llama.init_model(llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=12, intermediate_size=16,
+                                            num_layers=1, num_heads=2, num_kv_heads=1), jax.random.key(0))
+    vae_cfg = vae.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=2, norm_num_groups=4,
+                            sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = TextToImage(text_encoder=TextEncoder(lm, tokenizer),
+                       transformer=flux.init_model(TINY.replace(pooled_projection_dim=12), jax.random.key(1)),
+                       vae=vae.init_model(vae_cfg, jax.random.key(2)),
+                       defaults=SamplingDefaults(steps=2, guidance=2.0, max_length=6), text_encoder_name="tiny-lm")
+    prompts = ["a red apple", "a blue cat"]
+    images = np.asarray(pipe.generate(prompts, seed=0))
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    calib = pipe.transformer.check_calibration(pipe.trajectory_calibration(prompts, seed=0))
+    assert calib["sigmas"].shape == (2 * 2 * 2,)  # steps x prompts x (conditional, unconditional)
+    save_pipeline(pipe, tmp_path / "pipe")
+    np.testing.assert_array_equal(np.asarray(load_pipeline(tmp_path / "pipe").generate(prompts, seed=0)), images)
