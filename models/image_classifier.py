@@ -117,5 +117,9 @@ FAMILY = Family(
     config_from_json=functools.partial(dataclass_config_from_json, ImageClassifierConfig),
     checkpoint_protocol="the manifest's config holds the ImageClassifierConfig fields "
                         "(config_io.dataclass_config_to_json).",
+    presets={
+        # the judge of the 32-glyph reference vocabulary at 32x32 (experiments/train_image_models.py)
+        "jq-emoji-classifier": ImageClassifierConfig(num_classes=32, image_size=32),
+    },
     keep_float=("stem", "head"),
 )

@@ -537,8 +537,8 @@ FAMILY = Family(
     presets={
         # 32x32 RGB through jq-vae-tiny -> 8x8x4 latents, patch 2 -> 16 image tokens; text states of jq-llama-tiny.
         "jq-mmdit-tiny": SD3Config(sample_size=8, patch_size=2, in_channels=4, num_layers=6, attention_head_dim=32,
-                                   num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
-                                   pooled_projection_dim=128, pos_embed_max_size=8),
+                                   num_attention_heads=4, joint_attention_dim=192, caption_projection_dim=128,
+                                   pooled_projection_dim=192, pos_embed_max_size=8),
     },
     keep_float=("pos_embed_proj", "timestep_embedder/linear_1", "timestep_embedder/linear_2", "text_embedder/linear_1",
                 "text_embedder/linear_2", "context_embedder", "norm_out", "proj_out"),
