@@ -52,10 +52,10 @@ from flax import nnx
 from jquant import ops
 from jquant.calib.data import check_group_ids, num_samples
 from jquant.calib.sequential import Stage
-from jquant.formats import QArray
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import Family
 from jquant.models.layers import Linear
+from jquant.models.tensor_io import export_parameters, load_parameters
 from jquant.models.sd3 import MLP2, FeedForward, QKNorm, layer_norm, timestep_sinusoid
 from jquant.ops.mask import Full
 from jquant.sites import ActivationGroups
@@ -498,26 +498,21 @@ def _tensor_names(model: FluxTransformer) -> dict[str, tuple[tuple, bool]]:
     return names
 
 
+def _transpose(value: np.ndarray) -> np.ndarray:
+    return value.T
+
+
+def _entries(model: FluxTransformer) -> dict[tuple, tuple[str, object]]:
+    """state path -> (diffusers tensor name, layout conversion: a linear weight transposes, the rest is as is)."""
+    return {path: (name, _transpose if transposed else np.asarray)
+            for name, (path, transposed) in _tensor_names(model).items()}
+
+
 def from_tensors(cfg: FluxConfig, tensors: dict[str, np.ndarray], *, source: str = "tensors") -> FluxTransformer:
     """A model of ``cfg`` holding diffusers-named ``tensors`` (every tensor used, none missing)."""
-    model = init_model(cfg, jax.random.key(0))  # every parameter is overwritten below
-    names = _tensor_names(model)
-    missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
-    if missing or extra:
-        raise ValueError(f"{source}: Flux tensors do not match the config: missing {missing[:6]}, unexpected "
-                         f"{extra[:6]}.")
-    state = nnx.state(model)
-    flat = dict(nnx.to_flat_state(state))
-    for name, (path, transposed) in names.items():
-        value = np.asarray(tensors[name])
-        value = value.T if transposed else value
-        var = flat[path]
-        if tuple(value.shape) != tuple(var.get_value().shape):
-            raise ValueError(f"{source}: {name} has shape {tensors[name].shape}, which does not fit the config "
-                             f"(expected {var.get_value().shape} after conversion).")
-        var.set_value(jnp.asarray(value, jnp.dtype(cfg.param_dtype)))
-    nnx.update(model, state)
-    return model
+    abstract = abstract_model(cfg)
+    return load_parameters(abstract, _entries(abstract), tensors, param_dtype=cfg.param_dtype, source=source,
+                           what="FluxTransformer2DModel")
 
 
 def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None,
@@ -532,16 +527,8 @@ def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32", par
 
 
 def to_tensors(model: FluxTransformer) -> dict[str, np.ndarray]:
-    flat = dict(nnx.to_flat_state(nnx.state(model)))
-    out = {}
-    for name, (path, transposed) in _tensor_names(model).items():
-        value = flat[path].get_value()
-        if isinstance(value, QArray):
-            raise ValueError("to_diffusers: the model holds quantized weights; diffusers reads float tensors only "
-                             "(save it with jquant.save instead).")
-        value = np.asarray(value)
-        out[name] = np.ascontiguousarray(value.T if transposed else value)
-    return out
+    """diffusers-named tensors of a float ``model`` (PyTorch layouts)."""
+    return export_parameters(model, _entries(model))
 
 
 def to_diffusers(model: FluxTransformer, path: str | os.PathLike, *, overwrite: bool = False,

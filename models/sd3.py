@@ -43,10 +43,10 @@ from jquant import ops
 from jquant.ops.mask import Full
 from jquant.calib.data import check_group_ids, num_samples
 from jquant.calib.sequential import Stage
-from jquant.formats import QArray
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import Family
 from jquant.models.layers import Conv, Linear
+from jquant.models.tensor_io import export_parameters, load_parameters
 from jquant.sites import ActivationGroups
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
@@ -461,9 +461,9 @@ def _to_torch(value: np.ndarray, layout: str, cfg: SD3Config) -> np.ndarray:
 
 
 def from_tensors(cfg: SD3Config, tensors: dict[str, np.ndarray], *, source: str = "tensors") -> SD3Transformer:
-    """A model of ``cfg`` holding diffusers-named ``tensors`` (every tensor used, none missing)."""
-    model = init_model(cfg, jax.random.key(0))  # every parameter is overwritten below
-    names = _tensor_names(model)
+    """A model of ``cfg`` holding diffusers-named ``tensors`` (every tensor used, none missing; the fixed position
+    table checked against the config's)."""
+    abstract = abstract_model(cfg)
     tensors = dict(tensors)
     table = tensors.pop(POS_EMBED, None)
     expected = position_table(cfg)
@@ -472,21 +472,10 @@ def from_tensors(cfg: SD3Config, tensors: dict[str, np.ndarray], *, source: str 
         raise ValueError(f"{source}: {POS_EMBED} is missing or is not the fixed 2-D sin-cos table of this config "
                          "(sample_size / patch_size base, pos_embed_max_size grid); learned or edited position "
                          "tables are not supported.")
-    missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
-    if missing or extra:
-        raise ValueError(f"{source}: SD3 tensors do not match the config: missing {missing[:6]}, unexpected "
-                         f"{extra[:6]}.")
-    state = nnx.state(model)
-    flat = dict(nnx.to_flat_state(state))
-    for name, (path, layout) in names.items():
-        value = _from_torch(np.asarray(tensors[name]), layout)
-        var = flat[path]
-        if tuple(value.shape) != tuple(var.get_value().shape):
-            raise ValueError(f"{source}: {name} has shape {tensors[name].shape}, which does not fit the config "
-                             f"(expected {var.get_value().shape} after conversion).")
-        var.set_value(jnp.asarray(value, jnp.dtype(cfg.param_dtype)))
-    nnx.update(model, state)
-    return model
+    entries = {path: (name, functools.partial(_from_torch, layout=layout))
+               for name, (path, layout) in _tensor_names(abstract).items()}
+    return load_parameters(abstract, entries, tensors, param_dtype=cfg.param_dtype, source=source,
+                           what="SD3Transformer2DModel")
 
 
 def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32", param_dtype: DTypeName | None = None,
@@ -501,16 +490,10 @@ def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32", par
 
 
 def to_tensors(model: SD3Transformer) -> dict[str, np.ndarray]:
-    flat = dict(nnx.to_flat_state(nnx.state(model)))
-    out = {}
-    for name, (path, layout) in _tensor_names(model).items():
-        value = flat[path].get_value()
-        if isinstance(value, QArray):
-            raise ValueError("to_diffusers: the model holds quantized weights; diffusers reads float tensors only "
-                             "(save it with jquant.save instead).")
-        out[name] = np.ascontiguousarray(_to_torch(np.asarray(value), layout, model.config))
-    out[POS_EMBED] = position_table(model.config)[None]
-    return out
+    """diffusers-named tensors of a float ``model`` (PyTorch layouts, plus the fixed position table)."""
+    entries = {path: (name, functools.partial(_to_torch, layout=layout, cfg=model.config))
+               for name, (path, layout) in _tensor_names(model).items()}
+    return {**export_parameters(model, entries), POS_EMBED: position_table(model.config)[None]}
 
 
 def to_diffusers(model: SD3Transformer, path: str | os.PathLike, *, overwrite: bool = False,

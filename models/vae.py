@@ -43,11 +43,11 @@ import numpy as np
 from flax import nnx
 
 from jquant.calib.sequential import Stage
-from jquant.formats import QArray
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import Family
 from jquant.models.image_layers import DownEncoderBlock2D, GroupNorm, UNetMidBlock2D, UpDecoderBlock2D, conv2d
 from jquant.models.layers import Conv, Linear
+from jquant.models.tensor_io import export_parameters, load_parameters
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 CLASS_NAME = "AutoencoderKL"
@@ -395,28 +395,11 @@ def from_tensors(cfg: VAEConfig, tensors: dict[str, np.ndarray], *, source: str 
     """Build an ``AutoencoderKL`` from diffusers-named arrays (PyTorch layouts), validating every one first."""
     check_dtypes_available(cfg)
     abstract = abstract_model(cfg)
-    layouts = _diffusers_layouts(abstract)
-    graphdef, abstract_state = nnx.split(abstract)
-    pdt = jnp.dtype(cfg.param_dtype)
-    remaining = dict(tensors)
-    flat = []
-    for path, var in nnx.to_flat_state(abstract_state):
-        name, layout, kernel = layouts[path]
-        expected = _torch_shape(tuple(var.shape), layout, kernel)
-        if name not in remaining:
-            raise ValueError(f"{source}: tensor {name!r} is missing (expected shape {expected}).")
-        array = remaining.pop(name)
-        if tuple(array.shape) != expected:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, but the config implies "
-                             f"{expected}.")
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise ValueError(f"{source}: tensor {name!r} has dtype {array.dtype}; a floating-point tensor was "
-                             "expected.")
-        flat.append((path, var.replace(jnp.asarray(_from_torch(array, layout), dtype=pdt))))
-    if remaining:
-        raise ValueError(f"{source}: unexpected tensors not used by an AutoencoderKL of this config (an older "
-                         f"attention naming, or another architecture): {sorted(remaining)[:8]}")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(abstract))}
+    entries = {path: (name, functools.partial(_from_torch, layout=layout), _torch_shape(shapes[path], layout, kernel))
+               for path, (name, layout, kernel) in _diffusers_layouts(abstract).items()}
+    return load_parameters(abstract, entries, tensors, param_dtype=cfg.param_dtype, source=source,
+                           what="AutoencoderKL")
 
 
 def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32",
@@ -438,16 +421,9 @@ def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32",
 
 def to_tensors(model: AutoencoderKL) -> dict[str, np.ndarray]:
     """diffusers-named numpy arrays of a float ``model`` (PyTorch layouts); quantized sites are refused."""
-    out = {}
-    layouts = _diffusers_layouts(model)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, layout, kernel = layouts[path]
-        value = var.get_value()
-        if isinstance(value, QArray):
-            raise ValueError(f"to_diffusers: {'/'.join(map(str, path[:-1]))} holds a quantized weight; diffusers "
-                             "folders hold float weights: export the float model, or save with jquant.save.")
-        out[name] = np.ascontiguousarray(_to_torch(np.asarray(value), layout, kernel))
-    return out
+    entries = {path: (name, functools.partial(_to_torch, layout=layout, kernel=kernel))
+               for path, (name, layout, kernel) in _diffusers_layouts(model).items()}
+    return export_parameters(model, entries)
 
 
 def to_diffusers(model: AutoencoderKL, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
