@@ -153,7 +153,8 @@ def prompt_accuracy_report(pipe, classifier, seeds: int, steps: int, guidance: f
     acc = float(prompt_accuracy(classifier, images, labels))
     shuffled = np.random.default_rng(0).permutation(labels)
     return {"prompt_accuracy": acc, "random_label_accuracy": float(prompt_accuracy(classifier, images, shuffled)),
-            "chance": 1.0 / (labels.max() + 1), "prompts": len(prompts), "steps": steps, "guidance": guidance}
+            "chance": 1.0 / (labels.max() + 1), "prompts": len(prompts), "sampling_steps": steps,
+            "guidance": guidance}
 
 
 def train_mmdit_stage(args) -> dict:
