@@ -10,7 +10,8 @@ hold the recurrences of the Mamba and RWKV families (their counterpart of attent
 the routing and grouped matmuls of mixture-of-experts layers. ``conv`` is the 1-D/2-D/3-D
 convolution on a ``[K C_in, C_out]`` matrix weight (``conv_patches``: its im2col rows), ``mask`` the
 static attention-mask descriptions ``attention`` accepts besides dense arrays (with block layouts
-for block-sparse kernels), and ``rope`` rotary embeddings over position tuples (1-D, M-RoPE, 3-D, Flux).
+for block-sparse kernels), ``local_attention`` DiTFastAttn's head-wise windows and arrows over joint text +
+image sequences (computing only the allowed pairs), and ``rope`` rotary embeddings over position tuples (1-D, M-RoPE, 3-D, Flux).
 ``dispatch`` is keyed by op (linear, grouped_matmul, conv, attention).
 """
 
@@ -30,6 +31,8 @@ from jquant.ops.linear import as_array as as_array
 from jquant.ops.linear import dot_general as dot_general
 from jquant.ops.linear import embedding_lookup as embedding_lookup
 from jquant.ops.linear import linear as linear
+from jquant.ops.local_attention import local_attention as local_attention
+from jquant.ops.local_attention import local_attention_reference as local_attention_reference
 from jquant.ops.lora import LoRAArithmetic as LoRAArithmetic
 from jquant.ops.mask import And as And
 from jquant.ops.mask import Arrow as Arrow
@@ -58,6 +61,7 @@ from jquant.ops.wkv import wkv6_recurrent as wkv6_recurrent
 __all__ = ["And", "apply_rope", "Arrow", "as_array", "attention", "attention_quantized_past", "Band", "Causal",
            "causal_conv1d", "causal_mask", "conv", "conv_patches", "conv_weight_matrix", "dot_general",
            "embedding_lookup", "explain", "force_path", "Full", "grouped_matmul", "inverse_frequencies", "linear",
+           "local_attention", "local_attention_reference",
            "lora_linear", "LoRAArithmetic", "Mask", "online_hadamard", "Padding", "polar_linear",
            "quantize_expert_activations", "quantize_kv", "quantized_matmul", "record_dispatch", "rope_angles",
            "rope_cos_sin", "selective_scan", "selective_scan_recurrent", "SlidingWindow", "ssd_chunked",

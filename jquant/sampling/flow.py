@@ -13,7 +13,8 @@ One Euler step from ``sigma`` to ``sigma_next`` (diffusers ``FlowMatchEulerDiscr
 
 with the conditional and unconditional halves in one batched call ``[cond; uncond]``. Latents are carried in
 float32 (diffusers upcasts the same way). ``euler_flow`` is the traceable core (a ``lax.scan`` over steps);
-``sample`` validates, draws the initial noise from an explicit key and runs it jitted.
+``sample`` validates, draws the initial noise from an explicit key and runs it jitted. ``euler_flow_with_state``
+threads a pytree (a per-step plan and a cache) through the steps.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jquant.progress import progress_bar
 from jquant.sampling.schedule import flow_sigmas
 
 Velocity = Callable[[jax.Array, jax.Array, Any], jax.Array]
+StatefulVelocity = Callable[[jax.Array, jax.Array, Any, Any, Any], tuple[jax.Array, Any]]
 
 
 def euler_flow(velocity: Velocity, x: jax.Array, sigmas: jax.Array, cond: Any, *, uncond: Any = None,
@@ -43,36 +45,71 @@ def euler_flow(velocity: Velocity, x: jax.Array, sigmas: jax.Array, cond: Any, *
     call on the batch ``[x; x]`` with ``[cond; uncond]`` and mixes ``v_u + guidance (v_c - v_u)``.
     Returns the state at ``sigmas[-1]``, float32.
     """
+    def stateless(x, t, c, step, state):
+        return velocity(x, t, c), state
+
+    return euler_flow_with_state(stateless, x, sigmas, cond, per_step=None, state=None, uncond=uncond,
+                                 guidance=guidance)[0]
+
+
+def euler_flow_with_state(velocity: StatefulVelocity, x: jax.Array, sigmas: jax.Array, cond: Any, *, per_step: Any,
+                          state: Any, uncond: Any = None, guidance: jax.Array | float | None = None
+                          ) -> tuple[jax.Array, Any]:
+    """``euler_flow`` with a pytree ``state`` threaded through the steps (like a KV cache through decoding).
+
+    Step ``i`` calls ``velocity(x, t, cond, per_step_i, state) -> (v, state)``, where ``per_step_i`` is row ``i``
+    of ``per_step`` (a pytree whose leaves have the leading axis ``S``, the step count; None for nothing) — e.g.
+    DiTFastAttn's attention plan and its cache of the previous step's head outputs. Returns ``(x, state)`` at
+    ``sigmas[-1]``.
+    """
+    _check_flow(sigmas, uncond, guidance)
+    x = jnp.asarray(x, jnp.float32)
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    both, g = _guidance_inputs(cond, uncond, guidance)
+
+    def body(carry, inputs):
+        x, state = carry
+        sigma, sigma_next, step = inputs
+        v, state = guided_velocity(velocity, x, sigma, cond, both, g, step, state)
+        return (x + (sigma_next - sigma) * v, state), None
+
+    (x, state), _ = jax.lax.scan(body, (x, state), (sigmas[:-1], sigmas[1:], per_step))
+    return x, state
+
+
+def _check_flow(sigmas, uncond, guidance) -> None:
     if (uncond is None) != (guidance is None):
         raise ValueError("euler_flow: classifier-free guidance needs both uncond and guidance; give both or neither.")
     if np.ndim(sigmas) != 1 or np.shape(sigmas)[0] < 2:
         raise ValueError(f"euler_flow: sigmas must be a 1-D schedule of at least 2 noise levels (flow_sigmas), got "
                          f"shape {np.shape(sigmas)}.")
-    x = jnp.asarray(x, jnp.float32)
-    sigmas = jnp.asarray(sigmas, jnp.float32)
+
+
+def _guidance_inputs(cond, uncond, guidance):
+    """``([cond; uncond], g)`` for classifier-free guidance, ``(None, None)`` without it."""
+    if uncond is None:
+        return None, None
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
+    return both, jnp.asarray(guidance, jnp.float32)
+
+
+def guided_velocity(velocity: StatefulVelocity, x: jax.Array, sigma: jax.Array, cond: Any, both: Any,
+                    g: jax.Array | None, step: Any, state: Any) -> tuple[jax.Array, Any]:
+    """One (guided) velocity evaluation at noise level ``sigma`` (a scalar) of ``x [B, H, W, C]``: the batch
+    ``[x; x]`` on ``both = [cond; uncond]`` mixed ``v_u + g (v_c - v_u)`` when ``g`` is given. Returns
+    ``(v [B, H, W, C] float32, state)``."""
     b = x.shape[0]
-    if uncond is not None:
-        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-        g = jnp.asarray(guidance, jnp.float32)
-
-    def velocity_at(x, sigma):
-        if uncond is None:
-            v = velocity(x, jnp.full((b,), sigma, jnp.float32), cond)
-        else:
-            v = velocity(jnp.concatenate([x, x], axis=0), jnp.full((2 * b,), sigma, jnp.float32), both)
-        expected = x.shape if uncond is None else (2 * b, *x.shape[1:])
-        if v.shape != expected:
-            raise ValueError(f"euler_flow: velocity returned shape {v.shape} for latents of shape {expected}; it "
-                             "must return the velocity of every latent element, [B, H, W, C].")
-        v = v.astype(jnp.float32)
-        return v if uncond is None else v[b:] + g * (v[:b] - v[b:])
-
-    def body(x, pair):
-        sigma, sigma_next = pair
-        return x + (sigma_next - sigma) * velocity_at(x, sigma), None
-
-    x, _ = jax.lax.scan(body, x, (sigmas[:-1], sigmas[1:]))
-    return x
+    if g is None:
+        v, state = velocity(x, jnp.full((b,), sigma, jnp.float32), cond, step, state)
+    else:
+        v, state = velocity(jnp.concatenate([x, x], axis=0), jnp.full((2 * b,), sigma, jnp.float32), both, step,
+                            state)
+    expected = x.shape if g is None else (2 * b, *x.shape[1:])
+    if v.shape != expected:
+        raise ValueError(f"euler_flow: velocity returned shape {v.shape} for latents of shape {expected}; it "
+                         "must return the velocity of every latent element, [B, H, W, C].")
+    v = v.astype(jnp.float32)
+    return (v if g is None else v[b:] + g * (v[:b] - v[b:])), state
 
 
 def _split(velocity):
@@ -96,7 +133,8 @@ def _check_batch(tree: Any, batch: int, name: str) -> None:
                              f"{name}{jax.tree_util.keystr(path)} has shape {shape}.")
 
 
-def _check(velocity, cond, key, shape, steps, guidance, uncond) -> None:
+def check_sample_inputs(velocity, cond, key, shape, steps, guidance, uncond) -> None:
+    """The checks of ``sample``'s arguments (clear errors naming the argument)."""
     if not callable(velocity):
         raise TypeError(f"sample: velocity must be callable as velocity(latents, timesteps, cond), got "
                         f"{type(velocity).__name__}.")
@@ -139,7 +177,7 @@ def sample(velocity: Velocity, cond: Any, *, key: jax.Array, shape: tuple[int, i
     values are arguments. ``progress=True`` runs the steps in ten chunks (each the same jitted scan) and
     reports them with ``jquant.progress``; the result is the same.
     """
-    _check(velocity, cond, key, shape, steps, guidance, uncond)
+    check_sample_inputs(velocity, cond, key, shape, steps, guidance, uncond)
     sigmas = flow_sigmas(steps, shift=shift, mu=mu, last=last).astype(np.float32)
     x = jax.random.normal(key, tuple(int(n) for n in shape), jnp.float32)
     graphdef, state = _split(velocity)
