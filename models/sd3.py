@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +51,8 @@ from jquant.models.tensor_io import export_parameters, load_parameters
 from jquant.sites import ActivationGroups
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
+JointAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v [B, N, H, D]) -> [B, N, H, D]
+LayerAttention = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]  # (layer, q, k, v) -> [B, N, H, D]
 CLASS_NAME = "SD3Transformer2DModel"
 _EPS = 1e-6
 _TIME_CHANNELS = 256
@@ -216,8 +219,10 @@ class JointBlock(nnx.Module):
         y = y.reshape(b, n, self.heads, d // self.heads)
         return y if norm is None else norm(y)
 
-    def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array, bucket: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``x [B, L, d]`` image tokens, ``c [B, S, d]`` text tokens, ``temb [B, d]``, ``bucket [B]`` int."""
+    def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array, bucket: jax.Array,
+                 attention: JointAttention | None = None) -> tuple[jax.Array, jax.Array]:
+        """``x [B, L, d]`` image tokens, ``c [B, S, d]`` text tokens, ``temb [B, d]``, ``bucket [B]`` int;
+        ``attention(q, k, v) -> o`` (``[B, L + S, H, D]``, image first) replaces full joint attention."""
         g = bucket[:, None]
         y = jax.nn.silu(temb)
         mod = self.norm1(y, groups=bucket)[:, None, :]
@@ -236,7 +241,8 @@ class JointBlock(nnx.Module):
         v = jnp.concatenate([self._heads(self.to_v(h, groups=g), None),
                              self._heads(self.add_v_proj(hc, groups=g), None)], axis=1)
         b, n = q.shape[:2]
-        o = ops.attention(q, k, v, Full()).reshape(b, n, -1)
+        o = ops.attention(q, k, v, Full()) if attention is None else attention(q, k, v)
+        o = o.reshape(b, n, -1)
         length = x.shape[1]
         x = x + gate * self.to_out(o[:, :length], groups=g)
         x = x + gate_mlp * self.ff(layer_norm(x) * (1 + scale_mlp) + shift_mlp, g)
@@ -324,12 +330,23 @@ class SD3Transformer(nnx.Module):
             x, c = block(x, c, temb, bucket)
         return self.head(x, temb, latents.shape[1], latents.shape[2])
 
-    def flow_velocity(self, latents: jax.Array, sigmas: jax.Array, text: jax.Array, pooled: jax.Array) -> jax.Array:
-        """The rectified-flow velocity at noise level ``sigmas [B]`` in ``[0, 1]`` (SD3 feeds ``t = 1000 σ``)."""
+    def flow_velocity(self, latents: jax.Array, sigmas: jax.Array, text: jax.Array, pooled: jax.Array, *,
+                      attention: LayerAttention | None = None) -> jax.Array:
+        """The rectified-flow velocity at noise level ``sigmas [B]`` in ``[0, 1]`` (SD3 feeds ``t = 1000 σ``).
+        ``attention(layer, q, k, v) -> o`` replaces each block's full joint attention (DiTFastAttn's plans; the
+        token order is ``joint_layout``'s)."""
         x, c, temb, bucket = self.embed(latents, 1000.0 * sigmas, text, pooled, sigmas=sigmas)
-        for block in self.transformer_blocks:
-            x, c = block(x, c, temb, bucket)
+        for i, block in enumerate(self.transformer_blocks):
+            x, c = block(x, c, temb, bucket, None if attention is None else functools.partial(attention, i))
         return self.head(x, temb, latents.shape[1], latents.shape[2])
+
+    def joint_layout(self, latent_shape: tuple[int, ...], text_len: int) -> tuple[int, int, int]:
+        """``(n_image, n_text, text_start)`` of the joint attention for latents ``[.., h, w, C]`` and ``text_len``
+        text tokens: the image tokens come first, ``(h / p) (w / p)`` of them, then the text."""
+        h, w = latent_shape[-3], latent_shape[-2]
+        p = self.config.patch_size
+        n_image = (h // p) * (w // p)
+        return n_image, int(text_len), n_image
 
     # -- calibration contract ---------------------------------------------------------------------------------
     def blocks(self) -> list[JointBlock]:
