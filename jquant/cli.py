@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from jquant import cli_image
+from jquant import cli_fastattn, cli_image
 
 EPILOG = """examples:
   jquant list models
@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true",
                     help="let --export replace a folder jquant wrote earlier (never anything else)")
     tr.add_argument("--json", action="store_true")
+
+    cli_fastattn.add_parser(sub, _positive_int)
 
     bn = sub.add_parser("bench", help="time the quantized matmul paths against bf16 jnp.dot (run on a GPU)")
     bn.add_argument("--cases", default=None, help="comma-separated case names (default: all; see jquant.benchmark.CASES)")
@@ -525,7 +527,7 @@ def _cmd_bench(args, console: Console) -> dict:
 
 
 COMMANDS = {"bench": _cmd_bench, "list": _cmd_list, "eval": _cmd_eval, "quantize": _cmd_quantize, "qsur": _cmd_qsur,
-            "generate": _cmd_generate, "train": _cmd_train}
+            "generate": _cmd_generate, "train": _cmd_train, "fastattn": cli_fastattn.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,8 @@ text [B, S, D], pooled [B, P]) -> [B, h, w, L]`` (it maps σ to its own timestep
 A pipeline folder (``save_pipeline`` / ``load_pipeline``; bundled as ``jq-mmdit-tiny``) holds
 ``pipeline.json`` (the sampling defaults and the text encoder: a bundled model's name, or ``text_encoder/``, a
 Hugging Face folder with its tokenizer inside the pipeline), ``transformer/`` and ``vae/``: diffusers folders
-when float, ``jquant.checkpoint`` folders when quantized (``jquant.models.load`` reads either).
+when float, ``jquant.checkpoint`` folders when quantized (``jquant.models.load`` reads either), and, for a
+pipeline compressed with DiTFastAttn (``jquant fastattn``), ``attention_plan.json``.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ PIPELINE_VERSION = 1
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingDefaults:
     """What ``generate`` uses unless told otherwise: ``steps`` Euler steps, guidance scale ``guidance``
-    (None: no classifier-free guidance), the SD3 schedule ``shift``, and the text length ``max_length``."""
+    (None: no classifier-free guidance), the SD3 schedule ``shift``, the text length ``max_length`` and the image
+    side ``image_size`` in pixels (None: the VAE's ``sample_size``)."""
 
     steps: int = 20
     guidance: float | None = 4.0
     shift: float = 1.0
     max_length: int = 32
+    image_size: int | None = None
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -57,6 +60,9 @@ class SamplingDefaults:
             raise ValueError(f"SamplingDefaults.shift must be a positive finite number, got {self.shift!r}.")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"SamplingDefaults.max_length must be an int >= 2, got {self.max_length!r}.")
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 1):
+            raise ValueError(f"SamplingDefaults.image_size must be a positive int or None, got {self.image_size!r}.")
 
 
 class FlowVelocity(nnx.Module):
@@ -74,19 +80,26 @@ class FlowVelocity(nnx.Module):
 class TextToImage:
     """A text encoder (``jquant.models.text_encoder.TextEncoder``), a transformer with ``flow_velocity`` and a VAE
     (``jquant.models.vae.AutoencoderKL`` with its latent scaling set), plus ``defaults``; ``text_encoder_name``
-    is what ``save_pipeline`` records to find the encoder again."""
+    is what ``save_pipeline`` records to find the encoder again. With an ``attention_plan``
+    (``jquant.ditfastattn.AttentionPlan``) the transformer's joint attention runs as the plan says
+    (``attention_mode`` "compute" or "masked", ``jquant.ditfastattn.sample_with_plan``)."""
 
     text_encoder: object
     transformer: nnx.Module
     vae: nnx.Module
     defaults: SamplingDefaults = dataclasses.field(default_factory=SamplingDefaults)
     text_encoder_name: str = "jq-llama-tiny"
+    attention_plan: object | None = None
+    attention_mode: str = "compute"
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """``(h, w, L)`` of one image's latents."""
+        """``(h, w, L)`` of one image's latents (``defaults.image_size``, else the VAE's ``sample_size``)."""
         cfg = self.vae.config
-        side = cfg.sample_size // cfg.downsampling
+        size = self.defaults.image_size or cfg.sample_size
+        if size % cfg.downsampling:
+            raise ValueError(f"image_size {size} is not a multiple of the VAE's downsampling {cfg.downsampling}.")
+        side = size // cfg.downsampling
         return side, side, cfg.latent_channels
 
     def encode(self, prompts: Sequence[str], max_length: int | None = None) -> tuple[tuple, tuple]:
@@ -106,9 +119,14 @@ class TextToImage:
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance == "default" else guidance
         cond, uncond = self.encode(prompts)
-        return sample(FlowVelocity(self.transformer), cond, key=key, shape=(len(prompts), *self.latent_shape),
-                      steps=steps, guidance=guidance, uncond=None if guidance is None else uncond,
-                      shift=self.defaults.shift, progress=progress)
+        options = dict(key=key, shape=(len(prompts), *self.latent_shape), steps=steps, guidance=guidance,
+                       uncond=None if guidance is None else uncond, shift=self.defaults.shift, progress=progress)
+        if self.attention_plan is not None:
+            from jquant.ditfastattn.sampling import sample_with_plan
+
+            return sample_with_plan(self.transformer, cond, plan=self.attention_plan, mode=self.attention_mode,
+                                    **options)
+        return sample(FlowVelocity(self.transformer), cond, **options)
 
     def generate(self, prompts: Sequence[str], **options) -> jax.Array:
         """Images ``[B, H, W, 3]`` in ``[-1, 1]`` (float32) for ``prompts``; ``options`` as ``generate_latents``."""
@@ -202,6 +220,8 @@ def save_pipeline(pipe: TextToImage, path: str | Path, *, overwrite: bool = Fals
             else:
                 save(part, tmp / name)
         (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if pipe.attention_plan is not None:
+            pipe.attention_plan.save(tmp)
         if extra_files is not None:
             extra_files(tmp)
     return Path(path).absolute()
@@ -213,7 +233,9 @@ def is_pipeline(path: str | Path) -> bool:
 
 
 def load_pipeline(path: str | Path, *, dtype: str = "float32") -> TextToImage:
-    """Read a pipeline folder written by ``save_pipeline`` (its transformer and VAE float or quantized)."""
+    """Read a pipeline folder written by ``save_pipeline`` (its transformer and VAE float or quantized, and its
+    attention plan if it has one)."""
+    from jquant.ditfastattn.plan import AttentionPlan
     from jquant.models.loading import load
     from jquant.models.text_encoder import TextEncoder
 
@@ -230,4 +252,5 @@ def load_pipeline(path: str | Path, *, dtype: str = "float32") -> TextToImage:
     return TextToImage(text_encoder=TextEncoder.load(encoder_path),
                        transformer=load(folder / "transformer", dtype=dtype).model,
                        vae=load(folder / "vae", dtype=dtype).model,
-                       defaults=SamplingDefaults(**manifest["defaults"]), text_encoder_name=name)
+                       defaults=SamplingDefaults(**manifest["defaults"]), text_encoder_name=name,
+                       attention_plan=AttentionPlan.load(folder))
