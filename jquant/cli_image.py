@@ -125,19 +125,40 @@ def single_glyph_images(pipe, *, seeds: int, steps: int | None, guidance, batch:
 def evaluate_pipeline(pipe, reference, *, seeds: int, steps: int | None, guidance, batch: int = 64,
                       reference_images: np.ndarray | None = None) -> dict:
     """``image_report`` of ``pipe`` on single-glyph prompts (``seeds`` per glyph), against ``reference``'s images for
-    the same prompts and seeds (or the given ``reference_images``)."""
+    the same prompts and seeds (or the given ``reference_images``). Images are resized to the judge's resolution
+    for the judge's numbers (``resize_to``); PSNR / SSIM compare them at their own size."""
     from jquant.checkpoint import load as load_checkpoint
     from jquant.data.scenes import emoji_scenes
-    from jquant.eval.generation import image_report
+    from jquant.eval.generation import DATA_RANGE, image_report
+    from jquant.eval.image import psnr, ssim
     from jquant.models.loading import resolve
 
     images, labels, per_image = single_glyph_images(pipe, seeds=seeds, steps=steps, guidance=guidance, batch=batch)
     if reference_images is None and reference is not None:
         reference_images = single_glyph_images(reference, seeds=seeds, steps=steps, guidance=guidance, batch=batch)[0]
-    real = emoji_scenes("validation", 1024, 32, 0, vocabulary="reference-32", objects=(1,)).images
-    report = image_report(images, labels, load_checkpoint(resolve(JUDGE)), real_images=real.astype(np.float32) / 127.5 - 1,
-                          reference_images=reference_images)
+    judge = load_checkpoint(resolve(JUDGE))
+    size = judge.config.image_size
+    real = emoji_scenes("validation", 1024, size, 0, vocabulary="reference-32", objects=(1,)).images
+    report = image_report(resize_to(images, size), labels, judge, real_images=real.astype(np.float32) / 127.5 - 1)
+    if reference_images is not None:
+        if np.shape(reference_images) != images.shape:
+            raise ValueError(f"reference images {np.shape(reference_images)} must match the images {images.shape} "
+                             "(the same prompts, seeds and image size).")
+        report["psnr_db"] = float(psnr(images, reference_images, data_range=DATA_RANGE))
+        report["ssim"] = float(ssim(images, reference_images, data_range=DATA_RANGE))
     return {**report, "seconds_per_image": per_image, "steps": steps or pipe.defaults.steps, "guidance": guidance}
+
+
+def resize_to(images: np.ndarray, size: int) -> np.ndarray:
+    """Square ``[N, H, H, C]`` to ``[N, size, size, C]``: mean-pooled when ``H`` is a multiple of ``size``, repeated
+    (nearest neighbour) when ``size`` is a multiple of ``H``."""
+    n, h, w, c = images.shape
+    if h != w or (h % size and size % h):
+        raise ValueError(f"images of {h}x{w} cannot be resized to the judge's {size}x{size}; use square images whose "
+                         "side divides or is a multiple of it.")
+    if h >= size:
+        return images.reshape(n, size, h // size, size, w // size, c).mean(axis=(2, 4))
+    return images.repeat(size // h, axis=1).repeat(size // w, axis=2)
 
 
 def evaluate(args, console: Console) -> dict:

@@ -86,3 +86,56 @@ def test_quantize_saves_a_quantized_pipeline(pipeline_folder, tmp_path, capsys):
     png = tmp_path / "q.png"
     assert main(["generate", "--model", str(out), "--prompt", "grapes", "--out", str(png)]) == 0
     assert png.is_file()
+
+
+def test_eval_reports_the_judge_numbers_against_a_reference(pipeline_folder, tmp_path, capsys):
+    assert main(["eval", "--model", str(pipeline_folder), "--reference", str(pipeline_folder), "--seeds-per-prompt",
+                 "1", "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["images"] == 32 and same["reference"] is None and "psnr_db" not in same
+    assert 0.0 <= same["prompt_accuracy"] <= 1.0 and same["chance"] == 1 / 32 and same["fd_emoji"] > 0
+    quantized = tmp_path / "q4"
+    assert main(["quantize", "--model", str(pipeline_folder), "--recipe", "rtn-w4a16", "--calib-samples", "2",
+                 "--no-eval", "--out", str(quantized), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(quantized), "--reference", str(pipeline_folder), "--seeds-per-prompt", "1",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # int4 weights change the images a little: a finite PSNR (identical images would give inf)
+    assert result["reference"] == str(pipeline_folder) and 0 < result["ssim"] <= 1 and np.isfinite(result["psnr_db"])
+
+
+def test_fastattn_writes_a_pipeline_whose_plan_generate_runs(pipeline_folder, tmp_path, capsys):
+    from jquant.ditfastattn import AttentionPlan
+    from jquant.text_to_image import load_pipeline
+
+    out = tmp_path / "fast"
+    assert main(["fastattn", "--model", str(pipeline_folder), "--budget", "1.0", "--calib-prompts", "2", "--steps",
+                 "3", "--no-eval", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    plan = AttentionPlan.load(out)
+    assert plan.steps == 3 and result["attention_fraction"] == pytest.approx(plan.attention_fraction())
+    pipe = load_pipeline(out)
+    assert pipe.attention_plan is not None and pipe.defaults.steps == 3
+    png = tmp_path / "fast.png"
+    assert main(["generate", "--model", str(out), "--prompt", "grapes", "--seed", "1", "--out", str(png)]) == 0
+    from jquant.ditfastattn import sample_with_plan
+    cond, uncond = pipe.encode(["grapes"])
+    latents = sample_with_plan(pipe.transformer, cond, plan=plan, key=jax.random.key(1), shape=(1, 8, 8, 4), steps=3,
+                               guidance=2.0, uncond=uncond)
+    from jquant.text_to_image import to_uint8
+    expected = to_uint8(np.clip(np.asarray(pipe.vae.decode_latents(latents)), -1, 1))[0]
+    np.testing.assert_allclose(np.asarray(Image.open(png)).astype(int), expected.astype(int), atol=1)
+    assert main(["generate", "--model", str(out), "--prompt", "grapes", "--steps", "4", "--out",
+                 str(tmp_path / "other.png")]) == 2
+    assert "sample with 3 steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, match", [(["--budget", "0"], "--budget must be in"),
+                                          (["--budget", "nan"], "--budget must be in"),
+                                          (["--budget", "0.2", "--model", "jq-llama-tiny"], "not a text-to-image")])
+def test_fastattn_refusals(pipeline_folder, tmp_path, capsys, extra, match):
+    args = ["fastattn", "--model", str(pipeline_folder), "--out", str(tmp_path / "x"), *extra]
+    assert main(args) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
