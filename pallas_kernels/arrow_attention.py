@@ -110,7 +110,7 @@ def _kernel(w_ref, q_ref, k_ref, v_ref, o_ref, *, n_text: int, text_start: int, 
         if masked:
             cols = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
             allowed = ((w < 0) | is_text_row | ((cols >= text_start) & (cols < text_end))
-                       | (jnp.abs(rows - cols) <= w)) & (cols < seq_len)
+                       | ((cols - rows <= w) & (rows - cols <= w))) & (cols < seq_len)
             s = jnp.where(allowed, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None])
