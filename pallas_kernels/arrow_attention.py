@@ -101,38 +101,35 @@ def _kernel(w_ref, q_ref, k_ref, v_ref, o_ref, *, n_text: int, text_start: int, 
     rows = qa + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     is_text_row = (rows >= text_start) & (rows < text_end)
 
-    def update(carry, kt, masked: bool):
+    def mask(s, k0):
+        cols = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        allowed = ((w < 0) | is_text_row | ((cols >= text_start) & (cols < text_end))
+                   | ((cols - rows <= w) & (rows - cols <= w))) & (cols < seq_len)
+        return jnp.where(allowed, s, MASK_VALUE)
+
+    def body(idx, carry):
         acc, m, l = carry
-        k0 = kt * bk
-        k = k_ref[pl.ds(k0, bk), :]
-        v = v_ref[pl.ds(k0, bk), :]
+        kt = jnp.where(idx < n1, s1 + idx, jnp.where(idx < n1 + n2, s2 + idx - n1, s3 + idx - n1 - n2))
+        ka = kt * bk
+        kb = ka + bk - 1
+        k = k_ref[pl.ds(ka, bk), :]
+        v = v_ref[pl.ds(ka, bk), :]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-        if masked:
-            cols = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            allowed = ((w < 0) | is_text_row | ((cols >= text_start) & (cols < text_end))
-                       | ((cols - rows <= w) & (rows - cols <= w))) & (cols < seq_len)
-            s = jnp.where(allowed, s, MASK_VALUE)
+        interior = (kb < seq_len) & ((w < 0) | q_all_text | ((ka >= text_start) & (kb < text_end))
+                                     | ((ka >= qb - w) & (kb <= qa + w)))
+        s = lax.cond(interior, lambda s: s, functools.partial(mask, k0=ka), s)  # element mask: boundary tiles only
+        # A masked score weighs exp(MASK_VALUE - m) = 0 once the row has met an allowed key; a real row's first
+        # allowed key rescales whatever came before by alpha = exp(MASK_VALUE - m_new) = 0.
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None])
-        if masked:
-            p = jnp.where(allowed, p, 0.0)
         alpha = jnp.exp(m - m_new)
         acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
-    def body(idx, carry):
-        kt = jnp.where(idx < n1, s1 + idx, jnp.where(idx < n1 + n2, s2 + idx - n1, s3 + idx - n1 - n2))
-        ka = kt * bk
-        kb = ka + bk - 1
-        interior = (kb < seq_len) & ((w < 0) | q_all_text | ((ka >= text_start) & (kb < text_end))
-                                     | ((ka >= qb - w) & (kb <= qa + w)))
-        return lax.cond(interior, functools.partial(update, kt=kt, masked=False),
-                        functools.partial(update, kt=kt, masked=True), carry)
-
     d = q.shape[-1]
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, _, l = lax.fori_loop(0, n1 + n2 + n3, body, init)
-    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)  # l = 0: skipped head -> zeros
+    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)  # no tile visited (w = 0): zeros
 
 
 def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:

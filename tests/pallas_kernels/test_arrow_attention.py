@@ -54,6 +54,18 @@ def test_matches_reference_on_random_window_tables(text_first, b, n_image, n_tex
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("text_first", [True, False], ids=["text-first", "text-last"])
+def test_every_window_up_to_two_tiles_wide(text_first):
+    """Windows 1 .. 2 * block + 3 put the band's edge at every offset within a tile (the boundary-tile test)."""
+    n_image, n_text = 93, 7
+    windows = np.arange(1, 2 * SMALL.block_k + 4, dtype=np.int32)
+    q, k, v = _qkv(1, n_image + n_text, len(windows), 16)
+    n_text, start = _layout(n_text, n_image, text_first)
+    out = aa.arrow_attention(q, k, v, windows, n_text=n_text, text_start=start, config=SMALL)
+    np.testing.assert_allclose(out, aa.arrow_attention_reference(q, k, v, windows, n_text, start), atol=2e-5,
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 3e-2), (jnp.float16, 5e-3)])
 def test_low_precision_inputs_accumulate_in_float32(dtype, tol):
     rng = np.random.default_rng(next(_seed))
