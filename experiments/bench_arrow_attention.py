@@ -83,11 +83,12 @@ def run(args: argparse.Namespace, results: Results) -> None:
                          "pass --smoke for a smoke run (interpret mode, tiny sizes, no timing value)")
     interpret = interpret_mode()
     results.set_meta(device=jax.devices()[0].device_kind, jax=jax.__version__)
-    cfg = kernel.ArrowConfig(args.block_q, args.block_k, args.num_warps, args.num_stages)
     s = args.image + args.text
     for case in args.cases:
         d, where = CASES[case]
         start = 0 if where == "first" else args.image
+        warps = args.num_warps or (4 if d <= 64 else 8)
+        cfg = kernel.ArrowConfig(args.block_q, args.block_k, warps, args.num_stages)
         tables = window_tables(args.image, args.heads, args.seed)
         if all(results.has(case=case, table=t, path="pallas arrow") for t in tables):
             continue
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace, results: Results) -> None:
         dense_kernel_s = timings[2].seconds
         for (name, w), timing in zip(tables.items(), timings[2:]):
             rows.append({"case": case, "table": name, "windows": w.tolist(), "path": "pallas arrow",
-                         "seconds": timing.seconds, "vs_xla": xla_s / timing.seconds,
+                         "num_warps": warps, "seconds": timing.seconds, "vs_xla": xla_s / timing.seconds,
                          "vs_pallas": pallas_s / timing.seconds, "vs_own_dense": dense_kernel_s / timing.seconds,
                          "tile_fraction": float(kernel.arrow_tile_count(w, args.text, start, s, cfg.block_q,
                                                                  cfg.block_k).sum() / full_tiles),
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="batch (default: %(default)s)")
     parser.add_argument("--block-q", type=int, default=64, help="kernel query tile (default: %(default)s)")
     parser.add_argument("--block-k", type=int, default=64, help="kernel KV tile (default: %(default)s)")
-    parser.add_argument("--num-warps", type=int, default=4, help="kernel warps (default: %(default)s)")
+    parser.add_argument("--num-warps", type=int, default=None, help="kernel warps (default: 4 for D <= 64, else 8)")
     parser.add_argument("--num-stages", type=int, default=2, help="kernel pipeline stages (default: %(default)s)")
     parser.add_argument("--dense-block", type=int, default=128, help="dense Pallas tile (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mixed table (default: %(default)s)")

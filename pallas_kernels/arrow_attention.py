@@ -142,14 +142,12 @@ def _call(q, k, v, windows, *, n_text: int, text_start: int, scale: float, cfg: 
     b, s, h, d = q.shape
     groups = h // k.shape[2]
     windows = jnp.minimum(windows.astype(jnp.int32), s)  # w >= S is dense; keeps qb + w in int32
-    step = max(cfg.block_q, cfg.block_k)
-    qp, kp, vp = (_pad_seq(x, step) for x in (q, k, v))
-    sp = qp.shape[1]
+    qp, kp, vp = _pad_seq(q, cfg.block_q), _pad_seq(k, cfg.block_k), _pad_seq(v, cfg.block_k)
     kernel = functools.partial(_kernel, n_text=n_text, text_start=text_start, seq_len=s, scale=scale, cfg=cfg)
-    kv_spec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, groups), 0))
+    kv_spec = pl.BlockSpec((None, kp.shape[1], None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, groups), 0))
     out = pl.pallas_call(
         kernel,
-        grid=(sp // cfg.block_q, b, h),
+        grid=(qp.shape[1] // cfg.block_q, b, h),
         in_specs=[pl.BlockSpec((None,), lambda i, bi, hi: (hi,)),
                   pl.BlockSpec((None, cfg.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
                   kv_spec, kv_spec],

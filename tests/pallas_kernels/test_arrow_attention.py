@@ -40,15 +40,16 @@ def _layout(n_text, n_image, text_first):
 
 
 @pytest.mark.parametrize("text_first", [True, False], ids=["text-first", "text-last"])
-@pytest.mark.parametrize("b, n_image, n_text, d, kv_heads", [(2, 77, 10, 16, None), (1, 96, 16, 32, 3)],
-                         ids=["ragged-d16", "aligned-d32-gqa"])
-def test_matches_reference_on_random_window_tables(text_first, b, n_image, n_text, d, kv_heads):
+@pytest.mark.parametrize("b, n_image, n_text, d, kv_heads, cfg", [
+    (2, 77, 10, 16, None, SMALL), (1, 96, 16, 32, 3, SMALL), (1, 90, 11, 16, None, aa.ArrowConfig(32, 16)),
+    (1, 90, 11, 16, None, aa.ArrowConfig(16, 64))], ids=["ragged-d16", "aligned-d32-gqa", "q32-k16", "q16-k64"])
+def test_matches_reference_on_random_window_tables(text_first, b, n_image, n_text, d, kv_heads, cfg):
     rng = np.random.default_rng(next(_seed))
     h = 6
     q, k, v = _qkv(b, n_image + n_text, h, d, kv_heads)
     windows = _windows(rng, h, n_image)
     n_text, start = _layout(n_text, n_image, text_first)
-    out = aa.arrow_attention(q, k, v, windows, n_text=n_text, text_start=start, config=SMALL)
+    out = aa.arrow_attention(q, k, v, windows, n_text=n_text, text_start=start, config=cfg)
     ref = aa.arrow_attention_reference(q, k, v, windows, n_text, start)
     assert out.shape == q.shape and bool(jnp.all(jnp.isfinite(out)))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
