@@ -17,9 +17,9 @@ Tile skipping: ``kv_tile_runs`` gives, per (query tile, head), at most three con
 tiles for a dense head or a query tile that touches the text; otherwise the band tiles
 ``[max(qa - w, 0) // bk, min(qb + w, S - 1) // bk]`` plus the text tiles below and above the band. One
 ``fori_loop`` walks exactly those tiles (its trip count is data: the window table is an input, so every
-plan shares one compiled program); the other tiles are never loaded. Element masks (band, text, padded keys)
-are applied only on tiles some pair of which is not allowed (``lax.cond``); interior tiles take the unmasked
-path. ``arrow_tile_count`` counts the visited tiles with the same function (for expected savings).
+plan shares one compiled program); the other tiles are never loaded. The element mask (band, text, padded keys)
+is applied only on tiles some pair of which is not allowed (a ``lax.cond`` around one select of the scores);
+interior tiles skip it. ``arrow_tile_count`` counts the visited tiles with the same function (for expected savings).
 
 Written for the Pallas Triton GPU backend like the other kernels (``pallas_kernels/_common.py``); the window
 table is read as a scalar from a squeezed ``BlockSpec`` (the GPU-portable form of TPU scalar prefetch), and
