@@ -56,7 +56,7 @@ from jquant.models.config_io import check_dtypes_available, dataclass_config_fro
 from jquant.models.family import Family
 from jquant.models.layers import Linear
 from jquant.models.tensor_io import export_parameters, load_parameters
-from jquant.models.sd3 import MLP2, FeedForward, QKNorm, layer_norm, timestep_sinusoid
+from jquant.models.sd3 import MLP2, FeedForward, JointAttention, LayerAttention, QKNorm, layer_norm, timestep_sinusoid
 from jquant.ops.mask import Full
 from jquant.sites import ActivationGroups
 
@@ -179,11 +179,13 @@ def _heads(y: jax.Array, heads: int, norm: QKNorm | None) -> jax.Array:
     return y if norm is None else norm(y)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """RoPE on ``q, k [B, N, H, D]``, then full attention -> ``[B, N, H D]``."""
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
+            attention: JointAttention | None = None) -> jax.Array:
+    """RoPE on ``q, k [B, N, H, D]``, then full attention (or ``attention(q, k, v)``) -> ``[B, N, H D]``."""
     q, k = ops.apply_rope(q, cos, sin, "interleaved"), ops.apply_rope(k, cos, sin, "interleaved")
     b, n = q.shape[:2]
-    return ops.attention(q, k, v, Full()).reshape(b, n, -1)
+    o = ops.attention(q, k, v, Full()) if attention is None else attention(q, k, v)
+    return o.reshape(b, n, -1)
 
 
 class DoubleBlock(nnx.Module):
@@ -200,9 +202,9 @@ class DoubleBlock(nnx.Module):
         self.ff, self.ff_context = FeedForward(d, cfg, rngs), FeedForward(d, cfg, rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array, bucket: jax.Array, cos: jax.Array,
-                 sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 sin: jax.Array, attention: JointAttention | None = None) -> tuple[jax.Array, jax.Array]:
         """``x [B, L, d]`` image tokens, ``c [B, S, d]`` text tokens, ``temb [B, d]``, ``bucket [B]`` int,
-        ``cos, sin [S + L, d_h]`` (text rows first)."""
+        ``cos, sin [S + L, d_h]`` (text rows first); ``attention(q, k, v)`` replaces full joint attention."""
         g = bucket[:, None]
         y = jax.nn.silu(temb)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = jnp.split(self.norm1(y, groups=bucket)[:, None], 6, -1)
@@ -217,7 +219,7 @@ class DoubleBlock(nnx.Module):
                              _heads(self.to_k(h, groups=g), n, self.norm_k)], axis=1)
         v = jnp.concatenate([_heads(self.add_v_proj(hc, groups=g), n, None),
                              _heads(self.to_v(h, groups=g), n, None)], axis=1)
-        o = _attend(q, k, v, cos, sin)
+        o = _attend(q, k, v, cos, sin, attention)
         text = c.shape[1]
         x = x + gate * self.to_out(o[:, text:], groups=g)
         x = x + gate_mlp * self.ff(layer_norm(x) * (1 + scale_mlp) + shift_mlp, g)
@@ -241,7 +243,8 @@ class SingleBlock(nnx.Module):
         self.proj_mlp = _linear(d, _MLP_RATIO * d, cfg, rngs)
         self.proj_out = _linear(d + _MLP_RATIO * d, d, cfg, rngs)
 
-    def __call__(self, h: jax.Array, temb: jax.Array, bucket: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, temb: jax.Array, bucket: jax.Array, cos: jax.Array, sin: jax.Array,
+                 attention: JointAttention | None = None) -> jax.Array:
         """``h [B, S + L, d]`` (text first), ``temb [B, d]``, ``bucket [B]``, ``cos, sin [S + L, d_h]``."""
         g = bucket[:, None]
         shift, scale, gate = jnp.split(self.norm(jax.nn.silu(temb), groups=bucket)[:, None], 3, -1)
@@ -249,7 +252,7 @@ class SingleBlock(nnx.Module):
         mlp = jax.nn.gelu(self.proj_mlp(n, groups=g), approximate=True)
         o = _attend(_heads(self.to_q(n, groups=g), self.heads, self.norm_q),
                     _heads(self.to_k(n, groups=g), self.heads, self.norm_k),
-                    _heads(self.to_v(n, groups=g), self.heads, None), cos, sin)
+                    _heads(self.to_v(n, groups=g), self.heads, None), cos, sin, attention)
         return h + gate * self.proj_out(jnp.concatenate([o, mlp], axis=-1), groups=g)
 
     def calibration_forward(self, hidden: jax.Array, context: tuple) -> jax.Array:
@@ -329,18 +332,24 @@ class FluxTransformer(nnx.Module):
         scale, shift = jnp.split(self.norm_out(jax.nn.silu(temb))[:, None, :], 2, axis=-1)
         return self.proj_out(layer_norm(x) * (1 + scale) + shift)
 
-    def _blocks(self, x: jax.Array, c: jax.Array, context: tuple) -> jax.Array:
-        for block in self.transformer_blocks:
-            x, c = block(x, c, *context)
+    def _blocks(self, x: jax.Array, c: jax.Array, context: tuple, attention: LayerAttention | None) -> jax.Array:
+        def hook(layer: int):
+            return None if attention is None else functools.partial(attention, layer)
+
+        for i, block in enumerate(self.transformer_blocks):
+            x, c = block(x, c, *context, hook(i))
         h = jnp.concatenate([c, x], axis=1)
-        for block in self.single_transformer_blocks:
-            h = block(h, *context)
+        for i, block in enumerate(self.single_transformer_blocks):
+            h = block(h, *context, hook(len(self.transformer_blocks) + i))
         return self.head(h[:, c.shape[1]:], context[0])
 
     def __call__(self, tokens: jax.Array, img_ids: jax.Array, txt_ids: jax.Array, timesteps: jax.Array,
-                 text: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None) -> jax.Array:
+                 text: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None, *,
+                 attention: LayerAttention | None = None) -> jax.Array:
+        """``attention(layer, q, k, v)`` replaces each block's joint attention (double blocks first, then single;
+        text tokens first in the joint sequence)."""
         x, c, context = self.embed(tokens, img_ids, txt_ids, timesteps, text, pooled, guidance)
-        return self._blocks(x, c, context)
+        return self._blocks(x, c, context, attention)
 
     def _guidance(self, guidance, batch: int):
         """Guidance ``[B]`` for a guidance-embedding model (``config.guidance`` when None), else None."""
@@ -361,16 +370,27 @@ class FluxTransformer(nnx.Module):
         return pack_latents(latents), image_ids(shape[1] // 2, shape[2] // 2), text_ids(text.shape[1])
 
     def flow_velocity(self, latents: jax.Array, sigmas: jax.Array, text: jax.Array, pooled: jax.Array,
-                      guidance: jax.Array | float | None = None) -> jax.Array:
+                      guidance: jax.Array | float | None = None, *,
+                      attention: LayerAttention | None = None) -> jax.Array:
         """The rectified-flow velocity ``[B, H, W, C]`` of latents ``[B, H, W, C]`` at noise levels ``sigmas [B]`` in
         ``[0, 1]`` (Flux feeds ``t = σ``); ``guidance`` (scalar or ``[B]``) defaults to ``config.guidance`` for a
-        guidance-embedding model and must be None otherwise."""
+        guidance-embedding model and must be None otherwise; ``attention`` as in ``__call__``."""
         if self.config.output_channels != self.config.in_channels:
             raise ValueError(f"FluxTransformer.flow_velocity: out_channels={self.config.output_channels} differs from "
                              f"in_channels={self.config.in_channels}; a velocity has the latents' channels.")
         tokens, img, txt = self._latent_inputs(latents, text)
-        out = self(tokens, img, txt, sigmas, text, pooled, self._guidance(guidance, tokens.shape[0]))
+        out = self(tokens, img, txt, sigmas, text, pooled, self._guidance(guidance, tokens.shape[0]),
+                   attention=attention)
         return unpack_latents(out, latents.shape[1], latents.shape[2])
+
+    def joint_layout(self, latent_shape: tuple[int, ...], text_len: int) -> tuple[int, int, int]:
+        """``(n_image, n_text, text_start)`` of the joint attention: the text first, then ``(h / 2) (w / 2)`` packed
+        image tokens of latents ``[.., h, w, C]``."""
+        return (latent_shape[-3] // 2) * (latent_shape[-2] // 2), int(text_len), 0
+
+    def joint_attention_layers(self) -> int:
+        """Joint attentions per call (double blocks, then single blocks), the layers of an attention plan."""
+        return len(self.transformer_blocks) + len(self.single_transformer_blocks)
 
     # -- calibration contract ---------------------------------------------------------------------------------
     def _enter(self, batch: dict):

@@ -348,6 +348,10 @@ class SD3Transformer(nnx.Module):
         n_image = (h // p) * (w // p)
         return n_image, int(text_len), n_image
 
+    def joint_attention_layers(self) -> int:
+        """Joint attentions per call (one per block), the layers of an attention plan."""
+        return len(self.transformer_blocks)
+
     # -- calibration contract ---------------------------------------------------------------------------------
     def blocks(self) -> list[JointBlock]:
         return list(self.transformer_blocks)

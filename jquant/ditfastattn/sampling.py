@@ -12,7 +12,7 @@ with the transformer's joint attention run as ``plan`` says (``jquant.ditfastatt
 
 The transformer takes part through ``flow_velocity(latents, sigmas, text, pooled, attention=hook)`` and
 ``joint_layout(latent_shape, text_len)``; its heads and layers come from ``config.num_attention_heads`` and
-``blocks()``.
+``joint_attention_layers()`` (SD3 and Flux take part).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def model_layout(transformer: nnx.Module, latent_shape: tuple[int, ...], text_le
 def model_dims(transformer: nnx.Module) -> tuple[int, int, int]:
     """``(layers, heads, head_dim)`` of the transformer's joint attention."""
     cfg = transformer.config
-    return len(transformer.blocks()), cfg.num_attention_heads, cfg.attention_head_dim
+    return transformer.joint_attention_layers(), cfg.num_attention_heads, cfg.attention_head_dim
 
 
 def empty_cache(transformer: nnx.Module, batch: int, layout: JointLayout) -> HeadCache:

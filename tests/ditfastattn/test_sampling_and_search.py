@@ -146,3 +146,30 @@ def test_a_plan_for_another_setting_is_refused(setting):
     with pytest.raises(ValueError, match="another resolution or text length"):
         sample_with_plan(model, short, plan=AttentionPlan.full(STEPS, 2, 3, layout), key=jax.random.key(0),
                          shape=SHAPE, steps=STEPS)
+
+
+def test_flux_text_first_layout_runs_plans_and_searches():
+    from jquant.models import flux
+
+    cfg = flux.FluxConfig(in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                          joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=False,
+                          axes_dims_rope=(2, 2, 4))
+    model = flux.init_model(cfg, jax.random.key(0))
+    nnx.update(model, jax.tree.map(lambda p: p * 8.0, nnx.state(model, nnx.Param)))
+    rng = np.random.default_rng(2)
+    cond = tuple(jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 5, 12), (2, 10)))
+    shape = (2, 8, 8, 2)
+    layout = model_layout(model, shape, 5)
+    assert (layout.n_image, layout.n_text, layout.text_start) == (16, 5, 0)
+    options = dict(key=jax.random.key(1), shape=shape, steps=3)
+    plain = np.asarray(sample(_velocity(model), cond, **options))
+    full = AttentionPlan.full(3, 3, 2, layout)
+    # float32 rounding only (one program per step vs one scan), amplified by the scaled qk-norm weights
+    np.testing.assert_allclose(np.asarray(sample_with_plan(model, cond, plan=full, **options)), plain, rtol=1e-4,
+                               atol=1e-4)
+    plan, _ = search_plan(model, cond, budget=1.0, **options)
+    assert plan.layers == 3 and plan.attention_fraction() < 1.0
+    computed = np.asarray(sample_with_plan(model, cond, plan=plan, mode="compute", **options))
+    np.testing.assert_allclose(np.asarray(sample_with_plan(model, cond, plan=plan, mode="masked", **options)), computed,
+                               rtol=1e-4, atol=1e-4)
+    assert not np.allclose(computed, plain, atol=1e-3)
