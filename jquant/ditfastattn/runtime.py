@@ -8,7 +8,8 @@ projection), and describes its token order with ``joint_layout(latent_shape, tex
 plan says (``jquant.ops.local_attention``), substitutes reused heads from ``cache.outputs`` (the previous step's
 planned outputs), applies V1's residual sharing, and records this step's outputs into the new ``HeadCache``
 (``new_cache()``). With numpy windows it computes only what the plan allows (static shapes, one program per
-distinct step); with traced windows it evaluates the dense masks (one program for every plan, the same numbers).
+distinct step); with traced windows it evaluates the dense masks (``implementation="xla"``) or runs the Pallas
+arrow kernel (``"pallas"``, which skips the tiles outside each arrow): one program for every plan.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ class StepAttention:
     """The attention hook of one step (module docstring). Call it as ``hook(layer, q, k, v)``; after the model ran,
     ``new_cache()`` holds every layer's planned outputs (and residuals)."""
 
-    def __init__(self, windows, residual, cache: HeadCache, layout: JointLayout, pattern: str):
+    def __init__(self, windows, residual, cache: HeadCache, layout: JointLayout, pattern: str,
+                 implementation: str = "xla"):
         self.windows, self.residual, self.cache = windows, residual, cache
-        self.layout, self.pattern = layout, pattern
+        self.layout, self.pattern, self.implementation = layout, pattern, implementation
         self.static = isinstance(windows, np.ndarray) and isinstance(residual, np.ndarray)
         self._outputs: dict[int, jax.Array] = {}
         self._residuals: dict[int, jax.Array] = {}
@@ -62,7 +64,7 @@ class StepAttention:
         if self.static:
             local = ops.local_attention(q, k, v, [int(x) for x in w], **options)
         else:
-            local = ops.local_attention_reference(q, k, v, w, **options)
+            local = ops.local_attention_table(q, k, v, w, implementation=self.implementation, **options)
         previous = self.cache.outputs[layer].astype(local.dtype)
         out = jnp.where(_per_head(w == REUSE), previous, local)
         resid = self.cache.residuals[layer]

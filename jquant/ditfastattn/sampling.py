@@ -7,8 +7,12 @@ with the transformer's joint attention run as ``plan`` says (``jquant.ditfastatt
   one compiled step per distinct step of the plan, the steps run from Python;
 - ``mode="masked"`` evaluates the same plan with dense per-head masks inside one ``lax.scan``
   (``jquant.sampling.euler_flow_with_state``): the plan is a traced argument, so every plan of the same shape
-  shares one compiled program (the plan search and quality sweeps use it). Both give the same images up to
-  float32 rounding.
+  shares one compiled program (the plan search and quality sweeps use it);
+- ``mode="kernel"``: as "masked", with the Pallas arrow kernel (``jquant.pallas_kernels.arrow_attention``), which
+  reads the plan's window table as data and skips the KV tiles outside each head's arrow: one compiled program
+  and real savings on a GPU (interpret mode, slow, off a GPU; arrow plans only).
+
+All give the same images up to float32 rounding (TF32 dots in the kernel on a GPU).
 
 The transformer takes part through ``flow_velocity(latents, sigmas, text, pooled, attention=hook)`` and
 ``joint_layout(latent_shape, text_len)``; its heads and layers come from ``config.num_attention_heads`` and
@@ -32,7 +36,7 @@ from jquant.progress import progress_bar
 from jquant.sampling.flow import check_sample_inputs, euler_flow_with_state, guided_velocity
 from jquant.sampling.schedule import flow_sigmas
 
-MODES = ("compute", "masked")
+MODES = ("compute", "masked", "kernel")
 
 
 def model_layout(transformer: nnx.Module, latent_shape: tuple[int, ...], text_len: int) -> JointLayout:
@@ -55,21 +59,22 @@ def empty_cache(transformer: nnx.Module, batch: int, layout: JointLayout) -> Hea
     return HeadCache.zeros(layers, batch, layout.length, heads, head_dim)
 
 
-def plan_velocity(transformer: nnx.Module, layout: JointLayout, pattern: str):
+def plan_velocity(transformer: nnx.Module, layout: JointLayout, pattern: str, implementation: str = "xla"):
     """``velocity(x, t, cond, (windows [L, H], residual [L, H]), cache) -> (v, cache)`` for
     ``jquant.sampling.euler_flow_with_state``; ``cond = (text, pooled)``."""
     def velocity(x, t, cond, step, cache):
         windows, residual = step
-        hook = StepAttention(windows, residual, cache, layout, pattern)
+        hook = StepAttention(windows, residual, cache, layout, pattern, implementation)
         v = transformer.flow_velocity(x, t, *cond, attention=hook)
         return v, hook.new_cache()
     return velocity
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _masked_run(graphdef, state, x, sigmas, cond, uncond, guidance, plan: AttentionPlan, cache: HeadCache):
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation"))
+def _masked_run(graphdef, state, x, sigmas, cond, uncond, guidance, plan: AttentionPlan, cache: HeadCache,
+                implementation: str):
     transformer = nnx.merge(graphdef, state)
-    velocity = plan_velocity(transformer, plan.layout, plan.pattern)
+    velocity = plan_velocity(transformer, plan.layout, plan.pattern, implementation)
     return euler_flow_with_state(velocity, x, sigmas, cond, per_step=(plan.windows, plan.residual), state=cache,
                                  uncond=uncond, guidance=guidance)[0]
 
@@ -107,6 +112,9 @@ def sample_with_plan(transformer: nnx.Module, cond: Any, *, plan: AttentionPlan,
     another step count, model or token layout."""
     if mode not in MODES:
         raise ValueError(f"sample_with_plan: mode={mode!r} is not one of {MODES}.")
+    if mode == "kernel" and plan.pattern != "arrow":
+        raise ValueError(f"sample_with_plan: mode='kernel' runs arrow plans; this plan's pattern is {plan.pattern!r} "
+                         "(use mode='compute' or 'masked').")
     check_sample_inputs(transformer, cond, key, shape, steps, guidance, uncond)
     layout = model_layout(transformer, shape, np.shape(cond[0])[1])
     layers, heads, _ = model_dims(transformer)
@@ -116,8 +124,9 @@ def sample_with_plan(transformer: nnx.Module, cond: Any, *, plan: AttentionPlan,
     g = None if guidance is None else jnp.float32(guidance)
     cache = empty_cache(transformer, shape[0] * (1 if g is None else 2), layout)
     graphdef, state = nnx.split(transformer)
-    if mode == "masked":
-        return _masked_run(graphdef, state, x, sigmas, cond, uncond, g, plan, cache)
+    if mode != "compute":
+        return _masked_run(graphdef, state, x, sigmas, cond, uncond, g, plan, cache,
+                           "pallas" if mode == "kernel" else "xla")
     both = None if g is None else jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
     with progress_bar(total=steps, description="sampling", enabled=progress) as bar:
         for t, step in enumerate(_static_steps(plan)):

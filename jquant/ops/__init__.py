@@ -33,6 +33,7 @@ from jquant.ops.linear import embedding_lookup as embedding_lookup
 from jquant.ops.linear import linear as linear
 from jquant.ops.local_attention import local_attention as local_attention
 from jquant.ops.local_attention import local_attention_reference as local_attention_reference
+from jquant.ops.local_attention import local_attention_table as local_attention_table
 from jquant.ops.lora import LoRAArithmetic as LoRAArithmetic
 from jquant.ops.mask import And as And
 from jquant.ops.mask import Arrow as Arrow
@@ -61,7 +62,7 @@ from jquant.ops.wkv import wkv6_recurrent as wkv6_recurrent
 __all__ = ["And", "apply_rope", "Arrow", "as_array", "attention", "attention_quantized_past", "Band", "Causal",
            "causal_conv1d", "causal_mask", "conv", "conv_patches", "conv_weight_matrix", "dot_general",
            "embedding_lookup", "explain", "force_path", "Full", "grouped_matmul", "inverse_frequencies", "linear",
-           "local_attention", "local_attention_reference",
+           "local_attention", "local_attention_reference", "local_attention_table",
            "lora_linear", "LoRAArithmetic", "Mask", "online_hadamard", "Padding", "polar_linear",
            "quantize_expert_activations", "quantize_kv", "quantized_matmul", "record_dispatch", "rope_angles",
            "rope_cos_sin", "selective_scan", "selective_scan_recurrent", "SlidingWindow", "ssd_chunked",

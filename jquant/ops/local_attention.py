@@ -10,7 +10,10 @@ n_text)`` (``text_start`` is 0 or ``n_image``). ``windows [H]`` int per head:
   the whole sequence.
 
 ``local_attention_reference`` evaluates the dense per-head mask (``windows`` may be traced: one program for
-every plan). ``local_attention`` takes static windows and only computes what the mask allows: the heads are
+every plan). ``local_attention_table`` takes traced windows too and runs either that reference
+(``implementation="xla"``) or the Pallas arrow kernel (``"pallas"``, ``jquant.pallas_kernels.arrow_attention``:
+one flash-attention launch for all heads that skips the KV tiles outside each head's arrow; interpret mode off a
+GPU). ``local_attention`` takes static windows and only computes what the mask allows: the heads are
 grouped by window; full heads run ``jquant.ops.attention``; a local head's image (arrow) or all (band) queries
 score only the keys of their band (gathered, ``2 w + 1`` per query) and, for arrows, the text keys; arrow text
 queries attend to all keys. Both give ``softmax(q k^T / sqrt(D) + mask) v`` with float32 logits.
@@ -28,6 +31,7 @@ from jquant.ops.attention import attention
 from jquant.ops.mask import Full
 
 PATTERNS = ("arrow", "band")
+IMPLEMENTATIONS = ("xla", "pallas")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -135,3 +139,23 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, windows: Sequence[
                                       scale=scale).astype(q.dtype))
     out = jnp.concatenate(parts, axis=2)
     return out[:, :, np.argsort(order)]
+
+
+def local_attention_table(q: jax.Array, k: jax.Array, v: jax.Array, windows: jax.Array, *, n_text: int,
+                          text_start: int, pattern: str = "arrow", implementation: str = "xla",
+                          scale: float | None = None) -> jax.Array:
+    """Per-head windows as data (``[H]``, may be traced) -> ``[B, S, H, D]``, by ``implementation`` (module
+    docstring); the Pallas kernel draws arrows only."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"local attention: implementation={implementation!r} is not one of {IMPLEMENTATIONS}.")
+    if implementation == "xla":
+        return local_attention_reference(q, k, v, windows, n_text=n_text, text_start=text_start, pattern=pattern,
+                                         scale=scale)
+    if pattern != "arrow":
+        raise ValueError(f"local attention: the Pallas kernel draws arrows; pattern={pattern!r} needs "
+                         "implementation='xla'.")
+    _check(q, int(np.shape(windows)[0]), n_text, text_start, pattern)
+    from jquant.pallas_kernels import arrow_attention
+
+    return arrow_attention(q, k, v, jnp.asarray(windows, jnp.int32), n_text=n_text, text_start=text_start,
+                           scale=scale)
