@@ -1,9 +1,21 @@
 """Uniform integer formats: b in {2, 3, 4, 5, 6, 8}, symmetric or asymmetric.
 
-Symmetric (restricted range, as in the papers' INT8 and GPTQ/qwix "sym")::
+Symmetric, ``symmetric_range="full"`` (all 2^b levels: compressed-tensors / llm-compressor /
+vLLM, AutoGPTQ and GPTQModel checkpoints; compressed-tensors ``calculate_qparams``)::
+
+    s = store(amax * r / ((2^b - 1) / 2)),  s = eps(scale_dtype) where s == 0,
+    q = clip(RNE(x / s), -2^(b-1), 2^(b-1) - 1),  x_hat = q * s
+
+Symmetric, ``symmetric_range="restricted"`` (2^b - 1 levels, as in the papers' INT8 and
+qwix "sym"; the meaning of every symmetric format written before the option existed, and
+so the field's default)::
 
     qmax = 2^(b-1) - 1,  s = store(amax * r / qmax),  q = clip(RNE(x / s), -qmax, qmax),
     x_hat = q * s
+
+Both decode the same way (``q * s``); they differ in the scale divisor and the lowest code.
+Names: a full-range format ends in ``-full`` (``int4-g64-full``), a restricted one has no
+suffix (``int4-g64``), so names written before the option keep their meaning.
 
 Asymmetric (zero point, range always contains 0)::
 
@@ -44,12 +56,24 @@ from jquant.formats.qarray import Format, QArray
 
 INT_BITS = (2, 3, 4, 5, 6, 8)
 ROUNDINGS = ("nearest", "stochastic")
+SYMMETRIC_RANGES = ("full", "restricted")
 
 
 def _round(v: jax.Array, rounding: str, key) -> jax.Array:
     if rounding == "nearest":
         return jnp.round(v)
     return jnp.floor(v + jax.random.uniform(key, v.shape, jnp.float32))
+
+
+def exact_div(a: jax.Array, b) -> jax.Array:
+    """``a / b`` correctly rounded (IEEE division), as PyTorch and numpy compute it.
+
+    XLA rewrites a division by a broadcast (a scalar, a per-group scale) into a multiplication by
+    the reciprocal, which is off by one ulp for about half of the inputs and so flips scales and
+    codes at rounding ties; the barrier keeps the divisor a full-shape array and the division real.
+    """
+    b = jnp.broadcast_to(jnp.asarray(b, jnp.result_type(a)), jnp.shape(a))
+    return a / jax.lax.optimization_barrier(b)
 
 
 def check_key(name: str, rounding: str, key) -> None:
@@ -76,6 +100,7 @@ class IntFormat(Format):
     scale_dtype: str = "float16"
     rounding: str = "nearest"
     range_gradient: bool = False
+    symmetric_range: str = "restricted"
 
     def __post_init__(self):
         own = "IntFormat"
@@ -92,6 +117,11 @@ class IntFormat(Format):
         B.check_scale_dtype(own, self.scale_dtype)
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"{own}: rounding={self.rounding!r} is not one of {ROUNDINGS}.")
+        if self.symmetric_range not in SYMMETRIC_RANGES:
+            raise ValueError(f"{own}: symmetric_range={self.symmetric_range!r} is not one of {SYMMETRIC_RANGES}.")
+        if not self.symmetric and self.symmetric_range != "restricted":
+            raise ValueError(f"{own}: symmetric_range={self.symmetric_range!r} applies to symmetric formats only; "
+                             f"drop it for an asymmetric format (symmetric=False) or set symmetric=True.")
 
     # -- naming and shapes -----------------------------------------------------------
     @property
@@ -103,6 +133,8 @@ class IntFormat(Format):
             parts.append("tensor")
         if not self.symmetric:
             parts.append("asym")
+        elif self.symmetric_range == "full":
+            parts.append("full")
         if self.clip_ratio != 1.0:
             parts.append(f"clip{self.clip_ratio:g}")
         if self.clip_search:
@@ -114,12 +146,25 @@ class IntFormat(Format):
         return "-".join(parts)
 
     @property
+    def full_range(self) -> bool:
+        """True for a symmetric format that uses all 2^b codes (lowest code -2^(b-1))."""
+        return self.symmetric and self.symmetric_range == "full"
+
+    @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) if self.full_range else -(2 ** (self.bits - 1) - 1)
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    @property
+    def scale_divisor(self) -> float:
+        """What a group's range is divided by to give its scale: ``(qmax - qmin) / 2`` if symmetric
+        (``qmax`` restricted, ``qmax + 1/2`` full), else ``qmax`` (``s = (hi - lo) / qmax``)."""
+        return (self.qmax - self.qmin) / 2 if self.symmetric else float(self.qmax)
 
     @property
     def ratios(self) -> np.ndarray:
@@ -152,17 +197,19 @@ class IntFormat(Format):
         g, gs = self.granularity, self.group_size
         if self.symmetric:
             amax = B.group_reduce(jnp.abs(x), axis, g, gs, jnp.max)
-            s = B.store_scale(amax * ratio / self.qmax, self.scale_dtype)
+            s = B.store_scale(exact_div(amax * ratio, self.scale_divisor), self.scale_dtype)
+            if self.full_range:  # compressed-tensors stores eps, not 0, for an all-zero group
+                s = jnp.where(s == 0, jnp.finfo(s.dtype).eps, s)
             return s, None
         hi = jnp.maximum(B.group_reduce(x, axis, g, gs, jnp.max), 0.0) * ratio
         lo = jnp.minimum(B.group_reduce(x, axis, g, gs, jnp.min), 0.0) * ratio
-        s = B.store_scale((hi - lo) / self.qmax, self.scale_dtype)
+        s = B.store_scale(exact_div(hi - lo, self.qmax), self.scale_dtype)
         z = jnp.clip(jnp.round(-lo / B.safe_divisor(s.astype(jnp.float32))), 0, self.qmax)
         return s, z
 
     def _codes(self, x, axis, s, z, key=None):
         n = x.shape[axis]
-        v = x / B.expand(B.safe_divisor(s.astype(jnp.float32)), axis, n)
+        v = exact_div(x, B.expand(B.safe_divisor(s.astype(jnp.float32)), axis, n))
         q = _round(v, self.rounding if key is not None else "nearest", key)
         if z is not None:
             q = q + B.expand(z, axis, n)
@@ -224,7 +271,7 @@ class IntFormat(Format):
         """A differentiable stand-in for ``dequantize(quantize(x))`` whose gradient also flows through the range.
 
         The quantizer of OSTQuant's / QuaRot's training code (spec §3.1) in float32, without
-        storing the scale and without clip search: ``s = (hi - lo) / qmax`` (``amax / qmax``
+        storing the scale and without clip search: ``s = (hi - lo) / qmax`` (``amax / scale_divisor``
         symmetric) from the group's min/max (not detached), ``z = round_ste(-lo / s)``,
         ``x̂ = (clip(round_ste(x / s) + z, qmin, qmax) - z) · s`` with
         ``round_ste(u) = u + stop_gradient(round(u) - u)``. ``fake_quantize`` uses its
@@ -238,15 +285,16 @@ class IntFormat(Format):
             return u + jax.lax.stop_gradient(jnp.round(u) - u)
 
         if self.symmetric:
-            s = jnp.maximum(B.group_reduce(jnp.abs(x), axis, g, gs, jnp.max) * self.clip_ratio / self.qmax, tiny)
+            amax = B.group_reduce(jnp.abs(x), axis, g, gs, jnp.max)
+            s = jnp.maximum(exact_div(amax * self.clip_ratio, self.scale_divisor), tiny)
             z = jnp.zeros_like(s)
         else:
             hi = jnp.maximum(B.group_reduce(x, axis, g, gs, jnp.max), 0.0) * self.clip_ratio
             lo = jnp.minimum(B.group_reduce(x, axis, g, gs, jnp.min), 0.0) * self.clip_ratio
-            s = jnp.maximum((hi - lo) / self.qmax, tiny)
+            s = jnp.maximum(exact_div(hi - lo, self.qmax), tiny)
             z = round_ste(-lo / s)
         s, z = B.expand(s, axis, n), B.expand(z, axis, n)
-        v = round_ste(x / s) + z
+        v = round_ste(exact_div(x, s)) + z
         v = jnp.where(v < self.qmin, self.qmin, jnp.where(v > self.qmax, self.qmax, v))  # gradient 1 on [qmin, qmax]
         return (v - z) * s
 

@@ -1,8 +1,9 @@
 """Named formats: ``FORMATS[name](**overrides) -> Format`` and ``get_format``.
 
-Integer names are ``int{b}[-tensor|-g{G}][-asym]`` for b in {2, 3, 4, 5, 6, 8}:
-symmetric unless ``-asym``, per channel (= per token for activations) unless
-``-tensor`` or ``-g{G}``, float16 scales. ``FORMATS`` lists G in {32, 64, 128};
+Integer names are ``int{b}[-tensor|-g{G}][-asym|-full]`` for b in {2, 3, 4, 5, 6, 8}:
+symmetric unless ``-asym`` (restricted range [-(2^(b-1)-1), 2^(b-1)-1]; ``-full``: all 2^b
+codes, the compressed-tensors / GPTQ-checkpoint convention, ``symmetric_range="full"``),
+per channel (= per token for activations) unless ``-tensor`` or ``-g{G}``, float16 scales. ``FORMATS`` lists G in {32, 64, 128};
 ``get_format`` also accepts any other positive G (e.g. ``"int4-g16"``), codebook format names
 ``vq-d{d}-k{k}[x{M}][-g{G}][-cb{R}x{C}]`` (``CodebookFormat``; the codebooks come from an
 algorithm such as ``gptvq``) and ``pcdvq-d{k}-a{a}-b{b}[-ch][-norht][-s{seed}]``
@@ -49,15 +50,18 @@ def _parse_vector_format(name: str, overrides: dict) -> Format | None:
     return None
 
 
+_INT_TAILS = {"": dict(symmetric=True), "-full": dict(symmetric=True, symmetric_range="full"),
+              "-asym": dict(symmetric=False)}
+
+
 def _build() -> dict[str, Callable[..., Format]]:
     out: dict[str, Callable[..., Format]] = {}
     for b in INT_BITS:
-        for sym in (True, False):
-            tail = "" if sym else "-asym"
-            out[f"int{b}{tail}"] = P(IntFormat, bits=b, symmetric=sym)
-            out[f"int{b}-tensor{tail}"] = P(IntFormat, bits=b, symmetric=sym, granularity="tensor")
+        for tail, kind in _INT_TAILS.items():
+            out[f"int{b}{tail}"] = P(IntFormat, bits=b, **kind)
+            out[f"int{b}-tensor{tail}"] = P(IntFormat, bits=b, granularity="tensor", **kind)
             for g in (32, 64, 128):
-                out[f"int{b}-g{g}{tail}"] = P(IntFormat, bits=b, symmetric=sym, group_size=g)
+                out[f"int{b}-g{g}{tail}"] = P(IntFormat, bits=b, group_size=g, **kind)
     for el in ("e4m3", "e5m2"):
         out[f"fp8-{el}"] = P(FP8Format, element=el)
         out[f"fp8-{el}-tensor"] = P(FP8Format, element=el, granularity="tensor")
@@ -79,10 +83,10 @@ def get_format(name: str | Format, **overrides) -> Format:
     """The format called ``name`` (or a ``Format`` itself), with field ``overrides``."""
     if isinstance(name, Format):
         return dataclasses.replace(name, **overrides) if overrides else name
-    m = re.fullmatch(r"int(\d+)-g(\d+)(-asym)?", str(name))
+    m = re.fullmatch(r"int(\d+)-g(\d+)(-asym|-full)?", str(name))
     if name not in FORMATS and m and int(m.group(2)) > 0:
-        return IntFormat(bits=int(m.group(1)), group_size=int(m.group(2)),
-                         symmetric=m.group(3) is None, **overrides)
+        kind = _INT_TAILS[m.group(3) or ""]
+        return IntFormat(bits=int(m.group(1)), group_size=int(m.group(2)), **{**kind, **overrides})
     if name not in FORMATS and isinstance(name, str):
         try:
             vector = _parse_vector_format(name, overrides)
