@@ -3,11 +3,12 @@
 Integer names are ``int{b}[-tensor|-g{G}][-asym|-full]`` for b in {2, 3, 4, 5, 6, 8}:
 symmetric unless ``-asym`` (restricted range [-(2^(b-1)-1), 2^(b-1)-1]; ``-full``: all 2^b
 codes, the compressed-tensors / GPTQ-checkpoint convention, ``symmetric_range="full"``),
-per channel (= per token for activations) unless ``-tensor`` or ``-g{G}``, float16 scales. ``FORMATS`` lists G in {32, 64, 128};
-``get_format`` also accepts any other positive G (e.g. ``"int4-g16"``), codebook format names
-``vq-d{d}-k{k}[x{M}][-g{G}][-cb{R}x{C}]`` (``CodebookFormat``; the codebooks come from an
-algorithm such as ``gptvq``) and ``pcdvq-d{k}-a{a}-b{b}[-ch][-norht][-s{seed}]``
-(``PolarVQFormat``). Every name equals the ``.name`` of the format it builds. Overrides are the descriptor's fields, e.g.
+per channel (= per token for activations) unless ``-tensor`` or ``-g{G}``, float16 scales.
+``FORMATS`` lists G in {32, 64, 128}; ``get_format`` also accepts any other positive G
+(e.g. ``"int4-g16"``), codebook format names ``vq-d{d}-k{k}[x{M}][-g{G}][-cb{R}x{C}]``
+(``CodebookFormat``; the codebooks come from an algorithm such as ``gptvq``) and
+``pcdvq-d{k}-a{a}-b{b}[-ch][-norht][-s{seed}]`` (``PolarVQFormat``). Every name equals the
+``.name`` of the format it builds. Overrides are the descriptor's fields, e.g.
 ``get_format("int4-g128", clip_search=True)``.
 """
 

@@ -47,7 +47,8 @@ def test_codes_scales_values_equal_compressed_tensors(bits, group, scale_dtype):
     w = (rng.standard_t(df=4, size=(256, 40)) * rng.uniform(0.01, 0.2, size=40)).astype(np.float32)
     fmt = IntFormat(bits=bits, group_size=group, symmetric_range="full", scale_dtype=scale_dtype)
     q = quantize(jnp.asarray(w), fmt, axis=0)
-    ref_codes, ref_scales, ref_values = _ct_quantize(w, bits, group, None if scale_dtype == "float32" else torch.float16)
+    ct_scale_dtype = None if scale_dtype == "float32" else torch.float16  # None: the weight's dtype
+    ref_codes, ref_scales, ref_values = _ct_quantize(w, bits, group, ct_scale_dtype)
     codes = np.asarray(unpack_codes(q))
     np.testing.assert_array_equal(codes, ref_codes)
     np.testing.assert_array_equal(np.asarray(q.scales, np.float32), ref_scales)
