@@ -238,6 +238,14 @@ def report(runs: list[Results], base: Path) -> None:
             lines += [f"Plain sampler (no plan): {plain:.4f} s / image.", ""]
         notes += _reading(size, groups)
     lines += ["Reading (formatted from the run's numbers):", "", *harness.bullets(notes), "",
+              "Caveats: at these sizes attention is a small share of the model's FLOPs (section headers), so the "
+              "model-FLOP column bounds what any attention method can save; the paper's 1.5x end-to-end is at 2K "
+              "resolution (4096 image tokens) on a GPU. The CPU times are of the XLA computing path (one compiled "
+              "program per distinct step, compile excluded); the Pallas arrow kernel (`mode=\"kernel\"`) has been "
+              "checked only in interpret mode: its timing needs a GPU (`experiments/bench_arrow_attention.py`). "
+              "Prompt accuracy at 64x64 is of images mean-pooled to the judge's 32x32; the model was trained at "
+              "32x32 only, so its 64x64 images are out of distribution and compared only with its own uncompressed "
+              "64x64 images.", "",
               "![attention FLOPs vs PSNR](ditfastattn.png)", "",
               f"Samples at {meta.get('grid_size')}x{meta.get('grid_size')} (rows: {', '.join(meta.get('grid_methods', []))};"
               " seed 0):", "", f"![samples]({base.name}_samples.png)", ""]
