@@ -49,6 +49,7 @@ from jquant.models.family import Family
 from jquant.models.layers import Conv, Linear
 from jquant.models.tensor_io import export_parameters, load_parameters
 from jquant.sites import ActivationGroups
+from jquant.transforms.adaln_smoothing import ModulatedNorm
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 JointAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v [B, N, H, D]) -> [B, N, H, D]
@@ -347,6 +348,30 @@ class SD3Transformer(nnx.Module):
         p = self.config.patch_size
         n_image = (h // p) * (w // p)
         return n_image, int(text_len), n_image
+
+    def calibration_call(self, batch: dict) -> jax.Array:
+        """The velocity of a calibration batch (``check_calibration``'s dict): what whole-model statistics run."""
+        return self.flow_velocity(batch["latents"], batch["sigmas"], batch["text"], batch["pooled"])
+
+    def modulated_norm_groups(self) -> list[ModulatedNorm]:
+        """The adaLN-modulated inputs of every block (``jquant.transforms.adaln_smoothing``): ``norm1``'s
+        (shift, scale) = columns ``[0, d), [d, 2d)`` before to_q/k/v and ``[3d, 4d), [4d, 5d)`` before ``ff.proj``;
+        ``norm1_context`` the same before add_q/k/v_proj and ``ff_context.proj`` (the last, context-pre-only block:
+        scale ``[0, d)``, shift ``[d, 2d)``)."""
+        d = self.config.inner_dim
+        groups = []
+        for i, block in enumerate(self.transformer_blocks):
+            p = f"transformer_blocks/{i}"
+            groups.append(ModulatedNorm(f"{p}/norm1", (0, d), (d, 2 * d), (f"{p}/to_q", f"{p}/to_k", f"{p}/to_v")))
+            groups.append(ModulatedNorm(f"{p}/norm1", (3 * d, 4 * d), (4 * d, 5 * d), (f"{p}/ff/proj",)))
+            context = (f"{p}/add_q_proj", f"{p}/add_k_proj", f"{p}/add_v_proj")
+            if block.context_pre_only:
+                groups.append(ModulatedNorm(f"{p}/norm1_context", (d, 2 * d), (0, d), context))
+            else:
+                groups.append(ModulatedNorm(f"{p}/norm1_context", (0, d), (d, 2 * d), context))
+                groups.append(ModulatedNorm(f"{p}/norm1_context", (3 * d, 4 * d), (4 * d, 5 * d),
+                                            (f"{p}/ff_context/proj",)))
+        return groups
 
     def joint_attention_layers(self) -> int:
         """Joint attentions per call (one per block), the layers of an attention plan."""

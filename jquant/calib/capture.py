@@ -281,7 +281,8 @@ def model_input_statistics(model: nnx.Module, tokens, paths: set[str] | None = N
     (the model's inputs with a leading sample axis, ``jquant.calib.data``: ids ``[N, T]`` for an LM).
 
     Unlike block-by-block calibration this runs the whole model as it is, batch by
-    batch (``model(batch)``); the model is not modified (capture runs on a copy).
+    batch (``model.calibration_call(batch)`` when the family defines it, e.g. a diffusion transformer whose
+    calibration batch is a dict, else ``model(batch)``); the model is not modified (capture runs on a copy).
     """
     chunks = batches(tokens, batch_size)
     probe = nnx.clone(model)
@@ -291,7 +292,7 @@ def model_input_statistics(model: nnx.Module, tokens, paths: set[str] | None = N
         raise ValueError(f"model_input_statistics: no quantization site at {missing}.")
     for site in sites:
         site.module.capture_inputs = True
-    forward = capture_statistics(lambda m, t: m(t))
+    forward = capture_statistics(lambda m, t: m.calibration_call(t) if hasattr(m, "calibration_call") else m(t))
     stats: dict[str, InputStatistics] = {}
     for chunk in chunks:
         _, new = forward(probe, jax.tree.map(jnp.asarray, chunk))

@@ -20,6 +20,7 @@ from jquant.formats import get_format
 from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import set_kv_cache
 from jquant.recipes import Recipe, TransformStep
+from jquant.transforms.adaln_smoothing import modulated_groups
 from jquant.transforms.equivalence import OnlineRotations, module_at, online_size, set_online_rotations
 from jquant.transforms.layout import DecoderLayout, layout_of
 from jquant.transforms.mamba_rotation import add_runtime_structure
@@ -60,9 +61,27 @@ def _mambaquant_options(step: TransformStep, recipe: Recipe) -> dict:
     return transform("mambaquant").resolved_options(dict(step.options), f"recipe {recipe.name!r}")
 
 
+def _adaln_step(recipe: Recipe) -> TransformStep | None:
+    return next((t for t in recipe.transforms if t.kind == "adaln_smoothquant"), None)
+
+
+def _check_adaln(model: nnx.Module, recipe: Recipe, step: TransformStep) -> None:
+    if len(recipe.transforms) != 1 or recipe.kv_cache is not None:
+        raise ValueError(f"recipe {recipe.name!r}: an adaln_smoothquant step must be the only transform and the recipe "
+                         "cannot quantize a KV cache (diffusion transformers keep none).")
+    transform("adaln_smoothquant").check_options(dict(step.options), f"recipe {recipe.name!r}")
+    try:
+        modulated_groups(model)
+    except ValueError as err:
+        raise ValueError(f"recipe {recipe.name!r}: {err}") from None
+
+
 def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
     """Validate the transform steps and KV format against ``model`` before any work (errors name the layer)."""
     if not recipe.transforms and recipe.kv_cache is None:
+        return
+    if (step := _adaln_step(recipe)) is not None:
+        _check_adaln(model, recipe, step)
         return
     if (step := _mambaquant_step(recipe)) is not None:
         _check_mambaquant(model, recipe, step)
@@ -145,8 +164,8 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
     Online rotations are switched on (a zero-padded down_proj gets its padded input
     rows) and the KV format is set; the weights themselves come from the checkpoint.
     """
-    if not recipe.transforms and recipe.kv_cache is None:
-        return
+    if (not recipe.transforms and recipe.kv_cache is None) or _adaln_step(recipe) is not None:
+        return  # adaLN smoothing changes weights only: the checkpoint holds them
     if (step := _mambaquant_step(recipe)) is not None:  # the saved config is already untied
         options = _mambaquant_options(step, recipe)
         add_runtime_structure(model, gate_scale=options["smooth"], online=options["online"])

@@ -20,6 +20,7 @@ from flax import nnx
 
 from jquant.formats import get_format
 from jquant.named_registry import NamedRegistry
+from jquant.transforms.adaln_smoothing import adaln_smoothquant
 from jquant.transforms.layout import layout_of
 from jquant.transforms.mamba_rotation import mambaquant
 from jquant.transforms.ostquant import OSTQuantConfig, ostquant
@@ -102,6 +103,8 @@ for _spec in (
     TransformSpec("quarot", lambda m, c, k, o, r, p: (quarot(m, k, **o), ()), needs_calibration=False,
                   options={"online": ("down", "qk"), "rotation": "hadamard", "pad": False}),
     TransformSpec("ostquant", _run_ostquant, needs_calibration=True, options=_OSTQUANT_OPTIONS),
+    TransformSpec("adaln_smoothquant", lambda m, c, k, o, r, p: (adaln_smoothquant(m, c, **o), ()),
+                  needs_calibration=True, options={"alpha": 0.5}, only_step=True),
     TransformSpec("mambaquant", lambda m, c, k, o, r, p: (mambaquant(m, c, k, **o), ()), needs_calibration=True,
                   options={"alpha": 0.5, "klt": True, "smooth": True, "rotate": True, "online": True}, only_step=True),
 ):
