@@ -151,8 +151,17 @@ def _abstract_weight(fmt, shape: tuple[int, ...], dtype, axis: int):
 
 
 def load(path: str | os.PathLike) -> nnx.Module:
-    """Restore a model written by ``save`` (validating every stored array's shape first)."""
+    """Restore a model written by ``save`` (validating every stored array's shape first).
+
+    A compressed-tensors or GPTQ checkpoint folder (no ``jquant.json``) loads as a quantized model through
+    ``jquant.interop.load_quantized``.
+    """
     folder = Path(path).absolute()
+    if not (folder / MANIFEST).is_file():
+        from jquant.interop import load_quantized, quantized_checkpoint_kind
+
+        if quantized_checkpoint_kind(folder) is not None:
+            return load_quantized(folder)
     abstract, recipe = abstract_quantized(folder)
     graphdef, target = nnx.split(abstract)
     if not (folder / STATE).is_dir():

@@ -9,7 +9,15 @@ quantized model), ``ct_export`` / ``ct_import`` (compressed-tensors), ``gptq_imp
 ``jquant.load`` reads such folders through ``load_quantized``.
 """
 
-from jquant.interop.ct_export import export_compressed_tensors as export_compressed_tensors
-from jquant.interop.loading import load_quantized as load_quantized, quantized_checkpoint_kind as quantized_checkpoint_kind
+import importlib
 
-__all__ = ["export_compressed_tensors", "load_quantized", "quantized_checkpoint_kind"]
+_LAZY = {"export_compressed_tensors": "jquant.interop.ct_export", "load_quantized": "jquant.interop.loading",
+         "quantized_checkpoint_kind": "jquant.interop.loading"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    """The public functions, imported on first use (the CLI imports ``interop.command`` without JAX)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jquant.interop' has no attribute {name!r}")
