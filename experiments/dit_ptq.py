@@ -13,6 +13,8 @@ cover every noise level; the joint blocks' linears receive the step's timestep b
 - ``w8a8-static``: int8 weights, int8 activations with ONE calibrated scale per layer (all timesteps);
 - ``w8a8-static-timestep``: the same with one scale per layer and timestep bucket (the timestep-aware static
   scales of PTQ4DiT / ViDiT-Q, as a table picked at run time by the step's bucket);
+- ``smoothquant-w8a8-static`` / ``smoothquant-w8a8-static-timestep``: the same after SmoothQuant (α = 0.5)
+  folded into the blocks' adaLN modulation (``adaln_smoothquant`` transform step);
 - ``w4a16-rtn`` / ``w4a16-gptq``: int4 weights in groups of 64 (asymmetric), round to nearest or GPTQ with the
   Hessian balanced over timestep buckets (``group_weighting="balanced"``, Q-DiT's concern that late steps
   dominate the token count);
@@ -37,15 +39,16 @@ import harness
 import numpy as np
 from harness import Column, Results
 
-RECIPES = ("float", "w8a8-dynamic", "w8a8-static", "w8a8-static-timestep", "w4a16-rtn", "w4a16-gptq",
-           "w4a8-gptq-dynamic", "w4a8-gptq-static-timestep", "nvfp4-w4a16")
+RECIPES = ("float", "w8a8-dynamic", "w8a8-static", "w8a8-static-timestep", "smoothquant-w8a8-static",
+           "smoothquant-w8a8-static-timestep", "w4a16-rtn", "w4a16-gptq", "w4a8-gptq-dynamic",
+           "w4a8-gptq-static-timestep", "nvfp4-w4a16")
 # Recipes whose numbers do not depend on the calibration set (run once, not per calibration seed).
 CALIBRATION_FREE = ("float", "w8a8-dynamic", "w4a16-rtn", "nvfp4-w4a16")
 
 
 def recipe(name: str):
     """The ``jquant.recipes.Recipe`` of a row name (see the module docstring)."""
-    from jquant.recipes import Recipe, Rule
+    from jquant.recipes import Recipe, Rule, TransformStep
 
     w4 = dict(weight="int4-g64-asym")
     gptq = dict(algorithm="gptq", options=(("group_weighting", "balanced"),))
@@ -59,9 +62,11 @@ def recipe(name: str):
         "w4a8-gptq-static": Rule(pattern=".*", activation="int8-tensor", static_activation=True, **w4, **gptq),
         "nvfp4-w4a16": Rule(pattern=".*", weight="nvfp4", algorithm="rtn"),
     }
-    base = name.removesuffix("-timestep")
+    base = name.removeprefix("smoothquant-").removesuffix("-timestep")
     rule = rules["w8a8-static" if base == "w8a8-static" else base]
-    return Recipe(name=name, rules=(rule,)), name.endswith("-timestep")
+    steps = ((TransformStep(kind="adaln_smoothquant", options=(("alpha", 0.5),)),) if name.startswith("smoothquant-")
+             else ())
+    return Recipe(name=name, rules=(rule,), transforms=steps), name.endswith("-timestep")
 
 
 def _transformer_bytes(model) -> int:
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace, results: Results) -> None:
     from jquant.data.scenes import emoji_scenes
     from jquant.models.loading import resolve
     from jquant.quantization import quantize
-    from jquant.text_to_image import TextToImage, image_grid, load_pipeline, to_uint8
+    from jquant.text_to_image import TextToImage, load_pipeline, to_uint8
 
     import jquant.cli_image as cli_image
 
@@ -115,12 +120,25 @@ def run(args: argparse.Namespace, results: Results) -> None:
                          "quantize_seconds": quantize_seconds, "transformer_bytes": _transformer_bytes(model),
                          **{k: v for k, v in report.items() if not isinstance(v, (list, dict))}})
             print(f"{name} (calibration seed {seed}): {results.rows[-1]}", flush=True)
-    if grids:
-        from PIL import Image
+    _save_grids(args.out, results, grids)
 
-        rows = np.concatenate([image_grid(g, columns=len(GRID_PROMPTS)) for g in grids.values()])
-        Image.fromarray(rows.repeat(3, 0).repeat(3, 1)).save(args.out / (results.path.stem + ".png"))
-        results.set_meta(grid_recipes=list(grids), grid_prompts=GRID_PROMPTS)
+
+def _save_grids(out: Path, results: Results, grids: dict) -> None:
+    """Each recipe's sample row goes to ``<stem>_grids/<recipe>.png`` (kept across resumed runs); the figure stacks
+    the rows of every recipe that has one, in ``RECIPES`` order."""
+    from PIL import Image
+
+    from jquant.text_to_image import image_grid
+
+    folder = out / (results.path.stem + "_grids")
+    folder.mkdir(exist_ok=True)
+    for name, images in grids.items():
+        Image.fromarray(image_grid(images, columns=len(GRID_PROMPTS))).save(folder / f"{name}.png")
+    present = [name for name in RECIPES if (folder / f"{name}.png").is_file()]
+    if present:
+        rows = np.concatenate([np.asarray(Image.open(folder / f"{name}.png")) for name in present])
+        Image.fromarray(rows.repeat(3, 0).repeat(3, 1)).save(out / (results.path.stem + ".png"))
+        results.set_meta(grid_recipes=present, grid_prompts=GRID_PROMPTS)
 
 
 GRID_PROMPTS = ["a red apple on a blue background", "a dog face on a yellow background", "a rocket on a white background",
