@@ -1,4 +1,4 @@
-"""``jquant export --format compressed-tensors MODEL --out DIR``: a quantized model as a checkpoint other tools serve."""
+"""``jquant export --format compressed-tensors MODEL --out DIR``: a quantized model as a checkpoint others serve."""
 
 from __future__ import annotations
 

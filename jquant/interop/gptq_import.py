@@ -70,14 +70,17 @@ def linear(local: dict, bits: int, group_size: int, v2: bool, where: str) -> Lin
     return LinearCodes(fmt, np.ascontiguousarray(q.T), np.ascontiguousarray(s.T), np.ascontiguousarray(zeros.T))
 
 
-def read(qc: dict, tensors: dict[str, np.ndarray], source: str) -> tuple[dict[str, np.ndarray], dict[str, LinearCodes]]:
+def read(qc: dict, tensors: dict[str, np.ndarray], source: str
+         ) -> tuple[dict[str, np.ndarray], dict[str, LinearCodes]]:
     """Split a GPTQ checkpoint into float tensors and the codes of each quantized module."""
     bits, group_size, v2 = gptq_settings(qc, source)
     floats, linears = dict(tensors), {}
     for name in sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")):
-        local = {k: floats.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{k}" in floats}
+        local = {k: floats.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")
+                 if f"{name}.{k}" in floats}
         missing = [k for k in ("qzeros", "scales") if k not in local]
         if missing:
-            raise ValueError(f"{source}: {name} has a qweight but no {' / '.join(missing)}; the checkpoint is incomplete.")
+            raise ValueError(f"{source}: {name} has a qweight but no {' / '.join(missing)}; the checkpoint is "
+                             "incomplete.")
         linears[name] = linear(local, bits, group_size, v2, f"{source}: {name}")
     return floats, linears

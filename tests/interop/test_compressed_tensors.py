@@ -8,7 +8,6 @@ transformers model quantized by compressed-tensors' quantize + compress (RTN sca
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax

@@ -40,7 +40,8 @@ def autogptq_pack(values: np.ndarray, bits: int) -> np.ndarray:
     return words.astype(np.uint32).view(np.int32)
 
 
-def gptq_layer(w: np.ndarray, bits: int, group: int, sym: bool, act_order: bool, v2: bool, rng) -> tuple[dict, np.ndarray]:
+def gptq_layer(w: np.ndarray, bits: int, group: int, sym: bool, act_order: bool, v2: bool,
+               rng) -> tuple[dict, np.ndarray]:
     """GPTQ tensors of ``w [out, in]`` (round to nearest in GPTQ's groups) and AutoGPTQ's dequantization of them."""
     out, n = w.shape
     order = rng.permutation(n) if act_order else np.arange(n)
