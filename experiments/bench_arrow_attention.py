@@ -160,22 +160,11 @@ def _report(results: Results, path: Path) -> None:
 
 
 def _stem(args: argparse.Namespace) -> str:
-    """``arrow_attention_<device>`` of this machine (with --report-only each report is named after its JSON)."""
-    if args.report_only is not None:
-        return "arrow_attention"
-    import jax
-
-    return "arrow_attention_" + jax.devices()[0].device_kind.lower().replace(" ", "_")
+    return harness.device_stem(args, "arrow_attention")
 
 
 def _report_inputs(args: argparse.Namespace, path: Path) -> list[Path]:
-    """After a run, its own JSON; with a bare ``--report-only``, every arrow_attention_*.json in --out."""
-    if args.report_only is None:
-        return [path]
-    paths = sorted(args.out.glob("arrow_attention_*.json"))
-    if not paths:
-        raise SystemExit(f"--report-only: no arrow_attention_*.json in {args.out}")
-    return paths
+    return harness.device_report_inputs(args, path, "arrow_attention")
 
 
 def main(argv: list[str] | None = None) -> None:

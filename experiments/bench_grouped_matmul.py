@@ -122,22 +122,11 @@ def _report(results: Results, path: Path) -> None:
 
 
 def _stem(args: argparse.Namespace) -> str:
-    """``grouped_matmul_<device>`` of this machine (with --report-only each report is named after its JSON)."""
-    if args.report_only is not None:
-        return "grouped_matmul"
-    import jax
-
-    return "grouped_matmul_" + jax.devices()[0].device_kind.lower().replace(" ", "_")
+    return harness.device_stem(args, "grouped_matmul")
 
 
 def _report_inputs(args: argparse.Namespace, path: Path) -> list[Path]:
-    """After a run, its own JSON; with a bare ``--report-only``, every grouped_matmul_*.json in --out."""
-    if args.report_only is None:
-        return [path]
-    paths = sorted(args.out.glob("grouped_matmul_*.json"))
-    if not paths:
-        raise SystemExit(f"--report-only: no grouped_matmul_*.json in {args.out}")
-    return paths
+    return harness.device_report_inputs(args, path, "grouped_matmul")
 
 
 def main() -> None:

@@ -214,6 +214,26 @@ class Results:
                    key=tuple(data["key"]), meta=data.get("meta", {}), rows=data["rows"])
 
 
+def device_stem(args: argparse.Namespace, prefix: str) -> str:
+    """``<prefix>_<device kind>`` of this machine for a benchmark's files (``prefix`` alone with --report-only, where
+    each report is named after its JSON)."""
+    if args.report_only is not None:
+        return prefix
+    import jax
+
+    return f"{prefix}_" + jax.devices()[0].device_kind.lower().replace(" ", "_")
+
+
+def device_report_inputs(args: argparse.Namespace, path: Path, prefix: str) -> list[Path]:
+    """After a run, its own JSON; with a bare ``--report-only``, every ``<prefix>_*.json`` in --out."""
+    if args.report_only is None:
+        return [path]
+    paths = sorted(args.out.glob(f"{prefix}_*.json"))
+    if not paths:
+        raise SystemExit(f"--report-only: no {prefix}_*.json in {args.out}")
+    return paths
+
+
 def run_experiment(parser: argparse.ArgumentParser, *, stem: Callable[[argparse.Namespace], str],
                    key: Sequence[str] | Callable[[argparse.Namespace], Sequence[str]],
                    run: Callable[[argparse.Namespace, Results], None],

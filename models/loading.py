@@ -117,6 +117,10 @@ def load(name_or_path: str | Path, *, dtype: DTypeName = "float32", param_dtype:
         from jquant.checkpoint import load as load_checkpoint
 
         return LoadedModel(model=load_checkpoint(path), tokenizer=tokenizer, path=path)
+    from jquant.interop import load_quantized, quantized_checkpoint_kind
+
+    if quantized_checkpoint_kind(path):  # a compressed-tensors or GPTQ checkpoint: QArrays from its packed codes
+        return LoadedModel(model=load_quantized(path, dtype=dtype), tokenizer=tokenizer, path=path)
     config = hf_io.read_config(path)
     diffusers = "_class_name" in config  # diffusers folders name their class, transformers folders their model_type
     try:
