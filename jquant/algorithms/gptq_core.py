@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 
 ParamsFn = Callable[[jax.Array], tuple[jax.Array, jax.Array | None]]
 QdqFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+SUB_BLOCK = 16  # rows per inner lazy batch (gptq_loop); smaller where the block or group size needs it
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,8 +103,10 @@ def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
     return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
 
 
-@functools.partial(jax.jit, static_argnames=("params_fn", "qdq_fn", "group_size", "block_size", "per_row_params"))
-def gptq_loop(w, u, static_scales, static_zeros, row_group, *, params_fn, qdq_fn, group_size, block_size, per_row_params):
+@functools.partial(jax.jit, static_argnames=("params_fn", "qdq_fn", "group_size", "block_size", "sub_block",
+                                             "per_row_params"))
+def gptq_loop(w, u, static_scales, static_zeros, row_group, *, params_fn, qdq_fn, group_size, block_size, sub_block,
+              per_row_params):
     """The quantization sweep over rows of ``w [in, out]`` given ``u`` (see module docstring).
 
     ``row_group [in]`` is each (already permuted) row's group index, used to
@@ -110,45 +114,57 @@ def gptq_loop(w, u, static_scales, static_zeros, row_group, *, params_fn, qdq_fn
     ``per_row_params`` is False; otherwise group parameters are computed from
     the current rows at each group start and written back into them.
     Returns the dequantized rows and the (possibly updated) group parameters.
-    Compiled once per shapes, grid functions, group and block size: every array is an argument.
+    Compiled once per shapes, grid functions, group, block and sub-block size: every array is an argument.
 
-    The lazy batch update after a block touches only the later blocks, one ``[block, block]^T @ E`` product
-    each (``U`` is upper triangular, so earlier rows would get zero), and finished rows are overwritten with
-    their quantized values in place: no second ``[in, out]`` buffer.
+    Lazy batches at two levels: inside a block, rows are quantized in sub-blocks of ``sub_block`` rows (which
+    divides the block and the group size), row updates touching only the sub-block, whose error then updates
+    the rest of the block with one ``[sub, block]^T @ E_sub`` product (so a group's rows are current when its
+    first row, a sub-block start, computes its parameters); after a block only the later blocks are updated,
+    one ``[block, block]^T @ E`` product each (``U`` is upper triangular, so earlier rows would get zero).
+    Finished rows are overwritten with their quantized values in place: no second ``[in, out]`` buffer.
     """
     n_in, n_out = w.shape
     n_blocks = n_in // block_size
     has_zero = static_zeros is not None
+    sub_rows = jnp.arange(sub_block)
+    block_rows = jnp.arange(block_size)
 
     def block_body(b, carry):
         w, scales, zeros = carry
         i1 = b * block_size
-        w1 = jax.lax.dynamic_slice(w, (i1, 0), (block_size, n_out))
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (block_size, block_size))
-        rows = jnp.arange(block_size)
 
-        def row_body(j, inner):
-            w1, q1, e1, scales, zeros = inner
-            g = row_group[i1 + j]
+        def sub_body(t, inner):
+            w1, e1, scales, zeros = inner
+            j1 = t * sub_block
             if per_row_params:
                 def fresh(args):
                     scales, zeros = args
-                    s, z = params_fn(jax.lax.dynamic_slice(w1, (j, 0), (group_size, n_out)))
-                    scales = scales.at[g].set(s[0])
-                    zeros = zeros.at[g].set(z[0]) if has_zero else zeros
-                    return scales, zeros
+                    s, z = params_fn(jax.lax.dynamic_slice(w1, (j1, 0), (group_size, n_out)))
+                    g = row_group[i1 + j1]
+                    return scales.at[g].set(s[0]), zeros.at[g].set(z[0]) if has_zero else zeros
 
-                scales, zeros = jax.lax.cond(j % group_size == 0, fresh, lambda a: a, (scales, zeros))
-            s = scales[g][None]
-            z = zeros[g][None] if has_zero else None
-            row = w1[j][None]
-            q = qdq_fn(row, s, z)[0]
-            err = (w1[j] - q) / u1[j, j]
-            w1 = w1 - jnp.where(rows > j, u1[j], 0.0)[:, None] * err[None, :]
-            return w1, q1.at[j].set(q), e1.at[j].set(err), scales, zeros
+                scales, zeros = jax.lax.cond(j1 % group_size == 0, fresh, lambda a: a, (scales, zeros))
+            us = jax.lax.dynamic_slice(u1, (j1, j1), (sub_block, sub_block))
 
-        init = (w1, jnp.zeros_like(w1), jnp.zeros_like(w1), scales, zeros)
-        _, q1, e1, scales, zeros = jax.lax.fori_loop(0, block_size, row_body, init)
+            def row_body(j, rows):
+                ws, qs, es = rows
+                g = row_group[i1 + j1 + j]
+                q = qdq_fn(ws[j][None], scales[g][None], zeros[g][None] if has_zero else None)[0]
+                err = (ws[j] - q) / us[j, j]
+                ws = ws - jnp.where(sub_rows > j, us[j], 0.0)[:, None] * err[None, :]
+                return ws, qs.at[j].set(q), es.at[j].set(err)
+
+            ws = jax.lax.dynamic_slice(w1, (j1, 0), (sub_block, n_out))
+            _, qs, es = jax.lax.fori_loop(0, sub_block, row_body, (ws, jnp.zeros_like(ws), jnp.zeros_like(ws)))
+            u_rest = jax.lax.dynamic_slice(u1, (j1, 0), (sub_block, block_size))
+            later = (block_rows >= j1 + sub_block)[:, None]
+            w1 = jax.lax.dynamic_update_slice(w1 - jnp.where(later, u_rest.T @ es, 0.0), qs, (j1, 0))
+            return w1, jax.lax.dynamic_update_slice(e1, es, (j1, 0)), scales, zeros
+
+        w1 = jax.lax.dynamic_slice(w, (i1, 0), (block_size, n_out))
+        init = (w1, jnp.zeros_like(w1), scales, zeros)
+        q1, e1, scales, zeros = jax.lax.fori_loop(0, block_size // sub_block, sub_body, init)
 
         def update_later(k, w):
             r = k * block_size
@@ -215,7 +231,8 @@ def gptq(
         zeros = None if z is None else jnp.zeros((n_groups, n_out), z.dtype)
     q, scales, zeros = gptq_loop(
         w0, u, scales, zeros, group_of_row if perm is None else group_of_row[perm],
-        params_fn=params_fn, qdq_fn=qdq_fn, group_size=gs, block_size=block, per_row_params=not static,
+        params_fn=params_fn, qdq_fn=qdq_fn, group_size=gs, block_size=block, sub_block=math.gcd(block, gs, SUB_BLOCK),
+        per_row_params=not static,
     )
     return GPTQResult(weights=q if inverse is None else q[inverse], scales=scales, zeros=zeros, damp=damp)
 
