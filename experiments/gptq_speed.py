@@ -89,7 +89,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Path]:
 
 # ---- llm-compressor worker (its own venv) ------------------------------------------------------------------
 def llmc_worker(args: argparse.Namespace) -> None:
-    """Two ``oneshot`` GPTQ calls on fresh copies of ``--model-dir``; writes a JSON list of calls to ``--worker-out``."""
+    """Two ``oneshot`` GPTQ calls on fresh copies of ``--model-dir``; a JSON list of calls -> ``--worker-out``."""
     import numpy as np
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -105,7 +105,8 @@ def llmc_worker(args: argparse.Namespace) -> None:
     def timed_solve(*a, **kw):
         t0 = time.perf_counter()
         out = solve(*a, **kw)
-        solves.append({"shapes": [list(w.shape) for w in kw["weights"]], "seconds": time.perf_counter() - t0})
+        seconds = time.perf_counter() - t0
+        solves.append({"shapes": [[w.shape[-1], w.shape[-2]] for w in kw["weights"]], "seconds": seconds})
         return out
 
     gptq_base.quantize_weight = timed_solve
@@ -146,7 +147,8 @@ def jquant_worker(args: argparse.Namespace) -> None:
 
     def timed_solve(w, h, *a, **kw):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(solve(w, h, *a, **kw))
+        out = solve(w, h, *a, **kw)
+        jax.block_until_ready((out.weights, out.scales, out.zeros))  # GPTQResult is no pytree: wait on its arrays
         solves.append({"shapes": [list(w.shape)], "seconds": time.perf_counter() - t0})
         return out
 
@@ -201,7 +203,7 @@ def _row(rows, model, tool, call):
 
 
 def _per_shape(solves: list[dict[str, Any]]) -> str:
-    """``in x out: s`` per distinct linear shape (PyTorch's [out, in] turned into [in, out]), mean per linear."""
+    """``in x out: s`` per distinct linear shape (recorded as [in, out]), mean per linear."""
     acc: dict[tuple[int, int], list[float]] = {}
     for s in solves:
         for shape in s["shapes"]:
@@ -245,7 +247,8 @@ def report(runs: list[Results], base: Path) -> None:
         for tool in ("llmc", "jquant"):
             r = _row(rows, model, tool, "second")
             if r is not None:
-                lines.append(f"- {model}, {'llm-compressor' if tool == 'llmc' else 'jquant'}: {_per_shape(r['solves'])}")
+                name = "llm-compressor" if tool == "llmc" else "jquant"
+                lines.append(f"- {model}, {name}: {_per_shape(r['solves'])}")
     lines += ["", "Whole-call times include each tool's calibration forwards and bookkeeping; llm-compressor "
               "solves same-shape linears of a layer in one batched call, its per-linear time is that call's time "
               "divided by the batch.", "", harness.reproduce(results.command), ""]
