@@ -79,15 +79,22 @@ def damped_factor(h: jax.Array, w: jax.Array, damp: float, max_retries: int = 4,
     damping by 10 (up to ``max_retries`` times) while ``H`` is not positive definite; then raises
     ``FloatingPointError`` naming ``what``."""
     for _ in range(max_retries + 1):
-        h_damped, w0 = prepare_hessian(h, w, damp)
-        u = inverse_cholesky_upper(h_damped)
-        if bool(jnp.all(jnp.isfinite(u))):
+        h_damped, w0, u, finite = _damped_factor_once(h, w, damp)
+        if bool(finite):
             return h_damped, w0, u, damp
         damp = damp * 10 if damp > 0 else 1e-4
     raise FloatingPointError(
         f"{what}: the Hessian is not positive definite even with damping {damp / 10:g}; the calibration inputs "
         "are probably degenerate (too few tokens or constant features). Use more calibration data or RTN."
     )
+
+
+@jax.jit
+def _damped_factor_once(h: jax.Array, w: jax.Array, damp: float) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One try of ``damped_factor`` as one program (``damp`` traced: retries reuse it): ``(H_damped, W0, U, finite)``."""
+    h_damped, w0 = prepare_hessian(h, w, damp)
+    u = inverse_cholesky_upper(h_damped)
+    return h_damped, w0, u, jnp.all(jnp.isfinite(u))
 
 
 @jax.jit
@@ -103,8 +110,6 @@ def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
     return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
 
 
-@functools.partial(jax.jit, static_argnames=("params_fn", "qdq_fn", "group_size", "block_size", "sub_block",
-                                             "per_row_params"))
 def gptq_loop(w, u, static_scales, static_zeros, row_group, *, params_fn, qdq_fn, group_size, block_size, sub_block,
               per_row_params):
     """The quantization sweep over rows of ``w [in, out]`` given ``u`` (see module docstring).
@@ -114,7 +119,6 @@ def gptq_loop(w, u, static_scales, static_zeros, row_group, *, params_fn, qdq_fn
     ``per_row_params`` is False; otherwise group parameters are computed from
     the current rows at each group start and written back into them.
     Returns the dequantized rows and the (possibly updated) group parameters.
-    Compiled once per shapes, grid functions, group, block and sub-block size: every array is an argument.
 
     Lazy batches at two levels: inside a block, rows are quantized in sub-blocks of ``sub_block`` rows (which
     divides the block and the group size), row updates touching only the sub-block, whose error then updates
@@ -213,28 +217,49 @@ def gptq(
     if n_in % block:
         block = gs if group_size else _largest_divisor_at_most(n_in, block)
 
-    perm = act_order_permutation(h) if config.act_order else None
-    if perm is not None:  # factor the permuted Hessian directly (damping and dead inputs commute with permuting)
-        h, w = h[perm][:, perm], w[perm]
+    perm = None
+    if config.act_order:  # factor the permuted Hessian directly (damping and dead inputs commute with permuting)
+        h, w, perm = _act_order_permute(h, w)
     _, w0, u, damp = damped_factor(h, w, config.damp, max_damp_retries)
-    inverse = None if perm is None else jnp.argsort(perm)
     static = config.static_groups or config.act_order or group_size is None
-    n_groups = n_in // gs
-    group_of_row = jnp.arange(n_in) // gs
-    if static:
-        grouped = (w0 if inverse is None else w0[inverse]).reshape(n_groups, gs, n_out)
+    q, scales, zeros = gptq_sweep(w0, u, perm, params_fn=params_fn, qdq_fn=qdq_fn, group_size=gs, block_size=block,
+                                  sub_block=math.gcd(block, gs, SUB_BLOCK), static_groups=static)
+    return GPTQResult(weights=q, scales=scales, zeros=zeros, damp=damp)
+
+
+@functools.partial(jax.jit, static_argnames=("params_fn", "qdq_fn", "group_size", "block_size", "sub_block",
+                                             "static_groups"))
+def gptq_sweep(w0, u, perm, *, params_fn, qdq_fn, group_size, block_size, sub_block, static_groups):
+    """Group parameters (from ``w0``'s original row order when ``static_groups``), ``gptq_loop`` and the rows put
+    back in their original order: ``(q [in, out], scales, zeros)``.
+
+    ``w0 [in, out]`` and ``u`` are in the sweep's row order, ``perm [in]`` (or None) the original index of each
+    row. One program per shapes, grid functions, group, block and sub-block size: every array is an argument,
+    so sites of the same shape and format share it.
+    """
+    n_in, n_out = w0.shape
+    inverse = None if perm is None else jnp.argsort(perm)
+    n_groups = n_in // group_size
+    group_of_row = jnp.arange(n_in) // group_size
+    if static_groups:
+        grouped = (w0 if inverse is None else w0[inverse]).reshape(n_groups, group_size, n_out)
         s, z = jax.vmap(params_fn)(grouped)
         scales, zeros = s[:, 0], None if z is None else z[:, 0]
     else:
-        s, z = params_fn(w0[:gs])
+        s, z = jax.eval_shape(params_fn, w0[:group_size])
         scales = jnp.zeros((n_groups, n_out), s.dtype)
         zeros = None if z is None else jnp.zeros((n_groups, n_out), z.dtype)
-    q, scales, zeros = gptq_loop(
-        w0, u, scales, zeros, group_of_row if perm is None else group_of_row[perm],
-        params_fn=params_fn, qdq_fn=qdq_fn, group_size=gs, block_size=block, sub_block=math.gcd(block, gs, SUB_BLOCK),
-        per_row_params=not static,
-    )
-    return GPTQResult(weights=q if inverse is None else q[inverse], scales=scales, zeros=zeros, damp=damp)
+    q, scales, zeros = gptq_loop(w0, u, scales, zeros, group_of_row if perm is None else group_of_row[perm],
+                                 params_fn=params_fn, qdq_fn=qdq_fn, group_size=group_size, block_size=block_size,
+                                 sub_block=sub_block, per_row_params=not static_groups)
+    return (q if inverse is None else q[inverse]), scales, zeros
+
+
+@jax.jit
+def _act_order_permute(h: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(H[perm][:, perm], W[perm], perm)`` for ``perm = act_order_permutation(H)``."""
+    perm = act_order_permutation(h)
+    return h[perm][:, perm], w[perm], perm
 
 
 def act_order_permutation(h: jax.Array) -> jax.Array:

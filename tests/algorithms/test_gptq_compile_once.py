@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jquant.algorithms.gptq_core import gptq_loop
+from jquant.algorithms.gptq_core import gptq_sweep
 from jquant.algorithms.weights import gptq_weight
 from jquant.calib.capture import InputStatistics
 from jquant.formats import dequantize, get_format
@@ -34,11 +34,11 @@ def test_second_site_of_the_same_shape_compiles_nothing(caplog, act_order):
     options = {"act_order": act_order, "block_size": 32}
     n_in, n_out = 96, 40 + 8 * act_order  # shapes no other test uses, so the first call compiles here
     (w1, s1), (w2, s2) = _site(1, n_in, n_out), _site(2, n_in, n_out)
-    loops = gptq_loop._cache_size()
+    loops = gptq_sweep._cache_size()
     q1, first = _quantize_logging_compiles(caplog, w1, fmt, s1, options)
-    assert first and gptq_loop._cache_size() == loops + 1
+    assert first and gptq_sweep._cache_size() == loops + 1
     q2, second = _quantize_logging_compiles(caplog, w2, fmt, s2, options)
-    assert second == [] and gptq_loop._cache_size() == loops + 1
+    assert second == [] and gptq_sweep._cache_size() == loops + 1
     # the cached program really ran on the second site's arrays: they give other values, and the same ones again
     assert not np.array_equal(np.asarray(dequantize(q1)), np.asarray(dequantize(q2)))
     assert np.array_equal(np.asarray(gptq_weight(w2, fmt, axis=0, stats=s2, options=options).codes),
