@@ -227,8 +227,10 @@ def report(runs: list[Results], base: Path) -> None:
                 "jquant_solve": jqr["solve_seconds"], "solve_ratio": jqr["solve_seconds"] / lc["solve_seconds"],
                 "llmc_rss": lc["peak_rss_gb"], "jquant_rss": jqr["peak_rss_gb"]})
     hidden, mlp = meta.get("hidden_mlp", (0, 0))
+    names = {"qwen2-1layer": f"a random one-layer Qwen2 (hidden {hidden}, MLP {mlp}, 32 heads)",
+             "jq-llama-small": "jq-llama-small"}
     lines = ["# GPTQ CPU speed: jquant vs llm-compressor", "",
-             f"Models: a random one-layer Qwen2 (hidden {hidden}, MLP {mlp}, 32 heads) and jq-llama-small; "
+             f"Models: {' and '.join(names[m] for m in MODELS if any(r['model'] == m for r in rows))}; "
              f"{args['samples']} x {args['seq']} calibration tokens; int4 symmetric (full range) groups of {GROUP}, "
              f"block 128, damping 0.01, static activation order; {meta.get('cpus')} CPU cores (shared machine), "
              f"jax {meta.get('jax')}. Ratio = jquant / llm-compressor (below 1: jquant faster).", "",
