@@ -12,7 +12,10 @@ rows not yet quantized (paper Eq. 3 / Alg. 1):
 
 Lazy batch updates: rows are processed in blocks of ``block_size``; inside a
 block updates touch only the block, and the accumulated block error
-``E [block, out]`` updates the remaining rows once (``W[rest] -= U[block, rest]^T E``).
+``E [block, out]`` updates the remaining rows once (``W[rest] -= U[block, rest]^T E``);
+inside a block, sub-blocks of ``SUB_BLOCK`` rows do the same one level down
+(``gptq_loop``). ``U`` comes from one Cholesky factorization of the reversed
+``H`` and a triangular inverse (``inverse_cholesky_upper``).
 
 Groups: with ``group_size`` the quantization parameters (scale, zero) of a
 group of consecutive rows are computed from the *current* (error-updated)
