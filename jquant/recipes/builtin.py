@@ -11,6 +11,12 @@ recipes at about 2, 2.25 and 3 index bits per weight (``VQ_SETTINGS``; bits per 
 including codebooks: ``jquant.size_report``). ``{rtn-mamba,mambaquant}-{w8a8,w4a8}`` are the
 MambaQuant settings for the Mamba families (per-tensor activations, as the paper).
 ``{gptq,quarot-gptq}-moe-w{4,3}`` and ``moequant-w{4,3}`` are MoEQuant's settings for MoE models.
+
+Symmetric integer weights below 8 bits use the full range (``int4-full``: all 2^b codes, scale
+amax / ((2^b - 1) / 2), compressed-tensors' convention) and 8-bit ones the restricted range
+(``int8``: [-127, 127], scale amax / 127), as measured in experiments/results/symmetric_convention.md
+(a trained Qwen2, KL to the float model: the full range is lower at W4/W3/W2 in groups of 64 and
+per channel with the MSE clip search; at 8 bits the two do not differ measurably).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from jquant.recipes.rules import Recipe, Rule, TransformStep
 ALL = r".*"
 # Per-channel symmetric int4 with the MSE clip search of OSTQuant/QuaRot's GPTQ (shrink 1.00, 0.99, ..., 0.21).
 W4_MSE = {"clip_search": True, "clip_grid": 79, "clip_min_ratio": 0.21}
+# Symmetric weights below 8 bits: the full range (see the module docstring).
+SYMMETRIC_LOW_BIT = "-full"
 # Activation / KV settings of the rotation papers: per-token (KV: per token and head) asymmetric.
 SETTINGS = {"w4a16": (None, None), "w4a8kv8": ("int8-asym", "int8-asym"), "w4a4kv4": ("int4-asym", "int4-asym")}
 
@@ -72,7 +80,7 @@ def _rotation_recipes() -> list[Recipe]:
     for setting, (act, kv) in SETTINGS.items():
         online = ["down", "qk"] if kv else ["down"]
         what = f"int4 per-channel weights (MSE clip){', ' + act + ' activations, ' + kv + ' KV' if act else ''}"
-        common = dict(weight="int4", weight_options=W4_MSE, activation=act, kv_cache=kv)
+        common = dict(weight=f"int4{SYMMETRIC_LOW_BIT}", weight_options=W4_MSE, activation=act, kv_cache=kv)
         out += [
             _recipe(f"rtn-{setting}", f"{what}, round to nearest", **common),
             _recipe(f"gptq-{setting}", f"{what}, GPTQ", algorithm="gptq", **common),
@@ -99,7 +107,7 @@ def _moe_recipes() -> list[Recipe]:
     rotation = (TransformStep("quarot", {"online": []}),)
     out = []
     for bits in (4, 3):
-        fmt = dict(weight=f"int{bits}", weight_options=W4_MSE, algorithm="gptq")
+        fmt = dict(weight=f"int{bits}{SYMMETRIC_LOW_BIT}", weight_options=W4_MSE, algorithm="gptq")
         experts = Rule(pattern=r".*/experts/.*", options={"hessian": "affinity"}, **fmt)
         what = f"int{bits} per-channel symmetric weights (MSE clip), GPTQ"
         out += [_recipe(f"gptq-moe-w{bits}", f"MoE: {what}", **fmt),
