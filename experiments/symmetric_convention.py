@@ -362,7 +362,8 @@ def report(runs: list[Results], base: Path) -> None:
               f"random train windows of {SEQ} tokens (the same windows for both tools). Groups of {GROUP} along the "
               "input dimension, symmetric; embeddings and the head stay float. Scales are float32 in both tools (the "
               "model's dtype, which is what llm-compressor stores; jquant's formats here carry "
-              "``scale_dtype='float32'``)."), "",
+              "``scale_dtype='float32'``). KL to float: mean over the same predicted tokens of KL(float || quantized). "
+              "Times are wall-clock on a 2-core machine shared with other jobs, not a speed comparison."), "",
              *harness.table(rows, columns), "", "## Reading", "", *notes(results), "", "## Decision", "",
              "Built-in recipes: symmetric integer weights below 8 bits use the full range (`int4-full`, "
              "`int3-full`: the rotation, SmoothQuant/RTN/GPTQ W4 and MoE recipes), 8-bit weights keep the "
