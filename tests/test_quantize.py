@@ -154,7 +154,7 @@ def test_gptq_compiles_once_per_distinct_layer_shape(calib, caplog):
             quantize(model, get("gptq-w4g128", weight="int4-g32-asym"), calib, progress=False)
     finally:
         jax.config.update("jax_log_compiles", False)
-    compiles = [r.getMessage() for r in caplog.records if "Compiling jit(gptq_loop)" in r.getMessage()]
+    compiles = [r.getMessage() for r in caplog.records if "Compiling jit(gptq_sweep)" in r.getMessage()]
     assert len(compiles) == len(shapes), compiles
 
 
