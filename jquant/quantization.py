@@ -412,7 +412,7 @@ def static_scales(p: SitePlan, stats: InputStatistics | None) -> tuple[np.ndarra
         raise ValueError(f"site {p.site.path!r}: static activation scales need calibration statistics.")
     tiny = np.finfo(np.float32).tiny
     if not p.groups:
-        return np.float32(max(float(stats.pooled().absmax.max()), tiny) / p.activation.qmax), ()
+        return np.float32(max(float(stats.pooled().absmax.max()), tiny) / _divisor(p.activation)), ()
     formats = p.activation if isinstance(p.activation, tuple) else (p.activation,) * len(p.groups)
     overall = float(stats.pooled().absmax.max())
     scales, empty = [], []
@@ -421,8 +421,14 @@ def static_scales(p: SitePlan, stats: InputStatistics | None) -> tuple[np.ndarra
         if part.count == 0:
             empty.append(p.groups[g])
         amax = overall if part.count == 0 else float(part.absmax.max())
-        scales.append(1.0 if fmt is None else max(amax, tiny) / fmt.qmax)
+        scales.append(1.0 if fmt is None else max(amax, tiny) / _divisor(fmt))
     return np.asarray(scales, np.float32), tuple(empty)
+
+
+def _divisor(fmt) -> float:
+    """What an absmax is divided by to give a static scale: an integer format's ``scale_divisor`` (``qmax``, or
+    ``qmax + 1/2`` in the full symmetric range), else the format's ``qmax``."""
+    return float(getattr(fmt, "scale_divisor", fmt.qmax))
 
 
 def attach_activation(p: SitePlan, scale) -> None:

@@ -37,8 +37,9 @@ NAME = "pallas-int8-activation"
 
 
 def supports_activation(fmt) -> bool:
-    """Per-token symmetric int8 activations."""
-    return isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel"
+    """Per-token symmetric int8 activations in the restricted range (the kernel quantizes with amax / 127, +-127)."""
+    return (isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.symmetric and not fmt.full_range
+            and fmt.granularity == "channel")
 
 
 def supports(w: QArray, activation) -> bool:
