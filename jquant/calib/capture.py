@@ -248,7 +248,7 @@ def _count(per_sequence: jax.Array) -> float | np.ndarray:
 def _ordered_sum(per_sequence: jax.Array) -> np.ndarray:
     """Sum ``[B, ...]`` over sequences in float64, in index order (host side, deterministic)."""
     total = np.zeros(per_sequence.shape[1:], np.float64)
-    for part in np.asarray(per_sequence, np.float64):
+    for part in np.asarray(per_sequence):  # one sequence at a time in float64, not a float64 copy of the batch
         total += part
     return total
 
