@@ -43,7 +43,6 @@ from flax import nnx
 from jquant import ops
 from jquant.ops.mask import Full
 from jquant.calib.data import check_group_ids, num_samples
-from jquant.calib.sequential import Stage
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import Family
 from jquant.models.layers import Conv, Linear
