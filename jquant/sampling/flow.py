@@ -1,6 +1,7 @@
 """Rectified-flow / flow-matching Euler sampling (SD3, Flux) as pure functions with classifier-free guidance.
 
-The denoiser is any ``velocity(latents [B, H, W, C], timesteps [B], cond) -> [B, H, W, C]``: ``timesteps`` are
+The denoiser is any ``velocity(latents [B, ..., C], timesteps [B], cond) -> [B, ..., C]`` (images ``[B, H, W,
+C]``, video ``[B, F, H, W, C]``): ``timesteps`` are
 the sigmas in [0, 1] (1 = noise) and ``cond`` a pytree whose leaves all have the leading batch axis ``B``.
 Map sigma to a model's own convention inside it: diffusers' SD3 transformer takes ``1000 * sigma``, Flux's
 pipeline passes ``sigma`` (its transformer multiplies by 1000 itself). The velocity convention is SD3's:
@@ -65,7 +66,8 @@ def euler_flow_with_state(velocity: StatefulVelocity, x: jax.Array, sigmas: jax.
     _check_flow(sigmas, uncond, guidance)
     x = jnp.asarray(x, jnp.float32)
     sigmas = jnp.asarray(sigmas, jnp.float32)
-    both, g = _guidance_inputs(cond, uncond, guidance)
+    both = guidance_batch(cond, uncond)
+    g = None if guidance is None else jnp.asarray(guidance, jnp.float32)
 
     def body(carry, inputs):
         x, state = carry
@@ -85,19 +87,18 @@ def _check_flow(sigmas, uncond, guidance) -> None:
                          f"shape {np.shape(sigmas)}.")
 
 
-def _guidance_inputs(cond, uncond, guidance):
-    """``([cond; uncond], g)`` for classifier-free guidance, ``(None, None)`` without it."""
+def guidance_batch(cond: Any, uncond: Any) -> Any:
+    """``[cond; uncond]`` (leaves concatenated on the batch axis) for classifier-free guidance; None without it."""
     if uncond is None:
-        return None, None
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-    return both, jnp.asarray(guidance, jnp.float32)
+        return None
+    return jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
 
 
 def guided_velocity(velocity: StatefulVelocity, x: jax.Array, sigma: jax.Array, cond: Any, both: Any,
                     g: jax.Array | None, step: Any, state: Any) -> tuple[jax.Array, Any]:
-    """One (guided) velocity evaluation at noise level ``sigma`` (a scalar) of ``x [B, H, W, C]``: the batch
+    """One (guided) velocity evaluation at noise level ``sigma`` (a scalar) of ``x [B, ..., C]``: the batch
     ``[x; x]`` on ``both = [cond; uncond]`` mixed ``v_u + g (v_c - v_u)`` when ``g`` is given. Returns
-    ``(v [B, H, W, C] float32, state)``."""
+    ``(v [B, ..., C] float32, state)``."""
     b = x.shape[0]
     if g is None:
         v, state = velocity(x, jnp.full((b,), sigma, jnp.float32), cond, step, state)
@@ -107,12 +108,12 @@ def guided_velocity(velocity: StatefulVelocity, x: jax.Array, sigma: jax.Array, 
     expected = x.shape if g is None else (2 * b, *x.shape[1:])
     if v.shape != expected:
         raise ValueError(f"euler_flow: velocity returned shape {v.shape} for latents of shape {expected}; it "
-                         "must return the velocity of every latent element, [B, H, W, C].")
+                         "must return the velocity of every latent element, the latents' shape.")
     v = v.astype(jnp.float32)
     return (v if g is None else v[b:] + g * (v[:b] - v[b:])), state
 
 
-def _split(velocity):
+def split_module(velocity):
     """An nnx.Module is split so its weights are a jit argument, not constants baked into the program."""
     if isinstance(velocity, nnx.Module):
         return nnx.split(velocity)
@@ -140,9 +141,9 @@ def check_sample_inputs(velocity, cond, key, shape, steps, guidance, uncond) -> 
                         f"{type(velocity).__name__}.")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
         raise ValueError(f"sample: steps must be a positive integer (the number of Euler steps), got {steps!r}.")
-    if len(shape) != 4 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
-        raise ValueError(f"sample: shape must be the latents' [batch, height, width, channels] (four positive "
-                         f"integers), got {tuple(shape)}.")
+    if len(shape) not in (4, 5) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
+        raise ValueError(f"sample: shape must be the latents' [batch, height, width, channels] (images) or [batch, "
+                         f"frames, height, width, channels] (video), positive integers; got {tuple(shape)}.")
     if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()):
         raise TypeError("sample: key must be one typed PRNG key, e.g. jax.random.key(0), for the initial noise.")
     if guidance is None and uncond is not None:
@@ -164,10 +165,11 @@ def check_sample_inputs(velocity, cond, key, shape, steps, guidance, uncond) -> 
     _check_batch(cond, shape[0], "cond")
 
 
-def sample(velocity: Velocity, cond: Any, *, key: jax.Array, shape: tuple[int, int, int, int], steps: int,
+def sample(velocity: Velocity, cond: Any, *, key: jax.Array, shape: tuple[int, ...], steps: int,
            guidance: float | None = None, uncond: Any = None, shift: float = 1.0, mu: float | None = None,
            last: float | None = None, progress: bool = False) -> jax.Array:
-    """Generate latents ``[B, H, W, C]`` (float32) from noise ``normal(key, shape)`` in ``steps`` Euler steps.
+    """Generate latents of ``shape`` (float32; ``[B, H, W, C]`` images, ``[B, F, H, W, C]`` video) from noise
+    ``normal(key, shape)`` in ``steps`` Euler steps.
 
     ``cond`` (and ``uncond`` for classifier-free guidance with scale ``guidance``) are the velocity's
     conditioning pytrees; ``shift`` / ``mu`` / ``last`` choose the schedule (``flow_sigmas``: SD3 uses
@@ -180,7 +182,7 @@ def sample(velocity: Velocity, cond: Any, *, key: jax.Array, shape: tuple[int, i
     check_sample_inputs(velocity, cond, key, shape, steps, guidance, uncond)
     sigmas = flow_sigmas(steps, shift=shift, mu=mu, last=last).astype(np.float32)
     x = jax.random.normal(key, tuple(int(n) for n in shape), jnp.float32)
-    graphdef, state = _split(velocity)
+    graphdef, state = split_module(velocity)
     g = None if guidance is None else jnp.float32(guidance)
     if not progress:
         return _run(graphdef, state, x, sigmas, cond, uncond, g)

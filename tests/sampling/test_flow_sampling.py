@@ -24,9 +24,9 @@ def _rng():
 
 
 @pytest.mark.parametrize("steps,schedule", [(1, {}), (3, {"shift": 3.0}), (8, {"mu": 0.9}), (5, {"last": 0.05})])
-def test_point_mass_is_reached_exactly_on_any_schedule(steps, schedule):
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 3, 2, 5, 4)], ids=["image", "video"])
+def test_point_mass_is_reached_exactly_on_any_schedule(steps, schedule, shape):
     rng = _rng()
-    shape = (2, 5, 3, 4)
     target = jnp.asarray(rng.normal(size=shape), jnp.float32)
     key = jax.random.key(rng.integers(2**31))
     out = sample(_point_mass, target, key=key, shape=shape, steps=steps, **schedule)
@@ -116,7 +116,8 @@ def _never(x, t, c):
     ({"uncond": "same"}, "uncond was given without guidance"),
     ({"guidance": 2.0, "uncond": "short"}, "uncond leaves must have the shapes"),
     ({"shape": (2, 4, 4)}, r"\[batch, height, width, channels\]"),
-    ({"shape": (2, 4, 4, 3, 1)}, r"\[batch, height, width, channels\]"),
+    ({"shape": (2, 4, 4, 0)}, r"\[batch, height, width, channels\]"),
+    ({"shape": (2, 1, 4, 4, 3, 1)}, r"\[batch, frames, height, width, channels\]"),
     ({"shape": (3, 4, 4, 3)}, r"cond\['text'\] has shape \(2, 3\)"),
     ({"shift": 0.0}, "shift must be a finite number > 0"),
     ({"shift": 3.0, "mu": 1.0}, "not both"),
