@@ -314,6 +314,16 @@ def _evaluate(model, tokenizer, args, progress: bool) -> dict:
     return result
 
 
+def _agreement(model, reference, tokenizer, args, progress: bool) -> dict:
+    """KL divergence from ``reference``'s next-token distribution and top-1 agreement, on perplexity's windows."""
+    from jquant.data import load_split, token_windows
+    from jquant.eval import distribution_agreement
+
+    windows = token_windows(load_split(args.split), tokenizer, args.seq_len, max_windows=args.max_windows)
+    agreement = distribution_agreement(model, reference, windows, batch_size=args.batch_size, progress=progress)
+    return {"split": args.split, "kl": agreement.kl, "top1": agreement.top1, "positions": agreement.n_positions}
+
+
 def _metric_rows(result: dict, args) -> list[tuple[str, object]]:
     rows = [("parameters", f"{result['parameters'] / 1e6:.3f}M"), ("size (MB)", f"{result['parameter_bytes'] / 1e6:.2f}"),
             ("bits per parameter", f"{result['bits_per_parameter']:.2f}")]
@@ -382,6 +392,8 @@ def _cmd_quantize(args, console: Console) -> dict:
     if not args.no_eval:
         result["float"] = _evaluate(loaded.model, tokenizer, args, progress)
         result["quantized"] = _evaluate(qmodel, tokenizer, args, progress)
+        if "ppl" in _tasks(args):
+            result["agreement"] = _agreement(qmodel, loaded.model, tokenizer, args, progress)
     if not args.json:
         if args.no_eval:
             _print_table(console, f"quantize: {args.model} with {recipe.name}", [("time (s)", f"{report.seconds:.1f}")])
@@ -391,6 +403,9 @@ def _cmd_quantize(args, console: Console) -> dict:
                 table.add_column(col, justify="right" if col != "metric" else "left")
             for (name, fp), (_, q) in zip(_metric_rows(result["float"], args), _metric_rows(result["quantized"], args)):
                 table.add_row(name, str(fp), str(q))
+            if "agreement" in result:
+                table.add_row("KL to float (nats per token, same windows)", "0", f"{result['agreement']['kl']:.4f}")
+                table.add_row("top-1 agreement with float", "1", f"{result['agreement']['top1']:.3f}")
             table.add_row("quantization time (s)", "", f"{report.seconds:.1f}")
             console.print(table)
         if args.out:

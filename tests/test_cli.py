@@ -8,7 +8,7 @@ import pytest
 
 from jquant import cli
 from jquant.data import load_split, token_windows
-from jquant.eval import perplexity, zero_shot
+from jquant.eval import distribution_agreement, perplexity, zero_shot
 from jquant.generate import generate
 from jquant.models import DEFAULT_MODEL, load
 
@@ -77,6 +77,10 @@ def test_quantize_saves_a_model_that_eval_reloads(capsys, tmp_path, default):
     assert code == 0
     assert reloaded["perplexity"]["ppl"] == data["quantized"]["perplexity"]["ppl"]
     assert reloaded["perplexity"]["ppl"] != data["float"]["perplexity"]["ppl"]
+    windows = token_windows(load_split("validation"), default.tokenizer, 256, max_windows=2)
+    direct = distribution_agreement(load(out).model, default.model, windows)
+    assert data["agreement"]["kl"] == pytest.approx(direct.kl, rel=1e-5) and data["agreement"]["kl"] > 0
+    assert data["agreement"]["top1"] == pytest.approx(direct.top1) and data["agreement"]["positions"] == 2 * 255
 
 
 def test_quantize_with_a_recipe_file_and_a_bad_recipe(capsys, tmp_path):
