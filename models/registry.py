@@ -27,6 +27,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "sd3": "jquant.models.sd3",
     "flux": "jquant.models.flux",
     "vae": "jquant.models.vae",
+    "hunyuan_video_vae": "jquant.models.hunyuan_video_vae",
     "hunyuan_video": "jquant.models.hunyuan_video",
     "cogvideox_vae": "jquant.models.cogvideox_vae",
     "cogvideox": "jquant.models.cogvideox",
