@@ -545,6 +545,6 @@ FAMILY = Family(
         "jq-wan-tiny": WanConfig(num_attention_heads=4, attention_head_dim=32, in_channels=4, text_dim=192,
                                  freq_dim=64, ffn_dim=384, num_layers=4),
     },
-    keep_float=("patch_embedding", "condition_embedder/(time|text)_embedder/linear_[12]", "condition_embedder/time_proj",
-                "proj_out"),
+    keep_float=("patch_embedding", "condition_embedder/(time|text)_embedder/linear_[12]",
+                "condition_embedder/time_proj", "proj_out"),
 )
