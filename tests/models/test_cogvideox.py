@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from jquant.models import cogvideox
 from jquant.testing.diffusion_suite import DiffusersSpec, DiffusersSuite
@@ -85,8 +86,14 @@ def reference_forward(ref, inputs: dict, dtype: str) -> np.ndarray:
     return out.numpy().transpose(0, 1, 3, 4, 2)
 
 
+@nnx.jit
+def _jit_forward(model, latents, timesteps, text):
+    return model(latents, timesteps, text)
+
+
 def forward(model, inputs: dict):
-    return model(inputs["latents"], inputs["timesteps"], inputs["text"])
+    """jquant's forward, jitted (one compilation beats running the first call op by op)."""
+    return _jit_forward(model, inputs["latents"], inputs["timesteps"], inputs["text"])
 
 
 def reload_reference(case: str, folder):
@@ -118,7 +125,7 @@ def _calibration(cfg: cogvideox.CogVideoXConfig, n: int, seed: int) -> dict:
 
 
 def _output(model, batch: dict) -> np.ndarray:
-    return np.asarray(model(batch["latents"], batch["timesteps"], batch["text"]))
+    return np.asarray(forward(model, batch))
 
 
 def test_gptq_with_timestep_grouped_statistics_and_per_bucket_static_scales(tmp_path):
@@ -129,7 +136,7 @@ def test_gptq_with_timestep_grouped_statistics_and_per_bucket_static_scales(tmp_
     from jquant.recipes import Recipe, Rule
 
     model = cogvideox.init_model(TINY, jax.random.key(0))
-    calib, held_out = _calibration(TINY, 24, 1), _calibration(TINY, 8, 2)
+    calib, held_out = _calibration(TINY, 16, 1), _calibration(TINY, 8, 2)
     reference = _output(model, held_out)
 
     def error(q):
@@ -159,7 +166,8 @@ def test_blocks_taken_apart_equal_the_forward():
     x, c, context = model.embed(batch["latents"], batch["timesteps"], batch["text"])
     for block in model.blocks():
         x, c = block(x, c, *context)
-    np.testing.assert_array_equal(np.asarray(model.head(x, context[0], batch["latents"].shape)), _output(model, batch))
+    np.testing.assert_array_equal(np.asarray(model.head(x, context[0], batch["latents"].shape)),
+                                  np.asarray(model(batch["latents"], batch["timesteps"], batch["text"])))
     moved = model.embed(batch["latents"], batch["timesteps"], batch["text"], frame_positions=np.array([0., 2., 4.]))
     assert not np.allclose(np.asarray(moved[2][2][0]), np.asarray(context[2][0]))
 
