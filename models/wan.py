@@ -140,7 +140,9 @@ def rope_tables(cfg: WanConfig, frames: int, height: int, width: int,
                 frame_positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """``cos, sin [frames height width, d_h]`` float32 of the token grid (frame, row, column), row-major, in the
     "interleaved" layout (diffusers' ``WanRotaryPosEmbed`` output). ``frame_positions [frames]`` (default
-    ``arange(frames)``) are the frames' RoPE positions; rows and columns are ``arange``."""
+    ``arange(frames)``) are the frames' RoPE positions; rows and columns are ``arange``. The angles are float32
+    (``ops.rope_angles``) where diffusers rounds float64 angles' cos / sin: at position ``p`` the tables differ by
+    about ``p · 1e-7``."""
     f = jnp.arange(frames, dtype=jnp.float32) if frame_positions is None else jnp.asarray(frame_positions, jnp.float32)
     if f.shape != (frames,):
         raise ValueError(f"WanTransformer: frame_positions must be one position per latent frame after patching, "
