@@ -117,6 +117,51 @@ class TestCogVideoXFamily(DiffusersSuite):
                          float64_tolerance=1e-5, save_recipes=_recipes())
 
 
+def test_float64_parity_is_exact_but_for_the_float32_timestep_sinusoid(tmp_path, monkeypatch):
+    """2B style (no RoPE, whose float32 tables diffusers also applies in float32): with the sinusoid taken from
+    diffusers' own ``time_proj``, the float64 forward matches to 1e-10, sin-cos position table included."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        ref = build_reference("2b-sincos", tmp_path, 0).double()
+        model = cogvideox.from_diffusers(tmp_path, dtype="float64")
+        inputs = make_inputs(model.config, 3)
+        with torch.no_grad():
+            proj = ref.time_proj(torch.from_numpy(inputs["timesteps"]).double()).numpy()
+        monkeypatch.setattr(cogvideox, "timestep_sinusoid", lambda t, dim: jax.numpy.asarray(proj))
+        got = np.asarray(model(inputs["latents"], inputs["timesteps"], inputs["text"]))
+        expected = reference_forward(ref, inputs, "float64")
+        assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-10
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_attention_hook_sees_the_joint_layout():
+    """``attention(layer, q, k, v)`` replaces each block's attention on ``[text; video]`` as ``joint_layout`` says:
+    full attention through the hook reproduces the forward, and a hook changing the video rows changes it."""
+    from jquant import ops
+    from jquant.ops.mask import Full
+
+    model = cogvideox.init_model(TINY, jax.random.key(2))
+    batch = _calibration(TINY, 2, 4)
+    n_video, n_text, text_start = model.joint_layout(batch["latents"].shape, batch["text"].shape[1])
+    layers = []
+
+    def full(layer, q, k, v):
+        assert q.shape[1] == n_video + n_text and text_start == 0
+        layers.append(layer)
+        return ops.attention(q, k, v, Full())
+
+    def drop_video(layer, q, k, v):
+        return full(layer, q, k, v).at[:, n_text:].set(0.0)
+
+    plain = np.asarray(model(batch["latents"], batch["timesteps"], batch["text"]))
+    hooked = np.asarray(model(batch["latents"], batch["timesteps"], batch["text"], attention=full))
+    np.testing.assert_array_equal(hooked, plain)
+    assert layers == list(range(model.joint_attention_layers()))
+    assert not np.allclose(np.asarray(model(batch["latents"], batch["timesteps"], batch["text"],
+                                            attention=drop_video)), plain)
+
+
 def _calibration(cfg: cogvideox.CogVideoXConfig, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {"latents": rng.standard_normal((n, 3, 8, 8, cfg.in_channels)).astype(np.float32),
