@@ -32,6 +32,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "cogvideox_vae": "jquant.models.cogvideox_vae",
     "cogvideox": "jquant.models.cogvideox",
     "wan": "jquant.models.wan",
+    "wan_vae": "jquant.models.wan_vae",
 }
 
 
