@@ -139,7 +139,8 @@ def _linear(n_in: int, n_out: int, cfg: CogVideoXConfig, rngs: nnx.Rngs, bias: b
 # ---------------------------------------------------------------------------------------------------------------
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-    """diffusers' ``get_1d_sincos_pos_embed_from_grid``: ``[sin(p ω), cos(p ω)]``, ``ω_i = 10000^(-2i/dim)``, float64."""
+    """diffusers' ``get_1d_sincos_pos_embed_from_grid``: ``[sin(p ω), cos(p ω)]``, ``ω_i = 10000^(-2i/dim)``
+    (float64)."""
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     out = pos.astype(np.float64).reshape(-1)[:, None] * omega[None]
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
@@ -157,8 +158,8 @@ def sincos_3d(cfg: CogVideoXConfig, h: int, w: int, frame_positions: np.ndarray)
     spatial = np.concatenate([_sincos_1d(3 * d // 8, col_grid), _sincos_1d(3 * d // 8, row_grid)], axis=1)
     temporal = _sincos_1d(d // 4, frames)
     n = len(frames)
-    return np.concatenate([np.repeat(temporal[:, None], h * w, axis=1), np.broadcast_to(spatial, (n, h * w, 3 * d // 4))],
-                          axis=-1).reshape(n * h * w, d)
+    spatial = np.broadcast_to(spatial, (n, h * w, 3 * d // 4))
+    return np.concatenate([np.repeat(temporal[:, None], h * w, axis=1), spatial], axis=-1).reshape(n * h * w, d)
 
 
 def _crop_region(h: int, w: int, base_w: int, base_h: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -346,7 +347,8 @@ class CogVideoXTransformer(nnx.Module):
             raise ValueError(f"{name}: text has {text.shape[1]} tokens, but a sin-cos position model takes exactly "
                              f"max_text_seq_length={cfg.max_text_seq_length} (pad the prompt states to that length).")
         if tuple(jnp.shape(timesteps)) != (shape[0],):
-            raise ValueError(f"{name}: timesteps must be one per sample [{shape[0]}], got shape {jnp.shape(timesteps)}.")
+            raise ValueError(f"{name}: timesteps must be one per sample [{shape[0]}], got shape "
+                             f"{jnp.shape(timesteps)}.")
 
     def grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """The token grid ``(F / p_t, H / p, W / p)`` of latents ``[.., F, H, W, C]``."""

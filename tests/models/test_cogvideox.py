@@ -1,4 +1,5 @@
-"""CogVideoX's transformer against diffusers' CogVideoXTransformer3DModel (perturbed tiny configs), and its contracts."""
+"""CogVideoX's transformer against diffusers' CogVideoXTransformer3DModel (perturbed tiny configs) and its
+contracts."""
 
 from __future__ import annotations
 
