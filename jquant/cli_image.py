@@ -5,7 +5,9 @@
 - ``generate``: ``--prompt`` -> a PNG at ``--out`` (a grid of ``--num-images`` seeds from ``--seed``);
 - ``eval``: prompt accuracy of single-glyph prompts (the bundled judge, jq-emoji-classifier), next to the
   random-label baseline, FD-emoji against real scenes, PSNR/SSIM against ``--reference`` (default: the
-  bundled float pipeline) for the same prompts and seeds, and sampling time per image;
+  bundled float pipeline) for the same prompts and seeds, and sampling time per image; with ``--fid-weights`` FID
+  against real scenes of the image set's test split, with ``--lpips-weights`` LPIPS against the reference images
+  (local weights files: ``jquant.eval.fid`` / ``jquant.eval.lpips``);
 - ``quantize``: calibration along sampler trajectories of training captions, ``jquant.quantize`` of the
   transformer with the recipe, and the quantized pipeline saved to ``--out``.
 """
@@ -46,6 +48,39 @@ def add_image_generate_options(parser: argparse.ArgumentParser, positive_int) ->
     group.add_argument("--out", default=None, help="the PNG to write (required for text-to-image models)")
 
 
+def add_image_eval_options(group: argparse._ArgumentGroup) -> None:
+    """``eval``'s FID / LPIPS options for text-to-image models (local weights files; nothing is downloaded)."""
+    group.add_argument("--fid-weights", default=None, metavar="PATH",
+                       help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or .safetensors / .npz with its "
+                            "tensors): adds FID against real scenes of the image set's test split")
+    group.add_argument("--lpips-weights", nargs=2, default=None, metavar=("BACKBONE", "LINEAR"),
+                       help="torchvision's alexnet-owt-7be5be79.pth or vgg16-397923af.pth and the lpips package's "
+                            "weights/v0.1/alex.pth or vgg.pth: adds LPIPS against the reference images")
+
+
+def reference_metrics(images: np.ndarray, reference_images: np.ndarray | None, *, fid_net=None,
+                      lpips_net=None) -> dict:
+    """FID of ``images [N, H, W, 3]`` (in ``[-1, 1]``) against ``N`` real single-glyph scenes of the test split
+    (drawn at 64 px, brought to ``H`` by ``resize_to``; ``fid_net``: a ``jquant.eval.fid.load_inception``
+    network), and the mean LPIPS against ``reference_images`` (``lpips_net``: ``jquant.eval.lpips.load_lpips``;
+    images smaller than the network's smallest input are enlarged by pixel repetition first). Each only when its
+    network is given."""
+    from jquant.data.scenes import emoji_scenes
+    from jquant.eval.fid import fid
+    from jquant.eval.lpips import lpips
+    from jquant.models.lpips_net import MIN_SIZE
+
+    report = {}
+    if fid_net is not None:
+        real = emoji_scenes("test", len(images), 64, 0, vocabulary="reference-32", objects=(1,)).images
+        real = resize_to(real.astype(np.float32) / 127.5 - 1, images.shape[1])
+        report["fid"] = fid(images, real, weights=fid_net)
+    if lpips_net is not None and reference_images is not None:
+        side = images.shape[1] * math.ceil(MIN_SIZE[lpips_net.net] / images.shape[1])
+        report["lpips"] = float(np.mean(lpips(resize_to(images, side), resize_to(reference_images, side), lpips_net)))
+    return report
+
+
 def _guidance(value: float | None, default: float | None) -> float | None:
     if value is None:
         return default
@@ -71,7 +106,8 @@ def generate(args, console: Console) -> dict:
     from PIL import Image
 
     from jquant.models.loading import resolve
-    from jquant.text_to_image import image_grid, load_pipeline, to_uint8
+    from jquant.media import image_grid, to_uint8
+    from jquant.text_to_image import load_pipeline
 
     path = _check_png(args.out)
     if args.seed < 0:
@@ -123,10 +159,11 @@ def single_glyph_images(pipe, *, seeds: int, steps: int | None, guidance, batch:
 
 
 def evaluate_pipeline(pipe, reference, *, seeds: int, steps: int | None, guidance, batch: int = 64,
-                      reference_images: np.ndarray | None = None) -> dict:
+                      reference_images: np.ndarray | None = None, fid_net=None, lpips_net=None) -> dict:
     """``image_report`` of ``pipe`` on single-glyph prompts (``seeds`` per glyph), against ``reference``'s images for
     the same prompts and seeds (or the given ``reference_images``). Images are resized to the judge's resolution
-    for the judge's numbers (``resize_to``); PSNR / SSIM compare them at their own size."""
+    for the judge's numbers (``resize_to``); PSNR / SSIM compare them at their own size; FID / LPIPS as
+    ``reference_metrics`` when their networks are given."""
     from jquant.checkpoint import load as load_checkpoint
     from jquant.data.scenes import emoji_scenes
     from jquant.eval.generation import DATA_RANGE, image_report
@@ -146,6 +183,7 @@ def evaluate_pipeline(pipe, reference, *, seeds: int, steps: int | None, guidanc
                              "(the same prompts, seeds and image size).")
         report["psnr_db"] = float(psnr(images, reference_images, data_range=DATA_RANGE))
         report["ssim"] = float(ssim(images, reference_images, data_range=DATA_RANGE))
+    report.update(reference_metrics(images, reference_images, fid_net=fid_net, lpips_net=lpips_net))
     return {**report, "seconds_per_image": per_image, "steps": steps or pipe.defaults.steps, "guidance": guidance}
 
 
@@ -162,22 +200,29 @@ def resize_to(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def evaluate(args, console: Console) -> dict:
+    from jquant.eval.fid import load_inception
+    from jquant.eval.lpips import load_lpips
     from jquant.models.loading import resolve
     from jquant.text_to_image import load_pipeline
 
+    # the weights files are read (and checked) before any image is generated
+    fid_weights, lpips_weights = getattr(args, "fid_weights", None), getattr(args, "lpips_weights", None)
+    fid_net = None if fid_weights is None else load_inception(fid_weights)
+    lpips_net = None if lpips_weights is None else load_lpips(*lpips_weights)
     pipe = load_pipeline(resolve(args.model))
     reference_name = args.reference or REFERENCE_PIPELINE
     reference = None if Path(resolve(reference_name)) == Path(resolve(args.model)) else load_pipeline(
         resolve(reference_name))
     guidance = _guidance(args.guidance, pipe.defaults.guidance)
     result = {"model": args.model, "reference": None if reference is None else reference_name,
-              **evaluate_pipeline(pipe, reference, seeds=args.seeds_per_prompt, steps=args.steps, guidance=guidance)}
+              **evaluate_pipeline(pipe, reference, seeds=args.seeds_per_prompt, steps=args.steps, guidance=guidance,
+                                  fid_net=fid_net, lpips_net=lpips_net)}
     if not args.json:
         table = Table(title=f"eval: {args.model}")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for key in ("prompt_accuracy", "random_label_accuracy", "chance", "fd_emoji", "psnr_db", "ssim",
-                    "seconds_per_image"):
+        for key in ("prompt_accuracy", "random_label_accuracy", "chance", "fd_emoji", "psnr_db", "ssim", "fid",
+                    "lpips", "seconds_per_image"):
             if key in result:
                 table.add_row(key, f"{result[key]:.4g}")
         console.print(table)
