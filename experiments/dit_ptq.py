@@ -81,7 +81,8 @@ def run(args: argparse.Namespace, results: Results) -> None:
     from jquant.data.scenes import emoji_scenes
     from jquant.models.loading import resolve
     from jquant.quantization import quantize
-    from jquant.text_to_image import TextToImage, load_pipeline, to_uint8
+    from jquant.media import to_uint8
+    from jquant.text_to_image import TextToImage, load_pipeline
 
     import jquant.cli_image as cli_image
 
@@ -128,7 +129,7 @@ def _save_grids(out: Path, results: Results, grids: dict) -> None:
     the rows of every recipe that has one, in ``RECIPES`` order."""
     from PIL import Image
 
-    from jquant.text_to_image import image_grid
+    from jquant.media import image_grid
 
     folder = out / (results.path.stem + "_grids")
     folder.mkdir(exist_ok=True)

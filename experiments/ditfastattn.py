@@ -99,7 +99,8 @@ def run(args: argparse.Namespace, results: Results) -> None:
     from jquant.ditfastattn import compress_pipeline
     from jquant.ditfastattn.sampling import model_dims, model_layout
     from jquant.models.loading import resolve
-    from jquant.text_to_image import image_grid, load_pipeline, to_uint8
+    from jquant.media import image_grid, to_uint8
+    from jquant.text_to_image import load_pipeline
 
     base = load_pipeline(resolve(args.model))
     results.set_meta(platform=jax.devices()[0].platform, jax=jax.__version__, steps=base.defaults.steps,

@@ -162,7 +162,8 @@ def train_mmdit_stage(args) -> dict:
     from jquant.models import load, sd3
     from jquant.models.text_encoder import TextEncoder
     from jquant.sampling.training import flow_matching_loss
-    from jquant.text_to_image import SamplingDefaults, TextToImage, image_grid, save_pipeline, to_uint8
+    from jquant.media import image_grid, to_uint8
+    from jquant.text_to_image import SamplingDefaults, TextToImage, save_pipeline
 
     out = args.bundle / "jq-mmdit-tiny"
     check_output_folder(out, overwrite=args.overwrite, argument="--overwrite")
@@ -176,8 +177,8 @@ def train_mmdit_stage(args) -> dict:
     index, states, pooled = _text_states(encoder, captions, max_length)
     vindex, vstates, vpooled = _text_states(encoder, vcaptions, max_length)
     unc = encoder.unconditional(1, max_length)
-    data = im.TextToImageData(latents=latents, caption_index=index, states=states, pooled=pooled,
-                              uncond_states=np.asarray(unc.states[0]), uncond_pooled=np.asarray(unc.pooled[0]))
+    data = im.TextConditionedData(latents=latents, caption_index=index, cond={"states": states, "pooled": pooled},
+                                  uncond={"states": np.asarray(unc.states[0]), "pooled": np.asarray(unc.pooled[0])})
     print(f"latents {latents.shape} std {latents.std():.3f}, {len(states)} distinct captions, "
           f"prepared in {time.time() - t0:.0f} s")
     d = encoder.hidden_size

@@ -32,11 +32,12 @@ import numpy as np
 from flax import nnx
 
 from jquant.atomic import atomic_folder
-from jquant.sampling.flow import sample
+from jquant.sampling.flow import generation_key, sample
 
 PIPELINE_FILE = "pipeline.json"
 TEXT_ENCODER_FOLDER = "text_encoder"
 PIPELINE_VERSION = 1
+PIPELINE_KINDS = ("text-to-image", "text-to-video")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,6 +93,8 @@ class TextToImage:
     attention_plan: object | None = None
     attention_mode: str = "compute"
 
+    KIND = "text-to-image"
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """``(h, w, L)`` of one image's latents (``defaults.image_size``, else the VAE's ``sample_size``)."""
@@ -115,7 +118,7 @@ class TextToImage:
                          steps: int | None = None, guidance: float | None | str = "default",
                          progress: bool = False) -> jax.Array:
         """Latents ``[B, h, w, L]`` for ``prompts`` (one image each) from ``key`` (or ``seed``)."""
-        key = _key(seed, key)
+        key = generation_key(seed, key)
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance == "default" else guidance
         cond, uncond = self.encode(prompts)
@@ -148,7 +151,7 @@ class TextToImage:
         if guidance is not None:
             states, pooled = jnp.concatenate([states, u_states]), jnp.concatenate([pooled, u_pooled])
         b = len(prompts)
-        z = jax.random.normal(_key(seed, None), (b, *self.latent_shape), jnp.float32)
+        z = jax.random.normal(generation_key(seed, None), (b, *self.latent_shape), jnp.float32)
         sigmas = flow_sigmas(steps, shift=self.defaults.shift)
         velocity = nnx.jit(lambda t, x, s, c, p: t.flow_velocity(x, s, c, p))
         rows: dict[str, list] = {"latents": [], "sigmas": [], "text": [], "pooled": []}
@@ -169,37 +172,10 @@ def _decode(vae: nnx.Module, latents: jax.Array) -> jax.Array:
     return vae.decode_latents(latents)
 
 
-def _key(seed: int | None, key: jax.Array | None) -> jax.Array:
-    if (seed is None) == (key is None):
-        raise ValueError("give exactly one of seed= (an int) or key= (a jax PRNG key).")
-    if key is not None:
-        return key
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-    return jax.random.key(int(seed))
-
-
-def to_uint8(images: jax.Array) -> np.ndarray:
-    """Images in ``[-1, 1]`` -> uint8 ``[B, H, W, 3]``."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 1) -> np.ndarray:
-    """uint8 images ``[N, H, W, 3]`` -> one grid image (row-major, ``columns`` wide), each enlarged ``scale``
-    times (nearest neighbour); empty cells are white."""
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * h, columns * w, c), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
-
-
-def save_pipeline(pipe: TextToImage, path: str | Path, *, overwrite: bool = False, extra: dict | None = None,
+def save_pipeline(pipe, path: str | Path, *, overwrite: bool = False, extra: dict | None = None,
                   extra_files=None) -> Path:
-    """Write ``pipe`` as a pipeline folder (module docstring), atomically; ``extra`` entries go into pipeline.json and
+    """Write ``pipe`` (a ``TextToImage`` or a ``jquant.text_to_video.TextToVideo``) as a pipeline folder (module
+    docstring; ``pipeline.json`` records its ``kind``), atomically; ``extra`` entries go into pipeline.json and
     ``extra_files(folder)`` may add files before the folder is moved into place."""
     from jquant.checkpoint import save
     from jquant.models.registry import family_of
@@ -207,8 +183,8 @@ def save_pipeline(pipe: TextToImage, path: str | Path, *, overwrite: bool = Fals
     from jquant.models.loading import bundled_model
 
     bundled = bundled_model(pipe.text_encoder_name)
-    manifest = {"format_version": PIPELINE_VERSION, "text_encoder": pipe.text_encoder_name if bundled else
-                TEXT_ENCODER_FOLDER, "defaults": dataclasses.asdict(pipe.defaults), **(extra or {})}
+    manifest = {"format_version": PIPELINE_VERSION, "kind": pipe.KIND, "text_encoder": pipe.text_encoder_name if bundled
+                else TEXT_ENCODER_FOLDER, "defaults": dataclasses.asdict(pipe.defaults), **(extra or {})}
     with atomic_folder(path, overwrite=overwrite) as tmp:
         if not bundled:  # an encoder that is not a bundled model travels with the pipeline
             lm, tokenizer = pipe.text_encoder.model, pipe.text_encoder.tokenizer
@@ -220,7 +196,7 @@ def save_pipeline(pipe: TextToImage, path: str | Path, *, overwrite: bool = Fals
             else:
                 save(part, tmp / name)
         (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if pipe.attention_plan is not None:
+        if getattr(pipe, "attention_plan", None) is not None:
             pipe.attention_plan.save(tmp)
         if extra_files is not None:
             extra_files(tmp)
@@ -232,9 +208,10 @@ def is_pipeline(path: str | Path) -> bool:
     return (Path(path) / PIPELINE_FILE).is_file()
 
 
-def load_pipeline(path: str | Path, *, dtype: str = "float32") -> TextToImage:
+def load_pipeline(path: str | Path, *, dtype: str = "float32"):
     """Read a pipeline folder written by ``save_pipeline`` (its transformer and VAE float or quantized, and its
-    attention plan if it has one)."""
+    attention plan if it has one): a ``TextToImage``, or a ``TextToVideo`` where ``pipeline.json``'s ``kind`` is
+    ``"text-to-video"``."""
     from jquant.ditfastattn.plan import AttentionPlan
     from jquant.models.loading import load
     from jquant.models.text_encoder import TextEncoder
@@ -247,10 +224,17 @@ def load_pipeline(path: str | Path, *, dtype: str = "float32") -> TextToImage:
     if manifest.get("format_version") != PIPELINE_VERSION:
         raise ValueError(f"{folder / PIPELINE_FILE}: format_version {manifest.get('format_version')!r} is not "
                          f"{PIPELINE_VERSION}; re-export the pipeline with this version of jquant.")
+    kind = manifest.get("kind", TextToImage.KIND)
+    if kind not in PIPELINE_KINDS:
+        raise ValueError(f"{folder / PIPELINE_FILE}: unknown pipeline kind {kind!r}; this jquant reads "
+                         f"{', '.join(PIPELINE_KINDS)}.")
     name = manifest["text_encoder"]
     encoder_path = folder / name if (folder / name).is_dir() else name
-    return TextToImage(text_encoder=TextEncoder.load(encoder_path),
-                       transformer=load(folder / "transformer", dtype=dtype).model,
-                       vae=load(folder / "vae", dtype=dtype).model,
-                       defaults=SamplingDefaults(**manifest["defaults"]), text_encoder_name=name,
-                       attention_plan=AttentionPlan.load(folder))
+    parts = dict(text_encoder=TextEncoder.load(encoder_path), transformer=load(folder / "transformer", dtype=dtype).model,
+                 vae=load(folder / "vae", dtype=dtype).model, text_encoder_name=name)
+    if kind == "text-to-video":
+        from jquant.text_to_video import TextToVideo, VideoSamplingDefaults
+
+        return TextToVideo(defaults=VideoSamplingDefaults(**manifest["defaults"]), **parts)
+    return TextToImage(defaults=SamplingDefaults(**manifest["defaults"]), attention_plan=AttentionPlan.load(folder),
+                       **parts)

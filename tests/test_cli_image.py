@@ -123,7 +123,7 @@ def test_fastattn_writes_a_pipeline_whose_plan_generate_runs(pipeline_folder, tm
     cond, uncond = pipe.encode(["grapes"])
     latents = sample_with_plan(pipe.transformer, cond, plan=plan, key=jax.random.key(1), shape=(1, 8, 8, 4), steps=3,
                                guidance=2.0, uncond=uncond)
-    from jquant.text_to_image import to_uint8
+    from jquant.media import to_uint8
     expected = to_uint8(np.clip(np.asarray(pipe.vae.decode_latents(latents)), -1, 1))[0]
     np.testing.assert_allclose(np.asarray(Image.open(png)).astype(int), expected.astype(int), atol=1)
     assert main(["generate", "--model", str(out), "--prompt", "grapes", "--steps", "4", "--out",

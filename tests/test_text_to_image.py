@@ -9,7 +9,8 @@ import pytest
 from jquant.data import load_tokenizer
 from jquant.models import llama, sd3, vae
 from jquant.models.text_encoder import TextEncoder
-from jquant.text_to_image import SamplingDefaults, TextToImage, image_grid, load_pipeline, save_pipeline, to_uint8
+from jquant.media import image_grid, to_uint8
+from jquant.text_to_image import SamplingDefaults, TextToImage, load_pipeline, save_pipeline
 
 HIDDEN = 16
 

@@ -134,6 +134,17 @@ def _check_batch(tree: Any, batch: int, name: str) -> None:
                              f"{name}{jax.tree_util.keystr(path)} has shape {shape}.")
 
 
+def generation_key(seed: int | None, key: jax.Array | None) -> jax.Array:
+    """The PRNG key of a generation: ``key`` itself, or ``jax.random.key(seed)``; exactly one must be given."""
+    if (seed is None) == (key is None):
+        raise ValueError("give exactly one of seed= (an int) or key= (a jax PRNG key).")
+    if key is not None:
+        return key
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+    return jax.random.key(int(seed))
+
+
 def check_sample_inputs(velocity, cond, key, shape, steps, guidance, uncond) -> None:
     """The checks of ``sample``'s arguments (clear errors naming the argument)."""
     if not callable(velocity):

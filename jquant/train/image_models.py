@@ -11,8 +11,8 @@ uninterrupted one would.
   ``z ~ q(z|x)`` (the reconstruction terms of the SD VAE without its perceptual and adversarial ones,
   which need pretrained networks); ``with_latent_scaling`` then sets ``shift_factor`` and
   ``scaling_factor`` to the mean and ``1 / std`` of the training latents, as SD3 / Flux do.
-- ``train_text_to_image``: rectified-flow matching (``jquant.sampling.flow_matching_loss``) of a
-  transformer on VAE latents conditioned on ``jquant.models.text_encoder`` states, the text dropped
+- ``train_text_to_image``: rectified-flow matching (``jquant.sampling.flow_matching_loss``) of an image or
+  video transformer on VAE latents conditioned on ``jquant.models.text_encoder`` outputs, the text dropped
   to the unconditional encoding with probability ``p_uncond`` (classifier-free guidance training).
 """
 
@@ -108,11 +108,14 @@ def vae_loss(model: nnx.Module, images: jax.Array, key: jax.Array, kl_weight: fl
 
 
 def reconstruction_psnr(model: nnx.Module, images: np.ndarray, batch_size: int = 128) -> float:
-    """PSNR (dB, data range 2) of ``decode(mode(encode(x)))`` against ``x``, over ``images`` in ``[-1, 1]``."""
+    """PSNR (dB, data range 2) of ``decode(mode(encode(x)))`` against ``x``, over ``images [N, H, W, C]`` (or clips
+    ``[N, F, H, W, C]``, each frame an image) in ``[-1, 1]``: the mean of the per-image PSNRs."""
     from jquant.eval.image import psnr
 
     recon = _batched(lambda x: _forward(model, x), images, batch_size)
-    return float(psnr(jnp.asarray(np.clip(recon, -1, 1)), jnp.asarray(images), data_range=2.0))
+    frames = (-1, *images.shape[-3:])
+    return float(psnr(jnp.asarray(np.clip(recon, -1, 1).reshape(frames)), jnp.asarray(images.reshape(frames)),
+                      data_range=2.0))
 
 
 def train_vae(model: nnx.Module, images: np.ndarray, val_images: np.ndarray, cfg: LoopConfig, workdir: str | Path,
@@ -128,12 +131,15 @@ def train_vae(model: nnx.Module, images: np.ndarray, val_images: np.ndarray, cfg
 
 
 def with_latent_scaling(model: nnx.Module, images: np.ndarray, batch_size: int = 256) -> nnx.Module:
-    """A copy of the VAE whose config has ``shift_factor = mean(z)`` and ``scaling_factor = 1 / std(z)`` over the
-    posterior means of ``images`` (SD3 / Flux's convention: diffusion latents of unit variance)."""
+    """A copy of the VAE whose config has ``scaling_factor = 1 / std(z)`` over the posterior means of ``images`` (or
+    clips) and, where the config has one, ``shift_factor = mean(z)`` (SD3 / Flux's convention: diffusion latents of
+    unit variance; HunyuanVideo's VAE scales without a shift)."""
     z = _batched(lambda x: _posterior_mean(model, x), images, batch_size).astype(np.float64)
-    shift, scale = float(z.mean()), float(1.0 / z.std())
+    changes = {"scaling_factor": float(1.0 / z.std())}
+    if hasattr(model.config, "shift_factor"):
+        changes["shift_factor"] = float(z.mean())
     scaled = nnx.clone(model)
-    scaled.config = dataclasses.replace(model.config, shift_factor=shift, scaling_factor=scale)
+    scaled.config = dataclasses.replace(model.config, **changes)
     return scaled
 
 
@@ -142,24 +148,33 @@ def with_latent_scaling(model: nnx.Module, images: np.ndarray, batch_size: int =
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class TextToImageData:
-    """Training arrays: ``latents [N, h, w, L]`` (scaled), caption indices ``[N]`` into ``states [U, S, D]`` /
-    ``pooled [U, P]`` (one encoding per distinct caption), and the unconditional encoding ``uncond_states
-    [S, D]`` / ``uncond_pooled [P]``."""
+class TextConditionedData:
+    """Training arrays of a text-conditioned diffusion model: ``latents [N, ...]`` (scaled; ``[N, h, w, L]`` images,
+    ``[N, f, h, w, L]`` clips), caption indices ``[N]`` into ``cond`` (name -> ``[U, ...]``, one encoding per distinct
+    caption, e.g. ``states [U, S, D]``, ``mask [U, S]``, ``pooled [U, P]``) and the unconditional encoding ``uncond``
+    (the same names, without the caption axis). The velocity receives the conditioning in ``cond``'s order."""
 
     latents: np.ndarray
     caption_index: np.ndarray
-    states: np.ndarray
-    pooled: np.ndarray
-    uncond_states: np.ndarray
-    uncond_pooled: np.ndarray
+    cond: dict[str, np.ndarray]
+    uncond: dict[str, np.ndarray]
+
+    def __post_init__(self):
+        if list(self.cond) != list(self.uncond):
+            raise ValueError(f"TextConditionedData: cond {list(self.cond)} and uncond {list(self.uncond)} must name the "
+                             "same arrays in the same order.")
+        for name, values in self.cond.items():
+            if values.shape[1:] != self.uncond[name].shape:
+                raise ValueError(f"TextConditionedData: cond[{name!r}] rows {values.shape[1:]} differ from "
+                                 f"uncond[{name!r}] {self.uncond[name].shape}.")
 
 
-def train_text_to_image(model: nnx.Module, data: TextToImageData, velocity: Callable[..., jax.Array],
+def train_text_to_image(model: nnx.Module, data: TextConditionedData, velocity: Callable[..., jax.Array],
                         cfg: LoopConfig, workdir: str | Path, *, batch_size: int = 64, p_uncond: float = 0.1,
-                        validation: Callable[[nnx.Module], float], progress: bool = True) -> TrainResult:
-    """Flow-matching training (module docstring). ``velocity(model, latents, sigmas, states, pooled)`` is the
-    model's velocity prediction (the adapter of ``jquant.text_to_image``)."""
+                        validation: Callable[[nnx.Module], float], progress: bool = True,
+                        description: str = "text-to-image") -> TrainResult:
+    """Flow-matching training (module docstring) of an image or video transformer. ``velocity(model, latents, sigmas,
+    *cond)`` is the model's velocity prediction with the conditioning arrays in ``data.cond``'s order."""
     from jquant.sampling.training import flow_matching_loss
 
     n = len(data.latents)
@@ -168,14 +183,14 @@ def train_text_to_image(model: nnx.Module, data: TextToImageData, velocity: Call
         rows = batch_rows(n, batch_size, cfg.seed, step)
         drop = np.random.default_rng([cfg.seed, step, 2]).random(batch_size) < p_uncond
         idx = data.caption_index[rows]
-        states = np.where(drop[:, None, None], data.uncond_states[None], data.states[idx])
-        pooled = np.where(drop[:, None], data.uncond_pooled[None], data.pooled[idx])
-        return {"latents": jnp.asarray(data.latents[rows]), "states": jnp.asarray(states),
-                "pooled": jnp.asarray(pooled)}
+        cond = []
+        for name, values in data.cond.items():
+            dropped = drop.reshape((batch_size,) + (1,) * (values.ndim - 1))
+            cond.append(jnp.asarray(np.where(dropped, data.uncond[name][None], values[idx])))
+        return {"latents": jnp.asarray(data.latents[rows]), "cond": tuple(cond)}
 
     def loss(m, batch, key):
-        cond = (batch["states"], batch["pooled"])
-        return flow_matching_loss(lambda x, s, c: velocity(m, x, s, *c), batch["latents"], cond, key)
+        return flow_matching_loss(lambda x, s, c: velocity(m, x, s, *c), batch["latents"], batch["cond"], key)
 
     return fit(model, cfg, workdir, loss=loss, sample_batch=sample_batch, validation=validation, progress=progress,
-               description="text-to-image")
+               description=description)

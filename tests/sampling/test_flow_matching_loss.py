@@ -32,8 +32,11 @@ def test_loss_regresses_noise_minus_data_along_the_straight_path(kind):
     noise = (seen["x_t"] - (1 - t) * x0_64) / t  # x_t = (1 - t) x0 + t noise, solved for the noise
     keep = seen["t"] > 0.05  # dividing by a tiny t loses the float32 digits of x_t
     assert abs(noise[keep].mean()) < 0.05 and abs(noise[keep].std() - 1) < 0.05
-    expected = np.mean((np.tanh(seen["x_t"]) * 0.7 - (noise - x0_64)) ** 2)
-    assert loss == pytest.approx(expected, rel=1e-3)
+    row_mse = np.mean((np.tanh(seen["x_t"]) * 0.7 - (noise - x0_64)) ** 2, axis=(1, 2, 3))
+    # x_t is float32: the noise solved from it is off by up to ~4 eps |x_t| / t per element (large where t is tiny)
+    bound = 4 * np.finfo(np.float32).eps * (np.abs(seen["x_t"]).max(axis=(1, 2, 3)) + 1) / seen["t"]
+    slack = np.mean(2 * np.sqrt(row_mse) * bound + bound**2)
+    assert abs(loss - row_mse.mean()) <= 1e-3 * row_mse.mean() + slack
 
     # the exact velocity of a point mass at x0 has zero loss
     assert float(flow_matching_loss(lambda x_t, t, c: (x_t - c) / t[:, None, None, None], x0, x0, key,
