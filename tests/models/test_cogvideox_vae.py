@@ -147,45 +147,27 @@ def test_frame_batches_follow_diffusers_split():
             assert frame_batches(frames, batch) == expected, (frames, batch)
 
 
-def test_single_frame_and_free_latents_match_diffusers(cog_reference):
-    """An image (one frame: no temporal resampling, no split first frame) and latents unrelated to any video,
-    each output on its own scale."""
-    import torch
-
-    ref, folder = cog_reference
-    model = cv.from_diffusers(folder)
-    image = make_inputs(model.config, 11, frames=1)["videos"]
-    latents = np.random.default_rng(12).standard_normal((2, 5, 2, 4, model.config.latent_channels))
-    latents = latents.astype(np.float32)
-    with torch.no_grad():
-        posterior = ref.encode(_torch(image, torch.float32)).latent_dist
-        decoded_image = ref.decode(posterior.mode()).sample
-        decoded = ref.decode(_torch(latents, torch.float32)).sample
-    mean, logvar, got_image = _outputs(model, jnp.asarray(image))
-    assert mean.shape == (1, 1, 2, 4, 4)
-    assert relative_error(mean, _numpy(posterior.mean)) < 1e-5
-    assert relative_error(logvar, _numpy(posterior.logvar)) < 1e-5
-    assert relative_error(got_image, _numpy(decoded_image)) < 1e-5
-    got = nnx.jit(lambda m, z: m.decode(z))(model, jnp.asarray(latents))
-    assert got.shape == (2, 17, 16, 32, 3)
-    assert relative_error(got, _numpy(decoded)) < 1e-5
-
-
-def test_latent_scaling_follows_the_cogvideox_pipelines(cog_reference):
-    """``latents = z * scaling_factor`` (video-to-video / training) and ``decode(latents / scaling_factor)``."""
+def test_single_frame_free_latents_and_latent_scaling_match_diffusers(cog_reference):
+    """An image (one frame: no temporal resampling, no split first frame) and single-frame latents unrelated to
+    any image, through the CogVideoX pipelines' scaling: ``latents = z * scaling_factor`` and videos
+    ``decode(latents / scaling_factor)``."""
     import torch
 
     ref, folder = cog_reference
     model = cv.from_diffusers(folder)
     scale = ref.config.scaling_factor
     assert model.config.scaling_factor == scale
-    videos = make_inputs(model.config, 13, frames=9)["videos"]
-    latents = np.random.default_rng(14).standard_normal((1, 3, 2, 4, model.config.latent_channels))
+    image = make_inputs(model.config, 11, frames=1)["videos"]
+    z = np.random.default_rng(12).standard_normal((2, 1, 2, 4, model.config.latent_channels)).astype(np.float32)
     with torch.no_grad():
-        mode = ref.encode(_torch(videos, torch.float32)).latent_dist.mode()
-        decoded = ref.decode(_torch(latents, torch.float32) / scale).sample
-    assert relative_error(nnx.jit(lambda m, x: m.latents(x))(model, jnp.asarray(videos)), _numpy(mode * scale)) < 1e-5
-    got = nnx.jit(lambda m, z: m.decode_latents(z))(model, jnp.asarray(latents, jnp.float32))
+        posterior = ref.encode(_torch(image, torch.float32)).latent_dist
+        decoded = ref.decode(_torch(z, torch.float32)).sample
+    run = nnx.jit(lambda m, x, latents: (*m.encode(x), m.latents(x), m.decode_latents(latents)))
+    mean, logvar, latents, got = run(model, jnp.asarray(image), jnp.asarray(z * scale))
+    assert mean.shape == (1, 1, 2, 4, 4) and got.shape == (2, 1, 16, 32, 3)
+    assert relative_error(mean, _numpy(posterior.mean)) < 1e-5
+    assert relative_error(logvar, _numpy(posterior.logvar)) < 1e-5
+    assert relative_error(latents, _numpy(posterior.mode() * scale)) < 1e-5
     assert relative_error(got, _numpy(decoded)) < 1e-5
 
 
@@ -199,39 +181,43 @@ def _perturbed_tiny(seed: int) -> cv.AutoencoderKLCogVideoX:
     return model
 
 
-@nnx.jit(static_argnames=("video_chunk", "latent_chunk"))
-def _chunked_and_one_shot(model: cv.AutoencoderKLCogVideoX, videos: jax.Array, *, video_chunk: int,
-                          latent_chunk: int):
-    one_shot = model.encode(videos).mean
-    chunked = model.encode(videos, chunk_frames=video_chunk).mean
-    # The second chunk fed a zeroed cache instead of the first chunk's: the cache must matter.
-    first, cache = model.encode_chunk(videos[:, :1 + video_chunk])
-    no_past, _ = model.encode_chunk(videos[:, 1 + video_chunk:1 + 2 * video_chunk],
-                                    jax.tree.map(jnp.zeros_like, cache))
-    return (one_shot, chunked, no_past.mean, model.decode(one_shot), model.decode(chunked, chunk_frames=latent_chunk))
+@nnx.jit
+def _chunked(model: cv.AutoencoderKLCogVideoX, videos: jax.Array, latents: jax.Array):
+    """Encode in chunks of 8 frames, decode in chunks of 2 latent frames (after the first frame / latent frame)."""
+    return model.encode(videos, chunk_frames=8).mean, model.decode(latents, chunk_frames=2)
+
+
+_encode_chunk = nnx.jit(lambda m, x, cache: m.encode_chunk(x, cache))
 
 
 def test_chunked_encode_and_decode_equal_one_shot():
-    """A 33-frame clip encoded 1 + 8, 8, 8, 8 frames at a time and decoded 1 + 2, 2, 2, 2 latent frames at a time,
-    the causal convs' past passed along as the cache: the same latents and frames as one shot. A zeroed cache
-    changes the second chunk, so the cache carries the past."""
+    """A 17-frame clip encoded 1 + 8, 8 frames at a time and decoded 1 + 2, 2 latent frames at a time, the causal
+    convs' past passed along as the cache: one shot's latents and frames. A zeroed cache changes the second
+    chunk, so the cache carries the past."""
     model = _perturbed_tiny(0)
-    videos = jnp.asarray(make_inputs(TINY, 3, frames=33)["videos"])
-    one_shot, chunked, no_past, decoded, decoded_chunked = _chunked_and_one_shot(model, videos, video_chunk=8,
-                                                                                 latent_chunk=2)
-    assert one_shot.shape == (1, 9, 2, 4, 4) and decoded.shape == videos.shape
-    assert relative_error(chunked, one_shot) < 1e-5
-    assert relative_error(decoded_chunked, decoded) < 1e-5
-    assert relative_error(no_past, one_shot[:, 3:5]) > 1e-2
+    videos = jnp.asarray(make_inputs(TINY, 3)["videos"])
+    mean, _, decoded = _outputs(model, videos)
+    assert mean.shape == (1, 5, 2, 4, 4) and decoded.shape == videos.shape
+    chunked_mean, chunked_decoded = _chunked(model, videos, mean)
+    assert relative_error(chunked_mean, mean) < 1e-5
+    assert relative_error(chunked_decoded, decoded) < 1e-5
+    first, cache = _encode_chunk(model, videos[:, :9], None)
+    second, _ = _encode_chunk(model, videos[:, 9:], cache)
+    no_past, _ = _encode_chunk(model, videos[:, 9:], jax.tree.map(jnp.zeros_like, cache))
+    assert relative_error(jnp.concatenate([first.mean, second.mean], axis=1), mean) < 1e-5
+    assert relative_error(no_past.mean, mean[:, 3:]) > 1e-2
 
 
-def test_chunks_of_several_batches_and_a_short_last_chunk():
-    """``chunk_frames=16`` on 33 frames (1 + 16, 16) and on 25 frames (1 + 16, 8): still one shot's latents."""
-    model = _perturbed_tiny(1)
-    videos = jnp.asarray(make_inputs(TINY, 4, frames=25)["videos"])
-    encode = nnx.jit(lambda m, x: (m.encode(x).mean, m.encode(x, chunk_frames=16).mean))
-    one_shot, chunked = encode(model, videos)
-    assert relative_error(chunked, one_shot) < 1e-5
+def test_encode_and_decode_chunk_frames_loop_over_chunks():
+    """``encode(chunk_frames=)`` / ``decode(chunk_frames=)`` split as documented (checked on the abstract model's
+    shapes, no compute): 1 + 8 m frames -> 1 + 2 m latent frames -> 1 + 8 m frames, whatever the chunk size."""
+    model = cv.abstract_model(TINY)
+    for chunk in (8, 24):
+        posterior = nnx.eval_shape(lambda m: m.encode(jnp.zeros((1, 33, 8, 16, 3)), chunk_frames=chunk), model)
+        assert posterior.mean.shape == (1, 9, 2, 4, 4), chunk
+    for chunk in (2, 6):
+        videos = nnx.eval_shape(lambda m: m.decode(jnp.zeros((1, 9, 2, 4, 4)), chunk_frames=chunk), model)
+        assert videos.shape == (1, 33, 8, 16, 3), chunk
 
 
 def test_every_diffusers_conv_is_a_site(cog_reference):
@@ -247,11 +233,10 @@ def test_bfloat16_compute_stays_near_float32():
     """bf16 activations (norms in float32) on float32 weights: within bf16's few-percent error."""
     model = _perturbed_tiny(2)
     low = nnx.merge(nnx.graphdef(cv.abstract_model(TINY.replace(dtype="bfloat16"))), nnx.state(model))
-    videos = jnp.asarray(make_inputs(TINY, 5, frames=9)["videos"])
-    run = nnx.jit(lambda m, x: m(x))
-    got = run(low, videos)
+    videos = jnp.asarray(make_inputs(TINY, 5)["videos"])
+    got, expected = _outputs(low, videos)[2], _outputs(model, videos)[2]
     assert got.dtype == jnp.bfloat16
-    assert relative_error(got.astype(jnp.float32), run(model, videos)) < 5e-2
+    assert relative_error(got.astype(jnp.float32), expected) < 5e-2
 
 
 # ----------------------------------------------------------------------------
@@ -278,15 +263,14 @@ def test_rtn_and_gptq_stay_close_to_float():
     on the videos (encoder) and the posterior means (decoder), lands closer to float than rounding on held-out
     clips."""
     model = _perturbed_tiny(3)
-    calib, held_out = {"videos": _smooth_videos(4, 9, 1)}, jnp.asarray(_smooth_videos(2, 9, 2))
-    run = nnx.jit(lambda m, x: m(x))
-    expected = run(model, held_out)
+    calib, held_out = {"videos": _smooth_videos(4, 9, 1)}, jnp.asarray(_smooth_videos(1, 17, 2))
+    expected = _outputs(model, held_out)[2]
     errors = {}
     for recipe in ("rtn-w8", "gptq-w8"):
         qmodel = quantize(model, recipe, calib, batch_size=2, progress=False)
         quantized = {path for path, _ in qmodel.quantization.sites}
         assert quantized == {s.path for s in find_sites(model)} - set(cv.FAMILY.keep_float), recipe
-        errors[recipe] = _rms_error(run(qmodel, held_out), expected)
+        errors[recipe] = _rms_error(_outputs(qmodel, held_out)[2], expected)
     assert errors["rtn-w8"] < 0.06, errors
     assert errors["gptq-w8"] < errors["rtn-w8"], errors
 
