@@ -162,7 +162,8 @@ def _forward_differences(flow: jax.Array) -> jax.Array:
 
 
 def _negative_divergence(p: jax.Array) -> jax.Array:
-    """``-div p`` with backward differences (``p [N, H, W, comp, axis]``): ``d = -p_y - p_x + p_y(y - 1) + p_x(x - 1)``."""
+    """``-div p`` with backward differences (``p [N, H, W, comp, axis]``):
+    ``d = -p_y - p_x + p_y(y - 1) + p_x(x - 1)``."""
     d = -(p[..., 0] + p[..., 1])
     d = d.at[:, 1:].add(p[:, :-1, :, :, 0])
     return d.at[:, :, 1:].add(p[:, :, :-1, :, 1])

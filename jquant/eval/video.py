@@ -101,7 +101,6 @@ def temporal_error(videos: jax.Array, *, data_range: float, flow_videos: jax.Arr
         videos, flow_videos = _check_pair(videos, flow_videos, "temporal_error", "flow_videos")
     flows = transition_flows(flow_videos, data_range=data_range, **tvl1)
     x = videos.astype(jnp.promote_types(videos.dtype, jnp.float32))
-    b, f = x.shape[:2]
     warped = warp(_frames(x[:, :-1]), flows.reshape((-1,) + flows.shape[2:])).reshape(x[:, 1:].shape)
     return jnp.mean(jnp.abs(x[:, 1:] - warped), axis=(2, 3, 4)) / data_range
 

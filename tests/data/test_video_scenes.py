@@ -3,6 +3,7 @@ captions, the contact-sheet CLI."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 
 from jquant.data import video_scenes as vs
 from jquant.data.emoji import load_glyphs
+from jquant.data.motion import DIRECTION_WORDS, DIRECTIONS, SPEEDS
 from jquant.data.scenes import SPLITS, background_image, unit_split, vocabulary_ids
-from jquant.data.video_scenes import DIRECTIONS, DIRECTION_WORDS, SPEEDS, make_clip, video_scenes
+from jquant.data.video_scenes import make_clip, video_scenes
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,8 @@ def glyphs():
 def clips(glyphs):
     """A mix of resolutions, lengths and splits over the full vocabulary (held-out emoji included)."""
     seed = int(np.random.default_rng().integers(1 << 20))
-    return [video_scenes("train", 16, 32, seed, glyphs=glyphs), video_scenes("test", 8, 64, seed, frames=9, glyphs=glyphs),
+    return [video_scenes("train", 16, 32, seed, glyphs=glyphs),
+            video_scenes("test", 8, 64, seed, frames=9, glyphs=glyphs),
             video_scenes("validation", 8, 32, seed, frames=33, glyphs=glyphs)]
 
 
@@ -56,7 +59,7 @@ def test_frame_counts_and_segments(clips):
         assert truth.positions.shape == (frames, 2, 2) and truth.motion.shape == truth.cuts.shape == (frames,)
         bounds = [(s.start, s.end) for s in truth.segments]
         assert bounds[0][0] == 0 and bounds[-1][1] == frames - 1
-        assert all(end == start for (_, end), (start, _) in zip(bounds, bounds[1:]))
+        assert all(end == start for (_, end), (start, _) in itertools.pairwise(bounds))
         for s in truth.segments:
             assert s.start % 4 == 0 and s.end - s.start in ((4,) if s.kind == "fast" else (4, 8))
     for frames in (5, 9, 33):
@@ -93,7 +96,8 @@ def test_ground_truth_matches_the_pixels(clips, glyphs):
                 assert not truth.changed[inner].any() and truth.motion[s.start + 1] == 0
                 assert truth.changed[s.start + 1] == (s.kind != "still")
             if s.kind in ("appear", "disappear"):
-                assert truth.visible[s.start + 1, s.subject] == (s.kind == "appear") != truth.visible[s.start, s.subject]
+                before, after = truth.visible[s.start : s.start + 2, s.subject]
+                assert after == (s.kind == "appear") and before != after
             assert truth.cuts[s.start + 1] == (s.kind == "cut") and not truth.cuts[inner].any()
             if s.cut == "background":
                 t = s.start + 1
@@ -177,7 +181,8 @@ def test_motions_restrict_the_script(glyphs):
 
 
 def test_bad_input_names_the_argument():
-    for kwargs, match in [({"resolution": 48}, "resolution"), ({"split": "dev"}, "split"), ({"objects": (3,)}, "objects"),
+    for kwargs, match in [({"resolution": 48}, "resolution"), ({"split": "dev"}, "split"),
+                          ({"objects": (3,)}, "objects"),
                           ({"motions": ("jump",)}, "motions"), ({"backgrounds": "plain"}, "backgrounds"),
                           ({"n": 0}, "n must be"), ({"seed": -1}, "seed")]:
         args = {"split": "train", "n": 1, "resolution": 32, "seed": 0} | kwargs

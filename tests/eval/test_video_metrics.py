@@ -33,7 +33,7 @@ def _waves(rng, n, h, w, shift=None, channels=None):
     for _ in range(6):
         fy, fx = rng.uniform(-4, 4, size=(n, 1, 1, c)) / h, rng.uniform(-4, 4, size=(n, 1, 1, c)) / w
         phase = rng.uniform(0, 6, size=(n, 1, 1, c))
-        dy, dx = (np.zeros((2, n, 1, 1, 1)) if shift is None else np.asarray(shift, np.float64).T[:, :, None, None, None])
+        dy, dx = np.zeros((2, n, 1, 1, 1)) if shift is None else np.asarray(shift, float).T[:, :, None, None, None]
         out += np.sin(2 * np.pi * (fy * (y[None, ..., None] - dy) + fx * (x[None, ..., None] - dx)) + phase)
     out = 0.5 + out / 12
     return out if channels else out[..., 0]
@@ -155,8 +155,9 @@ def test_frame_psnr_and_ssim_match_numpy_and_skimage():
     mse = np.mean((videos - reference) ** 2, axis=(2, 3, 4))
     np.testing.assert_allclose(np.asarray(frame_psnr(videos, reference, data_range=2.0)), 10 * np.log10(4 / mse),
                                rtol=1e-5)
-    expected = [[structural_similarity(videos[i, t], reference[i, t], data_range=2.0, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False, channel_axis=-1) for t in range(3)] for i in range(2)]
+    expected = [[structural_similarity(videos[i, t], reference[i, t], data_range=2.0, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False, channel_axis=-1) for t in range(3)]
+                for i in range(2)]
     np.testing.assert_allclose(np.asarray(frame_ssim(videos, reference, data_range=2.0)), expected, atol=5e-5)
 
 
