@@ -3,6 +3,8 @@ contracts: RoPE tables and frame positions, padding, flow units, quantization, b
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -105,6 +107,32 @@ class TestHunyuanVideoFamily(DiffusersSuite):
                          float64_tolerance=1e-5, save_recipes=("rtn-w8", "gptq-w8"))
 
 
+def _diffusers_ladder_sinusoid(t: jax.Array, dim: int = 256) -> jax.Array:
+    """``sd3.timestep_sinusoid`` with the frequency ladder diffusers' ``Timesteps`` computes (torch's float32 ``exp``
+    differs from XLA's in the last ulp of a few frequencies; at angles of 10³ rad that ulp dominates parity)."""
+    half = dim // 2
+    ladder = torch.exp(-math.log(10000.0) * torch.arange(0, half, dtype=torch.float32) / half).numpy()
+    phase = jax.numpy.asarray(t, jax.numpy.float32)[:, None] * ladder[None]
+    return jax.numpy.concatenate([jax.numpy.cos(phase), jax.numpy.sin(phase)], axis=-1)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 3e-6), ("float64", 3e-7)])
+def test_parity_with_diffusers_frequency_ladder(tmp_path, monkeypatch, dtype, tolerance):
+    """With diffusers' float32 sinusoid ladder substituted, the rest of the model matches diffusers to float32
+    round-off, and in float64 to the float32 RoPE rotation diffusers applies in every dtype."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", dtype == "float64")
+    try:
+        ref = build_reference("t2v", tmp_path, 7)
+        model = hv.from_diffusers(tmp_path, dtype=dtype)
+        inputs = make_inputs(model.config, 3)
+        monkeypatch.setattr(hv, "timestep_sinusoid", _diffusers_ladder_sinusoid)
+        got = np.asarray(nnx.jit(_forward)(model, inputs), np.float64)  # a fresh jit: traced with the patch
+        assert relative_error(got, reference_forward(ref, inputs, dtype)) < tolerance
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
 def test_default_rope_is_diffusers_and_frame_positions_select_frames():
     """The default tables equal diffusers' ``HunyuanVideoRotaryPosEmbed``; explicit frame positions ``(0, 2, 5)`` on a
     3-frame grid give the rows of those frames in a 6-frame grid (merged frames keep their original positions)."""
@@ -140,9 +168,13 @@ def test_frame_positions_reach_the_video_attention(perturbed):
     b = make_inputs(model.config, 0)
     frames = b["latents"].shape[1]
 
+    @nnx.jit
+    def run(model, b, positions):
+        return model.flow_velocity(b["latents"], b["sigmas"], b["text"], b["text_mask"], b["pooled"],
+                                   guidance=b["guidance"], frame_positions=positions)
+
     def velocity(positions):
-        return np.asarray(model.flow_velocity(b["latents"], b["sigmas"], b["text"], b["text_mask"], b["pooled"],
-                                              guidance=b["guidance"], frame_positions=positions))
+        return np.asarray(run(model, b, positions))
 
     default = velocity(None)
     np.testing.assert_array_equal(velocity(np.arange(frames, dtype=np.float32)), default)
@@ -154,11 +186,11 @@ def test_flow_velocity_feeds_the_pipelines_units(perturbed):
     the default guidance is the config's."""
     _, model = perturbed
     b = make_inputs(model.config, 1)
-    args = (b["latents"], b["sigmas"], b["text"], b["text_mask"], b["pooled"])
-    got = np.asarray(model.flow_velocity(*args, guidance=b["guidance"]))
-    np.testing.assert_array_equal(got, np.asarray(_forward(model, b)))
-    default = np.asarray(model.flow_velocity(*args))
-    np.testing.assert_array_equal(default, np.asarray(model.flow_velocity(*args, guidance=model.config.guidance)))
+    velocity = nnx.jit(lambda m, b, g: m.flow_velocity(b["latents"], b["sigmas"], b["text"], b["text_mask"],
+                                                       b["pooled"], guidance=g))
+    np.testing.assert_array_equal(np.asarray(velocity(model, b, b["guidance"])), np.asarray(forward(model, b)))
+    np.testing.assert_array_equal(np.asarray(velocity(model, b, None)),
+                                  np.asarray(velocity(model, b, np.full(2, model.config.guidance, np.float32))))
 
 
 def test_padded_text_is_invisible_and_the_mask_matters(perturbed):
@@ -197,14 +229,14 @@ def _velocity(model, batch: dict) -> np.ndarray:
 def test_gptq_with_timestep_grouped_statistics_and_per_bucket_static_scales(tmp_path):
     """Two calibration stages (double- then single-stream blocks): GPTQ balanced over timestep buckets beats RTN on
     held-out velocities; per-bucket static int8 activation scales differ between buckets in both kinds of block;
-    the embedders and the token refiner stay float; both quantized models save and load bit-exactly."""
+    the embedders and the token refiner stay float; the static model saves and loads bit-exactly."""
     from jquant.checkpoint import load, save
     from jquant.quantization import quantize
     from jquant.recipes import Recipe, Rule
 
-    cfg = TINY.replace(num_layers=2, num_single_layers=2)
+    cfg = TINY
     model = hv.init_model(cfg, jax.random.key(0))
-    calib, held_out = _calibration(cfg, 24, 1), _calibration(cfg, 12, 2)
+    calib, held_out = _calibration(cfg, 16, 1), _calibration(cfg, 8, 2)
     reference = _velocity(model, held_out)
 
     def error(q):
@@ -216,19 +248,18 @@ def test_gptq_with_timestep_grouped_statistics_and_per_bucket_static_scales(tmp_
     gptq_model, rtn_model = quantize(model, grouped, calib, progress=False), quantize(model, rtn, calib, progress=False)
     assert error(gptq_model) < error(rtn_model) < 0.5
     report = gptq_model.quantization
-    assert report.site("single_transformer_blocks/1/proj_out") == report.site("transformer_blocks/0/to_q") != "float"
+    assert report.site("single_transformer_blocks/0/proj_out") == report.site("transformer_blocks/0/to_q") != "float"
     for kept in ("x_embedder", "context_embedder/refiner_blocks/0/to_q", "proj_out", "timestep_embedder/linear_1"):
         assert report.site(kept) == "float", kept
     static = Recipe(name="w8a8-static-buckets", rules=(Rule(pattern=".*", weight="int8", activation="int8-tensor",
                                                             algorithm="rtn", static_activation=True),))
     static_model = quantize(model, static, calib, progress=False)
     assert error(static_model) < 0.1
-    for site in (static_model.transformer_blocks[0].to_q, static_model.single_transformer_blocks[1].proj_out):
+    for site in (static_model.transformer_blocks[0].to_q, static_model.single_transformer_blocks[0].proj_out):
         scales = np.asarray(site.activation_scale.get_value())
         assert scales.shape == (len(cfg.bucket_edges) + 1,) and len(set(scales.tolist())) > 1
-    for name, q in (("gptq", gptq_model), ("static", static_model)):
-        save(q, tmp_path / name)
-        np.testing.assert_array_equal(_velocity(load(tmp_path / name), held_out), _velocity(q, held_out))
+    save(static_model, tmp_path / "static")  # (GPTQ checkpoints: the suite's test_checkpoint_round_trip)
+    np.testing.assert_array_equal(_velocity(load(tmp_path / "static"), held_out), _velocity(static_model, held_out))
 
 
 @pytest.mark.parametrize("change, match", [
