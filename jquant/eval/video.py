@@ -139,11 +139,12 @@ def reconstruction_psnr(videos: jax.Array, reconstruct: Callable[[jax.Array], ja
     return frame_psnr(jnp.concatenate(outputs), videos, data_range=data_range)
 
 
-def _summary(report: dict, name: str, values: jax.Array) -> None:
-    """``report[name]``: the mean over videos and frames; ``report[name + "_per_frame"]``: the batch mean per frame."""
+def _summary(report: dict, name: str, values: jax.Array, per: str = "frame") -> None:
+    """``report[name]``: the mean of ``values [B, F]`` over videos and frames; ``report[f"{name}_per_{per}"]``:
+    the batch mean per frame (or transition)."""
     values = np.asarray(values, np.float64)
     report[name] = float(np.mean(values))
-    report[f"{name}_per_frame"] = [float(v) for v in np.mean(values, axis=0)]
+    report[f"{name}_per_{per}"] = [float(v) for v in np.mean(values, axis=0)]
 
 
 def video_report(videos: np.ndarray, *, data_range: float = DATA_RANGE, reference: np.ndarray | None = None,
@@ -155,8 +156,8 @@ def video_report(videos: np.ndarray, *, data_range: float = DATA_RANGE, referenc
     Always ``videos`` and ``frames``; with ``temporal`` (and at least 2 frames) ``temporal_error`` (its own
     flow) and, with a reference, ``temporal_error_reference`` (the reference's); with ``reference``
     ``psnr_db`` and ``ssim``; with ``classifier_fn`` and ``labels`` ``prompt_accuracy``; with ``reconstruct``
-    ``reconstruction_psnr_db``. Each comes as the mean and a ``*_per_frame`` list (per transition for the
-    temporal error).
+    ``reconstruction_psnr_db``. Each comes as the mean and a ``*_per_frame`` list of batch means
+    (``*_per_transition``, ``F - 1`` of them, for the temporal errors).
     """
     videos = _check_video(videos, "videos", "video_report")
     _check_range(data_range, "video_report")
@@ -168,9 +169,10 @@ def video_report(videos: np.ndarray, *, data_range: float = DATA_RANGE, referenc
         _summary(report, "psnr_db", frame_psnr(videos, reference, data_range=data_range))
         _summary(report, "ssim", frame_ssim(videos, reference, data_range=data_range))
     if temporal and videos.shape[1] >= 2:
-        _summary(report, "temporal_error", temporal_error(videos, data_range=data_range))
+        _summary(report, "temporal_error", temporal_error(videos, data_range=data_range), "transition")
         if reference is not None:
-            _summary(report, "temporal_error_reference", temporal_error(reference, data_range=data_range))
+            _summary(report, "temporal_error_reference", temporal_error(reference, data_range=data_range),
+                     "transition")
     if classifier_fn is not None:
         accuracy = frame_prompt_accuracy(classifier_fn, videos, labels, batch_size=batch_size)
         report["prompt_accuracy"] = float(np.mean(accuracy))

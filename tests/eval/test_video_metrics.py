@@ -202,7 +202,7 @@ def test_video_report_gathers_the_metrics():
     np.testing.assert_allclose(report["psnr_db_per_frame"], psnr_frames.mean(0), rtol=1e-6)
     assert report["ssim"] == pytest.approx(np.asarray(frame_ssim(videos, reference, data_range=2.0)).mean(), rel=1e-6)
     errors = np.asarray(temporal_error(videos, data_range=2.0))
-    assert len(report["temporal_error_per_frame"]) == 2 and report["temporal_error"] == pytest.approx(errors.mean())
+    assert len(report["temporal_error_per_transition"]) == 2 and report["temporal_error"] == pytest.approx(errors.mean())
     # the noise added to the reference is flicker: it raises the temporal error
     assert report["temporal_error"] > report["temporal_error_reference"]
     accuracy = frame_prompt_accuracy(_colour_classifier, videos, labels)
