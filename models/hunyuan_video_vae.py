@@ -342,24 +342,29 @@ def _chunk_sizes(frames: int, chunk_frames, multiple: int, name: str) -> list[in
     return sizes
 
 
-@nnx.jit
-def _encoder_step(model: AutoencoderKLHunyuanVideo, chunk: jax.Array, cache: Cache) -> tuple[jax.Array, dict]:
-    return model.encoder.stream(chunk, cache)
+@functools.partial(jax.jit, static_argnums=0)
+def _encoder_step(graphdef: nnx.GraphDef, state: nnx.State, chunk: jax.Array, cache: Cache) -> tuple[jax.Array, dict]:
+    return nnx.merge(graphdef, state).encoder.stream(chunk, cache)
 
 
-@nnx.jit
-def _decoder_step(model: AutoencoderKLHunyuanVideo, chunk: jax.Array, cache: Cache) -> tuple[jax.Array, dict]:
+@functools.partial(jax.jit, static_argnums=0)
+def _decoder_step(graphdef: nnx.GraphDef, state: nnx.State, chunk: jax.Array, cache: Cache) -> tuple[jax.Array, dict]:
+    model = nnx.merge(graphdef, state)
     return model.decoder.stream(model.post_quant_conv(chunk), cache)
 
 
 def _run_passes(step, model: AutoencoderKLHunyuanVideo, x: jax.Array, sizes: list[int]) -> jax.Array:
-    """The chunks of ``x`` through ``step`` until every GroupNorm has the clip's statistics (module docstring)."""
+    """The chunks of ``x`` through ``step`` until every GroupNorm has the clip's statistics (module docstring).
+    The model is split once; ``step`` is jitted over ``(state, chunk, cache)`` and compiles once per chunk shape
+    and cache structure (the clip's first chunk, the others)."""
+    graphdef, state = nnx.split(model)
     starts = np.cumsum([0, *sizes[:-1]])
-    cache, done = None, 0
+    shapes = jax.eval_shape(lambda chunk: step(graphdef, state, chunk, None)[1], x[:, :sizes[0]])
+    cache, done = next_pass(shapes, placeholder_statistics=True), 0
     while True:
         outputs = []
         for start, size in zip(starts, sizes):
-            y, cache = step(model, x[:, start:start + size], cache)
+            y, cache = step(graphdef, state, x[:, start:start + size], cache)
             outputs.append(y)
         if done == num_norms(cache):
             return jnp.concatenate(outputs, axis=1)

@@ -28,8 +28,8 @@ clip; a norm's cache holds the statistics it normalizes with (``"stats"``: per-s
 variance; ``None``: the chunk's own) and accumulates those of the frames it has seen (``"acc"``: count, mean and
 sum of squared deviations, merged chunk by chunk after Chan et al. 1979). ``next_pass(cache)`` starts another
 pass over the clip normalizing with the accumulated statistics. A norm's input depends only on the norms before
-it, so after ``num_norms(cache)`` passes every norm has the whole clip's statistics and one more pass equals the
-one-shot result (``AutoencoderKLHunyuanVideo.encode(videos, chunk_frames=n)``).
+it, so after ``num_norms(cache)`` passes (the first may normalize with any statistics) every norm has the whole
+clip's statistics and one more pass equals the one-shot result (``AutoencoderKLHunyuanVideo.encode(videos, chunk_frames=n)``).
 """
 
 from __future__ import annotations
@@ -75,17 +75,25 @@ def norm_stream(norm: GroupNorm, x: jax.Array, cache: Cache) -> tuple[jax.Array,
     return y.astype(x.dtype), {"stats": cache["stats"], "acc": acc}
 
 
-def next_pass(cache: dict) -> dict:
+def next_pass(cache: dict, *, placeholder_statistics: bool = False) -> dict:
     """The cache for another pass over the clip: every norm normalizes with the statistics accumulated in this
-    pass (biased variance ``M2 / count``); the convs' past frames and the attention's keys and values are cleared."""
+    pass (biased variance ``M2 / count``); the convs' past frames and the attention's keys and values are cleared.
+
+    ``placeholder_statistics``: mean 0 and variance 1 instead (``cache`` may hold ``jax.ShapeDtypeStruct`` leaves,
+    e.g. ``jax.eval_shape`` of a first chunk), so a first pass has the same cache structure as the later ones and a
+    jitted chunk step compiles once for all passes.
+    """
     if isinstance(cache, list):
-        return [next_pass(value) for value in cache]
+        return [next_pass(value, placeholder_statistics=placeholder_statistics) for value in cache]
     if not isinstance(cache, dict):
         return cache
     if "acc" in cache:
         count, mean, m2 = cache["acc"]
+        if placeholder_statistics:
+            return {"stats": (jnp.zeros(mean.shape, mean.dtype), jnp.ones(mean.shape, mean.dtype)), "acc": None}
         return {"stats": (mean, m2 / count), "acc": None}
-    return {key: (None if key in ("past", "kv") else next_pass(value)) for key, value in cache.items()}
+    return {key: (None if key in ("past", "kv") else next_pass(value, placeholder_statistics=placeholder_statistics))
+            for key, value in cache.items()}
 
 
 def num_norms(cache: dict) -> int:
