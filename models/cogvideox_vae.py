@@ -1,6 +1,6 @@
 """CogVideoX's causal 3-D video VAE (diffusers' ``AutoencoderKLCogVideoX``), channels last.
 
-Yang et al. 2024, "CogVideoX: Text-to-Video Diffusion Models with An Expert Transformer" (§2.1, 3D causal
+Yang et al. 2024, "CogVideoX: Text-to-Video Diffusion Models with An Expert Transformer" (its 3D causal
 VAE). An encoder ``E`` maps videos ``x [B, F, H, W, C_in]`` in ``[-1, 1]`` to the diagonal Gaussian posterior
 ``N(μ, diag(exp(logvar)))`` over latents ``z [B, 1 + (F - 1) / t, H / s, W / s, L]`` (``s = 2^(n - 1)`` for
 ``n = len(block_out_channels)``, ``t = temporal_compression_ratio``), and a decoder ``D`` maps latents back.
@@ -144,7 +144,7 @@ class Encoder3D(nnx.Module):
 
     def __init__(self, cfg: CogVideoXVAEConfig, *, rngs: nnx.Rngs):
         pd, widths, levels = jnp.dtype(cfg.param_dtype), cfg.block_out_channels, cfg.temporal_levels
-        norms = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        norms = {"groups": cfg.norm_num_groups, "eps": cfg.norm_eps, "param_dtype": pd, "rngs": rngs}
         self.conv_in = CausalConv3d(cfg.in_channels, widths[0], 3, param_dtype=pd, rngs=rngs)
         self.down_blocks = nnx.List([
             DownBlock3D(widths[max(i - 1, 0)], c, num_layers=cfg.layers_per_block, downsample=i < len(widths) - 1,
@@ -176,7 +176,7 @@ class Decoder3D(nnx.Module):
     def __init__(self, cfg: CogVideoXVAEConfig, *, rngs: nnx.Rngs):
         pd, levels, latent = jnp.dtype(cfg.param_dtype), cfg.temporal_levels, cfg.latent_channels
         widths = cfg.block_out_channels[::-1]
-        norms = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        norms = {"groups": cfg.norm_num_groups, "eps": cfg.norm_eps, "param_dtype": pd, "rngs": rngs}
         self.conv_in = CausalConv3d(latent, widths[0], 3, param_dtype=pd, rngs=rngs)
         self.mid_block = MidBlock3D(widths[0], frames_batch=LATENT_FRAMES_BATCH, latent_channels=latent, **norms)
         self.up_blocks = nnx.List([

@@ -15,9 +15,9 @@ diffusers' (``resnets/0/conv1/conv/kernel`` is ``resnets.0.conv1.conv.weight``).
   the model, not a memory-saving device.
 - ``ResnetBlock3D``: ``y = S(x) + conv2(φ(N_2(conv1(φ(N_1(x))))))``, ``N`` a GroupNorm per frame batch (encoder)
   or a ``SpatialNorm3D`` conditioned on the latents (decoder), ``S`` a 1x1x1 conv when the width changes.
-- ``SpatialNorm3D`` (MoVQ, Zheng et al. 2022, eq. 5): ``y = GN(f) * conv_y(z↑) + conv_b(z↑)``, ``z↑`` the
-  latents resized to ``f``'s frames, height and width by nearest neighbour, the first latent frame given to the
-  first frame alone when ``f`` holds an odd number (> 1) of frames.
+- ``SpatialNorm3D`` (MoVQ, Zheng et al. 2022, arXiv 2209.09002): ``y = GN(f) * conv_y(z↑) + conv_b(z↑)``,
+  ``z↑`` the latents resized to ``f``'s frames, height and width by nearest neighbour, the first latent frame
+  given to the first frame alone when ``f`` holds an odd number (> 1) of frames.
 - ``Downsample3D``: with ``compress_time``, frames averaged in pairs (an odd count keeps its first frame
   apart), then per frame: zero-pad one row and column after, 3x3 conv of stride 2.
 - ``Upsample3D``: with ``compress_time``, every frame repeated twice (an odd count > 1 keeps its first frame

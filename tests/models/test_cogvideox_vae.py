@@ -31,10 +31,10 @@ from jquant.testing.hf_reference import relative_error
 
 # case -> diffusers AutoencoderKLCogVideoX keyword arguments (besides the block types, one per block).
 CASES = {
-    "cogvideox": dict(block_out_channels=(16, 32, 32, 32), latent_channels=4, layers_per_block=1,
-                      norm_num_groups=4, scaling_factor=0.7),
-    "time-2": dict(in_channels=2, out_channels=1, block_out_channels=(8, 16, 16), latent_channels=3,
-                   layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=2, norm_eps=1e-5),
+    "cogvideox": {"block_out_channels": (16, 32, 32, 32), "latent_channels": 4, "layers_per_block": 1,
+                  "norm_num_groups": 4, "scaling_factor": 0.7},
+    "time-2": {"in_channels": 2, "out_channels": 1, "block_out_channels": (8, 16, 16), "latent_channels": 3,
+               "layers_per_block": 1, "norm_num_groups": 4, "temporal_compression_ratio": 2, "norm_eps": 1e-5},
 }
 # Temporal compression 4 as CogVideoX, one width: the suite's checkpoint round trips and the family's own checks.
 TINY = cv.CogVideoXVAEConfig(block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4)
@@ -211,13 +211,13 @@ def test_chunked_encode_and_decode_equal_one_shot():
 def test_encode_and_decode_chunk_frames_loop_over_chunks():
     """``encode(chunk_frames=)`` / ``decode(chunk_frames=)`` split as documented (checked on the abstract model's
     shapes, no compute): 1 + 8 m frames -> 1 + 2 m latent frames -> 1 + 8 m frames, whatever the chunk size."""
-    model = cv.abstract_model(TINY)
+    model, videos, latents = cv.abstract_model(TINY), jnp.zeros((1, 33, 8, 16, 3)), jnp.zeros((1, 9, 2, 4, 4))
     for chunk in (8, 24):
-        posterior = nnx.eval_shape(lambda m: m.encode(jnp.zeros((1, 33, 8, 16, 3)), chunk_frames=chunk), model)
-        assert posterior.mean.shape == (1, 9, 2, 4, 4), chunk
+        posterior = nnx.eval_shape(lambda m, chunk=chunk: m.encode(videos, chunk_frames=chunk), model)
+        assert posterior.mean.shape == latents.shape, chunk
     for chunk in (2, 6):
-        videos = nnx.eval_shape(lambda m: m.decode(jnp.zeros((1, 9, 2, 4, 4)), chunk_frames=chunk), model)
-        assert videos.shape == (1, 33, 8, 16, 3), chunk
+        decoded = nnx.eval_shape(lambda m, chunk=chunk: m.decode(latents, chunk_frames=chunk), model)
+        assert decoded.shape == videos.shape, chunk
 
 
 def test_every_diffusers_conv_is_a_site(cog_reference):
@@ -345,15 +345,15 @@ def _write_folder(tmp_path: Path, **config_changes) -> Path:
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(down_block_types=["CogVideoXDownBlock3D", "DownEncoderBlock2D", "CogVideoXDownBlock3D"]),
+    ({"down_block_types": ["CogVideoXDownBlock3D", "DownEncoderBlock2D", "CogVideoXDownBlock3D"]},
      "down_block_types=.*DownEncoderBlock2D"),
-    (dict(up_block_types=["CogVideoXUpBlock3D"]), "up_block_types"),
-    (dict(act_fn="gelu"), "act_fn='gelu'"),
-    (dict(use_quant_conv=True), "use_quant_conv: quant convs are not supported"),
-    (dict(shift_factor=0.1), "sets shift_factor"),
-    (dict(latents_mean=[0.0] * 4, latents_std=[1.0] * 4), "latents_mean"),
-    (dict(temporal_compression_ratio=2.5), "temporal_compression_ratio=2.5"),
-    (dict(use_tiling=True), r"does not handle: \['use_tiling'\]"),
+    ({"up_block_types": ["CogVideoXUpBlock3D"]}, "up_block_types"),
+    ({"act_fn": "gelu"}, "act_fn='gelu'"),
+    ({"use_quant_conv": True}, "use_quant_conv: quant convs are not supported"),
+    ({"shift_factor": 0.1}, "sets shift_factor"),
+    ({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}, "latents_mean"),
+    ({"temporal_compression_ratio": 2.5}, "temporal_compression_ratio=2.5"),
+    ({"use_tiling": True}, r"does not handle: \['use_tiling'\]"),
 ])
 def test_unsupported_config_attributes_are_refused(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
