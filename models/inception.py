@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jquant.models.layers import Conv
 from jquant.models.pooling import avg_pool, max_pool, resize_bilinear
 from jquant.models.tensor_io import load_parameters
@@ -96,7 +95,7 @@ class InceptionC(nnx.Module):
     """Mixed_6b-e: 1x1 | 1x1 -> 1x7 -> 7x1 | 1x1 -> 7x1 -> 1x7 -> 7x1 -> 1x7 | avg pool (inside) -> 1x1."""
 
     def __init__(self, c_in: int, c7: int, *, rngs: nnx.Rngs):
-        row, col = dict(padding=(0, 3)), dict(padding=(3, 0))
+        row, col = {"padding": (0, 3)}, {"padding": (3, 0)}
         self.branch1x1 = BasicConv(c_in, 192, 1, rngs=rngs)
         self.branch7x7_1 = BasicConv(c_in, c7, 1, rngs=rngs)
         self.branch7x7_2 = BasicConv(c7, c7, (1, 7), **row, rngs=rngs)

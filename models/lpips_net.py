@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jquant.models.layers import Conv
 from jquant.models.pooling import max_pool
 from jquant.models.tensor_io import load_parameters

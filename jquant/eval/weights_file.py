@@ -56,7 +56,8 @@ def _read_torch(path: Path, what: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{what}: {path} is not a readable PyTorch state dict ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}).") from None
     if not isinstance(state, Mapping):
-        raise ValueError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of named tensors.")
+        raise ValueError(  # noqa: TRY004 - a file with the wrong contents, not a wrong argument type
+            f"{what}: {path} holds a {type(state).__name__}, not a state dict of named tensors.")
     not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ValueError(f"{what}: {path}: entries {not_tensors[:4]} are not tensors (a training checkpoint? save "

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
+from jquant.models import lpips_net
+
+from jquant.eval.fid import fid, inception_features, load_inception
+from jquant.eval.lpips import load_lpips, lpips
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
-
-from jquant.eval.fid import fid, inception_features, load_inception  # noqa: E402
-from jquant.eval.lpips import load_lpips, lpips  # noqa: E402
-from jquant.models import inception, lpips_net  # noqa: E402
-
 
 # ---- the PyTorch references (transcribed; see the module docstring) ----
 
@@ -173,7 +173,7 @@ def _vgg16_features():
 class LPIPSReference(nn.Module):
     """lpips.LPIPS(net=..., version="0.1") in eval mode; ``features`` holds torchvision's layer indices."""
 
-    SLICES = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}  # pretrained_networks.py's slice ends
+    SLICES: ClassVar = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}  # pretrained_networks.py's slice ends
 
     def __init__(self, net):
         super().__init__()
@@ -214,7 +214,7 @@ def _random_state(module: nn.Module, rng) -> dict:
             array = value.numpy()
         elif name.endswith("num_batches_tracked"):
             array = np.asarray(rng.integers(0, 1000), np.int64)
-        elif name.endswith("running_var") or (name.endswith("bn.weight")):
+        elif name.endswith(("running_var", "bn.weight")):
             array = rng.uniform(0.5, 1.5, shape)
         elif name.endswith(("running_mean", "bias")):
             array = rng.normal(0, 0.1, shape)
@@ -419,7 +419,12 @@ def test_bad_lpips_files_are_refused(tmp_path):
 def test_eval_options_and_reference_metrics(inception_net, tmp_path):
     import argparse
 
-    from jquant.cli_image import add_image_eval_options, evaluate, reference_metrics, resize_to
+    from jquant.cli_image import (
+        add_image_eval_options,
+        evaluate,
+        reference_metrics,
+        resize_to,
+    )
     from jquant.data.scenes import emoji_scenes
 
     rng = np.random.default_rng()
