@@ -19,6 +19,8 @@ _EXPORTS = {
     "token_windows": "windows",
     "load_glyphs": "emoji",
     "EmojiScenes": "scenes", "emoji_scenes": "scenes", "make_scene": "scenes",
+    "VideoScenes": "video_scenes", "video_scenes": "video_scenes", "make_clip": "video_scenes",
+    "ClipTruth": "motion", "Segment": "motion",
 }
 __all__ = sorted(_EXPORTS)
 
