@@ -51,6 +51,7 @@ from jquant.models.layers import Conv
 from jquant.models.sd3 import MLP2, layer_norm, timestep_sinusoid
 from jquant.models.tensor_io import export_parameters, load_parameters
 from jquant.sites import ActivationGroups
+from jquant.transforms.adaln_smoothing import ModulatedNorm
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 CLASS_NAME = "HunyuanVideoTransformer3DModel"
@@ -330,6 +331,26 @@ class HunyuanVideoTransformer(nnx.Module):
         return self.flow_velocity(batch["latents"], batch["sigmas"], batch["text"], batch["text_mask"],
                                   batch["pooled"], guidance=batch.get("guidance"))
 
+    def modulated_norm_groups(self) -> list[ModulatedNorm]:
+        """The adaLN-modulated inputs of every block (``jquant.transforms.adaln_smoothing``): in a double block
+        ``norm1``'s (shift, scale) = columns ``[0, d), [d, 2d)`` before to_q/k/v and ``[3d, 4d), [4d, 5d)`` before
+        ``ff.proj``, ``norm1_context``'s likewise before add_q/k/v_proj and ``ff_context.proj``; in a single block
+        ``norm``'s ``[0, d), [d, 2d)`` before to_q/k/v and ``proj_mlp``."""
+        d = self.config.inner_dim
+        groups = []
+        for i in range(len(self.transformer_blocks)):
+            p = f"transformer_blocks/{i}"
+            groups += [ModulatedNorm(f"{p}/norm1", (0, d), (d, 2 * d), (f"{p}/to_q", f"{p}/to_k", f"{p}/to_v")),
+                       ModulatedNorm(f"{p}/norm1", (3 * d, 4 * d), (4 * d, 5 * d), (f"{p}/ff/proj",)),
+                       ModulatedNorm(f"{p}/norm1_context", (0, d), (d, 2 * d),
+                                     (f"{p}/add_q_proj", f"{p}/add_k_proj", f"{p}/add_v_proj")),
+                       ModulatedNorm(f"{p}/norm1_context", (3 * d, 4 * d), (4 * d, 5 * d), (f"{p}/ff_context/proj",))]
+        for i in range(len(self.single_transformer_blocks)):
+            p = f"single_transformer_blocks/{i}"
+            groups.append(ModulatedNorm(f"{p}/norm", (0, d), (d, 2 * d),
+                                        (f"{p}/to_q", f"{p}/to_k", f"{p}/to_v", f"{p}/proj_mlp")))
+        return groups
+
     # -- calibration contract ---------------------------------------------------------------------------------
     def _enter(self, batch: dict):
         sigmas = jnp.asarray(batch["sigmas"], jnp.float32)
@@ -539,7 +560,8 @@ FAMILY = Family(
     abstract_model=abstract_model,
     config_to_json=dataclass_config_to_json,
     config_from_json=functools.partial(dataclass_config_from_json, HunyuanVideoConfig),
-    checkpoint_protocol="the manifest's config holds the HunyuanVideoConfig fields (config_io.dataclass_config_to_json).",
+    checkpoint_protocol=("the manifest's config holds the HunyuanVideoConfig fields "
+                         "(config_io.dataclass_config_to_json)."),
     diffusers_class_names=(CLASS_NAME,),
     from_diffusers=from_diffusers,
     to_diffusers=to_diffusers,

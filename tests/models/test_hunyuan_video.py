@@ -200,10 +200,10 @@ def test_padded_text_is_invisible_and_the_mask_matters(perturbed):
     assert b["text_mask"][1].sum() < b["text_mask"].shape[1]
     padded = dict(b, text=b["text"].copy())
     padded["text"][1, b["text_mask"][1].sum():] += 3.0
-    np.testing.assert_array_equal(np.asarray(_forward(model, padded))[1], np.asarray(_forward(model, b))[1])
+    np.testing.assert_array_equal(np.asarray(forward(model, padded))[1], np.asarray(forward(model, b))[1])
     np.testing.assert_array_equal(reference_forward(ref, padded, "float32")[1], reference_forward(ref, b, "float32")[1])
     full = dict(b, text_mask=np.ones_like(b["text_mask"]))
-    assert relative_error(np.asarray(_forward(model, full))[1], np.asarray(_forward(model, b))[1]) > 1e-3
+    assert relative_error(np.asarray(forward(model, full))[1], np.asarray(forward(model, b))[1]) > 1e-3
 
 
 def _calibration(cfg: hv.HunyuanVideoConfig, n: int, seed: int) -> dict:
@@ -260,6 +260,27 @@ def test_gptq_with_timestep_grouped_statistics_and_per_bucket_static_scales(tmp_
         assert scales.shape == (len(cfg.bucket_edges) + 1,) and len(set(scales.tolist())) > 1
     save(static_model, tmp_path / "static")  # (GPTQ checkpoints: the suite's test_checkpoint_round_trip)
     np.testing.assert_array_equal(_velocity(load(tmp_path / "static"), held_out), _velocity(static_model, held_out))
+
+
+def test_adaln_smoothing_folds_exactly_in_float64():
+    """The declared modulated norms are right: SmoothQuant scales folded into every block's adaLN modulation leave
+    the float64 velocity unchanged (to round-off) while changing the consumers' weights."""
+    from jquant.transforms.adaln_smoothing import adaln_smoothquant_scales, fold_modulation_scales
+
+    with jax.enable_x64(True):
+        cfg = TINY.replace(dtype="float64", param_dtype="float64")
+        model = hv.init_model(cfg, jax.random.key(0))
+        nnx.update(model, jax.tree.map(lambda p: p * 5.0, nnx.state(model, nnx.Param)))
+        calib = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in _calibration(cfg, 4, 1).items()}
+        scales = adaln_smoothquant_scales(model, calib, alpha=0.5)
+        assert len(scales) == 5 and any(np.ptp(s) > 0.5 for s in scales)
+        smoothed = fold_modulation_scales(model, scales)
+        held_out = _calibration(cfg, 3, 2)
+        reference = np.asarray(_jit_velocity(model, held_out))
+        assert relative_error(np.asarray(_jit_velocity(smoothed, held_out)), reference) < 1e-12
+        for block in ("transformer_blocks", "single_transformer_blocks"):
+            before, after = (getattr(m, block)[0].to_q.kernel.get_value() for m in (model, smoothed))
+            assert not np.allclose(np.asarray(before), np.asarray(after)), block
 
 
 @pytest.mark.parametrize("change, match", [
