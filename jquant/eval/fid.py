@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -43,9 +44,7 @@ def load_inception(path: str | os.PathLike) -> FIDInception:
     return from_state_dict(tensors, source=str(path))
 
 
-@nnx.jit
-def _pool3_resized(net: FIDInception, images):
-    return net(preprocess(images))
+_preprocess = jax.jit(preprocess)  # apart from the network: one network compile per batch shape at 299 x 299
 
 
 @nnx.jit
@@ -74,8 +73,8 @@ def inception_features(images, net: FIDInception, *, batch_size: int = 32, resiz
     images = check_images(images, "inception_features", 1 if resize_input else MIN_SIZE)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"inception_features: batch_size must be a positive int, got {batch_size!r}.")
-    run = _pool3_resized if resize_input else _pool3
-    return np.concatenate([np.asarray(run(net, jnp.asarray(images[i:i + batch_size])), np.float64)
+    prepare = _preprocess if resize_input else jnp.asarray
+    return np.concatenate([np.asarray(_pool3(net, prepare(images[i:i + batch_size])), np.float64)
                            for i in range(0, len(images), batch_size)])
 
 

@@ -268,9 +268,9 @@ def _relative_error(a, b):
 
 def test_inception_features_match_pytorch_fid(inception_file, inception_net):
     rng = np.random.default_rng()
-    images = _images(rng, 3, 75)  # the smallest input; every 75-pixel check runs batches of 2 and 1 (two compiles)
+    images = _images(rng, 4, 75)  # the smallest input; every Inception check runs batches of 2 (one compile per size)
     ours = inception_features(images, inception_net, batch_size=2, resize_input=False)
-    assert ours.shape == (3, 2048) and ours.dtype == np.float64
+    assert ours.shape == (4, 2048) and ours.dtype == np.float64
     assert _relative_error(ours, _reference_features(inception_file[1], images, False)) < 1e-4
 
 
@@ -293,7 +293,7 @@ def _fd_float64(a, b):
 
 def test_fid_is_the_frechet_distance_of_the_reference_features(inception_file, inception_net):
     rng = np.random.default_rng()
-    a, b = _images(rng, 4, 75), _images(rng, 3, 75)
+    a, b = _images(rng, 4, 75), _images(rng, 2, 75)
     value = fid(a, b, weights=inception_net, batch_size=2, resize_input=False)
     ref_a = _reference_features(inception_file[1], a, False)
     expected = _fd_float64(ref_a, _reference_features(inception_file[1], b, False))
@@ -439,7 +439,7 @@ def test_eval_options_and_reference_metrics(inception_net, tmp_path):
 
     # FID against the test split's scenes at the images' size, of those very scenes (16 px: pooled from 64 px): a set
     # with itself, FD = 2 tr S - 2 tr (S S)^(1/2) = 0 up to the round-off of that cancellation
-    real = resize_to(emoji_scenes("test", 3, 64, 0, vocabulary="reference-32", objects=(1,)).images / 127.5 - 1, 16)
+    real = resize_to(emoji_scenes("test", 2, 64, 0, vocabulary="reference-32", objects=(1,)).images / 127.5 - 1, 16)
     real = real.astype(np.float32)
     other = np.clip(real + rng.normal(0, 0.3, real.shape), -1, 1).astype(np.float32)
     report = reference_metrics(real, other, fid_net=inception_net, lpips_net=load_lpips(backbone, heads))
