@@ -84,7 +84,10 @@ def fid(images_a, images_b, *, weights: str | os.PathLike | FIDInception, batch_
 
     ``weights``: a weights file for ``load_inception`` or an already loaded network.
     """
+    sets = [check_images(x, "fid", 1 if resize_input else MIN_SIZE) for x in (images_a, images_b)]
+    if min(len(x) for x in sets) < 2:
+        raise ValueError(f"fid: each image set needs at least 2 images for a covariance, got {len(sets[0])} and "
+                         f"{len(sets[1])}.")
     net = weights if isinstance(weights, FIDInception) else load_inception(weights)
-    features = [inception_features(x, net, batch_size=batch_size, resize_input=resize_input)
-                for x in (images_a, images_b)]
+    features = [inception_features(x, net, batch_size=batch_size, resize_input=resize_input) for x in sets]
     return frechet_distance(*features)

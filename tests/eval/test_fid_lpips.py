@@ -354,6 +354,8 @@ def test_bad_paths_and_images_are_refused(inception_net, tmp_path):
         inception_features(images * 3, inception_net)
     with pytest.raises(ValueError, match="H, W >= 75"):
         inception_features(images[:, :64, :64], inception_net, resize_input=False)
+    with pytest.raises(ValueError, match="at least 2 images"):  # refused before the weights are even read
+        fid(images, images[:1], weights=tmp_path / "never-read.pth")
 
 
 # ---- LPIPS ----
