@@ -18,7 +18,9 @@ padding enters the joint attention as diffusers builds it: every query sees the 
 The pipeline feeds ``t = 1000 σ`` (FlowMatchEulerDiscreteScheduler timesteps) and guidance ``1000 g``;
 ``flow_velocity`` takes σ in ``[0, 1]`` and the guidance scale ``g``, ``__call__`` diffusers' values. Frame
 positions are an argument (``frame_positions [F / p_t]``, default ``0, 1, ..``): a sampler that merges latent
-frames (VGDFR) can keep the merged frames' original temporal positions in RoPE.
+frames (VGDFR) can keep the merged frames' original temporal positions in RoPE. ``embed`` (the blocks' inputs;
+context ``(y, bucket, cos, sin, key_lengths)``), ``rope_tables``, the blocks and ``head`` are public, so a caller
+can also run chosen layers with tables of other positions.
 
 Quantization: every linear inside the double / single blocks receives the sample's timestep bucket as its group
 id (``activation_groups``). Calibration data is ``{"latents" [N, F, H, W, C], "sigmas" [N], "text" [N, T, D_text],
