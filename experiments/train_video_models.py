@@ -85,9 +85,22 @@ def _text(encoder, captions: list[str], batch: int = 512) -> tuple[np.ndarray, d
     return np.array([where[c] for c in captions], np.int32), {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _latents(vae, clips: np.ndarray, batch: int = 32) -> np.ndarray:
+def _encoded_clips(vae, split: str, n: int, seed: int, batch: int = 32) -> tuple[np.ndarray, list[str]]:
+    """``(latents [n, 5, 8, 8, 4], captions)`` of ``n`` 17-frame clips, drawn as ``video_scenes`` draws them and
+    encoded ``batch`` clips at a time (the pixels of all clips at once would not fit in memory)."""
+    from jquant.data.emoji import load_glyphs
+    from jquant.data.video_scenes import make_clip
+    from jquant.data.scenes import SPLITS
+
     encode = nnx.jit(lambda m, x: m.latents(x))
-    return np.concatenate([np.asarray(encode(vae, clips[i:i + batch])) for i in range(0, len(clips), batch)])
+    rng, glyphs = np.random.default_rng([seed, SPLITS.index(split)]), load_glyphs()
+    latents, captions = [], []
+    for start in range(0, n, batch):
+        clips = [make_clip(rng, RESOLUTION, split, frames=17, vocabulary=VOCABULARY, glyphs=glyphs)
+                 for _ in range(min(batch, n - start))]
+        latents.append(np.asarray(encode(vae, jnp.asarray(im.images_to_unit_range(np.stack([c[0] for c in clips]))))))
+        captions += [c[1] for c in clips]
+    return np.concatenate(latents), captions
 
 
 def prompt_accuracy_report(pipe, classifier, n: int, steps: int, guidance: float | None) -> dict:
@@ -120,10 +133,8 @@ def train_dit_stage(args) -> dict:
     vae = load(args.bundle / "jq-video-vae-tiny").model
     encoder = TextEncoder.load("jq-llama-tiny")
     t0 = time.time()
-    x, captions, _ = _clips("train", args.dit_train, 2, 17)
-    vx, vcaptions, _ = _clips("validation", 256, 2, 17)
-    latents, vlatents = _latents(vae, x), _latents(vae, vx)
-    del x
+    latents, captions = _encoded_clips(vae, "train", args.dit_train, 2)
+    vlatents, vcaptions = _encoded_clips(vae, "validation", 256, 2)
     index, cond = _text(encoder, captions)
     vindex, vcond = _text(encoder, vcaptions)
     unc = encoder.unconditional(1, MAX_LENGTH)
