@@ -251,6 +251,19 @@ def test_every_diffusers_conv_is_a_site(wan_reference):
     assert kinds == {"conv": sum(n.endswith(".weight") and state[n].ndim in (4, 5) for n in state)}
 
 
+def test_bfloat16_compute_stays_near_float32():
+    """bf16 activations (norms and softmax in float32) on the float32 weights: the posterior mean and the decoded
+    frames within bf16's few-percent error (RMS over the output: bf16 rounding accumulates over ~30 layers)."""
+    model = wan_vae.init_model(TINY, jax.random.key(3))
+    low = nnx.merge(nnx.graphdef(wan_vae.abstract_model(TINY.replace(dtype="bfloat16"))), nnx.state(model))
+    videos = jnp.asarray(make_inputs(TINY, 4, frames=5)["videos"])
+    run = nnx.jit(lambda m, v: (m.encode(v).mean, m(v)))
+    got, expected = run(low, videos), run(model, videos)
+    assert got[0].dtype == got[1].dtype == jnp.bfloat16
+    for g, e in zip(got, expected):
+        assert _rms_error(g.astype(jnp.float32), e) < 8e-2
+
+
 # ----------------------------------------------------------------------------
 # Quantization
 # ----------------------------------------------------------------------------
