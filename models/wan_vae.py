@@ -297,7 +297,7 @@ class AutoencoderKLWan(nnx.Module):
 
     def _check_videos(self, shape: tuple[int, ...], *, first: bool) -> None:
         cfg, s, t = self.config, self.config.spatial_compression, self.config.temporal_compression
-        frames_ok = len(shape) == 5 and shape[1] > 0 and (shape[1] - first) % t == 0 and shape[1] >= first + (not first)
+        frames_ok = len(shape) == 5 and shape[1] >= 1 and (shape[1] - first) % t == 0
         if not frames_ok or shape[-1] != cfg.in_channels or shape[2] % s or shape[3] % s:
             frames = (f"F = 1 + {t} m frames ({', '.join(str(1 + t * m) for m in range(3))}, ...: the first frame "
                       f"alone, then {t} frames per latent frame)" if first else
@@ -513,6 +513,13 @@ FAMILY = Family(
     diffusers_class_names=(CLASS_NAME,),
     from_diffusers=from_diffusers,
     to_diffusers=to_diffusers,
+    presets={
+        # Not trained yet: 0.8M parameters, 4-channel latents for jq-wan-tiny (in_channels 4); clips of 1 + 4 m
+        # frames at multiples of 8 pixels (17 x 64 x 64 -> 5 x 8 x 8 x 4 latents). After training set the latent
+        # statistics: config.replace(latents_mean=<per-channel mean>, latents_std=<per-channel std>).
+        "jq-wan-vae-tiny": WanVAEConfig(base_dim=16, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                                        latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4),
+    },
     keep_float=("encoder/conv_in", "encoder/conv_out", "quant_conv", "post_quant_conv", "decoder/conv_in",
                 "decoder/conv_out"),
 )

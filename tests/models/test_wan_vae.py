@@ -264,6 +264,14 @@ def test_bfloat16_compute_stays_near_float32():
         assert _rms_error(g.astype(jnp.float32), e) < 8e-2
 
 
+def test_tiny_preset_feeds_the_tiny_wan_transformer():
+    from jquant.models import wan
+
+    cfg = wan_vae.FAMILY.presets["jq-wan-vae-tiny"]
+    assert cfg.z_dim == wan.FAMILY.presets["jq-wan-tiny"].in_channels
+    assert (cfg.spatial_compression, cfg.temporal_compression) == (8, 4) and cfg.latent_frames(17) == 5
+
+
 # ----------------------------------------------------------------------------
 # Quantization
 # ----------------------------------------------------------------------------
