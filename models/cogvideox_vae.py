@@ -17,7 +17,8 @@ are per batch, causal convs carry their past across batches; see the blocks modu
 whole batches: ``F = 1 + 8 m`` frames and ``1 + 2 m`` latent frames (``F = 1 + 8 m`` encodes to
 ``1 + 8 m / t`` latent frames). Long clips are encoded and decoded in chunks of whole batches with the causal
 convs' past frames passed along as a cache value (``encode_chunk`` / ``decode_chunk``; ``encode`` / ``decode``
-with ``chunk_frames``): the result equals the one-shot result.
+with ``chunk_frames``): the result equals the one-shot result. A streaming caller jits ``encode_chunk`` (or
+``decode_chunk``) and loops over chunks: one compilation for the first chunk's shape, one for the later chunks'.
 
 ``model(videos)`` is diffusers' forward, ``decode(encode(videos).mode())``. The CogVideoX pipelines' diffusion
 latents are ``z * scaling_factor`` (``latents``) and decode ``latents / scaling_factor`` (``decode_latents``).

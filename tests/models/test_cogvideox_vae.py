@@ -6,7 +6,7 @@ diffusers, chunked encode / decode with the causal cache equal to one shot, the 
 quantization with RTN and GPTQ, and refusals.
 
 Reference models are tiny diffusers ``AutoencoderKLCogVideoX`` with every tensor perturbed, written by
-``save_pretrained``: CogVideoX-style (four blocks, temporal compression 4) and a three-block one with temporal
+``save_pretrained``: CogVideoX-style (four blocks, temporal compression 4) and a two-block one with temporal
 compression 2, other channel counts and another norm eps. Frames are non-square (``2s x 4s``) so a transposed
 spatial axis shows.
 """
@@ -33,7 +33,7 @@ from jquant.testing.hf_reference import relative_error
 CASES = {
     "cogvideox": {"block_out_channels": (16, 32, 32, 32), "latent_channels": 4, "layers_per_block": 1,
                   "norm_num_groups": 4, "scaling_factor": 0.7},
-    "time-2": {"in_channels": 2, "out_channels": 1, "block_out_channels": (8, 16, 16), "latent_channels": 3,
+    "time-2": {"in_channels": 2, "out_channels": 1, "block_out_channels": (8, 16), "latent_channels": 3,
                "layers_per_block": 1, "norm_num_groups": 4, "temporal_compression_ratio": 2, "norm_eps": 1e-5},
 }
 # Temporal compression 4 as CogVideoX, one width: the suite's checkpoint round trips and the family's own checks.
@@ -65,9 +65,10 @@ def reload_reference(case: str, folder: Path):
 
 
 def make_inputs(config: cv.CogVideoXVAEConfig, seed: int, frames: int = 17) -> dict[str, np.ndarray]:
-    """One clip ``[1, frames, 2s, 4s, C_in]`` uniform in ``[-1, 1]``."""
+    """Two clips ``[2, frames, 2s, 4s, C_in]`` uniform in ``[-1, 1]`` (two, so frame batches of different clips
+    are seen not to mix)."""
     s = config.spatial_compression
-    videos = np.random.default_rng(seed).uniform(-1, 1, (1, frames, 2 * s, 4 * s, config.in_channels))
+    videos = np.random.default_rng(seed).uniform(-1, 1, (2, frames, 2 * s, 4 * s, config.in_channels))
     return {"videos": videos.astype(np.float32)}
 
 
@@ -164,7 +165,7 @@ def test_single_frame_free_latents_and_latent_scaling_match_diffusers(cog_refere
         decoded = ref.decode(_torch(z, torch.float32)).sample
     run = nnx.jit(lambda m, x, latents: (*m.encode(x), m.latents(x), m.decode_latents(latents)))
     mean, logvar, latents, got = run(model, jnp.asarray(image), jnp.asarray(z * scale))
-    assert mean.shape == (1, 1, 2, 4, 4) and got.shape == (2, 1, 16, 32, 3)
+    assert mean.shape == (2, 1, 2, 4, 4) and got.shape == (2, 1, 16, 32, 3)
     assert relative_error(mean, _numpy(posterior.mean)) < 1e-5
     assert relative_error(logvar, _numpy(posterior.logvar)) < 1e-5
     assert relative_error(latents, _numpy(posterior.mode() * scale)) < 1e-5
@@ -197,7 +198,7 @@ def test_chunked_encode_and_decode_equal_one_shot():
     model = _perturbed_tiny(0)
     videos = jnp.asarray(make_inputs(TINY, 3)["videos"])
     mean, _, decoded = _outputs(model, videos)
-    assert mean.shape == (1, 5, 2, 4, 4) and decoded.shape == videos.shape
+    assert mean.shape == (2, 5, 2, 4, 4) and decoded.shape == videos.shape
     chunked_mean, chunked_decoded = _chunked(model, videos, mean)
     assert relative_error(chunked_mean, mean) < 1e-5
     assert relative_error(chunked_decoded, decoded) < 1e-5
@@ -215,6 +216,8 @@ def test_encode_and_decode_chunk_frames_loop_over_chunks():
     for chunk in (8, 24):
         posterior = nnx.eval_shape(lambda m, chunk=chunk: m.encode(videos, chunk_frames=chunk), model)
         assert posterior.mean.shape == latents.shape, chunk
+    assert TINY.latent_frames(33) == 9
+    assert cv.CogVideoXVAEConfig(block_out_channels=(32, 32), temporal_compression_ratio=2).latent_frames(33) == 17
     for chunk in (2, 6):
         decoded = nnx.eval_shape(lambda m, chunk=chunk: m.decode(latents, chunk_frames=chunk), model)
         assert decoded.shape == videos.shape, chunk
@@ -263,7 +266,7 @@ def test_rtn_and_gptq_stay_close_to_float():
     on the videos (encoder) and the posterior means (decoder), lands closer to float than rounding on held-out
     clips."""
     model = _perturbed_tiny(3)
-    calib, held_out = {"videos": _smooth_videos(4, 9, 1)}, jnp.asarray(_smooth_videos(1, 17, 2))
+    calib, held_out = {"videos": _smooth_videos(4, 9, 1)}, jnp.asarray(_smooth_videos(2, 17, 2))
     expected = _outputs(model, held_out)[2]
     errors = {}
     for recipe in ("rtn-w8", "gptq-w8"):
