@@ -161,14 +161,18 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--no-latency", action="store_true", help="skip the prefill/decode latency measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    image = p.add_argument_group("text-to-image models")
-    image.add_argument("--reference", default=None, help="float pipeline the images are compared with (PSNR/SSIM; "
-                                                         "default: the bundled jq-mmdit-tiny)")
+    image = p.add_argument_group("text-to-image and text-to-video models")
+    image.add_argument("--reference", default=None, help="float pipeline the images or clips are compared with "
+                                                         "(PSNR/SSIM; default: the bundled jq-mmdit-tiny or "
+                                                         "jq-video-tiny)")
+    image.add_argument("--clips", type=_positive_int, default=16,
+                       help="text-to-video: single-emoji validation captions to sample (default: %(default)s)")
     image.add_argument("--seeds-per-prompt", type=_positive_int, default=2,
                        help="images per single-glyph prompt (default: %(default)s)")
     image.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default: the pipeline's)")
     image.add_argument("--guidance", type=float, default=None,
                        help="guidance scale (default: the pipeline's; 0 turns guidance off)")
+    cli_image.add_image_eval_options(image)
 
 
 def _print_table(console: Console, title: str, rows: Sequence[tuple[str, str]]) -> None:
@@ -336,11 +340,19 @@ def _metric_rows(result: dict, args) -> list[tuple[str, object]]:
     return rows
 
 
+def _pipeline_command(name: str, args, console: Console) -> dict:
+    """``cli_image.<name>`` or ``cli_video.<name>`` by the kind of pipeline ``--model`` names."""
+    from jquant import cli_video
+
+    module = cli_video if cli_image.pipeline_kind(args.model) == "text-to-video" else cli_image
+    return getattr(module, name)(args, console)
+
+
 def _cmd_eval(args, console: Console) -> dict:
     from jquant.models import load
 
     if cli_image.is_pipeline_model(args.model):
-        return cli_image.evaluate(args, console)
+        return _pipeline_command("evaluate", args, console)
 
     _tasks(args)
     loaded = load(args.model)
@@ -363,7 +375,7 @@ def _cmd_quantize(args, console: Console) -> dict:
     from jquant.recipes import Recipe, get
 
     if cli_image.is_pipeline_model(args.model):
-        return cli_image.quantize(args, console)
+        return _pipeline_command("quantize", args, console)
     if args.out:
         check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
     if not args.no_eval:
@@ -457,11 +469,13 @@ def _cmd_generate(args, console: Console) -> dict:
     from jquant.models import load
 
     if cli_image.is_pipeline_model(args.model):
-        return cli_image.generate(args, console)
-    image_only = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--out", args.out))
-                  if value is not None] + (["--num-images"] if args.num_images != 1 else [])
+        return _pipeline_command("generate", args, console)
+    image_only = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--out", args.out),
+                                           ("--frames", args.frames)) if value is not None] + \
+        (["--num-images"] if args.num_images != 1 else [])
     if image_only:
-        raise ValueError(f"{', '.join(image_only)} apply to text-to-image models; {args.model} is a language model.")
+        raise ValueError(f"{', '.join(image_only)} apply to text-to-image and text-to-video models; {args.model} is a "
+                         "language model.")
 
     loaded = load(args.model)
     tokenizer = _tokenizer(loaded, args)

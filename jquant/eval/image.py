@@ -110,7 +110,10 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
     Means and covariances (``np.cov``, ddof 1) per set; ``tr((S_a S_b)^(1/2))`` is computed as
     ``tr((S_a^(1/2) S_b S_a^(1/2))^(1/2))`` (the same value: the matrices are similar) from symmetric
-    eigendecompositions, so no complex round-off appears where ``scipy.linalg.sqrtm(S_a @ S_b)`` gives some.
+    eigendecompositions, so no complex round-off appears where ``scipy.linalg.sqrtm(S_a @ S_b)`` gives some. With
+    fewer samples than dimensions (``N + M < D``, e.g. a few hundred images' 2048-d Inception features) it is the
+    nuclear norm of ``X_a X_bᵀ / sqrt((N - 1)(M - 1))`` (``X`` the centred features; the nonzero eigenvalues of
+    ``S_a S_b`` are its squared singular values), which needs no ``D x D`` decomposition.
     Fewer samples than dimensions leave the covariances singular: the value is then a biased estimate.
     """
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
@@ -123,6 +126,11 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise ValueError("frechet_distance: the features contain NaN or infinity.")
     mu_a, mu_b = a.mean(0), b.mean(0)
+    if len(a) + len(b) < a.shape[1]:  # few samples in many dimensions: the same trace from the samples
+        xa, xb = a - mu_a, b - mu_b
+        trace_sqrt = np.sum(np.linalg.svd(xa @ xb.T, compute_uv=False)) / np.sqrt((len(a) - 1) * (len(b) - 1))
+        traces = np.sum(xa**2) / (len(a) - 1) + np.sum(xb**2) / (len(b) - 1)
+        return float(np.sum((mu_a - mu_b) ** 2) + traces - 2.0 * trace_sqrt)
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     root_a = _sqrt_psd(s_a)
     inner = root_a @ s_b @ root_a
