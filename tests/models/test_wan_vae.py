@@ -160,10 +160,10 @@ def test_decode_matches_diffusers_on_unrelated_latents(wan_reference):
 
 
 def test_chunked_encode_and_decode_equal_one_pass(wan_reference):
-    """A 17-frame clip encoded in chunks of 8 frames (9, then 8; the causal cache passed along, each chunk jitted)
-    equals the one-pass posterior; its 5 latent frames decoded in chunks of 2 (3, then 2) equal the one-pass
-    decode; and the one-pass results match diffusers' own cached loop (first frame, then 4 frames at a time;
-    latents frame by frame). Chunks of 4 frames and of 1 latent frame: the next test."""
+    """A 17-frame clip encoded in chunks (the causal cache passed along, each chunk jitted) equals the one-pass
+    posterior, for diffusers' split (the first frame alone, then 4 at a time) and for chunks of 8 (9, then 8); its
+    5 latent frames decoded one at a time (diffusers' split) and in chunks of 2 (3, then 2) equal the one-pass
+    decode; and the one-pass results match diffusers' own cached loops."""
     import torch
 
     ref, folder = wan_reference
@@ -174,25 +174,24 @@ def test_chunked_encode_and_decode_equal_one_pass(wan_reference):
         posterior = ref.encode(_torch(videos, torch.float32)).latent_dist
         decoded = _numpy(ref.decode(posterior.mode()).sample)
     assert relative_error(whole.mean, _numpy(posterior.mean)) < 1e-5
-    for chunk in (8,):
+    for splits in ([(0, 1)] + [(i, i + 4) for i in range(1, 17, 4)], wan_vae._chunks(17, 8, 4)):
         cache, means, logvars = None, [], []
-        for start, stop in wan_vae._chunks(17, chunk, 4):
+        for start, stop in splits:
             (mean, logvar), cache = _encode_chunk(model, videos[:, start:stop], cache)
             assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(cache))
             means.append(mean)
             logvars.append(logvar)
-        assert relative_error(jnp.concatenate(means, 1), whole.mean) < 1e-5, chunk
-        assert relative_error(jnp.concatenate(logvars, 1), whole.logvar) < 1e-5, chunk
+        assert relative_error(jnp.concatenate(means, 1), whole.mean) < 1e-5, splits
+        assert relative_error(jnp.concatenate(logvars, 1), whole.logvar) < 1e-5, splits
     one_pass = _decode_chunk(model, whole.mean, None)[0]
     assert one_pass.shape == (1, 17, 32, 16, 3)
     assert relative_error(one_pass, decoded) < 1e-5
-    for chunk in (2,):
+    for splits in ([(i, i + 1) for i in range(5)], wan_vae._chunks(5, 2, 1)):
         cache, parts = None, []
-        for start, stop in wan_vae._chunks(5, chunk, 1):
+        for start, stop in splits:
             part, cache = _decode_chunk(model, whole.mean[:, start:stop], cache)
             parts.append(part)
-        assert len(parts) > 1
-        assert relative_error(jnp.concatenate(parts, 1), one_pass) < 1e-5, chunk
+        assert relative_error(jnp.concatenate(parts, 1), one_pass) < 1e-5, splits
 
 
 def test_encode_and_decode_chunk_frames_argument():
