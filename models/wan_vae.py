@@ -301,7 +301,7 @@ class AutoencoderKLWan(nnx.Module):
         if not frames_ok or shape[-1] != cfg.in_channels or shape[2] % s or shape[3] % s:
             frames = (f"F = 1 + {t} m frames ({', '.join(str(1 + t * m) for m in range(3))}, ...: the first frame "
                       f"alone, then {t} frames per latent frame)" if first else
-                      f"F = {t} m frames, m >= 1 (a chunk after the first holds whole latent frames' {t} frames)")
+                      f"F = {t} m frames, m >= 1 (each chunk after the first holds {t} frames per latent frame)")
             raise ValueError(f"AutoencoderKLWan: videos must be [B, F, H, W, {cfg.in_channels}] (channels last) with "
                              f"{frames} and H, W multiples of {s}; got shape {shape}. Transpose [B, C, F, H, W] "
                              "videos with x.transpose(0, 2, 3, 4, 1); trim or pad the frames.")
