@@ -56,14 +56,32 @@ def frame_batches(frames: int, batch: int) -> tuple[int, ...]:
 
 
 def batched_group_norm(norm: GroupNorm, x: jax.Array, frames_batch: int) -> jax.Array:
-    """``norm`` with statistics per frame batch (``frame_batches``): ``x [B, F, H, W, C]`` -> same shape."""
+    """``norm`` (a ``GroupNorm``: its groups, eps, weight and bias) with statistics per frame batch
+    (``frame_batches``): ``x [B, F, H, W, C]`` -> same shape.
+
+    One pass over the clip: per-frame group sums are added up per batch, and the batch statistics repeated back
+    over its frames, so a clip of many batches costs one normalisation (not one per batch), in at least float32.
+    """
     sizes = frame_batches(x.shape[1], frames_batch)
-    first = norm(x[:, :sizes[0]])
     if len(sizes) == 1:
-        return first
-    b, n = x.shape[0], len(sizes) - 1
-    rest = norm(x[:, sizes[0]:].reshape(b * n, frames_batch, *x.shape[2:]))
-    return jnp.concatenate([first, rest.reshape(b, n * frames_batch, *x.shape[2:])], axis=1)
+        return norm(x)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    b, f, *_, c = x.shape
+    grouped = x.astype(acc).reshape(b, f, -1, norm.num_groups, c // norm.num_groups)  # [B, F, H W, G, C / G]
+    per_frame = grouped[0, 0].size // norm.num_groups  # values per frame and group
+
+    def batch_mean(values: jax.Array) -> jax.Array:
+        """``values [B, F, H W, G, C / G]`` -> their mean per frame batch and group, repeated over the batch's
+        frames: ``[B, F, 1, G, 1]``."""
+        sums = values.sum(axis=(2, 4))  # [B, F, G]
+        rest = sums[:, sizes[0]:].reshape(b, len(sizes) - 1, frames_batch, -1).sum(axis=2)
+        batches = jnp.concatenate([sums[:, :sizes[0]].sum(axis=1, keepdims=True), rest], axis=1)
+        means = batches / (np.asarray(sizes)[None, :, None] * per_frame)
+        return jnp.repeat(means, np.asarray(sizes), axis=1, total_repeat_length=f)[:, :, None, :, None]
+
+    centred = grouped - batch_mean(grouped)
+    y = (centred * jax.lax.rsqrt(batch_mean(jnp.square(centred)) + norm.eps)).reshape(x.shape)
+    return (y * norm.weight[...].astype(acc) + norm.bias[...].astype(acc)).astype(x.dtype)
 
 
 def _nearest(x: jax.Array, axis: int, size: int) -> jax.Array:
