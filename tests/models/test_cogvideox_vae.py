@@ -23,7 +23,8 @@ import pytest
 from flax import nnx
 
 from jquant.models import cogvideox_vae as cv
-from jquant.models.cogvideox_vae_blocks import frame_batches
+from jquant.models.cogvideox_vae_blocks import batched_group_norm, frame_batches
+from jquant.models.image_layers import GroupNorm
 from jquant.quantization import quantize
 from jquant.sites import find_sites
 from jquant.testing.diffusion_suite import DiffusersSpec, DiffusersSuite
@@ -146,6 +147,25 @@ def test_frame_batches_follow_diffusers_split():
                       for i in range(count)]
             expected = tuple(min(stop, frames) - start for start, stop in bounds)
             assert frame_batches(frames, batch) == expected, (frames, batch)
+
+
+def test_batched_group_norm_is_torch_group_norm_per_frame_batch():
+    """Three frame batches (9, 8, 8 frames) of two clips: ``torch.nn.GroupNorm`` on each batch of each clip alone
+    (float64), with perturbed weight and bias."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 25, 3, 5, 8)) * rng.uniform(0.5, 2, (1, 25, 1, 1, 8)) + rng.standard_normal(8)
+    norm = GroupNorm(8, 4, eps=1e-6, param_dtype=jnp.float32)
+    reference = torch.nn.GroupNorm(4, 8, eps=1e-6).double()
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(rng.standard_normal(8)))
+        reference.bias.copy_(torch.from_numpy(rng.standard_normal(8)))
+    norm.weight.set_value(jnp.asarray(reference.weight.detach().numpy(), jnp.float32))
+    norm.bias.set_value(jnp.asarray(reference.bias.detach().numpy(), jnp.float32))
+    expected = np.concatenate([_numpy(reference(_torch(x[:, start:stop], torch.float64)))
+                               for start, stop in ((0, 9), (9, 17), (17, 25))], axis=1)
+    assert relative_error(batched_group_norm(norm, jnp.asarray(x, jnp.float32), 8), expected) < 1e-5
 
 
 def test_single_frame_free_latents_and_latent_scaling_match_diffusers(cog_reference):
