@@ -32,6 +32,7 @@ The encoder's down / mid blocks and the decoder's mid / up blocks are the units 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -68,7 +69,7 @@ def batched_group_norm(norm: GroupNorm, x: jax.Array, frames_batch: int) -> jax.
     acc = jnp.promote_types(x.dtype, jnp.float32)
     b, f, *_, c = x.shape
     grouped = x.astype(acc).reshape(b, f, -1, norm.num_groups, c // norm.num_groups)  # [B, F, H W, G, C / G]
-    per_frame = grouped[0, 0].size // norm.num_groups  # values per frame and group
+    per_frame = math.prod(x.shape[2:-1]) * (c // norm.num_groups)  # values per frame and group
 
     def batch_mean(values: jax.Array) -> jax.Array:
         """``values [B, F, H W, G, C / G]`` -> their mean per frame batch and group, repeated over the batch's
