@@ -270,13 +270,6 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         s, t = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
         return 1 + (frames - 1) // t, height // s, width // s, cfg.latent_channels
 
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """``(f, h, w, L)`` of the latents of one ``frames x height x width`` clip (refused as ``encode`` refuses it)."""
-        cfg = self.config
-        self._check_video_shape((1, frames, height, width, cfg.in_channels))
-        s, t = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
-        return 1 + (frames - 1) // t, height // s, width // s, cfg.latent_channels
-
     def latents(self, videos: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Diffusion latents ``z * scaling_factor``: ``z`` the posterior mode, or a sample drawn with ``key``."""
         posterior = self.encode(videos)

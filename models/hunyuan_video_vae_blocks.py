@@ -29,7 +29,8 @@ variance; ``None``: the chunk's own) and accumulates those of the frames it has 
 sum of squared deviations, merged chunk by chunk after Chan et al. 1979). ``next_pass(cache)`` starts another
 pass over the clip normalizing with the accumulated statistics. A norm's input depends only on the norms before
 it, so after ``num_norms(cache)`` passes (the first may normalize with any statistics) every norm has the whole
-clip's statistics and one more pass equals the one-shot result (``AutoencoderKLHunyuanVideo.encode(videos, chunk_frames=n)``).
+clip's statistics and one more pass equals the one-shot result
+(``AutoencoderKLHunyuanVideo.encode(videos, chunk_frames=n)``).
 """
 
 from __future__ import annotations

@@ -32,11 +32,11 @@ from jquant.testing.hf_reference import relative_error
 
 # case -> diffusers AutoencoderKLHunyuanVideo keyword arguments (besides the block types).
 CASES = {
-    "four-blocks": dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4,
-                        norm_num_groups=8, scaling_factor=0.476986),
-    "no-attention": dict(in_channels=2, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=2,
-                         latent_channels=3, norm_num_groups=4, spatial_compression_ratio=4,
-                         mid_block_add_attention=False),
+    "four-blocks": {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "latent_channels": 4,
+                    "norm_num_groups": 8, "scaling_factor": 0.476986},
+    "no-attention": {"in_channels": 2, "out_channels": 1, "block_out_channels": (8, 16, 16), "layers_per_block": 2,
+                     "latent_channels": 3, "norm_num_groups": 4, "spatial_compression_ratio": 4,
+                     "mid_block_add_attention": False},
 }
 # Three blocks of one width: the quantizable weights come in few shapes, so GPTQ compiles few programs.
 TINY = hv.HunyuanVideoVAEConfig(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4,
@@ -359,11 +359,11 @@ def _write_folder(tmp_path: Path, **config_changes) -> Path:
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(down_block_types=["HunyuanVideoDownBlock3D", "DownBlock3D", "HunyuanVideoDownBlock3D"]),
+    ({"down_block_types": ["HunyuanVideoDownBlock3D", "DownBlock3D", "HunyuanVideoDownBlock3D"]},
      "down_block_types=.*'DownBlock3D'"),
-    (dict(up_block_types=["HunyuanVideoUpBlock3D"]), "up_block_types"),
-    (dict(act_fn="gelu"), "act_fn='gelu'"),
-    (dict(use_tiling=True), r"does not handle: \['use_tiling'\]"),
+    ({"up_block_types": ["HunyuanVideoUpBlock3D"]}, "up_block_types"),
+    ({"act_fn": "gelu"}, "act_fn='gelu'"),
+    ({"use_tiling": True}, r"does not handle: \['use_tiling'\]"),
 ])
 def test_unsupported_config_attributes_are_refused(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
