@@ -123,6 +123,10 @@ class HunyuanVideoVAEConfig:
         n, spatial_layers = len(self.block_out_channels), self.spatial_compression_ratio.bit_length() - 1
         return tuple((2 if n - 3 <= i < n - 1 else 1, 2 if i < spatial_layers else 1) for i in range(n))
 
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a clip of ``frames = 1 + 4k`` frames: ``1 + (frames - 1) / 4``."""
+        return 1 + (frames - 1) // self.temporal_compression_ratio
+
     def replace(self, **changes) -> HunyuanVideoVAEConfig:
         return dataclasses.replace(self, **changes)
 
@@ -249,16 +253,19 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         """diffusers' forward: ``decode(encode(videos).mode())``, ``[B, F, H, W, C_in]`` -> ``[B, F, H, W, C_out]``."""
         return self.decode(self.encode(videos).mode())
 
-    def encode_chunk(self, videos: jax.Array, cache: Cache) -> tuple[VideoPosterior, dict]:
-        """The clip's next frames ``[B, 1 + 4a | 4b, H, W, C_in]`` -> their latent frames' posterior and the cache
-        (None at the clip's start; ``next_pass(cache)`` for another pass, module docstring)."""
-        moments, cache = self.encoder.stream(videos, cache)
+    def encode_chunk(self, videos: jax.Array, cache: Cache = None) -> tuple[VideoPosterior, dict]:
+        """The clip's next frames ``[B, 1 + 4a | 4b, H, W, C_in]`` (``1 + 4a`` with ``cache=None`` or a cache from
+        ``next_pass``: the clip's start; ``b >= 1``) -> their ``1 + a`` / ``b`` latent frames' posterior and the
+        cache for the next chunk (a pytree of arrays; module docstring)."""
+        first = cache is None or cache["conv_in"]["past"] is None
+        self._check_video_shape(tuple(videos.shape), first=first)
+        moments, cache = self.encoder.stream(videos.astype(self.config.dtype), cache)
         return self._posterior(moments), cache
 
-    def decode_chunk(self, latents: jax.Array, cache: Cache) -> tuple[jax.Array, dict]:
+    def decode_chunk(self, latents: jax.Array, cache: Cache = None) -> tuple[jax.Array, dict]:
         """The next latent frames ``[B, 1 + a | b, h, w, L]`` -> their ``1 + 4a`` / ``4b`` video frames, and the
-        cache."""
-        return self.decoder.stream(self.post_quant_conv(latents), cache)
+        cache for the next chunk."""
+        return self.decoder.stream(self.post_quant_conv(self._latents(latents)), cache)
 
     # -- the pipelines' latents ---------------------------------------------------------------------------------
 
@@ -267,8 +274,8 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         frame counts and sizes the VAE does not take are refused as ``encode`` refuses them."""
         cfg = self.config
         self._check_video_shape((1, frames, height, width, cfg.in_channels))
-        s, t = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
-        return 1 + (frames - 1) // t, height // s, width // s, cfg.latent_channels
+        s = cfg.spatial_compression_ratio
+        return cfg.latent_frames(frames), height // s, width // s, cfg.latent_channels
 
     def latents(self, videos: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Diffusion latents ``z * scaling_factor``: ``z`` the posterior mode, or a sample drawn with ``key``."""
@@ -290,14 +297,18 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         self._check_video_shape(tuple(videos.shape))
         return videos.astype(self.config.dtype)
 
-    def _check_video_shape(self, shape: tuple[int, ...]) -> None:
+    def _check_video_shape(self, shape: tuple[int, ...], *, first: bool = True) -> None:
+        """``first``: a whole clip or its first chunk (``1 + 4k`` frames); else a later chunk (``4k``, ``k >= 1``)."""
         cfg = self.config
         s, t = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
         if len(shape) != 5 or shape[-1] != cfg.in_channels or shape[2] % s or shape[3] % s:
             raise ValueError(f"AutoencoderKLHunyuanVideo: videos must be [B, F, H, W, {cfg.in_channels}] (channels "
                              f"last) with H and W multiples of {s}; got shape {shape}. Transpose diffusers' "
                              "[B, C, F, H, W] with x.transpose(0, 2, 3, 4, 1).")
-        if shape[1] % t != 1:
+        if not first and (shape[1] % t or not shape[1]):
+            raise ValueError(f"AutoencoderKLHunyuanVideo: a chunk after the clip's first holds a positive multiple of "
+                             f"{t} frames; got {shape[1]}.")
+        if first and shape[1] % t != 1:
             raise ValueError(f"AutoencoderKLHunyuanVideo: videos have {shape[1]} frames; the causal VAE takes 1 + {t}k "
                              f"frames (1, {1 + t}, {1 + 2 * t}, ...): drop the last {(shape[1] - 1) % t} frames.")
 

@@ -328,6 +328,11 @@ def test_bad_videos_latents_and_chunks_are_refused():
     with pytest.raises(ValueError, match=r"latents must be \[B, f, h, w, 4\]"):
         model.decode(jnp.zeros((3, 4, 2, 4)))
     real = hv.init_model(TINY, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"videos have 4 frames; the causal VAE takes 1 \+ 4k frames"):
+        real.encode_chunk(jnp.zeros((1, 4, 16, 8, 3)))
+    _, cache = real.encode_chunk(jnp.zeros((1, 1, 16, 8, 3)))
+    with pytest.raises(ValueError, match="a chunk after the clip's first holds a positive multiple of 4 frames; got 5"):
+        real.encode_chunk(jnp.zeros((1, 5, 16, 8, 3)), cache)
     for bad in (0, 6, 2.0):
         with pytest.raises(ValueError, match=rf"chunk_frames={bad!r} must be a positive multiple of 4"):
             real.encode(jnp.zeros((1, 9, 16, 8, 3)), chunk_frames=bad)
