@@ -203,23 +203,25 @@ def _perturbed_tiny(seed: int) -> cv.AutoencoderKLCogVideoX:
 
 
 @nnx.jit
-def _chunked(model: cv.AutoencoderKLCogVideoX, videos: jax.Array, latents: jax.Array):
-    """Encode in chunks of 8 frames, decode in chunks of 2 latent frames (after the first frame / latent frame)."""
-    return model.encode(videos, chunk_frames=8).mean, model.decode(latents, chunk_frames=2)
+def _chunked(model: cv.AutoencoderKLCogVideoX, videos: jax.Array):
+    """Encode in chunks of 8 frames, then decode that in chunks of 2 latent frames (after the first frame / latent
+    frame)."""
+    mean = model.encode(videos, chunk_frames=8).mean
+    return mean, model.decode(mean, chunk_frames=2)
 
 
 _encode_chunk = nnx.jit(lambda m, x, cache: m.encode_chunk(x, cache))
 
 
 def test_chunked_encode_and_decode_equal_one_shot():
-    """A 17-frame clip encoded 1 + 8, 8 frames at a time and decoded 1 + 2, 2 latent frames at a time, the causal
-    convs' past passed along as the cache: one shot's latents and frames. A zeroed cache changes the second
-    chunk, so the cache carries the past."""
+    """A 17-frame clip encoded 1 + 8, 8 frames at a time and the result decoded 1 + 2, 2 latent frames at a time,
+    the causal convs' past passed along as the cache: one shot's latents and frames. A zeroed cache changes the
+    second chunk, so the cache carries the past."""
     model = _perturbed_tiny(0)
     videos = jnp.asarray(make_inputs(TINY, 3)["videos"])
     mean, _, decoded = _outputs(model, videos)
     assert mean.shape == (2, 5, 2, 4, 4) and decoded.shape == videos.shape
-    chunked_mean, chunked_decoded = _chunked(model, videos, mean)
+    chunked_mean, chunked_decoded = _chunked(model, videos)
     assert relative_error(chunked_mean, mean) < 1e-5
     assert relative_error(chunked_decoded, decoded) < 1e-5
     first, cache = _encode_chunk(model, videos[:, :9], None)
