@@ -10,7 +10,8 @@ numbers measured on the exported weights) and ``loss_curve.png``; the DiT stage 
 ``samples.png`` (rows of frames). The clips are ``jquant.data.video_scenes`` at 32x32 with the ``reference-32``
 vocabulary (one or two emoji, scripted motion): short clips for the VAE (it is causal and convolutional, so
 it runs on any 1 + 4k frames), 17 frames (5 latent frames) for the DiT. Prompt accuracy is per frame, by the
-bundled judge (jq-emoji-classifier) on single-emoji clips without cuts, next to a random-label baseline.
+bundled judge (jq-emoji-classifier) on single-emoji validation clips without cuts, next to a random-label
+baseline (``jquant.cli_video.evaluate_pipeline``, what ``jquant eval`` reports).
 """
 
 from __future__ import annotations
@@ -32,23 +33,22 @@ from jquant.train.loop import LoopConfig
 
 from train_image_models import BUNDLE, REPO, RESOLUTION, VOCABULARY, _machine, _write_info
 
-MAX_LENGTH = 32
-CLEAN_MOTIONS = ("still", "drift", "fast")  # single-emoji clips whose glyph is visible in every frame
+MAX_LENGTH = 64  # text tokens (with the start token); longer captions (about 5% of clips) are skipped
 
 
-def _clips(split: str, n: int, seed: int, frames: int, objects=(1, 2), motions=None):
-    kwargs = {} if motions is None else {"motions": motions}
-    s = video_scenes(split, n, RESOLUTION, seed, frames=frames, vocabulary=VOCABULARY, objects=objects, **kwargs)
-    return im.images_to_unit_range(s.videos), s.captions, s
+def _clips(split: str, n: int, seed: int, frames: int) -> np.ndarray:
+    """``n`` clips ``[n, F, 32, 32, 3]`` in ``[-1, 1]`` of one or two emoji."""
+    return im.images_to_unit_range(video_scenes(split, n, RESOLUTION, seed, frames=frames, vocabulary=VOCABULARY).videos)
 
 
 def train_vae_stage(args) -> dict:
+    from jquant.models import hf_io
     from jquant.models import hunyuan_video_vae as hv
 
     out = args.bundle / "jq-video-vae-tiny"
     check_output_folder(out, overwrite=args.overwrite, argument="--overwrite")
-    x, _, _ = _clips("train", args.vae_train, 1, args.vae_frames)
-    vx, _, _ = _clips("validation", 64, 1, 17)
+    x = _clips("train", args.vae_train, 1, args.vae_frames)
+    vx = _clips("validation", 64, 1, 17)
     cfg = hv.FAMILY.presets["jq-video-vae-tiny"]
     model = hv.init_model(cfg, jax.random.key(1))
     loop = LoopConfig(steps=args.vae_steps, warmup_steps=min(100, args.vae_steps // 10), peak_lr=1e-3,
@@ -67,7 +67,8 @@ def train_vae_stage(args) -> dict:
             "validation_psnr_db_17_frames": im.reconstruction_psnr(scaled, vx, batch_size=8),
             "chunked_vs_whole_max_abs_difference": float(np.max(np.abs(chunked - whole))),
             "scaling_factor": scaled.config.scaling_factor}
-    hv.FAMILY.to_diffusers(scaled, out, overwrite=args.overwrite,
+    hf_io.write_checkpoint(out, hv.config_to_diffusers(scaled.config), hv.to_tensors(scaled),
+                           weights_name=hf_io.DIFFUSERS_FILE, overwrite=args.overwrite,
                            extra_files=lambda f: _write_info(f, info, result.history, "jq-video-vae-tiny",
                                                              "loss / -PSNR (dB)"))
     return info
@@ -85,42 +86,32 @@ def _text(encoder, captions: list[str], batch: int = 512) -> tuple[np.ndarray, d
     return np.array([where[c] for c in captions], np.int32), {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _encoded_clips(vae, split: str, n: int, seed: int, batch: int = 32) -> tuple[np.ndarray, list[str]]:
-    """``(latents [n, 5, 8, 8, 4], captions)`` of ``n`` 17-frame clips, drawn as ``video_scenes`` draws them and
-    encoded ``batch`` clips at a time (the pixels of all clips at once would not fit in memory)."""
+def _encoded_clips(vae, encoder, split: str, n: int, seed: int, batch: int = 32) -> tuple[np.ndarray, list[str], int]:
+    """``(latents [n, 5, 8, 8, 4], captions, skipped)``: ``n`` 17-frame clips drawn as ``video_scenes`` draws them,
+    those whose caption is longer than ``MAX_LENGTH`` tokens skipped (counted), encoded ``batch`` clips at a time
+    (the pixels of all clips at once would not fit in memory)."""
     from jquant.data.emoji import load_glyphs
-    from jquant.data.video_scenes import make_clip
     from jquant.data.scenes import SPLITS
+    from jquant.data.video_scenes import make_clip
 
     encode = nnx.jit(lambda m, x: m.latents(x))
     rng, glyphs = np.random.default_rng([seed, SPLITS.index(split)]), load_glyphs()
-    latents, captions = [], []
-    for start in range(0, n, batch):
-        clips = [make_clip(rng, RESOLUTION, split, frames=17, vocabulary=VOCABULARY, glyphs=glyphs)
-                 for _ in range(min(batch, n - start))]
-        latents.append(np.asarray(encode(vae, jnp.asarray(im.images_to_unit_range(np.stack([c[0] for c in clips]))))))
-        captions += [c[1] for c in clips]
-    return np.concatenate(latents), captions
-
-
-def prompt_accuracy_report(pipe, classifier, n: int, steps: int, guidance: float | None) -> dict:
-    """Per-frame prompt accuracy of single-emoji validation captions without cuts (the judge's top-1 against the
-    clip's glyph, frame by frame), next to the same predictions scored against shuffled labels."""
-    from jquant.eval.video import frame_prompt_accuracy
-
-    _, captions, scenes = _clips("validation", n, 5, pipe.defaults.frames, objects=(1,), motions=CLEAN_MOTIONS)
-    labels = np.array([t.labels[0, 0] for t in scenes.truths])
-    videos = np.concatenate([np.asarray(pipe.generate(captions[i:i + 16], seed=1000 + i, steps=steps,
-                                                      guidance=guidance)) for i in range(0, n, 16)])
-    per_frame = frame_prompt_accuracy(classifier, videos, labels)
-    shuffled = frame_prompt_accuracy(classifier, videos, np.random.default_rng(0).permutation(labels))
-    return {"frame_prompt_accuracy": float(per_frame.mean()), "frame_prompt_accuracy_per_frame": per_frame.tolist(),
-            "random_label_accuracy": float(shuffled.mean()), "chance": 1.0 / 32, "prompts": n,
-            "sampling_steps": steps, "guidance": guidance}
+    latents, captions, pending, skipped = [], [], [], 0
+    while len(captions) < n:
+        video, caption, _ = make_clip(rng, RESOLUTION, split, frames=17, vocabulary=VOCABULARY, glyphs=glyphs)
+        if 1 + len(encoder.tokenizer(caption, add_special_tokens=False)["input_ids"]) > MAX_LENGTH:  # + start token
+            skipped += 1
+            continue
+        pending.append(video)
+        captions.append(caption)
+        if len(pending) == batch or len(captions) == n:
+            latents.append(np.asarray(encode(vae, jnp.asarray(im.images_to_unit_range(np.stack(pending))))))
+            pending = []
+    return np.concatenate(latents), captions, skipped
 
 
 def train_dit_stage(args) -> dict:
-    from jquant.checkpoint import load as load_checkpoint
+    from jquant.cli_video import evaluate_pipeline
     from jquant.media import save_gif, to_uint8, video_frames_grid
     from jquant.models import hunyuan_video, load
     from jquant.models.text_encoder import TextEncoder
@@ -133,8 +124,8 @@ def train_dit_stage(args) -> dict:
     vae = load(args.bundle / "jq-video-vae-tiny").model
     encoder = TextEncoder.load("jq-llama-tiny")
     t0 = time.time()
-    latents, captions = _encoded_clips(vae, "train", args.dit_train, 2)
-    vlatents, vcaptions = _encoded_clips(vae, "validation", 256, 2)
+    latents, captions, skipped = _encoded_clips(vae, encoder, "train", args.dit_train, 2)
+    vlatents, vcaptions, _ = _encoded_clips(vae, encoder, "validation", 256, 2)
     index, cond = _text(encoder, captions)
     vindex, vcond = _text(encoder, vcaptions)
     unc = encoder.unconditional(1, MAX_LENGTH)
@@ -163,14 +154,13 @@ def train_dit_stage(args) -> dict:
     pipe = TextToVideo(text_encoder=encoder, transformer=model, vae=vae,
                        defaults=VideoSamplingDefaults(steps=20, guidance=args.guidance, shift=1.0,
                                                       max_length=MAX_LENGTH, frames=17, size=RESOLUTION))
-    classifier = load_checkpoint(args.bundle / "jq-emoji-classifier")
-    report = prompt_accuracy_report(pipe, classifier, n=64, steps=20, guidance=args.guidance)
+    report = evaluate_pipeline(pipe, None, clips=args.eval_clips, steps=20, guidance=args.guidance)
     sample_prompts = vcaptions[:8]
     clips = to_uint8(pipe.generate(sample_prompts, seed=0))
     info = {"name": "jq-video-tiny", "family": "hunyuan_video",
             "trained_on": f"video_scenes train split, {len(latents)} clips of 17 frames at {RESOLUTION}x{RESOLUTION} "
                           f"through jq-video-vae-tiny, captions encoded by jq-llama-tiny (final states, {MAX_LENGTH} "
-                          "tokens)", "config": hunyuan_video.FAMILY.config_to_json(cfg),
+                          f"tokens; {skipped} clips with longer captions skipped)", "config": hunyuan_video.FAMILY.config_to_json(cfg),
             "parameters": int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))),
             "steps": loop.steps, "batch_size": args.dit_batch, "p_uncond": 0.1, "ema_decay": loop.ema_decay,
             "train_seconds": round(result.seconds, 1), "machine": _machine(),
@@ -208,6 +198,7 @@ def main() -> None:
     parser.add_argument("--dit-batch", type=int, default=32)
     parser.add_argument("--dit-lr", type=float, default=5e-4)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--eval-clips", type=int, default=64, help="validation captions the DiT is judged on")
     args = parser.parse_args()
     t0 = time.time()
     info = STAGES[args.stage](args)

@@ -27,25 +27,39 @@ JUDGE = "jq-emoji-classifier"
 REFERENCE_PIPELINE = "jq-mmdit-tiny"
 
 
-def is_pipeline_model(name_or_path: str) -> bool:
-    """Whether ``--model`` names a text-to-image pipeline (bundled name or folder)."""
+def pipeline_kind(name_or_path: str) -> str | None:
+    """The kind of pipeline ``--model`` names ("text-to-image" or "text-to-video"; bundled name or folder), None
+    when it names no pipeline."""
     from jquant.models.loading import resolve
-    from jquant.text_to_image import is_pipeline
+    from jquant.text_to_image import is_pipeline, read_pipeline_kind
 
     try:
-        return is_pipeline(resolve(name_or_path))
+        path = resolve(name_or_path)
     except ValueError:
-        return False
+        return None
+    return read_pipeline_kind(path) if is_pipeline(path) else None
+
+
+def is_pipeline_model(name_or_path: str) -> bool:
+    """Whether ``--model`` names a text-to-image or text-to-video pipeline (bundled name or folder)."""
+    return pipeline_kind(name_or_path) is not None
 
 
 def add_image_generate_options(parser: argparse.ArgumentParser, positive_int) -> None:
-    group = parser.add_argument_group("text-to-image models")
+    group = parser.add_argument_group("text-to-image and text-to-video models")
     group.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: the pipeline's)")
     group.add_argument("--guidance", type=float, default=None,
                        help="classifier-free guidance scale (default: the pipeline's; 0 turns guidance off)")
     group.add_argument("--num-images", type=positive_int, default=1,
-                       help="images from seeds SEED, SEED+1, ...; more than one writes a grid (default: 1)")
-    group.add_argument("--out", default=None, help="the PNG to write (required for text-to-image models)")
+                       help="images (or clips) from seeds SEED, SEED+1, ...; more than one writes a grid (clips side "
+                            "by side) (default: 1)")
+    group.add_argument("--out", default=None,
+                       help="the PNG (text-to-image) or GIF / MP4 (text-to-video) to write (required for these models)")
+    group.add_argument("--frames", type=positive_int, default=None,
+                       help="text-to-video: frames per clip, 1 + 4k for a 4x temporal VAE (default: the pipeline's)")
+    group.add_argument("--fps", type=positive_int, default=8, help="text-to-video: frames per second (default: 8)")
+    group.add_argument("--scale", type=positive_int, default=4,
+                       help="text-to-video: pixel enlargement of the written clip (default: 4)")
 
 
 def add_image_eval_options(group: argparse._ArgumentGroup) -> None:
@@ -109,6 +123,8 @@ def generate(args, console: Console) -> dict:
     from jquant.media import image_grid, to_uint8
     from jquant.text_to_image import load_pipeline
 
+    if getattr(args, "frames", None) is not None:
+        raise ValueError(f"--frames applies to text-to-video models; {args.model} is a text-to-image pipeline.")
     path = _check_png(args.out)
     if args.seed < 0:
         raise ValueError(f"--seed must be a non-negative int, got {args.seed}.")

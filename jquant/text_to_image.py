@@ -208,6 +208,12 @@ def is_pipeline(path: str | Path) -> bool:
     return (Path(path) / PIPELINE_FILE).is_file()
 
 
+def read_pipeline_kind(path: str | Path) -> str:
+    """The ``kind`` a pipeline folder's ``pipeline.json`` records (folders written before kinds: text-to-image)."""
+    manifest = json.loads((Path(path) / PIPELINE_FILE).read_text())
+    return manifest.get("kind", TextToImage.KIND)
+
+
 def load_pipeline(path: str | Path, *, dtype: str = "float32"):
     """Read a pipeline folder written by ``save_pipeline`` (its transformer and VAE float or quantized, and its
     attention plan if it has one): a ``TextToImage``, or a ``TextToVideo`` where ``pipeline.json``'s ``kind`` is

@@ -253,6 +253,13 @@ class AutoencoderKLCogVideoX(nnx.Module):
         """diffusers' forward: ``decode(encode(videos).mode())``, ``[B, F, H, W, C_in]`` -> ``[B, F, H, W, C_out]``."""
         return self.decode(self.encode(videos).mode())
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(f, h, w, L)`` of the latents of one ``frames x height x width`` clip (refused as ``encode`` refuses it)."""
+        cfg = self.config
+        self._check_videos((1, frames, height, width, cfg.in_channels), first=True)
+        s = cfg.spatial_compression
+        return cfg.latent_frames(frames), height // s, width // s, cfg.latent_channels
+
     def latents(self, videos: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Diffusion latents ``z * scaling_factor`` (the CogVideoX pipelines): ``z`` the posterior mode, or a
         sample drawn with ``key``."""

@@ -124,8 +124,8 @@ def _check_positive_int(value, name: str) -> None:
 
 
 class Posterior(NamedTuple):
-    """The diagonal Gaussian ``N(mean, diag(exp(logvar)))`` over latents ``[B, h, w, L]`` (diffusers'
-    ``DiagonalGaussianDistribution``); unpacks as ``mean, logvar``."""
+    """The diagonal Gaussian ``N(mean, diag(exp(logvar)))`` over latents ``[B, h, w, L]`` (or video latents ``[B, f,
+    h, w, L]``; diffusers' ``DiagonalGaussianDistribution``); unpacks as ``mean, logvar``."""
 
     mean: jax.Array
     logvar: jax.Array
@@ -138,8 +138,9 @@ class Posterior(NamedTuple):
         return self.mean + jnp.exp(0.5 * self.logvar) * jax.random.normal(key, self.mean.shape, self.mean.dtype)
 
     def kl(self) -> jax.Array:
-        """``KL(q || N(0, I)) = ½ Σ (mean² + exp(logvar) - 1 - logvar)`` over ``h, w, L``: ``[B]``."""
-        return 0.5 * jnp.sum(jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3))
+        """``KL(q || N(0, I)) = ½ Σ (mean² + exp(logvar) - 1 - logvar)`` over every axis but the batch: ``[B]``."""
+        terms = jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar
+        return 0.5 * jnp.sum(terms, axis=tuple(range(1, terms.ndim)))
 
 
 class Encoder(nnx.Module):

@@ -278,6 +278,14 @@ class AutoencoderKLWan(nnx.Module):
         cfg = self.config
         return jnp.asarray(cfg.latents_mean, cfg.dtype), jnp.asarray(cfg.latents_std, cfg.dtype)
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(f, h, w, z_dim)`` of the latents of one ``frames x height x width`` clip (refused as ``encode`` refuses
+        it)."""
+        cfg = self.config
+        self._check_videos((1, frames, height, width, cfg.in_channels), first=True)
+        s = cfg.spatial_compression
+        return cfg.latent_frames(frames), height // s, width // s, cfg.z_dim
+
     def latents(self, videos: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Diffusion latents ``(z - latents_mean) / latents_std`` per channel (the Wan pipelines): ``z`` the posterior
         mode, or a sample drawn with ``key``."""

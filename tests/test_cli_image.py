@@ -73,7 +73,7 @@ def test_generate_never_replaces_a_file(pipeline_folder, tmp_path, capsys):
 
 def test_image_options_are_refused_for_language_models(capsys):
     assert main(["generate", "--model", "jq-llama-tiny", "--prompt", "To be", "--steps", "4"]) == 2
-    assert "apply to text-to-image models" in capsys.readouterr().err
+    assert "apply to text-to-image and text-to-video models" in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_quantize_saves_a_quantized_pipeline(pipeline_folder, tmp_path, capsys):

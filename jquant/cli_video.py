@@ -1,0 +1,199 @@
+"""The ``jquant`` commands on text-to-video pipelines (``generate``, ``eval``, ``quantize`` of e.g. jq-video-tiny).
+
+``jquant.cli`` hands a command here when ``--model`` names a pipeline folder whose ``pipeline.json`` says
+``"kind": "text-to-video"``:
+
+- ``generate``: ``--prompt`` -> an animated GIF (or an MP4 where ``imageio`` with its bundled ffmpeg is
+  installed) at ``--out``: ``--num-images`` clips of ``--frames`` frames from seeds ``--seed``, ``--seed + 1``, ...
+  side by side;
+- ``eval``: per-frame prompt accuracy of single-emoji validation captions (the bundled judge), next to the
+  random-label baseline; per-frame PSNR / SSIM against ``--reference`` (default: the bundled float pipeline) for
+  the same prompts and seeds; the TV-L1 warping error of the clips and of the reference's; the VAE's
+  reconstruction PSNR on real validation clips; sampling time per clip;
+- ``quantize``: calibration along sampler trajectories of training captions, ``jquant.quantize`` of the
+  transformer with the recipe, and the quantized pipeline saved to ``--out``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from jquant.cli_image import JUDGE, _guidance
+
+REFERENCE_PIPELINE = "jq-video-tiny"
+VIDEO_SUFFIXES = (".gif", ".mp4")
+CLEAN_MOTIONS = ("still", "drift", "fast")
+
+
+def _check_video_out(out: str | None) -> Path:
+    if out is None:
+        raise ValueError("--out is required for a text-to-video model: the GIF (or MP4) to write, e.g. --out clip.gif.")
+    path = Path(out)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"--out {out!r} must end in .gif or .mp4.")
+    if path.exists():
+        raise ValueError(f"--out {out!r} exists; jquant never replaces a file it did not create. Pick a new name.")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {out!r}: the folder {path.parent} does not exist.")
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio.v3  # noqa: F401
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--out {out!r}: writing MP4 needs imageio and its bundled ffmpeg (pip install imageio "
+                             "imageio-ffmpeg); or write a .gif.") from None
+    return path
+
+
+def _write_mp4(clips: np.ndarray, path: Path, fps: int, scale: int) -> None:
+    """uint8 clips ``[N, F, H, W, 3]`` side by side as one MP4 (written to a temporary name, then moved)."""
+    import imageio.v3 as iio
+
+    frames = np.concatenate(list(clips), axis=2).repeat(scale, axis=1).repeat(scale, axis=2)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    iio.imwrite(tmp, frames, fps=fps, codec="libx264", macro_block_size=1)
+    tmp.replace(path)
+
+
+def generate(args, console: Console) -> dict:
+    from jquant.media import save_gif, to_uint8
+    from jquant.models.loading import resolve
+    from jquant.text_to_image import load_pipeline
+
+    path = _check_video_out(args.out)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative int, got {args.seed}.")
+    pipe = load_pipeline(resolve(args.model))
+    frames = args.frames or pipe.defaults.frames
+    pipe.latent_shape(frames)  # refuses a frame count the VAE cannot take, before any sampling
+    guidance = _guidance(args.guidance, pipe.defaults.guidance)
+    steps = args.steps or pipe.defaults.steps
+    start = time.perf_counter()
+    clips = np.concatenate([np.asarray(pipe.generate([args.prompt], seed=args.seed + i, steps=steps, guidance=guidance,
+                                                     frames=frames, progress=not args.json))
+                            for i in range(args.num_images)])
+    seconds = time.perf_counter() - start
+    pixels = to_uint8(clips)
+    if path.suffix.lower() == ".gif":
+        save_gif(pixels, path, fps=args.fps, scale=args.scale)
+    else:
+        _write_mp4(pixels, path, args.fps, args.scale)
+    result = {"prompt": args.prompt, "out": str(path), "seeds": [args.seed + i for i in range(args.num_images)],
+              "frames": int(clips.shape[1]), "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
+    if not args.json:
+        console.print(f"wrote {path} ({args.num_images} clip(s) of {clips.shape[1]} frames, {steps} steps, guidance "
+                      f"{guidance}, {seconds:.1f} s)")
+    return result
+
+
+def validation_prompts(n: int, frames: int, resolution: int = 32) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(captions, labels [n], clips [n, F, R, R, 3] in [-1, 1])`` of ``n`` single-emoji validation clips without
+    cuts (the glyph is visible in every frame, so every frame can be judged against the caption's glyph)."""
+    from jquant.data.video_scenes import video_scenes
+
+    scenes = video_scenes("validation", n, resolution, 5, frames=frames, vocabulary="reference-32", objects=(1,),
+                          motions=CLEAN_MOTIONS)
+    labels = np.array([truth.labels[0, 0] for truth in scenes.truths])
+    return scenes.captions, labels, scenes.videos.astype(np.float32) / 127.5 - 1.0
+
+
+def sample_clips(pipe, prompts: list[str], *, steps: int | None, guidance, batch: int = 16) -> tuple[np.ndarray, float]:
+    """``(clips [N, F, H, W, 3], seconds per clip)``: prompt ``i`` sampled from seed ``i``, in batches."""
+    start = time.perf_counter()
+    clips = np.concatenate([np.asarray(pipe.generate(prompts[i:i + batch], key=None, seed=i, steps=steps,
+                                                     guidance=guidance)) for i in range(0, len(prompts), batch)])
+    return clips, (time.perf_counter() - start) / len(prompts)
+
+
+def evaluate_pipeline(pipe, reference, *, clips: int, steps: int | None, guidance,
+                      reference_clips: np.ndarray | None = None) -> dict:
+    """``jquant.eval.video.video_report`` of ``pipe`` on ``clips`` single-emoji validation captions: per-frame prompt
+    accuracy by the bundled judge (and against shuffled labels), per-frame PSNR / SSIM and the warping error against
+    ``reference``'s clips for the same prompts and seeds (or ``reference_clips``), the VAE's reconstruction PSNR on
+    the real clips, and seconds per clip."""
+    from jquant.checkpoint import load as load_checkpoint
+    from jquant.eval.video import frame_prompt_accuracy, video_report
+    from jquant.models.loading import resolve
+
+    prompts, labels, real = validation_prompts(clips, pipe.defaults.frames, pipe.defaults.size)
+    videos, per_clip = sample_clips(pipe, prompts, steps=steps, guidance=guidance)
+    if reference_clips is None and reference is not None:
+        reference_clips = sample_clips(reference, prompts, steps=steps, guidance=guidance)[0]
+    judge = load_checkpoint(resolve(JUDGE))
+    if judge.config.image_size != videos.shape[2]:
+        raise ValueError(f"the judge takes {judge.config.image_size}px frames; this pipeline draws {videos.shape[2]}px.")
+    report = video_report(videos, reference=reference_clips, labels=labels, classifier_fn=judge,
+                          reconstruct=pipe.vae)
+    report.pop("reconstruction_psnr_db")  # of the generated clips: not the VAE's quality; measured on real clips below
+    report.pop("reconstruction_psnr_db_per_frame")
+    real_report = video_report(real, reconstruct=pipe.vae, temporal=False)
+    shuffled = frame_prompt_accuracy(judge, videos, np.random.default_rng(0).permutation(labels))
+    return {**report, "random_label_accuracy": float(shuffled.mean()), "chance": 1.0 / 32,
+            "vae_reconstruction_psnr_db": real_report["reconstruction_psnr_db"], "seconds_per_clip": per_clip,
+            "steps": steps or pipe.defaults.steps, "guidance": guidance}
+
+
+def evaluate(args, console: Console) -> dict:
+    from jquant.models.loading import resolve
+    from jquant.text_to_image import load_pipeline
+
+    pipe = load_pipeline(resolve(args.model))
+    reference_name = args.reference or REFERENCE_PIPELINE
+    reference = None if Path(resolve(reference_name)) == Path(resolve(args.model)) else load_pipeline(
+        resolve(reference_name))
+    guidance = _guidance(args.guidance, pipe.defaults.guidance)
+    result = {"model": args.model, "reference": None if reference is None else reference_name,
+              **evaluate_pipeline(pipe, reference, clips=args.clips, steps=args.steps, guidance=guidance)}
+    if not args.json:
+        _print(console, f"eval: {args.model}", result)
+    return result
+
+
+def _print(console: Console, title: str, result: dict) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("prompt_accuracy", "random_label_accuracy", "chance", "psnr_db", "ssim", "temporal_error",
+                "temporal_error_reference", "vae_reconstruction_psnr_db", "seconds_per_clip"):
+        if key in result:
+            table.add_row(key, f"{result[key]:.4g}")
+    console.print(table)
+
+
+def quantize(args, console: Console) -> dict:
+    from jquant.atomic import check_output_folder
+    from jquant.data.video_scenes import video_scenes
+    from jquant.models.loading import resolve
+    from jquant.quantization import quantize as quantize_model
+    from jquant.recipes import Recipe, get
+    from jquant.text_to_image import load_pipeline, save_pipeline
+    from jquant.text_to_video import TextToVideo
+
+    if args.out:
+        check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
+    recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
+    pipe = load_pipeline(resolve(args.model))
+    captions = video_scenes("train", args.calib_samples, pipe.defaults.size, args.seed, frames=pipe.defaults.frames,
+                            vocabulary="reference-32").captions
+    calib = pipe.trajectory_calibration(captions, seed=args.seed)
+    start = time.perf_counter()
+    qtransformer = quantize_model(pipe.transformer, recipe, calib, progress=not args.json)
+    quantized = TextToVideo(text_encoder=pipe.text_encoder, transformer=qtransformer, vae=pipe.vae,
+                            defaults=pipe.defaults, text_encoder_name=pipe.text_encoder_name)
+    result = {"model": args.model, "recipe": recipe.to_dict(), "quantize_seconds": time.perf_counter() - start,
+              "calibration_inputs": int(len(calib["sigmas"])), "sites": dict(qtransformer.quantization.sites)}
+    if args.out:
+        result["saved_to"] = str(save_pipeline(quantized, args.out, overwrite=args.overwrite))
+    if not args.no_eval:
+        result["quantized"] = evaluate_pipeline(quantized, pipe, clips=8, steps=None, guidance=pipe.defaults.guidance)
+    if not args.json:
+        if "quantized" in result:
+            _print(console, f"{args.model} quantized with {recipe.name}", result["quantized"])
+        if args.out:
+            console.print(f"saved to {result['saved_to']}")
+    return result

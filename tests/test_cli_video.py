@@ -1,0 +1,112 @@
+"""`jquant generate` / `eval` / `quantize` on a text-to-video pipeline folder (tiny random parts), and their refusals."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jquant.cli import main
+from jquant.data import load_tokenizer
+from jquant.models import hunyuan_video, hunyuan_video_vae, llama
+from jquant.models.text_encoder import TextEncoder
+from jquant.text_to_image import load_pipeline, save_pipeline
+from jquant.text_to_video import TextToVideo, VideoSamplingDefaults
+
+HIDDEN = 16
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    """A 32 px, 5-frame video pipeline of tiny random parts; its text encoder travels inside it (text_encoder/)."""
+    tokenizer = load_tokenizer()
+    lm = llama.init_model(llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=32,
+                                            num_layers=1, num_heads=2, num_kv_heads=1), jax.random.key(0))
+    dit = hunyuan_video.HunyuanVideoConfig(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1,
+                                           text_embed_dim=HIDDEN, pooled_projection_dim=HIDDEN, rope_axes_dim=(4, 6, 6))
+    vae = hunyuan_video_vae.HunyuanVideoVAEConfig(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4,
+                                                  norm_num_groups=4, spatial_compression_ratio=4)
+    pipe = TextToVideo(text_encoder=TextEncoder(lm, tokenizer), transformer=hunyuan_video.init_model(dit, jax.random.key(1)),
+                       vae=hunyuan_video_vae.init_model(vae, jax.random.key(2)), text_encoder_name="tiny-lm",
+                       defaults=VideoSamplingDefaults(steps=2, guidance=2.0, max_length=48, frames=5, size=32))
+    folder = tmp_path_factory.mktemp("pipes") / "tiny-t2v"
+    save_pipeline(pipe, folder)
+    return folder
+
+
+def test_generate_writes_a_gif_of_the_pipelines_clip(pipeline_folder, tmp_path, capsys):
+    out = tmp_path / "clip.gif"
+    assert main(["generate", "--model", str(pipeline_folder), "--prompt", "a rocket flies up", "--seed", "3",
+                 "--num-images", "2", "--frames", "9", "--scale", "1", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["frames"] == 9 and result["seeds"] == [3, 4] and result["steps"] == 2
+    from jquant.media import to_uint8
+
+    expected = to_uint8(load_pipeline(pipeline_folder).generate(["a rocket flies up"], seed=4, frames=9))[0]
+    with Image.open(out) as gif:
+        assert gif.n_frames == 9 and gif.size == (64, 32)  # two 32 px clips side by side
+        gif.seek(8)
+        last = np.asarray(gif.convert("RGB"))
+    # GIF keeps at most 256 colours per frame: the second clip's last frame comes back up to palette rounding
+    assert np.mean(np.abs(last[:, 32:].astype(int) - expected[8].astype(int))) < 12
+
+
+def test_generate_writes_an_mp4(pipeline_folder, tmp_path, capsys):
+    iio = pytest.importorskip("imageio.v3")
+    pytest.importorskip("imageio_ffmpeg")
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "--model", str(pipeline_folder), "--prompt", "a sun", "--scale", "2", "--out",
+                 str(out)]) == 0
+    frames = iio.imread(out)
+    assert frames.shape == (5, 64, 64, 3)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ([], "--out is required"), (["--out", "{tmp}/x.png"], "must end in .gif or .mp4"),
+    (["--frames", "6", "--out", "{tmp}/a.gif"], "1 + 4k"), (["--out", "{tmp}/missing/a.gif"], "does not exist"),
+])
+def test_generate_refusals(pipeline_folder, tmp_path, capsys, extra, match):
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    assert main(["generate", "--model", str(pipeline_folder), "--prompt", "a sun", *extra]) == 2
+    assert match in capsys.readouterr().err.replace("\n", " ")
+    assert not any(tmp_path.iterdir())  # nothing written on failure
+
+
+def test_generate_never_replaces_a_file(pipeline_folder, tmp_path, capsys):
+    existing = tmp_path / "mine.gif"
+    existing.write_bytes(b"user data")
+    assert main(["generate", "--model", str(pipeline_folder), "--prompt", "a sun", "--out", str(existing)]) == 2
+    assert existing.read_bytes() == b"user data" and "exists" in capsys.readouterr().err
+
+
+def test_eval_reports_video_metrics(pipeline_folder, capsys):
+    from jquant.cli_video import validation_prompts
+    from jquant.eval.video import reconstruction_psnr
+
+    assert main(["eval", "--model", str(pipeline_folder), "--reference", str(pipeline_folder), "--clips", "2",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] is None and len(result["prompt_accuracy_per_frame"]) == 5
+    assert 0 <= result["prompt_accuracy"] <= 1 and result["temporal_error"] >= 0
+    _, _, real = validation_prompts(2, 5)
+    vae = load_pipeline(pipeline_folder).vae
+    direct = float(np.mean(np.asarray(reconstruction_psnr(jnp.asarray(real), vae, data_range=2.0))))
+    assert result["vae_reconstruction_psnr_db"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_quantize_saves_a_quantized_video_pipeline(pipeline_folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(pipeline_folder), "--recipe", "rtn-w8a8", "--calib-samples", "2",
+                 "--no-eval", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["calibration_inputs"] == 2 * 2 * 2  # steps x captions x (conditional, unconditional)
+    loaded = load_pipeline(out)
+    assert isinstance(loaded, TextToVideo) and loaded.transformer.quantization.sites
+    float_clip = np.asarray(load_pipeline(pipeline_folder).generate(["a sun"], seed=0))
+    quant_clip = np.asarray(loaded.generate(["a sun"], seed=0))
+    assert 0 < np.abs(quant_clip - float_clip).max() and np.abs(quant_clip - float_clip).mean() < 0.05
