@@ -54,8 +54,7 @@ from jquant.models.cogvideox_vae_blocks import (LATENT_FRAMES_BATCH, SAMPLE_FRAM
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import Family
 from jquant.models.image_layers import GroupNorm
-from jquant.models.layers import Conv
-from jquant.models.tensor_io import export_parameters, load_parameters
+from jquant.models.tensor_io import export_torch_tensors, import_torch_tensors, torch_layouts
 from jquant.models.vae import Posterior
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
@@ -406,43 +405,13 @@ def config_to_diffusers(cfg: CogVideoXVAEConfig) -> dict:
     }
 
 
-def _diffusers_layouts(model: AutoencoderKLCogVideoX) -> dict[tuple, tuple[str, tuple[int, ...] | None]]:
-    """Parameter path -> ``(diffusers name, conv kernel size or None)``: every kernel is a conv's."""
-    kernels = {tuple(path): node.kernel_size for path, node in nnx.iter_graph(model) if isinstance(node, Conv)}
-    out = {}
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        *module, leaf = path
-        name = ".".join(str(p) for p in module) + "." + ("weight" if leaf == "kernel" else str(leaf))
-        out[path] = (name, kernels[tuple(module)] if leaf == "kernel" else None)
-    return out
-
-
-def _from_torch(array: np.ndarray, kernel: tuple[int, ...] | None) -> np.ndarray:
-    """``[C_out, C_in, *k]`` -> ``[*k, C_in, C_out]`` -> the ``[K C_in, C_out]`` matrix view (others unchanged)."""
-    return array if kernel is None else np.moveaxis(array, (0, 1), (-1, -2)).reshape(-1, array.shape[0])
-
-
-def _to_torch(array: np.ndarray, kernel: tuple[int, ...] | None) -> np.ndarray:
-    if kernel is None:
-        return array
-    rows, c_out = array.shape
-    return np.moveaxis(array.reshape(*kernel, rows // math.prod(kernel), c_out), (-1, -2), (0, 1))
-
-
-def _torch_shape(shape: tuple[int, ...], kernel: tuple[int, ...] | None) -> tuple[int, ...]:
-    return shape if kernel is None else (shape[1], shape[0] // math.prod(kernel), *kernel)
-
-
 def from_tensors(cfg: CogVideoXVAEConfig, tensors: dict[str, np.ndarray], *,
                  source: str = "tensors") -> AutoencoderKLCogVideoX:
     """Build the VAE from diffusers-named arrays (PyTorch layouts), validating every one first."""
     check_dtypes_available(cfg)
     abstract = abstract_model(cfg)
-    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(abstract))}
-    entries = {path: (name, functools.partial(_from_torch, kernel=kernel), _torch_shape(shapes[path], kernel))
-               for path, (name, kernel) in _diffusers_layouts(abstract).items()}
-    return load_parameters(abstract, entries, tensors, param_dtype=cfg.param_dtype, source=source,
-                           what="AutoencoderKLCogVideoX")
+    return import_torch_tensors(abstract, tensors, torch_layouts(abstract), param_dtype=cfg.param_dtype,
+                                source=source, what="AutoencoderKLCogVideoX")
 
 
 def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32",
@@ -464,9 +433,7 @@ def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32",
 
 def to_tensors(model: AutoencoderKLCogVideoX) -> dict[str, np.ndarray]:
     """diffusers-named numpy arrays of a float ``model`` (PyTorch layouts); quantized sites are refused."""
-    entries = {path: (name, functools.partial(_to_torch, kernel=kernel))
-               for path, (name, kernel) in _diffusers_layouts(model).items()}
-    return export_parameters(model, entries)
+    return export_torch_tensors(model, torch_layouts(model))
 
 
 def to_diffusers(model: AutoencoderKLCogVideoX, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

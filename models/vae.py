@@ -46,8 +46,7 @@ from jquant.calib.sequential import Stage
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import Family
 from jquant.models.image_layers import DownEncoderBlock2D, GroupNorm, UNetMidBlock2D, UpDecoderBlock2D, conv2d
-from jquant.models.layers import Conv, Linear
-from jquant.models.tensor_io import export_parameters, load_parameters
+from jquant.models.tensor_io import export_torch_tensors, import_torch_tensors, torch_layouts
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 CLASS_NAME = "AutoencoderKL"
@@ -355,52 +354,12 @@ def config_to_diffusers(cfg: VAEConfig) -> dict:
     }
 
 
-def _diffusers_layouts(model: AutoencoderKL) -> dict[tuple, tuple[str, str, tuple[int, ...]]]:
-    """Parameter path -> ``(diffusers name, layout, kernel size)``; layout ``"conv"``, ``"linear"`` or ``"same"``."""
-    kinds = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, Conv):
-            kinds[tuple(path)] = ("conv", node.kernel_size)
-        elif isinstance(node, Linear):
-            kinds[tuple(path)] = ("linear", ())
-    out = {}
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        *module, leaf = path
-        layout, kernel = kinds.get(tuple(module), ("same", ())) if leaf == "kernel" else ("same", ())
-        out[path] = (".".join(str(p) for p in module) + "." + ("weight" if leaf == "kernel" else str(leaf)),
-                     layout, kernel)
-    return out
-
-
-def _torch_shape(shape: tuple[int, ...], layout: str, kernel: tuple[int, ...]) -> tuple[int, ...]:
-    if layout == "conv":
-        rows, c_out = shape
-        return (c_out, rows // math.prod(kernel), *kernel)
-    return shape[::-1] if layout == "linear" else shape
-
-
-def _from_torch(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv":  # [C_out, C_in, *k] -> [*k, C_in, C_out] -> [K C_in, C_out]
-        return np.moveaxis(array, (0, 1), (-1, -2)).reshape(-1, array.shape[0])
-    return array.T if layout == "linear" else array
-
-
-def _to_torch(array: np.ndarray, layout: str, kernel: tuple[int, ...]) -> np.ndarray:
-    if layout == "conv":
-        rows, c_out = array.shape
-        return np.moveaxis(array.reshape(*kernel, rows // math.prod(kernel), c_out), (-1, -2), (0, 1))
-    return array.T if layout == "linear" else array
-
-
 def from_tensors(cfg: VAEConfig, tensors: dict[str, np.ndarray], *, source: str = "tensors") -> AutoencoderKL:
     """Build an ``AutoencoderKL`` from diffusers-named arrays (PyTorch layouts), validating every one first."""
     check_dtypes_available(cfg)
     abstract = abstract_model(cfg)
-    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(abstract))}
-    entries = {path: (name, functools.partial(_from_torch, layout=layout), _torch_shape(shapes[path], layout, kernel))
-               for path, (name, layout, kernel) in _diffusers_layouts(abstract).items()}
-    return load_parameters(abstract, entries, tensors, param_dtype=cfg.param_dtype, source=source,
-                           what="AutoencoderKL")
+    return import_torch_tensors(abstract, tensors, torch_layouts(abstract), param_dtype=cfg.param_dtype,
+                                source=source, what="AutoencoderKL")
 
 
 def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32",
@@ -422,9 +381,7 @@ def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32",
 
 def to_tensors(model: AutoencoderKL) -> dict[str, np.ndarray]:
     """diffusers-named numpy arrays of a float ``model`` (PyTorch layouts); quantized sites are refused."""
-    entries = {path: (name, functools.partial(_to_torch, layout=layout, kernel=kernel))
-               for path, (name, layout, kernel) in _diffusers_layouts(model).items()}
-    return export_parameters(model, entries)
+    return export_torch_tensors(model, torch_layouts(model))
 
 
 def to_diffusers(model: AutoencoderKL, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -53,8 +53,7 @@ from flax import nnx
 from jquant.calib.sequential import Stage
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import Family
-from jquant.models.layers import Conv
-from jquant.models.tensor_io import export_parameters, load_parameters
+from jquant.models.tensor_io import Layout, export_torch_tensors, import_torch_tensors, torch_layouts
 from jquant.models.vae import Posterior
 from jquant.models.wan_vae_blocks import (Cache, CausalConv3d, Downsample, MidBlock, ResidualBlock, RMSNorm,
                                           UpBlock)
@@ -416,64 +415,20 @@ def config_to_diffusers(cfg: WanVAEConfig) -> dict:
             "attn_scales": [], "dropout": 0.0, "is_residual": False, "patch_size": None}
 
 
-Layout = tuple[str, tuple[int, ...]] | None
-"""How a parameter is stored in PyTorch: None (as is), ``("conv", k)`` (``[C_out, C_in, *k]``) or ``("norm", ones)``
-(``gamma [C, *ones]``)."""
+def _layouts(model: AutoencoderKLWan) -> dict[tuple, tuple[str, Layout]]:
+    """``torch_layouts`` with Wan's names: RMS-norm ``gamma`` stored ``[C, *ones]``, ``resample`` as ``resample.1``."""
+    def special(node) -> dict[str, Layout]:
+        return {"gamma": ("channel", (1,) * (node.torch_ndim - 1))} if isinstance(node, RMSNorm) else {}
 
-
-def _diffusers_layouts(model: AutoencoderKLWan) -> dict[tuple, tuple[str, Layout]]:
-    """Parameter path -> ``(diffusers name, layout)``."""
-    layouts = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, Conv):
-            layouts[(*path, "kernel")] = ("conv", node.kernel_size)
-        elif isinstance(node, RMSNorm):
-            layouts[(*path, "gamma")] = ("norm", (1,) * (node.torch_ndim - 1))
-    out = {}
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        *module, leaf = path
-        names = ["resample.1" if p == "resample" else str(p) for p in module]
-        out[path] = (".".join([*names, "weight" if leaf == "kernel" else str(leaf)]), layouts.get(tuple(path)))
-    return out
-
-
-def _from_torch(array: np.ndarray, layout: Layout) -> np.ndarray:
-    """Conv ``[C_out, C_in, *k]`` -> ``[*k, C_in, C_out]`` -> the ``[K C_in, C_out]`` matrix view; ``gamma`` -> ``[C]``."""
-    if layout is None:
-        return array
-    if layout[0] == "norm":
-        return array.reshape(-1)
-    return np.moveaxis(array, (0, 1), (-1, -2)).reshape(-1, array.shape[0])
-
-
-def _to_torch(array: np.ndarray, layout: Layout) -> np.ndarray:
-    if layout is None:
-        return array
-    kind, suffix = layout
-    if kind == "norm":
-        return array.reshape(-1, *suffix)
-    rows, c_out = array.shape
-    return np.moveaxis(array.reshape(*suffix, rows // math.prod(suffix), c_out), (-1, -2), (0, 1))
-
-
-def _torch_shape(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
-    if layout is None:
-        return shape
-    kind, suffix = layout
-    if kind == "norm":
-        return (*shape, *suffix)
-    return (shape[1], shape[0] // math.prod(suffix), *suffix)
+    return torch_layouts(model, special=special, rename=lambda p: "resample.1" if p == "resample" else p)
 
 
 def from_tensors(cfg: WanVAEConfig, tensors: dict[str, np.ndarray], *, source: str = "tensors") -> AutoencoderKLWan:
     """Build the VAE from diffusers-named arrays (PyTorch layouts), validating every one first."""
     check_dtypes_available(cfg)
     abstract = abstract_model(cfg)
-    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(abstract))}
-    entries = {path: (name, functools.partial(_from_torch, layout=layout), _torch_shape(shapes[path], layout))
-               for path, (name, layout) in _diffusers_layouts(abstract).items()}
-    return load_parameters(abstract, entries, tensors, param_dtype=cfg.param_dtype, source=source,
-                           what="AutoencoderKLWan")
+    return import_torch_tensors(abstract, tensors, _layouts(abstract), param_dtype=cfg.param_dtype, source=source,
+                                what="AutoencoderKLWan")
 
 
 def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32",
@@ -495,9 +450,7 @@ def from_diffusers(path: str | os.PathLike, *, dtype: DTypeName = "float32",
 
 def to_tensors(model: AutoencoderKLWan) -> dict[str, np.ndarray]:
     """diffusers-named numpy arrays of a float ``model`` (PyTorch layouts); quantized sites are refused."""
-    entries = {path: (name, functools.partial(_to_torch, layout=layout))
-               for path, (name, layout) in _diffusers_layouts(model).items()}
-    return export_parameters(model, entries)
+    return export_torch_tensors(model, _layouts(model))
 
 
 def to_diffusers(model: AutoencoderKLWan, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
