@@ -131,16 +131,6 @@ class HunyuanVideoVAEConfig:
         return dataclasses.replace(self, **changes)
 
 
-class VideoPosterior(Posterior):
-    """``Posterior`` over video latents ``[B, f, h, w, L]``; ``kl`` sums over every axis but the batch: ``[B]``."""
-
-    __slots__ = ()
-
-    def kl(self) -> jax.Array:
-        return 0.5 * jnp.sum(jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar,
-                             axis=tuple(range(1, self.mean.ndim)))
-
-
 class Encoder3D(nnx.Module):
     """``x [B, F, H, W, C_in]`` -> moments ``[B, f, h, w, 2L]`` (before ``quant_conv``)."""
 
@@ -231,7 +221,7 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
 
     # -- whole clips and chunks -------------------------------------------------------------------------------
 
-    def encode(self, videos: jax.Array, chunk_frames: int | None = None) -> VideoPosterior:
+    def encode(self, videos: jax.Array, chunk_frames: int | None = None) -> Posterior:
         """``videos [B, 1 + 4k, H, W, C_in]`` -> the posterior ``(mean, logvar)``, each ``[B, 1 + k, h, w, L]``.
         ``chunk_frames`` (a multiple of 4): run the clip in chunks of that many frames (module docstring)."""
         videos = self._videos(videos)
@@ -253,7 +243,7 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         """diffusers' forward: ``decode(encode(videos).mode())``, ``[B, F, H, W, C_in]`` -> ``[B, F, H, W, C_out]``."""
         return self.decode(self.encode(videos).mode())
 
-    def encode_chunk(self, videos: jax.Array, cache: Cache = None) -> tuple[VideoPosterior, dict]:
+    def encode_chunk(self, videos: jax.Array, cache: Cache = None) -> tuple[Posterior, dict]:
         """The clip's next frames ``[B, 1 + 4a | 4b, H, W, C_in]`` (``1 + 4a`` with ``cache=None`` or a cache from
         ``next_pass``: the clip's start; ``b >= 1``) -> their ``1 + a`` / ``b`` latent frames' posterior and the
         cache for the next chunk (a pytree of arrays; module docstring)."""
@@ -289,9 +279,9 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
 
     # -- checks -----------------------------------------------------------------------------------------------------
 
-    def _posterior(self, moments: jax.Array) -> VideoPosterior:
+    def _posterior(self, moments: jax.Array) -> Posterior:
         mean, logvar = jnp.split(self.quant_conv(moments), 2, axis=-1)
-        return VideoPosterior(mean, jnp.clip(logvar, *_LOGVAR_RANGE))
+        return Posterior(mean, jnp.clip(logvar, *_LOGVAR_RANGE))
 
     def _videos(self, videos: jax.Array) -> jax.Array:
         self._check_video_shape(tuple(videos.shape))

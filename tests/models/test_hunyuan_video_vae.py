@@ -213,7 +213,7 @@ def test_posterior_kl_matches_diffusers():
     rng = np.random.default_rng(3)
     mean, logvar = rng.standard_normal((2, 3, 4, 5, 4)), rng.standard_normal((2, 3, 4, 5, 4))
     reference = DiagonalGaussianDistribution(_torch(np.concatenate([mean, logvar], -1), torch.float64)).kl().sum(-1)
-    posterior = hv.VideoPosterior(jnp.asarray(mean, jnp.float32), jnp.asarray(logvar, jnp.float32))
+    posterior = hv.Posterior(jnp.asarray(mean, jnp.float32), jnp.asarray(logvar, jnp.float32))
     assert relative_error(posterior.kl(), reference.numpy()) < 1e-6
 
 
