@@ -134,7 +134,7 @@ def train_dit_stage(args) -> dict:
     print(f"latents {latents.shape} std {latents.std():.3f}, {len(cond['text'])} distinct captions, "
           f"prepared in {time.time() - t0:.0f} s")
     d = encoder.hidden_size
-    cfg = hunyuan_video.FAMILY.presets["jq-video-dit-tiny"].replace(text_embed_dim=d, pooled_projection_dim=d,
+    cfg = hunyuan_video.FAMILY.presets["jq-video-tiny"].replace(text_embed_dim=d, pooled_projection_dim=d,
                                                                     in_channels=latents.shape[-1],
                                                                     out_channels=latents.shape[-1])
     model = hunyuan_video.init_model(cfg, jax.random.key(2))

@@ -345,7 +345,7 @@ def test_bad_diffusers_configs_are_refused(config, match):
 def test_preset_builds_with_the_text_encoders_width():
     from jquant.models.registry import preset
 
-    family, cfg = preset("jq-video-dit-tiny")
+    family, cfg = preset("jq-video-tiny")
     model = family.abstract_model(cfg)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model))
     assert family is hv.FAMILY and 1e6 < params < 4e6, params
