@@ -574,10 +574,10 @@ FAMILY = Family(
         # (192). No guidance embedding: a model trained from scratch with caption dropout is guided by
         # classifier-free guidance, not distilled guidance.
         "jq-video-tiny": HunyuanVideoConfig(in_channels=4, out_channels=4, num_attention_heads=4,
-                                                attention_head_dim=32, num_layers=2, num_single_layers=2,
-                                                num_refiner_layers=1, patch_size=2, patch_size_t=1,
-                                                guidance_embeds=False, text_embed_dim=192, pooled_projection_dim=192,
-                                                rope_axes_dim=(8, 12, 12)),
+                                            attention_head_dim=32, num_layers=2, num_single_layers=2,
+                                            num_refiner_layers=1, patch_size=2, patch_size_t=1,
+                                            guidance_embeds=False, text_embed_dim=192, pooled_projection_dim=192,
+                                            rope_axes_dim=(8, 12, 12)),
     },
     keep_float=("x_embedder", "context_embedder/.*", "(timestep|guidance|text)_embedder/linear_[12]", "norm_out",
                 "proj_out"),
