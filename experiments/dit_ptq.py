@@ -166,6 +166,12 @@ def _mean_std(rows: list[dict], field: str) -> str:
     return f"{np.mean(values):.3g} ± {np.std(values):.2g}"
 
 
+def _calibration_seeds(results: Results) -> list[int]:
+    """The calibration seeds the rows were run with (``--seeds`` only chooses which rows run, so a resumed run can
+    add seeds to a results file)."""
+    return sorted({r["calib_seed"] for r in results.rows if r["calib_seed"] is not None})
+
+
 def report(runs: list[Results], base: Path) -> None:
     results = runs[0]
     by_recipe: dict[str, list[dict]] = {}
@@ -195,7 +201,7 @@ def report(runs: list[Results], base: Path) -> None:
              f"({results.args.get('seeds_per_prompt')} seed(s) per glyph of 32); calibration: trajectories of "
              f"{results.args.get('calib_prompts')} training captions (all steps, conditional and unconditional "
              f"inputs), timestep buckets at σ = {meta.get('bucket_edges')}; {meta.get('platform', '?').upper()}, "
-             f"jax {meta.get('jax')}. Mean ± std over calibration seeds {results.args.get('seeds')}. "
+             f"jax {meta.get('jax')}. Mean ± std over calibration seeds {_calibration_seeds(results)}. "
              f"{harness.reproduce(results.command)}", "", *table, "",
              "Reading (formatted from the run's numbers; 'keeps quality' = prompt accuracy within 0.05 of float and "
              "PSNR >= 20 dB):", "", *harness.bullets(notes), "",
@@ -212,7 +218,7 @@ def main() -> None:
     harness.add_arguments(parser, model="jq-mmdit-tiny", seeds=(0, 1))
     harness.run_experiment(parser, stem=lambda a: "dit_ptq", key=("recipe", "calib_seed"), run=run, report=report,
                            quick={"recipes": ["float", "w4a16-gptq"], "calib_prompts": 4, "seeds_per_prompt": 1,
-                                  "seeds": [0]}, volatile=("recipes",))
+                                  "seeds": [0]}, volatile=("recipes", "seeds"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 
 import harness
 import numpy as np
-from dit_ptq import CALIBRATION_FREE, _mean_std, _single_bucket, _transformer_bytes, recipe
+from dit_ptq import CALIBRATION_FREE, _calibration_seeds, _mean_std, _single_bucket, _transformer_bytes, recipe
 from harness import Column, Results
 
 RECIPES = ("float", "w8a8-dynamic", "w8a8-static", "w8a8-static-timestep", "w4a16-gptq", "w4a8-gptq-dynamic",
@@ -139,7 +139,7 @@ def report(runs: list[Results], base) -> None:
              f"trajectories of {results.args.get('calib_prompts')} training captions (all steps, conditional and "
              f"unconditional inputs), timestep buckets at σ = {meta.get('bucket_edges')}; "
              f"{meta.get('platform', '?').upper()}, jax {meta.get('jax')}. Mean ± std over calibration seeds "
-             f"{results.args.get('seeds')}. The warping error is the mean |frame t+1 - frame t warped by the TV-L1 "
+             f"{_calibration_seeds(results)}. The warping error is the mean |frame t+1 - frame t warped by the TV-L1 "
              f"flow| over [-1, 1] pixels (`jquant.eval.video.temporal_error`). {harness.reproduce(results.command)}",
              "", *table, "",
              "Reading (formatted from the run's numbers; 'keeps quality' = prompt accuracy within 0.05 of float and "
@@ -157,7 +157,7 @@ def main() -> None:
     harness.add_arguments(parser, model="jq-video-tiny", seeds=(0, 1))
     harness.run_experiment(parser, stem=lambda a: "video_ptq", key=("recipe", "calib_seed"), run=run, report=report,
                            quick={"recipes": ["float", "w8a8-dynamic"], "calib_prompts": 2, "clips": 2, "seeds": [0]},
-                           volatile=("recipes",))
+                           volatile=("recipes", "seeds"))
 
 
 if __name__ == "__main__":
