@@ -36,7 +36,8 @@ TEXT_ARGUMENTS = ("text", "text_mask", "pooled")
 class VideoSamplingDefaults:
     """What ``generate`` uses unless told otherwise: ``steps`` Euler steps, guidance scale ``guidance`` (None: no
     classifier-free guidance), the SD3-style schedule ``shift``, the text length ``max_length``, the clip length
-    ``frames`` and the frame side ``size`` in pixels."""
+    ``frames``, the frame side ``size`` in pixels, and ``memory_limit_gb``, the most memory one array of a generation
+    may take (``TextToVideo.check_memory``)."""
 
     steps: int = 20
     guidance: float | None = 4.0
@@ -44,6 +45,7 @@ class VideoSamplingDefaults:
     max_length: int = 32
     frames: int = 17
     size: int = 32
+    memory_limit_gb: float = 8.0
 
     def __post_init__(self):
         for name, low in (("steps", 1), ("max_length", 2), ("frames", 1), ("size", 1)):
@@ -54,6 +56,9 @@ class VideoSamplingDefaults:
             raise ValueError(f"VideoSamplingDefaults.guidance must be finite or None, got {self.guidance!r}.")
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"VideoSamplingDefaults.shift must be a positive finite number, got {self.shift!r}.")
+        if not (math.isfinite(self.memory_limit_gb) and self.memory_limit_gb > 0):
+            raise ValueError(f"VideoSamplingDefaults.memory_limit_gb must be a positive finite number, got "
+                             f"{self.memory_limit_gb!r}.")
 
 
 def text_arguments(transformer: nnx.Module) -> tuple[str, ...]:
@@ -92,6 +97,7 @@ class TextToVideo:
     vae: nnx.Module
     defaults: VideoSamplingDefaults = dataclasses.field(default_factory=VideoSamplingDefaults)
     text_encoder_name: str = "jq-llama-tiny"
+    _memory_checked: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
 
     KIND = "text-to-video"
 
@@ -99,6 +105,34 @@ class TextToVideo:
         """``(f, h, w, L)`` of one clip of ``frames`` frames (``defaults.frames``) at ``defaults.size`` pixels."""
         frames = self.defaults.frames if frames is None else frames
         return tuple(self.vae.latent_shape(frames, self.defaults.size, self.defaults.size))
+
+    def check_memory(self, batch: int, frames: int | None = None, guided: bool = True) -> None:
+        """Refuse, before anything runs, a generation of ``batch`` clips of ``frames`` frames whose largest array (of
+        the transformer's call on the guided batch, or of the VAE's decode; found by tracing, see
+        ``jquant.memory_estimate``) needs more than ``defaults.memory_limit_gb``."""
+        from jquant.memory_estimate import largest_intermediate_bytes
+
+        shape = self.latent_shape(frames)
+        if (batch, shape, guided) in self._memory_checked:
+            return
+        rows, length, width = (2 if guided else 1) * batch, self.defaults.max_length, self.text_encoder.hidden_size
+        text = {"text": ((rows, length, width), jnp.float32), "text_mask": ((rows, length), jnp.bool_),
+                "pooled": ((rows, width), jnp.float32)}
+        cond = [jax.ShapeDtypeStruct(*text[name]) for name in text_arguments(self.transformer)]
+        needs = {
+            "the transformer's attention and activations": largest_intermediate_bytes(
+                lambda x, s, *c: self.transformer.flow_velocity(x, s, *c),
+                jax.ShapeDtypeStruct((rows, *shape), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32), *cond),
+            "the VAE decoder's activations": largest_intermediate_bytes(
+                self.vae.decode_latents, jax.ShapeDtypeStruct((batch, *shape), jnp.float32)),
+        }
+        what, need = max(needs.items(), key=lambda item: item[1])
+        if need > self.defaults.memory_limit_gb * 2**30:
+            raise ValueError(f"{batch} clip(s) of {frames or self.defaults.frames} frames need one array of "
+                             f"{need / 2**30:.1f} GiB for {what}, over memory_limit_gb="
+                             f"{self.defaults.memory_limit_gb}; generate fewer frames or clips at once, or raise "
+                             "the pipeline's memory_limit_gb if the machine has the memory.")
+        self._memory_checked.add((batch, shape, guided))
 
     def encode(self, prompts: Sequence[str], max_length: int | None = None) -> tuple[tuple, tuple]:
         """``(cond, uncond)``: the transformer's text arguments for ``prompts`` and for the unconditional prompt."""
@@ -118,16 +152,23 @@ class TextToVideo:
         key = generation_key(seed, key)
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance == "default" else guidance
+        cond, uncond = self.encode(prompts)  # checks the prompts first
         shape = (len(prompts), *self.latent_shape(frames))
-        cond, uncond = self.encode(prompts)
+        self.check_memory(len(prompts), frames, guided=guidance is not None)
         return sample(VideoVelocity(self.transformer, text_arguments(self.transformer)), cond, key=key, shape=shape,
                       steps=steps, guidance=guidance, uncond=None if guidance is None else uncond,
                       shift=self.defaults.shift, progress=progress)
 
-    def generate(self, prompts: Sequence[str], **options) -> jax.Array:
-        """Videos ``[B, F, H, W, 3]`` in ``[-1, 1]`` (float32) for ``prompts``; ``options`` as ``generate_latents``."""
+    def generate(self, prompts: Sequence[str], *, decode_chunk_frames: int | None = None, **options) -> jax.Array:
+        """Videos ``[B, F, H, W, 3]`` in ``[-1, 1]`` (float32) for ``prompts``; ``options`` as ``generate_latents``;
+        ``decode_chunk_frames``: decode ``decode_chunk_frames`` latent frames at a time with the VAE's causal cache
+        (the same clip; less memory for long clips, more passes for VAEs whose norms span the clip)."""
         latents = self.generate_latents(prompts, **options)
-        return jnp.clip(_decode(self.vae, latents).astype(jnp.float32), -1.0, 1.0)
+        if decode_chunk_frames is None:
+            videos = _decode(self.vae, latents)
+        else:
+            videos = self.vae.decode_latents(latents, chunk_frames=decode_chunk_frames)
+        return jnp.clip(videos.astype(jnp.float32), -1.0, 1.0)
 
     def trajectory_calibration(self, prompts: Sequence[str], *, seed: int, steps: int | None = None,
                                guidance: float | None | str = "default") -> dict[str, np.ndarray]:

@@ -266,9 +266,11 @@ class AutoencoderKLCogVideoX(nnx.Module):
         z = posterior.mode() if key is None else posterior.sample(key)
         return z * self.config.scaling_factor
 
-    def decode_latents(self, latents: jax.Array) -> jax.Array:
-        """Videos from diffusion latents: ``decode(latents / scaling_factor)`` (the pipelines' last step)."""
-        return self.decode(jnp.asarray(latents, self.config.dtype) / self.config.scaling_factor)
+    def decode_latents(self, latents: jax.Array, chunk_frames: int | None = None) -> jax.Array:
+        """Videos from diffusion latents: ``decode(latents / scaling_factor)`` (the pipelines' last step), in chunks of
+        ``chunk_frames`` latent frames if given."""
+        return self.decode(jnp.asarray(latents, self.config.dtype) / self.config.scaling_factor,
+                           chunk_frames=chunk_frames)
 
     def _posterior(self, moments: jax.Array) -> Posterior:
         mean, logvar = jnp.split(moments, 2, axis=-1)

@@ -273,9 +273,10 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         z = posterior.mode() if key is None else posterior.sample(key)
         return z * self.config.scaling_factor
 
-    def decode_latents(self, latents: jax.Array) -> jax.Array:
-        """Videos from diffusion latents: ``decode(latents / scaling_factor)`` (the HunyuanVideo pipeline's step)."""
-        return self.decode(self._latents(latents) / self.config.scaling_factor)
+    def decode_latents(self, latents: jax.Array, chunk_frames: int | None = None) -> jax.Array:
+        """Videos from diffusion latents: ``decode(latents / scaling_factor)`` (the HunyuanVideo pipeline's step), in
+        chunks of ``chunk_frames`` latent frames if given."""
+        return self.decode(self._latents(latents) / self.config.scaling_factor, chunk_frames=chunk_frames)
 
     # -- checks -----------------------------------------------------------------------------------------------------
 

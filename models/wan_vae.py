@@ -293,10 +293,11 @@ class AutoencoderKLWan(nnx.Module):
         mean, std = self._latent_statistics()
         return (z - mean) / std
 
-    def decode_latents(self, latents: jax.Array) -> jax.Array:
-        """Videos from diffusion latents: ``decode(latents · latents_std + latents_mean)`` (the pipelines' last step)."""
+    def decode_latents(self, latents: jax.Array, chunk_frames: int | None = None) -> jax.Array:
+        """Videos from diffusion latents: ``decode(latents · latents_std + latents_mean)`` (the pipelines' last step),
+        in chunks of ``chunk_frames`` latent frames if given."""
         mean, std = self._latent_statistics()
-        return self.decode(jnp.asarray(latents, self.config.dtype) * std + mean)
+        return self.decode(jnp.asarray(latents, self.config.dtype) * std + mean, chunk_frames=chunk_frames)
 
     def _posterior(self, moments: jax.Array) -> Posterior:
         mean, logvar = jnp.split(moments, 2, axis=-1)

@@ -76,6 +76,25 @@ def test_trajectory_calibration_quantizes_the_transformer(pipe):
     assert np.linalg.norm(got - ref) < 0.05 * np.linalg.norm(ref)
 
 
+def test_chunked_decoding_gives_the_same_clip(pipe):
+    whole = np.asarray(pipe.generate(["a sun"], seed=2))
+    chunked = np.asarray(pipe.generate(["a sun"], seed=2, decode_chunk_frames=1))
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_a_generation_over_the_memory_limit_is_refused_before_it_runs(pipe):
+    import dataclasses
+
+    tight = dataclasses.replace(pipe, defaults=dataclasses.replace(DEFAULTS, memory_limit_gb=1e-5))
+    with pytest.raises(ValueError, match="memory_limit_gb=1e-05"):
+        tight.generate(["a sun"], seed=0, frames=9)
+    # the estimate is the largest traced array: here the transformer's attention scores or the decoder's activations
+    from jquant.memory_estimate import largest_intermediate_bytes
+
+    decode = largest_intermediate_bytes(pipe.vae.decode_latents, jax.ShapeDtypeStruct((1, 3, 4, 4, 4), jnp.float32))
+    assert decode >= 1 * 9 * 16 * 16 * 8 * 4  # at least one full-resolution decoder activation of 8 channels
+
+
 def test_pipeline_folder_round_trip(pipe, tmp_path):
     folder = save_pipeline(pipe, tmp_path / "video-pipe")
     assert json.loads((folder / "pipeline.json").read_text())["kind"] == "text-to-video"
