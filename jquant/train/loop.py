@@ -220,3 +220,7 @@ def plot_history(history: list[dict], path: str | Path, title: str = "training",
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -129,3 +129,14 @@ def test_fit_keeps_an_ema_that_resumes_and_ends_in_the_model(tmp_path):
         run(tmp_path / "b", stop_at=3)
     resumed, _, _ = run(tmp_path / "b")  # fresh weights: parameters, optimizer state and EMA come from step 2
     np.testing.assert_array_equal(np.asarray(resumed.kernel[...]), np.asarray(model.kernel[...]))
+
+
+def test_plot_history_writes_the_loss_curve(tmp_path):
+    from PIL import Image
+
+    from jquant.train.loop import plot_history
+
+    history = [{"step": s, "loss": 3.0 / s} for s in range(1, 6)] + [{"step": 6, "loss": 0.4, "val_loss": 0.5}]
+    path = plot_history(history, tmp_path / "loss_curve.png", title="t", ylabel="loss")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100
