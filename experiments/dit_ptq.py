@@ -166,6 +166,12 @@ def _mean_std(rows: list[dict], field: str) -> str:
     return f"{np.mean(values):.3g} ± {np.std(values):.2g}"
 
 
+def _fastest(rows: list[dict], field: str) -> str:
+    """A time over the rows of one recipe: the fastest run (times on a shared machine only vary upwards)."""
+    values = [r[field] for r in rows if r.get(field) is not None]
+    return f"{min(values):.3g}" if values else "–"
+
+
 def _calibration_seeds(results: Results) -> list[int]:
     """The calibration seeds the rows were run with (``--seeds`` only chooses which rows run, so a resumed run can
     add seeds to a results file)."""
@@ -178,13 +184,14 @@ def report(runs: list[Results], base: Path) -> None:
     for row in results.rows:
         by_recipe.setdefault(row["recipe"], []).append(row)
     fields = {"PSNR vs float (dB)": "psnr_db", "SSIM vs float": "ssim", "prompt accuracy": "prompt_accuracy",
-              "random-label acc.": "random_label_accuracy", "FD-emoji": "fd_emoji",
-              "s / image (CPU)": "seconds_per_image"}
+              "random-label acc.": "random_label_accuracy", "FD-emoji": "fd_emoji"}
     summary = [{"recipe": name, **{title: _mean_std(rows, field) for title, field in fields.items()},
+                "s / image (CPU)": _fastest(rows, "seconds_per_image"),
                 "MB": f"{rows[0]['transformer_bytes'] / 1e6:.2f}", "seeds": str(len(rows))}
                for name, rows in by_recipe.items()]
     table = harness.table(summary, [Column("recipe", "recipe"), *(Column(t, t) for t in fields),
-                                    Column("transformer MB", "MB"), Column("calib seeds", "seeds")])
+                                    Column("s / image (CPU)", "s / image (CPU)"), Column("transformer MB", "MB"),
+                                    Column("calib seeds", "seeds")])
     float_row = by_recipe.get("float", [{}])[0]
     meta = results.meta
     notes = []
@@ -201,7 +208,7 @@ def report(runs: list[Results], base: Path) -> None:
              f"({results.args.get('seeds_per_prompt')} seed(s) per glyph of 32); calibration: trajectories of "
              f"{results.args.get('calib_prompts')} training captions (all steps, conditional and unconditional "
              f"inputs), timestep buckets at σ = {meta.get('bucket_edges')}; {meta.get('platform', '?').upper()}, "
-             f"jax {meta.get('jax')}. Mean ± std over calibration seeds {_calibration_seeds(results)}. "
+             f"jax {meta.get('jax')}. Mean ± std over calibration seeds {_calibration_seeds(results)} (times: the fastest run). "
              f"{harness.reproduce(results.command)}", "", *table, "",
              "Reading (formatted from the run's numbers; 'keeps quality' = prompt accuracy within 0.05 of float and "
              "PSNR >= 20 dB):", "", *harness.bullets(notes), "",
