@@ -155,6 +155,7 @@ def train_dit_stage(args) -> dict:
                        defaults=VideoSamplingDefaults(steps=20, guidance=args.guidance, shift=1.0,
                                                       max_length=MAX_LENGTH, frames=17, size=RESOLUTION))
     report = evaluate_pipeline(pipe, None, clips=args.eval_clips, steps=20, guidance=args.guidance)
+    report["sampling_steps"] = report.pop("steps")  # "steps" is the training's
     sample_prompts = vcaptions[:8]
     clips = to_uint8(pipe.generate(sample_prompts, seed=0))
     info = {"name": "jq-video-tiny", "family": "hunyuan_video",
