@@ -131,7 +131,11 @@ def report(runs: list[Results], base) -> None:
         warp = np.mean([r["temporal_error"] for r in rows]) - float_row["temporal_error"]
         verdict = "keeps quality" if drop <= 0.05 and psnr >= 20 else "loses quality"
         notes.append(f"`{name}` {verdict}: prompt accuracy {drop:.3f} below float, PSNR {psnr:.1f} dB against the "
-                     f"float clips, warping error {warp:+.4f} against the float clips' own.")
+                     f"float clips, warping error {warp:+.2e} against the float clips' own.")
+    if float_row and float_row.get("prompt_accuracy", 1.0) <= 2 * float_row.get("chance", 0.0):
+        notes.append(f"The float model's own prompt accuracy ({float_row['prompt_accuracy']:.3f}, chance "
+                     f"{float_row['chance']:.3f}) is near chance, so the prompt-accuracy half of each verdict says "
+                     "nothing here; the verdicts rest on PSNR / SSIM and the warping error against the float clips.")
     meta = results.meta
     lines = ["# PTQ of the text-to-video transformer (jq-video-tiny)", "",
              f"Sampling: {meta.get('steps')} Euler steps, guidance {meta.get('guidance')}, {meta.get('frames')} "
