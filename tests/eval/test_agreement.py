@@ -43,7 +43,7 @@ def test_matches_float64_maths_with_padded_batches(batch_size):
     assert got.n_positions == 5 * 8
     np.testing.assert_allclose(got.kl, want_kl, rtol=1e-5)
     assert got.top1 == pytest.approx(want_top1, abs=1e-12)
-    assert 0 < got.kl and 0 < got.top1 < 1  # the random perturbation moves some argmaxes, not all
+    assert got.kl > 0  # the perturbed model differs (whether an argmax moves depends on the draw)
 
 
 def test_identical_models_agree_exactly_and_plain_callables_work():
