@@ -131,10 +131,7 @@ def evaluate_pipeline(pipe, reference, *, clips: int, steps: int | None, guidanc
     judge = load_checkpoint(resolve(JUDGE))
     if judge.config.image_size != videos.shape[2]:
         raise ValueError(f"the judge takes {judge.config.image_size}px frames; this pipeline draws {videos.shape[2]}px.")
-    report = video_report(videos, reference=reference_clips, labels=labels, classifier_fn=judge,
-                          reconstruct=pipe.vae)
-    report.pop("reconstruction_psnr_db")  # of the generated clips: not the VAE's quality; measured on real clips below
-    report.pop("reconstruction_psnr_db_per_frame")
+    report = video_report(videos, reference=reference_clips, labels=labels, classifier_fn=judge)
     real_report = video_report(real, reconstruct=pipe.vae, temporal=False)
     shuffled = frame_prompt_accuracy(judge, videos, np.random.default_rng(0).permutation(labels))
     return {**report, "random_label_accuracy": float(shuffled.mean()), "chance": 1.0 / 32,

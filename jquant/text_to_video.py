@@ -76,11 +76,10 @@ def text_arguments(transformer: nnx.Module) -> tuple[str, ...]:
 
 
 class VideoVelocity(nnx.Module):
-    """The velocity the sampler integrates: ``transformer.flow_velocity`` on ``cond`` (a tuple in ``names`` order)."""
+    """The velocity the sampler integrates: ``transformer.flow_velocity`` on ``cond`` (its text arguments in order)."""
 
-    def __init__(self, transformer: nnx.Module, names: tuple[str, ...]):
+    def __init__(self, transformer: nnx.Module):
         self.transformer = transformer
-        self.names = names
 
     def __call__(self, latents: jax.Array, sigmas: jax.Array, cond: tuple[jax.Array, ...]) -> jax.Array:
         return self.transformer.flow_velocity(latents, sigmas, *cond)
@@ -155,7 +154,7 @@ class TextToVideo:
         cond, uncond = self.encode(prompts)  # checks the prompts first
         shape = (len(prompts), *self.latent_shape(frames))
         self.check_memory(len(prompts), frames, guided=guidance is not None)
-        return sample(VideoVelocity(self.transformer, text_arguments(self.transformer)), cond, key=key, shape=shape,
+        return sample(VideoVelocity(self.transformer), cond, key=key, shape=shape,
                       steps=steps, guidance=guidance, uncond=None if guidance is None else uncond,
                       shift=self.defaults.shift, progress=progress)
 
