@@ -490,14 +490,14 @@ FAMILY = Family(
     from_diffusers=from_diffusers,
     to_diffusers=to_diffusers,
     presets={
-        # The bundled tiny video VAE (trained on 32x32 emoji clips): RGB clips of 1 + 4k frames at 32x32 -> 4-channel
-        # latents of 1 + k frames at 8x8 (spatial 4x, temporal 4x: 48x fewer numbers, HunyuanVideo's own ratio).
-        # Three blocks of (16, 32, 32) channels, one resnet each (decoder: two), 8 groups: blocks 0 and 1 halve
-        # frames, height and width, block 2 keeps them. 3-D convolutions cost 3x their 2-D counterparts per frame,
-        # so the widths are half of jq-vae-tiny's to train in well under an hour on 2 CPU cores; scaling_factor is
-        # set after training (1 / the latents' std).
+        # The bundled tiny video VAE (trained on 32x32 emoji clips): RGB clips of 1 + 4k frames at 32x32 -> 16-channel
+        # latents of 1 + k frames at 8x8 (spatial 4x, temporal 4x: 12x fewer numbers; HunyuanVideo's own 48x, with 4
+        # channels, blurred the 13-16 px emoji of the clips past recognition). Three blocks of (16, 32, 32) channels,
+        # one resnet each (decoder: two), 8 groups: blocks 0 and 1 halve frames, height and width, block 2 keeps
+        # them. 3-D convolutions cost 3x their 2-D counterparts per frame, so the widths are half of jq-vae-tiny's to
+        # train in under an hour on 2 CPU cores; scaling_factor is set after training (1 / the latents' std).
         "jq-video-vae-tiny": HunyuanVideoVAEConfig(
-            block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+            block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, norm_num_groups=8,
             scaling_factor=1.0, spatial_compression_ratio=4, temporal_compression_ratio=4),
     },
     keep_float=("encoder/conv_in/conv", "encoder/conv_out/conv", "quant_conv", "post_quant_conv",

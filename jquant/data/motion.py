@@ -60,7 +60,7 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
 }
 DIRECTION_WORDS = {d: d if "-" not in d else "{} and to the {}".format(*d.split("-")) for d in DIRECTIONS}
 SPEEDS = {"drift": 1, "fast": 3}  # pixels per frame per moving axis at R = 32 (scaled by R / 32)
-SIZE_FRACTIONS = {1: (0.3, 0.4), 2: (0.25, 0.32)}
+SIZE_FRACTIONS = {1: (0.4, 0.5), 2: (0.3, 0.36)}
 HIDDEN_START_PROBABILITY = 1 / 3
 _PLACEMENT_DRAWS = 8
 _MAX_SCENE_TRIES = 100

@@ -241,14 +241,14 @@ def test_block_strides_follow_diffusers(four_blocks):
 
 
 def test_preset_maps_32px_clips_to_8px_latents():
-    """``jq-video-vae-tiny``: 1 + 4k frames of 32x32 RGB -> 1 + k latent frames of 8x8x4, and back."""
+    """``jq-video-vae-tiny``: 1 + 4k frames of 32x32 RGB -> 1 + k latent frames of 8x8x16, and back."""
     from jquant.models.registry import preset
 
     family, config = preset("jq-video-vae-tiny")
     assert family is hv.FAMILY
     model = hv.abstract_model(config)
     posterior = nnx.eval_shape(lambda m, x: m.encode(x), model, jax.ShapeDtypeStruct((2, 17, 32, 32, 3), jnp.float32))
-    assert posterior.mean.shape == (2, 5, 8, 8, 4) == (2, *model.latent_shape(17, 32, 32))
+    assert posterior.mean.shape == (2, 5, 8, 8, 16) == (2, *model.latent_shape(17, 32, 32))
     decoded = nnx.eval_shape(lambda m, z: m.decode(z), model, posterior.mean)
     assert decoded.shape == (2, 17, 32, 32, 3)
 
