@@ -50,7 +50,8 @@ from jquant.calib.sequential import Stage
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import Family
 from jquant.models.hunyuan_video_vae_blocks import (Cache, CausalConv3d, DownBlockCausal3D, MidBlockCausal3D,
-                                                    UpBlockCausal3D, next_pass, norm_stream, num_norms)
+                                                    UpBlockCausal3D, next_pass, norm_stream, num_norms, pool_chunks,
+                                                    repeat_chunks)
 from jquant.models.image_layers import GroupNorm
 from jquant.models.layers import Conv
 from jquant.models.tensor_io import export_torch_tensors, import_torch_tensors, torch_layouts
@@ -70,7 +71,8 @@ class HunyuanVideoVAEConfig:
     ``norm_num_groups``; down blocks have ``layers_per_block`` resnets, up blocks one more. The compression ratios
     must be what the blocks do (module docstring): ``temporal_compression_ratio`` 4 (at least three blocks) and
     ``spatial_compression_ratio`` ``2^m``, ``m <= len(block_out_channels)``. ``dtype`` / ``param_dtype``: compute
-    and storage dtype names.
+    and storage dtype names. ``compression_variant``: VGDFR's half-resolution "compression VAE" (module docstring),
+    the same weights with one spatial halving removed on each side (not a diffusers attribute).
     """
 
     in_channels: int = 3
@@ -83,6 +85,7 @@ class HunyuanVideoVAEConfig:
     spatial_compression_ratio: int = 8
     temporal_compression_ratio: int = 4
     mid_block_add_attention: bool = True
+    compression_variant: bool = False
     dtype: DTypeName = "float32"
     param_dtype: DTypeName = "float32"
 
@@ -112,6 +115,9 @@ class HunyuanVideoVAEConfig:
                 and self.scaling_factor > 0):
             raise ValueError(f"HunyuanVideoVAEConfig.scaling_factor must be a finite positive number, got "
                              f"{self.scaling_factor!r}.")
+        if not isinstance(self.compression_variant, bool) or self.compression_variant and s < 2:
+            raise ValueError(f"HunyuanVideoVAEConfig.compression_variant={self.compression_variant!r} must be a bool, "
+                             f"and True needs a spatial_compression_ratio of at least 2 (got {s}).")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16", "float64"):
                 raise ValueError(f"HunyuanVideoVAEConfig.{name} must be float32, bfloat16, float16 or float64, "
@@ -123,12 +129,50 @@ class HunyuanVideoVAEConfig:
         n, spatial_layers = len(self.block_out_channels), self.spatial_compression_ratio.bit_length() - 1
         return tuple((2 if n - 3 <= i < n - 1 else 1, 2 if i < spatial_layers else 1) for i in range(n))
 
+    @property
+    def encoder_strides(self) -> tuple[tuple[int, int], ...]:
+        """``(temporal, spatial)`` stride of each down block: ``block_strides``, except that the compression variant's
+        last spatially striding block keeps height and width (VGDFR's ``down_blocks.2`` (2,2,2) -> (2,1,1))."""
+        return _drop_spatial(self.block_strides, -1) if self.compression_variant else self.block_strides
+
+    @property
+    def decoder_strides(self) -> tuple[tuple[int, int], ...]:
+        """``(temporal, spatial)`` factor of each up block: ``block_strides``, except that the compression variant's
+        first spatially upsampling block (``up_blocks.0``) upsamples only time (VGDFR: (1,2,2) -> (1,1,1))."""
+        return _drop_spatial(self.block_strides, 0) if self.compression_variant else self.block_strides
+
+    @property
+    def pixel_ratio(self) -> int:
+        """Pixels per latent position along height and width: ``spatial_compression_ratio``, halved for the
+        compression variant."""
+        return self.spatial_compression_ratio // (2 if self.compression_variant else 1)
+
+    @property
+    def frame_rate_depths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Where a dynamic frame rate may pool / repeat features (features at the full frame rate): encoder depths
+        ``d`` (pool after ``conv_in`` and ``d`` down blocks, all of temporal stride 1) and decoder depths ``d`` (repeat
+        after ``conv_in``, the mid block and ``d`` up blocks, all temporal upsamplers among them). The defaults
+        (``encode`` / ``decode`` ``rate_depth=None``) are the deepest encoder depth and the shallowest decoder one."""
+        temporal = [t for t, _ in self.block_strides]
+        leading = next(i for i, t in enumerate(temporal) if t > 1)
+        last = max(i for i, t in enumerate(temporal) if t > 1)
+        n = len(temporal)
+        return tuple(range(leading + 1)), tuple(range(last + 1, n + 1))
+
     def latent_frames(self, frames: int) -> int:
         """Latent frames of a clip of ``frames = 1 + 4k`` frames: ``1 + (frames - 1) / 4``."""
         return 1 + (frames - 1) // self.temporal_compression_ratio
 
     def replace(self, **changes) -> HunyuanVideoVAEConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _drop_spatial(strides: tuple[tuple[int, int], ...], which: int) -> tuple[tuple[int, int], ...]:
+    """``strides`` with the spatial stride of its first (``which=0``) or last (``-1``) spatially striding block set
+    to 1."""
+    spatial = [i for i, (_, s) in enumerate(strides) if s > 1]
+    i = spatial[which]
+    return tuple((t, 1) if j == i else (t, s) for j, (t, s) in enumerate(strides))
 
 
 class Encoder3D(nnx.Module):
@@ -140,7 +184,7 @@ class Encoder3D(nnx.Module):
         self.down_blocks = nnx.List([
             DownBlockCausal3D(widths[max(i - 1, 0)], c, num_layers=cfg.layers_per_block, temporal_stride=t,
                               spatial_stride=s, groups=groups, eps=_EPS, param_dtype=pd, rngs=rngs)
-            for i, (c, (t, s)) in enumerate(zip(widths, cfg.block_strides))])
+            for i, (c, (t, s)) in enumerate(zip(widths, cfg.encoder_strides))])
         self.mid_block = MidBlockCausal3D(widths[-1], add_attention=cfg.mid_block_add_attention, groups=groups,
                                           eps=_EPS, param_dtype=pd, rngs=rngs)
         self.conv_norm_out = GroupNorm(widths[-1], groups, eps=_EPS, param_dtype=pd)
@@ -163,6 +207,18 @@ class Encoder3D(nnx.Module):
         x, out["conv_out"] = self.conv_out.stream(jax.nn.silu(x), get("conv_out"))
         return x, out
 
+    def dynamic(self, x: jax.Array, factors: tuple[int, ...], chunk: int, depth: int) -> jax.Array:
+        """The whole clip ``x [B, 1 + chunk M, H, W, C_in]`` -> moments ``[B, 1 + Σ_i chunk / (4 m_i), h, w, 2L]``:
+        after ``conv_in`` and ``depth`` down blocks (still at the full frame rate), chunk ``i``'s features are
+        average-pooled over ``m_i = factors[i]`` frames (``pool_chunks``), then the rest runs unchanged."""
+        x = self.conv_in(x)
+        for i, block in enumerate(self.down_blocks):
+            if i == depth:
+                x = pool_chunks(x, factors, chunk)
+            x = block(x)
+        x = norm_stream(self.conv_norm_out, self.mid_block(x), None)[0]  # as ``stream``: bit-identical for m_i = 1
+        return self.conv_out(jax.nn.silu(x))
+
     def tail(self, h: jax.Array) -> jax.Array:
         """The mid block's output (whole clip) -> moments: ``conv_out(φ(GN(h)))``."""
         return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
@@ -180,7 +236,7 @@ class Decoder3D(nnx.Module):
         self.up_blocks = nnx.List([
             UpBlockCausal3D(widths[max(i - 1, 0)], c, num_layers=cfg.layers_per_block + 1, temporal_stride=t,
                             spatial_stride=s, groups=groups, eps=_EPS, param_dtype=pd, rngs=rngs)
-            for i, (c, (t, s)) in enumerate(zip(widths, cfg.block_strides))])
+            for i, (c, (t, s)) in enumerate(zip(widths, cfg.decoder_strides))])
         self.conv_norm_out = GroupNorm(widths[-1], groups, eps=_EPS, param_dtype=pd)
         self.conv_out = CausalConv3d(widths[-1], cfg.out_channels, 3, param_dtype=pd, rngs=rngs)
 
@@ -203,6 +259,20 @@ class Decoder3D(nnx.Module):
         return x, out
 
 
+    def dynamic(self, z: jax.Array, factors: tuple[int, ...], chunk: int, depth: int) -> jax.Array:
+        """``z [B, 1 + Σ_i chunk / (4 m_i), h, w, L]`` -> videos ``[B, 1 + chunk M, H, W, C_out]``: after ``conv_in``,
+        the mid block and ``depth`` up blocks (every temporal upsampler done), each feature frame of chunk ``i`` is
+        repeated ``m_i = factors[i]`` times (``repeat_chunks``), then the rest runs unchanged."""
+        x = self.mid_block(self.conv_in(z))
+        for i, block in enumerate(self.up_blocks):
+            if i == depth:
+                x = repeat_chunks(x, factors, chunk)
+            x = block(x)
+        if depth == len(self.up_blocks):
+            x = repeat_chunks(x, factors, chunk)
+        return self.conv_out(jax.nn.silu(norm_stream(self.conv_norm_out, x, None)[0]))
+
+
 def _conv1(c_in: int, c_out: int, pd: jnp.dtype, rngs: nnx.Rngs) -> Conv:
     return Conv(c_in, c_out, (1, 1, 1), use_bias=True, param_dtype=pd, rngs=rngs, init_std=c_in**-0.5)
 
@@ -221,19 +291,39 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
 
     # -- whole clips and chunks -------------------------------------------------------------------------------
 
-    def encode(self, videos: jax.Array, chunk_frames: int | None = None) -> Posterior:
+    def encode(self, videos: jax.Array, chunk_frames: int | None = None, *,
+               frame_rates: tuple[int, ...] | None = None, rate_chunk: int = 16,
+               rate_depth: int | None = None) -> Posterior:
         """``videos [B, 1 + 4k, H, W, C_in]`` -> the posterior ``(mean, logvar)``, each ``[B, 1 + k, h, w, L]``.
-        ``chunk_frames`` (a multiple of 4): run the clip in chunks of that many frames (module docstring)."""
+        ``chunk_frames`` (a multiple of 4): run the clip in chunks of that many frames (module docstring).
+        ``frame_rates`` (static ints ``m_i``, one per chunk of ``rate_chunk`` frames after the first frame): a dynamic
+        latent frame rate, ``1 + Σ_i rate_chunk / (4 m_i)`` latent frames (module docstring); ``rate_depth`` one of
+        ``config.frame_rate_depths[0]`` (default: the deepest)."""
         videos = self._videos(videos)
+        if frame_rates is not None:
+            factors, depth = self._check_rates(videos.shape[1], frame_rates, rate_chunk, rate_depth, 0, chunk_frames)
+            return self._posterior(self.encoder.dynamic(videos, factors, rate_chunk, depth))
         if chunk_frames is None:
             return self._posterior(self.encoder(videos))
         sizes = _chunk_sizes(videos.shape[1], chunk_frames, self.config.temporal_compression_ratio, "chunk_frames")
         return self._posterior(_run_passes(_encoder_step, self, videos, sizes))
 
-    def decode(self, latents: jax.Array, chunk_frames: int | None = None) -> jax.Array:
+    def decode(self, latents: jax.Array, chunk_frames: int | None = None, *,
+               frame_rates: tuple[int, ...] | None = None, rate_chunk: int = 16,
+               rate_depth: int | None = None) -> jax.Array:
         """``latents [B, f, h, w, L]`` (unscaled ``z``) -> videos ``[B, 1 + 4 (f - 1), c_s h, c_s w, C_out]``.
-        ``chunk_frames``: run the latents in chunks of that many latent frames (module docstring)."""
+        ``chunk_frames``: run the latents in chunks of that many latent frames (module docstring). ``frame_rates``:
+        latents of a dynamic frame rate (``encode``), ``f = 1 + Σ_i rate_chunk / (4 m_i)``, decoded to ``1 + rate_chunk
+        M`` frames; ``rate_depth`` one of ``config.frame_rate_depths[1]`` (default: the shallowest)."""
         z = self._latents(latents)
+        if frame_rates is not None:
+            factors, depth = self._check_rates(None, frame_rates, rate_chunk, rate_depth, 1, chunk_frames)
+            t = self.config.temporal_compression_ratio
+            expected = 1 + sum(rate_chunk // (t * m) for m in factors)
+            if z.shape[1] != expected:
+                raise ValueError(f"AutoencoderKLHunyuanVideo.decode: latents have {z.shape[1]} frames; frame_rates="
+                                 f"{factors} with rate_chunk={rate_chunk} need 1 + Σ rate_chunk / (4 m_i) = {expected}.")
+            return self.decoder.dynamic(self.post_quant_conv(z), factors, rate_chunk, depth)
         if chunk_frames is None:
             return self.decoder(self.post_quant_conv(z))
         sizes = _chunk_sizes(z.shape[1], chunk_frames, 1, "chunk_frames")
@@ -257,6 +347,18 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         cache for the next chunk."""
         return self.decoder.stream(self.post_quant_conv(self._latents(latents)), cache)
 
+    def compression_variant(self) -> AutoencoderKLHunyuanVideo:
+        """VGDFR's half-resolution "compression VAE" (spec ``vgdfr.md`` §3.2(b)): a model sharing this one's weights
+        whose config has ``compression_variant=True``, so ``decode`` maps ``[B, T, h, w, L]`` to ``[B, 4 (T - 1) + 1,
+        (c_s / 2) h, (c_s / 2) w, C_out]`` and ``encode`` maps those frames back to ``[B, T, h, w, L]``. Float models
+        only (a quantized one has another structure)."""
+        variant = abstract_model(self.config.replace(compression_variant=True))
+        graphdef, state = nnx.split(self)
+        if graphdef != nnx.graphdef(abstract_model(self.config)):
+            raise ValueError("AutoencoderKLHunyuanVideo.compression_variant: only a float model (as built or loaded, "
+                             "not quantized) has a compression variant; take the variant before quantizing.")
+        return nnx.merge(nnx.graphdef(variant), state)
+
     # -- the pipelines' latents ---------------------------------------------------------------------------------
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -264,7 +366,7 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         frame counts and sizes the VAE does not take are refused as ``encode`` refuses them."""
         cfg = self.config
         self._check_video_shape((1, frames, height, width, cfg.in_channels))
-        s = cfg.spatial_compression_ratio
+        s = cfg.pixel_ratio
         return cfg.latent_frames(frames), height // s, width // s, cfg.latent_channels
 
     def latents(self, videos: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -291,7 +393,7 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
     def _check_video_shape(self, shape: tuple[int, ...], *, first: bool = True) -> None:
         """``first``: a whole clip or its first chunk (``1 + 4k`` frames); else a later chunk (``4k``, ``k >= 1``)."""
         cfg = self.config
-        s, t = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
+        s, t = cfg.pixel_ratio, cfg.temporal_compression_ratio
         if len(shape) != 5 or shape[-1] != cfg.in_channels or shape[2] % s or shape[3] % s:
             raise ValueError(f"AutoencoderKLHunyuanVideo: videos must be [B, F, H, W, {cfg.in_channels}] (channels "
                              f"last) with H and W multiples of {s}; got shape {shape}. Transpose diffusers' "
@@ -302,6 +404,31 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
         if first and shape[1] % t != 1:
             raise ValueError(f"AutoencoderKLHunyuanVideo: videos have {shape[1]} frames; the causal VAE takes 1 + {t}k "
                              f"frames (1, {1 + t}, {1 + 2 * t}, ...): drop the last {(shape[1] - 1) % t} frames.")
+
+    def _check_rates(self, frames: int | None, frame_rates, chunk, depth, side: int,
+                     chunk_frames) -> tuple[tuple[int, ...], int]:
+        """Validated ``(factors, depth)`` of a dynamic frame rate (``side`` 0 encoder, 1 decoder)."""
+        t, name = self.config.temporal_compression_ratio, ("encode", "decode")[side]
+        if chunk_frames is not None:
+            raise ValueError(f"AutoencoderKLHunyuanVideo.{name}: frame_rates and chunk_frames cannot be combined; "
+                             "pass one of them.")
+        factors = tuple(frame_rates)
+        if not factors or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1 for m in factors):
+            raise ValueError(f"AutoencoderKLHunyuanVideo.{name}: frame_rates={frame_rates!r} must be positive ints, "
+                             "one per chunk.")
+        factors = tuple(int(m) for m in factors)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or any(chunk % (t * m) for m in factors):
+            raise ValueError(f"AutoencoderKLHunyuanVideo.{name}: rate_chunk={chunk!r} must be a positive multiple of "
+                             f"{t} x every frame rate factor ({sorted(set(factors))}), e.g. 16.")
+        if frames is not None and frames != 1 + chunk * len(factors):
+            raise ValueError(f"AutoencoderKLHunyuanVideo.{name}: {len(factors)} frame_rates with rate_chunk={chunk} "
+                             f"need 1 + {chunk} x {len(factors)} = {1 + chunk * len(factors)} frames; got {frames}.")
+        depths = self.config.frame_rate_depths[side]
+        depth = (depths[-1] if side == 0 else depths[0]) if depth is None else depth
+        if depth not in depths:
+            raise ValueError(f"AutoencoderKLHunyuanVideo.{name}: rate_depth={depth!r} must be one of {list(depths)} "
+                             "(the depths where features are at the full frame rate: config.frame_rate_depths).")
+        return factors, depth
 
     def _latents(self, latents: jax.Array) -> jax.Array:
         shape, channels = tuple(latents.shape), self.config.latent_channels
@@ -427,7 +554,11 @@ def config_from_diffusers(config: dict, *, dtype: DTypeName = "float32",
 
 
 def config_to_diffusers(cfg: HunyuanVideoVAEConfig) -> dict:
-    """The ``config.json`` dict of an ``AutoencoderKLHunyuanVideo`` with ``cfg``'s architecture."""
+    """The ``config.json`` dict of an ``AutoencoderKLHunyuanVideo`` with ``cfg``'s architecture (not the compression
+    variant's, which diffusers does not describe: export the base model)."""
+    if cfg.compression_variant:
+        raise ValueError(f"{CLASS_NAME}: the compression variant has no diffusers config; export the base model "
+                         "(config.replace(compression_variant=False), same weights).")
     n = len(cfg.block_out_channels)
     return {
         "_class_name": CLASS_NAME, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,

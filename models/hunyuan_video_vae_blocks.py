@@ -143,6 +143,38 @@ class CausalConv3d(nnx.Module):
         return self.conv(frames), {"past": frames[:, n_out * s:]}
 
 
+# ----------------------------------------------------------------------------
+# Dynamic frame rate: per-chunk temporal pooling and repetition
+# ----------------------------------------------------------------------------
+
+
+def pool_chunks(x: jax.Array, factors: tuple[int, ...], chunk: int) -> jax.Array:
+    """DLFR-VAE's temporal down-sampling (spec ``dlfr_vae.md`` §3.2): ``x [B, 1 + chunk M, ...]`` -> ``[B, 1 +
+    Σ_i chunk / m_i, ...]``. Frame 0 stays alone; chunk ``i`` (frames ``1 + i chunk .. (i + 1) chunk``) is averaged
+    over windows of ``m_i = factors[i]`` frames (window = stride, aligned to the chunk's start, never across chunks).
+    Chunks with ``m_i = 1`` are copied, so all-ones factors return ``x`` itself. ``factors`` / ``chunk``: Python
+    ints, each ``m_i`` dividing ``chunk``."""
+    if all(m == 1 for m in factors):
+        return x
+    parts = [x[:, :1]]
+    for i, m in enumerate(factors):
+        part = x[:, 1 + i * chunk:1 + (i + 1) * chunk]
+        parts.append(part if m == 1 else part.reshape(x.shape[0], chunk // m, m, *x.shape[2:]).mean(axis=2))
+    return jnp.concatenate(parts, axis=1)
+
+
+def repeat_chunks(x: jax.Array, factors: tuple[int, ...], chunk: int) -> jax.Array:
+    """The mirror of ``pool_chunks``: ``x [B, 1 + Σ_i chunk / m_i, ...]`` -> ``[B, 1 + chunk M, ...]``, every frame
+    of chunk ``i`` repeated ``m_i`` times (nearest in time); frame 0 once. All-ones factors return ``x`` itself."""
+    if all(m == 1 for m in factors):
+        return x
+    parts, start = [x[:, :1]], 1
+    for m in factors:
+        parts.append(jnp.repeat(x[:, start:start + chunk // m], m, axis=1))
+        start += chunk // m
+    return jnp.concatenate(parts, axis=1)
+
+
 def _nearest(x: jax.Array, factors: tuple[int, int, int]) -> jax.Array:
     for axis, factor in zip((1, 2, 3), factors):
         if factor > 1:
