@@ -26,7 +26,6 @@ from flax import nnx
 from jquant import ops
 from jquant.calib.capture import record_expert_input, record_input
 from jquant.kv import LayerKVCache
-from jquant.formats import Format
 from jquant.ops.experts import combine, route, sort_by_expert
 from jquant.sites import SiteSpec
 

@@ -1,6 +1,5 @@
 """No command or API deletes or replaces anything jquant did not create (jquant.atomic and its callers)."""
 
-import os
 import subprocess
 import sys
 import threading

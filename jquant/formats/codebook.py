@@ -38,7 +38,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jquant.formats import _blocks as B
 from jquant.formats.api import check_finite

@@ -30,9 +30,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
-import jax
 
 from jquant.ops.kernel import Kernel as Kernel
 

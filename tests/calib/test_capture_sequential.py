@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from jquant.calib.capture import capture_statistics, set_capture
 from jquant.calib.sequential import walk_blocks

@@ -1,6 +1,5 @@
 """Codebook format: brute-force assignment vs numpy, lookup decode, grids, packing, bits."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

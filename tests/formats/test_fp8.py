@@ -1,6 +1,5 @@
 """Scaled FP8: saturating casts, ml_dtypes cross-check, granularities, storage."""
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

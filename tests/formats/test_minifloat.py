@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jquant.formats.minifloat import (E2M1, ELEMENTS, E4M3, decode_element, e4m3_byte,
+from jquant.formats.minifloat import (E2M1, ELEMENTS, decode_element, e4m3_byte,
                                       e4m3_value, e8m0_byte, e8m0_exponent, e8m0_value,
                                       encode_element, round_to_element)
 

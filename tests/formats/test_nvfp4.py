@@ -1,7 +1,6 @@
 """NVFP4 against the bit-exact vectors of low_precision_formats.md §5 and its properties."""
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
