@@ -33,6 +33,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "cogvideox": "jquant.models.cogvideox",
     "wan": "jquant.models.wan",
     "wan_vae": "jquant.models.wan_vae",
+    "qwen2_vl": "jquant.models.qwen2_vl",
 }
 
 
