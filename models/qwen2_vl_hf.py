@@ -17,7 +17,7 @@ from flax import nnx
 
 from jquant.models import llama
 from jquant.models.config_io import check_dtypes_available
-from jquant.models.qwen2_vl import DTypeName, Qwen2VL, Qwen2VLConfig, abstract_model
+from jquant.models.qwen2_vl_model import DTypeName, Qwen2VL, Qwen2VLConfig, abstract_model
 from jquant.models.qwen2_vl_vision import VisionConfig
 
 _ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}

@@ -1,0 +1,333 @@
+"""Qwen2-VL and Qwen2.5-VL: a vision tower (``qwen2_vl_vision``) feeding a Qwen2 decoder with M-RoPE.
+
+Shapes: ``B`` batch, ``L`` tokens, ``D`` text hidden size, ``n`` images, ``M`` merged image features.
+
+The prompt holds one ``image_token_id`` placeholder per merged image feature, each image's placeholders
+contiguous; the features replace their embeddings in order (Wang et al. 2024, *Qwen2-VL*, §2.1).
+Every token has a modality, ``modality [B, L]`` (0 text, 1 image: the processor's ``mm_token_type_ids``),
+and an M-RoPE position ``positions [B, L, 3]`` (temporal, height, width; ``rope_index``, transformers'
+``get_rope_index``): text tokens count on from the previous token on all three components; an image
+of ``t x h x w`` merged patches starting at ``s`` has positions ``(s + i, s + j, s + k)`` and the text
+after it continues from ``s + max(h, w)``. The decoder's rotary pairs are split into
+``mrope_section`` sections reading the (t, h, w) components in turn (``jquant.ops.rope``). Decoding
+after a prefill uses ``cache index + rope_deltas`` on all components, ``rope_deltas [B]`` = the last
+prefill position + 1 minus the prompt length.
+
+Parameter paths: ``visual/...`` (``qwen2_vl_vision.VisionTower``), then the Llama family's decoder
+names: ``embed_tokens``, ``layers/{i}/{self_attn,mlp}/...``, ``norm``, ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant import ops
+from jquant.kv import KVCache
+from jquant.models.config_io import check_dtypes_available
+from jquant.models.layers import Attention, AttentionConfig, Embed, Linear, RMSNorm, apply_rope
+from jquant.models.llama import DecoderLayer, DecoderLM, LlamaConfig
+from jquant.models.qwen2_vl_vision import VisionConfig, VisionTower, check_grid
+
+VLFamily = Literal["qwen2_vl", "qwen2_5_vl"]
+DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
+TEXT, IMAGE = 0, 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Qwen2VLConfig:
+    """A Qwen2-VL / Qwen2.5-VL model: ``text`` (a Qwen2 decoder: q/k/v biases), ``vision`` (its
+    ``variant`` equals ``family``), ``mrope_section`` (rotary pairs per (t, h, w) section, summing to
+    ``head_dim / 2``) and the special token ids. ``dtype`` / ``param_dtype`` apply to both towers."""
+
+    family: VLFamily = "qwen2_vl"
+    text: LlamaConfig
+    vision: VisionConfig
+    mrope_section: tuple[int, ...]
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    dtype: DTypeName = "float32"
+    param_dtype: DTypeName = "float32"
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.family not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"{name}.family must be 'qwen2_vl' or 'qwen2_5_vl', got {self.family!r}.")
+        if self.vision.variant != self.family:
+            raise ValueError(f"{name}: vision.variant={self.vision.variant!r} must equal family={self.family!r}.")
+        t = self.text
+        if (t.family, t.qkv_bias, t.out_bias, t.mlp_bias, t.qk_norm, t.sliding_window) != ("qwen2", True, False, False,
+                                                                                           False, None):
+            raise ValueError(f"{name}.text must be a Qwen2 decoder (LlamaConfig(family='qwen2', qkv_bias=True), no "
+                             "o/mlp bias, no qk_norm, no sliding window): Qwen2-VL's language model is Qwen2.")
+        if t.rope.kind != "default":
+            raise ValueError(f"{name}: M-RoPE uses plain RoPE frequencies; text.rope.kind={t.rope.kind!r} is not supported.")
+        object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+        if len(self.mrope_section) != 3 or 2 * sum(self.mrope_section) != t.head_dim or min(self.mrope_section) < 0:
+            raise ValueError(f"{name}.mrope_section={self.mrope_section} must be three pair counts (t, h, w) with "
+                             f"2 * sum = head_dim = {t.head_dim}.")
+        if self.vision.out_hidden_size != t.hidden_size:
+            raise ValueError(f"{name}: vision.out_hidden_size={self.vision.out_hidden_size} must equal the text "
+                             f"hidden_size={t.hidden_size} (the merger writes into the token embeddings).")
+        ids = (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
+        if not all(0 <= i < t.vocab_size for i in ids) or len(set(ids)) != 4:
+            raise ValueError(f"{name}: the image, video, vision-start and vision-end token ids {ids} must be distinct "
+                             f"ids in the vocabulary [0, {t.vocab_size}).")
+        object.__setattr__(self, "text", t.replace(dtype=self.dtype, param_dtype=self.param_dtype))
+
+    # the decoder's shape, read by DecoderLM (caches, layouts) and by generate (context, vocabulary)
+    num_layers = property(lambda self: self.text.num_layers)
+    num_heads = property(lambda self: self.text.num_heads)
+    num_kv_heads = property(lambda self: self.text.num_kv_heads)
+    head_dim = property(lambda self: self.text.head_dim)
+    hidden_size = property(lambda self: self.text.hidden_size)
+    intermediate_size = property(lambda self: self.text.intermediate_size)
+    vocab_size = property(lambda self: self.text.vocab_size)
+    max_position_embeddings = property(lambda self: self.text.max_position_embeddings)
+    qk_norm = property(lambda self: False)
+
+    def replace(self, **changes) -> Qwen2VLConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class VLInputs(NamedTuple):
+    """A prompt's per-token inputs: ``tokens [B, L]``, ``positions [B, L, 3]`` (M-RoPE), ``modality [B, L]``
+    (0 text, 1 image) and ``rope_deltas [B]`` (the decoding offset)."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    modality: np.ndarray
+    rope_deltas: np.ndarray
+
+
+def _runs(mask_row: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of True in a 1-D bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask_row.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def rope_index(cfg: Qwen2VLConfig, tokens, image_grid_thw=None, mm_token_type_ids=None) -> VLInputs:
+    """M-RoPE positions and modalities of ``tokens [B, L]`` with images of ``image_grid_thw [n, 3]`` (module docstring).
+
+    Each run of image placeholders is one image, taken in order (batch row, then position); the run
+    must hold that image's ``t h w / m²`` placeholders. ``mm_token_type_ids`` (the processor's, optional)
+    must mark exactly the placeholders.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be an int [batch, length] array, got shape {tokens.shape} dtype {tokens.dtype}.")
+    b, length = tokens.shape
+    image = tokens == cfg.image_token_id
+    if mm_token_type_ids is not None:
+        types = np.asarray(mm_token_type_ids)
+        if types.shape != tokens.shape or not np.array_equal(types, image.astype(types.dtype)):
+            raise ValueError(f"mm_token_type_ids must be 1 exactly at the image tokens (id {cfg.image_token_id}) and 0 "
+                             "elsewhere, with the shape of tokens (videos, type 2, are not supported); got "
+                             f"{types.shape} disagreeing with the placeholders.")
+    if np.any(tokens == cfg.video_token_id):
+        raise ValueError(f"tokens hold the video token id {cfg.video_token_id}; videos are not supported, only images.")
+    runs = [(row, s, e) for row in range(b) for s, e in _runs(image[row])]
+    if image_grid_thw is None:
+        if runs:
+            raise ValueError(f"tokens hold {int(image.sum())} image placeholders (id {cfg.image_token_id}) but no "
+                             "images were given; pass pixel_values and image_grid_thw, or drop the placeholders.")
+        grid = np.zeros((0, 3), np.int64)
+    else:
+        grid = check_grid(cfg.vision, image_grid_thw)
+        if not runs:
+            raise ValueError(f"{len(grid)} images were given but tokens hold no image token (id {cfg.image_token_id}); "
+                             "put each image's placeholders into the prompt (vision_start, image tokens, vision_end).")
+    m = cfg.vision.spatial_merge_size
+    sizes = (np.prod(grid, axis=1) // m ** 2).tolist()
+    if len(runs) != len(grid) or [e - s for _, s, e in runs] != sizes:
+        raise ValueError(f"tokens hold image placeholder runs of lengths {[e - s for _, s, e in runs]} but "
+                         f"image_grid_thw={grid.tolist()} needs one run per image of t*h*w/{m ** 2} = {sizes} tokens; "
+                         "give one image per run, with as many placeholders as it has merged patches.")
+    positions = np.zeros((b, length, 3), np.int64)
+    deltas = np.zeros((b,), np.int64)
+    images = iter(grid.tolist())
+    for row in range(b):
+        cursor, previous = 0, 0
+        for start, end in [(s, e) for r, s, e in runs if r == row] + [(length, length)]:
+            text = np.arange(start - previous) + cursor
+            positions[row, previous:start] = text[:, None]
+            cursor += start - previous
+            if start == length:
+                break
+            t, h, w = next(images)
+            ti, hi, wi = np.meshgrid(np.arange(t), np.arange(h // m), np.arange(w // m), indexing="ij")
+            positions[row, start:end] = np.stack([ti, hi, wi], axis=-1).reshape(-1, 3) + cursor
+            cursor += max(h, w) // m
+            previous = end
+        deltas[row] = positions[row].max() + 1 - length if length else 0
+    return VLInputs(tokens.astype(np.int32), positions.astype(np.int32), image.astype(np.int32),
+                    deltas.astype(np.int32))
+
+
+class MRopeAttention(Attention):
+    """``layers.Attention`` with M-RoPE: ``positions [B, T, 3]`` rotate the (t, h, w) sections; the causal mask
+    follows the sequence order (image tokens share positions), not the rotary positions."""
+
+    def __init__(self, cfg: AttentionConfig, sections: tuple[int, ...], *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        super().__init__(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.sections = sections
+
+    def __call__(self, x, positions, cache, cache_start):
+        """``x [B, T, hidden]`` at M-RoPE ``positions [B, T, 3]`` -> ``[B, T, hidden]``, updated cache."""
+        if self.kv_cache is not None or self.qk_rotation or self.kv_smoothing is not None:
+            raise ValueError("Qwen2-VL attention does not support KV-cache quantization or q/k rotation yet; quantize "
+                             "weights and activations only.")
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        angles = ops.rope_angles(positions, dims=(cfg.head_dim,), theta=cfg.rope.theta, sections=self.sections)
+        cos, sin = ops.rope_cos_sin(angles, "half", x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        order = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is None:
+            return self.o_proj(ops.attention(q, k, v, ops.causal_mask(order, order)).reshape(b, t, -1)), None
+        cache, k_all, v_all = cache.update(k, v, cache_start)
+        slots = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (b, cache.capacity))
+        mask = ops.causal_mask(order + cache_start, slots, slots < cache_start + t)
+        return self.o_proj(ops.attention(q, k_all, v_all, mask).reshape(b, t, -1)), cache
+
+
+class VLDecoderLayer(DecoderLayer):
+    """The Llama-family pre-norm block with ``MRopeAttention``; its context is ``positions [B, T, 3]``."""
+
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg.text, rngs=rngs)
+        self.self_attn = MRopeAttention(cfg.text.attention, cfg.mrope_section, param_dtype=jnp.dtype(cfg.param_dtype),
+                                        rngs=rngs)
+
+
+class Qwen2VL(DecoderLM):
+    """Qwen2-VL / Qwen2.5-VL.
+
+    ``model(tokens, pixel_values, image_grid_thw)`` -> logits ``[B, L, V]`` (images optional);
+    ``model.prefill(tokens, cache, pixel_values, image_grid_thw)`` -> ``(logits, cache, rope_deltas)``, then
+    ``model.step(tokens, cache, rope_deltas=...)`` decodes (``generate`` does both, greedily).
+    """
+
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.visual = VisionTower(cfg.vision, param_dtype=pdt, rngs=rngs)
+        self.embed_tokens = Embed(cfg.text.vocab_size, cfg.text.hidden_size, param_dtype=pdt, rngs=rngs)
+        self.layers = nnx.List([VLDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.text.num_layers)])
+        self.norm = RMSNorm(cfg.text.hidden_size, eps=cfg.text.rms_norm_eps, param_dtype=pdt)
+        self.lm_head = (None if cfg.text.tie_embeddings else
+                        Linear(cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, sharding=("embed", "vocab"),
+                               param_dtype=pdt, rngs=rngs))
+
+    def prepare_inputs(self, tokens, image_grid_thw=None, mm_token_type_ids=None) -> VLInputs:
+        """``rope_index`` of this model's config (host-side: the layout depends on where the placeholders are)."""
+        return rope_index(self.config, tokens, image_grid_thw, mm_token_type_ids)
+
+    def embed(self, tokens: jax.Array, pixel_values=None, image_grid_thw=None) -> jax.Array:
+        """Token embeddings ``[B, L, D]`` with the merged image features written over the placeholders in order."""
+        x = self.embed_tokens(tokens, jnp.dtype(self.config.dtype))
+        if pixel_values is None:
+            return x
+        features = self.visual(pixel_values, image_grid_thw, x.dtype)  # [M, D]
+        return scatter_features(x, tokens == self.config.image_token_id, features)
+
+    def __call__(self, tokens, pixel_values=None, image_grid_thw=None, *, mm_token_type_ids=None) -> jax.Array:
+        """Causal forward -> logits ``[B, L, V]``; without images, ``tokens`` may be traced (plain 1-D positions)."""
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pass pixel_values and image_grid_thw together (images_to_patches returns both).")
+        if pixel_values is None and isinstance(tokens, jax.core.Tracer):
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[:, None], (*tokens.shape, 3))
+        else:
+            positions = jnp.asarray(self.prepare_inputs(tokens, image_grid_thw, mm_token_type_ids).positions)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        return self._decode(self.embed(tokens, pixel_values, image_grid_thw), positions, None, None)[0]
+
+    def prefill(self, tokens, cache: KVCache, pixel_values=None, image_grid_thw=None, *, mm_token_type_ids=None):
+        """Run the prompt into an empty ``cache`` -> ``(logits [B, L, V], cache, rope_deltas [B])``."""
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pass pixel_values and image_grid_thw together (images_to_patches returns both).")
+        inputs = self.prepare_inputs(tokens, image_grid_thw, mm_token_type_ids)
+        if int(cache.length) != 0:
+            raise ValueError(f"prefill needs an empty cache (length 0), got length {int(cache.length)}; decode further "
+                             "tokens with step(tokens, cache, rope_deltas=...).")
+        tokens = jnp.asarray(inputs.tokens)
+        x = self.embed(tokens, pixel_values, image_grid_thw)
+        logits, layers = self._decode(x, jnp.asarray(inputs.positions), cache.layers, cache.length)
+        return logits, KVCache(layers=layers, length=cache.length + tokens.shape[1]), jnp.asarray(inputs.rope_deltas)
+
+    def step(self, tokens: jax.Array, cache: KVCache, *, rope_deltas: jax.Array | None = None):
+        """Append text ``tokens [B, T]`` after the cached ones at positions ``cache index + rope_deltas [B]``."""
+        start = cache.length
+        b, t = tokens.shape
+        index = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if rope_deltas is not None:
+            index = index + jnp.asarray(rope_deltas, jnp.int32)[:, None]
+        x = self.embed_tokens(tokens, jnp.dtype(self.config.dtype))
+        logits, layers = self._decode(x, jnp.broadcast_to(index[..., None], (b, t, 3)), cache.layers, start)
+        return logits, KVCache(layers=layers, length=start + t)
+
+    def _decode(self, x, positions, layer_caches, start):
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, positions, None if layer_caches is None else layer_caches[i], start)
+            new_caches.append(c)
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits, tuple(new_caches) if layer_caches is not None else None
+
+    def block_inputs(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Text-only calibration: the embeddings and 1-D positions on all three M-RoPE components."""
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (b, t, 3))
+        return self.embed_tokens(tokens, jnp.dtype(self.config.dtype)), positions
+
+
+def scatter_features(x: jax.Array, placeholders: jax.Array, features: jax.Array) -> jax.Array:
+    """``x [B, L, D]`` with row ``i`` of ``features [M, D]`` written at the ``i``-th True of ``placeholders [B, L]``
+    (row-major order, as ``torch.masked_scatter``)."""
+    index = jnp.clip(jnp.cumsum(placeholders.reshape(-1)) - 1, 0, features.shape[0] - 1)
+    gathered = features[index].reshape(x.shape).astype(x.dtype)
+    return jnp.where(placeholders[..., None], gathered, x)
+
+
+def generate(model: Qwen2VL, tokens, max_new_tokens: int, pixel_values=None, image_grid_thw=None, *,
+             mm_token_type_ids=None) -> np.ndarray:
+    """Greedy continuation of ``tokens [B, L]`` (with images) by ``max_new_tokens`` -> ``[B, L + n]`` int32."""
+    tokens = np.asarray(tokens)
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1] + max_new_tokens)
+    logits, cache, deltas = model.prefill(tokens, cache, pixel_values, image_grid_thw,
+                                          mm_token_type_ids=mm_token_type_ids)
+    graphdef, state = nnx.split(model)
+    out = [tokens, np.asarray(jnp.argmax(logits[:, -1], axis=-1))[:, None]]
+    for _ in range(max_new_tokens - 1):
+        logits, cache = _step(graphdef, state, jnp.asarray(out[-1], jnp.int32), cache, deltas)
+        out.append(np.asarray(jnp.argmax(logits[:, -1], axis=-1))[:, None])
+    return np.concatenate(out, axis=1).astype(np.int32)
+
+
+@nnx.jit(static_argnums=0)
+def _step(graphdef, state, tokens, cache, deltas):
+    return nnx.merge(graphdef, state).step(tokens, cache, rope_deltas=deltas)
+
+
+def init_model(cfg: Qwen2VLConfig, key: jax.Array) -> Qwen2VL:
+    """A randomly initialised model (weights ~ N(0, 0.02), norms 1, biases 0)."""
+    check_dtypes_available(cfg)
+    return Qwen2VL(cfg, rngs=nnx.Rngs(params=key))
+
+
+def abstract_model(cfg: Qwen2VLConfig) -> Qwen2VL:
+    """The model's structure with ``jax.ShapeDtypeStruct`` leaves."""
+    return nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0)))
