@@ -18,7 +18,8 @@ padding enters the joint attention as diffusers builds it: every query sees the 
 The pipeline feeds ``t = 1000 σ`` (FlowMatchEulerDiscreteScheduler timesteps) and guidance ``1000 g``;
 ``flow_velocity`` takes σ in ``[0, 1]`` and the guidance scale ``g``, ``__call__`` diffusers' values. Frame
 positions are an argument (``frame_positions [F / p_t]``, default ``0, 1, ..``): a sampler that merges latent
-frames (VGDFR) can keep the merged frames' original temporal positions in RoPE. ``embed`` (the blocks' inputs;
+frames (VGDFR) can keep the merged frames' original temporal positions in RoPE, and ``flow_velocity`` gives chosen
+blocks (``global_blocks``) tables at other positions (``global_frame_positions``: DyRoPE). ``embed`` (the blocks' inputs;
 context ``(y, bucket, cos, sin, key_lengths)``), ``rope_tables``, the blocks and ``head`` are public, so a caller
 can also run chosen layers with tables of other positions.
 
@@ -284,13 +285,36 @@ class HunyuanVideoTransformer(nnx.Module):
         out = out.reshape(b, f, h, w, c, pt, p, p).transpose(0, 1, 5, 2, 6, 3, 7, 4)
         return out.reshape(b, f * pt, h * p, w * p, c)
 
-    def _blocks(self, x: jax.Array, c: jax.Array, context: tuple) -> jax.Array:
-        for block in self.transformer_blocks:
-            x, c = block(x, c, *context)
+    def _blocks(self, x: jax.Array, c: jax.Array, context: tuple, global_context: tuple | None = None,
+                global_blocks: tuple[int, ...] = ()) -> jax.Array:
+        """The double then single blocks; block ``b`` (numbered double first, then single) in ``global_blocks`` runs
+        on ``global_context`` (its RoPE tables at the global frame positions), the others on ``context``."""
+        pick = lambda b: global_context if b in global_blocks else context  # noqa: E731
+        for b, block in enumerate(self.transformer_blocks):
+            x, c = block(x, c, *pick(b))
         h = jnp.concatenate([x, c], axis=1)
-        for block in self.single_transformer_blocks:
-            h = block(h, *context)
+        for b, block in enumerate(self.single_transformer_blocks, start=len(self.transformer_blocks)):
+            h = block(h, *pick(b))
         return h[:, :x.shape[1]]
+
+    def _global_context(self, context: tuple, grid: tuple[int, int, int], global_frame_positions,
+                        global_blocks) -> tuple | None:
+        """``context`` with the RoPE tables at ``global_frame_positions`` (DyRoPE), or None when not used."""
+        if global_frame_positions is None:
+            if global_blocks:
+                raise ValueError(f"{_NAME}: global_blocks={tuple(global_blocks)} needs global_frame_positions (the "
+                                 "kept latent frames' original indices).")
+            return None
+        n = len(self.transformer_blocks) + len(self.single_transformer_blocks)
+        if not all(isinstance(b, int) and 0 <= b < n for b in global_blocks):
+            raise ValueError(f"{_NAME}: global_blocks must be block indices in [0, {n}) (double blocks first, then "
+                             f"single), got {tuple(global_blocks)}.")
+        if tuple(jnp.shape(global_frame_positions)) != (grid[0],):
+            raise ValueError(f"{_NAME}: global_frame_positions must be [F / patch_size_t = {grid[0]}], got shape "
+                             f"{jnp.shape(global_frame_positions)}.")
+        temb, bucket, _, _, key_lengths = context
+        cos, sin = self.rope_tables(grid, global_frame_positions)
+        return temb, bucket, cos, sin, key_lengths
 
     def __call__(self, latents: jax.Array, timesteps: jax.Array, text: jax.Array, text_mask: jax.Array,
                  pooled: jax.Array, guidance: jax.Array | None = None, *,
@@ -314,10 +338,16 @@ class HunyuanVideoTransformer(nnx.Module):
 
     def flow_velocity(self, latents: jax.Array, sigmas: jax.Array, text: jax.Array, text_mask: jax.Array,
                       pooled: jax.Array, *, guidance: jax.Array | float | None = None,
-                      frame_positions: jax.Array | None = None) -> jax.Array:
+                      frame_positions: jax.Array | None = None, global_frame_positions: jax.Array | None = None,
+                      global_blocks: tuple[int, ...] = ()) -> jax.Array:
         """The rectified-flow velocity ``[B, F, H, W, C]`` of latents ``[B, F, H, W, C]`` at noise levels ``sigmas
         [B]`` in ``[0, 1]`` (fed as ``t = 1000 σ``); ``guidance`` (scalar or ``[B]``, fed as ``1000 g``) defaults to
-        ``config.guidance`` for a guidance-embedding model and must be None otherwise."""
+        ``config.guidance`` for a guidance-embedding model and must be None otherwise.
+
+        DyRoPE (VGDFR, spec ``vgdfr.md`` §3.2(g)): the blocks numbered in the static ``global_blocks`` (double blocks
+        ``0 .. num_layers - 1``, then single blocks) take RoPE at ``global_frame_positions [F]`` (the merged latent's
+        original frame indices), the others at ``frame_positions`` (default ``0 .. F - 1``, the *local* ones).
+        Without ``global_frame_positions`` the computation is today's."""
         if self.config.output_channels != self.config.in_channels:
             raise ValueError(f"{_NAME}.flow_velocity: out_channels={self.config.output_channels} differs from "
                              f"in_channels={self.config.in_channels}; a velocity has the latents' channels.")
@@ -326,7 +356,8 @@ class HunyuanVideoTransformer(nnx.Module):
         grid = self.grid(latents.shape)
         x, c, context = self.embed(latents, 1000.0 * sigmas, text, text_mask, pooled,
                                    None if g is None else 1000.0 * g, sigmas=sigmas, frame_positions=frame_positions)
-        return self.head(self._blocks(x, c, context), context[0], grid)
+        global_context = self._global_context(context, grid, global_frame_positions, tuple(global_blocks))
+        return self.head(self._blocks(x, c, context, global_context, tuple(global_blocks)), context[0], grid)
 
     def calibration_call(self, batch: dict) -> jax.Array:
         """The velocity of a calibration batch (``check_calibration``'s dict): what whole-model statistics run."""

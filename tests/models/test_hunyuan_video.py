@@ -3,6 +3,7 @@ contracts: RoPE tables and frame positions, padding, flow units, quantization, b
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -179,6 +180,46 @@ def test_frame_positions_reach_the_video_attention(perturbed):
     default = velocity(None)
     np.testing.assert_array_equal(velocity(np.arange(frames, dtype=np.float32)), default)
     assert relative_error(velocity(np.array([0.0, 2.0, 7.0])), default) > 1e-2
+
+
+def test_dyrope_gives_the_chosen_blocks_global_positions(perturbed):
+    """DyRoPE (VGDFR §3.2(g)): no global blocks = the local computation, all blocks = ``frame_positions`` set to the
+    global ones, block 1 alone (the single block: double blocks are numbered first) = the blocks run by hand with
+    that block's tables at the global positions; the global tables at ``0 .. F - 1`` are the local ones."""
+    _, model = perturbed
+    b = make_inputs(model.config, 3)
+    positions = np.array([0.0, 2.0, 7.0], np.float32)
+
+    @functools.partial(nnx.jit, static_argnames=("global_blocks",))
+    def run(model, b, frame_positions=None, global_frame_positions=None, global_blocks=()):
+        return model.flow_velocity(b["latents"], b["sigmas"], b["text"], b["text_mask"], b["pooled"],
+                                   guidance=b["guidance"], frame_positions=frame_positions,
+                                   global_frame_positions=global_frame_positions, global_blocks=global_blocks)
+
+    local = np.asarray(run(model, b))
+    glob = np.asarray(run(model, b, frame_positions=positions))
+    np.testing.assert_array_equal(np.asarray(run(model, b, global_frame_positions=positions, global_blocks=())), local)
+    np.testing.assert_array_equal(np.asarray(run(model, b, global_frame_positions=positions, global_blocks=(0, 1))),
+                                  glob)
+    mixed = np.asarray(run(model, b, global_frame_positions=positions, global_blocks=(1,)))
+    grid = model.grid(b["latents"].shape)
+    x, c, context = model.embed(b["latents"], 1000 * b["sigmas"], b["text"], b["text_mask"], b["pooled"],
+                                1000 * b["guidance"], sigmas=b["sigmas"])
+    cos, sin = model.rope_tables(grid, positions)
+    x, c = model.transformer_blocks[0](x, c, *context)
+    h = model.single_transformer_blocks[0](np.concatenate([x, c], axis=1), *context[:2], cos, sin, context[4])
+    by_hand = np.asarray(model.head(h[:, :x.shape[1]], context[0], grid))
+    np.testing.assert_allclose(mixed, by_hand, rtol=1e-5, atol=1e-5)
+    assert relative_error(mixed, local) > 1e-3 and relative_error(mixed, glob) > 1e-3
+    same = [np.asarray(t) for t in model.rope_tables(grid, np.arange(grid[0], dtype=np.float32))]
+    for ours, default in zip(same, model.rope_tables(grid)):
+        np.testing.assert_array_equal(ours, np.asarray(default))
+    with pytest.raises(ValueError, match="global_frame_positions"):
+        model.flow_velocity(b["latents"], b["sigmas"], b["text"], b["text_mask"], b["pooled"],
+                            guidance=b["guidance"], global_blocks=(0,))
+    with pytest.raises(ValueError, match="global_blocks must be block indices in \\[0, 2\\)"):
+        model.flow_velocity(b["latents"], b["sigmas"], b["text"], b["text_mask"], b["pooled"],
+                            guidance=b["guidance"], global_frame_positions=positions, global_blocks=(2,))
 
 
 def test_flow_velocity_feeds_the_pipelines_units(perturbed):
