@@ -38,7 +38,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from jquant.data.emoji import Glyphs
-from jquant.data.scenes import COLORS, Layout, SceneObject, render, tent_weights, unit_split
+from jquant.data.scenes import (
+    COLORS,
+    Layout,
+    SceneObject,
+    render,
+    tent_weights,
+    unit_split,
+)
 
 MIN_EMOJI_PX = 12  # the video set found 10-13 px emoji hard to read; 13-16 px easy
 DIGIT_PX = 8  # scikit-learn's digits are 8x8; never shrunk

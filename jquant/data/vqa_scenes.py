@@ -124,6 +124,8 @@ def format_prompt(question: str, image_placeholder: str = "<image>") -> str:
 
 # ------------------------------------------------------------------------ emoji scenes
 
+_Draft = tuple[tuple[int, int], list[int], str]  # (grid, vocabulary positions row-major, question)
+
 
 def _grids(max_emoji: int, slots: int, need: tuple[int, int] = (0, 0)) -> list[tuple[int, int]]:
     """Rows ``1 x k``, columns ``k x 1`` and the ``2 x 2`` grid (if ``max_emoji >= 4``) with at least ``slots``
@@ -139,7 +141,7 @@ def _others(rng: np.random.Generator, cfg: _Config, exclude: list[int], count: i
     return [int(x) for x in rng.choice(rest, size=count, replace=False)]
 
 
-def _emoji_positional(rng, cfg, kind, answer):
+def _emoji_positional(rng: np.random.Generator, cfg: _Config, kind: str, answer: str) -> _Draft:
     dr, dc, words = NEIGHBOURS[kind]
     grids = _grids(cfg.max_emoji, 2, (dr, dc))
     rows, cols = grids[rng.integers(len(grids))]
@@ -155,7 +157,7 @@ def _emoji_positional(rng, cfg, kind, answer):
     return (rows, cols), grid_labels, f"what is just {words} the {name}?"
 
 
-def _emoji_count(rng, cfg, kind, answer):
+def _emoji_count(rng: np.random.Generator, cfg: _Config, kind: str, answer: str) -> _Draft:
     m = int(answer)
     grids = _grids(cfg.max_emoji, m)
     rows, cols = grids[rng.integers(len(grids))]
@@ -166,7 +168,7 @@ def _emoji_count(rng, cfg, kind, answer):
     return (rows, cols), grid_labels, f"how many times does the {cfg.glyphs.names[cfg.vocab[x]]} appear?"
 
 
-def _emoji_background(rng, cfg, kind, answer):
+def _emoji_background(rng: np.random.Generator, cfg: _Config, kind: str, answer: str) -> _Draft:
     grids = _grids(cfg.max_emoji, 1)
     rows, cols = grids[rng.integers(len(grids))]
     return (rows, cols), _others(rng, cfg, [], rows * cols), "what color is the background?"
@@ -295,12 +297,9 @@ def vqa_items(split: str, n: int, resolution: int = 48, seed: int = 0, *, kinds:
     vocabularies = {k: answer_vocabulary(k, vocabulary=vocab, max_emoji=max_emoji, digits=digits, glyphs=glyphs)
                     for k in dict.fromkeys(kinds)}
     rng = np.random.default_rng([int(seed), cfg.split])
-    layouts, questions, answers, item_kinds = [], [], [], []
-    for i in range(int(n)):
-        kind = kinds[i % len(kinds)]
-        layout, question, answer = _draw(rng, cfg, kind, vocabularies[kind])
-        layouts.append(layout), questions.append(question), answers.append(answer), item_kinds.append(kind)
-    return layouts, questions, answers, item_kinds
+    item_kinds = [kinds[i % len(kinds)] for i in range(int(n))]
+    items = [_draw(rng, cfg, kind, vocabularies[kind]) for kind in item_kinds]
+    return [i[0] for i in items], [i[1] for i in items], [i[2] for i in items], item_kinds
 
 
 def vqa_scenes(split: str, n: int, resolution: int = 48, seed: int = 0, *, kinds: Sequence[str] = QUESTION_KINDS,

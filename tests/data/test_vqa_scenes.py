@@ -13,7 +13,12 @@ import pytest
 from jquant.data import vqa_scenes as vq
 from jquant.data.emoji import load_glyphs
 from jquant.data.scenes import COLORS, SPLITS, unit_split
-from jquant.data.vqa_scenes import QUESTION_KINDS, answer_vocabulary, vqa_items, vqa_scenes
+from jquant.data.vqa_scenes import (
+    QUESTION_KINDS,
+    answer_vocabulary,
+    vqa_items,
+    vqa_scenes,
+)
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "packages/jquant-models/jquant_models/jq-llama-tiny"
 
@@ -177,13 +182,13 @@ def test_prompt_and_answers_tokenize_cleanly(glyphs):
 
 
 def test_bad_arguments_name_the_fix(glyphs):
-    cases = [(dict(split="dev"), "split"), (dict(n=0), "n must"), (dict(n=2.5), "n must"), (dict(seed=-1), "seed"),
-             (dict(resolution=40), "resolution must"), (dict(resolution=32), "max_emoji <= 2"),
-             (dict(resolution=32, max_emoji=2), "digits of at most 4"), (dict(kinds=["colour"]), "kinds"),
-             (dict(kinds="count"), "kinds"), (dict(max_emoji=5), "max_emoji"), (dict(digits=(2,)), "digits"),
-             (dict(vocabulary=["frog", "sun", "banana"]), "max_emoji + 1")]
+    cases = [({"split": "dev"}, "split"), ({"n": 0}, "n must"), ({"n": 2.5}, "n must"), ({"seed": -1}, "seed"),
+             ({"resolution": 40}, "resolution must"), ({"resolution": 32}, "max_emoji <= 2"),
+             ({"resolution": 32, "max_emoji": 2}, "digits of at most 4"), ({"kinds": ["colour"]}, "kinds"),
+             ({"kinds": "count"}, "kinds"), ({"max_emoji": 5}, "max_emoji"), ({"digits": (2,)}, "digits"),
+             ({"vocabulary": ["frog", "sun", "banana"]}, "max_emoji + 1")]
     for overrides, message in cases:
-        args = dict(split="train", n=3, resolution=48, seed=0) | overrides
+        args = {"split": "train", "n": 3, "resolution": 48, "seed": 0} | overrides
         with pytest.raises(ValueError, match=re.escape(message)):
             vqa_items(args.pop("split"), args.pop("n"), glyphs=glyphs, **args)
     assert vqa_items("train", 3, 32, kinds=["digit_sum"], digits=(3, 4), glyphs=glyphs)[2]  # what 32 px allows
