@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     gen.add_argument("--json", action="store_true", help="print JSON instead of text")
     cli_image.add_image_generate_options(gen, _positive_int)
+    from jquant import cli_video
+
+    cli_video.add_frame_rate_options(gen)
 
     tr = sub.add_parser("train", help="train a reference-model preset on the bundled corpus")
     tr.add_argument("--preset", default="jq-llama-tiny", help="a preset from `jquant list presets` (default: %(default)s)")

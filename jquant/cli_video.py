@@ -6,6 +6,8 @@
 - ``generate``: ``--prompt`` -> an animated GIF (or an MP4 where ``imageio`` with its bundled ffmpeg is
   installed) at ``--out``: ``--num-images`` clips of ``--frames`` frames from seeds ``--seed``, ``--seed + 1``, ...
   side by side;
+  with ``--dynamic-frame-rate`` (``--keep-ratio r`` or ``--threshold τ``, ``--compress-after K``,
+  ``--half-resolution-compression``) the clips are sampled with VGDFR (``jquant.frame_rate.vgdfr``);
 - ``eval``: per-frame prompt accuracy of single-emoji validation captions (the bundled judge), next to the
   random-label baseline; per-frame PSNR / SSIM against ``--reference`` (default: the bundled float pipeline) for
   the same prompts and seeds; the TV-L1 warping error of the clips and of the reference's; the VAE's
@@ -60,6 +62,60 @@ def _write_mp4(clips: np.ndarray, path: Path, fps: int, scale: int) -> None:
     tmp.replace(path)
 
 
+def add_frame_rate_options(parser) -> None:
+    """``jquant generate``'s VGDFR options (text-to-video pipelines whose transformer takes DyRoPE positions)."""
+    group = parser.add_argument_group("dynamic frame rate (VGDFR; text-to-video models)")
+    group.add_argument("--dynamic-frame-rate", action="store_true",
+                       help="merge similar frames after a few steps and sample the rest on fewer latent frames")
+    group.add_argument("--keep-ratio", type=float, default=None,
+                       help="fraction of video frames to keep, in (0, 1] (default with --dynamic-frame-rate: 0.8)")
+    group.add_argument("--threshold", type=float, default=None,
+                       help="merge frames whose neighbour SSIM exceeds this, in [0, 1] (instead of --keep-ratio)")
+    group.add_argument("--compress-after", type=int, default=None,
+                       help="full-length steps before the merge, K (default: 0.2 x steps)")
+    group.add_argument("--half-resolution-compression", action="store_true",
+                       help="plan and merge on the VAE's half-resolution compression variant (the paper's)")
+
+
+def frame_rate_config(args, pipe, frames: int, steps: int):
+    """The ``FrameRateConfig`` of ``generate``'s options (None without ``--dynamic-frame-rate``), checked against the
+    pipeline, the clip length and the step count before any sampling."""
+    from jquant.frame_rate.vgdfr import FrameRateConfig, _check_dyrope
+
+    given = [f"--{n}" for n, v in (("keep-ratio", args.keep_ratio), ("threshold", args.threshold),
+                                   ("compress-after", args.compress_after)) if v is not None]
+    if not args.dynamic_frame_rate:
+        if given or args.half_resolution_compression:
+            raise ValueError(f"{', '.join(given) or '--half-resolution-compression'} only applies with "
+                             "--dynamic-frame-rate; add it or drop the option.")
+        return None
+    if args.keep_ratio is not None and args.threshold is not None:
+        raise ValueError("give --keep-ratio or --threshold, not both.")
+    ratio = 0.8 if args.keep_ratio is None and args.threshold is None else args.keep_ratio
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold must be in [0, 1] (SSIM above it merges), got {args.threshold}.")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise ValueError(f"--keep-ratio must be in (0, 1] (the fraction of video frames kept), got {ratio}.")
+    if args.compress_after is not None and args.compress_after < 1:
+        raise ValueError(f"--compress-after must be a positive number of steps, got {args.compress_after}.")
+    try:
+        _check_dyrope(pipe.transformer)
+    except TypeError as error:
+        raise ValueError(f"--dynamic-frame-rate: {error}") from None
+    cvae = pipe.vae.compression_variant() if args.half_resolution_compression else None
+    config = FrameRateConfig(keep_ratio=ratio, threshold=args.threshold, compress_after=args.compress_after,
+                             compression_vae=cvae)
+    try:
+        config.steps_before(steps)
+    except ValueError as error:
+        raise ValueError(f"--compress-after: {error}") from None
+    try:
+        config.check_clip(frames, pipe.vae.config.temporal_compression_ratio)
+    except ValueError as error:
+        raise ValueError(f"--frames / --keep-ratio: {error}") from None
+    return config
+
+
 def generate(args, console: Console) -> dict:
     from jquant.media import save_gif, to_uint8
     from jquant.models.loading import resolve
@@ -73,10 +129,14 @@ def generate(args, console: Console) -> dict:
     pipe.latent_shape(frames)  # refuses a frame count the VAE cannot take, before any sampling
     guidance = _guidance(args.guidance, pipe.defaults.guidance)
     steps = args.steps or pipe.defaults.steps
+    frame_rate = frame_rate_config(args, pipe, frames, steps)
     start = time.perf_counter()
-    clips = np.concatenate([np.asarray(pipe.generate([args.prompt], seed=args.seed + i, steps=steps, guidance=guidance,
-                                                     frames=frames, progress=not args.json))
-                            for i in range(args.num_images)])
+    if frame_rate is None:
+        clips = np.concatenate([np.asarray(pipe.generate([args.prompt], seed=args.seed + i, steps=steps,
+                                                         guidance=guidance, frames=frames, progress=not args.json))
+                                for i in range(args.num_images)])
+    else:
+        clips, plans = _generate_dynamic(pipe, args, frame_rate, steps=steps, guidance=guidance, frames=frames)
     seconds = time.perf_counter() - start
     pixels = to_uint8(clips)
     if path.suffix.lower() == ".gif":
@@ -85,10 +145,24 @@ def generate(args, console: Console) -> dict:
         _write_mp4(pixels, path, args.fps, args.scale)
     result = {"prompt": args.prompt, "out": str(path), "seeds": [args.seed + i for i in range(args.num_images)],
               "frames": int(clips.shape[1]), "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
+    if frame_rate is not None:
+        result["dynamic_frame_rate"] = {
+            "compress_after": frame_rate.steps_before(steps),
+            "kept_frames": [len(p.kept_frames) for p in plans], "kept_latent_frames": [len(p.kept_latents) for p in plans],
+            "merges": [[list(m) for m in p.merges] for p in plans]}
     if not args.json:
         console.print(f"wrote {path} ({args.num_images} clip(s) of {clips.shape[1]} frames, {steps} steps, guidance "
                       f"{guidance}, {seconds:.1f} s)")
     return result
+
+
+def _generate_dynamic(pipe, args, frame_rate, **options) -> tuple[np.ndarray, list]:
+    """``(clips [N, F, H, W, 3], plans)`` of ``--num-images`` VGDFR samples from seeds ``--seed``, ``--seed + 1``, .."""
+    from jquant.frame_rate.vgdfr import sample_dynamic_frame_rate
+
+    samples = [sample_dynamic_frame_rate(pipe, [args.prompt], frame_rate, seed=args.seed + i, **options)
+               for i in range(args.num_images)]
+    return np.concatenate([np.asarray(s.videos) for s in samples]), [s.plans[0] for s in samples]
 
 
 def validation_prompts(n: int, frames: int, resolution: int = 32) -> tuple[list[str], np.ndarray, np.ndarray]:

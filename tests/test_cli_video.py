@@ -110,3 +110,45 @@ def test_quantize_saves_a_quantized_video_pipeline(pipeline_folder, tmp_path, ca
     float_clip = np.asarray(load_pipeline(pipeline_folder).generate(["a sun"], seed=0))
     quant_clip = np.asarray(loaded.generate(["a sun"], seed=0))
     assert 0 < np.abs(quant_clip - float_clip).max() and np.abs(quant_clip - float_clip).mean() < 0.05
+
+
+def test_generate_with_dynamic_frame_rate(pipeline_folder, tmp_path, capsys):
+    """``--dynamic-frame-rate``: τ = 1 writes the plain clip (nothing merges) and reports every frame kept; a keep
+    ratio writes a clip of the full length and reports the plan."""
+    from jquant.media import to_uint8
+
+    base = ["generate", "--model", str(pipeline_folder), "--prompt", "a sun", "--seed", "1", "--frames", "17",
+            "--scale", "1", "--json", "--dynamic-frame-rate"]
+    out = tmp_path / "still.gif"
+    assert main([*base, "--threshold", "1.0", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)["dynamic_frame_rate"]
+    assert result["kept_frames"] == [17] and result["kept_latent_frames"] == [5] and result["merges"] == [[]]
+    expected = to_uint8(load_pipeline(pipeline_folder).generate(["a sun"], seed=1, frames=17))[0]
+    with Image.open(out) as gif:
+        gif.seek(16)
+        assert np.mean(np.abs(np.asarray(gif.convert("RGB")).astype(int) - expected[16].astype(int))) < 12
+    out = tmp_path / "merged.gif"
+    assert main([*base, "--keep-ratio", "0.8", "--compress-after", "1", "--half-resolution-compression",
+                 "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["frames"] == 17 and result["dynamic_frame_rate"]["compress_after"] == 1
+    kept = result["dynamic_frame_rate"]["kept_frames"][0]
+    assert kept in (13, 17)  # 13: one 2x4 merge, the most a 17-frame clip can take
+    with Image.open(out) as gif:
+        assert gif.n_frames == 17
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--dynamic-frame-rate", "--threshold", "1.5"], "--threshold must be in [0, 1]"),
+    (["--dynamic-frame-rate", "--keep-ratio", "0.3"], "keep_ratio=0.3 leaves fewer frames"),
+    (["--dynamic-frame-rate", "--frames", "9"], "frames=9 is too short"),
+    (["--dynamic-frame-rate", "--compress-after", "2"], "--compress-after: compress_after=2 must be below"),
+    (["--dynamic-frame-rate", "--keep-ratio", "0.8", "--threshold", "0.5"], "not both"),
+    (["--keep-ratio", "0.8"], "--keep-ratio only applies with --dynamic-frame-rate"),
+])
+def test_dynamic_frame_rate_refusals(pipeline_folder, tmp_path, capsys, extra, match):
+    frames = [] if "--frames" in extra else ["--frames", "17"]
+    assert main(["generate", "--model", str(pipeline_folder), "--prompt", "a sun", *frames, *extra, "--out",
+                 str(tmp_path / "a.gif")]) == 2
+    assert match in capsys.readouterr().err.replace("\n", " ")
+    assert not any(tmp_path.iterdir())
