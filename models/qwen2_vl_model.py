@@ -20,6 +20,7 @@ names: ``embed_tokens``, ``layers/{i}/{self_attn,mlp}/...``, ``norm``, ``lm_head
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -233,37 +234,50 @@ class Qwen2VL(DecoderLM):
         """``rope_index`` of this model's config (host-side: the layout depends on where the placeholders are)."""
         return rope_index(self.config, tokens, image_grid_thw, mm_token_type_ids)
 
-    def embed(self, tokens: jax.Array, pixel_values=None, image_grid_thw=None) -> jax.Array:
-        """Token embeddings ``[B, L, D]`` with the merged image features written over the placeholders in order."""
+    def embed(self, tokens: jax.Array, pixel_values=None, vision_context: tuple | None = None) -> jax.Array:
+        """Token embeddings ``[B, L, D]`` with the merged image features written over the placeholders in order
+        (``vision_context``: ``visual.context(image_grid_thw, num_patches)``)."""
         x = self.embed_tokens(tokens, jnp.dtype(self.config.dtype))
         if pixel_values is None:
             return x
-        features = self.visual(pixel_values, image_grid_thw, x.dtype)  # [M, D]
+        features = self.visual(pixel_values, vision_context, x.dtype)  # [M, D]
         return scatter_features(x, tokens == self.config.image_token_id, features)
 
-    def __call__(self, tokens, pixel_values=None, image_grid_thw=None, *, mm_token_type_ids=None) -> jax.Array:
-        """Causal forward -> logits ``[B, L, V]``; without images, ``tokens`` may be traced (plain 1-D positions)."""
-        if (pixel_values is None) != (image_grid_thw is None):
-            raise ValueError("pass pixel_values and image_grid_thw together (images_to_patches returns both).")
-        if pixel_values is None and isinstance(tokens, jax.core.Tracer):
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[:, None], (*tokens.shape, 3))
-        else:
-            positions = jnp.asarray(self.prepare_inputs(tokens, image_grid_thw, mm_token_type_ids).positions)
-        tokens = jnp.asarray(tokens, jnp.int32)
-        return self._decode(self.embed(tokens, pixel_values, image_grid_thw), positions, None, None)[0]
+    def forward(self, tokens, positions, pixel_values=None, vision_context=None, layer_caches=None, start=None):
+        """The traceable forward: ``tokens [B, L]`` at ``positions [B, L, 3]`` -> (logits, new layer caches)."""
+        return self._decode(self.embed(tokens, pixel_values, vision_context), positions, layer_caches, start)
 
-    def prefill(self, tokens, cache: KVCache, pixel_values=None, image_grid_thw=None, *, mm_token_type_ids=None):
-        """Run the prompt into an empty ``cache`` -> ``(logits [B, L, V], cache, rope_deltas [B])``."""
+    def _host_inputs(self, tokens, pixel_values, image_grid_thw, mm_token_type_ids):
+        """Checked positions and vision context of a concrete prompt (host-side: they depend on the layout)."""
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pass pixel_values and image_grid_thw together (images_to_patches returns both).")
         inputs = self.prepare_inputs(tokens, image_grid_thw, mm_token_type_ids)
+        if pixel_values is None:
+            return inputs, None, None
+        pixel_values = jnp.asarray(pixel_values)
+        return inputs, pixel_values, self.visual.context(image_grid_thw, pixel_values.shape[0])
+
+    def __call__(self, tokens, pixel_values=None, image_grid_thw=None, *, mm_token_type_ids=None) -> jax.Array:
+        """Causal forward -> logits ``[B, L, V]``; without images, ``tokens`` may be traced (plain 1-D positions)."""
+        if pixel_values is None and image_grid_thw is None and isinstance(tokens, jax.core.Tracer):
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[:, None], (*tokens.shape, 3))
+            return self.forward(tokens, positions)[0]
+        inputs, pixel_values, context = self._host_inputs(tokens, pixel_values, image_grid_thw, mm_token_type_ids)
+        graphdef, state = nnx.split(self)
+        return _forward(graphdef, state, jnp.asarray(inputs.tokens), jnp.asarray(inputs.positions), pixel_values,
+                        context)
+
+    def prefill(self, tokens, cache: KVCache, pixel_values=None, image_grid_thw=None, *, mm_token_type_ids=None):
+        """Run the prompt into an empty ``cache`` -> ``(logits [B, L, V], cache, rope_deltas [B])``."""
+        inputs, pixel_values, context = self._host_inputs(tokens, pixel_values, image_grid_thw, mm_token_type_ids)
         if int(cache.length) != 0:
             raise ValueError(f"prefill needs an empty cache (length 0), got length {int(cache.length)}; decode further "
                              "tokens with step(tokens, cache, rope_deltas=...).")
-        tokens = jnp.asarray(inputs.tokens)
-        x = self.embed(tokens, pixel_values, image_grid_thw)
-        logits, layers = self._decode(x, jnp.asarray(inputs.positions), cache.layers, cache.length)
-        return logits, KVCache(layers=layers, length=cache.length + tokens.shape[1]), jnp.asarray(inputs.rope_deltas)
+        graphdef, state = nnx.split(self)
+        logits, layers = _forward(graphdef, state, jnp.asarray(inputs.tokens), jnp.asarray(inputs.positions),
+                                  pixel_values, context, cache.layers, cache.length)
+        length = cache.length + inputs.tokens.shape[1]
+        return logits, KVCache(layers=layers, length=length), jnp.asarray(inputs.rope_deltas)
 
     def step(self, tokens: jax.Array, cache: KVCache, *, rope_deltas: jax.Array | None = None):
         """Append text ``tokens [B, T]`` after the cached ones at positions ``cache index + rope_deltas [B]``."""
@@ -317,9 +331,15 @@ def generate(model: Qwen2VL, tokens, max_new_tokens: int, pixel_values=None, ima
     return np.concatenate(out, axis=1).astype(np.int32)
 
 
-@nnx.jit(static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def _step(graphdef, state, tokens, cache, deltas):
     return nnx.merge(graphdef, state).step(tokens, cache, rope_deltas=deltas)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, positions, pixel_values, context, layer_caches=None, start=None):
+    out = nnx.merge(graphdef, state).forward(tokens, positions, pixel_values, context, layer_caches, start)
+    return out if layer_caches is not None else out[0]
 
 
 def init_model(cfg: Qwen2VLConfig, key: jax.Array) -> Qwen2VL:

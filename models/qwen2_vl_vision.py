@@ -274,9 +274,9 @@ class VisionTower(nnx.Module):
                              f"shape {tuple(pixel_values.shape)}; images_to_patches makes them from images.")
         return self.patch_embed.proj(jnp.asarray(pixel_values, dtype)[None])
 
-    def __call__(self, pixel_values: jax.Array, image_grid_thw, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, context: tuple, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        """``pixel_values [N, K]`` with their ``context(image_grid_thw, N)`` -> ``[N / m², out_hidden_size]``."""
         x = self.embed(pixel_values, dtype)
-        context = self.context(image_grid_thw, x.shape[1])
         for block in self.blocks:
             x = block(x, context)
         return self.merger(x)[0]
