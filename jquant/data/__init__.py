@@ -21,6 +21,7 @@ _EXPORTS = {
     "EmojiScenes": "scenes", "emoji_scenes": "scenes", "make_scene": "scenes",
     "VideoScenes": "video_scenes", "video_scenes": "video_scenes", "make_clip": "video_scenes",
     "ClipTruth": "motion", "Segment": "motion",
+    "VQAScenes": "vqa_scenes", "vqa_scenes": "vqa_scenes",
 }
 __all__ = sorted(_EXPORTS)
 
