@@ -27,6 +27,23 @@ VISION_CONFIGS = {
 CLASSES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}
 
 
+def tiny_config(family: str):
+    """A small jquant ``Qwen2VLConfig`` of ``family`` with this module's token ids (checkpoint and error tests)."""
+    from jquant.models.llama import LlamaConfig
+    from jquant.models.qwen2_vl_model import Qwen2VLConfig
+    from jquant.models.qwen2_vl_vision import VisionConfig
+
+    vision = dict(variant=family, depth=2, embed_dim=32, num_heads=2, intermediate_size=64, out_hidden_size=32,
+                  patch_size=4)
+    if family == "qwen2_5_vl":
+        vision.update(hidden_act="silu", window_size=16, fullatt_block_indexes=(1,))
+    text = LlamaConfig(family="qwen2", qkv_bias=True, vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                       num_layers=2, num_heads=2, num_kv_heads=1, max_position_embeddings=128)
+    return Qwen2VLConfig(family=family, text=text, vision=VisionConfig(**vision), mrope_section=(2, 3, 3),
+                         image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                         vision_end_token_id=VISION_END)
+
+
 def build_qwen2_vl(family: str, folder: str | Path, *, seed: int = 0, scale: float = 0.2, **overrides):
     """Write a perturbed tiny ``family`` ("qwen2_vl" / "qwen2_5_vl") model to ``folder``; returns it (eval mode).
 

@@ -18,7 +18,6 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jquant.models import qwen2_vl  # noqa: E402
-from jquant.models.llama import LlamaConfig  # noqa: E402
 from jquant.testing import qwen2_vl_reference as ref  # noqa: E402
 from jquant.testing.family_suite import FamilySpec, FamilySuite, torch_greedy_tokens, torch_reference_logits  # noqa: E402
 from jquant.testing.hf_reference import relative_error  # noqa: E402
@@ -28,16 +27,8 @@ FLOAT32_TOLERANCE = 1e-5
 FLOAT64_TOLERANCE = 2e-6  # transformers keeps RMSNorm, RoPE and the softmax in float32 inside a float64 model
 
 
-def tiny_config(family: str = FAMILY) -> qwen2_vl.Qwen2VLConfig:
-    vision = dict(variant=family, depth=2, embed_dim=32, num_heads=2, intermediate_size=64, out_hidden_size=32,
-                  patch_size=4)
-    if family == "qwen2_5_vl":
-        vision.update(hidden_act="silu", window_size=16, fullatt_block_indexes=(1,))
-    text = LlamaConfig(family="qwen2", qkv_bias=True, vocab_size=ref.VOCAB, hidden_size=32, intermediate_size=48,
-                       num_layers=2, num_heads=2, num_kv_heads=1, max_position_embeddings=128)
-    return qwen2_vl.Qwen2VLConfig(family=family, text=text, vision=qwen2_vl.VisionConfig(**vision),
-                                  mrope_section=(2, 3, 3), image_token_id=ref.IMAGE_TOKEN, video_token_id=ref.VIDEO_TOKEN,
-                                  vision_start_token_id=ref.VISION_START, vision_end_token_id=ref.VISION_END)
+def tiny_config() -> qwen2_vl.Qwen2VLConfig:
+    return ref.tiny_config(FAMILY)
 
 
 def _build(case: str, folder, seed: int):
