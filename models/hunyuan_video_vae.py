@@ -25,6 +25,19 @@ over the whole clip, so the chunks are run in ``num_norms + 1`` passes, each nor
 the previous pass accumulated (``hunyuan_video_vae_blocks`` docstring): memory is one chunk's activations plus
 the attention's keys and values, compute ``num_norms + 1`` times a one-shot pass.
 
+Dynamic latent frame rate (DLFR-VAE, spec ``dlfr_vae.md`` §3.2; the scheduler is ``jquant.frame_rate.dlfr``):
+``encode(videos, frame_rates=(m_1, ..., m_M), rate_chunk=L)`` takes ``1 + L M`` frames, runs the encoder to a depth
+where features are still at the full frame rate (``config.frame_rate_depths[0]``: after ``conv_in`` and the leading
+down blocks of temporal stride 1; HunyuanVideo's layout: after ``down_blocks[0]``, the bundled tiny VAE's: after
+``conv_in``), average-pools chunk ``i``'s feature frames in windows of ``m_i`` (frame 0 alone, never across chunks),
+and finishes unchanged: ``1 + Σ_i (L / 4) / m_i`` latent frames. ``decode(latents, frame_rates=..., rate_chunk=L)``
+repeats chunk ``i``'s feature frames ``m_i`` times once every temporal upsampler has run
+(``config.frame_rate_depths[1]``). All ``m_i = 1`` is bit-identical to the plain path. ``compression_variant()``:
+VGDFR's half-resolution "compression VAE" (spec ``vgdfr.md`` §3.2(b)), the same weights with the encoder's last
+spatially striding down block at spatial stride 1 and ``up_blocks[0]`` upsampling time only (HunyuanVideo's
+``down_blocks.2`` and ``up_blocks.0``): ``decode`` gives ``(c_s / 2)``-times the latent size
+(``config.pixel_ratio``), ``encode`` takes it back.
+
 Quantization: every conv is a ``conv`` site, the mid-block attention projections ``linear`` sites. Calibration
 data is ``{"videos": [N, F, H, W, C_in]}``; GPTQ walks two stages (encoder down and mid blocks on the videos,
 decoder mid and up blocks on the decoded posterior means). The six interface convs (encoder / decoder
@@ -183,8 +196,9 @@ class Encoder3D(nnx.Module):
         self.conv_in = CausalConv3d(cfg.in_channels, widths[0], 3, param_dtype=pd, rngs=rngs)
         self.down_blocks = nnx.List([
             DownBlockCausal3D(widths[max(i - 1, 0)], c, num_layers=cfg.layers_per_block, temporal_stride=t,
-                              spatial_stride=s, groups=groups, eps=_EPS, param_dtype=pd, rngs=rngs)
-            for i, (c, (t, s)) in enumerate(zip(widths, cfg.encoder_strides))])
+                              spatial_stride=s, groups=groups, eps=_EPS, param_dtype=pd, rngs=rngs,
+                              resample=base != (1, 1))
+            for i, (c, (t, s), base) in enumerate(zip(widths, cfg.encoder_strides, cfg.block_strides))])
         self.mid_block = MidBlockCausal3D(widths[-1], add_attention=cfg.mid_block_add_attention, groups=groups,
                                           eps=_EPS, param_dtype=pd, rngs=rngs)
         self.conv_norm_out = GroupNorm(widths[-1], groups, eps=_EPS, param_dtype=pd)
@@ -235,8 +249,9 @@ class Decoder3D(nnx.Module):
                                           eps=_EPS, param_dtype=pd, rngs=rngs)
         self.up_blocks = nnx.List([
             UpBlockCausal3D(widths[max(i - 1, 0)], c, num_layers=cfg.layers_per_block + 1, temporal_stride=t,
-                            spatial_stride=s, groups=groups, eps=_EPS, param_dtype=pd, rngs=rngs)
-            for i, (c, (t, s)) in enumerate(zip(widths, cfg.decoder_strides))])
+                            spatial_stride=s, groups=groups, eps=_EPS, param_dtype=pd, rngs=rngs,
+                            resample=base != (1, 1))
+            for i, (c, (t, s), base) in enumerate(zip(widths, cfg.decoder_strides, cfg.block_strides))])
         self.conv_norm_out = GroupNorm(widths[-1], groups, eps=_EPS, param_dtype=pd)
         self.conv_out = CausalConv3d(widths[-1], cfg.out_channels, 3, param_dtype=pd, rngs=rngs)
 

@@ -292,16 +292,17 @@ def _stream_all(modules, x: jax.Array, caches: Cache) -> tuple[jax.Array, list]:
 
 class DownBlockCausal3D(nnx.Module):
     """``num_layers`` resnets (``c_in -> c_out``, then ``c_out -> c_out``), then a ``DownsampleCausal3D`` of stride
-    ``(temporal_stride, spatial_stride, spatial_stride)`` unless both are 1."""
+    ``(temporal_stride, spatial_stride, spatial_stride)`` unless both are 1 (``resample=True``: even then, a stride-1
+    conv, as in a model with the same weights and other strides)."""
 
     def __init__(self, c_in: int, c_out: int, *, num_layers: int, temporal_stride: int, spatial_stride: int,
-                 groups: int, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 groups: int, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs, resample: bool = False):
         self.resnets = nnx.List([ResnetBlockCausal3D(c_in if i == 0 else c_out, c_out, groups=groups, eps=eps,
                                                      param_dtype=param_dtype, rngs=rngs) for i in range(num_layers)])
         self.temporal_stride, self.spatial_stride = temporal_stride, spatial_stride
         stride = (temporal_stride, spatial_stride, spatial_stride)
         self.downsamplers = (nnx.List([DownsampleCausal3D(c_out, stride, param_dtype=param_dtype, rngs=rngs)])
-                             if stride != (1, 1, 1) else None)
+                             if stride != (1, 1, 1) or resample else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.stream(x, None)[0]
@@ -319,16 +320,17 @@ class DownBlockCausal3D(nnx.Module):
 
 class UpBlockCausal3D(nnx.Module):
     """``num_layers`` resnets (``c_in -> c_out``, then ``c_out -> c_out``), then an ``UpsampleCausal3D`` of factor
-    ``(temporal_stride, spatial_stride, spatial_stride)`` unless both are 1."""
+    ``(temporal_stride, spatial_stride, spatial_stride)`` unless both are 1 (``resample=True``: even then, its conv
+    after a factor-1 "upsampling")."""
 
     def __init__(self, c_in: int, c_out: int, *, num_layers: int, temporal_stride: int, spatial_stride: int,
-                 groups: int, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 groups: int, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs, resample: bool = False):
         self.resnets = nnx.List([ResnetBlockCausal3D(c_in if i == 0 else c_out, c_out, groups=groups, eps=eps,
                                                      param_dtype=param_dtype, rngs=rngs) for i in range(num_layers)])
         self.temporal_stride, self.spatial_stride = temporal_stride, spatial_stride
         factor = (temporal_stride, spatial_stride, spatial_stride)
         self.upsamplers = (nnx.List([UpsampleCausal3D(c_out, factor, param_dtype=param_dtype, rngs=rngs)])
-                           if factor != (1, 1, 1) else None)
+                           if factor != (1, 1, 1) or resample else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.stream(x, None)[0]

@@ -138,7 +138,7 @@ def factors_from_thresholds(complexity: Sequence[float], thresholds: Sequence[fl
     everywhere gives every chunk the largest factor, ``-inf`` the smallest."""
     factors = _check_factors(factors)
     theta = np.asarray(thresholds, np.float64)
-    if theta.shape != (len(factors) - 1,) or np.any(np.diff(theta) < 0) or np.any(np.isnan(theta)) \
+    if theta.shape != (len(factors) - 1,) or np.any(theta[1:] < theta[:-1]) or np.any(np.isnan(theta)) \
             or np.any(np.isfinite(theta) & ((theta < 0) | (theta > 1))):
         raise ValueError(f"thresholds={list(thresholds)!r} must be {len(factors) - 1} increasing values of 1 - SSIM "
                          f"(one fewer than factors={factors}), each in [0, 1] or +-inf.")

@@ -386,3 +386,30 @@ def test_tensor_mismatches_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'decoder.conv_in.conv.weight' has shape \(8, 4, 1, 3, 3\), but the config "
                                          r"implies \(8, 4, 3, 3, 3\)"):
         hv.from_tensors(config, wrong)
+
+
+@pytest.mark.parametrize("blocks, ratio", [((8, 8, 8), 4), ((8, 8, 8, 8), 8)])
+def test_compression_variant_halves_the_pixels_and_shares_the_weights(blocks, ratio):
+    """VGDFR's compression VAE (spec vgdfr.md §3.2(b), §5.6): decoding ``(T, h, w)`` latents gives ``(4 (T - 1) + 1,
+    (c_s / 2) h, (c_s / 2) w)`` frames and encoding those gives ``(T, h, w)`` back; same weights, one spatial
+    halving less on each side (the encoder's last spatially striding block, the decoder's up_blocks[0])."""
+    config = hv.HunyuanVideoVAEConfig(block_out_channels=blocks, layers_per_block=1, latent_channels=4,
+                                      norm_num_groups=4, spatial_compression_ratio=ratio)
+    model = hv.init_model(config, jax.random.key(np.random.default_rng().integers(1 << 30)))
+    variant = model.compression_variant()
+    assert variant.config.compression_variant and variant.config.pixel_ratio == ratio // 2
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(variant, nnx.Param))):
+        assert np.array_equal(a[...], b[...]), path
+    spatial = [i for i, (_, s) in enumerate(config.block_strides) if s > 1]
+    assert variant.encoder.down_blocks[spatial[-1]].spatial_stride == 1
+    assert variant.decoder.up_blocks[0].spatial_stride == 1
+    latents = jnp.asarray(np.random.default_rng().normal(size=(1, 3, 2, 3, 4)), jnp.float32)
+    frames = variant.decode(latents)
+    assert frames.shape == (1, 9, ratio, 3 * ratio // 2, 3)
+    assert variant.encode(frames).mean.shape == latents.shape
+    assert model.decode(latents).shape == (1, 9, 2 * ratio, 3 * ratio, 3)
+    with pytest.raises(ValueError, match=f"H and W multiples of {ratio // 2}"):
+        variant.encode(jnp.zeros((1, 9, ratio // 2 + 1, ratio // 2, 3)))
+    with pytest.raises(ValueError, match="compression variant has no diffusers config"):
+        hv.config_to_diffusers(variant.config)
