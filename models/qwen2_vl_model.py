@@ -29,6 +29,8 @@ import numpy as np
 from flax import nnx
 
 from jquant import ops
+from jquant.calib.data import num_samples
+from jquant.calib.sequential import Stage
 from jquant.kv import KVCache
 from jquant.models.config_io import check_dtypes_available
 from jquant.models.layers import Attention, AttentionConfig, Embed, Linear, RMSNorm, apply_rope
@@ -299,11 +301,58 @@ class Qwen2VL(DecoderLM):
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits, tuple(new_caches) if layer_caches is not None else None
 
+    # -- calibration contract: the vision blocks, the merger, then the decoder blocks ---------------------------
+    def check_calibration(self, calib) -> dict:
+        """``{"tokens" [N, L], "pixel_values" [N, P, K], "image_grid_thw" [N, n, 3]}`` (one prompt and its images per
+        sample; ``P`` patches each) -> the arrays the stages read: ``tokens``, ``positions [N, L, 3]``, ``modality
+        [N, L]`` (0 text, 1 image: the group of each token), ``pixel_values`` and the vision context ``cos``, ``sin``
+        ``[N, P, D]``, ``full``, ``window`` ``[N, P, P]``."""
+        keys = {"tokens", "pixel_values", "image_grid_thw"}
+        if not isinstance(calib, dict) or set(calib) != keys:
+            raise ValueError(f"Qwen2-VL calibration must be a dict with keys {sorted(keys)}: tokens [N, L] with image "
+                             "placeholders, pixel_values [N, P, K] and image_grid_thw [N, n, 3] (the same patch count P "
+                             f"per sample); got {sorted(calib) if isinstance(calib, dict) else type(calib).__name__}.")
+        num_samples(calib)
+        tokens, pixels = np.asarray(calib["tokens"]), np.asarray(calib["pixel_values"], np.float32)
+        grids = np.asarray(calib["image_grid_thw"])
+        if pixels.ndim != 3 or grids.ndim != 3:
+            raise ValueError(f"calib['pixel_values'] must be [N, P, K] and calib['image_grid_thw'] [N, n, 3], got shapes "
+                             f"{pixels.shape} and {grids.shape}.")
+        rows = [self.prepare_inputs(tokens[i:i + 1], grids[i]) for i in range(len(tokens))]
+        contexts = [self.visual.context(grids[i], pixels.shape[1]) for i in range(len(tokens))]
+        out = {name: np.concatenate([getattr(r, name) for r in rows]) for name in ("tokens", "positions", "modality")}
+        for k, name in enumerate(("cos", "sin", "full", "window")):
+            out[name] = np.concatenate([np.asarray(c[k]) for c in contexts])
+        return dict(out, pixel_values=pixels)
+
+    def calibration_stages(self) -> list[Stage]:
+        """Vision blocks on the patches, the merger, then the decoder blocks on the merged embeddings."""
+        def enter_vision(m: Qwen2VL, batch: dict, previous):
+            return m.visual.embed(batch["pixel_values"], jnp.dtype(m.config.dtype)), _vision_context(batch)
+
+        def enter_text(m: Qwen2VL, batch: dict, previous):
+            features = previous[0]
+            x = m.embed_tokens(batch["tokens"], jnp.dtype(m.config.dtype))
+            x = scatter_features(x, batch["tokens"] == m.config.image_token_id, features.reshape(-1, x.shape[-1]))
+            return x, batch["positions"]
+
+        return [Stage(blocks=list(self.visual.blocks), enter=enter_vision),
+                Stage(blocks=[self.visual.merger], enter=lambda m, batch, previous: previous),
+                Stage(blocks=list(self.layers), enter=enter_text)]
+
+    def calibration_call(self, batch: dict) -> jax.Array:
+        """Logits of a ``check_calibration`` batch (whole-model statistics)."""
+        return self.forward(batch["tokens"], batch["positions"], batch["pixel_values"], _vision_context(batch))[0]
+
     def block_inputs(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Text-only calibration: the embeddings and 1-D positions on all three M-RoPE components."""
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (b, t, 3))
         return self.embed_tokens(tokens, jnp.dtype(self.config.dtype)), positions
+
+
+def _vision_context(batch: dict) -> tuple:
+    return batch["cos"], batch["sin"], batch["full"], batch["window"]
 
 
 def scatter_features(x: jax.Array, placeholders: jax.Array, features: jax.Array) -> jax.Array:

@@ -232,6 +232,10 @@ class PatchMerger(nnx.Module):
         x = x.reshape(*x.shape[:-2], x.shape[-2] // self.unit, self.unit * x.shape[-1])
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
+    def calibration_forward(self, x: jax.Array, context) -> jax.Array:
+        """The merger as a calibration block: ``[B, N, E] -> [B, N / m², out]`` (``context`` passes through)."""
+        return self(x)
+
 
 class PatchEmbed(nnx.Module):
     """The Conv3d patch embedding as the linear ``proj`` ``[K, E]`` (no bias) over flattened patches."""
@@ -266,20 +270,23 @@ class VisionTower(nnx.Module):
         return cos[None], sin[None], jnp.asarray(full)[None], jnp.asarray(window)[None]
 
     def embed(self, pixel_values: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        """``pixel_values [N, K]`` -> patch embeddings ``[1, N, E]`` in ``dtype``."""
+        """``pixel_values [N, K]`` (or ``[B, N, K]``, one image set per sample) -> ``[1 or B, N, E]`` in ``dtype``."""
         cfg = self.config
-        if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_features:
+        if pixel_values.ndim not in (2, 3) or pixel_values.shape[-1] != cfg.patch_features:
             raise ValueError(f"pixel_values must be [num_patches, {cfg.patch_features}] (channels {cfg.in_channels} x "
                              f"frames {cfg.temporal_patch_size} x {cfg.patch_size}x{cfg.patch_size} pixels per patch), got "
                              f"shape {tuple(pixel_values.shape)}; images_to_patches makes them from images.")
-        return self.patch_embed.proj(jnp.asarray(pixel_values, dtype)[None])
+        x = jnp.asarray(pixel_values, dtype)
+        return self.patch_embed.proj(x[None] if x.ndim == 2 else x)
 
     def __call__(self, pixel_values: jax.Array, context: tuple, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        """``pixel_values [N, K]`` with their ``context(image_grid_thw, N)`` -> ``[N / m², out_hidden_size]``."""
+        """``pixel_values [N, K]`` with their ``context(image_grid_thw, N)`` -> ``[N / m², out_hidden_size]``
+        (``[B, N, K]`` with a per-sample context ``[B, ...]`` -> ``[B, N / m², out_hidden_size]``)."""
         x = self.embed(pixel_values, dtype)
         for block in self.blocks:
             x = block(x, context)
-        return self.merger(x)[0]
+        x = self.merger(x)
+        return x[0] if pixel_values.ndim == 2 else x
 
 
 def images_to_patches(images, cfg: VisionConfig, *, mean=(0.48145466, 0.4578275, 0.40821073),

@@ -154,6 +154,31 @@ def test_rtn_w8a8_quantizes_every_linear_and_stays_close():
     assert relative_error(_call(qmodel, prompt), _call(model, prompt)) < 0.05
 
 
+def _calibration(model, n: int = 3) -> dict:
+    """``n`` prompts with the same image sizes (so the same patch count) at different places in the text."""
+    prompts = [ref.image_prompt(model.config.vision, [[(16, 8), (8, 16)]], seed=20 + i) for i in range(n)]
+    return {"tokens": np.stack([p["tokens"][0] for p in prompts]),
+            "pixel_values": np.stack([p["pixel_values"] for p in prompts]),
+            "image_grid_thw": np.stack([p["image_grid_thw"] for p in prompts])}
+
+
+@pytest.mark.parametrize("recipe", ["gptq-w8", "rtn-w8a8-static"])
+def test_calibrated_recipes_walk_the_vision_blocks_merger_and_decoder(recipe):
+    from jquant.quantization import quantize
+
+    model = qwen2_vl.init_model(tiny_config(), jax.random.key(2))
+    calib = _calibration(model)
+    checked = model.check_calibration(calib)
+    np.testing.assert_array_equal(checked["modality"], calib["tokens"] == ref.IMAGE_TOKEN)
+    qmodel = quantize(model, recipe, calib, batch_size=2, progress=False)
+    described = dict(qmodel.quantization.sites)
+    assert {"visual/blocks/0/attn/qkv", "visual/merger/fc1", "layers/1/mlp/down_proj"} <= set(described)
+    prompt = ref.image_prompt(model.config.vision, THREE_IMAGES, seed=13)
+    assert relative_error(_call(qmodel, prompt), _call(model, prompt)) < 0.05
+    with pytest.raises(ValueError, match="Qwen2-VL calibration must be a dict with keys"):
+        quantize(model, recipe, calib["tokens"], progress=False)
+
+
 def test_preset_builds():
     fam, cfg = qwen2_vl.FAMILY, qwen2_vl.FAMILY.presets["jq-vl-tiny"]
     model = fam.abstract_model(cfg)
