@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import time
 from collections.abc import Sequence
 
 import jax
@@ -121,13 +122,17 @@ def least_keep_ratio(frames: int, compression: int = 4) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class DynamicSample:
-    """``videos [B, T_v, H, W, 3]`` in ``[-1, 1]``, one ``MergePlan`` per clip, ``steps`` and K, and the DiT work done
-    relative to fixed-rate sampling (``token_fraction``: Σ latent frames over the steps / (N T_l), per clip)."""
+    """``videos [B, T_v, H, W, 3]`` in ``[-1, 1]``, one ``MergePlan`` per clip, ``steps`` and K, the DiT work done
+    relative to fixed-rate sampling (``token_fraction``: Σ latent frames over the steps / (N T_l), per clip), and the
+    wall time of the denoising (both phases and the compression module: the paper's latency, compilation included
+    on a first call) and of the final decode and interpolation."""
 
     videos: jax.Array
     plans: tuple[MergePlan, ...]
     steps: int
     compress_after: int
+    denoise_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
     @property
     def token_fraction(self) -> np.ndarray:
@@ -177,9 +182,14 @@ def clean_estimate(module, x_prev, x_k, sigmas, k: int, cond, uncond, guidance, 
     return x
 
 
+@functools.partial(jax.jit, static_argnames=("compression",))
+def _neighbour_ssims(frames01: jax.Array, compression: int) -> list[jax.Array]:
+    return [neighbour_ssim(frames01, d)[0] for d in range(1, compression)]
+
+
 def plan_clip(frames01: jax.Array, config: FrameRateConfig, compression: int) -> MergePlan:
     """The merge plan of one decoded clip ``frames01 [1, T_v, H, W, C]`` in ``[0, 1]`` by ``config``'s scheduler."""
-    ssims = [np.asarray(neighbour_ssim(frames01, d)[0]) for d in range(1, compression)]
+    ssims = [np.asarray(s) for s in _neighbour_ssims(frames01, compression)]
     if config.threshold is not None:
         return threshold_schedule(ssims, config.threshold, compression=compression)
     return keep_ratio_schedule(ssims, config.keep_ratio, compression=compression)[0]
@@ -207,9 +217,16 @@ def sample_dynamic_frame_rate(pipe, prompts: Sequence[str], config: FrameRateCon
     b = len(prompts)
     shape = (b, *latent_shape)
     if config.merges_nothing:  # the pipeline's own sampler, bit for bit
-        videos = pipe.generate(prompts, key=key, steps=steps, guidance=guidance, frames=frames)
-        return DynamicSample(videos, tuple(MergePlan(frames, compression) for _ in prompts), steps, k)
+        start = time.perf_counter()
+        latents = pipe.generate_latents(prompts, key=key, steps=steps, guidance=guidance, frames=frames)
+        latents.block_until_ready()
+        denoised = time.perf_counter()
+        videos = jnp.clip(_decode(vae, latents).astype(jnp.float32), -1.0, 1.0)
+        videos.block_until_ready()
+        return DynamicSample(videos, tuple(MergePlan(frames, compression) for _ in prompts), steps, k,
+                             denoise_seconds=denoised - start, decode_seconds=time.perf_counter() - denoised)
     pipe.check_memory(b, frames, guided=guidance is not None)
+    start = time.perf_counter()
     sigmas = flow_sigmas(steps, shift=pipe.defaults.shift).astype(np.float32)
     noise = jax.random.normal(key, shape, jnp.float32)
     g = None if guidance is None else jnp.float32(guidance)
@@ -219,32 +236,50 @@ def sample_dynamic_frame_rate(pipe, prompts: Sequence[str], config: FrameRateCon
     x_prev = noise if k == 1 else _run(graphdef, state, noise, sigmas[:k], cond, unc, g)
     x_k = _run(graphdef, state, x_prev, sigmas[k - 1:k + 1], cond, unc, g)
     x0 = clean_estimate(velocity, x_prev, x_k, sigmas, k, cond, unc, g, config.compress_denoise_steps)
-    cvae = config.compression_vae or vae
-    decoded = jnp.clip(_decode(cvae, x0).astype(jnp.float32), -1.0, 1.0)
+    cvae = nnx.split(config.compression_vae or vae)
+    decoded = _vae(*cvae, x0, None)
     plans = tuple(_plan(decoded[i:i + 1], config, compression, planner, i) for i in range(b))
     if all(p.empty for p in plans):  # the remaining steps of the plain flow, no decode / encode
-        videos = _decode(vae, _run(graphdef, state, x_k, sigmas[k:], cond, unc, g))
-        return DynamicSample(jnp.clip(videos.astype(jnp.float32), -1.0, 1.0), plans, steps, k)
-    blocks = default_global_blocks(pipe.transformer) if config.global_blocks is None else tuple(config.global_blocks)
-    dyrope = split_module(DyRoPEVelocity(pipe.transformer, blocks))
-    clips = []
-    for i, plan in enumerate(plans):
-        one = lambda tree: jax.tree.map(lambda a: a[i:i + 1], tree)  # noqa: E731
-        if plan.empty:
-            z = _run(graphdef, state, x_k[i:i + 1], sigmas[k:], one(cond), one(unc), g)
-            clips.append(_decode(vae, z))
-            continue
-        z = _compress(decoded[i:i + 1], noise[i:i + 1], sigmas[k], plan, cvae)
-        positions = jnp.asarray(plan.kept_latents, jnp.float32)
-        z = _run_dyrope(*dyrope, z, sigmas[k:], one(cond), one(unc), g, positions)
-        clips.append(config.interpolator(_decode(vae, z).astype(jnp.float32), plan))
-    videos = jnp.concatenate([c.astype(jnp.float32) for c in clips])
-    return DynamicSample(jnp.clip(videos, -1.0, 1.0), plans, steps, k)
+        latents = [_run(graphdef, state, x_k, sigmas[k:], cond, unc, g)]
+    else:
+        blocks = default_global_blocks(pipe.transformer) if config.global_blocks is None else tuple(config.global_blocks)
+        dyrope = split_module(DyRoPEVelocity(pipe.transformer, blocks))
+        latents = []
+        for i, plan in enumerate(plans):
+            one = lambda tree: jax.tree.map(lambda a: a[i:i + 1], tree)  # noqa: E731
+            if plan.empty:
+                latents.append(_run(graphdef, state, x_k[i:i + 1], sigmas[k:], one(cond), one(unc), g))
+                continue
+            z = _vae(*cvae, (decoded[i:i + 1], noise[i:i + 1], sigmas[k]), plan)
+            positions = jnp.asarray(plan.kept_latents, jnp.float32)
+            latents.append(_run_dyrope(*dyrope, z, sigmas[k:], one(cond), one(unc), g, positions))
+    jax.block_until_ready(latents)
+    denoised = time.perf_counter()
+    vae_split = nnx.split(vae)
+    if len(latents) == 1 and all(p.empty for p in plans):
+        videos = _vae(*vae_split, latents[0], None)
+    else:
+        videos = jnp.concatenate([_vae(*vae_split, z, None) if p.empty else
+                                  _interpolate(config.interpolator, _vae(*vae_split, z, None), p)
+                                  for z, p in zip(latents, plans)])
+    videos.block_until_ready()
+    return DynamicSample(videos, plans, steps, k, denoise_seconds=denoised - start,
+                         decode_seconds=time.perf_counter() - denoised)
 
 
-@functools.partial(nnx.jit, static_argnames=("plan",))
-def _compress(frames, noise, sigma, plan, vae):
-    return compress_latents(frames, noise, sigma, plan, vae)
+@functools.partial(jax.jit, static_argnames=("interpolator", "plan"))
+def _interpolate(interpolator: Interpolator, frames: jax.Array, plan: MergePlan) -> jax.Array:
+    return interpolator(frames, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _vae(graphdef, state, inputs, plan: MergePlan | None) -> jax.Array:
+    """Jitted VAE work on weights passed as an argument: ``plan=None`` decodes the latents ``inputs`` to clips in
+    ``[-1, 1]`` (float32); with a plan, ``inputs = (frames, noise, σ)`` goes through ``compress_latents``."""
+    vae = nnx.merge(graphdef, state)
+    if plan is None:
+        return jnp.clip(vae.decode_latents(inputs).astype(jnp.float32), -1.0, 1.0)
+    return compress_latents(*inputs, plan, vae)
 
 
 def _plan(decoded: jax.Array, config: FrameRateConfig, compression: int, planner, index: int) -> MergePlan:
