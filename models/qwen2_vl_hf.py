@@ -23,7 +23,7 @@ from jquant.models.qwen2_vl_vision import VisionConfig
 _ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 _TOP_KEYS = {"architectures", "model_type", "text_config", "vision_config", "image_token_id", "video_token_id",
              "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings", "transformers_version", "dtype",
-             "torch_dtype", "_name_or_path"}
+             "torch_dtype", "_name_or_path", "vision_token_id"}
 _VISION_KEYS = {
     "qwen2_vl": {"depth", "embed_dim", "hidden_size", "hidden_act", "mlp_ratio", "num_heads", "in_channels", "in_chans",
                  "patch_size", "spatial_merge_size", "temporal_patch_size", "rope_parameters", "model_type",
@@ -31,7 +31,7 @@ _VISION_KEYS = {
     "qwen2_5_vl": {"depth", "hidden_size", "out_hidden_size", "intermediate_size", "hidden_act", "num_heads",
                    "in_channels", "in_chans", "patch_size", "spatial_merge_size", "temporal_patch_size",
                    "tokens_per_second", "window_size", "fullatt_block_indexes", "rope_parameters", "model_type",
-                   "initializer_range", "dtype", "torch_dtype"},
+                   "initializer_range", "dtype", "torch_dtype", "spatial_patch_size"},
 }
 
 
@@ -39,6 +39,9 @@ def _vision_from_hf(family: str, v: dict) -> VisionConfig:
     unknown = sorted(set(v) - _VISION_KEYS[family])
     if unknown:
         raise ValueError(f"config.json vision_config has attributes the {family} converter does not handle: {unknown}.")
+    if v.get("spatial_patch_size", v["patch_size"]) != v["patch_size"]:
+        raise ValueError(f"config.json vision_config spatial_patch_size={v['spatial_patch_size']} differs from "
+                         f"patch_size={v['patch_size']}; only square patches of one size are supported.")
     rope = v.get("rope_parameters") or {}
     if rope.get("rope_type", "axial") != "axial":
         raise ValueError(f"config.json vision_config rope_type {rope['rope_type']!r}: only 'axial' is supported.")

@@ -119,6 +119,24 @@ def test_greedy_generation_with_images(reference):
     np.testing.assert_array_equal(got, ref.torch_vl_generate(torch_model, prompt, 5))
 
 
+def test_flat_config_of_the_released_checkpoints_reads_the_same(reference, tmp_path):
+    """Released Qwen2-VL folders keep the text settings at the top level, with rope_scaling {"type": "mrope"}."""
+    import json
+    import shutil
+
+    _, folder = reference
+    nested = json.loads((folder / "config.json").read_text())
+    text = nested.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**{k: v for k, v in text.items() if k != "model_type"}, **nested, "vision_token_id": 94,
+            "rope_theta": rope["rope_theta"], "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+    flat["vision_config"] = {k: v for k, v in flat["vision_config"].items() if k not in ("model_type", "in_channels")}
+    flat["vision_config"]["in_chans"] = 3
+    shutil.copytree(folder, tmp_path / "flat")
+    (tmp_path / "flat" / "config.json").write_text(json.dumps(flat))
+    assert qwen2_vl.from_hf(tmp_path / "flat").config == qwen2_vl.from_hf(folder).config
+
+
 def test_rope_index_matches_transformers(reference):
     torch_model, _ = reference
     prompt = ref.image_prompt(tiny_config().vision, THREE_IMAGES, seed=9)
