@@ -123,16 +123,21 @@ def least_keep_ratio(frames: int, compression: int = 4) -> float:
 @dataclasses.dataclass(frozen=True)
 class DynamicSample:
     """``videos [B, T_v, H, W, 3]`` in ``[-1, 1]``, one ``MergePlan`` per clip, ``steps`` and K, the DiT work done
-    relative to fixed-rate sampling (``token_fraction``: Σ latent frames over the steps / (N T_l), per clip), and the
-    wall time of the denoising (both phases and the compression module: the paper's latency, compilation included
-    on a first call) and of the final decode and interpolation."""
+    relative to fixed-rate sampling (``token_fraction``: Σ latent frames over the steps / (N T_l), per clip), and
+    ``seconds``: the wall times of the first phase, the compression module (x̂₀, decode, SSIM, plans, merge, encode,
+    re-noise), the second phase and the final decode + interpolation (compilation included on a first call; a
+    configuration that cannot merge runs the pipeline: all its denoising counts as the first phase)."""
 
     videos: jax.Array
     plans: tuple[MergePlan, ...]
     steps: int
     compress_after: int
-    denoise_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    seconds: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    @property
+    def denoise_seconds(self) -> float:
+        """Both phases and the compression module: the paper's latency (no final decode, no interpolation)."""
+        return sum(self.seconds[:3])
 
     @property
     def token_fraction(self) -> np.ndarray:
@@ -224,7 +229,7 @@ def sample_dynamic_frame_rate(pipe, prompts: Sequence[str], config: FrameRateCon
         videos = jnp.clip(_decode(vae, latents).astype(jnp.float32), -1.0, 1.0)
         videos.block_until_ready()
         return DynamicSample(videos, tuple(MergePlan(frames, compression) for _ in prompts), steps, k,
-                             denoise_seconds=denoised - start, decode_seconds=time.perf_counter() - denoised)
+                             seconds=(denoised - start, 0.0, 0.0, time.perf_counter() - denoised))
     pipe.check_memory(b, frames, guided=guidance is not None)
     start = time.perf_counter()
     sigmas = flow_sigmas(steps, shift=pipe.defaults.shift).astype(np.float32)
@@ -234,37 +239,44 @@ def sample_dynamic_frame_rate(pipe, prompts: Sequence[str], config: FrameRateCon
     velocity = VideoVelocity(pipe.transformer)
     graphdef, state = split_module(velocity)
     x_prev = noise if k == 1 else _run(graphdef, state, noise, sigmas[:k], cond, unc, g)
-    x_k = _run(graphdef, state, x_prev, sigmas[k - 1:k + 1], cond, unc, g)
+    x_k = _run(graphdef, state, x_prev, sigmas[k - 1:k + 1], cond, unc, g).block_until_ready()
+    times = [time.perf_counter()]
     x0 = clean_estimate(velocity, x_prev, x_k, sigmas, k, cond, unc, g, config.compress_denoise_steps)
     cvae = nnx.split(config.compression_vae or vae)
     decoded = _vae(*cvae, x0, None)
     plans = tuple(_plan(decoded[i:i + 1], config, compression, planner, i) for i in range(b))
+    compressed = [None if p.empty else _vae(*cvae, (decoded[i:i + 1], noise[i:i + 1], sigmas[k]), p)
+                  for i, p in enumerate(plans)]
+    jax.block_until_ready(compressed)
+    times.append(time.perf_counter())
     if all(p.empty for p in plans):  # the remaining steps of the plain flow, no decode / encode
         latents = [_run(graphdef, state, x_k, sigmas[k:], cond, unc, g)]
     else:
         blocks = default_global_blocks(pipe.transformer) if config.global_blocks is None else tuple(config.global_blocks)
         dyrope = split_module(DyRoPEVelocity(pipe.transformer, blocks))
         latents = []
-        for i, plan in enumerate(plans):
+        for i, (plan, z) in enumerate(zip(plans, compressed)):
             one = lambda tree: jax.tree.map(lambda a: a[i:i + 1], tree)  # noqa: E731
             if plan.empty:
                 latents.append(_run(graphdef, state, x_k[i:i + 1], sigmas[k:], one(cond), one(unc), g))
-                continue
-            z = _vae(*cvae, (decoded[i:i + 1], noise[i:i + 1], sigmas[k]), plan)
-            positions = jnp.asarray(plan.kept_latents, jnp.float32)
-            latents.append(_run_dyrope(*dyrope, z, sigmas[k:], one(cond), one(unc), g, positions))
+            else:
+                positions = jnp.asarray(plan.kept_latents, jnp.float32)
+                latents.append(_run_dyrope(*dyrope, z, sigmas[k:], one(cond), one(unc), g, positions))
     jax.block_until_ready(latents)
-    denoised = time.perf_counter()
-    vae_split = nnx.split(vae)
+    times.append(time.perf_counter())
+    videos = _decode_clips(vae, latents, plans, config.interpolator).block_until_ready()
+    return DynamicSample(videos, plans, steps, k, seconds=(times[0] - start, times[1] - times[0], times[2] - times[1],
+                                                          time.perf_counter() - times[2]))
+
+
+def _decode_clips(vae, latents: list[jax.Array], plans: tuple[MergePlan, ...], interpolator: Interpolator) -> jax.Array:
+    """Videos ``[B, T_v, H, W, 3]`` of the second phase's latents (one array for the whole batch when no plan merged,
+    else one per clip), the shortened clips restored to ``T_v`` frames by ``interpolator``."""
+    split = nnx.split(vae)
     if len(latents) == 1 and all(p.empty for p in plans):
-        videos = _vae(*vae_split, latents[0], None)
-    else:
-        videos = jnp.concatenate([_vae(*vae_split, z, None) if p.empty else
-                                  _interpolate(config.interpolator, _vae(*vae_split, z, None), p)
-                                  for z, p in zip(latents, plans)])
-    videos.block_until_ready()
-    return DynamicSample(videos, plans, steps, k, denoise_seconds=denoised - start,
-                         decode_seconds=time.perf_counter() - denoised)
+        return _vae(*split, latents[0], None)
+    return jnp.concatenate([_vae(*split, z, None) if p.empty else _interpolate(interpolator, _vae(*split, z, None), p)
+                            for z, p in zip(latents, plans)])
 
 
 @functools.partial(jax.jit, static_argnames=("interpolator", "plan"))
