@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from jquant import cli_fastattn, cli_image
+from jquant import cli_fastattn, cli_image, cli_vae
 from jquant.interop import command as export_command
 
 EPILOG = """examples:
@@ -139,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true")
 
     cli_fastattn.add_parser(sub, _positive_int)
+    cli_vae.add_parsers(sub, _positive_int)
     export_command.add_parser(sub)
 
     bn = sub.add_parser("bench", help="time the quantized matmul paths against bf16 jnp.dot (run on a GPU)")
@@ -561,7 +562,8 @@ def _cmd_bench(args, console: Console) -> dict:
 
 
 COMMANDS = {"bench": _cmd_bench, "list": _cmd_list, "eval": _cmd_eval, "quantize": _cmd_quantize, "qsur": _cmd_qsur,
-            "generate": _cmd_generate, "train": _cmd_train, "fastattn": cli_fastattn.run, "export": export_command.run}
+            "generate": _cmd_generate, "train": _cmd_train, "fastattn": cli_fastattn.run, "export": export_command.run,
+            "encode": cli_vae.run_encode, "decode": cli_vae.run_decode}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
