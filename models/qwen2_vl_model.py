@@ -36,6 +36,7 @@ from jquant.models.config_io import check_dtypes_available
 from jquant.models.layers import Attention, AttentionConfig, Embed, Linear, RMSNorm, apply_rope
 from jquant.models.llama import DecoderLayer, DecoderLM, LlamaConfig
 from jquant.models.qwen2_vl_vision import VisionConfig, VisionTower, check_grid
+from jquant.sites import ActivationGroups
 
 VLFamily = Literal["qwen2_vl", "qwen2_5_vl"]
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
@@ -182,35 +183,46 @@ class MRopeAttention(Attention):
         super().__init__(cfg, param_dtype=param_dtype, rngs=rngs)
         self.sections = sections
 
-    def __call__(self, x, positions, cache, cache_start):
-        """``x [B, T, hidden]`` at M-RoPE ``positions [B, T, 3]`` -> ``[B, T, hidden]``, updated cache."""
+    def __call__(self, x, positions, cache, cache_start, groups: jax.Array | None = None):
+        """``x [B, T, hidden]`` at M-RoPE ``positions [B, T, 3]`` -> ``[B, T, hidden]``, updated cache; ``groups
+        [B, T]`` (the modalities) select the projections' per-group activation formats."""
         if self.kv_cache is not None or self.qk_rotation or self.kv_smoothing is not None:
             raise ValueError("Qwen2-VL attention does not support KV-cache quantization or q/k rotation yet; quantize "
                              "weights and activations only.")
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = self.q_proj(x, groups=groups).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x, groups=groups).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x, groups=groups).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         angles = ops.rope_angles(positions, dims=(cfg.head_dim,), theta=cfg.rope.theta, sections=self.sections)
         cos, sin = ops.rope_cos_sin(angles, "half", x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         order = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
-            return self.o_proj(ops.attention(q, k, v, ops.causal_mask(order, order)).reshape(b, t, -1)), None
+            out = ops.attention(q, k, v, ops.causal_mask(order, order))
+            return self.o_proj(out.reshape(b, t, -1), groups=groups), None
         cache, k_all, v_all = cache.update(k, v, cache_start)
         slots = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (b, cache.capacity))
         mask = ops.causal_mask(order + cache_start, slots, slots < cache_start + t)
-        return self.o_proj(ops.attention(q, k_all, v_all, mask).reshape(b, t, -1)), cache
+        return self.o_proj(ops.attention(q, k_all, v_all, mask).reshape(b, t, -1), groups=groups), cache
 
 
 class VLDecoderLayer(DecoderLayer):
-    """The Llama-family pre-norm block with ``MRopeAttention``; its context is ``positions [B, T, 3]``."""
+    """The Llama-family pre-norm block with ``MRopeAttention``; its context is ``(positions [B, T, 3], modality
+    [B, T])`` and every linear receives the modality as its group id (``activation_groups``)."""
 
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg.text, rngs=rngs)
         self.self_attn = MRopeAttention(cfg.text.attention, cfg.mrope_section, param_dtype=jnp.dtype(cfg.param_dtype),
                                         rngs=rngs)
+
+    def __call__(self, x, context, cache, cache_start):
+        positions, modality = context
+        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, cache_start, groups=modality)
+        x = x + h
+        h, mlp = self.post_attention_layernorm(x), self.mlp
+        h = jax.nn.silu(mlp.gate_proj(h, groups=modality)) * mlp.up_proj(h, groups=modality)
+        return x + mlp.down_proj(h, groups=modality), cache
 
 
 class Qwen2VL(DecoderLM):
@@ -247,7 +259,16 @@ class Qwen2VL(DecoderLM):
 
     def forward(self, tokens, positions, pixel_values=None, vision_context=None, layer_caches=None, start=None):
         """The traceable forward: ``tokens [B, L]`` at ``positions [B, L, 3]`` -> (logits, new layer caches)."""
-        return self._decode(self.embed(tokens, pixel_values, vision_context), positions, layer_caches, start)
+        x = self.embed(tokens, pixel_values, vision_context)
+        return self._decode(x, (positions, self.modality(tokens)), layer_caches, start)
+
+    def modality(self, tokens: jax.Array) -> jax.Array:
+        """``[B, L]`` int32: 1 at the image placeholders, 0 elsewhere (``TEXT``, ``IMAGE``)."""
+        return (tokens == self.config.image_token_id).astype(jnp.int32)
+
+    def activation_groups(self) -> ActivationGroups:
+        """The decoder's linears see each token's modality: per-modality activation formats and static scales."""
+        return ActivationGroups(names=("text", "image"), sites=r"layers/.*")
 
     def _host_inputs(self, tokens, pixel_values, image_grid_thw, mm_token_type_ids):
         """Checked positions and vision context of a concrete prompt (host-side: they depend on the layout)."""
@@ -289,13 +310,14 @@ class Qwen2VL(DecoderLM):
         if rope_deltas is not None:
             index = index + jnp.asarray(rope_deltas, jnp.int32)[:, None]
         x = self.embed_tokens(tokens, jnp.dtype(self.config.dtype))
-        logits, layers = self._decode(x, jnp.broadcast_to(index[..., None], (b, t, 3)), cache.layers, start)
+        context = (jnp.broadcast_to(index[..., None], (b, t, 3)), self.modality(tokens))
+        logits, layers = self._decode(x, context, cache.layers, start)
         return logits, KVCache(layers=layers, length=start + t)
 
-    def _decode(self, x, positions, layer_caches, start):
+    def _decode(self, x, context, layer_caches, start):
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, None if layer_caches is None else layer_caches[i], start)
+            x, c = layer(x, context, None if layer_caches is None else layer_caches[i], start)
             new_caches.append(c)
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
@@ -333,8 +355,8 @@ class Qwen2VL(DecoderLM):
         def enter_text(m: Qwen2VL, batch: dict, previous):
             features = previous[0]
             x = m.embed_tokens(batch["tokens"], jnp.dtype(m.config.dtype))
-            x = scatter_features(x, batch["tokens"] == m.config.image_token_id, features.reshape(-1, x.shape[-1]))
-            return x, batch["positions"]
+            x = scatter_features(x, batch["tokens"] == m.config.image_token_id, features)
+            return x, (batch["positions"], batch["modality"])
 
         return [Stage(blocks=list(self.visual.blocks), enter=enter_vision),
                 Stage(blocks=[self.visual.merger], enter=lambda m, batch, previous: previous),
@@ -344,11 +366,12 @@ class Qwen2VL(DecoderLM):
         """Logits of a ``check_calibration`` batch (whole-model statistics)."""
         return self.forward(batch["tokens"], batch["positions"], batch["pixel_values"], _vision_context(batch))[0]
 
-    def block_inputs(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Text-only calibration: the embeddings and 1-D positions on all three M-RoPE components."""
+    def block_inputs(self, tokens: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Text-only inputs of the decoder blocks: the embeddings and ``(positions, modality)`` (1-D positions on
+        all three M-RoPE components)."""
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (b, t, 3))
-        return self.embed_tokens(tokens, jnp.dtype(self.config.dtype)), positions
+        return self.embed_tokens(tokens, jnp.dtype(self.config.dtype)), (positions, self.modality(tokens))
 
 
 def _vision_context(batch: dict) -> tuple:
@@ -356,8 +379,9 @@ def _vision_context(batch: dict) -> tuple:
 
 
 def scatter_features(x: jax.Array, placeholders: jax.Array, features: jax.Array) -> jax.Array:
-    """``x [B, L, D]`` with row ``i`` of ``features [M, D]`` written at the ``i``-th True of ``placeholders [B, L]``
-    (row-major order, as ``torch.masked_scatter``)."""
+    """``x [B, L, D]`` with row ``i`` of ``features [M, D]`` (or ``[B, M, D]``, flattened) written at the ``i``-th
+    True of ``placeholders [B, L]`` (row-major order, as ``torch.masked_scatter``)."""
+    features = features.reshape(-1, x.shape[-1])  # [B, M, D] (one image set per sample) -> [B M, D]
     index = jnp.clip(jnp.cumsum(placeholders.reshape(-1)) - 1, 0, features.shape[0] - 1)
     gathered = features[index].reshape(x.shape).astype(x.dtype)
     return jnp.where(placeholders[..., None], gathered, x)

@@ -197,6 +197,30 @@ def test_calibrated_recipes_walk_the_vision_blocks_merger_and_decoder(recipe):
         quantize(model, recipe, calib["tokens"], progress=False)
 
 
+def test_per_modality_static_scales_follow_each_modalitys_tokens():
+    """The decoder's linears get the modality as group id: one static scale per modality, from its own tokens."""
+    from jquant.quantization import quantize
+    from jquant.recipes import Recipe, Rule
+
+    model = qwen2_vl.init_model(tiny_config(), jax.random.key(3))
+    calib = _calibration(model)
+    recipe = Recipe(name="w8a8-per-modality", rules=(
+        Rule(pattern=r"(visual/blocks|visual/merger|layers)/.*", weight="int8", activation="int8-tensor",
+             static_activation=True),))
+    qmodel = quantize(model, recipe, calib, batch_size=2, progress=False)
+    batch = model.check_calibration(calib)
+    context = tuple(jnp.asarray(batch[k]) for k in ("cos", "sin", "full", "window"))
+    # the walker feeds each block what the already quantized blocks before it produce: the quantized vision tower
+    x = qmodel.layers[0].input_layernorm(qmodel.embed(jnp.asarray(batch["tokens"]), batch["pixel_values"], context))
+    x = np.abs(np.asarray(x))
+    expected = [x[batch["modality"] == g].max() / 127 for g in (qwen2_vl.TEXT, qwen2_vl.IMAGE)]
+    scales = np.asarray(qmodel.layers[0].self_attn.q_proj.activation_scale.get_value(), np.float64)
+    np.testing.assert_allclose(scales, expected, rtol=1e-3)
+    assert np.shape(qmodel.visual.blocks[0].attn.qkv.activation_scale.get_value()) == ()
+    prompt = ref.image_prompt(model.config.vision, THREE_IMAGES, seed=14)
+    assert relative_error(_call(qmodel, prompt), _call(model, prompt)) < 0.1
+
+
 def test_preset_builds():
     fam, cfg = qwen2_vl.FAMILY, qwen2_vl.FAMILY.presets["jq-vl-tiny"]
     model = fam.abstract_model(cfg)
