@@ -3,8 +3,9 @@
 The shared family suite checks text-only parity (float32 and float64, full sequence and cached decode),
 greedy generation, HF export and jquant checkpoints; the image checks here run prompts built as the
 processor builds them (``mm_token_type_ids`` included) with one image, and with three images of different
-grids over two rows (two in one row). Also: ``images_to_patches`` against the image processor, W8A8 RTN on
-every linear site, and the errors for bad images, grids and placeholders.
+grids over two rows (two in one row). Also: ``images_to_patches`` against the image processor, the flat
+config of released checkpoints, and the errors for bad images, grids and placeholders (quantization:
+``test_qwen2_vl_quantize.py``).
 """
 
 import numpy as np
@@ -156,69 +157,6 @@ def test_images_to_patches_matches_the_image_processor():
     pixel_values, grid = qwen2_vl.images_to_patches(images / 255.0, tiny_config().vision)
     np.testing.assert_allclose(pixel_values, expected["pixel_values"], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(grid, expected["image_grid_thw"])
-
-
-def test_rtn_w8a8_quantizes_every_linear_and_stays_close():
-    from jquant.quantization import quantize
-    from jquant.sites import find_sites
-
-    model = qwen2_vl.init_model(tiny_config(), jax.random.key(0))
-    prompt = ref.image_prompt(model.config.vision, THREE_IMAGES, seed=11)
-    qmodel = quantize(model, "rtn-w8a8", progress=False)
-    linears = {s.path for s in find_sites(model) if s.spec.kind == "linear"}
-    kept = {"visual/patch_embed/proj", "lm_head"}
-    assert {path for path, _ in qmodel.quantization.sites} == linears - kept
-    assert any(p.startswith("visual/blocks/1/") for p in linears) and "visual/merger/fc2" in linears
-    assert relative_error(_call(qmodel, prompt), _call(model, prompt)) < 0.05
-
-
-def _calibration(model, n: int = 3) -> dict:
-    """``n`` prompts with the same image sizes (so the same patch count) at different places in the text."""
-    prompts = [ref.image_prompt(model.config.vision, [[(16, 8), (8, 16)]], seed=20 + i) for i in range(n)]
-    return {"tokens": np.stack([p["tokens"][0] for p in prompts]),
-            "pixel_values": np.stack([p["pixel_values"] for p in prompts]),
-            "image_grid_thw": np.stack([p["image_grid_thw"] for p in prompts])}
-
-
-@pytest.mark.parametrize("recipe", ["gptq-w8", "rtn-w8a8-static"])
-def test_calibrated_recipes_walk_the_vision_blocks_merger_and_decoder(recipe):
-    from jquant.quantization import quantize
-
-    model = qwen2_vl.init_model(tiny_config(), jax.random.key(2))
-    calib = _calibration(model)
-    checked = model.check_calibration(calib)
-    np.testing.assert_array_equal(checked["modality"], calib["tokens"] == ref.IMAGE_TOKEN)
-    qmodel = quantize(model, recipe, calib, batch_size=2, progress=False)
-    described = dict(qmodel.quantization.sites)
-    assert {"visual/blocks/0/attn/qkv", "visual/merger/fc1", "layers/1/mlp/down_proj"} <= set(described)
-    prompt = ref.image_prompt(model.config.vision, THREE_IMAGES, seed=13)
-    assert relative_error(_call(qmodel, prompt), _call(model, prompt)) < 0.05
-    with pytest.raises(ValueError, match="Qwen2-VL calibration must be a dict with keys"):
-        quantize(model, recipe, calib["tokens"], progress=False)
-
-
-def test_per_modality_static_scales_follow_each_modalitys_tokens():
-    """The decoder's linears get the modality as group id: one static scale per modality, from its own tokens."""
-    from jquant.quantization import quantize
-    from jquant.recipes import Recipe, Rule
-
-    model = qwen2_vl.init_model(tiny_config(), jax.random.key(3))
-    calib = _calibration(model)
-    recipe = Recipe(name="w8a8-per-modality", rules=(
-        Rule(pattern=r"(visual/blocks|visual/merger|layers)/.*", weight="int8", activation="int8-tensor",
-             static_activation=True),))
-    qmodel = quantize(model, recipe, calib, batch_size=2, progress=False)
-    batch = model.check_calibration(calib)
-    context = tuple(jnp.asarray(batch[k]) for k in ("cos", "sin", "full", "window"))
-    # the walker feeds each block what the already quantized blocks before it produce: the quantized vision tower
-    x = qmodel.layers[0].input_layernorm(qmodel.embed(jnp.asarray(batch["tokens"]), batch["pixel_values"], context))
-    x = np.abs(np.asarray(x))
-    expected = [x[batch["modality"] == g].max() / 127 for g in (qwen2_vl.TEXT, qwen2_vl.IMAGE)]
-    scales = np.asarray(qmodel.layers[0].self_attn.q_proj.activation_scale.get_value(), np.float64)
-    np.testing.assert_allclose(scales, expected, rtol=1e-3)
-    assert np.shape(qmodel.visual.blocks[0].attn.qkv.activation_scale.get_value()) == ()
-    prompt = ref.image_prompt(model.config.vision, THREE_IMAGES, seed=14)
-    assert relative_error(_call(qmodel, prompt), _call(model, prompt)) < 0.1
 
 
 def test_preset_builds():
