@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -71,6 +72,18 @@ def test_image_parity_float32(reference, rows):
     model = qwen2_vl.from_hf(folder)
     prompt = ref.image_prompt(model.config.vision, rows, seed=len(rows))
     assert relative_error(_call(model, prompt), ref.torch_vl_logits(torch_model, prompt)) < FLOAT32_TOLERANCE
+
+
+def test_image_parity_float64(reference):
+    torch_model, folder = reference
+    jax.config.update("jax_enable_x64", True)
+    try:
+        model = qwen2_vl.from_hf(folder, dtype="float64")
+        prompt = ref.image_prompt(model.config.vision, THREE_IMAGES, seed=5)
+        got = _call(model, prompt)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert relative_error(got, ref.torch_vl_logits(torch_model, prompt, "float64")) < FLOAT64_TOLERANCE
 
 
 def test_cached_decode_and_greedy_generation_with_images(reference):
