@@ -42,12 +42,4 @@ def linear_interpolate(frames: jax.Array, plan: MergePlan) -> jax.Array:
     if frames.ndim != 5 or frames.shape[1] != len(plan.kept_frames):
         raise ValueError(f"linear_interpolate: frames must be [B, {len(plan.kept_frames)}, H, W, C] (the plan's kept "
                          f"frames), got {tuple(frames.shape)}.")
-    w = blend_weights(plan)
-    rows = []
-    for v in range(plan.frames):
-        (nz,) = np.nonzero(w[v])
-        if len(nz) == 1:
-            rows.append(frames[:, nz[0]])
-        else:
-            rows.append(w[v, nz[0]] * frames[:, nz[0]] + w[v, nz[1]] * frames[:, nz[1]])
-    return jnp.stack(rows, axis=1)
+    return jnp.einsum("vk,bkhwc->bvhwc", blend_weights(plan), frames, precision=jax.lax.Precision.HIGHEST)

@@ -21,13 +21,28 @@ import numpy as np
 from jquant.frame_rate.schedule import MergePlan
 
 
+def merge_weights(plan: MergePlan) -> np.ndarray:
+    """``A [T', T_v]`` float32: row ``k`` averages merge group ``k`` (a one-hot row for an unmerged frame)."""
+    a = np.zeros((len(plan.groups), plan.frames), np.float32)
+    for k, group in enumerate(plan.groups):
+        a[k, list(group)] = 1.0 / len(group)
+    return a
+
+
 def merge_frames(frames: jax.Array, plan: MergePlan) -> jax.Array:
     """``frames [B, T_v, H, W, C]`` -> ``[B, T', H, W, C]``: each kept frame the mean of its merge group."""
+    _check_frames(frames, plan, "merge_frames")
+    return _apply(frames, jnp.asarray(merge_weights(plan)))
+
+
+def _check_frames(frames: jax.Array, plan: MergePlan, fn: str) -> None:
     if frames.ndim != 5 or frames.shape[1] != plan.frames:
-        raise ValueError(f"merge_frames: frames must be [B, {plan.frames}, H, W, C] (the plan's clip length), got "
+        raise ValueError(f"{fn}: frames must be [B, {plan.frames}, H, W, C] (the plan's clip length), got "
                          f"{tuple(frames.shape)}.")
-    out = [frames[:, g[0]] if len(g) == 1 else jnp.mean(frames[:, list(g)], axis=1) for g in plan.groups]
-    return jnp.stack(out, axis=1)
+
+
+def _apply(frames: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.einsum("kt,bthwc->bkhwc", weights, frames.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
 def renoise(merged_latents: jax.Array, noise: jax.Array, plan: MergePlan, sigma: float | jax.Array) -> jax.Array:
@@ -37,8 +52,12 @@ def renoise(merged_latents: jax.Array, noise: jax.Array, plan: MergePlan, sigma:
     if noise.shape[1] != plan.latent_frames or merged_latents.shape[1] != len(kept):
         raise ValueError(f"renoise: noise must have the plan's {plan.latent_frames} latent frames and merged_latents "
                          f"its {len(kept)} kept ones; got {noise.shape[1]} and {merged_latents.shape[1]}.")
+    return _renoise(merged_latents, noise[:, kept], sigma)
+
+
+def _renoise(merged_latents: jax.Array, kept_noise: jax.Array, sigma) -> jax.Array:
     sigma = jnp.asarray(sigma, jnp.float32)
-    return sigma * noise[:, kept].astype(jnp.float32) + (1 - sigma) * merged_latents.astype(jnp.float32)
+    return sigma * kept_noise.astype(jnp.float32) + (1 - sigma) * merged_latents.astype(jnp.float32)
 
 
 def compress_latents(frames: jax.Array, noise: jax.Array, sigma: float | jax.Array, plan: MergePlan, vae) -> jax.Array:
@@ -46,4 +65,13 @@ def compress_latents(frames: jax.Array, noise: jax.Array, sigma: float | jax.Arr
     (``Dec(x̂₀)``, e.g. by the half-resolution compression VAE): merge by ``plan`` in pixel space, encode with
     ``vae.latents`` (posterior mode x scaling factor, as the pipeline scales latents) and re-noise with ``noise`` (the
     initial noise ``[B, T_l, h, w, L]``) at ``sigma``. Returns ``[B, T', h, w, L]``."""
-    return renoise(vae.latents(merge_frames(frames, plan)), noise, plan, sigma)
+    _check_frames(frames, plan, "compress_latents")
+    return compress_with(frames, noise, sigma, jnp.asarray(merge_weights(plan)),
+                         jnp.asarray(plan.kept_latents, jnp.int32), vae)
+
+
+def compress_with(frames: jax.Array, noise: jax.Array, sigma, weights: jax.Array, kept_latents: jax.Array,
+                  vae) -> jax.Array:
+    """``compress_latents`` with the plan as arrays (``merge_weights`` ``[T', T_v]`` and the kept latent indices
+    ``[T']``), so one compiled program serves every plan of a length ``T'``."""
+    return _renoise(vae.latents(_apply(frames, weights)), jnp.take(noise, kept_latents, axis=1), sigma)

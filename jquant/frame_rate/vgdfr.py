@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.frame_rate.interpolate import Interpolator, linear_interpolate
-from jquant.frame_rate.merge import compress_latents
+from jquant.frame_rate.merge import compress_with, merge_weights
 from jquant.frame_rate.schedule import MergePlan, keep_ratio_schedule, threshold_schedule
 from jquant.frame_rate.similarity import neighbour_ssim
 from jquant.sampling.flow import _run, euler_flow_with_state, generation_key, guidance_batch, guided_velocity, \
@@ -243,9 +243,10 @@ def sample_dynamic_frame_rate(pipe, prompts: Sequence[str], config: FrameRateCon
     times = [time.perf_counter()]
     x0 = clean_estimate(velocity, x_prev, x_k, sigmas, k, cond, unc, g, config.compress_denoise_steps)
     cvae = nnx.split(config.compression_vae or vae)
-    decoded = _vae(*cvae, x0, None)
+    decoded = _vae_decode(*cvae, x0)
     plans = tuple(_plan(decoded[i:i + 1], config, compression, planner, i) for i in range(b))
-    compressed = [None if p.empty else _vae(*cvae, (decoded[i:i + 1], noise[i:i + 1], sigmas[k]), p)
+    compressed = [None if p.empty else _compress(*cvae, decoded[i:i + 1], noise[i:i + 1], sigmas[k],
+                                                 jnp.asarray(merge_weights(p)), jnp.asarray(p.kept_latents, jnp.int32))
                   for i, p in enumerate(plans)]
     jax.block_until_ready(compressed)
     times.append(time.perf_counter())
@@ -274,24 +275,21 @@ def _decode_clips(vae, latents: list[jax.Array], plans: tuple[MergePlan, ...], i
     else one per clip), the shortened clips restored to ``T_v`` frames by ``interpolator``."""
     split = nnx.split(vae)
     if len(latents) == 1 and all(p.empty for p in plans):
-        return _vae(*split, latents[0], None)
-    return jnp.concatenate([_vae(*split, z, None) if p.empty else _interpolate(interpolator, _vae(*split, z, None), p)
+        return _vae_decode(*split, latents[0])
+    return jnp.concatenate([_vae_decode(*split, z) if p.empty else interpolator(_vae_decode(*split, z), p)
                             for z, p in zip(latents, plans)])
 
 
-@functools.partial(jax.jit, static_argnames=("interpolator", "plan"))
-def _interpolate(interpolator: Interpolator, frames: jax.Array, plan: MergePlan) -> jax.Array:
-    return interpolator(frames, plan)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _vae_decode(graphdef, state, latents: jax.Array) -> jax.Array:
+    """Clips in ``[-1, 1]`` (float32) of diffusion latents, the VAE's weights a jit argument."""
+    return jnp.clip(nnx.merge(graphdef, state).decode_latents(latents).astype(jnp.float32), -1.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def _vae(graphdef, state, inputs, plan: MergePlan | None) -> jax.Array:
-    """Jitted VAE work on weights passed as an argument: ``plan=None`` decodes the latents ``inputs`` to clips in
-    ``[-1, 1]`` (float32); with a plan, ``inputs = (frames, noise, σ)`` goes through ``compress_latents``."""
-    vae = nnx.merge(graphdef, state)
-    if plan is None:
-        return jnp.clip(vae.decode_latents(inputs).astype(jnp.float32), -1.0, 1.0)
-    return compress_latents(*inputs, plan, vae)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _compress(graphdef, state, frames, noise, sigma, weights, kept_latents) -> jax.Array:
+    """``merge.compress_with`` jitted once per shortened length ``T'`` (the plan enters as arrays)."""
+    return compress_with(frames, noise, sigma, weights, kept_latents, nnx.merge(graphdef, state))
 
 
 def _plan(decoded: jax.Array, config: FrameRateConfig, compression: int, planner, index: int) -> MergePlan:
