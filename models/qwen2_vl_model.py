@@ -270,6 +270,14 @@ class Qwen2VL(DecoderLM):
         """The decoder's linears see each token's modality: per-modality activation formats and static scales."""
         return ActivationGroups(names=("text", "image"), sites=r"layers/.*")
 
+    def equivalence_layout(self):
+        """Refused: the merger writes image features into the residual stream beside the token embedding, which
+        ``DecoderLayout`` cannot name, so a rotation would leave the image features unrotated."""
+        raise ValueError("Qwen2-VL does not support equivalence transforms (QuaRot, OSTQuant, SmoothQuant) yet: the "
+                         "vision merger (visual/merger/fc2) writes into the decoder's residual stream, which the "
+                         "transforms' DecoderLayout does not cover; use recipes without transforms (RTN, GPTQ, static "
+                         "or dynamic activations).")
+
     def _host_inputs(self, tokens, pixel_values, image_grid_thw, mm_token_type_ids):
         """Checked positions and vision context of a concrete prompt (host-side: they depend on the layout)."""
         if (pixel_values is None) != (image_grid_thw is None):

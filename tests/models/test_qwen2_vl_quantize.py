@@ -82,3 +82,10 @@ def test_per_modality_static_scales_follow_each_modalitys_tokens():
     assert np.shape(qmodel.visual.blocks[0].attn.qkv.activation_scale.get_value()) == ()
     prompt = ref.image_prompt(model.config.vision, THREE_IMAGES, seed=14)
     assert relative_error(_call(qmodel, prompt), _call(model, prompt)) < 0.1
+
+
+def test_equivalence_transforms_are_refused():
+    """A residual-stream rotation would miss the merger's image features (DecoderLayout has no place for them)."""
+    model = qwen2_vl.init_model(tiny_config(), jax.random.key(4))
+    with pytest.raises(ValueError, match="does not support equivalence transforms"):
+        quantize(model, "quarot-w4a16", _calibration(model), progress=False)
