@@ -30,6 +30,7 @@ EPILOG = """examples:
   jquant train --preset jq-llama-tiny --steps 800 --out runs/tiny --export runs/tiny/hf
   jquant generate --model jq-mmdit-tiny --prompt "a red apple" --steps 20 --seed 0 --out apple.png
   jquant generate --model jq-mmdit-tiny --prompt "a dog face" --num-images 8 --out dogs.png
+  jquant generate --model jq-video-tiny --prompt "a rocket flies up" --frames 33 --dynamic-frame-rate --keep-ratio 0.7 --out rocket.gif
   jquant quantize --model jq-mmdit-tiny --recipe gptq-w4a16 --out runs/mmdit-w4
   jquant eval --model runs/mmdit-w4
 """
