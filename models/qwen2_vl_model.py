@@ -272,11 +272,12 @@ class Qwen2VL(DecoderLM):
 
     def equivalence_layout(self):
         """Refused: the merger writes image features into the residual stream beside the token embedding, which
-        ``DecoderLayout`` cannot name, so a rotation would leave the image features unrotated."""
-        raise ValueError("Qwen2-VL does not support equivalence transforms (QuaRot, OSTQuant, SmoothQuant) yet: the "
-                         "vision merger (visual/merger/fc2) writes into the decoder's residual stream, which the "
-                         "transforms' DecoderLayout does not cover; use recipes without transforms (RTN, GPTQ, static "
-                         "or dynamic activations).")
+        ``DecoderLayout`` cannot name, so a rotation would leave the image features unrotated (KV-cache recipes read
+        the same layout, so they are refused too)."""
+        raise ValueError("Qwen2-VL does not support equivalence transforms (QuaRot, OSTQuant, SmoothQuant) or KV-cache "
+                         "quantization yet: the vision merger (visual/merger/fc2) writes into the decoder's residual "
+                         "stream, which the transforms' DecoderLayout does not cover; use recipes without transforms "
+                         "or KV formats (RTN, GPTQ, static or dynamic activations).")
 
     def _host_inputs(self, tokens, pixel_values, image_grid_thw, mm_token_type_ids):
         """Checked positions and vision context of a concrete prompt (host-side: they depend on the layout)."""

@@ -84,8 +84,9 @@ def test_per_modality_static_scales_follow_each_modalitys_tokens():
     assert relative_error(_call(qmodel, prompt), _call(model, prompt)) < 0.1
 
 
-def test_equivalence_transforms_are_refused():
+@pytest.mark.parametrize("recipe", ["quarot-w4a16", "rtn-w4a8kv8"])
+def test_equivalence_transforms_and_kv_formats_are_refused(recipe):
     """A residual-stream rotation would miss the merger's image features (DecoderLayout has no place for them)."""
     model = qwen2_vl.init_model(tiny_config(), jax.random.key(4))
-    with pytest.raises(ValueError, match="does not support equivalence transforms"):
-        quantize(model, "quarot-w4a16", _calibration(model), progress=False)
+    with pytest.raises(ValueError, match="does not support equivalence transforms .* or KV-cache quantization"):
+        quantize(model, recipe, _calibration(model), progress=False)
