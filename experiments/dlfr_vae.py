@@ -15,7 +15,10 @@ plus uniform factors (every chunk ``m = 2``: 8x, ``m = 4``: 16x) and the fixed r
 are per-frame PSNR / SSIM against the input clip and against the fixed-rate reconstruction, overall and per chunk,
 with each chunk's motion type from the clips' ground truth (``ClipTruth``): ``cut`` (a scene or background cut),
 ``fast`` (a displacement of 3 px or more between two frames), ``drift`` (smaller motion), ``appear`` (an object
-appears or vanishes, nothing moves) and ``still``.
+appears or vanishes, nothing moves) and ``still``. Last, spec §5.5 on synthetic clips: a bright 8 x 8 square moving
+0-4 px / frame over a fixed textured background, each reconstructed at ``m`` = 1, 2, 4 in every chunk
+(``method="square m=<m>"``, ``target`` = the speed): the complexity should rise with speed and the PSNR at a fixed
+``m`` fall.
 """
 
 from __future__ import annotations
@@ -60,6 +63,20 @@ def _frame_scores(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.minimum(p, 100.0), s
 
 
+SPEEDS = (0, 1, 2, 3, 4)
+
+
+def moving_squares(frames: int, seed: int) -> np.ndarray:
+    """``[len(SPEEDS), frames, 32, 32, 3]`` in [-1, 1]: one textured background, a bright 8 x 8 square moving
+    ``SPEEDS[i]`` px per frame to the right (wrapping)."""
+    background = np.random.default_rng(seed).uniform(-1, 0, (32, 32, 3))
+    clips = np.repeat(background[None, None], frames, axis=1).repeat(len(SPEEDS), axis=0)
+    for i, v in enumerate(SPEEDS):
+        for t in range(frames):
+            clips[i, t, 12:20][:, (np.arange(8) + 4 + v * t) % 32] = 1.0
+    return clips.astype(np.float32)
+
+
 def _roundtrip(model, videos, rates, path: str):
     from jquant.frame_rate import dlfr
 
@@ -98,6 +115,7 @@ def run(args: argparse.Namespace, results: Results) -> None:
     videos = scenes.videos.astype(np.float32) / 127.5 - 1.0
     types = [chunk_motion_types(t, chunk) for t in scenes.truths]
     complexity = dlfr.chunk_complexity(videos, chunk, downsample=args.downsample)
+    run_squares(args, results, model)
     results.set_meta(platform=jax.devices()[0].platform, jax=jax.__version__, frames=frames,
                      latent_channels=model.config.latent_channels,
                      encoder_depth=model.config.frame_rate_depths[0][-1],
@@ -128,7 +146,7 @@ def run(args: argparse.Namespace, results: Results) -> None:
                 per_chunk[kind]["psnr"].append(float(p_in[i, frames_j].mean()))
                 per_chunk[kind]["ssim"].append(float(s_in[i, frames_j].mean()))
                 per_chunk[kind]["m"].append(m)
-        latent = [dlfr.ChunkRates(p, chunk).latent_frames for p in picks]
+        latent = [dlfr.ChunkRates(p, chunk).latent_frames for p in picks]  # per clip
         results.add({
             "method": method, "target": target, "latent_frames": float(np.mean(latent)),
             "tokens_vs_fixed": float(np.mean(latent)) / (1 + args.chunks * chunk // 4),
@@ -142,9 +160,25 @@ def run(args: argparse.Namespace, results: Results) -> None:
         })
 
 
+def run_squares(args: argparse.Namespace, results: Results, model) -> None:
+    """Spec §5.5 rows (module docstring)."""
+    from jquant.frame_rate import dlfr
+
+    squares = moving_squares(1 + args.chunk * args.chunks, args.seed)
+    complexity = dlfr.chunk_complexity(squares, args.chunk, downsample=args.downsample).mean(axis=1)
+    for m in (1, 2, 4):
+        if all(results.has(method=f"square m={m}", target=float(v)) for v in SPEEDS):
+            continue
+        recon = _reconstruct(model, squares, [(m,) * args.chunks] * len(SPEEDS), "feature", args.chunk)
+        p, s = _frame_scores(recon, squares)
+        results.add_rows([{"method": f"square m={m}", "target": float(v), "complexity": float(complexity[i]),
+                           "psnr": float(p[i].mean()), "ssim": float(s[i].mean())} for i, v in enumerate(SPEEDS)])
+
+
 def report(runs: list[Results], base) -> None:
     results = runs[0]
-    rows = results.rows
+    squares = [r for r in results.rows if r["method"].startswith("square")]
+    rows = [r for r in results.rows if not r["method"].startswith("square")]
     fixed = next((r for r in rows if r["method"] == "fixed"), None)
     for r in rows:
         r["label"] = f"{r['method']} {r['target']:g}x"
@@ -186,6 +220,20 @@ def report(runs: list[Results], base) -> None:
                      + ", ".join(f"{k} {spent[k]:.2f}" for k in order) + "; mean complexity C per type: "
                      + ", ".join(f"{k} {meta['mean_complexity'][k]:.3f}" for k in order
                                  if meta["mean_complexity"].get(k) == meta["mean_complexity"].get(k)) + ".")
+    square_table = harness.table(
+        [{"speed": f"{v:g} px/frame", "C": next(r["complexity"] for r in squares if r["target"] == v),
+          **{f"m={m}": next(r["psnr"] for r in squares if r["target"] == v and r["method"] == f"square m={m}")
+             for m in (1, 2, 4)}} for v in sorted({r["target"] for r in squares})],
+        [Column("speed", "speed"), Column("complexity C", "C", ".4f"),
+         *(Column(f"PSNR at m={m} (dB)", f"m={m}", ".2f") for m in (1, 2, 4))]) if squares else []
+    if squares:
+        c = [r["complexity"] for r in sorted(squares, key=lambda r: r["target"]) if r["method"] == "square m=1"]
+        falls = {m: [r["psnr"] for r in sorted(squares, key=lambda r: r["target"]) if r["method"] == f"square m={m}"]
+                 for m in (1, 2, 4)}
+        notes.append(f"Moving squares (spec §5.5): C {'rises' if np.all(np.diff(c) > 0) else 'does not rise'} "
+                     "monotonically with speed; PSNR at a fixed m "
+                     + "; ".join(f"m={m}: {'falls' if np.all(np.diff(v) < 0) else 'does not fall'} monotonically "
+                                 f"({v[0]:.2f} -> {v[-1]:.2f} dB)" for m, v in falls.items()) + ".")
     lines = ["# DLFR-VAE: dynamic latent frame rate on jq-video-vae-tiny", "",
              f"{results.args.get('clips')} `video_scenes` validation clips of {meta.get('frames')} frames (32x32; the "
              f"first frame, then chunks of {results.args.get('chunk')}); the VAE has {meta.get('latent_channels')} "
@@ -194,7 +242,8 @@ def report(runs: list[Results], base) -> None:
              + ", ".join(f"{k} {v}" for k, v in meta.get("chunk_types", {}).items())
              + f". {meta.get('platform', '?').upper()}, jax {meta.get('jax')}. {harness.reproduce(results.command)}",
              "", *table, "", "Per chunk, by motion type (mean factor m; PSNR of the chunk's frames against the input):",
-             "", *motion, "", "Reading (formatted from the run's numbers):", "", *harness.bullets(notes), "",
+             "", *motion, "", "Moving squares (every chunk at the same m):", "", *square_table, "",
+             "Reading (formatted from the run's numbers):", "", *harness.bullets(notes), "",
              f"![PSNR and SSIM against latent frames]({base.name}.png)", ""]
     harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines))
     fig, axes = harness.figure(1, 2, size=(5.0, 3.6))
