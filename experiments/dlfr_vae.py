@@ -57,7 +57,9 @@ def _frame_scores(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     from jquant.eval.image import psnr, ssim
 
     n, f = a.shape[:2]
-    flat = lambda x: np.clip(x, -1, 1).reshape(n * f, *x.shape[2:])  # noqa: E731
+    def flat(x: np.ndarray) -> np.ndarray:
+        return np.clip(x, -1, 1).reshape(n * f, *x.shape[2:])
+
     p = np.asarray(psnr(flat(a), flat(b), data_range=2.0, reduction="none")).reshape(n, f)
     s = np.asarray(ssim(flat(a), flat(b), data_range=2.0, reduction="none")).reshape(n, f)
     return np.minimum(p, 100.0), s
@@ -260,7 +262,8 @@ def report(runs: list[Results], base) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=32, help="validation clips (default: %(default)s)")
-    parser.add_argument("--chunks", type=int, default=2, help="chunks of --chunk frames per clip (default: %(default)s)")
+    parser.add_argument("--chunks", type=int, default=2,
+                        help="chunks of --chunk frames per clip (default: %(default)s)")
     parser.add_argument("--chunk", type=int, default=16, help="frames per chunk (default: %(default)s)")
     parser.add_argument("--downsample", type=int, default=2,
                         help="spatial down-sampling of the complexity copy (default: %(default)s)")

@@ -8,7 +8,8 @@ optional dynamic latent frame rate (DLFR-VAE, ``jquant.frame_rate.dlfr``).
   in ``[-1, 1]``; ``.gif``: uint8).
 
 Input clips: ``.gif`` (RGB frames; Pillow stores a run of identical frames as one frame of the run's duration, so
-runs are expanded by duration, exact where the frame time is a whole number of centiseconds, e.g. 10 fps) or ``.npy`` (``[F, H, W, 3]`` or ``[1, F, H, W, 3]``, uint8 or floats in
+runs are expanded by duration, exact where the frame time is a whole number of centiseconds, e.g. 10 fps) or
+``.npy`` (``[F, H, W, 3]`` or ``[1, F, H, W, 3]``, uint8 or floats in
 ``[-1, 1]``). An existing output is replaced only with ``--overwrite``; outputs are written whole or not at all.
 """
 
@@ -96,7 +97,8 @@ def read_clip(path: str) -> np.ndarray:
         from PIL import Image, ImageSequence
 
         with Image.open(source) as image:  # Pillow writes a run of identical frames as one longer frame
-            frames = [(np.asarray(f.convert("RGB")), f.info.get("duration") or 1) for f in ImageSequence.Iterator(image)]
+            frames = [(np.asarray(f.convert("RGB")), f.info.get("duration") or 1)
+                      for f in ImageSequence.Iterator(image)]
         base = min(d for _, d in frames)
         clip = np.stack([f for f, d in frames for _ in range(max(1, round(d / base)))])
     else:
@@ -145,11 +147,11 @@ def run_encode(args: argparse.Namespace, console: Console) -> dict:
                               thresholds=args.thresholds, factors=factors, downsample=args.downsample,
                               temporal_ratio=model.config.temporal_compression_ratio)[0]
         latent = dlfr.encode(model, clip, rates, path="pixel" if args.pixel_baseline else "feature")
-        latents, stored = np.asarray(latent.latents), dict(factors=np.asarray(rates.factors), chunk=rates.chunk,
-                                                           path=latent.path)
+        latents, stored = np.asarray(latent.latents), {"factors": np.asarray(rates.factors), "chunk": rates.chunk,
+                                                           "path": latent.path}
     else:
-        latents, stored = np.asarray(model.encode(clip).mean), dict(factors=np.zeros(0, np.int64), chunk=0,
-                                                                    path="fixed")
+        latents, stored = np.asarray(model.encode(clip).mean), {"factors": np.zeros(0, np.int64), "chunk": 0,
+                                                                    "path": "fixed"}
     _write(out, lambda tmp: np.savez(tmp, latents=latents.astype(np.float32), **stored))
     result = {"out": str(out), "frames": clip.shape[1], "latent_shape": list(latents.shape),
               "latent_frames": latents.shape[1], "factors": [int(m) for m in stored["factors"]],

@@ -337,7 +337,8 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
             expected = 1 + sum(rate_chunk // (t * m) for m in factors)
             if z.shape[1] != expected:
                 raise ValueError(f"AutoencoderKLHunyuanVideo.decode: latents have {z.shape[1]} frames; frame_rates="
-                                 f"{factors} with rate_chunk={rate_chunk} need 1 + Σ rate_chunk / (4 m_i) = {expected}.")
+                                 f"{factors} with rate_chunk={rate_chunk} need 1 + Σ rate_chunk / (4 m_i) = "
+                                 f"{expected}.")
             return self.decoder.dynamic(self.post_quant_conv(z), factors, rate_chunk, depth)
         if chunk_frames is None:
             return self.decoder(self.post_quant_conv(z))

@@ -93,7 +93,8 @@ def test_refusals_write_nothing_and_outputs_are_never_replaced_silently(vae, tmp
         (["--dynamic-frame-rate", "--target-compression", "20"], "target_compression=20.0 must be in \\[4, 16\\]"),
         (["--dynamic-frame-rate"], "needs exactly one of --target-compression"),
         (["--target-compression", "8"], "need --dynamic-frame-rate"),
-        (["--dynamic-frame-rate", "--target-compression", "8", "--chunk", "12"], "chunk=12 must be a positive multiple"),
+        (["--dynamic-frame-rate", "--target-compression", "8", "--chunk", "12"],
+         "chunk=12 must be a positive multiple"),
     ]:
         code, err = _run(capsys, *base, "--out", str(out), *extra)
         assert code == 2 and re.search(match, " ".join(err.split())), (extra, err)

@@ -23,7 +23,8 @@ rates come from the content; ``encode`` with given rates takes a batch that shar
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +79,8 @@ class VariableRateLatent:
     the path (``"feature"``: pooled inside the VAE; ``"pixel"``: the pixel-level baseline) that decodes them."""
 
     latents: jax.Array
-    rates: ChunkRates = dataclasses.field(metadata=dict(static=True))
-    path: LatentPath = dataclasses.field(default="feature", metadata=dict(static=True))
+    rates: ChunkRates = dataclasses.field(metadata={"static": True})
+    path: LatentPath = dataclasses.field(default="feature", metadata={"static": True})
 
 
 # ----------------------------------------------------------------------------
@@ -91,8 +92,8 @@ def _check_clip(videos: jax.Array, chunk: int, temporal_ratio: int, factors: Seq
     """The number of chunks ``M`` of ``videos [B, 1 + chunk M, H, W, C]``."""
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 \
             or chunk % (temporal_ratio * max(factors)):
-        raise ValueError(f"chunk={chunk!r} must be a positive multiple of the VAE's temporal compression ({temporal_ratio}) "
-                         f"x the largest factor ({max(factors)}), e.g. {temporal_ratio * max(factors)}.")
+        raise ValueError(f"chunk={chunk!r} must be a positive multiple of the VAE's temporal compression "
+                         f"({temporal_ratio}) x the largest factor ({max(factors)}), e.g. {temporal_ratio * max(factors)}.")
     if videos.ndim != 5:
         raise ValueError(f"videos must be [batch, frames, height, width, channels], got shape {videos.shape}.")
     frames = videos.shape[1]
@@ -100,8 +101,8 @@ def _check_clip(videos: jax.Array, chunk: int, temporal_ratio: int, factors: Seq
         raise ValueError(f"videos have {frames} frames, shorter than the first frame plus one chunk (1 + chunk = "
                          f"{1 + chunk}); pass a longer clip or a smaller chunk.")
     if (frames - 1) % chunk:
-        raise ValueError(f"videos have {frames} frames; a dynamic frame rate needs 1 + chunk k = 1 + {chunk}k: drop the "
-                         f"last {(frames - 1) % chunk} frames.")
+        raise ValueError(f"videos have {frames} frames; a dynamic frame rate needs 1 + chunk k = 1 + {chunk}k: "
+                         f"drop the last {(frames - 1) % chunk} frames.")
     return (frames - 1) // chunk
 
 
@@ -156,14 +157,13 @@ def factors_for_budget(complexity: Sequence[float], target_compression: float, *
     lo, hi = temporal_ratio * factors[0], temporal_ratio * factors[-1]
     if isinstance(target_compression, bool) or not isinstance(target_compression, (int, float)) \
             or not lo <= target_compression <= hi:
-        raise ValueError(f"target_compression={target_compression!r} must be in [{lo}, {hi}]: the VAE's {temporal_ratio}x "
-                         f"times the smallest to the largest factor of {factors}.")
+        raise ValueError(f"target_compression={target_compression!r} must be in [{lo}, {hi}]: the VAE's "
+                         f"{temporal_ratio}x times the smallest to the largest factor of {factors}.")
     budget = chunk * len(c) / target_compression
     chosen = [factors[0]] * len(c)
-    cost = lambda: sum(chunk // (temporal_ratio * m) for m in chosen)  # noqa: E731
     for i in np.argsort(c, kind="stable"):
         for m in factors[1:]:
-            if cost() <= budget + 1e-9:
+            if sum(chunk // (temporal_ratio * x) for x in chosen) <= budget + 1e-9:
                 return tuple(chosen)
             chosen[i] = m
     return tuple(chosen)

@@ -7,6 +7,8 @@ identical frames is lossless, so both paths must agree), and fresh random clips 
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,7 +157,7 @@ def test_complexity_grows_with_motion_speed_and_the_factor_does_not():
     assert c[0] < 1e-6 and np.all(np.diff(c) > 0), c
     theta = np.sort(np.random.default_rng().uniform(c[0], c[-1], 2))
     m = [dlfr.factors_from_thresholds([x], theta)[0] for x in c]
-    assert m[0] == 4 and all(a >= b for a, b in zip(m, m[1:])), (m, theta)
+    assert m[0] == 4 and all(a >= b for a, b in itertools.pairwise(m)), (m, theta)
 
 
 def test_budget_meets_the_target_and_keeps_frames_where_the_content_is_complex():
@@ -166,7 +168,7 @@ def test_budget_meets_the_target_and_keeps_frames_where_the_content_is_complex()
         rates = dlfr.ChunkRates(factors)
         assert rates.compression >= target - 1e-9, (target, factors)
         order = np.argsort(c)
-        assert all(factors[a] >= factors[b] for a, b in zip(order, order[1:])), (c, factors)
+        assert all(factors[a] >= factors[b] for a, b in itertools.pairwise(order)), (c, factors)
     assert dlfr.factors_for_budget(c, 4) == (1,) * 8 and dlfr.factors_for_budget(c, 16) == (4,) * 8
 
 
