@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from jquant import cli_fastattn, cli_image, cli_vae
+from jquant import cli_fastattn, cli_image, cli_vae, cli_vl
 from jquant.interop import command as export_command
 
 EPILOG = """examples:
@@ -27,6 +27,8 @@ EPILOG = """examples:
   jquant eval --model jq-llama-tiny
   jquant eval --model path/to/hf_checkpoint --tasks ppl --max-windows 50 --json
   jquant generate --model jq-llama-tiny --prompt "To be, or not to be" --max-new-tokens 40
+  jquant generate --model jq-vl-tiny --image scene.png --prompt "what is just left of the red apple?"
+  jquant eval --model jq-vl-tiny --n-items 900 --text-only
   jquant train --preset jq-llama-tiny --steps 800 --out runs/tiny --export runs/tiny/hf
   jquant generate --model jq-mmdit-tiny --prompt "a red apple" --steps 20 --seed 0 --out apple.png
   jquant generate --model jq-mmdit-tiny --prompt "a dog face" --num-images 8 --out dogs.png
@@ -120,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     gen.add_argument("--json", action="store_true", help="print JSON instead of text")
     cli_image.add_image_generate_options(gen, _positive_int)
+    cli_vl.add_generate_options(gen)
     from jquant import cli_video
 
     cli_video.add_frame_rate_options(gen)
@@ -178,6 +181,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     image.add_argument("--guidance", type=float, default=None,
                        help="guidance scale (default: the pipeline's; 0 turns guidance off)")
     cli_image.add_image_eval_options(image)
+    cli_vl.add_eval_options(p.add_argument_group("vision-language models (--n-items: VQA test questions)"))
 
 
 def _print_table(console: Console, title: str, rows: Sequence[tuple[str, str]]) -> None:
@@ -358,6 +362,8 @@ def _cmd_eval(args, console: Console) -> dict:
 
     if cli_image.is_pipeline_model(args.model):
         return _pipeline_command("evaluate", args, console)
+    if cli_vl.is_vl_model(args.model):
+        return cli_vl.evaluate(args, console)
 
     _tasks(args)
     loaded = load(args.model)
@@ -475,6 +481,10 @@ def _cmd_generate(args, console: Console) -> dict:
 
     if cli_image.is_pipeline_model(args.model):
         return _pipeline_command("generate", args, console)
+    if cli_vl.is_vl_model(args.model):
+        return cli_vl.generate(args, console)
+    if args.image:
+        raise ValueError(f"--image applies to vision-language models (e.g. jq-vl-tiny); {args.model} is not one.")
     image_only = [flag for flag, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--out", args.out),
                                            ("--frames", args.frames)) if value is not None] + \
         (["--num-images"] if args.num_images != 1 else [])
