@@ -177,18 +177,22 @@ def rope_index(cfg: Qwen2VLConfig, tokens, image_grid_thw=None, mm_token_type_id
 
 class MRopeAttention(Attention):
     """``layers.Attention`` with M-RoPE: ``positions [B, T, 3]`` rotate the (t, h, w) sections; the causal mask
-    follows the sequence order (image tokens share positions), not the rotary positions."""
+    follows the sequence order (image tokens share positions), not the rotary positions. ``order [B, T]`` (AIFS,
+    MQuant §3.3) gives each token's original index when the prompt was permuted: the mask is then
+    ``M'_ij = [order_j <= order_i]``. ``qk_rotation`` applies an online Hadamard to queries and keys after RoPE."""
 
     def __init__(self, cfg: AttentionConfig, sections: tuple[int, ...], *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         super().__init__(cfg, param_dtype=param_dtype, rngs=rngs)
         self.sections = sections
 
-    def __call__(self, x, positions, cache, cache_start, groups: jax.Array | None = None):
+    def __call__(self, x, positions, cache, cache_start, groups: jax.Array | None = None,
+                 order: jax.Array | None = None):
         """``x [B, T, hidden]`` at M-RoPE ``positions [B, T, 3]`` -> ``[B, T, hidden]``, updated cache; ``groups
-        [B, T]`` (the modalities) select the projections' per-group activation formats."""
-        if self.kv_cache is not None or self.qk_rotation or self.kv_smoothing is not None:
-            raise ValueError("Qwen2-VL attention does not support KV-cache quantization or q/k rotation yet; quantize "
-                             "weights and activations only.")
+        [B, T]`` (the modalities) select the projections' per-group activation formats; ``order [B, T]`` (each
+        token's index in the unpermuted chunk, default ``0..T-1``) orders the causal mask."""
+        if self.kv_cache is not None or self.kv_smoothing is not None:
+            raise ValueError("Qwen2-VL attention does not support KV-cache quantization yet; quantize weights and "
+                             "activations only (recipes without a KV format).")
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x, groups=groups).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -197,19 +201,25 @@ class MRopeAttention(Attention):
         angles = ops.rope_angles(positions, dims=(cfg.head_dim,), theta=cfg.rope.theta, sections=self.sections)
         cos, sin = ops.rope_cos_sin(angles, "half", x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        order = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if self.qk_rotation:
+            q, k = ops.online_hadamard(q), ops.online_hadamard(k)
+        if order is None:
+            order = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
             out = ops.attention(q, k, v, ops.causal_mask(order, order))
             return self.o_proj(out.reshape(b, t, -1), groups=groups), None
         cache, k_all, v_all = cache.update(k, v, cache_start)
         slots = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (b, cache.capacity))
-        mask = ops.causal_mask(order + cache_start, slots, slots < cache_start + t)
+        # the chunk's slots hold its tokens in the (possibly permuted) given order: key order = their original index
+        key_order = jax.lax.dynamic_update_slice(slots, order + cache_start, (0, cache_start))
+        mask = ops.causal_mask(order + cache_start, key_order, slots < cache_start + t)
         return self.o_proj(ops.attention(q, k_all, v_all, mask).reshape(b, t, -1), groups=groups), cache
 
 
 class VLDecoderLayer(DecoderLayer):
     """The Llama-family pre-norm block with ``MRopeAttention``; its context is ``(positions [B, T, 3], modality
-    [B, T])`` and every linear receives the modality as its group id (``activation_groups``)."""
+    [B, T])`` or, for a permuted (AIFS) prompt, ``(positions, modality, order [B, T])``; every linear receives the
+    modality as its group id (``activation_groups``)."""
 
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg.text, rngs=rngs)
@@ -217,8 +227,9 @@ class VLDecoderLayer(DecoderLayer):
                                         rngs=rngs)
 
     def __call__(self, x, context, cache, cache_start):
-        positions, modality = context
-        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, cache_start, groups=modality)
+        positions, modality, *order = context
+        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, cache_start, groups=modality,
+                                  order=order[0] if order else None)
         x = x + h
         h, mlp = self.post_attention_layernorm(x), self.mlp
         h = jax.nn.silu(mlp.gate_proj(h, groups=modality)) * mlp.up_proj(h, groups=modality)
@@ -257,10 +268,13 @@ class Qwen2VL(DecoderLM):
         features = self.visual(pixel_values, vision_context, x.dtype)  # [M, D]
         return scatter_features(x, tokens == self.config.image_token_id, features)
 
-    def forward(self, tokens, positions, pixel_values=None, vision_context=None, layer_caches=None, start=None):
-        """The traceable forward: ``tokens [B, L]`` at ``positions [B, L, 3]`` -> (logits, new layer caches)."""
+    def forward(self, tokens, positions, pixel_values=None, vision_context=None, layer_caches=None, start=None,
+                order=None):
+        """The traceable forward: ``tokens [B, L]`` at ``positions [B, L, 3]`` -> (logits, new layer caches).
+        ``order [B, L]``: each token's original index when the prompt is permuted (AIFS; ``aifs_permutation``)."""
         x = self.embed(tokens, pixel_values, vision_context)
-        return self._decode(x, (positions, self.modality(tokens)), layer_caches, start)
+        context = (positions, self.modality(tokens)) + (() if order is None else (order,))
+        return self._decode(x, context, layer_caches, start)
 
     def modality(self, tokens: jax.Array) -> jax.Array:
         """``[B, L]`` int32: 1 at the image placeholders, 0 elsewhere (``TEXT``, ``IMAGE``)."""
@@ -271,13 +285,9 @@ class Qwen2VL(DecoderLM):
         return ActivationGroups(names=("text", "image"), sites=r"layers/.*")
 
     def equivalence_layout(self):
-        """Refused: the merger writes image features into the residual stream beside the token embedding, which
-        ``DecoderLayout`` cannot name, so a rotation would leave the image features unrotated (KV-cache recipes read
-        the same layout, so they are refused too)."""
-        raise ValueError("Qwen2-VL does not support equivalence transforms (QuaRot, OSTQuant, SmoothQuant) or KV-cache "
-                         "quantization yet: the vision merger (visual/merger/fc2) writes into the decoder's residual "
-                         "stream, which the transforms' DecoderLayout does not cover; use recipes without transforms "
-                         "or KV formats (RTN, GPTQ, static or dynamic activations).")
+        """The decoder's layout (``DecoderLM``) with the vision merger's last linear as an input writer: it writes
+        the image features into the residual stream, so a residual rotation folds into it (MQuant §3.1)."""
+        return dataclasses.replace(super().equivalence_layout(), input_writers=("visual/merger/fc2",))
 
     def _host_inputs(self, tokens, pixel_values, image_grid_thw, mm_token_type_ids):
         """Checked positions and vision context of a concrete prompt (host-side: they depend on the layout)."""
@@ -299,15 +309,28 @@ class Qwen2VL(DecoderLM):
         return _forward(graphdef, state, jnp.asarray(inputs.tokens), jnp.asarray(inputs.positions), pixel_values,
                         context)
 
-    def prefill(self, tokens, cache: KVCache, pixel_values=None, image_grid_thw=None, *, mm_token_type_ids=None):
-        """Run the prompt into an empty ``cache`` -> ``(logits [B, L, V], cache, rope_deltas [B])``."""
+    def prefill(self, tokens, cache: KVCache, pixel_values=None, image_grid_thw=None, *, mm_token_type_ids=None,
+                aifs: bool = False):
+        """Run the prompt into an empty ``cache`` -> ``(logits [B, L, V], cache, rope_deltas [B])``.
+
+        ``aifs`` (MQuant §3.3): run the prompt permuted, image tokens first (``aifs_permutation``), with their
+        original M-RoPE positions and the mask ``[π(j) <= π(i)]``, so each modality is one contiguous block; the
+        cache stays permuted (decoding after it is unchanged) and the logits come back in the original order.
+        """
         inputs, pixel_values, context = self._host_inputs(tokens, pixel_values, image_grid_thw, mm_token_type_ids)
         if int(cache.length) != 0:
             raise ValueError(f"prefill needs an empty cache (length 0), got length {int(cache.length)}; decode further "
                              "tokens with step(tokens, cache, rope_deltas=...).")
+        tokens, positions, order = inputs.tokens, inputs.positions, None
+        if aifs:
+            order = aifs_permutation(inputs.modality)
+            tokens, positions = permute_rows(tokens, order), permute_rows(positions, order)
+            order = jnp.asarray(order)
         graphdef, state = nnx.split(self)
-        logits, layers = _forward(graphdef, state, jnp.asarray(inputs.tokens), jnp.asarray(inputs.positions),
-                                  pixel_values, context, cache.layers, cache.length)
+        logits, layers = _forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), pixel_values, context,
+                                  cache.layers, cache.length, order)
+        if aifs:  # row i of the permuted output is original token order[i]: scatter back
+            logits = permute_rows(logits, jnp.argsort(order, axis=1))
         length = cache.length + inputs.tokens.shape[1]
         return logits, KVCache(layers=layers, length=length), jnp.asarray(inputs.rope_deltas)
 
@@ -383,6 +406,20 @@ class Qwen2VL(DecoderLM):
         return self.embed_tokens(tokens, jnp.dtype(self.config.dtype)), (positions, self.modality(tokens))
 
 
+def aifs_permutation(modality) -> np.ndarray:
+    """AIFS's ``π [B, L]`` (MQuant §3.3): new index ``i`` holds old token ``π(i)``; image tokens (modality 1) first,
+    then text, each in original order (a stable sort)."""
+    modality = np.asarray(modality)
+    return np.argsort(modality != IMAGE, axis=1, kind="stable").astype(np.int32)
+
+
+def permute_rows(x, order):
+    """``x [B, L, ...]`` with row ``i`` of sample ``b`` taken from row ``order[b, i]``."""
+    xp = jnp if isinstance(x, jax.Array) or isinstance(order, jax.Array) else np
+    index = xp.asarray(order).reshape(*np.shape(order), *([1] * (np.ndim(x) - 2)))
+    return xp.take_along_axis(xp.asarray(x), index, axis=1)
+
+
 def _vision_context(batch: dict) -> tuple:
     return batch["cos"], batch["sin"], batch["full"], batch["window"]
 
@@ -397,14 +434,15 @@ def scatter_features(x: jax.Array, placeholders: jax.Array, features: jax.Array)
 
 
 def generate(model: Qwen2VL, tokens, max_new_tokens: int, pixel_values=None, image_grid_thw=None, *,
-             mm_token_type_ids=None) -> np.ndarray:
-    """Greedy continuation of ``tokens [B, L]`` (with images) by ``max_new_tokens`` -> ``[B, L + n]`` int32."""
+             mm_token_type_ids=None, aifs: bool = False) -> np.ndarray:
+    """Greedy continuation of ``tokens [B, L]`` (with images) by ``max_new_tokens`` -> ``[B, L + n]`` int32
+    (``aifs``: a permuted prefill, ``Qwen2VL.prefill``)."""
     tokens = np.asarray(tokens)
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
     cache = model.init_cache(tokens.shape[0], tokens.shape[1] + max_new_tokens)
     logits, cache, deltas = model.prefill(tokens, cache, pixel_values, image_grid_thw,
-                                          mm_token_type_ids=mm_token_type_ids)
+                                          mm_token_type_ids=mm_token_type_ids, aifs=aifs)
     graphdef, state = nnx.split(model)
     out = [tokens, np.asarray(jnp.argmax(logits[:, -1], axis=-1))[:, None]]
     for _ in range(max_new_tokens - 1):
@@ -419,8 +457,8 @@ def _step(graphdef, state, tokens, cache, deltas):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens, positions, pixel_values, context, layer_caches=None, start=None):
-    out = nnx.merge(graphdef, state).forward(tokens, positions, pixel_values, context, layer_caches, start)
+def _forward(graphdef, state, tokens, positions, pixel_values, context, layer_caches=None, start=None, order=None):
+    out = nnx.merge(graphdef, state).forward(tokens, positions, pixel_values, context, layer_caches, start, order)
     return out if layer_caches is not None else out[0]
 
 

@@ -14,7 +14,8 @@ optional; a missing entry is the identity)::
 :func:`fold` rewrites the weights so the float model computes exactly the same
 function (OSTQuant spec §3.3, §3.8; §7.1–7.3 exact-maths choices):
 
-- embedding ``E ← E R``; q/k/v and up/gate ``W ← diag(s) Rᵀ W`` with the norm gain
+- embedding ``E ← E R`` and input writers (``layout.input_writers``: a vision merger)
+  ``W ← W R``, ``b ← b R``; q/k/v and up/gate ``W ← diag(s) Rᵀ W`` with the norm gain
   ``γ ← 1/s`` (the quantized input is ``(x̂ R) ⊘ s``); head ``W ← Rᵀ W``;
 - o_proj and down_proj (residual writers) ``W ← W R``, ``b ← b R``;
 - expert stacks ``kernel [E, in, out]`` (mixture-of-experts blocks) take the same maps
@@ -198,6 +199,8 @@ def fold(weights: Weights, params: Params, layout: DecoderLayout, online: Online
             write(path)
     if rot is not None:
         w[f"{layout.embedding}/embedding"] = w[f"{layout.embedding}/embedding"] @ rot
+    for path in layout.input_writers:
+        write(path)
     read_group(layout.final_norm, None)
     return w
 

@@ -10,7 +10,9 @@ with ``model.equivalence_layout() -> DecoderLayout``, naming modules by path
 
 The residual stream ``x [.., d]`` is *read* through RMSNorms (each feeding a group
 of linears: q/k/v, up/gate, the output head) and *written* by the linears whose
-outputs are added to it (o_proj, down_proj) and by the embedding. Attention declares
+outputs are added to it (o_proj, down_proj) and by the embedding. A multimodal model may
+name further *input writers*: linears whose outputs enter the stream beside the token
+embedding (a vision merger writing image features over placeholder tokens). Attention declares
 its heads so per-head transforms (value/output rotations, q/k scalings) know their
 blocks; a gated MLP declares its up/gate/down projections.
 
@@ -107,7 +109,10 @@ class DecoderLayout:
     """A pre-norm decoder: embedding, blocks, final norm feeding the output head.
 
     ``head`` is the output Linear path, or None when the head is tied to the
-    embedding (transforms then ask for ``model.untie_embeddings()``).
+    embedding (transforms then ask for ``model.untie_embeddings()``). ``input_writers``:
+    Linear paths whose outputs replace token embeddings (an MLLM's vision merger, spec
+    MQuant §3.1: ``merger.fc2 W ← W R``, ``b ← b R``); a residual rotation folds into
+    them as into the embedding.
     """
 
     hidden_size: int
@@ -115,6 +120,7 @@ class DecoderLayout:
     layers: tuple[DecoderLayer, ...]
     final_norm: NormGroup
     head: str | None
+    input_writers: tuple[str, ...] = ()
 
     @property
     def norm_groups(self) -> tuple[NormGroup, ...]:
