@@ -158,21 +158,11 @@ class TextToVideo:
                       steps=steps, guidance=guidance, uncond=None if guidance is None else uncond,
                       shift=self.defaults.shift, progress=progress)
 
-    def generate(self, prompts: Sequence[str], *, decode_chunk_frames: int | None = None, frame_rate=None,
-                 **options) -> jax.Array:
+    def generate(self, prompts: Sequence[str], *, decode_chunk_frames: int | None = None, **options) -> jax.Array:
         """Videos ``[B, F, H, W, 3]`` in ``[-1, 1]`` (float32) for ``prompts``; ``options`` as ``generate_latents``;
         ``decode_chunk_frames``: decode ``decode_chunk_frames`` latent frames at a time with the VAE's causal cache
-        (the same clip; less memory for long clips, more passes for VAEs whose norms span the clip).
-        ``frame_rate``: a ``jquant.frame_rate.FrameRateConfig`` samples with VGDFR's dynamic latent frame rate
-        (``jquant.frame_rate.sample_dynamic_frame_rate``, which also returns the merge plans); not with
-        ``decode_chunk_frames`` or ``progress``."""
-        if frame_rate is not None:
-            from jquant.frame_rate.vgdfr import sample_dynamic_frame_rate
-
-            if decode_chunk_frames is not None or options.pop("progress", False):
-                raise ValueError("generate: frame_rate (dynamic frame rate) does not take decode_chunk_frames or "
-                                 "progress=True; drop them.")
-            return sample_dynamic_frame_rate(self, prompts, frame_rate, **options).videos
+        (the same clip; less memory for long clips, more passes for VAEs whose norms span the clip). VGDFR's
+        dynamic latent frame rate is ``jquant.frame_rate.sample_dynamic_frame_rate(pipe, prompts, config)``."""
         latents = self.generate_latents(prompts, **options)
         if decode_chunk_frames is None:
             videos = _decode(self.vae, latents)
