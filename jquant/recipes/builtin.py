@@ -11,6 +11,8 @@ recipes at about 2, 2.25 and 3 index bits per weight (``VQ_SETTINGS``; bits per 
 including codebooks: ``jquant.size_report``). ``{rtn-mamba,mambaquant}-{w8a8,w4a8}`` are the
 MambaQuant settings for the Mamba families (per-tensor activations, as the paper).
 ``{gptq,quarot-gptq}-moe-w{4,3}`` and ``moequant-w{4,3}`` are MoEQuant's settings for MoE models.
+``mquant-w4a8``, ``mquant-w4a8-vit4`` and ``quarot-w4a8-dynamic-vl`` are MQuant's settings for multimodal models
+(Qwen2-VL): static per-modality activation scales against the per-token dynamic baseline.
 
 Symmetric integer weights below 8 bits use the full range (``int4-full``: all 2^b codes, scale
 amax / ((2^b - 1) / 2), compressed-tensors' convention) and 8-bit ones the restricted range
@@ -118,6 +120,37 @@ def _moe_recipes() -> list[Recipe]:
     return out
 
 
+# MQuant (spec §3.0, §3.7): the vision tower and merger static per-tensor A8; the LLM W4 GPTQ per channel (MSE clip)
+# with static A8, one scale per modality at every decoder linear (MSQ: the family's activation groups text/image).
+VL_VISION = r"visual/.*"
+VL_LLM = r"layers/.*"
+
+
+def _mquant_recipes() -> list[Recipe]:
+    """``mquant-w4a8`` (visual W8A8 + LLM W4A8) and ``mquant-w4a8-vit4`` (visual W4A8) with QuaRot (online Hadamard
+    before down_proj) and MSQ; ``quarot-w4a8-dynamic-vl``: the same weights with per-token dynamic A8 (the
+    latency/accuracy baseline of MQuant's Table 10). The single shared static scale baseline is
+    ``jquant.methods.mquant.share_static_scales`` applied to an ``mquant-*`` model."""
+    rotation = (TransformStep("quarot", {"online": ["down"]}),)
+    llm_w4 = dict(weight=f"int4{SYMMETRIC_LOW_BIT}", weight_options=W4_MSE, algorithm="gptq")
+    out = []
+    for name, vision_weight in (("mquant-w4a8", "int8"), ("mquant-w4a8-vit4", f"int4{SYMMETRIC_LOW_BIT}")):
+        vision = dict(weight=vision_weight, algorithm="gptq",
+                      weight_options=W4_MSE if vision_weight != "int8" else None)
+        vision = {k: v for k, v in vision.items() if v is not None}
+        static = dict(activation="int8-tensor", static_activation=True)
+        out.append(Recipe(name=name, description=f"MQuant: QuaRot (online down), visual {vision_weight} GPTQ + static "
+                          "per-tensor A8, LLM int4 GPTQ + static A8 per modality (MSQ); use prefill(aifs=True)",
+                          rules=(Rule(pattern=VL_VISION, **vision, **static), Rule(pattern=VL_LLM, **llm_w4, **static)),
+                          transforms=rotation))
+    out.append(Recipe(name="quarot-w4a8-dynamic-vl", description="MQuant's dynamic baseline: QuaRot (online down), "
+                      "visual int8 / LLM int4 GPTQ weights, per-token dynamic int8 activations",
+                      rules=(Rule(pattern=VL_VISION, weight="int8", activation="int8", algorithm="gptq"),
+                             Rule(pattern=VL_LLM, activation="int8", **llm_w4)),
+                      transforms=rotation))
+    return out
+
+
 BUILTIN: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -144,6 +177,7 @@ BUILTIN: dict[str, Recipe] = {
         *_mamba_recipes(),
         *_vq_recipes(),
         *_moe_recipes(),
+        *_mquant_recipes(),
     )
 }
 
