@@ -42,6 +42,7 @@ def _clips(split: str, n: int, seed: int, frames: int) -> np.ndarray:
 
 
 def train_vae_stage(args) -> dict:
+    from jquant.cli_video import vae_legibility, validation_prompts
     from jquant.models import hf_io
     from jquant.models import hunyuan_video_vae as hv
 
@@ -58,6 +59,7 @@ def train_vae_stage(args) -> dict:
     scaled = im.with_latent_scaling(model, x[:512], batch_size=32)
     chunked = np.asarray(scaled.decode(scaled.encode(jnp.asarray(vx[:4]), chunk_frames=8).mode(), chunk_frames=2))
     whole = np.asarray(scaled(jnp.asarray(vx[:4])))
+    _, labels, single = validation_prompts(64, 17, RESOLUTION)
     info = {"name": "jq-video-vae-tiny", "family": "hunyuan_video_vae",
             "trained_on": f"video_scenes train split, {len(x)} clips of {args.vae_frames} frames at "
                           f"{RESOLUTION}x{RESOLUTION}, 1-2 emoji, vocabulary {VOCABULARY}",
@@ -66,6 +68,7 @@ def train_vae_stage(args) -> dict:
             "machine": _machine(),
             "validation_psnr_db_17_frames": im.reconstruction_psnr(scaled, vx, batch_size=8),
             "chunked_vs_whole_max_abs_difference": float(np.max(np.abs(chunked - whole))),
+            **{f"{k}_single_emoji_clips": v for k, v in vae_legibility(scaled, single, labels).items()},
             "scaling_factor": scaled.config.scaling_factor}
     hf_io.write_checkpoint(out, hv.config_to_diffusers(scaled.config), hv.to_tensors(scaled),
                            weights_name=hf_io.DIFFUSERS_FILE, overwrite=args.overwrite,

@@ -206,11 +206,30 @@ def evaluate_pipeline(pipe, reference, *, clips: int, steps: int | None, guidanc
     if judge.config.image_size != videos.shape[2]:
         raise ValueError(f"the judge takes {judge.config.image_size}px frames; this pipeline draws {videos.shape[2]}px.")
     report = video_report(videos, reference=reference_clips, labels=labels, classifier_fn=judge)
-    real_report = video_report(real, reconstruct=pipe.vae, temporal=False)
     shuffled = frame_prompt_accuracy(judge, videos, np.random.default_rng(0).permutation(labels))
     return {**report, "random_label_accuracy": float(shuffled.mean()), "chance": 1.0 / 32,
-            "vae_reconstruction_psnr_db": real_report["reconstruction_psnr_db"], "seconds_per_clip": per_clip,
+            **vae_legibility(pipe.vae, real, labels, judge), "seconds_per_clip": per_clip,
             "steps": steps or pipe.defaults.steps, "guidance": guidance}
+
+
+def vae_legibility(vae, real: np.ndarray, labels: np.ndarray, judge=None, batch: int = 8) -> dict:
+    """What a video VAE lets through of the prompt, on real clips ``real [N, F, H, W, 3]`` in ``[-1, 1]`` of the
+    single emoji ``labels [N]`` (``validation_prompts``): the judge's per-frame prompt accuracy on the clips and on
+    the VAE's reconstructions ``vae(clip)`` (clipped to ``[-1, 1]``; a ceiling for any transformer sampling the
+    VAE's latents), and the reconstruction PSNR (dB)."""
+    import jax.numpy as jnp
+
+    from jquant.checkpoint import load as load_checkpoint
+    from jquant.eval.video import DATA_RANGE, frame_prompt_accuracy, frame_psnr
+    from jquant.models.loading import resolve
+
+    judge = judge if judge is not None else load_checkpoint(resolve(JUDGE))
+    recon = np.concatenate([np.asarray(vae(jnp.asarray(real[i:i + batch])), np.float32)
+                            for i in range(0, len(real), batch)])
+    return {"vae_reconstruction_psnr_db": float(np.mean(frame_psnr(recon, real, data_range=DATA_RANGE))),
+            "prompt_accuracy_real_clips": float(frame_prompt_accuracy(judge, real, labels).mean()),
+            "prompt_accuracy_vae_reconstructions": float(
+                frame_prompt_accuracy(judge, np.clip(recon, -1.0, 1.0), labels).mean())}
 
 
 def evaluate(args, console: Console) -> dict:
@@ -234,7 +253,8 @@ def _print(console: Console, title: str, result: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("prompt_accuracy", "random_label_accuracy", "chance", "psnr_db", "ssim", "temporal_error",
-                "temporal_error_reference", "vae_reconstruction_psnr_db", "seconds_per_clip"):
+                "temporal_error_reference", "vae_reconstruction_psnr_db", "prompt_accuracy_real_clips",
+                "prompt_accuracy_vae_reconstructions", "seconds_per_clip"):
         if key in result:
             table.add_row(key, f"{result[key]:.4g}")
     console.print(table)

@@ -99,6 +99,25 @@ def test_eval_reports_video_metrics(pipeline_folder, capsys):
     assert result["vae_reconstruction_psnr_db"] == pytest.approx(direct, rel=1e-5)
 
 
+def test_vae_legibility_is_the_judge_on_real_and_reconstructed_clips(pipeline_folder):
+    from jquant.checkpoint import load as load_checkpoint
+    from jquant.cli_image import JUDGE
+    from jquant.cli_video import vae_legibility, validation_prompts
+    from jquant.models.loading import resolve
+
+    _, labels, real = validation_prompts(3, 5)
+    vae, judge = load_pipeline(pipeline_folder).vae, load_checkpoint(resolve(JUDGE))
+    result = vae_legibility(vae, real, labels, batch=2)
+    recon = np.clip(np.asarray(vae(jnp.asarray(real))), -1, 1)
+
+    def accuracy(clips):  # frame by frame through the judge's logits
+        frames = jnp.asarray(clips.reshape(-1, *clips.shape[2:]))
+        return float(np.mean(np.argmax(np.asarray(judge(frames)), -1) == np.repeat(labels, clips.shape[1])))
+
+    assert result["prompt_accuracy_real_clips"] == pytest.approx(accuracy(real))
+    assert result["prompt_accuracy_vae_reconstructions"] == pytest.approx(accuracy(recon))
+
+
 def test_quantize_saves_a_quantized_video_pipeline(pipeline_folder, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(pipeline_folder), "--recipe", "rtn-w8a8", "--calib-samples", "2",
