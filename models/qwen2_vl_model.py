@@ -211,7 +211,9 @@ class MRopeAttention(Attention):
         cache, k_all, v_all = cache.update(k, v, cache_start)
         slots = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (b, cache.capacity))
         # the chunk's slots hold its tokens in the (possibly permuted) given order: key order = their original index
-        key_order = jax.lax.dynamic_update_slice(slots, order + cache_start, (0, cache_start))
+        start = jnp.asarray(cache_start)
+        key_order = jax.lax.dynamic_update_slice(slots, (order + start).astype(slots.dtype),
+                                                 (jnp.zeros_like(start), start))
         mask = ops.causal_mask(order + cache_start, key_order, slots < cache_start + t)
         return self.o_proj(ops.attention(q, k_all, v_all, mask).reshape(b, t, -1), groups=groups), cache
 
