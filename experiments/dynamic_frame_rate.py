@@ -241,6 +241,12 @@ def _reading(rows: list[dict], fixed: dict) -> list[str]:
         psnr = np.mean([r[f"psnr_db_{motion}"] for r in scope])
         notes.append(f"Motion `{motion}`: VGDFR keeps {kept:.2f} of the frames on average over the {which}, PSNR "
                      f"{psnr:.1f} dB against the fixed-rate clips.")
+    kept = {m: np.mean([r[f"keep_ratio_frames_{m}"] for r in scope]) for m in MOTIONS}
+    spends = kept["still"] < kept["fast"]
+    notes.append(f"Where the frames go: VGDFR keeps {kept['still']:.2f} of a still clip's frames and {kept['fast']:.2f} "
+                 f"of a fast clip's, so it {'does' if spends else 'does not'} spend more frames where the prompt "
+                 "asked for motion" + ("." if spends else "; the scheduler only sees the sampled clips, so it can "
+                                       "follow the prompt's motion no better than the model draws it."))
     acc = np.mean([r["prompt_accuracy"] for r in ours])
     notes.append(f"Per-frame prompt accuracy: fixed rate {fixed['prompt_accuracy']:.3f}, VGDFR {acc:.3f} on average "
                  "(chance 1/32 = 0.031); warping error fixed "
