@@ -387,6 +387,8 @@ def _cmd_quantize(args, console: Console) -> dict:
 
     if cli_image.is_pipeline_model(args.model):
         return _pipeline_command("quantize", args, console)
+    if cli_vl.is_vl_model(args.model):
+        return cli_vl.quantize(args, console)
     if args.out:
         check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
     if not args.no_eval:

@@ -152,19 +152,34 @@ def _refuse_flags(args) -> None:
                          "(pass --image and --prompt).")
 
 
+def _vqa_resolution(path: Path, info: dict) -> int:
+    """The VQA set's image side for a model trained at ``info["image_size"]`` (48 when not recorded)."""
+    from jquant.data.vqa_scenes import RESOLUTIONS
+
+    size = tuple(info.get("image_size", (48, 48)))
+    if size[0] != size[1] or size[0] not in RESOLUTIONS:
+        raise ValueError(f"{path}: the VQA set has square images of {RESOLUTIONS} px; the model's image_size "
+                         f"{size} is none of them.")
+    return size[0]
+
+
+def _vqa_accuracy(model, tokenizer, vqa, batch_size: int) -> dict:
+    from jquant.train import vl
+
+    length = vl.required_length(vqa, tokenizer, model.config)
+    return vl.score(model, vl.encode_set(vqa, tokenizer, model.config, length), batch_size=batch_size)
+
+
 def evaluate(args, console: Console) -> dict:
-    from jquant.data.vqa_scenes import RESOLUTIONS, vqa_scenes
+    from jquant.data.vqa_scenes import vqa_scenes
     from jquant.train import vl
 
     loaded, tokenizer, info = _load(args)
     model, cfg = loaded.model, loaded.model.config
-    size = tuple(info.get("image_size", (48, 48)))
-    if size[0] != size[1] or size[0] not in RESOLUTIONS:
-        raise ValueError(f"{loaded.path}: the VQA set has square images of {RESOLUTIONS} px; the model's image_size "
-                         f"{size} is none of them.")
-    vqa = vqa_scenes("test", args.n_items, size[0], seed=info.get("test_seed", 0))
+    side = _vqa_resolution(loaded.path, info)
+    vqa = vqa_scenes("test", args.n_items, side, seed=info.get("test_seed", 0))
     length = vl.required_length(vqa, tokenizer, cfg)
-    result = {"model": str(loaded.path), "split": "test", "image_size": list(size),
+    result = {"model": str(loaded.path), "split": "test", "image_size": [side, side],
               "with_image": vl.score(model, vl.encode_set(vqa, tokenizer, cfg, length), batch_size=args.batch_size)}
     if args.text_only:
         result["without_image"] = vl.score(model, vl.encode_set(vqa, tokenizer, cfg, length, image=False),
@@ -190,3 +205,75 @@ def _print(console: Console, result: dict, name: str) -> None:
         table.add_row(kind, *(f"{c['per_kind'].get(kind, float('nan')):.3f}" for _, c in columns))
     table.add_row("overall", *(f"{c['accuracy']:.3f}" for _, c in columns))
     console.print(table)
+
+
+def calibration_set(tokenizer, cfg, side: int, n: int, seed: int) -> dict:
+    """Qwen2-VL calibration ``{"tokens" [n, L], "pixel_values" [n, P, K], "image_grid_thw" [n, 1, 3]}`` of ``n``
+    VQA train prompts with their answers and images (``side`` px). Rows hold no padding (pad tokens would enter the
+    text tokens' static scales): items are drawn until ``n`` share the most common encoded length."""
+    from jquant.data.vqa_scenes import format_prompt, vqa_scenes
+    from jquant.models.qwen2_vl import images_to_patches
+    from jquant.train import vl
+
+    vqa = vqa_scenes("train", 8 * n, side, seed=seed)
+    per_image = vl.image_tokens(cfg, (side, side))
+    lengths = np.array([len(vl.encode_prompt(tokenizer, cfg, format_prompt(q, vl.IMAGE_MARK), 1, per_image))
+                        + len(vl.answer_ids(tokenizer, a)) for q, a in zip(vqa.questions, vqa.answers)])
+    values, counts = np.unique(lengths, return_counts=True)
+    rows = np.flatnonzero(lengths == values[np.argmax(counts)])[:n]
+    if len(rows) < n:
+        raise ValueError(f"--calib-samples {n}: only {len(rows)} VQA prompts of one length among {8 * n} drawn; ask "
+                         "for fewer.")
+    chosen = type(vqa)(*(_take(values, rows) for values in vqa))
+    data = vl.encode_set(chosen, tokenizer, cfg, int(values[np.argmax(counts)]))
+    pixels, grid = images_to_patches(chosen.images.astype(np.float32) / 255.0, cfg.vision)
+    return {"tokens": data.tokens, "pixel_values": np.asarray(pixels).reshape(n, -1, pixels.shape[-1]),
+            "image_grid_thw": np.asarray(grid).reshape(n, 1, 3)}
+
+
+def _take(values, rows: np.ndarray):
+    return values[rows] if isinstance(values, np.ndarray) else [values[i] for i in rows]
+
+
+def quantize(args, console: Console) -> dict:
+    """``jquant quantize`` of a Qwen2-VL model: calibration on ``--calib-samples`` VQA train prompts with their
+    images (``calibration_set``), optional save, and VQA exact match of float vs quantized on ``--n-items`` test
+    questions (unless ``--no-eval``)."""
+    from jquant.atomic import check_output_folder
+    from jquant.checkpoint import save
+    from jquant.data.vqa_scenes import vqa_scenes
+    from jquant.quantization import quantize as quantize_model
+    from jquant.recipes import Recipe, get
+
+    if args.out:
+        check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
+    if args.calib_source != "corpus":
+        raise ValueError("--calib-source ebss is for mixture-of-experts language models; vision-language models "
+                         "calibrate on VQA prompts with images.")
+    recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
+    loaded, tokenizer, info = _load(args)
+    side = _vqa_resolution(loaded.path, info)
+    calib = calibration_set(tokenizer, loaded.model.config, side, args.calib_samples, args.seed)
+    qmodel = quantize_model(loaded.model, recipe, calib, batch_size=args.batch_size, progress=not args.json)
+    report = qmodel.quantization
+    result = {"model": str(loaded.path), "recipe": recipe.to_dict(), "quantize_seconds": report.seconds,
+              "calibration_prompts": int(len(calib["tokens"])), "sites": dict(report.sites),
+              "unquantized": list(report.unquantized)}
+    if args.out:
+        result["saved_to"] = str(save(qmodel, args.out, tokenizer=tokenizer, overwrite=args.overwrite))
+    if not args.no_eval:
+        vqa = vqa_scenes("test", args.n_items, side, seed=info.get("test_seed", 0))
+        result["float"] = _vqa_accuracy(loaded.model, tokenizer, vqa, args.batch_size)
+        result["quantized"] = _vqa_accuracy(qmodel, tokenizer, vqa, args.batch_size)
+    if not args.json:
+        table = Table(title=f"quantize: {args.model} with {recipe.name}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("quantization time (s)", f"{report.seconds:.1f}")
+        if not args.no_eval:
+            table.add_row("VQA exact match, float", f"{result['float']['accuracy']:.3f}")
+            table.add_row(f"VQA exact match, {recipe.name}", f"{result['quantized']['accuracy']:.3f}")
+        console.print(table)
+        if args.out:
+            console.print(f"saved to {result['saved_to']}")
+    return result

@@ -121,3 +121,23 @@ def test_eval_reports_vqa_accuracy_per_kind_with_and_without_the_image(folder, c
         assert got[key]["per_kind"] == expected["per_kind"]
         assert abs(got[key]["target_loss"] - expected["target_loss"]) < 1e-5
     assert got["trained_text_only_baseline"]["accuracy"] == 0.1
+
+
+def test_quantize_calibrates_on_image_prompts_saves_and_compares_vqa(folder, tmp_path, capsys):
+    from jquant.cli_vl import calibration_set
+
+    loaded = load(folder)
+    calib = calibration_set(loaded.tokenizer, loaded.model.config, RES, 4, seed=3)
+    tokens = calib["tokens"]
+    assert tokens.shape[0] == 4 and not np.any(tokens == loaded.tokenizer.pad_token_id)  # no padding in the scales
+    assert np.all((tokens == loaded.model.config.image_token_id).sum(1) == 36)
+    assert calib["pixel_values"].shape[:2] == (4, 144) and np.all(calib["image_grid_thw"] == [1, 12, 12])
+    out = tmp_path / "q"
+    code, text = _run(capsys, "quantize", "--model", str(folder), "--recipe", "mquant-w4a8", "--calib-samples", "4",
+                      "--n-items", "18", "--out", str(out), "--json")
+    assert code == 0, text
+    result = json.loads(text)
+    assert result["calibration_prompts"] == 4 and result["sites"]
+    assert set(result["float"]["per_kind"]) == set(result["quantized"]["per_kind"])
+    code, again = _run(capsys, "eval", "--model", str(out), "--n-items", "18", "--json")  # the saved model
+    assert code == 0 and json.loads(again)["with_image"] == result["quantized"]
