@@ -15,25 +15,17 @@ from jquant.cli import main
 from jquant.data import load_tokenizer
 from jquant.data.vqa_scenes import QUESTION_KINDS, format_prompt, vqa_scenes
 from jquant.models import llama, load
-from jquant.models.qwen2_vl import Qwen2VLConfig, VisionConfig, generate, images_to_patches, init_model
+from jquant.models.qwen2_vl import generate, images_to_patches, init_model
+from jquant.testing.qwen2_vl_reference import tiny_vqa_config
 from jquant.train import vl
 
 RES = 48  # the VQA set's size: 12x12 patches -> 36 image tokens
 V = 4096  # the bundled tokenizer's vocabulary; the vision tokens follow
 
 
-def tiny_config() -> Qwen2VLConfig:
-    text = llama.LlamaConfig(family="qwen2", qkv_bias=True, vocab_size=V + 4, hidden_size=32, intermediate_size=64,
-                             num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=256, bos_token_id=0,
-                             eos_token_id=1)
-    vision = VisionConfig(depth=1, embed_dim=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=4)
-    return Qwen2VLConfig(text=text, vision=vision, mrope_section=(2, 3, 3), image_token_id=V, video_token_id=V + 1,
-                         vision_start_token_id=V + 2, vision_end_token_id=V + 3)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    cfg = tiny_config()
+    cfg = tiny_vqa_config(V)
     path = tmp_path_factory.mktemp("vl") / "tiny-vl"
     vl.export(init_model(cfg, jax.random.key(0)), vl.extend_tokenizer(load_tokenizer(), cfg), path,
               {"name": "tiny-vl", "image_size": [RES, RES], "text_only_baseline": {"accuracy": 0.1, "per_kind": {}}})

@@ -125,3 +125,19 @@ def _torch_inputs(prompt: dict, dtype) -> dict:
                 pixel_values=torch.tensor(prompt["pixel_values"], dtype=dtype),
                 image_grid_thw=torch.tensor(prompt["image_grid_thw"]),
                 mm_token_type_ids=torch.tensor(prompt["mm_token_type_ids"]))
+
+
+def tiny_vqa_config(vocabulary: int = 4096):
+    """A one-layer Qwen2-VL (width 32, one vision block of 4 px patches) on a text vocabulary of ``vocabulary``
+    tokens followed by the four vision tokens (``jquant.train.vl.extend_tokenizer``'s ids): tests of the VQA
+    training and commands on the bundled tokenizer."""
+    from jquant.models import llama
+    from jquant.models.qwen2_vl import Qwen2VLConfig, VisionConfig
+
+    v = vocabulary
+    text = llama.LlamaConfig(family="qwen2", qkv_bias=True, vocab_size=v + 4, hidden_size=32, intermediate_size=64,
+                             num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=256, bos_token_id=0,
+                             eos_token_id=1)
+    vision = VisionConfig(depth=1, embed_dim=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=4)
+    return Qwen2VLConfig(text=text, vision=vision, mrope_section=(2, 3, 3), image_token_id=v, video_token_id=v + 1,
+                         vision_start_token_id=v + 2, vision_end_token_id=v + 3)

@@ -11,25 +11,17 @@ import pytest
 from jquant.data import load_tokenizer
 from jquant.data.vqa_scenes import format_prompt, vqa_scenes
 from jquant.models import llama, load
-from jquant.models.qwen2_vl import Qwen2VLConfig, VisionConfig, generate, images_to_patches, init_model
+from jquant.models.qwen2_vl import generate, images_to_patches, init_model
+from jquant.testing.qwen2_vl_reference import tiny_vqa_config
 from jquant.train import vl
 
 V = 4096  # the bundled tokenizer's vocabulary
 RES = 16  # 16 px images: 4x4 patches of 4 px -> 4 merged image tokens
 
 
-def tiny_config() -> Qwen2VLConfig:
-    text = llama.LlamaConfig(family="qwen2", qkv_bias=True, vocab_size=V + 4, hidden_size=32, intermediate_size=64,
-                             num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=256, bos_token_id=0,
-                             eos_token_id=1)
-    vision = VisionConfig(depth=1, embed_dim=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=4)
-    return Qwen2VLConfig(text=text, vision=vision, mrope_section=(2, 3, 3), image_token_id=V, video_token_id=V + 1,
-                         vision_start_token_id=V + 2, vision_end_token_id=V + 3)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return vl.extend_tokenizer(load_tokenizer(), tiny_config())
+    return vl.extend_tokenizer(load_tokenizer(), tiny_vqa_config(V))
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +32,13 @@ def vqa():
 
 @pytest.fixture(scope="module")
 def model():
-    return init_model(tiny_config(), jax.random.key(1))
+    return init_model(tiny_vqa_config(V), jax.random.key(1))
 
 
 def test_extend_tokenizer_adds_the_vision_tokens_at_the_model_ids(tokenizer):
     base = load_tokenizer()
     assert len(base) == V  # the original is not modified
-    cfg = tiny_config()
+    cfg = tiny_vqa_config(V)
     ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
     assert tuple(tokenizer.convert_tokens_to_ids(t) for t in vl.VISION_TOKENS) == ids
     text = "<|vision_start|><|image_pad|><|image_pad|><|vision_end|> question: hi"
@@ -63,18 +55,18 @@ def test_vl_from_lm_keeps_the_lm_and_adds_small_rows():
     lm = llama.init_model(llama.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=1,
                                             num_heads=2, num_kv_heads=1, max_position_embeddings=256),
                           jax.random.key(2))
-    model = vl.vl_from_lm(lm, tiny_config(), jax.random.key(3))
+    model = vl.vl_from_lm(lm, tiny_vqa_config(V), jax.random.key(3))
     tokens = np.random.default_rng(0).integers(3, V, (2, 9)).astype(np.int32)
     np.testing.assert_allclose(np.asarray(model(tokens))[..., :V], np.asarray(lm(jnp.asarray(tokens))), atol=2e-5)
     new = np.asarray(model.embed_tokens.embedding[...])[V:]
     assert new.shape == (4, 32) and 0.01 < new.std() < 0.04
     with pytest.raises(ValueError, match="4 more vocabulary rows"):
-        wider = tiny_config().text.replace(vocab_size=V + 8)
-        vl.vl_from_lm(lm, tiny_config().replace(text=wider), jax.random.key(3))
+        wider = tiny_vqa_config(V).text.replace(vocab_size=V + 8)
+        vl.vl_from_lm(lm, tiny_vqa_config(V).replace(text=wider), jax.random.key(3))
 
 
 def test_encode_prompt_expands_each_image_and_refuses_a_mismatch(tokenizer):
-    cfg = tiny_config()
+    cfg = tiny_vqa_config(V)
     ids = vl.encode_prompt(tokenizer, cfg, format_prompt("what?", vl.IMAGE_MARK), 1, 4)
     assert ids[:7] == [tokenizer.eos_token_id, V + 2, V, V, V, V, V + 3]
     assert tokenizer.decode(ids[7:]) == " question: what? answer:"
@@ -86,7 +78,7 @@ def test_encode_prompt_expands_each_image_and_refuses_a_mismatch(tokenizer):
 
 @pytest.mark.parametrize("image", [True, False], ids=["image", "text-only"])
 def test_encoded_targets_are_the_answer_and_eos(tokenizer, vqa, image):
-    cfg = tiny_config()
+    cfg = tiny_vqa_config(V)
     length = vl.required_length(vqa, tokenizer, cfg, image=image)
     data = vl.encode_set(vqa, tokenizer, cfg, length + 3, image=image)
     for i, answer in enumerate(vqa.answers):
@@ -142,7 +134,7 @@ def test_exact_match_equals_greedy_decoding(model, tokenizer, vqa):
 
 
 def test_batches_are_deterministic_and_hold_the_patches(tokenizer, vqa):
-    cfg = tiny_config()
+    cfg = tiny_vqa_config(V)
     data = vl.encode_set(vqa, tokenizer, cfg, vl.required_length(vqa, tokenizer, cfg))
     sample = vl.batch_sampler(data, cfg, 4, seed=5)
     a, b, c = sample(7), sample(7), sample(8)
@@ -160,7 +152,7 @@ def test_batches_are_deterministic_and_hold_the_patches(tokenizer, vqa):
 ])
 def test_check_image_refusals(shape, expected, match):
     with pytest.raises(ValueError, match=match):
-        vl.check_image(np.zeros(shape, np.uint8), tiny_config(), expected, argument="--image x.png")
+        vl.check_image(np.zeros(shape, np.uint8), tiny_vqa_config(V), expected, argument="--image x.png")
 
 
 def test_export_loads_back_with_its_tokenizer(model, tokenizer, vqa, tmp_path):
