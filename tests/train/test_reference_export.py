@@ -26,12 +26,15 @@ FAMILIES = {"llama": llama, "mamba": mamba, "moe": moe, "rwkv6": rwkv6}
 
 
 def test_every_preset_matches_the_tokenizer_and_resolves_to_its_family():
+    from jquant.train.vl import VISION_TOKENS
+
     vocab = len(load_tokenizer())
     for family in families():
         for name, cfg in family.presets.items():
             assert preset(name) == (family, cfg)
             if hasattr(cfg, "vocab_size"):  # language models read the bundled tokenizer's ids
-                assert cfg.vocab_size == vocab, name
+                extra = len(VISION_TOKENS) if family.name == "qwen2_vl" else 0  # + the vision tokens at the end
+                assert cfg.vocab_size == vocab + extra, name
 
 
 def test_unknown_preset_lists_the_known_ones():
