@@ -84,7 +84,9 @@ def markdown_report(result: dict, summary_only: bool = False) -> str:
              f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s (8192^3 jnp.dot).", "",
              "`x bf16` = bf16 `jnp.dot` time / this path's time (higher is better); `roofline` = "
              "max(bytes / HBM rate, flops / dot rate) / time, int8/fp8 dots at 2x the bf16 rate.", "",
-             f"Timing: {_method(result)}", ""]
+             f"Timing: {_method(result)}", "",
+             "Reproduce (on the GPU): `python experiments/bench_kernels.py --sweep --out experiments/results`; "
+             "`python experiments/bench_kernels.py --report-only` rebuilds this file from its JSON.", ""]
     idx = _index(result["rows"])
     kernels = [r for r in result["rows"] if r["path"] == "pallas"]
     lines += ["## Summary: Pallas kernel speed-up over bf16", "",
