@@ -304,7 +304,8 @@ def _reading(data: dict) -> str:
         for ours, base in (("MoEQuant (EBSS+AGQ)", "GPTQ"), ("MoEQuant++ (QuaRot+EBSS+AGQ)", "QuaRot+GPTQ")):
             if (bits, ours) in moeq and (bits, base) in moeq:
                 o, g = moeq[(bits, ours)]["ppl_other"], moeq[(bits, base)]["ppl_other"]
-                gates.append(f"W{bits} {ours} {o:.2f} {'≤' if o <= g else '>'} {base} {g:.2f}")
+                gates.append(f"W{bits} {ours} {o:.2f} {'≤' if o <= g else '>'} {base} {g:.2f} "
+                             f"({'met' if o <= g else 'FAILING'})")
     overfit = [f"W{b} RTN {moeq[(b, 'RTN')]['ppl_other']:.2f} < GPTQ {moeq[(b, 'GPTQ')]['ppl_other']:.2f} on the "
                f"other domains, while on the calibration domain GPTQ {moeq[(b, 'GPTQ')]['ppl_bible']:.2f} < RTN "
                f"{moeq[(b, 'RTN')]['ppl_bible']:.2f}" for b in bits_run
@@ -316,7 +317,7 @@ def _reading(data: dict) -> str:
             + f". Expert balance of the calibration sets (σ, lower is more balanced): EBSS {u['ebss']['sigma']:.4f}, "
             f"Bible windows {u['bible']['sigma']:.4f}, mixed windows {u['mixed']['sigma']:.4f}; the least-used expert "
             f"got {u['ebss']['min_count']} tokens from EBSS, {u['bible']['min_count']} from Bible, "
-            f"{u['mixed']['min_count']} from mixed windows.")
+            f"{u['mixed']['min_count']} from mixed windows. " + _balance_gate(u))
     if overfit:
         text += (" GPTQ's error compensation fits its calibration text: " + "; ".join(overfit) + ". Every calibrated "
                  "row of that width inherits this, so the ablation there compares degrees of overfitting.")
@@ -334,6 +335,24 @@ def _reading(data: dict) -> str:
             text += (f" At {bits:g} bits: MxMoE {mx[('MxMoE', bits)]['ppl_all']:.2f} against {uniform} "
                      f"{mx[(uniform, bits)]['ppl_all']:.2f}.")
     return text
+
+
+BALANCE_GATE = 2.0  # spec moequant.md §5 test 4: σ(random text) / σ(EBSS) of equal-size sets at least 2
+
+
+def _balance_gate(usage: dict) -> str:
+    """The spec's EBSS gates (§5 tests 4 and 5): σ at least ``BALANCE_GATE`` times lower than each same-size
+    random-window set (Bible-only and mixed-domain), and every expert given some EBSS tokens; each printed as met
+    or FAILING from the measured numbers."""
+    ebss = usage["ebss"]["sigma"]
+    parts = []
+    for name, label in (("mixed", "mixed windows"), ("bible", "Bible windows")):
+        ratio = usage[name]["sigma"] / ebss if ebss > 0 else float("inf")
+        parts.append(f"σ({label}) / σ(EBSS) = {ratio:.2f}× ({'met' if ratio >= BALANCE_GATE else 'FAILING'})")
+    covered = usage["ebss"]["min_count"] > 0
+    return (f"The spec's balance gate (§5 test 4: EBSS at least {BALANCE_GATE:g}× more balanced than random text): "
+            + "; ".join(parts) + f". Coverage gate (§5 test 5, every expert gets EBSS tokens): "
+            f"{'met' if covered else 'FAILING'} (least-used expert {usage['ebss']['min_count']} tokens).")
 
 
 def _error_vs_usage(moeq: dict, mx: dict) -> str:
