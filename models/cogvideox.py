@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,7 @@ from jquant.sites import ActivationGroups
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 Rope = tuple[jax.Array, jax.Array] | None  # (cos, sin) [N, d_h] for the video tokens, or None (sin-cos table)
+Route = Callable[[str, jax.Array], jax.Array]  # (routed linear's name, its input) -> its group ids
 CLASS_NAME = "CogVideoXTransformer3DModel"
 NUM_TRAIN_TIMESTEPS = 1000
 ROPE_THETA = 10000.0
@@ -233,22 +235,24 @@ class Attention(nnx.Module):
         self.norm_q, self.norm_k = AffineLayerNorm(hd, _QK_EPS, cfg), AffineLayerNorm(hd, _QK_EPS, cfg)
         self.to_out = _linear(d, d, cfg, rngs)
 
-    def __call__(self, h: jax.Array, text_len: int, rope: Rope, groups: jax.Array,
+    def __call__(self, h: jax.Array, text_len: int, rope: Rope, groups: Route,
                  attention: JointAttention | None = None) -> jax.Array:
-        """``h [B, S + N, d]`` (text first) -> ``[B, S + N, d]``; ``attention(q, k, v)`` replaces full attention."""
+        """``h [B, S + N, d]`` (text first) -> ``[B, S + N, d]``; ``groups(name, x)`` gives the group ids of linear
+        ``attn1/<name>`` for its input ``x``; ``attention(q, k, v)`` replaces full attention."""
         b, n, d = h.shape
 
         def heads(y):
             return y.reshape(b, n, self.heads, d // self.heads)
 
-        q, k = self.norm_q(heads(self.to_q(h, groups=groups))), self.norm_k(heads(self.to_k(h, groups=groups)))
-        v = heads(self.to_v(h, groups=groups))
+        q = self.norm_q(heads(self.to_q(h, groups=groups("attn1/to_q", h))))
+        k = self.norm_k(heads(self.to_k(h, groups=groups("attn1/to_k", h))))
+        v = heads(self.to_v(h, groups=groups("attn1/to_v", h)))
         if rope is not None:
             cos, sin = rope
             q = jnp.concatenate([q[:, :text_len], ops.apply_rope(q[:, text_len:], cos, sin, "interleaved")], axis=1)
             k = jnp.concatenate([k[:, :text_len], ops.apply_rope(k[:, text_len:], cos, sin, "interleaved")], axis=1)
-        o = ops.attention(q, k, v, Full()) if attention is None else attention(q, k, v)
-        return self.to_out(o.reshape(b, n, d), groups=groups)
+        o = (ops.attention(q, k, v, Full()) if attention is None else attention(q, k, v)).reshape(b, n, d)
+        return self.to_out(o, groups=groups("attn1/to_out", o))
 
 
 class AdaLayerNorm(nnx.Module):
@@ -265,7 +269,10 @@ class AdaLayerNorm(nnx.Module):
 
 
 class CogVideoXBlock(nnx.Module):
-    """One expert-adaLN transformer block (module docstring)."""
+    """One expert-adaLN transformer block (module docstring). ``ROUTED_LINEARS``: the linears a ``route`` may give
+    their own group ids (the attention projections and the feed-forward; the adaLN modulations keep the bucket)."""
+
+    ROUTED_LINEARS = ("attn1/to_q", "attn1/to_k", "attn1/to_v", "attn1/to_out", "ff/proj", "ff/out")
 
     def __init__(self, cfg: CogVideoXConfig, rngs: nnx.Rngs):
         self.norm1 = LayerNormZero(cfg, rngs)
@@ -274,15 +281,25 @@ class CogVideoXBlock(nnx.Module):
         self.ff = FeedForward(cfg.inner_dim, cfg, rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array, bucket: jax.Array, rope: Rope,
-                 attention: JointAttention | None = None) -> tuple[jax.Array, jax.Array]:
+                 attention: JointAttention | None = None, *, route: Route | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         """``x [B, N, d]`` video tokens, ``c [B, S, d]`` text tokens, ``temb [B, D_t]``, ``bucket [B]`` int, ``rope``
-        the video tokens' ``(cos, sin) [N, d_h]`` or None -> the updated ``(x, c)``."""
+        the video tokens' ``(cos, sin) [N, d_h]`` or None -> the updated ``(x, c)``. ``route(name, x)`` (a name of
+        ``ROUTED_LINEARS`` and that linear's input ``[B, S + N, in]``) returns the group ids the linear is called
+        with instead of the timestep bucket (e.g. a precision chosen per step: ``jquant.video_mixed``)."""
         s, g = c.shape[1], bucket[:, None]
+
+        def groups(name: str, _: jax.Array) -> jax.Array:
+            return g
+
+        groups = groups if route is None else route
         h, hc, gate, c_gate = self.norm1(x, c, temb, bucket)
-        o = self.attn1(jnp.concatenate([hc, h], axis=1), s, rope, g, attention)
+        o = self.attn1(jnp.concatenate([hc, h], axis=1), s, rope, groups, attention)
         x, c = x + gate * o[:, s:], c + c_gate * o[:, :s]
         h, hc, gate, c_gate = self.norm2(x, c, temb, bucket)
-        f = self.ff(jnp.concatenate([hc, h], axis=1), g)
+        hf = jnp.concatenate([hc, h], axis=1)
+        a = jax.nn.gelu(self.ff.proj(hf, groups=groups("ff/proj", hf)), approximate=True)  # sd3.FeedForward, routed
+        f = self.ff.out(a, groups=groups("ff/out", a))
         return x + gate * f[:, s:], c + c_gate * f[:, :s]
 
     def calibration_forward(self, hidden: tuple[jax.Array, jax.Array], context: tuple):
@@ -402,6 +419,33 @@ class CogVideoXTransformer(nnx.Module):
         for i, block in enumerate(self.transformer_blocks):
             x, c = block(x, c, *context, None if attention is None else functools.partial(attention, i))
         return self.head(x, context[0], latents.shape)
+
+    # -- flow matching (text-to-video pipelines) and the block protocol of per-block samplers ------------------
+    def flow_embed(self, latents: jax.Array, sigmas: jax.Array, text: jax.Array
+                   ) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+        """``((x [B, N, d], c [B, S, d]), (temb, bucket, rope))``: the blocks' hidden pair (video stream first) and
+        shared context at noise levels ``sigmas [B]`` in ``[0, 1]`` (fed as ``t = 1000 σ``)."""
+        x, c, context = self.embed(latents, 1000.0 * jnp.asarray(sigmas, jnp.float32), text)
+        return (x, c), context
+
+    def flow_head(self, hidden: tuple[jax.Array, jax.Array], context: tuple, latent_shape: tuple[int, ...]
+                  ) -> jax.Array:
+        """The velocity ``[B, F, H, W, C]`` from the last block's hidden pair (``head`` of the video stream)."""
+        return self.head(hidden[0], context[0], latent_shape)
+
+    def flow_velocity(self, latents: jax.Array, sigmas: jax.Array, text: jax.Array) -> jax.Array:
+        """The rectified-flow velocity ``ε - x_0`` ``[B, F, H, W, C]`` of latents ``[B, F, H, W, C]`` at noise levels
+        ``sigmas [B]`` in ``[0, 1]`` (fed as ``t = 1000 σ``, as the other video families), text states ``[B, S,
+        D_text]``: ``flow_head(blocks(flow_embed(..)))``. CogVideoX itself predicts a DDIM v; this is the output
+        of a CogVideoX-architecture model trained with jquant's flow-matching objective
+        (``jquant.sampling.training.flow_matching_loss``), which is what joins ``jquant.text_to_video.TextToVideo``."""
+        if self.config.output_channels != self.config.in_channels:
+            raise ValueError(f"CogVideoXTransformer.flow_velocity: out_channels={self.config.output_channels} differs "
+                             f"from in_channels={self.config.in_channels}; a velocity has the latents' channels.")
+        hidden, context = self.flow_embed(latents, sigmas, text)
+        for block in self.transformer_blocks:
+            hidden = block(*hidden, *context)
+        return self.flow_head(hidden, context, latents.shape)
 
     def joint_layout(self, latent_shape: tuple[int, ...], text_len: int) -> tuple[int, int, int]:
         """``(n_video, n_text, text_start)`` of the joint attention: the text first, then the video tokens."""
