@@ -122,6 +122,10 @@ class TextToImage:
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance == "default" else guidance
         cond, uncond = self.encode(prompts)
+        if hasattr(self.transformer, "sample_latents"):  # a family with its own sampler (MAR, ECAR)
+            return self.transformer.sample_latents(cond, None if guidance is None else uncond, key=key,
+                                                   shape=(len(prompts), *self.latent_shape), steps=steps,
+                                                   guidance=guidance, progress=progress)
         options = dict(key=key, shape=(len(prompts), *self.latent_shape), steps=steps, guidance=guidance,
                        uncond=None if guidance is None else uncond, shift=self.defaults.shift, progress=progress)
         if self.attention_plan is not None:

@@ -34,6 +34,8 @@ _FAMILY_MODULES: dict[str, str] = {
     "wan": "jquant.models.wan",
     "wan_vae": "jquant.models.wan_vae",
     "qwen2_vl": "jquant.models.qwen2_vl",
+    "mar": "jquant.models.mar",
+    "ecar": "jquant.models.ecar",
 }
 
 
