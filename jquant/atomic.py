@@ -18,7 +18,11 @@ touched.  The rules for the target (``check_output_folder``):
   absent.
 
 Callers with long work before the write call ``check_output_folder`` first, so
-a bad target fails before the work.  Leftovers of a killed save (partial
+a bad target fails before the work.  Single output files (an image, a clip, a
+latent archive) follow ``check_output_file`` (an existing file is refused unless
+the command has an explicit overwrite flag and the user passed it) and are
+written by ``write_file_atomically``: to a hidden ``.name.partial`` sibling,
+then renamed onto the target, so a failed or interrupted write leaves nothing.  Leftovers of a killed save (partial
 folders whose process is gone, and the ``.x.<random>`` / ``.x.old.<random>``
 folders of jquant versions before this one) are removed at the next save to
 the same target; a partial folder whose process is still running means another
@@ -35,7 +39,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 MARKER = ".jquant-written"
@@ -52,6 +56,38 @@ class OutputPathError(ValueError):
 def written_by_jquant(folder: Path) -> bool:
     """Whether ``folder`` is one jquant wrote (holds ``MARKER``, or a pre-marker checkpoint or reference export)."""
     return any((folder / name).is_file() for name in (MARKER, *_LEGACY_MANIFESTS))
+
+
+def check_output_file(path: str | os.PathLike, suffixes: Sequence[str], *, argument: str = "--out",
+                      overwrite: bool = False, overwrite_flag: str | None = None) -> Path:
+    """``path`` as a ``Path`` if a new file may be written there; else ``OutputPathError`` naming ``argument``: a
+    suffix outside ``suffixes`` (lower case, with the dot), a folder, a missing parent folder, or an existing file
+    (allowed only when the command offers ``overwrite_flag`` and ``overwrite`` is true)."""
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise OutputPathError(f"{argument} {str(path)!r} must end in {' or '.join(suffixes)}.")
+    if out.is_dir():
+        raise OutputPathError(f"{argument} {str(path)!r} is a folder; name a file inside it.")
+    if out.exists() and not overwrite:
+        fix = (f"pass {overwrite_flag} to replace it, or pick a new name" if overwrite_flag else
+               "jquant never replaces a file it did not create. Pick a new name")
+        raise OutputPathError(f"{argument} {str(path)!r} exists; {fix}.")
+    if not out.parent.is_dir():
+        raise OutputPathError(f"{argument} {str(path)!r}: the folder {out.parent} does not exist.")
+    return out
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` into the hidden sibling ``.<name>.partial<suffix>`` of ``path``, then rename it onto ``path``;
+    the temporary file is removed if ``write`` fails, so ``path`` is written whole or not touched. -> ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def check_output_folder(path: str | os.PathLike, *, overwrite: bool = False, argument: str = "path",

@@ -103,22 +103,18 @@ def _guidance(value: float | None, default: float | None) -> float | None:
     return None if value == 0 else value
 
 
-def _check_png(out: str | None, overwrite: bool = False) -> Path:
+def _check_png(out: str | None) -> Path:
+    from jquant.atomic import check_output_file
+
     if out is None:
         raise ValueError("--out is required for a text-to-image model: the PNG file to write, e.g. --out apple.png.")
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"--out {out!r} must end in .png.")
-    if path.exists() and not overwrite:
-        raise ValueError(f"--out {out!r} exists; jquant never replaces a file it did not create. Pick a new name.")
-    if not path.parent.is_dir():
-        raise ValueError(f"--out {out!r}: the folder {path.parent} does not exist.")
-    return path
+    return check_output_file(out, (".png",))
 
 
 def generate(args, console: Console) -> dict:
     from PIL import Image
 
+    from jquant.atomic import write_file_atomically
     from jquant.models.loading import resolve
     from jquant.media import image_grid, to_uint8
     from jquant.text_to_image import load_pipeline
@@ -139,9 +135,7 @@ def generate(args, console: Console) -> dict:
     seconds = time.perf_counter() - start
     pixels = to_uint8(images)
     picture = pixels[0] if len(pixels) == 1 else image_grid(pixels)
-    tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(picture).save(tmp, format="PNG")
-    tmp.replace(path)
+    write_file_atomically(path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
     result = {"prompt": args.prompt, "out": str(path), "seeds": [args.seed + i for i in range(len(prompts))],
               "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
     if not args.json:

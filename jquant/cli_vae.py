@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+
+from jquant.atomic import check_output_file, write_file_atomically
 
 _CLIP_SUFFIXES = (".gif", ".npy")
 
@@ -65,27 +66,6 @@ def add_parsers(sub, positive_int) -> None:
     de.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _check_out(path: str, suffixes: tuple[str, ...], overwrite: bool) -> Path:
-    out = Path(path)
-    if out.suffix.lower() not in suffixes:
-        raise ValueError(f"--out {path!r} must end in {' or '.join(suffixes)}.")
-    if out.exists() and not overwrite:
-        raise ValueError(f"--out {path} exists; pass --overwrite to replace it, or pick a new name.")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {path}: folder {out.parent} does not exist.")
-    return out
-
-
-def _write(out: Path, write) -> None:
-    """``write(tmp_path)`` next to ``out``, then moved onto it: whole or nothing."""
-    tmp = out.with_name(f".{out.name}.partial{out.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_clip(path: str) -> np.ndarray:
     """A clip file -> float32 ``[1, F, H, W, 3]`` in ``[-1, 1]`` (module docstring)."""
     source = Path(path)
@@ -127,7 +107,7 @@ def _load_vae(name: str):
 def run_encode(args: argparse.Namespace, console: Console) -> dict:
     from jquant.frame_rate import dlfr
 
-    out = _check_out(args.out, (".npz",), args.overwrite)
+    out = check_output_file(args.out, (".npz",), overwrite=args.overwrite, overwrite_flag="--overwrite")
     modes = (args.target_compression is not None) + (args.thresholds is not None)
     if args.dynamic_frame_rate and modes != 1:
         raise ValueError("--dynamic-frame-rate needs exactly one of --target-compression (e.g. 8) or --thresholds "
@@ -152,7 +132,7 @@ def run_encode(args: argparse.Namespace, console: Console) -> dict:
     else:
         latents, stored = np.asarray(model.encode(clip).mean), {"factors": np.zeros(0, np.int64), "chunk": 0,
                                                                     "path": "fixed"}
-    _write(out, lambda tmp: np.savez(tmp, latents=latents.astype(np.float32), **stored))
+    write_file_atomically(out, lambda tmp: np.savez(tmp, latents=latents.astype(np.float32), **stored))
     result = {"out": str(out), "frames": clip.shape[1], "latent_shape": list(latents.shape),
               "latent_frames": latents.shape[1], "factors": [int(m) for m in stored["factors"]],
               "temporal_compression": (clip.shape[1] - 1) / max(latents.shape[1] - 1, 1), "path": stored["path"]}
@@ -166,7 +146,7 @@ def run_decode(args: argparse.Namespace, console: Console) -> dict:
     from jquant.frame_rate import dlfr
     from jquant.media import save_gif, to_uint8
 
-    out = _check_out(args.out, _CLIP_SUFFIXES, args.overwrite)
+    out = check_output_file(args.out, _CLIP_SUFFIXES, overwrite=args.overwrite, overwrite_flag="--overwrite")
     source = Path(args.input)
     if source.suffix.lower() != ".npz" or not source.is_file():
         raise ValueError(f"--input {args.input!r} must be an existing .npz written by jquant encode.")
@@ -184,9 +164,9 @@ def run_decode(args: argparse.Namespace, console: Console) -> dict:
         frames = dlfr.decode(model, dlfr.VariableRateLatent(latents, rates, path))
     frames = np.asarray(frames, np.float32)[0]
     if out.suffix.lower() == ".gif":
-        _write(out, lambda tmp: save_gif(to_uint8(frames)[None], tmp, fps=args.fps))
+        write_file_atomically(out, lambda tmp: save_gif(to_uint8(frames)[None], tmp, fps=args.fps))
     else:
-        _write(out, lambda tmp: np.save(tmp, frames))
+        write_file_atomically(out, lambda tmp: np.save(tmp, frames))
     result = {"out": str(out), "latent_frames": int(latents.shape[1]), "frames": int(frames.shape[0]),
               "shape": list(frames.shape), "factors": list(factors)}
     if not args.json:

@@ -25,6 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from jquant.atomic import check_output_file, write_file_atomically
 from jquant.cli_image import JUDGE, _guidance
 
 REFERENCE_PIPELINE = "jq-video-tiny"
@@ -35,13 +36,7 @@ CLEAN_MOTIONS = ("still", "drift", "fast")
 def _check_video_out(out: str | None) -> Path:
     if out is None:
         raise ValueError("--out is required for a text-to-video model: the GIF (or MP4) to write, e.g. --out clip.gif.")
-    path = Path(out)
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"--out {out!r} must end in .gif or .mp4.")
-    if path.exists():
-        raise ValueError(f"--out {out!r} exists; jquant never replaces a file it did not create. Pick a new name.")
-    if not path.parent.is_dir():
-        raise ValueError(f"--out {out!r}: the folder {path.parent} does not exist.")
+    path = check_output_file(out, VIDEO_SUFFIXES)
     if path.suffix.lower() == ".mp4":
         try:
             import imageio.v3  # noqa: F401
@@ -57,9 +52,7 @@ def _write_mp4(clips: np.ndarray, path: Path, fps: int, scale: int) -> None:
     import imageio.v3 as iio
 
     frames = np.concatenate(list(clips), axis=2).repeat(scale, axis=1).repeat(scale, axis=2)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    iio.imwrite(tmp, frames, fps=fps, codec="libx264", macro_block_size=1)
-    tmp.replace(path)
+    write_file_atomically(path, lambda tmp: iio.imwrite(tmp, frames, fps=fps, codec="libx264", macro_block_size=1))
 
 
 def add_frame_rate_options(parser) -> None:

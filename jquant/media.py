@@ -9,6 +9,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jquant.atomic import write_file_atomically
+
 
 def to_uint8(images: jax.Array) -> np.ndarray:
     """Images ``[..., H, W, 3]`` (or clips) in ``[-1, 1]`` -> uint8 of the same shape."""
@@ -50,7 +52,5 @@ def save_gif(videos: np.ndarray, path: str | Path, *, fps: int = 8, scale: int =
     if path.exists():
         raise ValueError(f"save_gif: {path} exists; jquant never replaces a file it did not create. Pick a new name.")
     frames = [Image.fromarray(image_grid(videos[:, t], columns, scale)) for t in range(videos.shape[1])]
-    tmp = path.with_name(f".{path.name}.partial")
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
-    tmp.replace(path)
-    return path
+    return write_file_atomically(path, lambda tmp: frames[0].save(
+        tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0))

@@ -181,3 +181,36 @@ def test_train_cli_refuses_bad_out_and_export_before_training(tmp_path, monkeypa
     assert (tmp_path / "file").read_text() == "x"
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
     assert not (tmp_path / "run").exists()
+
+
+def test_output_files_are_checked_before_any_work(tmp_path):
+    existing = tmp_path / "clip.gif"
+    existing.write_bytes(b"user data")
+    with pytest.raises(OutputPathError, match="must end in .gif or .npy"):
+        atomic.check_output_file(tmp_path / "clip.png", (".gif", ".npy"))
+    with pytest.raises(OutputPathError, match="jquant never replaces"):
+        atomic.check_output_file(existing, (".gif",))
+    with pytest.raises(OutputPathError, match="pass --overwrite"):
+        atomic.check_output_file(existing, (".gif",), overwrite_flag="--overwrite")
+    assert atomic.check_output_file(existing, (".gif",), overwrite=True, overwrite_flag="--overwrite") == existing
+    (tmp_path / "folder.gif").mkdir()
+    with pytest.raises(OutputPathError, match="is a folder"):
+        atomic.check_output_file(tmp_path / "folder.gif", (".gif",), overwrite=True)
+    with pytest.raises(OutputPathError, match="does not exist"):
+        atomic.check_output_file(tmp_path / "missing" / "a.gif", (".gif",))
+    assert existing.read_bytes() == b"user data"
+
+
+def test_a_failed_file_write_leaves_the_target_and_no_partial_file(tmp_path):
+    target = tmp_path / "latents.npz"
+    target.write_bytes(b"before")
+
+    def fail(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic.write_file_atomically(target, fail)
+    assert target.read_bytes() == b"before" and sorted(p.name for p in tmp_path.iterdir()) == ["latents.npz"]
+    atomic.write_file_atomically(target, lambda tmp: tmp.write_bytes(b"after"))
+    assert target.read_bytes() == b"after" and sorted(p.name for p in tmp_path.iterdir()) == ["latents.npz"]
