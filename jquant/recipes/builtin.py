@@ -151,6 +151,18 @@ def _mquant_recipes() -> list[Recipe]:
     return out
 
 
+# 6Bit-Diffusion (jquant.video_mixed): NVFP4 weights of each video DiT block's attention projections and
+# feed-forward; their activations are routed NVFP4 / INT8 per step at run time by the method, not by the recipe.
+VIDEO_ROUTED = r"transformer_blocks/\d+/(attn1/(to_q|to_k|to_v|to_out)|ff/(proj|out))"
+
+
+def _six_bit_diffusion_recipe() -> Recipe:
+    return Recipe(name="6bit-diffusion", description="6Bit-Diffusion's weights: NVFP4 attention projections and "
+                  "feed-forward of every video DiT block (adaLN, embeddings, head float); `jquant quantize` of a "
+                  "text-to-video pipeline also calibrates the NVFP4/INT8 activation predictor and the Temporal Delta "
+                  "Cache (six_bit_diffusion.json)", rules=(Rule(pattern=VIDEO_ROUTED, weight="nvfp4"),))
+
+
 BUILTIN: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -178,6 +190,7 @@ BUILTIN: dict[str, Recipe] = {
         *_vq_recipes(),
         *_moe_recipes(),
         *_mquant_recipes(),
+        _six_bit_diffusion_recipe(),
     )
 }
 
