@@ -25,6 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from jquant import cli_video_mixed
 from jquant.atomic import check_output_file, write_file_atomically
 from jquant.cli_image import JUDGE, _guidance
 
@@ -123,8 +124,16 @@ def generate(args, console: Console) -> dict:
     guidance = _guidance(args.guidance, pipe.defaults.guidance)
     steps = args.steps or pipe.defaults.steps
     frame_rate = frame_rate_config(args, pipe, frames, steps)
+    six_bit = cli_video_mixed.saved_config(args.model)
+    if six_bit is not None and frame_rate is not None:
+        raise ValueError(f"{args.model} samples with 6Bit-Diffusion (six_bit_diffusion.json); --dynamic-frame-rate "
+                         "does not combine with it.")
     start = time.perf_counter()
-    if frame_rate is None:
+    if six_bit is not None:
+        clips, six_bit_summary = cli_video_mixed.generate(pipe, six_bit, args.prompt, steps=steps, guidance=guidance,
+                                                          frames=frames,
+                                                          seeds=[args.seed + i for i in range(args.num_images)])
+    elif frame_rate is None:
         clips = np.concatenate([np.asarray(pipe.generate([args.prompt], seed=args.seed + i, steps=steps,
                                                          guidance=guidance, frames=frames, progress=not args.json))
                                 for i in range(args.num_images)])
@@ -138,6 +147,8 @@ def generate(args, console: Console) -> dict:
         _write_mp4(pixels, path, args.fps, args.scale)
     result = {"prompt": args.prompt, "out": str(path), "seeds": [args.seed + i for i in range(args.num_images)],
               "frames": int(clips.shape[1]), "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
+    if six_bit is not None:
+        result["six_bit_diffusion"] = six_bit_summary
     if frame_rate is not None:
         result["dynamic_frame_rate"] = {
             "compress_after": frame_rate.steps_before(steps),
@@ -273,10 +284,15 @@ def quantize(args, console: Console) -> dict:
     qtransformer = quantize_model(pipe.transformer, recipe, calib, progress=not args.json)
     quantized = TextToVideo(text_encoder=pipe.text_encoder, transformer=qtransformer, vae=pipe.vae,
                             defaults=pipe.defaults, text_encoder_name=pipe.text_encoder_name)
+    six_bit = cli_video_mixed.calibrate(quantized, recipe.name, captions, args.seed)
     result = {"model": args.model, "recipe": recipe.to_dict(), "quantize_seconds": time.perf_counter() - start,
               "calibration_inputs": int(len(calib["sigmas"])), "sites": dict(qtransformer.quantization.sites)}
+    if six_bit is not None:
+        result["six_bit_diffusion"] = six_bit[1]
     if args.out:
         result["saved_to"] = str(save_pipeline(quantized, args.out, overwrite=args.overwrite))
+        if six_bit is not None:
+            six_bit[0].save(result["saved_to"])
     if not args.no_eval:
         result["quantized"] = evaluate_pipeline(quantized, pipe, clips=8, steps=None, guidance=pipe.defaults.guidance)
     if not args.json:
