@@ -37,11 +37,16 @@ def block_covariance(gamma: float = GAMMA) -> jax.Array:
 
 def block_noise(key: jax.Array, shape: tuple[int, int, int, int], gamma: float = GAMMA) -> jax.Array:
     """``n′ [B, H, W, C]`` (``H``, ``W`` even): per channel and 2x2 block a draw of ``N(0, block_covariance)``, the 4
-    entries laid out row-major in the block (Pyramid Flow's ``(p q)`` order)."""
+    entries laid out row-major in the block (Pyramid Flow's ``(p q)`` order). The covariance ``(1 + γ) I − γ J``
+    (``J = 1₄1₄ᵀ``) is singular at γ = 1/3, so the draw is ``sqrt(1 + γ) (z − z̄ 1) + sqrt(1 − 3γ) z̄ 1`` from
+    ``z ~ N(0, I₄)`` (its covariance is ``(1 + γ)(I − J/4) + (1 − 3γ) J/4``), not a Cholesky factor."""
+    if not 0 <= gamma <= 1.0 / 3.0:
+        raise ValueError(f"block_noise: gamma={gamma!r} must be in [0, 1/3] (the covariance is not positive "
+                         "semi-definite above 1/3).")
     b, h, w, c = shape
-    chol = jnp.linalg.cholesky(block_covariance(gamma))
     z = jax.random.normal(key, (b, h // 2, w // 2, c, 4), jnp.float32)
-    n = jnp.sum(z[..., None, :] * chol, axis=-1)  # chol @ z per block (elementwise: no matmul in FLOP counts)
+    mean = jnp.mean(z, axis=-1, keepdims=True)
+    n = jnp.sqrt(1.0 + gamma) * (z - mean) + jnp.sqrt(1.0 - 3.0 * gamma) * mean
     return n.reshape(b, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(b, h, w, c)
 
 

@@ -102,7 +102,8 @@ def test_block_noise_statistics():
     n = np.asarray(ecar.block_noise(jax.random.key(0), (64, 32, 32, 4)), np.float64)
     blocks = n.reshape(64, 16, 2, 16, 2, 4).transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4)  # row-major 2x2 blocks
     cov = np.cov(blocks, rowvar=False)
-    np.testing.assert_allclose(cov, np.where(np.eye(4, dtype=bool), 4 / 3, -1 / 3), atol=0.03)
+    # (1 + γ) I₄ − γ 1₄1₄ᵀ as Pyramid Flow builds it: diagonal 1 + γ − γ = 1, off-diagonal −γ = −1/3
+    np.testing.assert_allclose(cov, (4 / 3) * np.eye(4) - (1 / 3) * np.ones((4, 4)), atol=0.03)
     np.testing.assert_allclose(blocks.sum(axis=1), 0.0, atol=1e-4)  # γ = 1/3: the noise cancels in every block
 
 
