@@ -478,15 +478,19 @@ class CogVideoXTransformer(nnx.Module):
         return ActivationGroups(names=names, sites=r"transformer_blocks/.*")
 
     def check_calibration(self, calib) -> dict:
-        """``{"latents" [N, F, H, W, C], "timesteps" [N] in [0, 1000], "text" [N, S, D_text]}`` -> float32 numpy
-        arrays (leaves agreeing on N, shapes this model takes)."""
-        keys = {"latents", "timesteps", "text"}
-        if not isinstance(calib, dict) or set(calib) != keys:
+        """``{"latents" [N, F, H, W, C], "timesteps" [N] in [0, 1000], "text" [N, S, D_text]}`` (or ``"sigmas" [N]`` in
+        ``[0, 1]`` instead of the timesteps) -> float32 numpy arrays with the timesteps (leaves agreeing on N, shapes
+        this model takes)."""
+        keys, flow = {"latents", "timesteps", "text"}, {"latents", "sigmas", "text"}
+        if not isinstance(calib, dict) or set(calib) not in (keys, flow):
             raise ValueError(f"CogVideoXTransformer calibration must be a dict with keys {sorted(keys)} (latents, "
-                             "timesteps and text states drawn along sampler trajectories), got "
+                             "timesteps and text states drawn along sampler trajectories), or "
+                             f"{sorted(flow)} (a text-to-video pipeline's trajectory_calibration), got "
                              f"{sorted(calib) if isinstance(calib, dict) else type(calib).__name__}.")
         num_samples(calib)
         out = {k: np.asarray(v, np.float32) for k, v in calib.items()}
+        if "sigmas" in out:  # flow_velocity's convention: t = 1000 σ
+            out["timesteps"] = NUM_TRAIN_TIMESTEPS * out.pop("sigmas")
         t = out["timesteps"]
         self._check(out["latents"], t, out["text"])
         if not np.all(np.isfinite(t)):

@@ -218,6 +218,28 @@ def test_blocks_taken_apart_equal_the_forward():
     assert not np.allclose(np.asarray(moved[2][2][0]), np.asarray(context[2][0]))
 
 
+def test_flow_velocity_is_the_forward_at_1000_sigma_and_routes_reach_each_linear():
+    """``flow_velocity(latents, σ, text)`` is ``model(latents, 1000 σ, text)``; the pipelines' calibration contract
+    (``sigmas``) becomes timesteps; a block's ``route`` is asked once per routed linear with that linear's input."""
+    model = cogvideox.init_model(TINY, jax.random.key(1))
+    batch = _calibration(TINY, 2, 3)
+    sigmas = batch["timesteps"] / 1000.0
+    np.testing.assert_allclose(np.asarray(model.flow_velocity(batch["latents"], sigmas, batch["text"])),
+                               np.asarray(model(batch["latents"], 1000.0 * np.float32(sigmas), batch["text"])),
+                               rtol=1e-6, atol=1e-6)
+    flow = model.check_calibration({"latents": batch["latents"], "sigmas": sigmas, "text": batch["text"]})
+    np.testing.assert_allclose(flow["timesteps"], batch["timesteps"], rtol=1e-6)
+    seen = {}
+    hidden, context = model.flow_embed(batch["latents"], sigmas, batch["text"])
+    block = model.blocks()[0]
+    plain = block(*hidden, *context)
+    routed = block(*hidden, *context, route=lambda name, x: seen.setdefault(name, x.shape) and context[1][:, None])
+    assert tuple(seen) == block.ROUTED_LINEARS
+    assert seen["ff/out"][-1] == 4 * TINY.inner_dim and seen["attn1/to_q"][-1] == TINY.inner_dim
+    for a, b in zip(plain, routed):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda c: {**c, "timesteps": c["timesteps"] + 1500}, r"timestep buckets"),
     (lambda c: {**c, "text": c["text"][:3]}, r"disagree|leading"),
