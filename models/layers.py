@@ -27,6 +27,7 @@ from jquant import ops
 from jquant.calib.capture import record_expert_input, record_input
 from jquant.kv import LayerKVCache
 from jquant.ops.experts import combine, route, sort_by_expert
+from jquant.ops.linear import add_side_branch, split_leading_channel
 from jquant.sites import SiteSpec
 
 ShardingNames = tuple[str | None, ...]
@@ -34,6 +35,16 @@ ShardingNames = tuple[str | None, ...]
 
 def _param(value: jax.Array, names: ShardingNames) -> nnx.Param:
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class ChannelSplit(nnx.Module):
+    """MQuant's RMS side branch of a :class:`Linear` (spec §3.4): ``side [out]`` is the rotated kernel's row 0 kept
+    in float (the kernel's row 0 is then zero), ``active`` a 0/1 scalar (0: the layer did not pass the split
+    criterion and runs unsplit). Set by ``jquant.transforms.channel_split``."""
+
+    def __init__(self, side: jax.Array, active: jax.Array):
+        self.side = nnx.Param(side)
+        self.active = nnx.Param(active)
 
 
 class Linear(nnx.Module):
@@ -48,6 +59,10 @@ class Linear(nnx.Module):
     ``lora``: an optional low-rank adapter module (``jquant.finetune.LoRA``, set by
     ``jquant.finetune.add_lora``); it is called as ``lora(x, kernel, bias)`` and computes
     ``x kernel + s (x A) B + bias`` through ``jquant.ops.lora_linear`` with a frozen kernel.
+
+    ``channel_split``: an optional :class:`ChannelSplit` (MQuant's RMS): ``y = Q_a(m) @ kernel + x'[..., 0] side``
+    where ``x' = x H`` and ``m`` is ``x'`` with channel 0 zeroed (``jquant.ops.linear.split_leading_channel``);
+    calibration records ``m``, so static scales and GPTQ see only the quantized branch.
     """
 
     QUANT_SITE = SiteSpec(param="kernel", contraction_axis=0, kind="linear")
@@ -69,6 +84,7 @@ class Linear(nnx.Module):
         self.activation_scale = nnx.data(None)  # a calibrated Param for static formats: scalar, or [G] per group
         self.input_rotation = None  # the order of an online Hadamard applied to the input (set by transforms)
         self.lora = nnx.data(None)  # a LoRA adapter module (set by jquant.finetune.add_lora)
+        self.channel_split = nnx.data(None)  # a ChannelSplit (MQuant's RMS, set by jquant.transforms.channel_split)
 
     def __call__(self, x: jax.Array, affinity: jax.Array | None = None, *, groups: jax.Array | None = None) -> jax.Array:
         """``x [..., in]`` -> ``[..., out]``; ``affinity [...]`` (per-token weights, e.g. a shared expert's gate)
@@ -77,13 +93,18 @@ class Linear(nnx.Module):
         scales, and splits calibration statistics by group (``jquant.calib.capture``)."""
         if self.input_rotation is not None:
             x = ops.online_hadamard(x, self.input_rotation)
+        split = self.channel_split
+        if split is not None:
+            x, lead = split_leading_channel(x, split.active.get_value())
         record_input(self, x, affinity, groups)
         bias = None if self.bias is None else self.bias.get_value()
         if self.lora is not None:
-            return self.lora(x, self.kernel.get_value(), bias)
-        scale = None if self.activation_scale is None else self.activation_scale.get_value()
-        return ops.linear(x, self.kernel.get_value(), bias, activation=self.activation, activation_scale=scale,
-                          groups=groups)
+            y = self.lora(x, self.kernel.get_value(), bias)
+        else:
+            scale = None if self.activation_scale is None else self.activation_scale.get_value()
+            y = ops.linear(x, self.kernel.get_value(), bias, activation=self.activation, activation_scale=scale,
+                           groups=groups)
+        return y if split is None else add_side_branch(y, lead, split.side.get_value())
 
 
 class Conv(nnx.Module):

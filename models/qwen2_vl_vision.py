@@ -31,6 +31,7 @@ from flax import nnx
 
 from jquant import ops
 from jquant.models.layers import Linear, RMSNorm, SwiGLU
+from jquant.transforms.vision_rotation import ViTBlockLayout, ViTLayout
 
 Variant = Literal["qwen2_vl", "qwen2_5_vl"]
 _NORM_EPS = 1e-6
@@ -258,6 +259,19 @@ class VisionTower(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, param_dtype, rngs, windowed=cfg.variant == "qwen2_5_vl" and i not in full)
                                 for i in range(cfg.depth)])
         self.merger = PatchMerger(cfg, param_dtype, rngs)
+
+    def vit_layout(self) -> ViTLayout:
+        """The residual stream for MQuant's LayerNorm -> RMSNorm conversion and rotation
+        (``jquant.transforms.vision_rotation``), paths relative to the tower; Qwen2-VL's LayerNorm blocks only."""
+        cfg = self.config
+        if cfg.variant != "qwen2_vl":
+            raise ValueError(f"vision_rotation converts LayerNorm ViT blocks (Qwen2-VL); this tower is {cfg.variant!r}, "
+                             "whose RMSNorm / SwiGLU blocks it does not handle.")
+        blocks = tuple(ViTBlockLayout(norm1=f"blocks/{i}/norm1", qkv=f"blocks/{i}/attn/qkv", proj=f"blocks/{i}/attn/proj",
+                                      norm2=f"blocks/{i}/norm2", fc1=f"blocks/{i}/mlp/fc1", fc2=f"blocks/{i}/mlp/fc2")
+                       for i in range(cfg.depth))
+        return ViTLayout(embed="patch_embed/proj", blocks=blocks, merger_norm="merger/ln_q", merger_reader="merger/fc1",
+                         merge_unit=cfg.merge_unit, width=cfg.embed_dim, num_heads=cfg.num_heads, norm_eps=_NORM_EPS)
 
     def context(self, image_grid_thw, num_patches: int) -> tuple:
         """``(cos, sin [1, N, D], full mask, window mask [1, N, N])`` of the patches of ``image_grid_thw``."""

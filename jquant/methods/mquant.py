@@ -6,9 +6,12 @@ via Full Static Quantization*): the pieces that are not plain recipe rules.
   :func:`share_static_scales` turns such a model into the *single shared static scale* baseline.
 - AIFS (§3.3): ``Qwen2VL.prefill(..., aifs=True)`` with :func:`aifs_permutation` (re-exported here).
 - RMS (§3.4, Eq. 6-9): after an online deterministic Hadamard ``x' = x H`` and ``W' = Hᵀ W`` (jquant's ``[in, out]``
-  kernels), row 0 of ``W'`` is ``√d · mean_j W[j, :]``-like and dominates every per-output-channel scale when the
+  kernels), row 0 of ``W'`` is ``√d · mean_j W[j, :]`` and dominates every per-output-channel scale when the
   weights have a same-sign mean. :func:`split_channel` separates it into a rank-1 float side branch
-  ``y = x'_{:,1:} W'_{1:} + x'_{:,0} W'_{0}``; :func:`needs_split` is the selection criterion of spec §7.1.
+  ``y = x'_{:,1:} W'_{1:} + x'_{:,0} W'_{0}``; :func:`needs_split` is the selection criterion of spec §7.1. In a
+  model it is the transform step ``rms_split`` (``jquant.transforms.channel_split``, run by the ``mquant-*``
+  recipes after QuaRot): each selected linear carries a ``ChannelSplit`` (``split_report`` lists them);
+  :func:`rms_apply` is the plain-array reference.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import numpy as np
 from flax import nnx
 
 from jquant.models.qwen2_vl_model import aifs_permutation, permute_rows
+from jquant.transforms.channel_split import needs_split, rms_split, split_channel, split_report
 
-__all__ = ["aifs_permutation", "needs_split", "permute_rows", "rms_apply", "share_static_scales", "split_channel"]
+__all__ = ["aifs_permutation", "needs_split", "permute_rows", "rms_apply", "rms_split", "share_static_scales",
+           "split_channel", "split_report"]
 
 
 def share_static_scales(model: nnx.Module) -> list[str]:
@@ -41,32 +46,8 @@ def share_static_scales(model: nnx.Module) -> list[str]:
     return changed
 
 
-def _check_kernel(kernel, where: str) -> np.ndarray:
-    kernel = np.asarray(kernel)
-    if kernel.ndim != 2 or kernel.shape[0] < 2:
-        raise ValueError(f"{where}: kernel must be a rotated [in, out] matrix with in >= 2, got shape {kernel.shape}.")
-    return kernel
-
-
-def needs_split(kernel, tau: float = 1.0) -> bool:
-    """Spec §7.1 (the paper's Eq. 9 criterion): split when ``max_o |W'[0, o]| > τ · max_{j>=1, o} |W'[j, o]|`` for
-    the rotated kernel ``W' [in, out]`` (input channel 0 is the Hadamard's constant column)."""
-    if tau <= 0:
-        raise ValueError(f"needs_split: tau must be > 0, got {tau}.")
-    k = np.abs(_check_kernel(kernel, "needs_split"))
-    return bool(k[0].max() > tau * k[1:].max())
-
-
-def split_channel(kernel) -> tuple[np.ndarray, np.ndarray]:
-    """``W' [in, out]`` -> ``(main [in, out]`` with row 0 zeroed (the quantized GEMM), ``side [out]`` = row 0 (the
-    float rank-1 branch)); ``x' W' = x' main + x'[:, 0:1] side`` exactly (:func:`rms_apply`)."""
-    kernel = _check_kernel(kernel, "split_channel")
-    main = kernel.copy()
-    main[0] = 0
-    return main, kernel[0].copy()
-
-
 def rms_apply(x, main, side, quantized_main=None):
-    """``x [.., in] -> [.., out]``: ``x main + x[.., 0:1] side`` (``quantized_main`` replaces ``main`` in the GEMM)."""
+    """The reference of a split linear, ``x [.., in] -> [.., out]``: ``x main + x[.., 0:1] side``
+    (``quantized_main`` replaces ``main`` in the GEMM)."""
     weight = main if quantized_main is None else quantized_main
     return x @ weight + x[..., :1] * side

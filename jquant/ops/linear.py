@@ -1,4 +1,5 @@
-"""Linear algebra entry points: `linear`, `dot_general`, `embedding_lookup`.
+"""Linear algebra entry points: `linear`, `dot_general`, `embedding_lookup`, and RMS's channel split
+(`split_leading_channel`, `add_side_branch`).
 
 Weights follow the JAX convention ``[in, out]`` (``[E, in, out]`` for stacked
 expert weights), the transpose of PyTorch's ``nn.Linear.weight``. A weight
@@ -133,6 +134,25 @@ def linear(
     if b is not None:
         y = y + b.astype(y.dtype)
     return y
+
+
+def split_leading_channel(x: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """MQuant's rotation magnitude suppression (RMS, §3.4): separate input channel 0 from the quantized GEMM.
+
+    After an online deterministic Hadamard, ``x' = x H`` has ``x'[:, 0] = √d · mean_j x[:, j]`` (Eq. 7), which can
+    dominate a per-tensor activation scale. ``x' [..., in]`` -> ``(main [..., in], lead [..., 1])``: ``main`` is
+    ``x'`` with channel 0 zeroed and ``lead = x'[..., :1]`` when ``active`` is 1 (``x' W = main W + lead W[0]``
+    when ``W[0] = 0``); with ``active`` 0, ``main = x'`` and ``lead = 0``. ``active``: a 0/1 scalar (data, so
+    which layers split is a checkpoint value, not a static attribute).
+    """
+    lead = x[..., :1] * jnp.asarray(active, x.dtype)
+    return x.at[..., 0].set(x[..., 0] - lead[..., 0]), lead
+
+
+def add_side_branch(y: jax.Array, lead: jax.Array, side: jax.Array) -> jax.Array:
+    """``y [..., out] + lead [..., 1] · side [out]``: RMS's float rank-1 side branch (``y = X'_{:,1:} W'_{1:} +
+    X'_{:,0} W'_0``, spec §3.4), computed in ``y``'s dtype."""
+    return y + lead.astype(y.dtype) * side.astype(y.dtype)
 
 
 def embedding_lookup(table: jax.Array | QArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:

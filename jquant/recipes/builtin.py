@@ -124,14 +124,18 @@ def _moe_recipes() -> list[Recipe]:
 # with static A8, one scale per modality at every decoder linear (MSQ: the family's activation groups text/image).
 VL_VISION = r"visual/.*"
 VL_LLM = r"layers/.*"
+# RMS (spec §3.4, §7.3): the online-Hadamard linears, LLM down_proj and vision fc2, each split where Eq. 9 holds.
+VL_RMS = TransformStep("rms_split", {"tau": 1.0, "layers": r"layers/\d+/mlp/down_proj|visual/blocks/\d+/mlp/fc2"})
 
 
 def _mquant_recipes() -> list[Recipe]:
-    """``mquant-w4a8`` (visual W8A8 + LLM W4A8) and ``mquant-w4a8-vit4`` (visual W4A8) with QuaRot (online Hadamard
-    before down_proj) and MSQ; ``quarot-w4a8-dynamic-vl``: the same weights with per-token dynamic A8 (the
-    latency/accuracy baseline of MQuant's Table 10). The single shared static scale baseline is
-    ``jquant.methods.mquant.share_static_scales`` applied to an ``mquant-*`` model."""
-    rotation = (TransformStep("quarot", {"online": ["down"]}),)
+    """``mquant-w4a8`` (visual W8A8 + LLM W4A8) and ``mquant-w4a8-vit4`` (visual W4A8): the ViT's LayerNorm -> RMSNorm
+    conversion and rotation (online Hadamard before fc2), QuaRot (online Hadamard before down_proj), RMS and MSQ;
+    ``quarot-w4a8-dynamic-vl``: the same rotations with per-token dynamic A8 (the latency/accuracy baseline of
+    MQuant's Table 10). The single shared static scale baseline is ``jquant.methods.mquant.share_static_scales``
+    applied to an ``mquant-*`` model."""
+    rotation = (TransformStep("vision_rotation", {}), TransformStep("quarot", {"online": ["down"]}))
+    mquant = (*rotation, VL_RMS)
     llm_w4 = dict(weight=f"int4{SYMMETRIC_LOW_BIT}", weight_options=W4_MSE, algorithm="gptq")
     out = []
     for name, vision_weight in (("mquant-w4a8", "int8"), ("mquant-w4a8-vit4", f"int4{SYMMETRIC_LOW_BIT}")):
@@ -139,12 +143,14 @@ def _mquant_recipes() -> list[Recipe]:
                       weight_options=W4_MSE if vision_weight != "int8" else None)
         vision = {k: v for k, v in vision.items() if v is not None}
         static = dict(activation="int8-tensor", static_activation=True)
-        out.append(Recipe(name=name, description=f"MQuant: QuaRot (online down), visual {vision_weight} GPTQ + static "
-                          "per-tensor A8, LLM int4 GPTQ + static A8 per modality (MSQ); use prefill(aifs=True)",
+        out.append(Recipe(name=name, description=f"MQuant: ViT LayerNorm -> RMSNorm + rotation (online fc2), QuaRot "
+                          f"(online down), RMS split of fc2 / down_proj where Eq. 9 holds, visual {vision_weight} GPTQ "
+                          "+ static per-tensor A8, LLM int4 GPTQ + static A8 per modality (MSQ); use prefill(aifs=True)",
                           rules=(Rule(pattern=VL_VISION, **vision, **static), Rule(pattern=VL_LLM, **llm_w4, **static)),
-                          transforms=rotation))
-    out.append(Recipe(name="quarot-w4a8-dynamic-vl", description="MQuant's dynamic baseline: QuaRot (online down), "
-                      "visual int8 / LLM int4 GPTQ weights, per-token dynamic int8 activations",
+                          transforms=mquant))
+    out.append(Recipe(name="quarot-w4a8-dynamic-vl", description="MQuant's dynamic baseline: ViT rotation (online "
+                      "fc2), QuaRot (online down), visual int8 / LLM int4 GPTQ weights, per-token dynamic int8 "
+                      "activations",
                       rules=(Rule(pattern=VL_VISION, weight="int8", activation="int8", algorithm="gptq"),
                              Rule(pattern=VL_LLM, activation="int8", **llm_w4)),
                       transforms=rotation))

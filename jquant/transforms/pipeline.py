@@ -21,11 +21,16 @@ from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import set_kv_cache
 from jquant.recipes import Recipe, TransformStep
 from jquant.transforms.adaln_smoothing import modulated_groups
+from jquant.transforms.channel_split import add_split_structure
 from jquant.transforms.equivalence import OnlineRotations, module_at, online_size, set_online_rotations
 from jquant.transforms.layout import DecoderLayout, layout_of
 from jquant.transforms.mamba_rotation import add_runtime_structure
 from jquant.transforms.registry import transform
 from jquant.transforms.ssm_layout import ssm_layout_of
+from jquant.transforms.vision_rotation import add_vision_structure
+
+ONLINE_STEPS = ("quarot", "ostquant", "vision_rotation")
+"""Transform kinds that switch on online Hadamards (the layers ``rms_split`` can split)."""
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -87,11 +92,14 @@ def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
         _check_mambaquant(model, recipe, step)
         return
     layout = _layout(model, recipe)
-    for step in recipe.transforms:
+    for i, step in enumerate(recipe.transforms):
         spec = transform(step.kind)
         if spec.only_step:
             raise ValueError(f"recipe {recipe.name!r}: a {step.kind} step must be the recipe's only transform.")
         spec.check_options(dict(step.options), f"recipe {recipe.name!r}")
+        if step.kind == "rms_split" and not any(t.kind in ONLINE_STEPS for t in recipe.transforms[:i]):
+            raise ValueError(f"recipe {recipe.name!r}: rms_split splits the layers an online Hadamard rotates; put it "
+                             f"after a rotation step ({', '.join(ONLINE_STEPS)}).")
     online = OnlineRotations.parse(recipe.online_rotations, pad=recipe.pad)
     for layer in layout.layers:
         if online.down:
@@ -162,7 +170,7 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
     """Give an abstract model the run-time structure a transformed model was saved with (in place).
 
     Online rotations are switched on (a zero-padded down_proj gets its padded input
-    rows) and the KV format is set; the weights themselves come from the checkpoint.
+    rows), a rotated ViT gets its RMSNorms, RMS channel splits are added and the KV format is set; the weights themselves come from the checkpoint.
     """
     if (not recipe.transforms and recipe.kv_cache is None) or _adaln_step(recipe) is not None:
         return  # adaLN smoothing changes weights only: the checkpoint holds them
@@ -179,5 +187,11 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
             kernel = down.kernel.get_value()
             if down.input_rotation != kernel.shape[0]:
                 down.kernel.set_value(jax.ShapeDtypeStruct((down.input_rotation, *kernel.shape[1:]), kernel.dtype))
+    for step in recipe.transforms:
+        options = transform(step.kind).resolved_options(dict(step.options), recipe.name)
+        if step.kind == "vision_rotation":
+            add_vision_structure(model, online=options["online"])
+        elif step.kind == "rms_split":
+            add_split_structure(model, options["layers"])
     if recipe.kv_cache is not None:
         set_kv_cache_format(model, recipe)

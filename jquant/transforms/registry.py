@@ -21,11 +21,13 @@ from flax import nnx
 from jquant.formats import get_format
 from jquant.named_registry import NamedRegistry
 from jquant.transforms.adaln_smoothing import adaln_smoothquant
+from jquant.transforms.channel_split import rms_split
 from jquant.transforms.layout import layout_of
 from jquant.transforms.mamba_rotation import mambaquant
 from jquant.transforms.ostquant import OSTQuantConfig, ostquant
 from jquant.transforms.rotate import quarot
 from jquant.transforms.smoothquant import smoothquant
+from jquant.transforms.vision_rotation import vision_rotation
 
 StepRun = Callable[[nnx.Module, Any, jax.Array, dict, Any, bool], tuple[nnx.Module, tuple[float, ...]]]
 """``run(model, calib, key, options, recipe, progress) -> (model, training losses)``; ``options`` exclude ``seed``."""
@@ -103,6 +105,10 @@ for _spec in (
     TransformSpec("quarot", lambda m, c, k, o, r, p: (quarot(m, k, **o), ()), needs_calibration=False,
                   options={"online": ("down", "qk"), "rotation": "hadamard", "pad": False}),
     TransformSpec("ostquant", _run_ostquant, needs_calibration=True, options=_OSTQUANT_OPTIONS),
+    TransformSpec("vision_rotation", lambda m, c, k, o, r, p: (vision_rotation(m, k, **o), ()),
+                  needs_calibration=False, options={"online": True, "ov": True}),
+    TransformSpec("rms_split", lambda m, c, k, o, r, p: (rms_split(m, **o), ()), needs_calibration=False,
+                  options={"tau": 1.0, "layers": ".*"}),
     TransformSpec("adaln_smoothquant", lambda m, c, k, o, r, p: (adaln_smoothquant(m, c, **o), ()),
                   needs_calibration=True, options={"alpha": 0.5}, only_step=True),
     TransformSpec("mambaquant", lambda m, c, k, o, r, p: (mambaquant(m, c, k, **o), ()), needs_calibration=True,
