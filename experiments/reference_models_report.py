@@ -2,19 +2,30 @@
 
     python experiments/reference_models_report.py                               # every bundled model
     python experiments/reference_models_report.py --models jq-llama-small jq-llama-tiny
+    python experiments/reference_models_report.py --resume --part outliers --models jq-llama-tiny jq-llama-small \
+        jq-llama-long jq-moe-small jq-mamba-small jq-rwkv6-small                # outlier statistics only
     python experiments/reference_models_report.py --report-only                 # rebuild the .md from the .json
     python experiments/reference_models_report.py --quick --out /tmp/r         # smoke run: jq-llama-tiny, a few items
 
-Columns: parameters, training tokens and CPU time (from each model's
+Evaluation part: parameters, training tokens and CPU time (from each model's
 reference_info.json, written at training time), then validation perplexity
 and zero-shot accuracy measured now on the shipped weights. ``--models`` only
 chooses which models run, so ``--resume`` adds models to an existing JSON.
+
+Outlier part (``jquant.eval.outliers`` on ``OUTLIER_SEQUENCES`` random train windows of ``OUTLIER_LENGTH``
+tokens): per site kind (the sites sharing one input, e.g. q/k/v), the max/median channel absmax ratio, the
+max/median channel RMS ratio and the Gaussian-channel kurtosis, median and maximum over layers; per block, the
+residual stream's kurtosis and massive activations (max |x| / median |x|, Sun et al. 2024); for MoE models the
+routed tokens per expert (MoEQuant's σ). The reading compares them with the outlier sizes the specs use or quote
+and says, per method, whether the phenomenon it targets is present.
 """
 
 import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import harness
 from harness import Column, Results
@@ -41,17 +52,59 @@ def evaluate(name: str, items: int, windows: int | None) -> dict[str, Any]:
             **{f"zero_shot_{t}": zs[t].accuracy for t in TASKS}}
 
 
+OUTLIER_SEQUENCES, OUTLIER_LENGTH = 16, 256  # random train windows for the outlier statistics
+LLM_FAMILIES = ("llama", "moe", "mamba", "mamba2", "rwkv6")  # families whose outliers are measured
+
+
+def _family(info) -> str | None:
+    """A bundled model's family: its reference_info.json's, else its config.json's model_type."""
+    config = info.path / "config.json"
+    return info.info.get("family") or (json.loads(config.read_text()).get("model_type") if config.is_file() else None)
+
+
+def outliers(name: str) -> dict[str, Any]:
+    """One model's outlier statistics (module docstring) on random train windows, as JSON-ready numbers."""
+    import dataclasses
+
+    import jax
+
+    from jquant.data import load_split, random_windows
+    from jquant.eval.experts import ExpertUsage
+    from jquant.eval.outliers import model_outliers
+    from jquant.models import load
+
+    loaded = load(name)
+    tokens = random_windows(load_split("train"), loaded.tokenizer, OUTLIER_SEQUENCES, OUTLIER_LENGTH,
+                            jax.random.key(0))
+    report = model_outliers(loaded.model, tokens, batch_size=8)
+    experts = {p.rsplit("/", 1)[0]: s.group_tokens for p, s in report.sites.items() if s.group_tokens is not None}
+    usage = None
+    if experts:
+        layers = tuple(sorted(experts, key=lambda p: [int(t) if t.isdigit() else 0 for t in p.split("/")]))
+        usage = ExpertUsage(layers=layers, counts=np.array([experts[p] for p in layers])).to_dict()
+    return {"sequences": OUTLIER_SEQUENCES, "length": OUTLIER_LENGTH,
+            "sites": {p: dataclasses.asdict(s) for p, s in report.sites.items()},
+            "blocks": [{"block": p, **dataclasses.asdict(h)} for p, h in report.blocks],
+            "output": dataclasses.asdict(report.output), "experts": usage}
+
+
 def run(args: argparse.Namespace, results: Results) -> None:
-    """One row per model of ``args.models`` (default: every bundled model) not already in ``results``."""
+    """For ``--part evaluation`` (or all) one row per model of ``args.models`` (default: every bundled model) not
+    already in ``results``; for ``--part outliers`` (or all) the outlier statistics of every language model among
+    them not already in ``results.meta["outliers"]``."""
     from jquant.models import list_models
 
-    bundled = [i.name for i in list_models()]
-    unknown = sorted(set(args.models or ()) - set(bundled))
+    infos = {i.name: i for i in list_models()}
+    unknown = sorted(set(args.models or ()) - set(infos))
     if unknown:
-        raise SystemExit(f"--models: {', '.join(unknown)} not bundled; choose from {', '.join(bundled)}")
-    for name in args.models or bundled:
-        if not results.has(name=name):
+        raise SystemExit(f"--models: {', '.join(unknown)} not bundled; choose from {', '.join(infos)}")
+    for name in args.models or infos:
+        if args.part in ("all", "evaluation") and not results.has(name=name):
             results.add(evaluate(name, args.items, args.windows))
+        done = results.meta.get("outliers", {})
+        if args.part in ("all", "outliers") and _family(infos[name]) in LLM_FAMILIES and name not in done:
+            print(f"outliers: {name}", flush=True)
+            results.set_meta(outliers={**done, name: outliers(name)})
 
 
 def report(runs: list[Results], base: Path) -> None:
@@ -76,9 +129,109 @@ def report(runs: list[Results], base: Path) -> None:
         "",
         harness.reproduce(results.command),
         "",
+        *outlier_section(results.meta.get("outliers", {})),
         "Raw numbers:", "", "```json", json.dumps(results.rows, indent=1, default=str), "```"]
     harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines[:8 + len(results.rows)]))
+
+
+OUTLIER_FACTOR = 10.0  # the smallest factor the specs plant to mimic real outlier channels (skvq.md §5: ×10–20)
+MASSIVE_TOP, MASSIVE_RATIO = 100.0, 1000.0  # Sun et al. 2024: |x| > 100 and about 1000× the median |x|
+SITE_COLUMNS = [Column("input of", "kind"), Column("layers", "layers"),
+                Column("absmax max/median (median, max over layers)", lambda r: f"{r['absmax'][0]:.1f}, {r['absmax'][1]:.1f}"),
+                Column("RMS max/median", lambda r: f"{r['rms'][0]:.1f}, {r['rms'][1]:.1f}"),
+                Column("channel kurtosis", lambda r: f"{r['kurt'][0]:.1f}, {r['kurt'][1]:.1f}"),
+                Column("top channel (layers)", "channels")]
+BLOCK_COLUMNS = [Column("hidden state", "block"), Column("kurtosis", "kurtosis", ".1f"), Column("max abs(x)", "top", ".3g"),
+                 Column("median abs(x)", "median", ".3g"), Column("max / median", "top_over_median", ".0f"),
+                 Column("position of max", "top_token"), Column("channel of max", "top_channel")]
+
+
+def _site_kinds(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per site kind (the sites of a block reading one input, e.g. q/k/v), the median and maximum over layers of
+    each channel statistic and the top channel of each layer."""
+    prefixes = [b["block"] + "/" for b in stats["blocks"]]
+    by_rel: dict[str, list[dict]] = {}
+    for path, site in stats["sites"].items():
+        prefix = next(p for p in prefixes if path.startswith(p))
+        by_rel.setdefault(path[len(prefix):], []).append(site)
+    same = lambda a, b: all(a[k] == b[k] for k in ("absmax_ratio", "rms_ratio", "channel_kurtosis", "tokens"))  # noqa: E731
+    kinds: list[list[str]] = []
+    for rel in by_rel:  # sites whose statistics are identical in every layer share their input
+        home = next((k for k in kinds if len(by_rel[k[0]]) == len(by_rel[rel])
+                     and all(map(same, by_rel[k[0]], by_rel[rel]))), None)
+        home.append(rel) if home is not None else kinds.append([rel])
+    rows = []
+    for kind in kinds:
+        sites = by_rel[kind[0]]
+        pick = lambda key: np.array([s[key] for s in sites])  # noqa: E731
+        agg = lambda key: (float(np.median(pick(key))), float(pick(key).max()))  # noqa: E731
+        rows.append({"kind": " = ".join(kind), "layers": len(sites), "absmax": agg("absmax_ratio"),
+                     "rms": agg("rms_ratio"), "kurt": agg("channel_kurtosis"),
+                     "channels": ", ".join(str(s["top_channel"]) for s in sites)})
+    return rows
+
+
+def _massive(h: dict[str, Any]) -> bool:
+    return h["top"] > MASSIVE_TOP and h["top_over_median"] > MASSIVE_RATIO
+
+
+def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
+    """The outlier statistics' tables and reading (every number formatted from ``by_model``)."""
+    if not by_model:
+        return []
+    first = next(iter(by_model.values()))
+    lines = ["## Outlier statistics", "",
+             f"On {first['sequences']} random train windows of {first['length']} tokens per model "
+             "(`jquant.eval.outliers`). Site inputs: max/median over channels of the channel absmax and of the "
+             "channel RMS, and the channel kurtosis 3 d Σσ_c⁴ / (Σσ_c²)² (3 when all channels have equal RMS, "
+             "d·3 when one channel holds all the energy), each as median and maximum over the layers. Hidden states "
+             "(the residual stream entering each block, and leaving the last): Pearson kurtosis of the entries "
+             "and max |x| / median |x| (Sun et al. 2024 call an activation massive when |x| > "
+             f"{MASSIVE_TOP:g} and about {MASSIVE_RATIO:g}× the median; they report ratios near 10⁴ in LLaMA2-7B).", ""]
+    verdicts: dict[str, list[str]] = {"channels": [], "massive": [], "variance": [], "experts": []}
+    for name, stats in by_model.items():
+        kinds = _site_kinds(stats)
+        hidden = [*stats["blocks"], {"block": "output", **stats["output"]}]
+        lines += [f"### {name}", "", *harness.table(kinds, SITE_COLUMNS), "", *harness.table(hidden, BLOCK_COLUMNS), ""]
+        worst = max(kinds, key=lambda k: k["absmax"][1])
+        loudest = max(kinds, key=lambda k: k["rms"][1])
+        big = max(hidden, key=lambda h: h["top_over_median"])
+        verdicts["channels"].append(f"{name} {worst['absmax'][1]:.1f}× ({worst['kind']}): "
+                                    + ("present" if worst["absmax"][1] >= OUTLIER_FACTOR else "absent"))
+        verdicts["massive"].append(f"{name} {big['top_over_median']:.0f}× at {big['block']} (max |x| "
+                                   f"{big['top']:.3g}): " + ("present" if _massive(big) else "absent"))
+        verdicts["variance"].append(f"{name} {loudest['rms'][1]:.1f}× ({loudest['kind']}): "
+                                    + ("present" if loudest["rms"][1] >= OUTLIER_FACTOR else "absent"))
+        if stats.get("experts"):
+            e = stats["experts"]
+            counts = np.array(e["counts"], float)
+            lines += [f"Routed tokens per expert (top-k assignments, per layer): σ = {e['sigma']:.4f} (MoEQuant's "
+                      f"balance measure), busiest / least-used expert {e['max_over_min_share']:.2f}×; "
+                      + "; ".join(f"{layer}: " + ", ".join(str(int(c)) for c in row)
+                                  for layer, row in zip(e["layers"], counts)) + ".", ""]
+            verdicts["experts"].append(f"{name} σ {e['sigma']:.4f}, busiest / least-used {e['max_over_min_share']:.2f}×")
+    lines += ["### Reading: is each method's target phenomenon present?", "",
+              f"- Channel outliers in linear inputs (SmoothQuant-style smoothing, OSTQuant's scalings and rotation, "
+              f"QuaRot/SpinQuant rotations, MQuant): the specs plant ×10–20 channels to mimic real models "
+              f"(`/work/shared/specs/skvq.md` §5: k_proj rows ×10–20; `/work/shared/specs/mambaquant.md` §5: norm gains "
+              f"×20; `/work/shared/specs/video_dit_mixed_precision_tdc.md` §3.4: an input is an outlier layer when "
+              f"max|X| / mean|X| > 25). Largest max/median channel absmax ratio, counted present at "
+              f"≥ {OUTLIER_FACTOR:g}×: " + "; ".join(verdicts["channels"]) + ".",
+              f"- Massive activations in the residual stream (rotation methods spread them; WKVQuant's MAE loss is "
+              f"chosen against them, `/work/shared/specs/wkvquant.md` §3.4): largest max/median: "
+              + "; ".join(verdicts["massive"]) + ".",
+              f"- Uneven channel variances (MambaQuant's target: Hadamard evens maxima but not variances, "
+              f"`/work/shared/specs/mambaquant.md` §2): largest max/median channel RMS ratio, present at "
+              f"≥ {OUTLIER_FACTOR:g}×: " + "; ".join(verdicts["variance"]) + "."]
+    if verdicts["experts"]:
+        lines.append("- Inter-expert imbalance on ordinary text (MoEQuant's EBSS, `/work/shared/specs/moequant.md` §2: "
+                     "a domain-specific set routes unevenly): " + "; ".join(verdicts["experts"])
+                     + " (see `moe.md` for σ of the calibration sets and EBSS's balance gate).")
+    lines += ["- Weight outliers (RWKVQuant's proxy, `/work/shared/specs/rwkvquant.md` §3.2, a 20× outlier) and "
+              "key-channel outliers of the KV cache (SKVQ, WKVQuant) are properties of weights and keys, not of the "
+              "site inputs measured here: see `rwkvquant.md`'s proxy table and `kvcache.md`.", ""]
+    return lines
 
 
 def main() -> None:
@@ -89,9 +242,11 @@ def main() -> None:
                         help="zero-shot items per task (default: %(default)s)")
     parser.add_argument("--windows", type=int, default=None,
                         help="validation windows (default: the whole split)")
+    parser.add_argument("--part", choices=("all", "evaluation", "outliers"), default="all",
+                        help="which part runs: perplexity and zero-shot rows, outlier statistics, or both")
     harness.add_arguments(parser)
     harness.run_experiment(parser, stem=lambda a: "reference_models", key=("name",), run=run, report=report,
-                           volatile=("models",), quick={"models": ["jq-llama-tiny"], "items": 8, "windows": 2})
+                           volatile=("models", "part"), quick={"models": ["jq-llama-tiny"], "items": 8, "windows": 2})
 
 
 if __name__ == "__main__":
