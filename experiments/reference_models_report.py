@@ -199,8 +199,11 @@ def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
         big = max(hidden, key=lambda h: h["top_over_median"])
         verdicts["channels"].append(f"{name} {worst['absmax'][1]:.1f}× ({worst['kind']}): "
                                     + ("present" if worst["absmax"][1] >= OUTLIER_FACTOR else "absent"))
+        channels = [h["top_channel"] for h in hidden]
+        common = max(set(channels), key=channels.count)
         verdicts["massive"].append(f"{name} {big['top_over_median']:.0f}× at {big['block']} (max |x| "
-                                   f"{big['top']:.3g}): " + ("present" if _massive(big) else "absent"))
+                                   f"{big['top']:.3g}; channel {common} holds the maximum in {channels.count(common)} "
+                                   f"of {len(hidden)} hidden states): " + ("present" if _massive(big) else "absent"))
         verdicts["variance"].append(f"{name} {loudest['rms'][1]:.1f}× ({loudest['kind']}): "
                                     + ("present" if loudest["rms"][1] >= OUTLIER_FACTOR else "absent"))
         if stats.get("experts"):
