@@ -163,8 +163,8 @@ class ECARTransformer(nnx.Module):
             x0, noise = (jnp.concatenate([a.reshape(b, r * r, -1)] * rep) for a in (ends[s], starts[s]))
             zs = jnp.concatenate([z[s]] * rep)
             tau = jax.random.uniform(keys[cfg.num_stages + s], x0.shape[:2])
-            head = lambda xt, t, c, s=s: self.velocity(s, xt.reshape(-1, r, r, xt.shape[-1]), t, c  # noqa: E731
-                                                       ).reshape(xt.shape)
+            head = lambda xt, t, c, s=s, r=r: self.velocity(s, xt.reshape(-1, r, r, xt.shape[-1]), t, c  # noqa: E731
+                                                            ).reshape(xt.shape)
             losses.append(ar_blocks.masked_flow_loss(head, x0, zs, jnp.ones(x0.shape[:2], bool), tau, noise))
         return jnp.mean(jnp.stack(losses))
 

@@ -4,7 +4,6 @@ training loss, the sampler's steps and refusals, save / load and `jquant generat
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
