@@ -12,11 +12,15 @@ is quantized by:
 - RTN: round to nearest on the scalar format;
 - GPTQ only / VQ only: RWKVQuant with every matrix forced to one branch (``vq_fraction`` 0 or 1);
 - RWKVQuant: the coarse-to-fine proxy with the paper's fixed thresholds (tau_c, tau_f), and with a
-  per-model percentile threshold (``--vq-fraction``).
+  per-model percentile threshold (``--vq-fraction``, by default the paper's 10% of the matrices to VQ);
+- RWKVQuant (paper codebooks): the percentile row with the paper code's codebooks: Mahalanobis k-means start,
+  rank-4 SVD codebooks stored as int8 with one scale per fitting step (``kmeans_init``, ``svd_rank``,
+  ``codebook_bits``), for the matrices and the mix vectors.
 
 The element-wise mix vectors (``time_maa_*``) take the same activation-weighted codebook in every
-quantized setting, so the rows differ only in how the matrices are quantized. Embedding and head stay
-float. Metrics: validation perplexity, zero-shot accuracy, stored bits per weight (from the arrays),
+quantized setting but the paper-codebooks row, so the other rows differ only in how the matrices are
+quantized. Embedding and head stay float. Metrics: validation perplexity, zero-shot accuracy, stored bits per weight (from the arrays; compressed
+codebooks as RWKVQuant stores them, ``RWKVQuantReport.bits_per_weight``),
 the proxy's choice per matrix kind, and how often that choice agrees with the branch of lower
 layer-output error ``tr(ΔWᵀ H ΔW)`` (``H = XᵀX`` of the float model's inputs on the calibration set).
 Rows are saved as they finish; ``--resume`` keeps every bits setting whose rows are all present (the
@@ -31,18 +35,24 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import harness
 import jax
 import numpy as np
-
-import harness
-import jquant as jq
 from harness import Column, Results
+from jquant.models import load
+
+import jquant as jq
+from jquant.algorithms.rwkvquant_proxy import TAU_C, TAU_F
 from jquant.calib.capture import model_input_statistics
 from jquant.data import load_split, random_windows, token_windows
 from jquant.eval import perplexity, zero_shot
 from jquant.formats import QArray, dequantize
-from jquant.methods.rwkvquant import RWKVQuantConfig, rwkvquant, rwkvquant_recipe
-from jquant.models import load
+from jquant.methods.rwkvquant import (
+    VQ_FRACTION,
+    RWKVQuantConfig,
+    rwkvquant,
+    rwkvquant_recipe,
+)
 from jquant.sites import find_sites
 
 BITS = (3.25, 3.0)
@@ -89,11 +99,15 @@ def evaluate(model, tokenizer, windows, n_items: int) -> dict:
     return {"ppl": perplexity(model, windows, batch_size=8, progress=False).ppl, **{t: zs[t].accuracy for t in TASKS}}
 
 
+PAPER_CODEBOOKS = {"kmeans_init": "mahalanobis", "svd_rank": 4, "codebook_bits": 8}  # spec §3.4: --svd-rank 0.5 of K=8
+
+
 def _methods(vq_fraction: float) -> dict[str, dict | None]:
     """Method name -> RWKVQuantConfig changes (None: RTN)."""
     return {"RTN": None, "GPTQ only": {"vq_fraction": 0.0}, "VQ only": {"vq_fraction": 1.0},
-            "RWKVQuant (fixed thresholds)": {},
-            f"RWKVQuant (percentile, {vq_fraction:.0%} VQ)": {"vq_fraction": vq_fraction}}
+            "RWKVQuant (fixed thresholds)": {"tau_c": TAU_C, "tau_f": TAU_F},
+            f"RWKVQuant (percentile, {vq_fraction:.0%} VQ)": {"vq_fraction": vq_fraction},
+            f"RWKVQuant (paper codebooks, {vq_fraction:.0%} VQ)": {"vq_fraction": vq_fraction, **PAPER_CODEBOOKS}}
 
 
 def run(args: argparse.Namespace, results: Results) -> None:
@@ -122,8 +136,10 @@ def run(args: argparse.Namespace, results: Results) -> None:
                 qmodel, report = rwkvquant(model, calib, dataclasses.replace(config, **changes), progress=False)
             seconds = time.perf_counter() - t0
             errors[method] = _output_errors(model, qmodel, hessians)
-            row = {"bits": bits, "method": method, "seconds": seconds, "linear_bits": _stored_bits(qmodel, "linear"),
-                   "mix_bits": _stored_bits(qmodel, "elementwise"), "output_error": sum(errors[method].values())}
+            row = {"bits": bits, "method": method, "seconds": seconds, "output_error": sum(errors[method].values()),
+                   "linear_bits": _stored_bits(qmodel, "linear") if report is None else report.bits_per_weight(),
+                   "mix_bits": _stored_bits(qmodel, "elementwise") if report is None else
+                   report.bits_per_weight(("mix",))}
             if report is not None:
                 row["vq_share"] = report.vq_fraction
                 row["tau"] = [report.tau_c, report.tau_f]
@@ -255,8 +271,8 @@ def main() -> None:
                         help="calibration windows (GPTQ/GPTVQ Hessians, mix importance)")
     parser.add_argument("--windows", type=int, default=120, help="validation windows for perplexity")
     parser.add_argument("--items", type=int, default=200, help="zero-shot items per task")
-    parser.add_argument("--vq-fraction", type=float, default=0.5,
-                        help="share of matrices given VQ by the percentile rule")
+    parser.add_argument("--vq-fraction", type=float, default=VQ_FRACTION,
+                        help="share of matrices given VQ by the percentile rule (the paper: about 0.1)")
     harness.add_arguments(parser, model="jq-rwkv6-small")
     harness.run_experiment(
         parser, stem=lambda a: "rwkvquant" if a.model == "jq-rwkv6-small" else f"rwkvquant-{a.model}",
