@@ -9,8 +9,11 @@ Per step t and block b (spec ``video_dit_mixed_precision_tdc.md`` §3.5)::
     skip?   TDC: e defined and E_acc + e < τ_c and run < N_max   |  FORA: t mod k != 0  |  TeaCache: the whole stack
     skip:    Y = X + δ_b;  E_acc += e;  run += 1;  Γ undefined (PDR)
     compute: route_l = NVFP4 if α_l Γ_{b,t−1} + β_l <= τ_q else INT8 (INT8 where Γ undefined), FLOAT if ρ(x_l) > 25
-             Y = block(X, route);  e = ‖δ_new − δ_b‖₁ / ‖δ_b‖₁;  δ_b = Y − X;  Γ_{b,t} = ‖Y − X‖₁ / ‖X‖₁ (video);
+             Y = block(X, route);  e = ‖δ_new − δ_b‖₁ / ‖δ_b‖₁;  δ_b = Y − X;  Γ_{b,t} = ‖Y − X‖₁ / ‖X‖₁;
              E_acc = 0;  run = 0
+
+Γ and e are taken on the video stream (spec §7.1's recommendation), over the whole guided batch; δ_b caches both
+streams (video and text), and a skip adds both.
 
 Weights: the routed linears hold one copy (the recipe's, NVFP4 for ``6bit-diffusion``); both activation routes
 multiply the same dequantized weights (the INT8 GEMM's weight cast is not simulated). The routed copy of the
