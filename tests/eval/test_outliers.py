@@ -80,6 +80,8 @@ def test_planted_embedding_outlier_channel_is_found(factor):
                                [ref.absmax_ratio, ref.rms_ratio, ref.channel_kurtosis], rtol=1e-4)
     assert report.output is not None and set(report.sites) >= {"layers/1/mlp/down_proj", "layers/0/self_attn/o_proj"}
     if factor > 1:
-        assert site.top_channel == got.top_channel == PLANTED and site.absmax_ratio > 10 and site.channel_kurtosis > 30
+        # RMSNorm caps one channel near sqrt(d) = 8 times the others' scale, so the range ratio stays below that
+        assert site.top_channel == got.top_channel == PLANTED and site.absmax_ratio > 4 and site.rms_ratio > 10
+        assert site.channel_kurtosis > 30 and got.top_over_median > 50
     else:
         assert site.absmax_ratio < 3 and site.channel_kurtosis < 6
