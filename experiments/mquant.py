@@ -128,18 +128,18 @@ def _without_rms(name: str):
 def _rows() -> list[tuple]:
     from jquant.recipes import get
 
-    return [
-        ("RTN, dynamic per-token A8", "W8A8", lambda: get("rtn-w8a8"), None, False),
-        ("GPTQ, dynamic per-token A8", "W8A8", lambda: get("rtn-w8a8", algorithm="gptq"), None, False),
-        ("SmoothQuant, dynamic per-token A8", "W8A8", lambda: get("smoothquant-w8a8"), None, False),
+    return [  # the MQuant comparison first, so a stopped run still holds it
+        ("MQuant (MSQ + RMS)", "W4A8", lambda: get("mquant-w4a8"), None, True),
+        ("MQuant without RMS (MSQ)", "W4A8", lambda: _without_rms("mquant-w4a8"), None, True),
+        ("QuaRot + GPTQ, one shared static scale", "W4A8", lambda: _without_rms("mquant-w4a8"), "shared", True),
+        ("QuaRot + GPTQ, dynamic per-token A8", "W4A8", lambda: get("quarot-w4a8-dynamic-vl"), None, False),
+        ("MQuant (MSQ + RMS), visual W4", "W4A8", lambda: get("mquant-w4a8-vit4"), None, False),
         ("RTN, dynamic per-token A8", "W4A8", lambda: _w4a8("rtn"), None, False),
         ("GPTQ, dynamic per-token A8", "W4A8", lambda: _w4a8("gptq"), None, False),
         ("SmoothQuant, dynamic per-token A8", "W4A8", lambda: _w4a8("smoothquant"), None, False),
-        ("QuaRot + GPTQ, dynamic per-token A8", "W4A8", lambda: get("quarot-w4a8-dynamic-vl"), None, False),
-        ("QuaRot + GPTQ, one shared static scale", "W4A8", lambda: _without_rms("mquant-w4a8"), "shared", True),
-        ("MQuant without RMS (MSQ)", "W4A8", lambda: _without_rms("mquant-w4a8"), None, True),
-        ("MQuant (MSQ + RMS)", "W4A8", lambda: get("mquant-w4a8"), None, True),
-        ("MQuant (MSQ + RMS), visual W4", "W4A8", lambda: get("mquant-w4a8-vit4"), None, False),
+        ("RTN, dynamic per-token A8", "W8A8", lambda: get("rtn-w8a8"), None, False),
+        ("GPTQ, dynamic per-token A8", "W8A8", lambda: get("rtn-w8a8", algorithm="gptq"), None, False),
+        ("SmoothQuant, dynamic per-token A8", "W8A8", lambda: get("smoothquant-w8a8"), None, False),
     ]
 
 
@@ -288,6 +288,9 @@ def _reading(q: dict) -> list[str]:
            + ("with no split, MSQ + RMS equals MSQ by construction: the trained down_proj rows have no dominant "
               "same-sign mean, unlike the layers the paper's Eq. 9 flags." if active == 0 else
               f"the split changes exact match by {full - msq:+.3f} (the paper: +5.4 points on TextVQA)."),
+           *([f"- Text perplexity is {q['float']['ppl']:.3g} already in float: the reference LM was fine-tuned on "
+              "VQA prompts only, so the perplexity column compares quantized models with each other, not with a "
+              "usable LM."] if q["float"]["ppl"] > 1000 else []),
            "- AIFS (image tokens first) only reorders rows: with per-token scale selection every token gets the same "
            "quantization either way (tests/models/test_qwen2_vl_transforms.py checks the float exactness), so it "
            "changes latency (the table above), not these numbers."]
