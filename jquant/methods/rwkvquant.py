@@ -111,7 +111,8 @@ class RWKVQuantConfig:
             if reason:
                 raise ValueError(f"RWKVQuantConfig.{name}={getattr(self, name)!r}: {reason}")
         check_thresholds(*self.fixed_thresholds)
-        percentile_thresholds([0.0], [0.0], self.percentile)  # validates the fraction
+        if self.percentile is not None:
+            percentile_thresholds([0.0], [0.0], self.percentile)  # validates the fraction
         _ = self.codebook  # validates the codebook options
         for name in ("sq_options", "vq_options", "mix_options"):
             object.__setattr__(self, name, _freeze(getattr(self, name)))
