@@ -22,8 +22,8 @@ peak resident memory is its own; each quantizes the model twice in that process 
 ``oneshot`` calls on freshly loaded copies; jquant: two ``jq.quantize`` calls on the loaded model, the first
 including compilation). Reported per call: wall time of the whole call (calibration forwards included), the
 summed time of the per-linear GPTQ solves (llm-compressor: its ``quantize_weight``, one call per batch of
-same-shape linears; jquant: ``gptq_core.gptq``, one call per linear, waited for) and the peak RSS of the call
-(``VmHWM`` after resetting it through ``/proc/self/clear_refs``). Timings on a shared machine are noisy: compare
+same-shape linears; jquant: ``gptq_core.gptq``, one call per linear, waited for), the resident memory when the
+call starts (``VmRSS``) and the peak RSS of the call (``VmHWM`` after resetting it through ``/proc/self/clear_refs``). Timings on a shared machine are noisy: compare
 the ratios of one run.
 """
 
@@ -55,12 +55,21 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def _status_gb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError(f"/proc/self/status has no {field} line; memory figures need Linux.")
+
+
 def peak_rss_gb() -> float:
     """Peak resident set of this process since the last ``reset_peak_rss``, in GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e9
-    raise RuntimeError("/proc/self/status has no VmHWM line; peak memory needs Linux.")
+    return _status_gb("VmHWM")
+
+
+def rss_gb() -> float:
+    """Current resident set of this process, in GB."""
+    return _status_gb("VmRSS")
 
 
 # ---- inputs (main venv) ------------------------------------------------------------------------------------
@@ -119,11 +128,12 @@ def llmc_worker(args: argparse.Namespace) -> None:
         recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=qargs)},
                               ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static")
         solves.clear()
+        rss_before = rss_gb()
         reset_peak_rss()
         t0 = time.perf_counter()
         oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
                 max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
-        calls.append({"seconds": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb(),
+        calls.append({"seconds": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": rss_before,
                       "solve_seconds": sum(s["seconds"] for s in solves), "solves": list(solves),
                       "threads": torch.get_num_threads()})
         print(f"llm-compressor oneshot: {calls[-1]['seconds']:.1f} s", flush=True)
@@ -163,10 +173,11 @@ def jquant_worker(args: argparse.Namespace) -> None:
     calls = []
     for _ in CALLS:
         solves.clear()
+        rss_before = rss_gb()
         reset_peak_rss()
         t0 = time.perf_counter()
         qmodel = jq.quantize(model, recipe, calib, batch_size=args.batch_size, progress=False)
-        calls.append({"seconds": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb(),
+        calls.append({"seconds": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": rss_before,
                       "solve_seconds": sum(s["seconds"] for s in solves), "solves": list(solves),
                       "devices": jax.device_count(), "cpus": os.cpu_count()})
         print(f"jquant quantize: {calls[-1]['seconds']:.1f} s", flush=True)
@@ -211,6 +222,11 @@ def _per_shape(solves: list[dict[str, Any]]) -> str:
     return ", ".join(f"{a}x{b}: {sum(v) / len(v):.2f} s" for (a, b), v in sorted(acc.items()))
 
 
+def _rss(before: float | None, peak: float) -> str:
+    """``before → peak`` resident memory of a call (runs that did not record ``before`` show the peak only)."""
+    return (f"{before:.2f} → " if before is not None else "") + f"{peak:.2f} GB"
+
+
 def report(runs: list[Results], base: Path) -> None:
     """Write ``<base>.md``: per model and call, both tools' times, memory and the jquant/llmc ratios."""
     results = runs[0]
@@ -225,7 +241,8 @@ def report(runs: list[Results], base: Path) -> None:
                 "model": model, "call": call, "llmc": lc["seconds"], "jquant": jqr["seconds"],
                 "ratio": jqr["seconds"] / lc["seconds"], "llmc_solve": lc["solve_seconds"],
                 "jquant_solve": jqr["solve_seconds"], "solve_ratio": jqr["solve_seconds"] / lc["solve_seconds"],
-                "llmc_rss": lc["peak_rss_gb"], "jquant_rss": jqr["peak_rss_gb"]})
+                "llmc_rss": lc["peak_rss_gb"], "jquant_rss": jqr["peak_rss_gb"],
+                "llmc_before": lc.get("rss_before_gb"), "jquant_before": jqr.get("rss_before_gb")})
     hidden, mlp = meta.get("hidden_mlp", (0, 0))
     names = {"qwen2-1layer": f"a random one-layer Qwen2 (hidden {hidden}, MLP {mlp}, 32 heads)",
              "jq-llama-small": "jq-llama-small"}
@@ -242,8 +259,8 @@ def report(runs: list[Results], base: Path) -> None:
                  Column("llmc GPTQ solves", lambda r: f"{r['llmc_solve']:.1f} s"),
                  Column("jquant GPTQ solves", lambda r: f"{r['jquant_solve']:.1f} s"),
                  Column("solve ratio", lambda r: f"{r['solve_ratio']:.2f}"),
-                 Column("llmc peak RSS", lambda r: f"{r['llmc_rss']:.2f} GB"),
-                 Column("jquant peak RSS", lambda r: f"{r['jquant_rss']:.2f} GB")]), "",
+                 Column("llmc RSS before → peak", lambda r: _rss(r["llmc_before"], r["llmc_rss"])),
+                 Column("jquant RSS before → peak", lambda r: _rss(r["jquant_before"], r["jquant_rss"]))]), "",
              "Mean GPTQ solve time per linear, by shape [in x out] (second call):", ""]
     for model in MODELS:
         for tool in ("llmc", "jquant"):
@@ -253,7 +270,8 @@ def report(runs: list[Results], base: Path) -> None:
                 lines.append(f"- {model}, {name}: {_per_shape(r['solves'])}")
     lines += ["", "Whole-call times include each tool's calibration forwards and bookkeeping; llm-compressor "
               "solves same-shape linears of a layer in one batched call, its per-linear time is that call's time "
-              "divided by the batch.", "", harness.reproduce(results.command), ""]
+              "divided by the batch. RSS before → peak: the process's resident memory when the call starts (model and "
+              "calibration data loaded) and its peak during the call.", "", harness.reproduce(results.command), ""]
     harness.write_text_atomic(base.with_suffix(".md"), "\n".join(lines))
 
 

@@ -24,6 +24,10 @@ all from the original weights up front; ``act_order`` (rows in order of
 decreasing ``diag(H)``) with groups always uses static groups, so every group
 stays a contiguous block of the original rows and the stored format is a
 plain group-wise one. ``block_size`` is rounded to a multiple of ``group_size``.
+
+Programs: ``gptq`` runs two XLA programs per weight shape and settings, the factor (``_sweep_factor_once``: the
+act-order permutation, damping and ``U``; damping traced, so retries reuse it) and the sweep (``gptq_sweep``);
+host arrays are cast on the host, so no eager operation compiles per shape. Sites of the same shape reuse both.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ParamsFn = Callable[[jax.Array], tuple[jax.Array, jax.Array | None]]
 QdqFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -81,10 +86,18 @@ def damped_factor(h: jax.Array, w: jax.Array, damp: float, max_retries: int = 4,
     """``(H_damped, W0, U, damp)``: ``prepare_hessian`` then ``inverse_cholesky_upper``, multiplying the
     damping by 10 (up to ``max_retries`` times) while ``H`` is not positive definite; then raises
     ``FloatingPointError`` naming ``what``."""
+    (h_damped, w0, u), damp = _with_damping_retries(lambda d: _damped_factor_once(h, w, d), damp, max_retries, what)
+    return h_damped, w0, u, damp
+
+
+def _with_damping_retries(factor_once: Callable, damp: float, max_retries: int, what: str) -> tuple[tuple, float]:
+    """``(outputs, damp)`` of the first ``factor_once(damp) -> (*outputs, finite)`` whose factor is finite, the
+    damping multiplied by 10 after each failure (``max_retries`` times); then a ``FloatingPointError`` naming
+    ``what``."""
     for _ in range(max_retries + 1):
-        h_damped, w0, u, finite = _damped_factor_once(h, w, damp)
+        *outputs, finite = factor_once(damp)
         if bool(finite):
-            return h_damped, w0, u, damp
+            return tuple(outputs), damp
         damp = damp * 10 if damp > 0 else 1e-4
     raise FloatingPointError(
         f"{what}: the Hessian is not positive definite even with damping {damp / 10:g}; the calibration inputs "
@@ -98,6 +111,23 @@ def _damped_factor_once(h: jax.Array, w: jax.Array, damp: float) -> tuple[jax.Ar
     h_damped, w0 = prepare_hessian(h, w, damp)
     u = inverse_cholesky_upper(h_damped)
     return h_damped, w0, u, jnp.all(jnp.isfinite(u))
+
+
+@functools.partial(jax.jit, static_argnames=("act_order",))
+def _sweep_factor_once(h: jax.Array, w: jax.Array, damp: float, *, act_order: bool
+                       ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """One try of GPTQ's factor as one program per shape: ``(W0, U, perm, finite)`` in the sweep's row order.
+
+    With ``act_order`` the rows are first permuted by ``act_order_permutation`` (damping and dead inputs commute
+    with permuting, so the permuted Hessian is factored directly); ``perm [in]`` is None without it. Unlike
+    ``_damped_factor_once`` the damped Hessian is no output, so no extra ``[in, in]`` buffer outlives the call.
+    """
+    perm = act_order_permutation(h) if act_order else None
+    if act_order:
+        h, w = h[perm][:, perm], w[perm]
+    h_damped, w0 = prepare_hessian(h, w, damp)
+    u = inverse_cholesky_upper(h_damped)
+    return w0, u, perm, jnp.all(jnp.isfinite(u))
 
 
 @jax.jit
@@ -206,9 +236,8 @@ def gptq(
     10 up to ``max_damp_retries`` times (the damping used is returned); after
     that a ``FloatingPointError`` explains what to do.
     """
-    dtype = jnp.promote_types(jnp.asarray(w).dtype, jnp.float32)  # float64 stays float64 (tests)
-    w = jnp.asarray(w, dtype)
-    h = jnp.asarray(h, dtype)
+    dtype = jnp.promote_types(jnp.result_type(w), jnp.float32)  # float64 stays float64 (tests)
+    w, h = _as_dtype(w, dtype), _as_dtype(h, dtype)
     n_in, n_out = w.shape
     if h.shape != (n_in, n_in):
         raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's input size {n_in}.")
@@ -220,10 +249,9 @@ def gptq(
     if n_in % block:
         block = gs if group_size else _largest_divisor_at_most(n_in, block)
 
-    perm = None
-    if config.act_order:  # factor the permuted Hessian directly (damping and dead inputs commute with permuting)
-        h, w, perm = _act_order_permute(h, w)
-    _, w0, u, damp = damped_factor(h, w, config.damp, max_damp_retries)
+    (w0, u, perm), damp = _with_damping_retries(
+        lambda d: _sweep_factor_once(h, w, float(d), act_order=config.act_order), config.damp, max_damp_retries, "gptq")
+    del h, w
     static = config.static_groups or config.act_order or group_size is None
     q, scales, zeros = gptq_sweep(w0, u, perm, params_fn=params_fn, qdq_fn=qdq_fn, group_size=gs, block_size=block,
                                   sub_block=math.gcd(block, gs, SUB_BLOCK), static_groups=static)
@@ -258,18 +286,20 @@ def gptq_sweep(w0, u, perm, *, params_fn, qdq_fn, group_size, block_size, sub_bl
     return (q if inverse is None else q[inverse]), scales, zeros
 
 
-@jax.jit
-def _act_order_permute(h: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(H[perm][:, perm], W[perm], perm)`` for ``perm = act_order_permutation(H)``."""
-    perm = act_order_permutation(h)
-    return h[perm][:, perm], w[perm], perm
-
-
 def act_order_permutation(h: jax.Array) -> jax.Array:
     """Rows in order of decreasing ``diag(H)`` as ``prepare_hessian`` leaves it (dead inputs count as 1; the
     damping adds the same amount to every entry, so it does not change the order)."""
     diag = jnp.diag(h)
     return jnp.argsort(-jnp.where(diag == 0, 1.0, diag))
+
+
+def _as_dtype(x, dtype) -> jax.Array:
+    """``x`` as a ``dtype`` device array without an XLA program: host arrays are cast by numpy and copied with
+    ``device_put``, device arrays of that dtype pass unchanged (``jnp.asarray(x, dtype)`` would compile a small
+    program for every new shape)."""
+    if isinstance(x, jax.Array):
+        return x if x.dtype == dtype else x.astype(dtype)
+    return jax.device_put(np.asarray(x, dtype))
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:

@@ -91,6 +91,16 @@ def _int_grid(fmt: IntFormat) -> tuple[Callable, Callable]:
     return params_fn, qdq_fn
 
 
+@functools.lru_cache(maxsize=None)
+def _int_encoder(fmt: IntFormat) -> Callable[[jax.Array, jax.Array, jax.Array | None], QArray]:
+    """``fmt.quantize_with_scales(w, scales, zeros, axis=0)`` as one program per shape, cached per format (run
+    eagerly it compiles a dozen small programs for every new weight shape)."""
+    def gptq_encode(w, scales, zeros):
+        return fmt.quantize_with_scales(w, scales, zeros, axis=0)
+
+    return jax.jit(gptq_encode)
+
+
 def gptq_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatistics | None,
                 options: Mapping[str, Any] = ()) -> QArray:
     """GPTQ-quantize ``weight [in, out]`` (``axis == 0``) using ``stats.hessian``; options: GPTQConfig fields."""
@@ -105,7 +115,7 @@ def gptq_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatis
     group = fmt.group_size if fmt.granularity == "group" else None
     config = _config(GPTQConfig, options, "gptq")
     result = gptq(weight.astype(jnp.float32), stats.hessian, params_fn, qdq_fn, group_size=group, config=config)
-    q = fmt.quantize_with_scales(result.weights, result.scales, result.zeros, axis=0)
+    q = _int_encoder(fmt)(result.weights, result.scales, result.zeros)
     return dataclasses.replace(q, dtype=jnp.dtype(weight.dtype).name)
 
 
