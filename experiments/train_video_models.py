@@ -45,14 +45,19 @@ def train_vae_stage(args) -> dict:
     from jquant.cli_video import vae_legibility, validation_prompts
     from jquant.models import hf_io
     from jquant.models import hunyuan_video_vae as hv
+    from jquant.models import load as load_model
+    from jquant.models.vae_inflation import inflate_image_vae
 
     out = args.bundle / "jq-video-vae-tiny"
     check_output_folder(out, overwrite=args.overwrite, argument="--overwrite")
     x = _clips("train", args.vae_train, 1, args.vae_frames)
     vx = _clips("validation", 64, 1, 17)
     cfg = hv.FAMILY.presets["jq-video-vae-tiny"]
-    model = hv.init_model(cfg, jax.random.key(1))
-    loop = LoopConfig(steps=args.vae_steps, warmup_steps=min(100, args.vae_steps // 10), peak_lr=1e-3,
+    if args.vae_init == "random":
+        model = hv.init_model(cfg, jax.random.key(1))
+    else:  # inflated from a trained image VAE (models/vae_inflation.py)
+        model = inflate_image_vae(load_model(args.vae_init).model, cfg, seed=1)
+    loop = LoopConfig(steps=args.vae_steps, warmup_steps=min(100, args.vae_steps // 10), peak_lr=args.vae_lr,
                       weight_decay=0.0, checkpoint_every=50, eval_every=100, ema_decay=0.995)
     result = im.train_vae(model, x, vx[:16], loop, args.workdir / "vae", batch_size=args.vae_batch,
                           kl_weight=args.kl_weight)
@@ -65,6 +70,7 @@ def train_vae_stage(args) -> dict:
                           f"{RESOLUTION}x{RESOLUTION}, 1-2 emoji, vocabulary {VOCABULARY}",
             "config": hv.FAMILY.config_to_json(scaled.config), "steps": loop.steps, "batch_size": args.vae_batch,
             "kl_weight": args.kl_weight, "ema_decay": loop.ema_decay, "train_seconds": round(result.seconds, 1),
+            "initialised_from": args.vae_init, "peak_lr": args.vae_lr,
             "machine": _machine(),
             "validation_psnr_db_17_frames": im.reconstruction_psnr(scaled, vx, batch_size=8),
             "chunked_vs_whole_max_abs_difference": float(np.max(np.abs(chunked - whole))),
@@ -196,6 +202,10 @@ def main() -> None:
     parser.add_argument("--vae-frames", type=int, default=5, help="frames per training clip (1 + 4k)")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch", type=int, default=8)
+    parser.add_argument("--vae-init", default="jq-vae-tiny",
+                        help="an image VAE to inflate the video VAE from (models/vae_inflation.py), or 'random' "
+                             "(default: %(default)s)")
+    parser.add_argument("--vae-lr", type=float, default=5e-4, help="peak learning rate of the VAE stage")
     parser.add_argument("--kl-weight", type=float, default=1e-3)
     parser.add_argument("--dit-train", type=int, default=20000)
     parser.add_argument("--dit-steps", type=int, default=3000)

@@ -639,12 +639,13 @@ FAMILY = Family(
     presets={
         # The bundled tiny video VAE (trained on 32x32 emoji clips): RGB clips of 1 + 4k frames at 32x32 -> 16-channel
         # latents of 1 + k frames at 8x8 (spatial 4x, temporal 4x: 12x fewer numbers; HunyuanVideo's own 48x, with 4
-        # channels, blurred the 13-16 px emoji of the clips past recognition). Three blocks of (16, 32, 32) channels,
-        # one resnet each (decoder: two), 8 groups: blocks 0 and 1 halve frames, height and width, block 2 keeps
-        # them. 3-D convolutions cost 3x their 2-D counterparts per frame, so the widths are half of jq-vae-tiny's to
-        # train in under an hour on 2 CPU cores; scaling_factor is set after training (1 / the latents' std).
+        # channels, blurred the 13-16 px emoji of the clips past recognition). jq-vae-tiny's sizes (three blocks of
+        # (32, 64, 64) channels, one resnet each (decoder: two), 16 groups; blocks 0 and 1 halve frames, height and
+        # width, block 2 keeps them), so it is inflated from jq-vae-tiny before training (models/vae_inflation.py: a
+        # half-width VAE trained from scratch for 2000 steps let the judge read 4% of its reconstructions);
+        # scaling_factor is set after training (1 / the latents' std).
         "jq-video-vae-tiny": HunyuanVideoVAEConfig(
-            block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, norm_num_groups=8,
+            block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=16, norm_num_groups=16,
             scaling_factor=1.0, spatial_compression_ratio=4, temporal_compression_ratio=4),
     },
     keep_float=("encoder/conv_in/conv", "encoder/conv_out/conv", "quant_conv", "post_quant_conv",
