@@ -80,6 +80,11 @@ def test_affinity_one_gives_bit_identical_gptq():
         np.testing.assert_array_equal(np.asarray(dequantize(alone)), np.asarray(dequantize(plain.weight))[e])
     weighted = dataclasses.replace(stats, affinity_hessian=np.stack([x[:20].T @ (np.linspace(0.1, 1, 20)[:, None] * x[:20])] * 2))
     differs = quantize_experts(w, fmt, algorithm="gptq", experts=(0, 1), stats=weighted, options={"hessian": "affinity"})
+    # AGQ runs GPTQ on each expert's affinity-weighted Hessian Σ c_i x_i x_iᵀ (spec moequant.md §3.3), not the plain one
+    for e in range(2):
+        alone = gptq_weight(w[e], fmt, axis=0, stats=dataclasses.replace(
+            stats.group(e), hessian=weighted.affinity_hessian[e], affinity_hessian=None, affinity=None))
+        np.testing.assert_array_equal(np.asarray(dequantize(alone)), np.asarray(dequantize(differs.weight))[e])
     assert not np.array_equal(np.asarray(differs.weight.codes), np.asarray(plain.weight.codes))
 
 
