@@ -11,8 +11,9 @@ formats), ``jquant.recipes``, ``jquant.transforms`` (rotations, SmoothQuant, Qua
 ``jquant.SamplingConfig`` and ``jquant.sharding``. The subpackages
 ``jquant.models``, ``jquant.data``, ``jquant.eval``, ``jquant.finetune`` (integer LoRA
 fine-tuning), ``jquant.kv``, ``jquant.sampling`` (flow-matching sampling of diffusion models), ``jquant.ditfastattn``
-(attention plans), ``jquant.frame_rate`` (DLFR-VAE, VGDFR), ``jquant.methods`` (RWKVQuant, WKVQuant, MQuant) and
-``jquant.train`` are imported on first attribute access (``jq.eval``).
+(attention plans), ``jquant.frame_rate`` (DLFR-VAE, VGDFR), ``jquant.video_mixed`` (6Bit-Diffusion), ``jquant.ecar``
+(ECAR's stages and multistage flow), ``jquant.methods`` (RWKVQuant, WKVQuant, MQuant) and ``jquant.train`` are
+imported on first attribute access (``jq.eval``).
 """
 
 import importlib
@@ -36,8 +37,8 @@ from jquant.generate import generate as generate
 from jquant.quantization import quantize as quantize
 
 __version__ = "0.1.0"
-_LAZY_SUBPACKAGES = ("data", "ditfastattn", "eval", "finetune", "frame_rate", "kv", "methods", "models", "sampling",
-                     "train")
+_LAZY_SUBPACKAGES = ("data", "ditfastattn", "ecar", "eval", "finetune", "frame_rate", "kv", "methods", "models",
+                     "sampling", "train", "video_mixed")
 __all__ = ["SamplingConfig", "calib", "formats", "generate", "load", "ops", "quantize", "recipes", "save", "sharding",
            "size_report", "transforms", *_LAZY_SUBPACKAGES]
 

@@ -11,6 +11,7 @@ from jquant.eval.agreement import AgreementResult, distribution_agreement
 from jquant.eval.experts import ExpertUsage, expert_usage
 from jquant.eval.image import frechet_distance, prompt_accuracy, psnr, ssim
 from jquant.eval.optical_flow import tvl1_flow, warp
+from jquant.eval.outliers import HiddenOutliers, OutlierReport, SiteOutliers, hidden_outliers, model_outliers, site_outliers
 from jquant.eval.perplexity import PerplexityResult, perplexity, split_perplexity, target_logprobs
 from jquant.eval.report import LatencyResult, measure_latency, param_bytes, param_count
 from jquant.eval.video import (
@@ -35,4 +36,5 @@ __all__ = [
     "frame_prompt_accuracy", "frame_psnr", "frame_ssim", "perplexity", "prompt_accuracy", "psnr",
     "reconstruction_psnr", "split_perplexity", "ssim", "target_logprobs", "temporal_error", "tvl1_flow",
     "video_report", "warp", "zero_shot",
+    "HiddenOutliers", "OutlierReport", "SiteOutliers", "hidden_outliers", "model_outliers", "site_outliers",
 ]
