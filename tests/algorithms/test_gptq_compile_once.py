@@ -56,7 +56,7 @@ def test_new_shape_compiles_the_fixed_set_and_a_second_site_nothing(caplog, act_
                           np.asarray(q2.codes))
 
 
-def test_quantize_compiles_gptq_once_per_shape_and_a_second_call_nothing(caplog):
+def test_quantize_compiles_gptq_once_per_shape_and_a_second_call_no_gptq_or_block_program(caplog):
     cfg = llama.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
                             num_kv_heads=2)  # a config no other test uses
     model = llama.init_model(cfg, jax.random.key(0))
@@ -68,4 +68,4 @@ def test_quantize_compiles_gptq_once_per_shape_and_a_second_call_nothing(caplog)
     gptq_programs = [n for n in first if n in GPTQ_PROGRAMS]
     assert sorted(gptq_programs) == sorted(GPTQ_PROGRAMS * len(shapes)), gptq_programs
     _, second = _compiled(caplog, lambda: quantize(model, recipe, calib, progress=False))
-    assert second == []
+    assert [n for n in second if n in GPTQ_PROGRAMS or n == "_forward"] == [], second
