@@ -105,7 +105,7 @@ def test_split_lowers_the_w4_error_of_the_selected_layers():
     rotated = quarot(model, jax.random.key(0), online=("down",))  # the recipe's rotation (seed 0)
     with_rms = quantize(model, recipe, calib, batch_size=2, progress=False)
     without = quantize(model, unsplit, calib, batch_size=2, progress=False)
-    assert all(mquant.split_report(with_rms).values())
+    assert all(v for k, v in mquant.split_report(with_rms).items() if k.startswith("layers/"))
     split_error, plain_error = _weight_error(with_rms, rotated), _weight_error(without, rotated)
     assert all(4 * s < p for s, p in zip(split_error, plain_error)), (split_error, plain_error)
     held = ref.image_prompt(model.config.vision, [[(16, 8)]], seed=30)
@@ -121,7 +121,9 @@ def test_split_quantized_model_saves_and_loads(tmp_path):
     layer = model.layers[1].mlp.down_proj  # layer 1 keeps a zero mean: its split is inactive
     layer.kernel.set_value(layer.kernel.get_value() - layer.kernel.get_value().mean(axis=0))
     qmodel = quantize(model, "mquant-w4a8", _calibration(model.config), batch_size=2, progress=False)
-    assert mquant.split_report(qmodel) == {"layers/0/mlp/down_proj": True, "layers/1/mlp/down_proj": False}
+    report = mquant.split_report(qmodel)  # the recipe also visits the vision fc2 layers
+    assert {k: v for k, v in report.items() if k.startswith("layers/")} == {"layers/0/mlp/down_proj": True,
+                                                                           "layers/1/mlp/down_proj": False}
     restored = load(save(qmodel, tmp_path / "rms"))
     assert mquant.split_report(restored) == mquant.split_report(qmodel)
     prompt = ref.image_prompt(model.config.vision, [[(8, 16)]], seed=9)
