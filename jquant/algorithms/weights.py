@@ -198,13 +198,22 @@ def register_algorithm(spec: AlgorithmSpec) -> AlgorithmSpec:
     return _REGISTRY.register(spec.name, spec)
 
 
+# Algorithms defined by a method's own module, registered when it is imported; importing them on first use lets a
+# checkpoint that names one load in a fresh process.
+_REGISTERED_ON_IMPORT = {"rwkvquant-codebook": "jquant.methods.rwkvquant_vq"}
+
+
 def algorithm(name: str) -> AlgorithmSpec:
     """The registered algorithm ``name``; the error lists the known ones."""
+    if name in _REGISTERED_ON_IMPORT and name not in _REGISTRY.names():
+        import importlib
+
+        importlib.import_module(_REGISTERED_ON_IMPORT[name])
     return _REGISTRY.get(name)
 
 
 def algorithm_names() -> tuple[str, ...]:
-    return _REGISTRY.names()
+    return tuple(sorted(set(_REGISTRY.names()) | set(_REGISTERED_ON_IMPORT)))
 
 
 for _spec in (

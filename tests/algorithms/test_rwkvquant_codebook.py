@@ -199,3 +199,16 @@ def test_paper_codebooks_end_to_end_report_the_compressed_bits():
         assert site.bits_per_weight == pytest.approx(3 + steps * (groups * r * 8 + r * 8 * 16 + 16) / q.size)
     logits, ref = np.asarray(qmodel(tokens)), np.asarray(model(tokens))
     assert np.linalg.norm(logits - ref) < 0.5 * np.linalg.norm(ref)
+
+
+def test_the_codebook_algorithm_is_found_in_a_fresh_process():
+    """A checkpoint naming ``rwkvquant-codebook`` re-plans its recipe at load: the algorithm must be found without
+    importing ``jquant.methods`` first."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from jquant.algorithms.weights import algorithm, algorithm_names; "
+            "assert 'jquant.methods.rwkvquant_vq' not in sys.modules; "
+            "assert algorithm('rwkvquant-codebook').name == 'rwkvquant-codebook'; "
+            "assert 'rwkvquant-codebook' in algorithm_names()")
+    subprocess.run([sys.executable, "-c", code], check=True)
