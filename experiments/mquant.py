@@ -287,7 +287,8 @@ def _reading(q: dict) -> list[str]:
            f"- RMS split {active} of {len(q['rms'])} layers; "
            + ("with no split, MSQ + RMS equals MSQ by construction: the trained down_proj rows have no dominant "
               "same-sign mean, unlike the layers the paper's Eq. 9 flags." if active == 0 else
-              f"the split changes exact match by {full - msq:+.3f} (the paper: +5.4 points on TextVQA)."),
+              f"the split changes exact match by {full - msq:+.3f} (the paper: +5.4 points on TextVQA); one question of "
+              f"{q['items']} is {1 / q['items']:.3f}, so differences this small are within the noise of this set."),
            *([f"- Text perplexity is {q['float']['ppl']:.3g} already in float: the reference LM was fine-tuned on "
               "VQA prompts only, so the perplexity column compares quantized models with each other, not with a "
               "usable LM."] if q["float"]["ppl"] > 1000 else []),
