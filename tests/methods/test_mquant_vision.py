@@ -76,7 +76,10 @@ def test_mquant_recipe_rotates_the_tower_splits_and_round_trips(tmp_path):
     assert isinstance(qmodel.visual.blocks[0].norm2, RMSNorm)
     prompt = ref.image_prompt(model.config.vision, [[(8, 16)]], seed=9)
     logits = _call(qmodel, prompt)
-    assert relative_error(logits, _call(model, prompt)) < 0.3
+    # static per-modality scales (MSQ) against per-token dynamic ones on the same rotated weights: close in error
+    dynamic = quantize(model, "quarot-w4a8-dynamic-vl", calib, batch_size=2, progress=False)
+    reference = _call(model, prompt)
+    assert relative_error(logits, reference) < 1.25 * relative_error(_call(dynamic, prompt), reference)
     restored = load(save(qmodel, tmp_path / "mquant"))
     assert mquant.split_report(restored) == mquant.split_report(qmodel)
     np.testing.assert_allclose(_call(restored, prompt), logits, rtol=1e-5, atol=1e-5)
