@@ -32,7 +32,8 @@ def test_ostquant_options_are_its_config_fields():
 
 
 def test_recipes_validate_against_the_registries():
-    assert set(transform_kinds()) == {"smoothquant", "quarot", "ostquant", "mambaquant", "adaln_smoothquant"}
+    assert set(transform_kinds()) == {"smoothquant", "quarot", "ostquant", "mambaquant", "adaln_smoothquant",
+                                      "rms_split", "vision_rotation"}
     assert {"rtn", "gptq", "gptvq", "pcdvq", "rwkvquant"} <= set(algorithm_names())
     with pytest.raises(ValueError, match=r"algorithm must be one of .*'gptq'.*got 'gtpq'"):
         Rule(pattern=".*", weight="int4", algorithm="gtpq")

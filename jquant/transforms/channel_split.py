@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import re
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jquant.formats import QArray
-from jquant.models.layers import ChannelSplit, Linear
+
+if TYPE_CHECKING:  # the layers are imported on use: importing the transforms imports no model code
+    from jquant.models.layers import Linear
 
 
 def _check_kernel(kernel, where: str) -> np.ndarray:
@@ -50,6 +54,8 @@ def split_channel(kernel) -> tuple[np.ndarray, np.ndarray]:
 
 def split_sites(model: nnx.Module, layers: str = ".*") -> list[tuple[str, Linear]]:
     """``(path, linear)`` of every linear with an online input Hadamard whose path matches the regex ``layers``."""
+    from jquant.models.layers import Linear
+
     try:
         pattern = re.compile(layers)
     except re.error as err:
@@ -72,6 +78,8 @@ def rms_split(model: nnx.Module, *, tau: float = 1.0, layers: str = ".*") -> nnx
     """A copy of ``model`` in which every online-Hadamard linear matching ``layers`` carries a ``ChannelSplit``:
     active (row 0 of the kernel moved to the float side branch) where :func:`needs_split` with ``tau`` holds,
     inactive (kernel unchanged, side zero) elsewhere, so every such layer has the same checkpoint structure."""
+    from jquant.models.layers import ChannelSplit
+
     model = nnx.clone(model)
     for path, linear in _sites_or_error(model, layers):
         kernel = linear.kernel.get_value()
@@ -87,6 +95,8 @@ def rms_split(model: nnx.Module, *, tau: float = 1.0, layers: str = ".*") -> nnx
 def add_split_structure(model: nnx.Module, layers: str = ".*") -> None:
     """Give an abstract model (``jquant.load``) the ``ChannelSplit`` of every layer :func:`rms_split` visited (in
     place; their values come from the checkpoint). Online rotations must be switched on first."""
+    from jquant.models.layers import ChannelSplit
+
     for _, linear in _sites_or_error(model, layers):
         kernel = linear.kernel.get_value()
         linear.channel_split = ChannelSplit(jax.ShapeDtypeStruct(kernel.shape[1:], kernel.dtype),
@@ -95,5 +105,7 @@ def add_split_structure(model: nnx.Module, layers: str = ".*") -> None:
 
 def split_report(model: nnx.Module) -> dict[str, bool]:
     """``{path: active}`` of every linear carrying a ``ChannelSplit``."""
+    from jquant.models.layers import Linear
+
     return {"/".join(map(str, path)): bool(np.asarray(m.channel_split.active.get_value()) > 0)
             for path, m in nnx.iter_graph(model) if isinstance(m, Linear) and m.channel_split is not None}

@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 from jquant.formats import QArray
-from jquant.models.layers import Linear, RMSNorm
 from jquant.numerics.hadamard import hadamard_numpy
 from jquant.transforms.equivalence import module_at, online_size
 from jquant.transforms.rotate import _rotation
@@ -82,6 +81,8 @@ def _put(tower: nnx.Module, path: str, name: str, value: np.ndarray) -> None:
 
 def _replace_norm(tower: nnx.Module, path: str, width: int, eps: float) -> None:
     """Put a gain-free RMSNorm (weight ones, the parameter dtype of the LayerNorm) at ``path``."""
+    from jquant.models.layers import RMSNorm  # on use: importing the transforms imports no model code
+
     parent, _, name = path.rpartition("/")
     norm = module_at(tower, path)
     dtype = norm.weight.get_value().dtype
@@ -99,6 +100,8 @@ def _norm_readers(layout: ViTLayout) -> list[tuple[str, str, int]]:
 
 
 def _check(tower: nnx.Module, layout: ViTLayout) -> None:
+    from jquant.models.layers import Linear
+
     for path, m in nnx.iter_graph(tower):
         if isinstance(m, Linear) and isinstance(m.kernel.get_value(), QArray):
             raise ValueError(f"vision_rotation: {'/'.join(map(str, path))} is already quantized; rotate the float model.")
