@@ -124,22 +124,31 @@ def _without_rms(name: str):
                                transforms=tuple(t for t in recipe.transforms if t.kind != "rms_split"))
 
 
-# rows: (label, setting, recipe builder, post-processing of the quantized model, spread over calibration seeds)
+def _gptq_w8a8():
+    import dataclasses
+
+    from jquant.recipes import get
+
+    recipe = get("rtn-w8a8", algorithm="gptq")
+    return dataclasses.replace(recipe, name="gptq-w8a8")
+
+
+# rows: (label, setting, recipe builder, spread over calibration seeds)
 def _rows() -> list[tuple]:
     from jquant.recipes import get
 
     return [  # the MQuant comparison first, so a stopped run still holds it
-        ("MQuant (MSQ + RMS)", "W4A8", lambda: get("mquant-w4a8"), None, True),
-        ("MQuant without RMS (MSQ)", "W4A8", lambda: _without_rms("mquant-w4a8"), None, True),
-        ("QuaRot + GPTQ, one shared static scale", "W4A8", lambda: _without_rms("mquant-w4a8"), "shared", True),
-        ("QuaRot + GPTQ, dynamic per-token A8", "W4A8", lambda: get("quarot-w4a8-dynamic-vl"), None, False),
-        ("MQuant (MSQ + RMS), visual W4", "W4A8", lambda: get("mquant-w4a8-vit4"), None, False),
-        ("RTN, dynamic per-token A8", "W4A8", lambda: _w4a8("rtn"), None, False),
-        ("GPTQ, dynamic per-token A8", "W4A8", lambda: _w4a8("gptq"), None, False),
-        ("SmoothQuant, dynamic per-token A8", "W4A8", lambda: _w4a8("smoothquant"), None, False),
-        ("RTN, dynamic per-token A8", "W8A8", lambda: get("rtn-w8a8"), None, False),
-        ("GPTQ, dynamic per-token A8", "W8A8", lambda: get("rtn-w8a8", algorithm="gptq"), None, False),
-        ("SmoothQuant, dynamic per-token A8", "W8A8", lambda: get("smoothquant-w8a8"), None, False),
+        ("MQuant (MSQ + RMS)", "W4A8", lambda: get("mquant-w4a8"), True),
+        ("MQuant without RMS (MSQ)", "W4A8", lambda: _without_rms("mquant-w4a8"), True),
+        ("QuaRot + GPTQ, one shared static scale", "W4A8", lambda: get("quarot-w4a8-static-vl"), True),
+        ("QuaRot + GPTQ, dynamic per-token A8", "W4A8", lambda: get("quarot-w4a8-dynamic-vl"), False),
+        ("MQuant (MSQ + RMS), visual W4", "W4A8", lambda: get("mquant-w4a8-vit4"), False),
+        ("RTN, dynamic per-token A8", "W4A8", lambda: _w4a8("rtn"), False),
+        ("GPTQ, dynamic per-token A8", "W4A8", lambda: _w4a8("gptq"), False),
+        ("SmoothQuant, dynamic per-token A8", "W4A8", lambda: _w4a8("smoothquant"), False),
+        ("RTN, dynamic per-token A8", "W8A8", lambda: get("rtn-w8a8"), False),
+        ("GPTQ, dynamic per-token A8", "W8A8", _gptq_w8a8, False),
+        ("SmoothQuant, dynamic per-token A8", "W8A8", lambda: get("smoothquant-w8a8"), False),
     ]
 
 
@@ -151,7 +160,7 @@ def quality(model_name: str, n_calib: int, n_items: int, seeds: tuple[int, ...],
     from jquant.cli_vl import _load, _vqa_accuracy, _vqa_resolution, calibration_set
     from jquant.data.vqa_scenes import vqa_scenes
     from jquant.eval.perplexity import split_perplexity
-    from jquant.methods.mquant import share_static_scales, split_report
+    from jquant.methods.mquant import split_report
     from jquant.quantization import quantize
 
     loaded, tokenizer, info = _load(argparse.Namespace(model=model_name))
@@ -168,15 +177,13 @@ def quality(model_name: str, n_calib: int, n_items: int, seeds: tuple[int, ...],
               "seeds": list(seeds), "image_size": side, "trained_steps": info.get("steps")}
     print("float", result["float"], flush=True)
     calibs = {seed: calibration_set(tokenizer, model.config, side, n_calib, seed) for seed in seeds}
-    for label, setting, build, post, spread in _rows():
+    for label, setting, build, spread in _rows():
         recipe = build()
         per_seed = []
         for seed in seeds if spread else seeds[:1]:
             t0 = time.perf_counter()
             qmodel = quantize(model, recipe, calibs[seed], batch_size=8, progress=False)
             seconds = time.perf_counter() - t0
-            if post == "shared":
-                share_static_scales(qmodel)
             if recipe.name == "mquant-w4a8" and seed == seeds[0]:
                 result["rms"] = split_report(qmodel)
                 result["gap"] = _range_gap(qmodel)

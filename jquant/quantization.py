@@ -150,8 +150,11 @@ def plan(model: nnx.Module, recipe: Recipe | str) -> list[SitePlan]:
         weight_fmt, act_fmt = _resolve(site, rule, tuple(site.weight.get_value().shape))
         if group_rules:
             act_fmt = _group_activations(site, group_rules, tuple(site.weight.get_value().shape))
+        site_groups = grouped.get(site.path, ())
+        if site_groups and _shares_one_scale(site, group_rules, act_fmt):
+            site_groups, group_rules = (), ()
         plans.append(SitePlan(site=site, rule=rule, weight=weight_fmt, activation=act_fmt,
-                              groups=grouped.get(site.path, ()), group_rules=group_rules))
+                              groups=site_groups, group_rules=group_rules))
     return plans
 
 
@@ -195,6 +198,18 @@ def _group_activations(site: Site, group_rules: tuple[Rule | None, ...], shape: 
     if not active:
         return None
     return formats[0] if len(set(formats)) == 1 else formats
+
+
+def _shares_one_scale(site: Site, group_rules: tuple[Rule | None, ...], activation) -> bool:
+    """Whether a grouped site calibrates one static scale over all its groups (``static_activation="shared"``)."""
+    active = [r for r in group_rules if r is not None and r.activation is not None]
+    if not active or active[0].static_activation != "shared":
+        return False
+    if isinstance(activation, tuple) or len(active) < len(group_rules):
+        raise ValueError(f"site {site.path!r}: static_activation='shared' gives every group one scale, so every group "
+                         "needs the same activation format; make the groups' rules agree or use "
+                         "static_activation=True (one scale per group).")
+    return True
 
 
 def _resolve(site: Site, rule: Rule, shape: tuple[int, ...]) -> tuple[Format | None, Format | None]:

@@ -3,7 +3,7 @@ via Full Static Quantization*): the pieces that are not plain recipe rules.
 
 - MSQ (§3.2): per-modality static activation scales are the recipes ``mquant-w4a8`` / ``mquant-w4a8-vit4``
   (``jquant.recipes.builtin``; a Qwen2-VL decoder linear receives each token's modality as its group id).
-  :func:`share_static_scales` turns such a model into the *single shared static scale* baseline.
+  ``quarot-w4a8-static-vl`` is the *single shared static scale* baseline (``Rule(static_activation="shared")``).
 - AIFS (§3.3): ``Qwen2VL.prefill(..., aifs=True)`` with :func:`aifs_permutation` (re-exported here).
 - RMS (§3.4, Eq. 6-9): after an online deterministic Hadamard ``x' = x H`` and ``W' = Hᵀ W`` (jquant's ``[in, out]``
   kernels), row 0 of ``W'`` is ``√d · mean_j W[j, :]`` and dominates every per-output-channel scale when the
@@ -16,34 +16,10 @@ via Full Static Quantization*): the pieces that are not plain recipe rules.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
 from jquant.models.qwen2_vl_model import aifs_permutation, permute_rows
 from jquant.transforms.channel_split import needs_split, rms_split, split_channel, split_report
 
-__all__ = ["aifs_permutation", "needs_split", "permute_rows", "rms_apply", "rms_split", "share_static_scales",
-           "split_channel", "split_report"]
-
-
-def share_static_scales(model: nnx.Module) -> list[str]:
-    """Replace every per-group static activation scale ``[G]`` of ``model`` by its maximum (in place) -> the paths.
-
-    The maximum of the per-group maxima is the scale one calibration over all tokens gives (symmetric min/max),
-    so the result is the single shared per-tensor static scale baseline of MQuant's Table 7 / 10.
-    """
-    changed = []
-    for path, module in nnx.iter_graph(model):
-        scale = getattr(module, "activation_scale", None)
-        if isinstance(scale, nnx.Variable) and np.ndim(scale.get_value()) == 1:
-            value = scale.get_value()
-            scale.set_value(jnp.full_like(value, jnp.max(value)))
-            changed.append("/".join(map(str, path)))
-    if not changed:
-        raise ValueError("share_static_scales: the model has no per-group static activation scale; quantize it with a "
-                         "static per-modality recipe first (e.g. mquant-w4a8).")
-    return changed
+__all__ = ["aifs_permutation", "needs_split", "permute_rows", "rms_apply", "rms_split", "split_channel", "split_report"]
 
 
 def rms_apply(x, main, side, quantized_main=None):

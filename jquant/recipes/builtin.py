@@ -11,7 +11,7 @@ recipes at about 2, 2.25 and 3 index bits per weight (``VQ_SETTINGS``; bits per 
 including codebooks: ``jquant.size_report``). ``{rtn-mamba,mambaquant}-{w8a8,w4a8}`` are the
 MambaQuant settings for the Mamba families (per-tensor activations, as the paper).
 ``{gptq,quarot-gptq}-moe-w{4,3}`` and ``moequant-w{4,3}`` are MoEQuant's settings for MoE models.
-``mquant-w4a8``, ``mquant-w4a8-vit4`` and ``quarot-w4a8-dynamic-vl`` are MQuant's settings for multimodal models
+``mquant-w4a8``, ``mquant-w4a8-vit4``, ``quarot-w4a8-dynamic-vl`` and ``quarot-w4a8-static-vl`` are MQuant's settings for multimodal models
 (Qwen2-VL): static per-modality activation scales against the per-token dynamic baseline.
 
 Symmetric integer weights below 8 bits use the full range (``int4-full``: all 2^b codes, scale
@@ -132,8 +132,8 @@ def _mquant_recipes() -> list[Recipe]:
     """``mquant-w4a8`` (visual W8A8 + LLM W4A8) and ``mquant-w4a8-vit4`` (visual W4A8): the ViT's LayerNorm -> RMSNorm
     conversion and rotation (online Hadamard before fc2), QuaRot (online Hadamard before down_proj), RMS and MSQ;
     ``quarot-w4a8-dynamic-vl``: the same rotations with per-token dynamic A8 (the latency/accuracy baseline of
-    MQuant's Table 10). The single shared static scale baseline is ``jquant.methods.mquant.share_static_scales``
-    applied to an ``mquant-*`` model."""
+    MQuant's Table 10); ``quarot-w4a8-static-vl``: the same rotations with one shared static A8 scale per
+    decoder linear over text and image tokens (the single-scale baseline of Table 7)."""
     rotation = (TransformStep("vision_rotation", {}), TransformStep("quarot", {"online": ["down"]}))
     mquant = (*rotation, VL_RMS)
     llm_w4 = dict(weight=f"int4{SYMMETRIC_LOW_BIT}", weight_options=W4_MSE, algorithm="gptq")
@@ -153,6 +153,13 @@ def _mquant_recipes() -> list[Recipe]:
                       "activations",
                       rules=(Rule(pattern=VL_VISION, weight="int8", activation="int8", algorithm="gptq"),
                              Rule(pattern=VL_LLM, activation="int8", **llm_w4)),
+                      transforms=rotation))
+    shared = dict(activation="int8-tensor", static_activation="shared")
+    out.append(Recipe(name="quarot-w4a8-static-vl", description="MQuant's single-scale baseline: ViT rotation (online "
+                      "fc2), QuaRot (online down), visual int8 / LLM int4 GPTQ weights, static per-tensor A8 with one "
+                      "scale over text and image tokens",
+                      rules=(Rule(pattern=VL_VISION, weight="int8", algorithm="gptq", **shared),
+                             Rule(pattern=VL_LLM, **llm_w4, **shared)),
                       transforms=rotation))
     return out
 

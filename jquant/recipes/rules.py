@@ -46,7 +46,9 @@ class Rule:
     largest input magnitude seen in calibration) instead of computing scales
     per token at run time; it needs a per-tensor symmetric integer format
     such as ``"int8-tensor"``; at a site that receives group ids (``jquant.sites.ActivationGroups``:
-    an MLLM's modalities, a diffusion model's timestep buckets) it calibrates one scale per group.
+    an MLLM's modalities, a diffusion model's timestep buckets) it calibrates one scale per group;
+    ``static_activation="shared"`` calibrates one scale over all groups' tokens there instead (the single
+    shared static scale baseline of MQuant's Table 7).
 
     ``when`` (group names) conditions the rule on groups: it then applies only to the inputs of those
     groups and may set only activation fields (a weight is shared by every group). For each group, a
@@ -62,7 +64,7 @@ class Rule:
     weight_options: tuple[tuple[str, Any], ...] = ()
     activation_options: tuple[tuple[str, Any], ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
-    static_activation: bool = False
+    static_activation: bool | str = False
     when: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -78,6 +80,10 @@ class Rule:
                              f"algorithms), got {self.algorithm!r}.")
         if self.algorithm != "rtn" and self.weight is None:
             raise ValueError(f"Rule({self.pattern!r}): algorithm {self.algorithm!r} needs a weight format.")
+        if self.static_activation not in (False, True, "shared"):
+            raise ValueError(f"Rule({self.pattern!r}).static_activation must be False, True (one scale per site, per "
+                             f"group where groups arrive) or 'shared' (one scale over all groups), got "
+                             f"{self.static_activation!r}.")
         if self.static_activation and self.activation is None:
             raise ValueError(f"Rule({self.pattern!r}): static_activation needs an activation format (e.g. 'int8-tensor').")
         for name in ("weight_options", "activation_options", "options"):
@@ -104,7 +110,7 @@ class Rule:
             if getattr(self, name):
                 out[name] = dict(getattr(self, name))
         if self.static_activation:
-            out["static_activation"] = True
+            out["static_activation"] = self.static_activation
         if self.when:
             out["when"] = list(self.when)
         return out
