@@ -1,22 +1,30 @@
-"""Train the bundled video reference models on the emoji clips: jq-video-vae-tiny, then jq-video-tiny.
+"""Train the bundled video reference models on the emoji clips: jq-video-vae-tiny, then jq-video-tiny and
+jq-cogvideox-tiny.
 
-    python experiments/train_video_models.py --stage vae   # jq-video-vae-tiny: HunyuanVideo-style causal 3-D VAE
-    python experiments/train_video_models.py --stage dit   # jq-video-tiny: HunyuanVideo-style DiT pipeline folder
+    python experiments/train_video_models.py --stage vae        # jq-video-vae-tiny: HunyuanVideo-style causal 3-D VAE
+    python experiments/train_video_models.py --stage dit        # jq-video-tiny: HunyuanVideo-style DiT pipeline folder
+    python experiments/train_video_models.py --stage cogvideox  # jq-cogvideox-tiny: CogVideoX-style DiT pipeline folder
 
 Each stage trains with ``jquant.train.loop.fit`` in ``--workdir/<stage>`` (resumable: rerun the same command after
 an interruption) and exports into the jquant-models data package (``packages/jquant-models/jquant_models/<name>``,
 replaced only with ``--overwrite``) with ``reference_info.json`` (data, sizes, steps, time, machine, validation
-numbers measured on the exported weights) and ``loss_curve.png``; the DiT stage adds ``samples.gif`` and
+numbers measured on the exported weights) and ``loss_curve.png``; the DiT stages add ``samples.gif`` and
 ``samples.png`` (rows of frames). The clips are ``jquant.data.video_scenes`` at 32x32 with the ``reference-32``
 vocabulary (one or two emoji, scripted motion): short clips for the VAE (it is causal and convolutional, so
-it runs on any 1 + 4k frames), 17 frames (5 latent frames) for the DiT. Prompt accuracy is per frame, by the
-bundled judge (jq-emoji-classifier) on single-emoji validation clips without cuts, next to a random-label
-baseline (``jquant.cli_video.evaluate_pipeline``, what ``jquant eval`` reports).
+it runs on any 1 + 4k frames), 17 frames (5 latent frames) for the DiTs. Both DiT stages run the same code
+(``prepare_dit_data``, ``train_dit``, ``export_dit_pipeline``) on the same clips and captions: flow matching on
+jq-video-vae-tiny's latents, conditioned on jq-llama-tiny's states of the captions, sampled by the Euler flow. The
+CogVideoX-style DiT is therefore not CogVideoX's DDIM v-prediction on its own VAE: both DiTs share one latent space
+and one sampler, which is what this CPU can train. Prompt accuracy is per frame, by the bundled judge
+(jq-emoji-classifier) on single-emoji validation clips without cuts, next to a random-label baseline
+(``jquant.cli_video.evaluate_pipeline``, what ``jquant eval`` reports). ``--quick`` is a smoke run of a DiT stage
+(a few clips and steps, into a scratch ``--bundle`` holding jq-video-vae-tiny).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,7 +37,7 @@ from flax import nnx
 from jquant.atomic import check_output_folder
 from jquant.data.video_scenes import video_scenes
 from jquant.train import image_models as im
-from jquant.train.loop import LoopConfig
+from jquant.train.loop import LoopConfig, TrainResult
 
 from train_image_models import BUNDLE, REPO, RESOLUTION, VOCABULARY, _machine, _write_info
 
@@ -119,22 +127,25 @@ def _encoded_clips(vae, encoder, split: str, n: int, seed: int, batch: int = 32)
     return np.concatenate(latents), captions, skipped
 
 
-def train_dit_stage(args) -> dict:
-    from jquant.cli_video import evaluate_pipeline
-    from jquant.media import save_gif, to_uint8, video_frames_grid
-    from jquant.models import hunyuan_video, load
-    from jquant.models.text_encoder import TextEncoder
-    from jquant.sampling.training import flow_matching_loss
-    from jquant.text_to_image import save_pipeline
-    from jquant.text_to_video import TextToVideo, VideoSamplingDefaults
+@dataclasses.dataclass(frozen=True)
+class DiTData:
+    """What the DiT stages train and are validated on: ``train`` (scaled latents ``[N, 5, 8, 8, L]``, one text
+    encoding per distinct caption under ``text`` / ``text_mask`` / ``pooled``, the unconditional encoding),
+    ``validation_latents [V, 5, 8, 8, L]`` with their captions and per-clip encodings ``validation_cond`` (name ->
+    ``[V, ...]``), and how many training clips were skipped for captions over ``MAX_LENGTH`` tokens."""
 
-    out = args.bundle / "jq-video-tiny"
-    check_output_folder(out, overwrite=args.overwrite, argument="--overwrite")
-    vae = load(args.bundle / "jq-video-vae-tiny").model
-    encoder = TextEncoder.load("jq-llama-tiny")
+    train: im.TextConditionedData
+    validation_latents: np.ndarray
+    validation_captions: list[str]
+    validation_cond: dict[str, np.ndarray]
+    skipped: int
+
+
+def prepare_dit_data(vae, encoder, train: int, validation: int) -> DiTData:
+    """``train`` and ``validation`` 17-frame clips (seed 2) through ``vae`` with captions encoded by ``encoder``."""
     t0 = time.time()
-    latents, captions, skipped = _encoded_clips(vae, encoder, "train", args.dit_train, 2)
-    vlatents, vcaptions, _ = _encoded_clips(vae, encoder, "validation", 256, 2)
+    latents, captions, skipped = _encoded_clips(vae, encoder, "train", train, 2)
+    vlatents, vcaptions, _ = _encoded_clips(vae, encoder, "validation", validation, 2)
     index, cond = _text(encoder, captions)
     vindex, vcond = _text(encoder, vcaptions)
     unc = encoder.unconditional(1, MAX_LENGTH)
@@ -142,35 +153,62 @@ def train_dit_stage(args) -> dict:
     data = im.TextConditionedData(latents=latents, caption_index=index, cond=cond, uncond=uncond)
     print(f"latents {latents.shape} std {latents.std():.3f}, {len(cond['text'])} distinct captions, "
           f"prepared in {time.time() - t0:.0f} s")
-    d = encoder.hidden_size
-    cfg = hunyuan_video.FAMILY.presets["jq-video-tiny"].replace(text_embed_dim=d, pooled_projection_dim=d,
-                                                                    in_channels=latents.shape[-1],
-                                                                    out_channels=latents.shape[-1])
-    model = hunyuan_video.init_model(cfg, jax.random.key(2))
+    return DiTData(train=data, validation_latents=vlatents, validation_captions=vcaptions,
+                   validation_cond={k: v[vindex] for k, v in vcond.items()}, skipped=skipped)
 
-    def velocity(m, z, sigmas, text, mask, pooled):
-        return m.flow_velocity(z, sigmas, text, mask, pooled)
 
-    held = (jnp.asarray(vlatents), tuple(jnp.asarray(vcond[k][vindex]) for k in ("text", "text_mask", "pooled")))
+def train_dit(model: nnx.Module, data: DiTData, args, workdir: Path) -> tuple[TrainResult, LoopConfig]:
+    """Flow-matching training (``jquant.train.image_models.train_text_to_image``: caption dropout 0.1, EMA 0.999)
+    of a video transformer whose ``flow_velocity(latents, sigmas, ...)`` takes some of the text arguments
+    (``jquant.text_to_video.text_arguments``), validated by the flow-matching loss on the validation latents with
+    fixed noise and timesteps; resumable in ``workdir``."""
+    from jquant.sampling.training import flow_matching_loss
+    from jquant.text_to_video import text_arguments
+
+    names = text_arguments(model)
+    train = im.TextConditionedData(latents=data.train.latents, caption_index=data.train.caption_index,
+                                   cond={k: data.train.cond[k] for k in names},
+                                   uncond={k: data.train.uncond[k] for k in names})
+
+    def velocity(m, z, sigmas, *cond):
+        return m.flow_velocity(z, sigmas, *cond)
+
+    held = (jnp.asarray(data.validation_latents), tuple(jnp.asarray(data.validation_cond[k]) for k in names))
 
     def validation(m) -> float:  # the flow-matching loss on fixed validation latents, noise and timesteps
         return float(flow_matching_loss(lambda z, s, c: velocity(m, z, s, *c), held[0], held[1], jax.random.key(7)))
 
     loop = LoopConfig(steps=args.dit_steps, warmup_steps=min(200, args.dit_steps // 10), peak_lr=args.dit_lr,
                       weight_decay=0.01, checkpoint_every=100, eval_every=250, ema_decay=0.999)
-    result = im.train_text_to_image(model, data, velocity, loop, args.workdir / "dit", batch_size=args.dit_batch,
+    result = im.train_text_to_image(model, train, velocity, loop, workdir, batch_size=args.dit_batch,
                                     validation=validation, description="text-to-video")
+    return result, loop
+
+
+def export_dit_pipeline(args, name: str, family, model: nnx.Module, vae, encoder, data: DiTData,
+                        result: TrainResult, loop: LoopConfig, notes: dict | None = None) -> dict:
+    """Write the ``TextToVideo`` pipeline folder ``args.bundle / name`` (17 frames at 32 px, ``args.sample_steps``
+    Euler steps, guidance ``args.guidance``) with ``reference_info.json`` (sizes, training, ``notes``, the judge's
+    per-frame prompt accuracy on ``args.eval_clips`` single-emoji validation captions: ``evaluate_pipeline``),
+    ``loss_curve.png``, ``samples.gif`` and ``samples.png`` (8 validation captions, seed 0); returns the info."""
+    from jquant.cli_video import evaluate_pipeline
+    from jquant.media import save_gif, to_uint8, video_frames_grid
+    from jquant.text_to_image import save_pipeline
+    from jquant.text_to_video import TextToVideo, VideoSamplingDefaults
+
     pipe = TextToVideo(text_encoder=encoder, transformer=model, vae=vae,
-                       defaults=VideoSamplingDefaults(steps=20, guidance=args.guidance, shift=1.0,
+                       defaults=VideoSamplingDefaults(steps=args.sample_steps, guidance=args.guidance, shift=1.0,
                                                       max_length=MAX_LENGTH, frames=17, size=RESOLUTION))
-    report = evaluate_pipeline(pipe, None, clips=args.eval_clips, steps=20, guidance=args.guidance)
+    report = evaluate_pipeline(pipe, None, clips=args.eval_clips, steps=args.sample_steps, guidance=args.guidance)
     report["sampling_steps"] = report.pop("steps")  # "steps" is the training's
-    sample_prompts = vcaptions[:8]
+    sample_prompts = data.validation_captions[:8]
     clips = to_uint8(pipe.generate(sample_prompts, seed=0))
-    info = {"name": "jq-video-tiny", "family": "hunyuan_video",
+    latents = data.train.latents
+    info = {"name": name, "family": family.name,
             "trained_on": f"video_scenes train split, {len(latents)} clips of 17 frames at {RESOLUTION}x{RESOLUTION} "
                           f"through jq-video-vae-tiny, captions encoded by jq-llama-tiny (final states, {MAX_LENGTH} "
-                          f"tokens; {skipped} clips with longer captions skipped)", "config": hunyuan_video.FAMILY.config_to_json(cfg),
+                          f"tokens; {data.skipped} clips with longer captions skipped)",
+            "config": family.config_to_json(model.config), **(notes or {}),
             "parameters": int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))),
             "steps": loop.steps, "batch_size": args.dit_batch, "p_uncond": 0.1, "ema_decay": loop.ema_decay,
             "train_seconds": round(result.seconds, 1), "machine": _machine(),
@@ -179,15 +217,60 @@ def train_dit_stage(args) -> dict:
     def extra(folder: Path) -> None:
         from PIL import Image
 
-        _write_info(folder, info, result.history, "jq-video-tiny", "flow-matching loss")
+        _write_info(folder, info, result.history, name, "flow-matching loss")
         save_gif(clips, folder / "samples.gif", fps=8, scale=3, columns=4)
         Image.fromarray(video_frames_grid(clips, scale=2)).save(folder / "samples.png")
 
-    save_pipeline(pipe, out, overwrite=args.overwrite, extra_files=extra)
+    save_pipeline(pipe, args.bundle / name, overwrite=args.overwrite, extra_files=extra)
     return info
 
 
-STAGES = {"vae": train_vae_stage, "dit": train_dit_stage}
+def _dit_inputs(args, name: str):
+    """``(vae, encoder, DiTData)`` of a DiT stage exporting ``name``: the output folder is checked first."""
+    from jquant.models import load
+    from jquant.models.text_encoder import TextEncoder
+
+    check_output_folder(args.bundle / name, overwrite=args.overwrite, argument="--overwrite")
+    vae = load(args.bundle / "jq-video-vae-tiny").model
+    encoder = TextEncoder.load("jq-llama-tiny")
+    return vae, encoder, prepare_dit_data(vae, encoder, args.dit_train, args.dit_val)
+
+
+def train_dit_stage(args) -> dict:
+    """jq-video-tiny: the HunyuanVideo-style DiT (text states, mask and pooled state) on jq-video-vae-tiny latents."""
+    from jquant.models import hunyuan_video
+
+    vae, encoder, data = _dit_inputs(args, "jq-video-tiny")
+    d, channels = encoder.hidden_size, data.train.latents.shape[-1]
+    cfg = hunyuan_video.FAMILY.presets["jq-video-tiny"].replace(text_embed_dim=d, pooled_projection_dim=d,
+                                                                    in_channels=channels, out_channels=channels)
+    model = hunyuan_video.init_model(cfg, jax.random.key(2))
+    result, loop = train_dit(model, data, args, args.workdir / "dit")
+    return export_dit_pipeline(args, "jq-video-tiny", hunyuan_video.FAMILY, model, vae, encoder, data, result, loop)
+
+
+def train_cogvideox_stage(args) -> dict:
+    """jq-cogvideox-tiny: a CogVideoX-architecture DiT (5B-style 3-D RoPE, expert adaLN, text states only) trained
+    exactly as jq-video-tiny: flow matching on the same jq-video-vae-tiny latents and jq-llama-tiny captions, sampled
+    by the same Euler flow. CogVideoX itself is trained for DDIM v-prediction on its own VAE's latents; here the two
+    DiTs share one latent space and one sampler, which is what a CPU can train and compare."""
+    from jquant.models import cogvideox
+
+    vae, encoder, data = _dit_inputs(args, "jq-cogvideox-tiny")
+    channels = data.train.latents.shape[-1]
+    cfg = cogvideox.FAMILY.presets["jq-cogvideox-tiny"].replace(text_embed_dim=encoder.hidden_size,
+                                                                in_channels=channels, out_channels=channels)
+    model = cogvideox.init_model(cfg, jax.random.key(2))
+    result, loop = train_dit(model, data, args, args.workdir / "cogvideox")
+    notes = {"objective": "rectified-flow matching (velocity ε - x_0, t = 1000 σ) on jq-video-vae-tiny's "
+                          "HunyuanVideo-style latents, Euler sampling, not CogVideoX's DDIM v-prediction on its own "
+                          "VAE: one latent space and sampler shared with jq-video-tiny, trainable on a CPU"}
+    return export_dit_pipeline(args, "jq-cogvideox-tiny", cogvideox.FAMILY, model, vae, encoder, data, result, loop,
+                               notes)
+
+
+QUICK = {"dit_train": 4, "dit_val": 1, "dit_steps": 2, "dit_batch": 2, "sample_steps": 2, "eval_clips": 1}
+STAGES = {"vae": train_vae_stage, "dit": train_dit_stage, "cogvideox": train_cogvideox_stage}
 
 
 def main() -> None:
@@ -207,13 +290,21 @@ def main() -> None:
                              "(default: %(default)s)")
     parser.add_argument("--vae-lr", type=float, default=5e-4, help="peak learning rate of the VAE stage")
     parser.add_argument("--kl-weight", type=float, default=1e-3)
-    parser.add_argument("--dit-train", type=int, default=20000)
-    parser.add_argument("--dit-steps", type=int, default=3000)
-    parser.add_argument("--dit-batch", type=int, default=32)
-    parser.add_argument("--dit-lr", type=float, default=5e-4)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--eval-clips", type=int, default=64, help="validation captions the DiT is judged on")
+    dit = parser.add_argument_group("the DiT stages (dit, cogvideox)")
+    dit.add_argument("--dit-train", type=int, default=20000)
+    dit.add_argument("--dit-val", type=int, default=256, help="validation clips of the flow-matching loss")
+    dit.add_argument("--dit-steps", type=int, default=3000)
+    dit.add_argument("--dit-batch", type=int, default=32)
+    dit.add_argument("--dit-lr", type=float, default=5e-4)
+    dit.add_argument("--guidance", type=float, default=3.0)
+    dit.add_argument("--sample-steps", type=int, default=20, help="Euler steps of the exported pipeline")
+    dit.add_argument("--eval-clips", type=int, default=64, help="validation captions the DiT is judged on")
+    dit.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     args = parser.parse_args()
+    if args.quick:
+        if args.stage == "vae":
+            parser.error("--quick is a smoke run of a DiT stage (dit, cogvideox); the vae stage has none.")
+        vars(args).update(QUICK)
     t0 = time.time()
     info = STAGES[args.stage](args)
     print(json.dumps(info, indent=1, sort_keys=True))

@@ -659,14 +659,15 @@ FAMILY = Family(
     from_diffusers=from_diffusers,
     to_diffusers=to_diffusers,
     presets={
-        # Not trained yet. The 6Bit-Diffusion CPU check's shape (specs/video_dit_mixed_precision_tdc.md §5): 3 blocks,
-        # 2 heads x 64 with 3-D RoPE (5B style, any text length; frame 16, row 24, column 24 features), 4-channel video
-        # latents of 4 frames x 8 x 8 (sample_frames 13 = (4 - 1) x 4 + 1) -> 4 x 4 x 4 tokens; text states of
-        # jq-llama-tiny (192).
-        "jq-cogvideox-tiny": CogVideoXConfig(num_attention_heads=2, attention_head_dim=64, in_channels=4,
-                                             out_channels=4, time_embed_dim=128, text_embed_dim=192, num_layers=3,
-                                             sample_width=8, sample_height=8, sample_frames=13, patch_size=2,
-                                             max_text_seq_length=16, use_rotary_positional_embeddings=True),
+        # Trained by experiments/train_video_models.py --stage cogvideox (flow matching, not CogVideoX's DDIM v, on the
+        # latents of jq-video-vae-tiny: 17 frames of 32x32 -> 5 x 8 x 8 x 16, sample_frames 17 = (5 - 1) x 4 + 1,
+        # patches 2 -> 5 x 4 x 4 video tokens) beside jq-video-tiny; 5 blocks of 2 heads x 64 with 3-D RoPE (5B style;
+        # frame 16, row 24, column 24 features), ~2.1 M parameters as jq-video-tiny; text states of jq-llama-tiny (192)
+        # padded to the stage's 64 tokens (max_text_seq_length; RoPE models take any length).
+        "jq-cogvideox-tiny": CogVideoXConfig(num_attention_heads=2, attention_head_dim=64, in_channels=16,
+                                             out_channels=16, time_embed_dim=128, text_embed_dim=192, num_layers=5,
+                                             sample_width=8, sample_height=8, sample_frames=17, patch_size=2,
+                                             max_text_seq_length=64, use_rotary_positional_embeddings=True),
     },
     keep_float=("patch_embed/proj", "patch_embed/text_proj", "time_embedding/linear_1", "time_embedding/linear_2",
                 "norm_out/linear", "proj_out"),
