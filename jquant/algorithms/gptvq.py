@@ -65,7 +65,7 @@ def gptvq_supports(fmt) -> str | None:
     return None
 
 
-def _round_block(rows: jax.Array, t: jax.Array, params) -> tuple[jax.Array, jax.Array]:
+def round_to_codebooks(rows: jax.Array, t: jax.Array, params) -> tuple[jax.Array, jax.Array]:
     """Nearest codeword under ``‖T (w − c)‖²``: rows ``[d, out]``, params ``(books [G, K, d], col_group [out])``."""
     books, col_group = params
     v = rows.T @ t.T  # [out, d]: T w per column
@@ -93,7 +93,7 @@ def _init_codebooks(rows: np.ndarray, weights: np.ndarray, fmt: CodebookFormat, 
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "cols", "d"))
-def _finetune(w, h, books, idx, lr, *, steps: int, cols: int, d: int):
+def finetune_codebooks(w, h, books, idx, lr, *, steps: int, cols: int, d: int):
     """Adam on the codebooks ``[Gr, Gc, K, d]`` with fixed ``idx [in/d, out]``; returns (books, loss before, after)."""
     n, m = w.shape
     gr = books.shape[0]
@@ -144,14 +144,14 @@ def gptvq_quantize(weight: jax.Array, hessian: jax.Array, fmt: CodebookFormat, *
         rows = np.asarray(cur[r * rows_per:(r + 1) * rows_per], np.float64)
         b = _init_codebooks(rows, diag[r * rows_per:(r + 1) * rows_per], fmt, cols, config, r)
         b = jnp.asarray(b, jnp.float32)
-        cur, _, i = feedback_sweep(cur, u, jnp.int32(r * rows_per), (b, col_group), round_block=_round_block, d=d,
+        cur, _, i = feedback_sweep(cur, u, jnp.int32(r * rows_per), (b, col_group), round_block=round_to_codebooks, d=d,
                                    n_blocks=rows_per // d, n_idx=1)
         books.append(b)
         idx.append(i[..., 0])
     books, idx = jnp.stack(books), jnp.concatenate(idx)  # [Gr, Gc, K, d], [n/d, out]
     if config.finetune_steps:
         scale = jnp.sqrt(jnp.mean(w0 * w0))
-        books, _, _ = _finetune(w0, h, books, idx, config.finetune_lr * scale, steps=config.finetune_steps,
+        books, _, _ = finetune_codebooks(w0, h, books, idx, config.finetune_lr * scale, steps=config.finetune_steps,
                                 cols=cols, d=d)
     codebooks = books[:, :, None].astype(jnp.dtype(fmt.codebook_dtype))  # grid (Gr, Gc) + (M=1, K, d)
     q = QArray(codes=pack_bits(idx, fmt.index_bits, 0), codebooks=codebooks, format=fmt, shape=shape,

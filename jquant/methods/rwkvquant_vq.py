@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.algorithms.gptq_core import damped_factor
-from jquant.algorithms.gptvq import GPTVQConfig, _finetune, _round_block, gptvq_supports
+from jquant.algorithms.gptvq import GPTVQConfig, finetune_codebooks, round_to_codebooks, gptvq_supports
 from jquant.algorithms.rwkvquant import MixConfig, channel_importance
 from jquant.algorithms.vq_core import feedback_sweep
 from jquant.algorithms.weights import (
@@ -119,14 +119,14 @@ def rwkvquant_vq(weight: jax.Array, hessian: jax.Array, fmt: CodebookFormat, *, 
         rows = np.asarray(cur[r * rows_per:(r + 1) * rows_per], np.float64)
         b = jnp.asarray(_fit_row_group(rows, diag[r * rows_per:(r + 1) * rows_per], fmt, cols, config, options, r),
                         jnp.float32)
-        cur, _, i = feedback_sweep(cur, u, jnp.int32(r * rows_per), (b, col_group), round_block=_round_block, d=d,
+        cur, _, i = feedback_sweep(cur, u, jnp.int32(r * rows_per), (b, col_group), round_block=round_to_codebooks, d=d,
                                    n_blocks=rows_per // d, n_idx=1)
         books.append(b)
         idx.append(i[..., 0])
     books, idx = jnp.stack(books), jnp.concatenate(idx)  # [Gr, Gc, K, d], [n/d, out]
     if config.finetune_steps and not options.compression.active:
         scale = jnp.sqrt(jnp.mean(w0 * w0))
-        books, _, _ = _finetune(w0, h, books, idx, config.finetune_lr * scale, steps=config.finetune_steps,
+        books, _, _ = finetune_codebooks(w0, h, books, idx, config.finetune_lr * scale, steps=config.finetune_steps,
                                 cols=cols, d=d)
     codebooks = books[:, :, None].astype(jnp.dtype(fmt.codebook_dtype))  # grid (Gr, Gc) + (M=1, K, d)
     return QArray(codes=pack_bits(idx, fmt.index_bits, 0), codebooks=codebooks, format=fmt, shape=shape,

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant.algorithms.gptvq import GPTVQConfig, _finetune, gptvq_quantize
+from jquant.algorithms.gptvq import GPTVQConfig, finetune_codebooks, gptvq_quantize
 from jquant.formats import CodebookFormat, codebook_quantize, dequantize, unpack_codes
 from jquant.numerics.kmeans import kmeans
 from jquant.testing.layer_problems import correlated_layer, relative_output_error
@@ -48,7 +48,7 @@ def test_codebook_tuning_minimises_the_float64relative_output_error():
     q = gptvq_quantize(w, h, fmt, config=GPTVQConfig(finetune_steps=0))
     idx = unpack_codes(q)[:, 0]
     books = jnp.asarray(q.codebooks[:, :, 0], jnp.float32)
-    tuned, before, after = _finetune(jnp.asarray(w), jnp.asarray(h), books, idx, 1e-3 * float(np.sqrt(np.mean(w ** 2))),
+    tuned, before, after = finetune_codebooks(jnp.asarray(w), jnp.asarray(h), books, idx, 1e-3 * float(np.sqrt(np.mean(w ** 2))),
                                      steps=200, cols=16, d=2)
     assert abs(float(before) - relative_output_error(w, dequantize(q).astype(np.float32), h)) < 1e-3 * float(before)
     assert float(after) < float(before)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.algorithms.gptq_core import damped_factor, prepare_hessian
-from jquant.algorithms.gptvq import _round_block
+from jquant.algorithms.gptvq import round_to_codebooks
 from jquant.algorithms.vq_core import feedback_sweep
 
 
@@ -44,7 +44,7 @@ def test_feedback_sweep_matches_the_explicit_inverse_hessian_reference(x64):
         q_ref, idx_ref = _reference(np.asarray(w0), np.asarray(h_damped), book, d)
         _, _, u, _ = damped_factor(jnp.asarray(h), jnp.asarray(w), 0.01)
         params = (jnp.asarray(book)[None], jnp.zeros(w.shape[1], jnp.int32))
-        _, q, idx = feedback_sweep(w0, u, jnp.int32(0), params, round_block=_round_block, d=d, n_blocks=len(w) // d,
+        _, q, idx = feedback_sweep(w0, u, jnp.int32(0), params, round_block=round_to_codebooks, d=d, n_blocks=len(w) // d,
                                    n_idx=1)
         np.testing.assert_array_equal(np.asarray(idx)[..., 0], idx_ref)
         np.testing.assert_allclose(np.asarray(q), q_ref, rtol=0, atol=1e-12)
@@ -54,7 +54,7 @@ def test_sweep_in_two_ranges_equals_one_sweep(x64):
     w, h, book = _problem(3, n=16, d=2)
     _, w0, u, _ = damped_factor(jnp.asarray(h), jnp.asarray(w), 0.01)
     params = (jnp.asarray(book)[None], jnp.zeros(w.shape[1], jnp.int32))
-    kw = dict(round_block=_round_block, d=2, n_idx=1)
+    kw = dict(round_block=round_to_codebooks, d=2, n_idx=1)
     _, q_all, _ = feedback_sweep(w0, u, jnp.int32(0), params, n_blocks=8, **kw)
     w1, q1, _ = feedback_sweep(w0, u, jnp.int32(0), params, n_blocks=3, **kw)
     _, q2, _ = feedback_sweep(w1, u, jnp.int32(6), params, n_blocks=5, **kw)
