@@ -466,11 +466,7 @@ class CogVideoXTransformer(nnx.Module):
 
     def calibration_stages(self) -> list[Stage]:
         """One stage over the blocks with hidden ``(x, c)`` and context ``(temb, bucket, rope)``."""
-        def enter(m: CogVideoXTransformer, batch: dict, previous):
-            x, c, context = m.embed(batch["latents"], jnp.asarray(batch["timesteps"], jnp.float32), batch["text"])
-            return (x, c), context
-
-        return [Stage(blocks=self.blocks(), enter=enter)]
+        return [Stage(blocks=self.blocks(), enter=_enter_blocks)]
 
     def activation_groups(self) -> ActivationGroups:
         edges = (0.0, *self.config.bucket_edges, float(NUM_TRAIN_TIMESTEPS))
@@ -501,6 +497,12 @@ class CogVideoXTransformer(nnx.Module):
         check_group_ids(buckets, self.activation_groups(),
                         f"calib['timesteps'] (as timestep buckets; t must lie in [0, {NUM_TRAIN_TIMESTEPS}])")
         return out
+
+
+def _enter_blocks(m: CogVideoXTransformer, batch: dict, previous):
+    """``calibration_stages``' entry (module level, so it compiles once per model structure)."""
+    x, c, context = m.embed(batch["latents"], jnp.asarray(batch["timesteps"], jnp.float32), batch["text"])
+    return (x, c), context
 
 
 def init_model(config: CogVideoXConfig, key: jax.Array) -> CogVideoXTransformer:

@@ -312,16 +312,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
         """Encoder blocks on the videos, then decoder blocks (context: the latents their spatial norms read) on the
         posterior means; each calibration clip is one chunk."""
         encoder, decoder = self.encoder, self.decoder
-
-        def enter_encoder(m: AutoencoderKLCogVideoX, batch: dict, previous) -> tuple[jax.Array, None]:
-            return m.encoder.conv_in(jnp.asarray(batch["videos"], m.config.dtype))[0], None
-
-        def enter_decoder(m: AutoencoderKLCogVideoX, batch: dict, previous) -> tuple[jax.Array, jax.Array]:
-            mean = m._posterior(m.encoder.tail(previous[0])[0]).mean
-            return m.decoder.conv_in(mean)[0], mean
-
-        return [Stage(blocks=[*encoder.down_blocks, encoder.mid_block], enter=enter_encoder),
-                Stage(blocks=[decoder.mid_block, *decoder.up_blocks], enter=enter_decoder)]
+        return [Stage(blocks=[*encoder.down_blocks, encoder.mid_block], enter=_enter_encoder),
+                Stage(blocks=[decoder.mid_block, *decoder.up_blocks], enter=_enter_decoder)]
 
 
 def _chunks(frames: int, chunk_frames: int, batch: int) -> list[tuple[int, int]]:
@@ -333,6 +325,16 @@ def _chunks(frames: int, chunk_frames: int, batch: int) -> list[tuple[int, int]]
     while bounds[-1][1] < frames:
         bounds.append((bounds[-1][1], min(frames, bounds[-1][1] + chunk_frames)))
     return bounds
+
+
+def _enter_encoder(m: AutoencoderKLCogVideoX, batch: dict, previous) -> tuple[jax.Array, None]:
+    """``calibration_stages``' entries (module level, so each compiles once per model structure)."""
+    return m.encoder.conv_in(jnp.asarray(batch["videos"], m.config.dtype))[0], None
+
+
+def _enter_decoder(m: AutoencoderKLCogVideoX, batch: dict, previous) -> tuple[jax.Array, jax.Array]:
+    mean = m._posterior(m.encoder.tail(previous[0])[0]).mean
+    return m.decoder.conv_in(mean)[0], mean
 
 
 def init_model(config: CogVideoXVAEConfig, key: jax.Array) -> AutoencoderKLCogVideoX:

@@ -402,12 +402,8 @@ class FluxTransformer(nnx.Module):
 
     def calibration_stages(self) -> list[Stage]:
         """The double-stream blocks on ``(x, c)``, then the single-stream blocks on ``[c; x]``."""
-        def enter_single(m: FluxTransformer, batch: dict, previous):
-            (x, c), context = previous
-            return jnp.concatenate([c, x], axis=1), context
-
-        return [Stage(blocks=list(self.transformer_blocks), enter=lambda m, batch, previous: m._enter(batch)),
-                Stage(blocks=list(self.single_transformer_blocks), enter=enter_single)]
+        return [Stage(blocks=list(self.transformer_blocks), enter=_enter_double),
+                Stage(blocks=list(self.single_transformer_blocks), enter=_enter_single)]
 
     def activation_groups(self) -> ActivationGroups:
         edges = (0.0, *self.config.bucket_edges, 1.0)
@@ -439,6 +435,16 @@ class FluxTransformer(nnx.Module):
         check_group_ids(buckets, self.activation_groups(), "calib['sigmas'] (as timestep buckets; σ must lie in "
                         "[0, 1])")
         return out
+
+
+def _enter_double(m: FluxTransformer, batch: dict, previous):
+    """``calibration_stages``' entries (module level, so each compiles once per model structure)."""
+    return m._enter(batch)
+
+
+def _enter_single(m: FluxTransformer, batch: dict, previous):
+    (x, c), context = previous
+    return jnp.concatenate([c, x], axis=1), context
 
 
 def init_model(config: FluxConfig, key: jax.Array) -> FluxTransformer:

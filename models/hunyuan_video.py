@@ -394,13 +394,9 @@ class HunyuanVideoTransformer(nnx.Module):
 
     def calibration_stages(self) -> list[Stage]:
         """The double-stream blocks on ``(x, c)``, then the single-stream blocks on ``[x; c]``."""
-        def enter_single(m: HunyuanVideoTransformer, batch: dict, previous):
-            (x, c), context = previous
-            return jnp.concatenate([x, c], axis=1), context
-
-        stages = [Stage(blocks=list(self.transformer_blocks), enter=lambda m, batch, previous: m._enter(batch))]
+        stages = [Stage(blocks=list(self.transformer_blocks), enter=_enter_double)]
         if len(self.single_transformer_blocks):
-            stages.append(Stage(blocks=list(self.single_transformer_blocks), enter=enter_single))
+            stages.append(Stage(blocks=list(self.single_transformer_blocks), enter=_enter_single))
         return stages
 
     def activation_groups(self) -> ActivationGroups:
@@ -436,6 +432,16 @@ class HunyuanVideoTransformer(nnx.Module):
         check_group_ids(buckets, self.activation_groups(), "calib['sigmas'] (as timestep buckets; σ must lie in "
                         "[0, 1])")
         return out
+
+
+def _enter_double(m: HunyuanVideoTransformer, batch: dict, previous):
+    """``calibration_stages``' entries (module level, so each compiles once per model structure)."""
+    return m._enter(batch)
+
+
+def _enter_single(m: HunyuanVideoTransformer, batch: dict, previous):
+    (x, c), context = previous
+    return jnp.concatenate([x, c], axis=1), context
 
 
 def init_model(config: HunyuanVideoConfig, key: jax.Array) -> HunyuanVideoTransformer:

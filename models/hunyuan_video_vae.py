@@ -470,16 +470,8 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
     def calibration_stages(self) -> list[Stage]:
         """Encoder blocks on the videos, then decoder blocks on the decoded posterior means (module docstring)."""
         encoder, decoder = self.encoder, self.decoder
-
-        def enter_decoder(m: AutoencoderKLHunyuanVideo, batch: dict, previous) -> tuple[jax.Array, None]:
-            mean = m._posterior(m.encoder.tail(previous[0])).mean
-            return m.decoder.conv_in(m.post_quant_conv(mean)), None
-
-        return [
-            Stage(blocks=[*encoder.down_blocks, encoder.mid_block],
-                  enter=lambda m, batch, previous: (m.encoder.conv_in(m._videos(batch["videos"])), None)),
-            Stage(blocks=[decoder.mid_block, *decoder.up_blocks], enter=enter_decoder),
-        ]
+        return [Stage(blocks=[*encoder.down_blocks, encoder.mid_block], enter=_enter_encoder),
+                Stage(blocks=[decoder.mid_block, *decoder.up_blocks], enter=_enter_decoder)]
 
 
 def _chunk_sizes(frames: int, chunk_frames, multiple: int, name: str) -> list[int]:
@@ -493,6 +485,16 @@ def _chunk_sizes(frames: int, chunk_frames, multiple: int, name: str) -> list[in
         sizes.append(min(left, chunk_frames))
         left -= sizes[-1]
     return sizes
+
+
+def _enter_encoder(m: AutoencoderKLHunyuanVideo, batch: dict, previous) -> tuple[jax.Array, None]:
+    """``calibration_stages``' entries (module level, so each compiles once per model structure)."""
+    return m.encoder.conv_in(m._videos(batch["videos"])), None
+
+
+def _enter_decoder(m: AutoencoderKLHunyuanVideo, batch: dict, previous) -> tuple[jax.Array, None]:
+    mean = m._posterior(m.encoder.tail(previous[0])).mean
+    return m.decoder.conv_in(m.post_quant_conv(mean)), None
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -383,18 +383,9 @@ class Qwen2VL(DecoderLM):
 
     def calibration_stages(self) -> list[Stage]:
         """Vision blocks on the patches, the merger, then the decoder blocks on the merged embeddings."""
-        def enter_vision(m: Qwen2VL, batch: dict, previous):
-            return m.visual.embed(batch["pixel_values"], jnp.dtype(m.config.dtype)), _vision_context(batch)
-
-        def enter_text(m: Qwen2VL, batch: dict, previous):
-            features = previous[0]
-            x = m.embed_tokens(batch["tokens"], jnp.dtype(m.config.dtype))
-            x = scatter_features(x, batch["tokens"] == m.config.image_token_id, features)
-            return x, (batch["positions"], batch["modality"])
-
-        return [Stage(blocks=list(self.visual.blocks), enter=enter_vision),
-                Stage(blocks=[self.visual.merger], enter=lambda m, batch, previous: previous),
-                Stage(blocks=list(self.layers), enter=enter_text)]
+        return [Stage(blocks=list(self.visual.blocks), enter=_enter_vision),
+                Stage(blocks=[self.visual.merger], enter=_enter_merger),
+                Stage(blocks=list(self.layers), enter=_enter_text)]
 
     def calibration_call(self, batch: dict) -> jax.Array:
         """Logits of a ``check_calibration`` batch (whole-model statistics)."""
@@ -406,6 +397,22 @@ class Qwen2VL(DecoderLM):
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (b, t, 3))
         return self.embed_tokens(tokens, jnp.dtype(self.config.dtype)), (positions, self.modality(tokens))
+
+
+def _enter_vision(m: Qwen2VL, batch: dict, previous):
+    """``calibration_stages``' entries (module level, so each compiles once per model structure)."""
+    return m.visual.embed(batch["pixel_values"], jnp.dtype(m.config.dtype)), _vision_context(batch)
+
+
+def _enter_merger(m: Qwen2VL, batch: dict, previous):
+    return previous
+
+
+def _enter_text(m: Qwen2VL, batch: dict, previous):
+    features = previous[0]
+    x = m.embed_tokens(batch["tokens"], jnp.dtype(m.config.dtype))
+    x = scatter_features(x, batch["tokens"] == m.config.image_token_id, features)
+    return x, (batch["positions"], batch["modality"])
 
 
 def aifs_permutation(modality) -> np.ndarray:

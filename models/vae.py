@@ -273,22 +273,24 @@ class AutoencoderKL(nnx.Module):
     def calibration_stages(self) -> list[Stage]:
         """Encoder blocks on the images, then decoder blocks on the decoded posterior means (module docstring)."""
         encoder, decoder = self.encoder, self.decoder
-
-        def enter_decoder(m: AutoencoderKL, batch: dict, previous) -> tuple[jax.Array, None]:
-            mean = m._posterior(m.encoder.tail(previous[0])).mean
-            return m.decoder.conv_in(m._post_quant(mean)), None
-
-        return [
-            Stage(blocks=[*encoder.down_blocks, encoder.mid_block],
-                  enter=lambda m, batch, previous: (m.encoder.conv_in(m._images(batch["images"])), None)),
-            Stage(blocks=[decoder.mid_block, *decoder.up_blocks], enter=enter_decoder),
-        ]
+        return [Stage(blocks=[*encoder.down_blocks, encoder.mid_block], enter=_enter_encoder),
+                Stage(blocks=[decoder.mid_block, *decoder.up_blocks], enter=_enter_decoder)]
 
 
 def init_model(config: VAEConfig, key: jax.Array) -> AutoencoderKL:
     """A randomly initialised VAE (weights ~ N(0, 1 / fan_in), norms 1, biases 0)."""
     check_dtypes_available(config)
     return AutoencoderKL(config, rngs=nnx.Rngs(params=key))
+
+
+def _enter_encoder(m: AutoencoderKL, batch: dict, previous) -> tuple[jax.Array, None]:
+    """``calibration_stages``' entries (module level, so each compiles once per model structure)."""
+    return m.encoder.conv_in(m._images(batch["images"])), None
+
+
+def _enter_decoder(m: AutoencoderKL, batch: dict, previous) -> tuple[jax.Array, None]:
+    mean = m._posterior(m.encoder.tail(previous[0])).mean
+    return m.decoder.conv_in(m._post_quant(mean)), None
 
 
 def abstract_model(config: VAEConfig) -> AutoencoderKL:

@@ -364,12 +364,7 @@ class WanTransformer(nnx.Module):
     # -- calibration contract ---------------------------------------------------------------------------------
     def calibration_stages(self) -> list[Stage]:
         """One stage over the blocks: hidden ``x``, context ``(text, e, bucket, cos, sin)``."""
-        def enter(m: WanTransformer, batch: dict, previous):
-            sigmas = jnp.asarray(batch["sigmas"], jnp.float32)
-            x, _, context = m.embed(batch["latents"], 1000.0 * sigmas, batch["text"], sigmas)
-            return x, context
-
-        return [Stage(blocks=list(self.blocks), enter=enter)]
+        return [Stage(blocks=list(self.blocks), enter=_enter_blocks)]
 
     def activation_groups(self) -> ActivationGroups:
         edges = (0.0, *self.config.bucket_edges, 1.0)
@@ -395,6 +390,13 @@ class WanTransformer(nnx.Module):
         check_group_ids(buckets, self.activation_groups(), "calib['sigmas'] (as timestep buckets; σ must lie in "
                         "[0, 1])")
         return out
+
+
+def _enter_blocks(m: WanTransformer, batch: dict, previous):
+    """``calibration_stages``' entry (module level, so it compiles once per model structure)."""
+    sigmas = jnp.asarray(batch["sigmas"], jnp.float32)
+    x, _, context = m.embed(batch["latents"], 1000.0 * sigmas, batch["text"], sigmas)
+    return x, context
 
 
 def init_model(config: WanConfig, key: jax.Array) -> WanTransformer:

@@ -336,16 +336,8 @@ class AutoencoderKLWan(nnx.Module):
     def calibration_stages(self) -> list[Stage]:
         """Encoder blocks on the videos, then decoder blocks on the posterior means; each clip in one pass."""
         encoder, decoder = self.encoder, self.decoder
-
-        def enter_encoder(m: AutoencoderKLWan, batch: dict, previous) -> tuple[jax.Array, None]:
-            return m.encoder.conv_in(jnp.asarray(batch["videos"], m.config.dtype))[0], None
-
-        def enter_decoder(m: AutoencoderKLWan, batch: dict, previous) -> tuple[jax.Array, None]:
-            mean = m._posterior(m.quant_conv(m.encoder.tail(previous[0])[0])[0]).mean
-            return m.decoder.conv_in(m.post_quant_conv(mean)[0])[0], None
-
-        return [Stage(blocks=[*encoder.down_blocks, encoder.mid_block], enter=enter_encoder),
-                Stage(blocks=[decoder.mid_block, *decoder.up_blocks], enter=enter_decoder)]
+        return [Stage(blocks=[*encoder.down_blocks, encoder.mid_block], enter=_enter_encoder),
+                Stage(blocks=[decoder.mid_block, *decoder.up_blocks], enter=_enter_decoder)]
 
 
 def _chunks(frames: int, chunk_frames: int, multiple: int) -> list[tuple[int, int]]:
@@ -358,6 +350,16 @@ def _chunks(frames: int, chunk_frames: int, multiple: int) -> list[tuple[int, in
     while bounds[-1][1] < frames:
         bounds.append((bounds[-1][1], min(frames, bounds[-1][1] + chunk_frames)))
     return bounds
+
+
+def _enter_encoder(m: AutoencoderKLWan, batch: dict, previous) -> tuple[jax.Array, None]:
+    """``calibration_stages``' entries (module level, so each compiles once per model structure)."""
+    return m.encoder.conv_in(jnp.asarray(batch["videos"], m.config.dtype))[0], None
+
+
+def _enter_decoder(m: AutoencoderKLWan, batch: dict, previous) -> tuple[jax.Array, None]:
+    mean = m._posterior(m.quant_conv(m.encoder.tail(previous[0])[0])[0]).mean
+    return m.decoder.conv_in(m.post_quant_conv(mean)[0])[0], None
 
 
 def init_model(config: WanVAEConfig, key: jax.Array) -> AutoencoderKLWan:

@@ -33,14 +33,19 @@ float64, in sequence order, and ``InputStatistics.merge`` adds batches in
 order. The result therefore does not depend on how the calibration set is
 batched or sharded across devices (a float32 all-reduce would), and large
 calibration sets do not lose precision. Memory is one ``[in, in]`` matrix per
-sequence of the current batch per site. With the flag off (the default)
-nothing is recorded and nothing is traced.
+sequence of the current batch per site; ``statistics_from_state(..., running=)``
+continues the running float64 sums of earlier sequences, so one batch may be
+captured in sub-batches with the same result bit for bit (``capture_layout``
+tells per-sequence statistics from per-call ones, the expert sites', which are
+float32 sums over all the rows of one call and so need the whole batch in one
+call). With the flag off (the default) nothing is recorded and nothing is traced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Collection
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +72,7 @@ def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = 
     x3 = x.reshape(b, -1, features).astype(jnp.float32)
     num_groups = getattr(module, "capture_groups", None)
     grouped = groups is not None and num_groups is not None
-    # [B, N, G]: token n's group; ungrouped statistics keep the plain formulas (unchanged bit for bit)
+    # [B, N, G]: token n's group; ungrouped statistics keep the plain formulas
     onehot = (jax.nn.one_hot(jnp.broadcast_to(groups, x.shape[:-1]).reshape(b, -1), num_groups, dtype=jnp.float32)
               if grouped else None)
 
@@ -77,7 +82,7 @@ def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = 
         return jnp.einsum("bni,bnj->bij", rows, rows, precision=jax.lax.Precision.HIGHEST)
 
     def per_token(name: str, values: jax.Array) -> None:  # Σ over each group's tokens of a [B, N] value
-        add(name, jnp.einsum("bng,bn->bg", onehot, values) if grouped else jnp.sum(values, axis=1))
+        add(name, jnp.einsum("bng,bn->bg", onehot, values) if grouped else _sequence_sums(values))
 
     def add(name: str, value: jax.Array, reduce=lambda a, b: a + b) -> None:
         module.sow(nnx.Intermediate, name, value, init_fn=lambda: 0.0, reduce_fn=reduce)
@@ -90,7 +95,7 @@ def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = 
     per_token("input_count", jnp.ones(x3.shape[:2], jnp.float32))
     absmax = jnp.max(jnp.abs(x3)[:, :, None, :] * onehot[..., None], axis=1) if grouped else jnp.max(jnp.abs(x3), axis=1)
     add("input_absmax", absmax, jnp.maximum)
-    add("input_total", jnp.einsum("bng,bni->bgi", onehot, x3) if grouped else jnp.sum(x3, axis=1))
+    add("input_total", jnp.einsum("bng,bni->bgi", onehot, x3) if grouped else _sequence_sums(x3))
     fmt = getattr(module, "activation", None)
     if fmt is not None:
         from jquant.ops.linear import quantize_activation
@@ -100,6 +105,16 @@ def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = 
         error = (x - quantize_activation(x, fmt, scale, groups)).astype(jnp.float32).reshape(x3.shape)
         per_token("input_energy", jnp.sum(jnp.square(x3), axis=-1))
         per_token("input_quantization_error", jnp.sum(jnp.square(error), axis=-1))
+
+
+def _sequence_sums(values: jax.Array) -> jax.Array:
+    """``values [B, N, ...]`` summed over tokens (axis 1) -> ``[B, ...]``, as a product with ones per sequence.
+
+    XLA:CPU rounds a reduction over a middle axis differently for different ``B``; a batched product does
+    not, so a sequence's sums do not depend on the batch it is captured in (``walk_blocks``' sub-batches).
+    """
+    ones = jnp.ones(values.shape[:2], jnp.float32)
+    return jnp.einsum("bn,bn...->b...", ones, values, precision=jax.lax.Precision.HIGHEST)
 
 
 def record_expert_input(module: nnx.Module, x: jax.Array, group_sizes: jax.Array, affinity: jax.Array | None) -> None:
@@ -125,14 +140,17 @@ def record_expert_input(module: nnx.Module, x: jax.Array, group_sizes: jax.Array
     module.sow(nnx.Intermediate, "input_absmax", absmax[None], init_fn=lambda: 0.0, reduce_fn=jnp.maximum)
 
 
-def set_capture(module: nnx.Module, enabled: bool, *, num_groups: int | None = None) -> None:
+def set_capture(module: nnx.Module, enabled: bool, *, num_groups: int | None = None,
+                only: Collection[str] | None = None) -> None:
     """Turn input capture on or off for every site inside ``module`` (in place; static flags).
 
-    ``num_groups`` makes sites whose calls pass ``groups`` record statistics per group.
+    ``num_groups`` makes sites whose calls pass ``groups`` record statistics per group. ``only`` (site paths
+    relative to ``module``) turns capture on for those sites and off for the others.
     """
     for site in find_sites(module):
-        site.module.capture_inputs = enabled
-        site.module.capture_groups = num_groups if enabled else None
+        on = enabled and (only is None or site.path in only)
+        site.module.capture_inputs = on
+        site.module.capture_groups = num_groups if on else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,61 +236,126 @@ class InputStatistics:
         return self.hessian / self.count - np.outer(mu, mu)
 
 
-def statistics_from_state(state: nnx.State) -> dict[str, InputStatistics]:
-    """Group captured ``nnx.Intermediate`` values by site path (relative to the captured module)."""
+def _by_site(state: nnx.State) -> dict[str, dict]:
+    """``{site path: {statistic name: value}}`` of captured ``nnx.Intermediate`` values (arrays or shapes)."""
     by_site: dict[str, dict] = {}
     for path, var in nnx.to_flat_state(state):
         *site, name = path
-        value = var[...] if isinstance(var, nnx.Variable) else var
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
         by_site.setdefault(path_string(tuple(site)), {})[name] = value[0] if isinstance(value, tuple) else value
-    optional = lambda s, name: None if name not in s else _ordered_sum(s[name])  # noqa: E731
-    return {
-        p: InputStatistics(hessian=_ordered_sum(s["input_hessian"]), count=_count(s["input_count"]),
-                           absmax=np.max(np.asarray(s["input_absmax"], np.float64), axis=0),
-                           total=_ordered_sum(s["input_total"]),
-                           energy=_ordered_total(s.get("input_energy")),
-                           quantization_error=_ordered_total(s.get("input_quantization_error")),
-                           affinity_hessian=optional(s, "input_affinity_hessian"),
-                           affinity=optional(s, "input_affinity"))
-        for p, s in by_site.items()
-        if "input_hessian" in s
-    }
+    return {p: s for p, s in by_site.items() if "input_hessian" in s}
 
 
-def _count(per_sequence: jax.Array) -> float | np.ndarray:
+def statistics_from_state(state: nnx.State, running: dict[str, InputStatistics] | None = None
+                          ) -> dict[str, InputStatistics]:
+    """Group captured ``nnx.Intermediate`` values by site path (relative to the captured module).
+
+    ``running``: statistics of the sequences captured just before these (same sites), whose float64 sums
+    are continued sequence by sequence: a batch captured in consecutive sub-batches gives the statistics
+    of one call on the whole batch, bit for bit.
+    """
+    stats = {}
+    for p, s in _by_site(state).items():
+        before = None if running is None else running[p]
+
+        def total(name: str, key: str, s=s, before=before) -> float | np.ndarray | None:
+            return _ordered_total(s.get(key), None if before is None else getattr(before, name))
+
+        absmax = np.max(np.asarray(s["input_absmax"], np.float64), axis=0)
+        stats[p] = InputStatistics(hessian=total("hessian", "input_hessian"),
+                                   count=_count(s["input_count"], None if before is None else before.count),
+                                   absmax=absmax if before is None else np.maximum(before.absmax, absmax),
+                                   total=total("total", "input_total"), energy=total("energy", "input_energy"),
+                                   quantization_error=total("quantization_error", "input_quantization_error"),
+                                   affinity_hessian=total("affinity_hessian", "input_affinity_hessian"),
+                                   affinity=total("affinity", "input_affinity"))
+    return stats
+
+
+def _count(per_sequence: jax.Array, start: float | np.ndarray | None = None) -> float | np.ndarray:
     """Tokens seen: a float for an ordinary site, ``[E]`` per expert for a stacked expert site."""
     total = np.sum(np.asarray(per_sequence, np.float64), axis=0)
-    return float(total) if total.ndim == 0 else total
+    if start is not None:
+        total = start + total  # whole numbers: exact in float64
+    return float(total) if np.ndim(total) == 0 else total
 
 
-def _ordered_sum(per_sequence: jax.Array) -> np.ndarray:
-    """Sum ``[B, ...]`` over sequences in float64, in index order (host side, deterministic)."""
+def _ordered_sum(per_sequence: jax.Array, start: float | np.ndarray | None = None) -> np.ndarray:
+    """Sum ``[B, ...]`` over sequences in float64, in index order, continuing from ``start`` (host side,
+    deterministic)."""
     total = np.zeros(per_sequence.shape[1:], np.float64)
+    if start is not None:
+        total += start
     for part in np.asarray(per_sequence):  # one sequence at a time in float64, not a float64 copy of the batch
         total += part
     return total
 
 
-def _ordered_total(per_sequence: jax.Array | None) -> float | np.ndarray | None:
-    """A scalar total, or ``[G]`` per group for grouped statistics."""
+def _ordered_total(per_sequence: jax.Array | None, start: float | np.ndarray | None = None
+                   ) -> float | np.ndarray | None:
+    """``_ordered_sum`` as a float when scalar (an array for a Gram, ``[G]`` per group, ...); None when not
+    recorded."""
     if per_sequence is None:
         return None
-    total = _ordered_sum(per_sequence)
+    total = _ordered_sum(per_sequence, start)
     return float(total) if total.ndim == 0 else total
 
 
-def capture_statistics(fn: Callable) -> Callable:
-    """``fn(module, *args) -> out`` becomes ``(module, *args) -> (out, {site path: InputStatistics})``.
+@dataclasses.dataclass(frozen=True)
+class CaptureLayout:
+    """What one capture call on a batch of ``B`` sequences records, from its shapes (nothing run).
+
+    ``bytes_per_sequence``: for each site whose statistics are per sequence (leading axis ``B``), their bytes
+    for one sequence (``in² x 4`` for a Gram, ``G in² x 4`` grouped). ``per_call``: sites whose statistics are
+    one sum over the call (leading axis 1 when ``B > 1``): stacked expert sites, whose Gram of the rows routed
+    to an expert is one float32 product over the whole call, so splitting the call would change it.
+    """
+
+    bytes_per_sequence: dict[str, int]
+    per_call: tuple[str, ...]
+
+    def sequences_within(self, budget: int) -> int | float:
+        """How many sequences one call may hold with at most ``budget`` bytes of per-sequence statistics
+        (at least 1; ``inf`` when nothing is per sequence)."""
+        per_sequence = sum(self.bytes_per_sequence.values())
+        return max(1, budget // per_sequence) if per_sequence else math.inf
+
+
+def capture_layout(state: nnx.State, batch: int) -> CaptureLayout:
+    """The ``CaptureLayout`` of a capture call on ``batch`` sequences, from its (abstract) captured ``state``."""
+    per_sequence, per_call = {}, []
+    for p, s in _by_site(state).items():
+        if batch > 1 and s["input_hessian"].shape[0] == 1:
+            per_call.append(p)
+        else:
+            per_sequence[p] = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in s.values()) // batch
+    return CaptureLayout(bytes_per_sequence=per_sequence, per_call=tuple(per_call))
+
+
+class StatisticsCapture:
+    """``fn(module, *args) -> out`` as ``(module, *args) -> (out, {site path: InputStatistics})``.
 
     The forward (with capture) is ``nnx.jit``-compiled; the float64 reduction runs on the host.
+    ``running=`` continues earlier sequences' sums (``statistics_from_state``); ``layout(module, *args)``
+    is the call's ``CaptureLayout`` from an abstract evaluation, which shares the jit's trace.
     """
-    captured = nnx.jit(nnx.capture(fn, nnx.Intermediate))
 
-    def wrapped(module, *args):
-        out, state = captured(module, *args)
-        return out, statistics_from_state(state)
+    def __init__(self, fn: Callable):
+        self._captured = nnx.jit(nnx.capture(fn, nnx.Intermediate))
 
-    return wrapped
+    def __call__(self, module: nnx.Module, *args, running: dict[str, InputStatistics] | None = None):
+        out, state = self._captured(module, *args)
+        return out, statistics_from_state(state, running)
+
+    def layout(self, module: nnx.Module, *args) -> CaptureLayout:
+        """The layout of ``self(module, *args)``; the batch size is the leading axis of ``args[0]``'s first leaf."""
+        _, state = self._captured.eval_shape(module, *args)
+        return capture_layout(state, jax.tree.leaves(args[0])[0].shape[0])
+
+
+def capture_statistics(fn: Callable) -> StatisticsCapture:
+    """``fn(module, *args) -> out`` becomes ``(module, *args) -> (out, {site path: InputStatistics})``."""
+    return StatisticsCapture(fn)
 
 
 def model_input_statistics(model: nnx.Module, tokens, paths: set[str] | None = None, *,

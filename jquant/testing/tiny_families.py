@@ -165,11 +165,7 @@ class TinyMLLM(nnx.Module):
         return ActivationGroups(names=("text", "image"), sites=r"layers/.*")
 
     def calibration_stages(self) -> list[Stage]:
-        return [
-            Stage(blocks=list(self.vision),
-                  enter=lambda m, batch, previous: (m.patch_embed(jnp.asarray(batch["patches"], m.config.dtype)), None)),
-            Stage(blocks=list(self.layers), enter=lambda m, batch, previous: m.merge(previous[0], batch["tokens"])),
-        ]
+        return [Stage(blocks=list(self.vision), enter=_enter_vision), Stage(blocks=list(self.layers), enter=_enter_text)]
 
     def check_calibration(self, calib) -> dict:
         """``{"tokens": int [N, T] < vocab, "patches": float [N, P, patch_dim]}``, as numpy arrays."""
@@ -185,6 +181,15 @@ class TinyMLLM(nnx.Module):
         if patches.ndim != 3 or patches.shape[-1] != self.config.patch_dim:
             raise ValueError(f"calib['patches'] must be [N, P, {self.config.patch_dim}], got {patches.shape}.")
         return {"tokens": tokens.astype(np.int32), "patches": patches}
+
+
+def _enter_vision(m: TinyMLLM, batch: dict, previous) -> tuple[jax.Array, None]:
+    """``calibration_stages``' entries (module level, so each compiles once per model structure)."""
+    return m.patch_embed(jnp.asarray(batch["patches"], m.config.dtype)), None
+
+
+def _enter_text(m: TinyMLLM, batch: dict, previous) -> tuple[jax.Array, jax.Array]:
+    return m.merge(previous[0], batch["tokens"])
 
 
 class DiTBlock(Block):
