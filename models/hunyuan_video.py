@@ -605,13 +605,12 @@ FAMILY = Family(
     from_diffusers=from_diffusers,
     to_diffusers=to_diffusers,
     presets={
-        # The bundled tiny video DiT: the latents of its own copy of the first tiny video VAE (4 channels, 8x8, e.g. 5
+        # The bundled tiny video DiT: the latents of its own copy of jq-video-vae-tiny (16 channels, 8x8, e.g. 5
         # latent frames), 2x2 spatial patches, 1 temporal -> 16 tokens per frame; 4 heads x 32 with RoPE dims (frame
         # 8, row 12, column 12); 2 double + 2 single blocks, 1 refiner block; text states and pooled text of
         # jq-llama-tiny (192). No guidance embedding: a model trained from scratch with caption dropout is guided by
-        # classifier-free guidance, not distilled guidance. (To retrain on the 16-channel jq-video-vae-tiny: 16
-        # channels in and out; the training script sets them from the latents.)
-        "jq-video-tiny": HunyuanVideoConfig(in_channels=4, out_channels=4, num_attention_heads=4,
+        # classifier-free guidance, not distilled guidance.
+        "jq-video-tiny": HunyuanVideoConfig(in_channels=16, out_channels=16, num_attention_heads=4,
                                             attention_head_dim=32, num_layers=2, num_single_layers=2,
                                             num_refiner_layers=1, patch_size=2, patch_size_t=1,
                                             guidance_embeds=False, text_embed_dim=192, pooled_projection_dim=192,
