@@ -104,7 +104,7 @@ def _text(encoder, captions: list[str], batch: int = 512) -> tuple[np.ndarray, d
 
 
 def _encoded_clips(vae, encoder, split: str, n: int, seed: int, batch: int = 32) -> tuple[np.ndarray, list[str], int]:
-    """``(latents [n, 5, 8, 8, 4], captions, skipped)``: ``n`` 17-frame clips drawn as ``video_scenes`` draws them,
+    """``(latents [n, 5, 8, 8, L], captions, skipped)``: ``n`` 17-frame clips drawn as ``video_scenes`` draws them,
     those whose caption is longer than ``MAX_LENGTH`` tokens skipped (counted), encoded ``batch`` clips at a time
     (the pixels of all clips at once would not fit in memory)."""
     from jquant.data.emoji import load_glyphs
