@@ -113,8 +113,14 @@ def run(args, results: Results) -> None:
     pipe, w4, w8 = _pipelines(args.model)
     weights = {"float": pipe, "nvfp4": w4, "int8": w8}
     steps = args.steps or pipe.defaults.steps
-    calib = video_scenes("train", args.calib_prompts, pipe.defaults.size, args.seeds[0], frames=pipe.defaults.frames,
-                         vocabulary="reference-32").captions
+
+    def fits(caption: str) -> bool:  # with the start token, as TextEncoder counts
+        ids = pipe.text_encoder.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        return 1 + len(ids) <= pipe.defaults.max_length
+
+    drawn = video_scenes("train", 2 * args.calib_prompts, pipe.defaults.size, args.seeds[0],
+                         frames=pipe.defaults.frames, vocabulary="reference-32").captions
+    calib = [c for c in drawn if fits(c)][:args.calib_prompts]  # the DiT stages skip captions over the text limit
     config, fit, data = calibrate(w4, calib, seed=1000, steps=steps)
     x = np.broadcast_to(data.gamma[:, :-1, :, None], data.erel[:, 1:].shape).reshape(-1)
     results.set_meta(steps=steps, guidance=pipe.defaults.guidance, frames=pipe.defaults.frames,
