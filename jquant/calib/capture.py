@@ -309,10 +309,12 @@ class CaptureLayout:
     for one sequence (``in² x 4`` for a Gram, ``G in² x 4`` grouped). ``per_call``: sites whose statistics are
     one sum over the call (leading axis 1 when ``B > 1``): stacked expert sites, whose Gram of the rows routed
     to an expert is one float32 product over the whole call, so splitting the call would change it.
+    ``order``: every site in the order one call on the whole batch returns them.
     """
 
     bytes_per_sequence: dict[str, int]
     per_call: tuple[str, ...]
+    order: tuple[str, ...]
 
     def sequences_within(self, budget: int) -> int | float:
         """How many sequences one call may hold with at most ``budget`` bytes of per-sequence statistics
@@ -324,12 +326,13 @@ class CaptureLayout:
 def capture_layout(state: nnx.State, batch: int) -> CaptureLayout:
     """The ``CaptureLayout`` of a capture call on ``batch`` sequences, from its (abstract) captured ``state``."""
     per_sequence, per_call = {}, []
-    for p, s in _by_site(state).items():
+    sites = _by_site(state)
+    for p, s in sites.items():
         if batch > 1 and s["input_hessian"].shape[0] == 1:
             per_call.append(p)
         else:
             per_sequence[p] = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in s.values()) // batch
-    return CaptureLayout(bytes_per_sequence=per_sequence, per_call=tuple(per_call))
+    return CaptureLayout(bytes_per_sequence=per_sequence, per_call=tuple(per_call), order=tuple(sites))
 
 
 class StatisticsCapture:

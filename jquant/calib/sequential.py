@@ -184,7 +184,7 @@ def _capture(block: nnx.Module, state: State, context_batched: Any, budget: int,
             stats |= _block_statistics(block, *state)[1]
     finally:
         set_capture(block, True, num_groups=num_groups)
-    return {p: stats[p] for p in (*layout.bytes_per_sequence, *layout.per_call)}
+    return {p: stats[p] for p in layout.order}
 
 
 def walk_blocks(

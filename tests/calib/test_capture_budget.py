@@ -163,11 +163,11 @@ def test_moe_experts_are_captured_on_the_whole_batch(monkeypatch):
 
 
 class SharedPositionsLlama(llama.Llama):
-    """A Llama whose block context, the positions ``[T]``, is shared by the batch (no batch axis)."""
+    """A Llama whose block context, the positions ``[1, T]``, is shared by the batch (broadcast, not per sequence)."""
 
     def block_inputs(self, tokens):
         hidden, _ = super().block_inputs(tokens)
-        return hidden, jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        return hidden, jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
 
 
 def test_context_shared_by_the_batch_is_not_sliced(monkeypatch):
