@@ -392,4 +392,4 @@ def test_preset_builds_with_the_text_encoders_width():
     assert family is hv.FAMILY and 1e6 < params < 4e6, params
     _, llama = preset("jq-llama-tiny")
     assert cfg.text_embed_dim == cfg.pooled_projection_dim == llama.hidden_size
-    assert cfg.in_channels == 4 and not cfg.guidance_embeds and model.grid((1, 5, 8, 8, 4)) == (5, 4, 4)
+    assert cfg.in_channels == 16 and not cfg.guidance_embeds and model.grid((1, 5, 8, 8, 16)) == (5, 4, 4)
