@@ -60,6 +60,23 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _byte_size(text: str) -> int:
+    """argparse type: a positive number of bytes, optionally with a binary unit K, M or G ("512M", "1.5G")."""
+    body = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = body[-1] if body and body[-1] in "KMG" else ""
+    try:
+        value = float(body[:len(body) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}") from None
+    size = int(value * _SIZE_UNITS[unit]) if math.isfinite(value) else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 512M or 2G, got {text!r}")
+    return size
+
+
 TOKENIZER_HELP = ("tokenizer folder (with tokenizer.json) for a model folder that ships none "
                   "(default: the model folder's own tokenizer)")
 
@@ -95,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--calib-source", choices=["corpus", "ebss"], default="corpus",
                     help="calibration text: windows of the bundled corpus, or (MoE models) text the model writes "
                          "itself with MoEQuant's expert-balanced self-sampling (default: %(default)s)")
+    qz.add_argument("--capture-budget", type=_byte_size, default=None,
+                    help="bound on the calibration statistics one capture pass holds, e.g. 512M (default: 2G); "
+                         "lower it to cut peak memory on wide models (same statistics, more passes)")
     qz.add_argument("--no-eval", action="store_true", help="only quantize (and save); skip the comparison table")
     _add_eval_options(qz)
 
@@ -408,7 +428,8 @@ def _cmd_quantize(args, console: Console) -> dict:
     else:
         calib = random_windows(load_split("train"), tokenizer, args.calib_samples, args.calib_seq_len,
                                jax.random.key(args.seed))
-    qmodel = quantize(loaded.model, recipe, calib, batch_size=args.batch_size, progress=progress)
+    qmodel = quantize(loaded.model, recipe, calib, batch_size=args.batch_size, progress=progress,
+                      capture_budget=args.capture_budget)
     report = qmodel.quantization
     result = {"model": str(loaded.path), "recipe": recipe.to_dict(), "quantize_seconds": report.seconds,
               "sites": dict(report.sites), "unquantized": list(report.unquantized)}

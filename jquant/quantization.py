@@ -37,7 +37,7 @@ from jquant.algorithms.experts import quantize_experts
 from jquant.algorithms.weights import algorithm
 from jquant.calib.capture import InputStatistics
 from jquant.calib.data import check_calibration
-from jquant.calib.sequential import BlockVisit, block_paths, walk_blocks
+from jquant.calib.sequential import BlockVisit, block_paths, check_capture_budget, walk_blocks
 from jquant.formats import ExpertPartition, Format, IntFormat, QArray, get_format
 from jquant.models.registry import family_of
 from jquant.ops.linear import ActivationFormat
@@ -319,6 +319,7 @@ def quantize(
     batch_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
+    capture_budget: int | None = None,
 ) -> nnx.Module:
     """A quantized copy of ``model`` following ``recipe`` (a ``Recipe`` or a built-in name).
 
@@ -327,10 +328,13 @@ def quantize(
     ``[N, T]`` for a language model (``jquant.data.random_windows`` draws them
     deterministically from a corpus split for a given key); with a
     ``mesh`` its batches are split over the mesh's ``"data"`` axis (the model
-    may be sharded with ``jquant.sharding.shard_model`` beforehand). The copy's
-    ``quantization`` attribute reports what was done.
+    may be sharded with ``jquant.sharding.shard_model`` beforehand). ``capture_budget`` bounds the bytes of
+    per-sequence statistics one calibration capture holds (default ``jquant.calib.sequential.CAPTURE_BUDGET_BYTES``,
+    2 GiB): a batch above it is captured in sub-batches with the same statistics, so lowering it trades speed for
+    peak memory on wide models. The copy's ``quantization`` attribute reports what was done.
     """
     t0 = time.perf_counter()
+    check_capture_budget(capture_budget, "quantize")
     recipe = get(recipe) if isinstance(recipe, str) else recipe
     qmodel = nnx.clone(model)  # all validation and work happen on the copy; on any error it is discarded
     check_recipe(qmodel, recipe)
@@ -389,7 +393,8 @@ def quantize(
                 if full in by_path:
                     apply(by_path[full], st)
 
-        walk_blocks(qmodel, tokens, process_block, batch_size=batch_size, mesh=mesh, progress=progress)
+        walk_blocks(qmodel, tokens, process_block, batch_size=batch_size, mesh=mesh, progress=progress,
+                    capture_budget=capture_budget)
     remaining = [p for p in by_path.values() if p.site.path not in done]
     with progress_bar(total=len(remaining), description="quantize", enabled=progress and bool(remaining)) as bar:
         for p in remaining:

@@ -221,6 +221,13 @@ def test_non_positive_integer_options_name_the_flag(capsys, argv, flag):
     assert f"argument {flag}: must be a positive integer (1 or more)" in _argparse_error(capsys, *argv)
 
 
+@pytest.mark.parametrize("value, message", [("0", "must be a positive size"), ("-1M", "must be a positive size"),
+                                            ("lots", "expected a size such as 512M or 2G")])
+def test_capture_budget_must_be_a_positive_size(capsys, value, message):
+    error = _argparse_error(capsys, "quantize", "--recipe", "gptq-w4g128", f"--capture-budget={value}")
+    assert f"argument --capture-budget: {message}" in error
+
+
 def test_broken_tokenizer_file_names_the_folder(capsys, tmp_path):
     folder = tmp_path / "tok"
     shutil.copytree(DEFAULT_TOKENIZER_DIR, folder)

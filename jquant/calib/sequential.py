@@ -57,6 +57,15 @@ CAPTURE_BUDGET_BYTES = 2 * 1024**3
 """Default bound on the per-sequence statistics one capture call holds (``walk_blocks``' ``capture_budget``)."""
 
 
+def check_capture_budget(capture_budget: int | None, caller: str) -> int:
+    """The capture budget in bytes (``CAPTURE_BUDGET_BYTES`` for None); a clear error naming ``caller`` otherwise."""
+    budget = CAPTURE_BUDGET_BYTES if capture_budget is None else capture_budget
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"{caller}: capture_budget must be a positive number of bytes (or None for "
+                         f"CAPTURE_BUDGET_BYTES = {CAPTURE_BUDGET_BYTES}), got {capture_budget!r}.")
+    return budget
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """Consecutive blocks sharing one ``(hidden, context)`` convention.
@@ -209,10 +218,7 @@ def walk_blocks(
     ``CAPTURE_BUDGET_BYTES``); a batch whose statistics exceed it is captured in sub-batches, with the
     same statistics (module docstring).
     """
-    budget = CAPTURE_BUDGET_BYTES if capture_budget is None else capture_budget
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"walk_blocks: capture_budget must be a positive number of bytes (or None for "
-                         f"CAPTURE_BUDGET_BYTES = {CAPTURE_BUDGET_BYTES}), got {capture_budget!r}.")
+    budget = check_capture_budget(capture_budget, "walk_blocks")
     chunks = batches(calib, batch_size)
     place = (lambda c: jax.tree.map(jax.numpy.asarray, c)) if mesh is None else (
         lambda c: jax.tree.map(lambda leaf: shard_batch(leaf, mesh), c))

@@ -178,15 +178,15 @@ def test_context_shared_by_the_batch_is_not_sliced(monkeypatch):
 
 
 def test_gptq_weights_are_identical(monkeypatch):
-    # one sequence at a time vs batches of 4: the shapes whose statistics are bit-identical above
+    # one sequence at a time (quantize's capture_budget of 1 byte) vs batches of 4: the shapes whose statistics
+    # are bit-identical above
     model = llama.init_model(CFG, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, 64, size=(7, 9))
     recipe = get("gptq-w4g128", weight="int4-g16-asym")
     want = quantize(model, recipe, tokens, batch_size=4, progress=False)
-    monkeypatch.setattr(sequential, "CAPTURE_BUDGET_BYTES", 1)
     spy = CallSizes(sequential._block_statistics)
     monkeypatch.setattr(sequential, "_block_statistics", spy)
-    got = quantize(model, recipe, tokens, batch_size=4, progress=False)
+    got = quantize(model, recipe, tokens, batch_size=4, progress=False, capture_budget=1)
     assert set(spy.sizes) == {1}
     leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param), is_leaf=lambda x: isinstance(x, QArray))  # noqa: E731
     quantized = 0
@@ -202,6 +202,8 @@ def test_bad_budget_is_refused(budget):
     model = llama.init_model(CFG, jax.random.key(0))
     with pytest.raises(ValueError, match="capture_budget must be a positive number of bytes"):
         walk_blocks(model, np.zeros((2, 4), np.int32), lambda v: None, capture_budget=budget, progress=False)
+    with pytest.raises(ValueError, match="quantize: capture_budget must be a positive number of bytes"):
+        quantize(model, "gptq-w4g128", np.zeros((2, 4), np.int32), capture_budget=budget, progress=False)
 
 
 def test_stage_entry_compiles_once_across_quantize_calls(caplog):
