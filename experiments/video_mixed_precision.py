@@ -4,8 +4,9 @@
     python experiments/video_mixed_precision.py --model <folder> --quick --out /tmp   # smoke run
 
 ``--model`` is any text-to-video pipeline folder whose DiT has the block protocol (``jquant.video_mixed.protocol``;
-CogVideoX). Its routed linears get NVFP4 weights (recipe ``6bit-diffusion``, round to nearest; an int8-weight copy
-for W8A8). The measurement: ``--calib-prompts`` training captions sampled one at a time along the float-activation
+CogVideoX). Its routed linears get the block Hadamard-128 and NVFP4 weights (recipe ``6bit-diffusion``, round to
+nearest; an int8-weight copy with the same rotation for W8A8; both formats also without the rotation, for its
+ablation). The measurement: ``--calib-prompts`` training captions sampled one at a time along the float-activation
 trajectory, recording per block and step Γ_{b,t} = ‖Y − X‖₁ / ‖X‖₁ and per routed linear NVFP4's relative output
 error E_rel,l,t; the per-linear least-squares predictor E_rel,l,t ≈ α_l Γ_{b,t−1} + β_l, its Pearson correlation, and
 τ_q for 6 activation bits on average. Then ``--clips`` single-emoji validation captions (prompt i from seed i, one at
@@ -33,12 +34,13 @@ PAPER = ("CogVideoX-2B / 5B (49 frames, 50 DDIM steps): DMPQ W4A6 within 0.003 /
          "correlated'")
 
 
-def _pipelines(model: str):
-    """``(float pipeline, NVFP4-weight pipeline, int8-weight pipeline)`` of the routed linears."""
+def _pipelines(model: str) -> dict:
+    """The pipelines by weights: ``float``; ``nvfp4`` (recipe ``6bit-diffusion``: block Hadamard-128, NVFP4 routed
+    linears) and ``int8`` (the same rotation, int8 routed linears); ``nvfp4 no H`` and ``int8 no H`` without it."""
     from jquant.models.loading import resolve
     from jquant.quantization import quantize
     from jquant.recipes import Recipe, Rule, get
-    from jquant.recipes.builtin import VIDEO_ROUTED
+    from jquant.recipes.builtin import VIDEO_HADAMARD, VIDEO_ROUTED
     from jquant.text_to_image import load_pipeline
     from jquant.text_to_video import TextToVideo
     from jquant.video_mixed import check_block_dit
@@ -51,8 +53,12 @@ def _pipelines(model: str):
                                                                                progress=False),
                            vae=pipe.vae, defaults=pipe.defaults, text_encoder_name=pipe.text_encoder_name)
 
-    w8 = Recipe(name="w8-routed", rules=(Rule(pattern=VIDEO_ROUTED, weight="int8"),))
-    return pipe, with_weights(get("6bit-diffusion")), with_weights(w8)
+    def routed(weight: str, rotated: bool) -> Recipe:
+        return Recipe(name=f"{weight}-routed", rules=(Rule(pattern=VIDEO_ROUTED, weight=weight),),
+                      transforms=(VIDEO_HADAMARD,) if rotated else ())
+
+    return {"float": pipe, "nvfp4": with_weights(get("6bit-diffusion")), "int8": with_weights(routed("int8", True)),
+            "nvfp4 no H": with_weights(routed("nvfp4", False)), "int8 no H": with_weights(routed("int8", False))}
 
 
 def _sample(pipe, config, prompts: list[str], steps: int | None) -> tuple[np.ndarray, list, float]:
@@ -81,6 +87,8 @@ def _settings(args, fit_config) -> list[tuple]:
             ("W8A8 everywhere", "precision", "int8", SixBitConfig(precision=PrecisionConfig(mode="int8"))),
             ("W4A8 everywhere", "precision", "nvfp4", SixBitConfig(precision=PrecisionConfig(mode="int8"))),
             ("W4A4 everywhere", "precision", "nvfp4", SixBitConfig(precision=PrecisionConfig(mode="nvfp4"))),
+            ("W8A8 no Hadamard", "precision", "int8 no H", SixBitConfig(precision=PrecisionConfig(mode="int8"))),
+            ("W4A4 no Hadamard", "precision", "nvfp4 no H", SixBitConfig(precision=PrecisionConfig(mode="nvfp4"))),
             ("DMPQ (W4A6)", "precision", "nvfp4", SixBitConfig(precision=dmpq, cache=off)),
             ("static timestep-aware", "precision", "nvfp4", None)]
     for tau in args.tau_c:
@@ -110,8 +118,8 @@ def run(args, results: Results) -> None:
     from jquant.video_mixed.calibrate import static_schedule
     from jquant.video_mixed.pipeline import calibrate
 
-    pipe, w4, w8 = _pipelines(args.model)
-    weights = {"float": pipe, "nvfp4": w4, "int8": w8}
+    weights = _pipelines(args.model)
+    pipe, w4 = weights["float"], weights["nvfp4"]
     steps = args.steps or pipe.defaults.steps
 
     def fits(caption: str) -> bool:  # with the start token, as TextEncoder counts
@@ -176,6 +184,13 @@ def _reading(rows: list[dict], meta: dict) -> list[str]:
         notes.append(f"PSNR vs float: W4A8 {a:.2f} dB, DMPQ {d:.2f} dB at {trio[1]['activation_bits']:.2f} bits, "
                      f"W4A4 {n:.2f} dB; the spec's ordering INT8 >= DMPQ >= NVFP4 "
                      f"{'holds' if a >= d >= n else 'does not hold'} here.")
+    for fmt, rotated, plain in (("INT8", "W8A8 everywhere", "W8A8 no Hadamard"),
+                                ("NVFP4", "W4A4 everywhere", "W4A4 no Hadamard")):
+        if by.get(rotated) and by.get(plain):
+            gain = by[rotated]["psnr_db"] - by[plain]["psnr_db"]
+            notes.append(f"Block Hadamard-128 with {fmt} activations everywhere: {by[rotated]['psnr_db']:.2f} dB vs "
+                         f"{by[plain]['psnr_db']:.2f} dB without ({gain:+.2f} dB; the rotation "
+                         f"{'helps' if gain > 0 else 'does not help'} {fmt} here).")
     static = by.get("static timestep-aware")
     if static and trio[1]:
         notes.append(f"Static timestep-aware schedule at {static['activation_bits']:.2f} bits: {static['psnr_db']:.2f} "

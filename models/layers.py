@@ -52,7 +52,8 @@ class Linear(nnx.Module):
 
     ``H`` is an optional online Hadamard rotation of the input (``input_rotation``:
     its order, ``>= x``'s feature size, zero-padding when larger; its transpose is
-    folded into ``kernel`` by ``jquant.transforms``) and ``Q_a`` the optional
+    folded into ``kernel`` by ``jquant.transforms``), or a block-diagonal one ``I ⊗ H_B`` of order
+    ``input_block_hadamard = B`` on consecutive channel blocks (6Bit-Diffusion), and ``Q_a`` the optional
     activation quantizer (``activation``). Calibration statistics are recorded
     after the rotation, on what the kernel really multiplies.
 
@@ -83,6 +84,7 @@ class Linear(nnx.Module):
         self.activation = None  # an activation Format (or one per group) once a recipe quantizes this layer's inputs
         self.activation_scale = nnx.data(None)  # a calibrated Param for static formats: scalar, or [G] per group
         self.input_rotation = None  # the order of an online Hadamard applied to the input (set by transforms)
+        self.input_block_hadamard = None  # the block order B of an online I ⊗ H_B on the input (set by transforms)
         self.lora = nnx.data(None)  # a LoRA adapter module (set by jquant.finetune.add_lora)
         self.channel_split = nnx.data(None)  # a ChannelSplit (MQuant's RMS, set by jquant.transforms.channel_split)
 
@@ -93,6 +95,8 @@ class Linear(nnx.Module):
         scales, and splits calibration statistics by group (``jquant.calib.capture``)."""
         if self.input_rotation is not None:
             x = ops.online_hadamard(x, self.input_rotation)
+        if self.input_block_hadamard is not None:
+            x = ops.block_hadamard(x, self.input_block_hadamard)
         split = self.channel_split
         if split is not None:
             x, lead = split_leading_channel(x, split.active.get_value())

@@ -8,6 +8,7 @@ import pytest
 
 from jquant.algorithms.weights import AlgorithmSpec, algorithm, algorithm_names, register_algorithm, rtn, rtn_supports
 from jquant.recipes import Rule, TransformStep
+from jquant.transforms.block_hadamard import block_hadamard_rotation
 from jquant.transforms.mamba_rotation import mambaquant
 from jquant.transforms.ostquant import OSTQuantConfig
 from jquant.transforms.registry import transform, transform_kinds
@@ -21,7 +22,8 @@ def _keyword_defaults(fn, skip: int) -> dict:
 
 
 @pytest.mark.parametrize("kind, fn, skip", [("smoothquant", smoothquant, 2), ("quarot", quarot, 2),
-                                            ("mambaquant", mambaquant, 3)])
+                                            ("mambaquant", mambaquant, 3),
+                                            ("block_hadamard", block_hadamard_rotation, 1)])
 def test_transform_options_are_the_functions_keywords_with_their_defaults(kind, fn, skip):
     assert dict(transform(kind).options) == _keyword_defaults(fn, skip)
 
@@ -33,7 +35,7 @@ def test_ostquant_options_are_its_config_fields():
 
 def test_recipes_validate_against_the_registries():
     assert set(transform_kinds()) == {"smoothquant", "quarot", "ostquant", "mambaquant", "adaln_smoothquant",
-                                      "rms_split", "vision_rotation"}
+                                      "rms_split", "vision_rotation", "block_hadamard"}
     assert {"rtn", "gptq", "gptvq", "pcdvq", "rwkvquant"} <= set(algorithm_names())
     with pytest.raises(ValueError, match=r"algorithm must be one of .*'gptq'.*got 'gtpq'"):
         Rule(pattern=".*", weight="int4", algorithm="gtpq")

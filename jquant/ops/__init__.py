@@ -49,6 +49,7 @@ from jquant.ops.rope import apply_rope as apply_rope
 from jquant.ops.rope import inverse_frequencies as inverse_frequencies
 from jquant.ops.rope import rope_angles as rope_angles
 from jquant.ops.rope import rope_cos_sin as rope_cos_sin
+from jquant.ops.rotation import block_hadamard as block_hadamard
 from jquant.ops.rotation import online_hadamard as online_hadamard
 from jquant.ops.ssm import causal_conv1d as causal_conv1d
 from jquant.ops.ssm import selective_scan as selective_scan
@@ -63,7 +64,7 @@ __all__ = ["And", "apply_rope", "Arrow", "as_array", "attention", "attention_qua
            "causal_conv1d", "causal_mask", "conv", "conv_patches", "conv_weight_matrix", "dot_general",
            "embedding_lookup", "explain", "force_path", "Full", "grouped_matmul", "inverse_frequencies", "linear",
            "local_attention", "local_attention_reference", "local_attention_table",
-           "lora_linear", "LoRAArithmetic", "Mask", "online_hadamard", "Padding", "polar_linear",
+           "lora_linear", "LoRAArithmetic", "Mask", "online_hadamard", "block_hadamard", "Padding", "polar_linear",
            "quantize_expert_activations", "quantize_kv", "quantized_matmul", "record_dispatch", "rope_angles",
            "rope_cos_sin", "selective_scan", "selective_scan_recurrent", "SlidingWindow", "ssd_chunked",
            "ssd_recurrent", "wkv6_chunked", "wkv6_recurrent"]

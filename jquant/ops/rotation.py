@@ -27,3 +27,16 @@ def online_hadamard(x: jax.Array, size: int | None = None) -> jax.Array:
     if size > n:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - n)])
     return fwht(x, axis=-1)
+
+
+def block_hadamard(x: jax.Array, block: int) -> jax.Array:
+    """``x [..., n] -> x (I_{n/B} ⊗ H_B / √B)``: an orthonormal Hadamard of order ``B = block`` on each of the
+    ``n / B`` consecutive channel blocks (6Bit-Diffusion's online "block Hadamard-128", spec §3.1); ``n`` must
+    be a multiple of ``block``. Computed by :func:`jquant.transforms.fwht` in at least float32, returned in
+    ``x.dtype``.
+    """
+    n = x.shape[-1]
+    if block < 1 or n % block:
+        raise ValueError(f"block_hadamard: the feature size {n} is not a multiple of block={block}.")
+    blocks = x.reshape(*x.shape[:-1], n // block, block)
+    return fwht(blocks, axis=-1).reshape(x.shape)

@@ -173,11 +173,16 @@ def _mquant_recipes() -> list[Recipe]:
 VIDEO_ROUTED = r"transformer_blocks/\d+/(attn1/(to_q|to_k|to_v|to_out)|ff/(proj|out))"
 
 
+VIDEO_HADAMARD = TransformStep("block_hadamard", {"layers": VIDEO_ROUTED, "block": 128})
+"""6Bit-Diffusion's outlier smoothing: an online block Hadamard-128 before every routed linear (spec §3.1)."""
+
+
 def _six_bit_diffusion_recipe() -> Recipe:
-    return Recipe(name="6bit-diffusion", description="6Bit-Diffusion's weights: NVFP4 attention projections and "
-                  "feed-forward of every video DiT block (adaLN, embeddings, head float); `jquant quantize` of a "
-                  "text-to-video pipeline also calibrates the NVFP4/INT8 activation predictor and the Temporal Delta "
-                  "Cache (six_bit_diffusion.json)", rules=(Rule(pattern=VIDEO_ROUTED, weight="nvfp4"),))
+    return Recipe(name="6bit-diffusion", description="6Bit-Diffusion's weights: block Hadamard-128 rotation, then "
+                  "NVFP4 attention projections and feed-forward of every video DiT block (adaLN, embeddings, head "
+                  "float); `jquant quantize` of a text-to-video pipeline also calibrates the NVFP4/INT8 activation "
+                  "predictor and the Temporal Delta Cache (six_bit_diffusion.json)",
+                  transforms=(VIDEO_HADAMARD,), rules=(Rule(pattern=VIDEO_ROUTED, weight="nvfp4"),))
 
 
 BUILTIN: dict[str, Recipe] = {

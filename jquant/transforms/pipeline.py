@@ -21,6 +21,7 @@ from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import set_kv_cache
 from jquant.recipes import Recipe, TransformStep
 from jquant.transforms.adaln_smoothing import modulated_groups
+from jquant.transforms.block_hadamard import add_block_hadamard_structure, rotated_linears
 from jquant.transforms.channel_split import add_split_structure
 from jquant.transforms.equivalence import OnlineRotations, module_at, online_size, set_online_rotations
 from jquant.transforms.layout import DecoderLayout, layout_of
@@ -81,12 +82,30 @@ def _check_adaln(model: nnx.Module, recipe: Recipe, step: TransformStep) -> None
         raise ValueError(f"recipe {recipe.name!r}: {err}") from None
 
 
+def _block_hadamard_options(model: nnx.Module, recipe: Recipe) -> dict | None:
+    """The options of a recipe's block_hadamard step (validated against ``model``), or None without one."""
+    step = next((t for t in recipe.transforms if t.kind == "block_hadamard"), None)
+    if step is None:
+        return None
+    if len(recipe.transforms) != 1 or recipe.kv_cache is not None:
+        raise ValueError(f"recipe {recipe.name!r}: a block_hadamard step must be the only transform and the recipe "
+                         "cannot quantize a KV cache.")
+    options = transform("block_hadamard").resolved_options(dict(step.options), f"recipe {recipe.name!r}")
+    try:
+        rotated_linears(model, options["layers"], options["block"])
+    except ValueError as err:
+        raise ValueError(f"recipe {recipe.name!r}: {err}") from None
+    return options
+
+
 def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
     """Validate the transform steps and KV format against ``model`` before any work (errors name the layer)."""
     if not recipe.transforms and recipe.kv_cache is None:
         return
     if (step := _adaln_step(recipe)) is not None:
         _check_adaln(model, recipe, step)
+        return
+    if _block_hadamard_options(model, recipe) is not None:
         return
     if (step := _mambaquant_step(recipe)) is not None:
         _check_mambaquant(model, recipe, step)
@@ -170,10 +189,13 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
     """Give an abstract model the run-time structure a transformed model was saved with (in place).
 
     Online rotations are switched on (a zero-padded down_proj gets its padded input
-    rows), a rotated ViT gets its RMSNorms, RMS channel splits are added and the KV format is set; the weights themselves come from the checkpoint.
+    rows; block Hadamards on the linears a block_hadamard step rotated), a rotated ViT gets its RMSNorms, RMS channel splits are added and the KV format is set; the weights themselves come from the checkpoint.
     """
     if (not recipe.transforms and recipe.kv_cache is None) or _adaln_step(recipe) is not None:
         return  # adaLN smoothing changes weights only: the checkpoint holds them
+    if (options := _block_hadamard_options(model, recipe)) is not None:
+        add_block_hadamard_structure(model, **options)
+        return
     if (step := _mambaquant_step(recipe)) is not None:  # the saved config is already untied
         options = _mambaquant_options(step, recipe)
         add_runtime_structure(model, gate_scale=options["smooth"], online=options["online"])

@@ -21,6 +21,7 @@ from flax import nnx
 from jquant.formats import get_format
 from jquant.named_registry import NamedRegistry
 from jquant.transforms.adaln_smoothing import adaln_smoothquant
+from jquant.transforms.block_hadamard import DEFAULT_BLOCK, block_hadamard_rotation
 from jquant.transforms.channel_split import rms_split
 from jquant.transforms.layout import layout_of
 from jquant.transforms.mamba_rotation import mambaquant
@@ -111,6 +112,8 @@ for _spec in (
                   options={"tau": 1.0, "layers": ".*"}),
     TransformSpec("adaln_smoothquant", lambda m, c, k, o, r, p: (adaln_smoothquant(m, c, **o), ()),
                   needs_calibration=True, options={"alpha": 0.5}, only_step=True),
+    TransformSpec("block_hadamard", lambda m, c, k, o, r, p: (block_hadamard_rotation(m, **o), ()),
+                  needs_calibration=False, options={"layers": ".*", "block": DEFAULT_BLOCK}, only_step=True),
     TransformSpec("mambaquant", lambda m, c, k, o, r, p: (mambaquant(m, c, k, **o), ()), needs_calibration=True,
                   options={"alpha": 0.5, "klt": True, "smooth": True, "rotate": True, "online": True}, only_step=True),
 ):
