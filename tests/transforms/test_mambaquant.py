@@ -200,11 +200,17 @@ def _kl(logits, ref):
 
 
 def test_mambaquant_beats_rtn_at_w8a8_and_w4a8():
-    """RTN weights with per-tensor asymmetric int8 activations (spec §3.8), with and without MambaQuant, on three
-    seeds (model, calibration and held-out tokens, rotation key). W8A8: a clear win on every seed (about 0.13x RTN's
-    KL). W4A8: a win on average but not on every seed (seed 0: 1.09x; seeds 1, 2: 0.78x, 0.63x), so the
-    test asserts the mean KL."""
-    kl = {"int8": ([], []), "int4": ([], [])}
+    """RTN weights with per-tensor asymmetric int8 activations (spec §3.8): plain, after MambaQuant, and after the
+    QuaRot-style baseline (Hadamard rotations with the online out_proj Hadamard, no KLT or smoothing), on three seeds
+    (model, calibration and held-out tokens, rotation key). W8A8: MambaQuant and the baseline each a clear win over
+    RTN on every seed (about 0.13x RTN's KL). W4A8: MambaQuant wins on average but not on every seed (seed 0: 1.09x;
+    seeds 1, 2: 0.78x, 0.63x), so the test asserts the mean KL.
+
+    Not asserted, because it does not hold here: the spec's "MambaQuant beats the QuaRot-style baseline". On this
+    model the baseline is as good or better at W8A8 (KL 0.0017-0.0030 vs MambaQuant's 0.0029-0.0032) and ties at
+    W4A8 (mean 0.190 vs 0.186), as jq-mamba-small's results show (experiments/results/mambaquant.md): a Hadamard
+    alone handles outliers planted in norm gains and in_proj rows."""
+    kl = {"int8": ([], [], []), "int4": ([], [], [])}
     with jax.enable_x64(False):
         for seed in range(3):
             model = _outlier_mamba(seed)
@@ -213,14 +219,15 @@ def test_mambaquant_beats_rtn_at_w8a8_and_w4a8():
             tokens = jnp.asarray(rng.integers(0, OUTLIER_VOCAB, (8, 64)).astype(np.int32))
             ref = fast_logits(model, tokens)
             rotated = mambaquant(model, calib, jax.random.key(seed))
-            for weight, (rtn, mq) in kl.items():
+            baseline = mambaquant(model, calib, jax.random.key(seed), klt=False, smooth=False)
+            for weight, lists in kl.items():
                 recipe = Recipe(name=f"rtn-{weight}a8", rules=(Rule(
                     pattern=".*", weight=weight, activation="int8-tensor", activation_options={"symmetric": False}),))
-                rtn.append(_kl(fast_logits(quantize(model, recipe, progress=False), tokens), ref))
-                mq.append(_kl(fast_logits(quantize(rotated, recipe, progress=False), tokens), ref))
-    rtn, mq = map(np.asarray, kl["int8"])
-    assert np.all(mq < 0.5 * rtn), (mq, rtn)
-    rtn, mq = map(np.asarray, kl["int4"])
+                for m, out in zip((model, rotated, baseline), lists):
+                    out.append(_kl(fast_logits(quantize(m, recipe, progress=False), tokens), ref))
+    rtn, mq, quarot_style = map(np.asarray, kl["int8"])
+    assert np.all(mq < 0.5 * rtn) and np.all(quarot_style < 0.5 * rtn), (mq, quarot_style, rtn)
+    rtn, mq, _ = map(np.asarray, kl["int4"])
     assert mq.mean() < rtn.mean(), (mq, rtn)
 
 
