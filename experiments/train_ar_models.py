@@ -2,6 +2,7 @@
 
     python experiments/train_ar_models.py --stage mar    # MAR-style baseline (jquant.models.mar)
     python experiments/train_ar_models.py --stage ecar   # ECAR (jquant.models.ecar), same data, steps and batch
+    python experiments/train_ar_models.py --stage ecar --preset jq-ecar-tiny-2stage   # another number of stages
 
 Both use the data of jq-mmdit-tiny (``train_image_models``: 1-2 glyph scenes at 32x32 through jq-vae-tiny, captions
 encoded by jq-llama-tiny, 10 % caption dropout for classifier-free guidance) and the same steps, batch and optimizer,
@@ -82,7 +83,7 @@ def train_stage(args) -> dict:
     from jquant.models.text_encoder import TextEncoder
     from jquant.text_to_image import SamplingDefaults, TextToImage, save_pipeline
 
-    name = NAMES[args.stage]
+    name = args.preset or NAMES[args.stage]
     out = (args.bundle / name) if args.bundle is not None else (args.out or args.workdir / "export" / name)
     check_output_folder(out, overwrite=args.overwrite, argument="--overwrite")
     vae = load(resolve("jq-vae-tiny")).model
@@ -101,7 +102,8 @@ def train_stage(args) -> dict:
     validate = nnx.jit(lambda m: m.loss(val["latents"], val["states"], val["pooled"], jax.random.key(7)))
     loop = LoopConfig(steps=args.steps, warmup_steps=min(200, args.steps // 10), peak_lr=args.lr, weight_decay=0.01,
                       checkpoint_every=200, eval_every=250, ema_decay=0.999 if args.steps >= 1000 else None)
-    result = fit(model, loop, args.workdir / args.stage, loss=loss,
+    folder = args.workdir / (args.stage if name == NAMES[args.stage] else name)  # a variant trains in its own folder
+    result = fit(model, loop, folder, loss=loss,
                  sample_batch=_sample_batch(data, args.batch, loop.seed), validation=lambda m: float(validate(m)),
                  description=name)
     steps = sum(cfg.stage_steps) if args.stage == "ecar" else 20
@@ -143,6 +145,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=None,
                         help="export into this models package folder instead (packages/jquant-models/jquant_models)")
     parser.add_argument("--overwrite", action="store_true", help="replace a pipeline folder jquant wrote")
+    parser.add_argument("--preset", default=None, help="the family preset to train (default: the stage's model; "
+                        "ecar: jq-ecar-tiny-2stage / jq-ecar-tiny-4stage vary the number of stages)")
     parser.add_argument("--train", type=int, default=40000)
     parser.add_argument("--validation", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3000)
@@ -152,6 +156,9 @@ def main() -> None:
     parser.add_argument("--accuracy-seeds", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 600 scenes, 4 steps, batch 8")
     args = parser.parse_args()
+    presets = _family(args.stage).FAMILY.presets
+    if args.preset is not None and args.preset not in presets:
+        parser.error(f"--preset {args.preset!r} is not a {args.stage} preset; choose from {sorted(presets)}.")
     if args.quick:
         args.train, args.validation, args.steps, args.batch, args.accuracy_seeds = 600, 32, 4, 8, 1
     t0 = time.time()

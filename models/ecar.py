@@ -249,5 +249,12 @@ FAMILY = Family(
         "jq-ecar-tiny": ECARConfig(latent_size=8, latent_channels=4, resolutions=(2, 4, 8),
                                    edges=(1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0), stage_steps=(7, 7, 6), width=128, depth=4,
                                    heads=4, text_dim=192, head_width=128, head_depth=3),
+        # the same model with two (4 -> 8) or four (1 -> 2 -> 4 -> 8) stages: the stage-count comparison
+        "jq-ecar-tiny-2stage": ECARConfig(latent_size=8, latent_channels=4, resolutions=(4, 8), edges=(1.0, 0.5, 0.0),
+                                          stage_steps=(10, 10), width=128, depth=4, heads=4, text_dim=192,
+                                          head_width=128, head_depth=3),
+        "jq-ecar-tiny-4stage": ECARConfig(latent_size=8, latent_channels=4, resolutions=(1, 2, 4, 8),
+                                          edges=(1.0, 0.75, 0.5, 0.25, 0.0), stage_steps=(5, 5, 5, 5), width=128,
+                                          depth=4, heads=4, text_dim=192, head_width=128, head_depth=3),
     },
 )
