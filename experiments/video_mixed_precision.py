@@ -221,12 +221,15 @@ def _pm(key: str, fmt: str):
 
 
 def _pdr_verdict(gains: list[float]) -> str:
-    """What PDR's PSNR gains over the thresholds say (the spec expects it to help once blocks are skipped)."""
+    """What PDR's PSNR gains at the thresholds that skip blocks say (the spec expects it to help there)."""
+    if not gains:
+        return "no threshold skipped a block, so PDR has nothing to refresh"
     if all(abs(g) < 0.005 for g in gains):
-        return "PDR makes no difference at these thresholds"
+        return "PDR makes no difference at the thresholds that skip blocks"
     if all(g > 0 for g in gains):
-        return "PDR helps at every threshold, as the spec's motivation expects"
-    return "PDR does not help at every threshold"
+        return (f"PDR helps at every threshold that skips blocks ({min(gains):+.2f} to {max(gains):+.2f} dB), as the "
+                "spec's motivation expects")
+    return "PDR does not help at every threshold that skips blocks"
 
 
 def _nearest(rows: list[dict], target: float) -> dict:
@@ -262,10 +265,12 @@ def _reading(rows: list[dict], meta: dict) -> list[str]:
     static = by.get("static timestep-aware")
     if static and trio[1]:
         gap = trio[1]["psnr_db"] - static["psnr_db"]
+        spread = max(trio[1].get("psnr_db_std") or 0.0, static.get("psnr_db_std") or 0.0)
+        verdict = (f"within the seed spread ({spread:.2f} dB)" if abs(gap) <= spread else
+                   f"{'better' if gap > 0 else 'worse'} by more than the seed spread ({spread:.2f} dB)")
         notes.append(f"Static timestep-aware schedule at {static['activation_bits']:.2f} bits: "
                      f"{_pm('psnr_db', '.2f')(static)} dB against DMPQ's {_pm('psnr_db', '.2f')(trio[1])} dB: the "
-                     f"dynamic predictor is {abs(gap):.2f} dB {'better' if gap > 0 else 'worse'} than a fixed schedule "
-                     "at the same bits, as a weak predictor leads one to expect.")
+                     f"dynamic predictor's {gap:+.2f} dB over a fixed schedule at the same bits is {verdict}.")
     for fmt, rotated, plain in (("INT8", "W8A8 everywhere", "W8A8 no Hadamard"),
                                 ("NVFP4", "W4A4 everywhere", "W4A4 no Hadamard")):
         if by.get(rotated) and by.get(plain):
@@ -297,7 +302,7 @@ def _reading(rows: list[dict], meta: dict) -> list[str]:
             notes.append("PDR (re-measure after a skip, outlier fallback): PSNR with / without "
                          + ", ".join(f"{r['setting'].split()[-1]} {r['psnr_db']:.2f} / {b['psnr_db']:.2f} dB"
                                      for r, b in pairs)
-                         + f"; {_pdr_verdict([r['psnr_db'] - b['psnr_db'] for r, b in pairs])}.")
+                         + f"; {_pdr_verdict([r['psnr_db'] - b['psnr_db'] for r, b in pairs if r['skip_fraction'] > 0])}.")
     wb = meta["weight_bytes"]
     notes.append(f"Transformer weights: float {wb['float'] / 1e6:.3f} MB, NVFP4 routed linears {wb['nvfp4'] / 1e6:.3f} MB "
                  f"({wb['float'] / wb['nvfp4']:.2f}x smaller; paper 3.32x for the whole pipeline's memory); the "
