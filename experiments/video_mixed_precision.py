@@ -125,8 +125,7 @@ def run(args, results: Results) -> None:
 
     from jquant.checkpoint import load as load_checkpoint
     from jquant.cli_image import JUDGE
-    from jquant.cli_video import validation_prompts
-    from jquant.data.video_scenes import video_scenes
+    from jquant.cli_video import calibration_captions, validation_prompts
     from jquant.eval.size import size_report
     from jquant.eval.video import video_report
     from jquant.models.loading import resolve
@@ -138,10 +137,6 @@ def run(args, results: Results) -> None:
     pipe, w4 = weights["float"], weights["nvfp4"]
     steps = args.steps or pipe.defaults.steps
 
-    def fits(caption: str) -> bool:  # with the start token, as TextEncoder counts
-        ids = pipe.text_encoder.tokenizer(caption, add_special_tokens=False)["input_ids"]
-        return 1 + len(ids) <= pipe.defaults.max_length
-
     prompts, labels, _ = validation_prompts(args.clips, pipe.defaults.frames, pipe.defaults.size)
     judge = load_checkpoint(resolve(JUDGE))
     judged = judge.config.image_size == pipe.defaults.size
@@ -152,9 +147,7 @@ def run(args, results: Results) -> None:
     reference = None
     for seed in args.seeds:
         # the calibration seed draws the training captions the predictor is fitted on (and their sampling noise)
-        drawn = video_scenes("train", 2 * args.calib_prompts, pipe.defaults.size, seed,
-                             frames=pipe.defaults.frames, vocabulary="reference-32").captions
-        calib = [c for c in drawn if fits(c)][:args.calib_prompts]  # the DiT stages skip captions over the limit
+        calib = calibration_captions(pipe, args.calib_prompts, seed)
         config, fit, data = calibrate(w4, calib, seed=1000 + seed, steps=steps)
         fits_by_seed[str(seed)] = _fit_meta(config, fit, data, calib)
         results.set_meta(fits=fits_by_seed, blocks=int(fit.r.shape[0]), linears=int(fit.r.shape[1]),

@@ -512,6 +512,9 @@ def _cmd_generate(args, console: Console) -> dict:
                                            ("--frames", args.frames)) if value is not None] + \
         (["--num-images"] if args.num_images != 1 else [])
     if image_only:
+        from jquant.models.loading import resolve
+
+        resolve(args.model)  # a model that does not exist is named as such first
         raise ValueError(f"{', '.join(image_only)} apply to text-to-image and text-to-video models; {args.model} is a "
                          "language model.")
 

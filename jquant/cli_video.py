@@ -264,9 +264,22 @@ def _print(console: Console, title: str, result: dict) -> None:
     console.print(table)
 
 
+def calibration_captions(pipe, n: int, seed: int) -> list[str]:
+    """``n`` training captions (``video_scenes`` with ``seed``) that fit the pipeline's text length; longer ones are
+    skipped, as the DiT training stages skip them."""
+    from jquant.data.video_scenes import video_scenes
+
+    drawn = video_scenes("train", 4 * n, pipe.defaults.size, seed, frames=pipe.defaults.frames,
+                         vocabulary="reference-32").captions
+    kept = [c for c in drawn if pipe.text_encoder.fits(c, pipe.defaults.max_length)]
+    if len(kept) < n:
+        raise ValueError(f"only {len(kept)} of {len(drawn)} training captions fit the pipeline's "
+                         f"{pipe.defaults.max_length} text tokens; lower --calib-samples to {len(kept)} or less.")
+    return kept[:n]
+
+
 def quantize(args, console: Console) -> dict:
     from jquant.atomic import check_output_folder
-    from jquant.data.video_scenes import video_scenes
     from jquant.models.loading import resolve
     from jquant.quantization import quantize as quantize_model
     from jquant.recipes import Recipe, get
@@ -277,8 +290,7 @@ def quantize(args, console: Console) -> dict:
         check_output_folder(args.out, overwrite=args.overwrite, argument="--out", overwrite_hint="--overwrite")
     recipe = Recipe.from_file(args.recipe) if args.recipe.endswith((".json", ".yaml", ".yml")) else get(args.recipe)
     pipe = load_pipeline(resolve(args.model))
-    captions = video_scenes("train", args.calib_samples, pipe.defaults.size, args.seed, frames=pipe.defaults.frames,
-                            vocabulary="reference-32").captions
+    captions = calibration_captions(pipe, args.calib_samples, args.seed)
     calib = pipe.trajectory_calibration(captions, seed=args.seed)
     start = time.perf_counter()
     qtransformer = quantize_model(pipe.transformer, recipe, calib, progress=not args.json)

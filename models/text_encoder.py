@@ -102,6 +102,10 @@ class TextEncoder:
             raise ValueError(f"TextEncoder.load: {loaded.path} has no tokenizer.json; pass a model with a tokenizer.")
         return cls(loaded.model, loaded.tokenizer, layer=layer)
 
+    def fits(self, prompt: str, max_length: int) -> bool:
+        """Whether ``prompt`` with the start token takes at most ``max_length`` tokens (what ``encode`` accepts)."""
+        return 1 + len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= max_length
+
     def _check_length(self, max_length: int, fn: str) -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
             raise ValueError(f"TextEncoder.{fn}: max_length must be a positive integer, got {max_length!r}.")

@@ -228,6 +228,13 @@ def test_capture_budget_must_be_a_positive_size(capsys, value, message):
     assert f"argument --capture-budget: {message}" in error
 
 
+def test_generate_of_a_missing_folder_says_it_does_not_exist(capsys, tmp_path):
+    # --out is an image/video option: the missing folder, not "is a language model", is the error
+    assert cli.main(["generate", "--model", str(tmp_path / "gone"), "--prompt", "x", "--out", "x.gif"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown model" in err and "gone" in err and "language model" not in err
+
+
 def test_broken_tokenizer_file_names_the_folder(capsys, tmp_path):
     folder = tmp_path / "tok"
     shutil.copytree(DEFAULT_TOKENIZER_DIR, folder)

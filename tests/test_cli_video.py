@@ -171,3 +171,22 @@ def test_dynamic_frame_rate_refusals(pipeline_folder, tmp_path, capsys, extra, m
                  str(tmp_path / "a.gif")]) == 2
     assert match in capsys.readouterr().err.replace("\n", " ")
     assert not any(tmp_path.iterdir())
+
+
+def test_calibration_captions_fit_the_text_length(pipeline_folder):
+    # jq-cogvideox-tiny's 64 tokens are fewer than some scene captions take: quantize keeps the ones that fit
+    import dataclasses
+
+    from jquant.cli_video import calibration_captions
+
+    pipe = load_pipeline(pipeline_folder)
+    short = dataclasses.replace(pipe.defaults, max_length=24)
+    pipe = TextToVideo(text_encoder=pipe.text_encoder, transformer=pipe.transformer, vae=pipe.vae, defaults=short)
+    captions = calibration_captions(pipe, 8, seed=0)
+    assert len(captions) == 8 and all(pipe.text_encoder.fits(c, 24) for c in captions)
+    lengths = [1 + len(pipe.text_encoder.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in captions]
+    assert max(lengths) <= 24
+    tight = TextToVideo(text_encoder=pipe.text_encoder, transformer=pipe.transformer, vae=pipe.vae,
+                        defaults=dataclasses.replace(short, max_length=4))
+    with pytest.raises(ValueError, match="training captions fit the pipeline's 4 text tokens; lower --calib-samples"):
+        calibration_captions(tight, 8, seed=0)
