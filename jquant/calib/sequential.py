@@ -23,9 +23,9 @@ block's per-sequence bytes. The capture pass therefore runs on sub-batches of ea
 of at most ``capture_budget // bytes per sequence`` sequences (one at least; default
 ``CAPTURE_BUDGET_BYTES``), continuing the host's float64 sums sequence by sequence, so the statistics
 equal those of one call on the whole batch up to the float32 rounding of the block's forward at a
-different batch shape (XLA:CPU's results may depend on it; equal in the tests at 1 vs 4 sequences). Stacked expert sites record one Gram per call over all the
-rows routed to each expert; they are captured in one more call on the whole batch (their memory,
-``E in²`` per site, does not grow with ``B``).
+different batch shape (XLA:CPU's results may depend on it; equal in the tests at 1 vs 4 sequences).
+Stacked expert sites record one Gram per call over all the rows routed to each expert; they are
+captured in one more call on the whole batch (their memory, ``E in²`` per site, does not grow with ``B``).
 
 The block forward and the capture are ``nnx.jit`` functions at module level, and the stage entry is
 one too, with the stage's ``enter`` function as a static argument: each compiles once per distinct

@@ -11,18 +11,18 @@ The product is unchanged in exact arithmetic; the rotation spreads a channel's o
 what lets per-token INT8 (one scale per token, else set by the outlier) represent the activations. NVFP4's
 16-element blocks already confine an outlier to its own block, and spreading it over ``B`` channels can raise
 NVFP4's error instead (tests/transforms/test_block_hadamard.py; measured on the reference model by
-``experiments/video_mixed_precision.py``). The same rotated weights serve both routes (the spec's recommendation). A layer narrower than ``B`` takes one Hadamard of its own width.
+``experiments/video_mixed_precision.py``). The same rotated weights serve both routes (the spec's recommendation).
+A layer narrower than ``B`` takes one Hadamard of its own width.
 """
 
 from __future__ import annotations
 
 import re
 
-import jax.numpy as jnp
 from flax import nnx
 
 from jquant.formats import QArray
-from jquant.numerics.hadamard import hadamard_numpy, supported_size
+from jquant.numerics.hadamard import fwht, supported_size
 from jquant.sites import find_sites
 
 DEFAULT_BLOCK = 128
@@ -69,10 +69,9 @@ def block_hadamard_rotation(model: nnx.Module, layers: str = ".*", block: int = 
         kernel = linear.kernel.get_value()
         if isinstance(kernel, QArray):
             raise ValueError(f"block_hadamard: {path} is already quantized; rotate the float model, then quantize.")
-        h = jnp.asarray(hadamard_numpy(size), jnp.float32)
-        rows = kernel.astype(jnp.float32).reshape(kernel.shape[0] // size, size, *kernel.shape[1:])
-        rotated = jnp.einsum("ji,kj...->ki...", h, rows, precision="highest")  # per block: H_Bᵀ W_block
-        linear.kernel.set_value(rotated.reshape(kernel.shape).astype(kernel.dtype))
+        rows = kernel.reshape(kernel.shape[0] // size, size, *kernel.shape[1:])
+        rotated = fwht(rows, axis=1)  # along a block's B input rows: H_Bᵀ W_block / √B, as the online op rotates x
+        linear.kernel.set_value(rotated.reshape(kernel.shape))
         linear.input_block_hadamard = size
     return out
 

@@ -189,7 +189,8 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
     """Give an abstract model the run-time structure a transformed model was saved with (in place).
 
     Online rotations are switched on (a zero-padded down_proj gets its padded input
-    rows; block Hadamards on the linears a block_hadamard step rotated), a rotated ViT gets its RMSNorms, RMS channel splits are added and the KV format is set; the weights themselves come from the checkpoint.
+    rows; block Hadamards on the linears a block_hadamard step rotated), a rotated ViT gets its RMSNorms, RMS
+    channel splits are added and the KV format is set; the weights themselves come from the checkpoint.
     """
     if (not recipe.transforms and recipe.kv_cache is None) or _adaln_step(recipe) is not None:
         return  # adaLN smoothing changes weights only: the checkpoint holds them
