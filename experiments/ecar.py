@@ -164,6 +164,25 @@ def _training(model: str) -> dict | None:
     return {k: info.get(k) for k in ("steps", "batch_size", "train_seconds", "parameters")}
 
 
+def _budget_reading(rows: list[dict], trained: dict) -> str:
+    """Whether the models' recorded training budgets match: MAR vs ECAR, and the DiT against them."""
+    budget = {r["family"]: trained.get(r["model"]) for r in rows if trained.get(r["model"])}
+    same = lambda a, b: all(budget[a][k] == budget[b][k] for k in ("steps", "batch_size"))  # noqa: E731
+    parts = []
+    if "mar" in budget and "ecar" in budget:
+        parts.append(f"MAR and ECAR {'share' if same('mar', 'ecar') else 'differ in'} training steps and batch")
+    if "dit" in budget and "ecar" in budget:
+        larger = (budget["dit"]["steps"] * budget["dit"]["batch_size"] > budget["ecar"]["steps"]
+                  * budget["ecar"]["batch_size"], budget["dit"]["parameters"] > budget["ecar"]["parameters"])
+        if any(larger):
+            parts.append("the DiT had more " + " and ".join(w for w, big in zip(("training samples", "parameters"),
+                                                                             larger) if big)
+                         + ", so its quality is an upper reference, not a matched-compute baseline")
+        else:
+            parts.append("the DiT's budget is no larger than ECAR's")
+    return "; ".join(parts) + "." if parts else ""
+
+
 def _setting(row) -> str:
     return {"dit": f"{row['setting']} Euler steps", "mar": f"K = {row['setting']} masked steps, "
             f"{row['head_steps']} head steps", "ecar": f"{row['setting']} Euler steps over {row['stages']} stages"
@@ -186,23 +205,21 @@ def report(runs, base: Path) -> None:
         notes.append(f"{r0['images']} images per row (single-glyph prompts); chance accuracy {r0['chance']:.3f}, "
                      f"random-label accuracy of the first row {r0['random_label_accuracy']:.3f}; guidance "
                      f"{r0['guidance']}; machine {res.meta.get('machine')}.")
+    trained = {m: t for m, t in res.meta.get("training", {}).items() if t}
+    if trained:
+        budgets = "; ".join(f"{m} {t['steps']} steps of {t['batch_size']}, {t['parameters'] / 1e6:.2f} M parameters, "
+                            f"{t['train_seconds'] / 60:.0f} CPU min" for m, t in trained.items())
+        notes.append(f"Training budgets (from each model's reference_info.json): {budgets}. "
+                     + _budget_reading(rows, trained))
     if by_family["dit"] and by_family["ecar"]:
         dit = max(by_family["dit"], key=lambda r: r["setting"])
         for e in by_family["ecar"]:
-            notes.append(f"{e['model']} with {_setting(e)}: DiT/ECAR FLOPs {dit['gflops_per_image'] / e['gflops_per_image']:.2f}x, "
-                         f"ECAR's speed {dit['seconds_per_image'] / e['seconds_per_image']:.2f}x that of "
-                         f"{dit['model']} at {dit['setting']} steps (the paper claims about 10x and 5x against "
-                         f"DiT-XL/2 at 256²); prompt accuracy {e['prompt_accuracy']:.3f} vs "
-                         f"{dit['prompt_accuracy']:.3f}, FD-emoji {e['fd_emoji']:.2f} vs {dit['fd_emoji']:.2f}.")
-    trained = {m: t for m, t in res.meta.get("training", {}).items() if t}
-    if trained:
-        notes.append("Training budgets (from each model's reference_info.json): " + "; ".join(
-            f"{m} {t['steps']} steps of {t['batch_size']}, {t['parameters'] / 1e6:.2f} M parameters, "
-            f"{t['train_seconds'] / 60:.0f} CPU min" for m, t in trained.items())
-            + ". MAR and ECAR share data, steps, batch and size; the DiT had more steps and parameters, so its "
-            "quality is an upper reference, not a matched-compute baseline.")
-    if by_family["dit"] and by_family["ecar"]:
-        dit = max(by_family["dit"], key=lambda r: r["setting"])
+            notes.append(f"{e['model']} with {_setting(e)}: DiT/ECAR FLOPs "
+                         f"{dit['gflops_per_image'] / e['gflops_per_image']:.2f}x, ECAR's speed "
+                         f"{dit['seconds_per_image'] / e['seconds_per_image']:.2f}x that of {dit['model']} at "
+                         f"{dit['setting']} steps (the paper claims about 10x and 5x against DiT-XL/2 at 256²); "
+                         f"prompt accuracy {e['prompt_accuracy']:.3f} vs {dit['prompt_accuracy']:.3f}, FD-emoji "
+                         f"{e['fd_emoji']:.2f} vs {dit['fd_emoji']:.2f}.")
         best = max(by_family["ecar"], key=lambda r: r["prompt_accuracy"])
         se = np.sqrt(best["prompt_accuracy"] * (1 - best["prompt_accuracy"]) / best["images"])
         matched = abs(best["prompt_accuracy"] - dit["prompt_accuracy"]) <= 2 * se

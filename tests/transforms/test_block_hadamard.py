@@ -1,7 +1,7 @@
 """6Bit-Diffusion's block Hadamard-128 (``jquant.transforms.block_hadamard``): the online op against float64
 ``x (I ⊗ H_B / √B)``; the rotated tiny CogVideoX DiT samples what the float one does (equivalence); it lowers the
-per-token INT8 activation error of a linear whose input has an outlier channel; the ``6bit-diffusion`` recipe saves and loads
-with its rotations; bad blocks and patterns are refused with the layer named."""
+per-token INT8 activation error of a linear whose input has an outlier channel; the ``6bit-diffusion`` recipe saves
+and loads with its rotations; bad blocks and patterns are refused with the layer named."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_rotated_dit_samples_what_the_float_dit_does():
     assert sizes == [32, 32]  # narrower than 128: one Hadamard of the layer's width
     assert all(b.ff.out.input_block_hadamard == 128 for b in rotated.blocks())  # FF inner 4 x 32
     assert all(b.norm1.linear.input_block_hadamard is None for b in rotated.blocks())  # adaLN stays as it was
-    assert not np.allclose(rotated.blocks()[0].attn1.to_q.kernel.get_value(), dit.blocks()[0].attn1.to_q.kernel.get_value())
+    before, after = (m.blocks()[0].attn1.to_q.kernel.get_value() for m in (dit, rotated))
+    assert not np.allclose(after, before)
     want = _sample(dit)
     np.testing.assert_allclose(_sample(rotated), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
