@@ -41,19 +41,39 @@ def _family(stage: str):
     return {"mar": mar, "ecar": ecar}[stage]
 
 
-def _data(args, encoder, vae):
-    """``(TextConditionedData, validation dict)`` of the mmdit stage's scenes."""
+def _encode(args, encoder, vae) -> dict[str, np.ndarray]:
+    """The encoded scenes of both splits (latents, caption indices, caption states, the unconditional encoding),
+    cached in ``--workdir`` so a resumed or second training run does not encode them again (minutes on a CPU). The
+    cache file is named by the split sizes and caption length; remove it after changing jq-vae-tiny or jq-llama-tiny."""
+    cache = args.workdir / f"encoded_scenes_{args.train}_{args.validation}_{MAX_LENGTH}.npz"
+    if cache.exists():
+        with np.load(cache) as stored:
+            return dict(stored)
     x, captions, _ = tim._scenes("train", args.train, 2, (1, 2))
     vx, vcaptions, _ = tim._scenes("validation", args.validation, 2, (1, 2))
-    latents, vlatents = tim._latents(vae, x), tim._latents(vae, vx)
     index, states, pooled = tim._text_states(encoder, captions, MAX_LENGTH)
     vindex, vstates, vpooled = tim._text_states(encoder, vcaptions, MAX_LENGTH)
     unc = encoder.unconditional(1, MAX_LENGTH)
-    data = im.TextConditionedData(latents=latents, caption_index=index, cond={"states": states, "pooled": pooled},
-                                  uncond={"states": np.asarray(unc.states[0]), "pooled": np.asarray(unc.pooled[0])})
-    val = {"latents": jnp.asarray(vlatents), "states": jnp.asarray(vstates[vindex]),
-           "pooled": jnp.asarray(vpooled[vindex])}
-    return data, val, vcaptions
+    arrays = {"latents": tim._latents(vae, x), "index": index, "states": states, "pooled": pooled,
+              "vlatents": tim._latents(vae, vx), "vindex": vindex, "vstates": vstates, "vpooled": vpooled,
+              "vcaptions": np.asarray(vcaptions), "unc_states": np.asarray(unc.states[0]),
+              "unc_pooled": np.asarray(unc.pooled[0])}
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".partial.npz")
+    np.savez(partial, **arrays)
+    partial.replace(cache)
+    return arrays
+
+
+def _data(args, encoder, vae):
+    """``(TextConditionedData, validation dict, validation captions)`` of the mmdit stage's scenes."""
+    a = _encode(args, encoder, vae)
+    data = im.TextConditionedData(latents=a["latents"], caption_index=a["index"],
+                                  cond={"states": a["states"], "pooled": a["pooled"]},
+                                  uncond={"states": a["unc_states"], "pooled": a["unc_pooled"]})
+    val = {"latents": jnp.asarray(a["vlatents"]), "states": jnp.asarray(a["vstates"][a["vindex"]]),
+           "pooled": jnp.asarray(a["vpooled"][a["vindex"]])}
+    return data, val, [str(c) for c in a["vcaptions"]]
 
 
 def _sample_batch(data, batch_size: int, seed: int, p_uncond: float = 0.1):
