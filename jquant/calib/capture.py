@@ -29,10 +29,10 @@ and its call passes ``groups`` (int ids broadcastable to the tokens, e.g. ``[B, 
 
 On device, each sequence (index along the input's leading axis) gets its own
 float32 ``X_b^T X_b``; ``statistics_from_state`` sums those on the host in
-float64, in sequence order, and ``InputStatistics.merge`` adds batches in
-order. The result therefore does not depend on how the calibration set is
-batched or sharded across devices (a float32 all-reduce would), and large
-calibration sets do not lose precision. Memory is one ``[in, in]`` matrix per
+float64, in sequence order, and later batches continue those sums
+(``running=``, in place). The result therefore does not depend on how the
+calibration set is batched or sharded across devices (a float32 all-reduce
+would), and large calibration sets do not lose precision. Memory is one ``[in, in]`` matrix per
 sequence of the current batch per site; ``statistics_from_state(..., running=)``
 continues the running float64 sums of earlier sequences, so one batch may be
 captured in sub-batches with the same result bit for bit (``capture_layout``
@@ -236,8 +236,11 @@ class InputStatistics:
         return self.hessian / self.count - np.outer(mu, mu)
 
 
-def _by_site(state: nnx.State) -> dict[str, dict]:
-    """``{site path: {statistic name: value}}`` of captured ``nnx.Intermediate`` values (arrays or shapes)."""
+def _by_site(state: nnx.State | dict[str, dict]) -> dict[str, dict]:
+    """``{site path: {statistic name: value}}`` of captured ``nnx.Intermediate`` values (arrays or shapes);
+    an already grouped plain dict (``StatisticsCapture``'s output) is returned as it is."""
+    if not isinstance(state, nnx.State):
+        return state
     by_site: dict[str, dict] = {}
     for path, var in nnx.to_flat_state(state):
         *site, name = path
@@ -246,13 +249,14 @@ def _by_site(state: nnx.State) -> dict[str, dict]:
     return {p: s for p, s in by_site.items() if "input_hessian" in s}
 
 
-def statistics_from_state(state: nnx.State, running: dict[str, InputStatistics] | None = None
+def statistics_from_state(state: nnx.State | dict[str, dict], running: dict[str, InputStatistics] | None = None
                           ) -> dict[str, InputStatistics]:
     """Group captured ``nnx.Intermediate`` values by site path (relative to the captured module).
 
-    ``running``: statistics of the sequences captured just before these (same sites), whose float64 sums
-    are continued sequence by sequence: a batch captured in consecutive sub-batches gives the statistics
-    of one call on the whole batch, bit for bit.
+    ``running``: statistics of the sequences captured just before these (a superset of these sites), whose
+    float64 sums are continued sequence by sequence: a batch captured in consecutive sub-batches gives the
+    statistics of one call on the whole batch, bit for bit. Their arrays are continued in place (no second
+    copy of a large Gram), so ``running``'s entries for these sites are consumed: use the returned ones.
     """
     stats = {}
     for p, s in _by_site(state).items():
@@ -282,10 +286,13 @@ def _count(per_sequence: jax.Array, start: float | np.ndarray | None = None) -> 
 
 def _ordered_sum(per_sequence: jax.Array, start: float | np.ndarray | None = None) -> np.ndarray:
     """Sum ``[B, ...]`` over sequences in float64, in index order, continuing from ``start`` (host side,
-    deterministic)."""
-    total = np.zeros(per_sequence.shape[1:], np.float64)
-    if start is not None:
-        total += start
+    deterministic). A float64 array ``start`` of the sum's shape is continued in place and returned."""
+    if isinstance(start, np.ndarray) and start.dtype == np.float64 and start.shape == per_sequence.shape[1:]:
+        total = start  # continued in place: no second float64 copy of a running Gram
+    else:
+        total = np.zeros(per_sequence.shape[1:], np.float64)
+        if start is not None:
+            total += start
     for part in np.asarray(per_sequence):  # one sequence at a time in float64, not a float64 copy of the batch
         total += part
     return total
@@ -323,7 +330,7 @@ class CaptureLayout:
         return max(1, budget // per_sequence) if per_sequence else math.inf
 
 
-def capture_layout(state: nnx.State, batch: int) -> CaptureLayout:
+def capture_layout(state: nnx.State | dict[str, dict], batch: int) -> CaptureLayout:
     """The ``CaptureLayout`` of a capture call on ``batch`` sequences, from its (abstract) captured ``state``."""
     per_sequence, per_call = {}, []
     sites = _by_site(state)
@@ -344,7 +351,15 @@ class StatisticsCapture:
     """
 
     def __init__(self, fn: Callable):
-        self._captured = nnx.jit(nnx.capture(fn, nnx.Intermediate))
+        captured = nnx.capture(fn, nnx.Intermediate)
+
+        def plain(module: nnx.Module, *args):
+            # Plain arrays out: returned nnx.Intermediate objects sit in reference cycles, so the Grams they hold
+            # would stay resident until Python's cyclic garbage collector runs (GBs for a 4096-wide block).
+            out, state = captured(module, *args)
+            return out, _by_site(state)
+
+        self._captured = nnx.jit(plain)
 
     def __call__(self, module: nnx.Module, *args, running: dict[str, InputStatistics] | None = None):
         out, state = self._captured(module, *args)
@@ -379,8 +394,7 @@ def model_input_statistics(model: nnx.Module, tokens, paths: set[str] | None = N
     for site in sites:
         site.module.capture_inputs = True
     forward = capture_statistics(lambda m, t: m.calibration_call(t) if hasattr(m, "calibration_call") else m(t))
-    stats: dict[str, InputStatistics] = {}
-    for chunk in chunks:
-        _, new = forward(probe, jax.tree.map(jnp.asarray, chunk))
-        stats = new if not stats else {p: stats[p].merge(s) for p, s in new.items()}
+    stats: dict[str, InputStatistics] | None = None
+    for chunk in chunks:  # batches continue the running sums: the statistics do not depend on the batching
+        _, stats = forward(probe, jax.tree.map(jnp.asarray, chunk), running=stats)
     return stats

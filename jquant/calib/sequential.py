@@ -172,9 +172,10 @@ def _rows(state: State, context_batched: Any, start: int, stop: int) -> State:
     return jax.tree.map(take, hidden), jax.tree.map(take, context, context_batched)
 
 
-def _capture(block: nnx.Module, state: State, context_batched: Any, budget: int,
-             num_groups: int | None) -> dict[str, InputStatistics]:
-    """Input statistics of ``block``'s sites on ``state``, in sub-batches within ``budget`` (module docstring).
+def _capture(block: nnx.Module, state: State, context_batched: Any, budget: int, num_groups: int | None,
+             running: dict[str, InputStatistics] | None) -> dict[str, InputStatistics]:
+    """Input statistics of ``block``'s sites on ``state``, in sub-batches within ``budget`` (module docstring),
+    continuing ``running`` (the earlier batches' statistics, consumed: their sums grow in place).
 
     ``block``'s capture is on (``set_capture``); it is on again for every site on return.
     """
@@ -182,16 +183,17 @@ def _capture(block: nnx.Module, state: State, context_batched: Any, budget: int,
     b = _batch_size(state)
     fit = layout.sequences_within(budget)
     if b <= fit:
-        return _block_statistics(block, *state)[1]
+        return _block_statistics(block, *state, running=running)[1]
     size = math.ceil(b / math.ceil(b / fit))  # the fewest calls, as even as equal slices allow
-    stats: dict[str, InputStatistics] | None = None
+    stats = running
     try:
         set_capture(block, True, num_groups=num_groups, only=set(layout.bytes_per_sequence))
         for start in range(0, b, size):
-            _, stats = _block_statistics(block, *_rows(state, context_batched, start, start + size), running=stats)
+            _, new = _block_statistics(block, *_rows(state, context_batched, start, start + size), running=stats)
+            stats = new if stats is None else stats | new
         if layout.per_call:
             set_capture(block, True, num_groups=num_groups, only=set(layout.per_call))
-            stats |= _block_statistics(block, *state)[1]
+            stats |= _block_statistics(block, *state, running=running)[1]
     finally:
         set_capture(block, True, num_groups=num_groups)
     return {p: stats[p] for p in layout.order}
@@ -241,11 +243,10 @@ def walk_blocks(
                                                    states[0])
             for block in stage.blocks:
                 stats: dict[str, InputStatistics] = {}
-                if capture:
+                if capture:  # batches continue the running sums, so no batch's copy of a Gram is kept
                     set_capture(block, True, num_groups=num_groups)
                     for state in states:
-                        new = _capture(block, state, context_batched, budget, num_groups)
-                        stats = new if not stats else {p: stats[p].merge(st) for p, st in new.items()}
+                        stats = _capture(block, state, context_batched, budget, num_groups, stats or None)
                     set_capture(block, False)
                 visit(BlockVisit(path=paths[id(block)], block=block, index=index, stage=s, inputs=states,
                                  stats=stats, forward=block_forward))
