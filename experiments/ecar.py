@@ -238,10 +238,12 @@ def report(runs, base: Path) -> None:
                      f"{m['gflops_per_image'] / e['gflops_per_image']:.1f}x fewer FLOPs and "
                      f"{m['seconds_per_image'] / e['seconds_per_image']:.1f}x the speed (best rows of each).")
     stages = sorted({r["stages"] for r in by_family["ecar"]})
+    if len(stages) > 1:
+        notes += _stage_count_reading(by_family["ecar"])
     if len(stages) == 1:
         notes.append(f"Only the {stages[0]}-stage ECAR is trained, so the table varies the steps per stage but not the "
                      "number of stages; `python experiments/train_ar_models.py --stage ecar --preset "
-                     "jq-ecar-tiny-2stage` (or -4stage) trains the others, and `--ecar jq-ecar-tiny "
+                     "jq-ecar-tiny-2stage` (or -1stage, -4stage) trains the others, and `--ecar jq-ecar-tiny "
                      "<their folders>` adds them here.")
     notes.append("At this scale (8x8 latent tokens, ~1 M-parameter models, minutes of CPU training) the transformer "
                  "forwards and the caption prefix dominate, so FLOP ratios show how each design spends compute, not "
@@ -251,6 +253,29 @@ def report(runs, base: Path) -> None:
               + ", ".join(res.meta.get("grid_rows", [])) + "; columns: " + ", ".join(res.meta.get("grid_prompts", []))
               + " (seed 0).", ""]
     harness.write_text_atomic(base.with_suffix(".md"), "\n".join(lines))
+
+
+def _stage_count_reading(ecar_rows: list[dict]) -> list[str]:
+    """Per total Euler-step setting run at several stage counts: each count's accuracy (± binomial standard error),
+    FD and FLOPs, and whether the fewest- and most-stage rows differ in accuracy beyond twice the standard error of
+    the difference (the spec's check: more stages cost less at about the same quality)."""
+    notes = []
+    for setting in sorted({r["setting"] for r in ecar_rows}, reverse=True):
+        rows = sorted((r for r in ecar_rows if r["setting"] == setting), key=lambda r: r["stages"])
+        if len({r["stages"] for r in rows}) < 2:
+            continue
+        se = lambda r: np.sqrt(r["prompt_accuracy"] * (1 - r["prompt_accuracy"]) / r["images"])  # noqa: E731
+        few, many = rows[0], rows[-1]
+        diff = many["prompt_accuracy"] - few["prompt_accuracy"]
+        beyond = abs(diff) > 2 * np.hypot(se(few), se(many))
+        per_count = "; ".join(f"{r['stages']} stages ({r['model']}): accuracy {r['prompt_accuracy']:.3f} ± "
+                              f"{se(r):.3f}, FD-emoji {r['fd_emoji']:.0f}, {r['gflops_per_image']:.3f} GFLOPs"
+                              for r in rows)
+        notes.append(f"Number of stages at {setting} Euler steps: {per_count}. {many['stages']} stages cost "
+                     f"{few['gflops_per_image'] / many['gflops_per_image']:.2f}x fewer FLOPs than {few['stages']}, "
+                     f"with prompt accuracy {diff:+.3f} ("
+                     + ("beyond" if beyond else "within") + " twice the standard error of the difference).")
+    return notes
 
 
 def main() -> None:

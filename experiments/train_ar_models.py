@@ -166,7 +166,7 @@ def main() -> None:
                         help="export into this models package folder instead (packages/jquant-models/jquant_models)")
     parser.add_argument("--overwrite", action="store_true", help="replace a pipeline folder jquant wrote")
     parser.add_argument("--preset", default=None, help="the family preset to train (default: the stage's model; "
-                        "ecar: jq-ecar-tiny-2stage / jq-ecar-tiny-4stage vary the number of stages)")
+                        "ecar: jq-ecar-tiny-1stage / -2stage / -4stage vary the number of stages)")
     parser.add_argument("--train", type=int, default=40000)
     parser.add_argument("--validation", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3000)

@@ -249,7 +249,11 @@ FAMILY = Family(
         "jq-ecar-tiny": ECARConfig(latent_size=8, latent_channels=4, resolutions=(2, 4, 8),
                                    edges=(1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0), stage_steps=(7, 7, 6), width=128, depth=4,
                                    heads=4, text_dim=192, head_width=128, head_depth=3),
-        # the same model with two (4 -> 8) or four (1 -> 2 -> 4 -> 8) stages: the stage-count comparison
+        # the same model with one (8: a plain flow over the full map, the spec's reference), two (4 -> 8) or four
+        # (1 -> 2 -> 4 -> 8) stages: the stage-count comparison
+        "jq-ecar-tiny-1stage": ECARConfig(latent_size=8, latent_channels=4, resolutions=(8,), edges=(1.0, 0.0),
+                                          stage_steps=(20,), width=128, depth=4, heads=4, text_dim=192,
+                                          head_width=128, head_depth=3),
         "jq-ecar-tiny-2stage": ECARConfig(latent_size=8, latent_channels=4, resolutions=(4, 8), edges=(1.0, 0.5, 0.0),
                                           stage_steps=(10, 10), width=128, depth=4, heads=4, text_dim=192,
                                           head_width=128, head_depth=3),
