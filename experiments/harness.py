@@ -301,6 +301,18 @@ def reproduce(command: str) -> str:
     return f"Reproduce: `{command}`."
 
 
+VERDICT = "**Verdict:**"
+"""The prefix of a report's one verdict line (``results_index`` shows it next to the file)."""
+
+
+def verdict(text: str) -> str:
+    """The report's verdict line: one or two sentences on the paper's (or the target's) claim, formatted by the
+    script from the run's numbers, e.g. "reproduced: X beats Y by 0.12 ± 0.03 ...", "not reproduced: ..."."""
+    if "\n" in text:
+        raise ValueError("verdict: one line of text (the results index shows it in a table cell).")
+    return f"{VERDICT} {text}"
+
+
 def bullets(notes: Sequence[str]) -> list[str]:
     """Markdown bullets of notes (each formatted by the script from the run's numbers)."""
     return [f"- {n}" for n in notes]
