@@ -227,6 +227,17 @@ def _rss(before: float | None, peak: float) -> str:
     return (f"{before:.2f} → " if before is not None else "") + f"{peak:.2f} GB"
 
 
+def _verdict(table_rows: list[dict[str, Any]]) -> str:
+    """The issue's target: jquant's whole ``quantize`` at or below llm-compressor's ``oneshot`` on every model and
+    call measured (``met`` / ``not met``), with the slowest ratio and the peak memories."""
+    worst = max(table_rows, key=lambda r: r["ratio"])
+    met = all(r["ratio"] <= 1 for r in table_rows)
+    return (f"{'met' if met else 'not met'}: jquant / llm-compressor whole-call time at most {worst['ratio']:.2f} "
+            f"({worst['model']}, {worst['call']} call) over {len(table_rows)} calls; peak RSS jquant "
+            f"{max(r['jquant_rss'] for r in table_rows):.2f} GB vs llm-compressor "
+            f"{max(r['llmc_rss'] for r in table_rows):.2f} GB (target: GPTQ on CPU at least as fast as llm-compressor).")
+
+
 def report(runs: list[Results], base: Path) -> None:
     """Write ``<base>.md``: per model and call, both tools' times, memory and the jquant/llmc ratios."""
     results = runs[0]
@@ -261,6 +272,7 @@ def report(runs: list[Results], base: Path) -> None:
                  Column("solve ratio", lambda r: f"{r['solve_ratio']:.2f}"),
                  Column("llmc RSS before → peak", lambda r: _rss(r["llmc_before"], r["llmc_rss"])),
                  Column("jquant RSS before → peak", lambda r: _rss(r["jquant_before"], r["jquant_rss"]))]), "",
+             *([harness.verdict(_verdict(table_rows)), ""] if table_rows else []),
              "Mean GPTQ solve time per linear, by shape [in x out] (second call):", ""]
     for model in MODELS:
         for tool in ("llmc", "jquant"):
