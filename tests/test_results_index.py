@@ -1,4 +1,4 @@
-"""Every results file names the command that regenerates it (experiments/results_index.py)."""
+"""Every results file names the command that regenerates it and carries a verdict line (experiments/results_index.py)."""
 
 import importlib.util
 from pathlib import Path
@@ -30,3 +30,14 @@ def test_a_file_without_a_command_is_reported(tmp_path):
     problems = index.check_index(tmp_path)
     assert any("a.md" in p and "missing_script.py" in p for p in problems)
     assert any("b.md" in p and "no `python" in p for p in problems)
+
+
+def test_a_file_without_a_verdict_is_reported_and_a_verdict_is_indexed(tmp_path):
+    index = _index_module()
+    command = "Reproduce: `python experiments/ecar.py --seeds 8`."
+    (tmp_path / "c.md").write_text(f"# C\n\n{command}\n\n**Verdict:** not reproduced: 0.43 vs 0.85 | x.\n")
+    (tmp_path / "d.md").write_text(f"# D\n\n{command}\n")
+    problems = index.check_index(tmp_path)
+    assert any("d.md" in p and "Verdict" in p for p in problems)
+    assert not any("c.md" in p and "Verdict" in p for p in problems)
+    assert "| not reproduced: 0.43 vs 0.85 \\| x. |" in index.index_markdown(tmp_path)
