@@ -17,7 +17,10 @@ report with the arguments it was run with, e.g. ``--report-only --windows 160 --
 """
 
 import argparse
+import itertools
 import os
+import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,35 @@ def _gptq_vs_rtn(rows: list[dict], fp: dict, seeds: int) -> list[str]:
             "perplexity increase over float:", "", *(f"  {line}" for line in harness.table(pairs, columns)), ""]
 
 
+def _bits(recipe: str) -> int:
+    """The weight bits of a recipe name (``rtn-w4g128`` -> 4)."""
+    return int(re.search(r"-w(\d+)", recipe).group(1))
+
+
+def _verdict(rows: list[dict], fp: dict) -> str | None:
+    """The GPTQ paper's claim against RTN: ``reproduced`` when GPTQ's perplexity is below RTN's at every width below
+    8 bits on every seed and the mean gap widens as the bits fall, ``partly reproduced`` when it is below at some
+    widths, ``not reproduced`` at none."""
+    pairs = [(r, g) for r in rows for g in rows if r["recipe"].startswith("rtn-") and _bits(r["recipe"]) < 8
+             and g["recipe"] == "gptq-" + r["recipe"][4:] and r["seed"] == g["seed"]]
+    if not pairs:
+        return None
+    widths = sorted(dict.fromkeys(r["recipe"][4:] for r, _ in pairs), key=lambda w: -_bits("-" + w))
+    by = {w: [(r, g) for r, g in pairs if r["recipe"][4:] == w] for w in widths}
+    rise = {w: (statistics.mean(r["ppl"] - fp["ppl"] for r, _ in p),
+                statistics.mean(g["ppl"] - fp["ppl"] for _, g in p)) for w, p in by.items()}
+    wins = [w for w, p in by.items() if all(g["ppl"] < r["ppl"] for r, g in p)]
+    gaps = [rtn - gptq for rtn, gptq in rise.values()]
+    widens = all(a <= b for a, b in itertools.pairwise(gaps))
+    category = ("reproduced" if len(wins) == len(widths) and widens else "partly reproduced" if wins
+                else "not reproduced")
+    seeds = len({r["seed"] for r, _ in pairs})
+    return (f"{category}: GPTQ's perplexity increase over float is below RTN's at {len(wins)} of {len(widths)} widths "
+            "below 8 bits (" + ", ".join(f"{w} {gptq:+.2f} vs {rtn:+.2f}" for w, (rtn, gptq) in rise.items())
+            + f"; {seeds} calibration seed{'s' * (seeds > 1)}) and the gap {'widens' if widens else 'does not widen'} "
+            "as the bits fall (the GPTQ paper: GPTQ below RTN at the same width, by more at fewer bits).")
+
+
 def notes(results: Results) -> list[str]:
     """The reading of the table (markdown lines), every number formatted from the run."""
     rows, args, meta = results.rows, results.args, results.meta
@@ -130,7 +162,10 @@ def report(runs: list[Results], base: Path) -> None:
              f"{args['items']} items per task (test split; chance: next_line 0.25, same_source 0.33); size of all "
              "parameters (embeddings and lm_head stay bf16); GPTQ calibrated on "
              f"{meta['calib']} random 256-token train windows. {harness.reproduce(results.command)}", "",
-             *harness.table(results.rows, columns), "", "Reading the table:", *notes(results)]
+             *harness.table(results.rows, columns), ""]
+    fp = next((r for r in results.rows if r["recipe"] == FLOAT), None)
+    verdict = _verdict([r for r in results.rows if r["recipe"] != FLOAT], fp) if fp else None
+    lines += [*([harness.verdict(verdict), ""] if verdict else []), "Reading the table:", *notes(results)]
     harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

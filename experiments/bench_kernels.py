@@ -43,6 +43,8 @@ CHECK_EXTRA = (("pallas-int-gemv", "int4-g128", ((4096, 4096, 1), (4096, 4096, 3
                ("pallas-codebook-gemv", "vq-d4-k8", ((4096, 4096, 1), (4096, 4096, 3))),
                ("pallas-codebook-gemv", "vq-d8-k16", ((4096, 4096, 1),)))
 TOLERANCE = 2e-2  # relative error above which a kernel fails the check
+# The W4A16 decode target (docs/kernels.md): the int4 g128 kernel 3x over bf16 at M=1 on 4096x4096 and larger.
+W4A16_CASE, W4A16_TARGET, W4A16_MIN_SIDE = "w4a16-int4-g128", 3.0, 4096
 
 
 def _log(line: str) -> None:
@@ -227,6 +229,21 @@ def _check_report(results: Results) -> str:
     return "\n".join(lines)
 
 
+def _verdict(rows: list[dict]) -> str | None:
+    """The W4A16 decode target: ``met`` when the int4 g128 Pallas kernel is at least ``W4A16_TARGET`` times as fast
+    as bf16 at M=1 on every measured shape with both sides at least ``W4A16_MIN_SIDE``; ``None`` without such rows."""
+    hits = [r for r in rows if r["case"] == W4A16_CASE and r["path"] == "pallas" and r["m"] == 1
+            and min(r["k"], r["n"]) >= W4A16_MIN_SIDE]
+    if not hits:
+        return None
+    worst, best = min(hits, key=lambda r: r["vs_bf16"]), max(hits, key=lambda r: r["vs_bf16"])
+    met = worst["vs_bf16"] >= W4A16_TARGET
+    return (f"{'met' if met else 'not met'}: the {W4A16_CASE} Pallas kernel runs at {worst['vs_bf16']:.2f}x "
+            f"({worst['k']}x{worst['n']}) to {best['vs_bf16']:.2f}x ({best['k']}x{best['n']}) the speed of bf16 "
+            f"at M=1 over {len(hits)} shapes (device time; target {W4A16_TARGET:g}x at M=1 on "
+            f"{W4A16_MIN_SIDE}x{W4A16_MIN_SIDE} and larger).")
+
+
 def report(runs: list[Results], base: Path) -> None:
     """Write ``<base folder>/<json name>.md`` for each run (``jquant.benchmark_report`` for a sweep)."""
     from jquant.benchmark_report import markdown_report
@@ -237,6 +254,9 @@ def report(runs: list[Results], base: Path) -> None:
             print(text.splitlines()[2], flush=True)
         else:
             text = markdown_report(_result(results))
+            verdict = _verdict(results.rows)
+            if verdict:  # after the summary table
+                text = text.replace("\n## All paths\n", f"\n{harness.verdict(verdict)}\n\n## All paths\n", 1)
             if results.command:
                 text += f"\n{harness.reproduce(results.command)}\n"
             print(markdown_report(_result(results), summary_only=True), flush=True)

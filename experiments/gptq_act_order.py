@@ -80,6 +80,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                   and r_off["act_order"] is False and r_on["act_order"] is True]
         out.append({"format": fmt, "seeds": len(paired), "off": stats[False][0], "off_std": stats[False][1],
                     "on": stats[True][0], "on_std": stats[True][1], "delta": statistics.mean(paired),
+                    "delta_se": statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else float("inf"),
                     "wins": sum(d < 0 for d in paired)})
     return out
 
@@ -87,6 +88,22 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def decision(summary: list[dict[str, Any]]) -> bool:
     """Act-order on by default when it lowers the mean perplexity at more than half of the settings."""
     return 2 * sum(s["delta"] < 0 for s in summary) > len(summary)
+
+
+def _verdict(summary: list[dict[str, Any]]) -> str:
+    """The act-order claim (GPTQ's columns in decreasing Hessian-diagonal order lower the error): ``reproduced`` when
+    the paired Δ is below minus twice its standard error at every setting, ``partly reproduced`` at some,
+    ``not reproduced`` at none."""
+    lower = [s for s in summary if s["delta"] < -2 * s["delta_se"]]
+    higher = [s for s in summary if s["delta"] > 2 * s["delta_se"]]
+    category = ("reproduced" if len(lower) == len(summary) else "partly reproduced" if lower else "not reproduced")
+    each = lambda group: ", ".join(  # noqa: E731
+        f"{s['format']} Δ {s['delta']:+.3f}, SE {s['delta_se']:.3f}" for s in group)
+    seeds = max(s["seeds"] for s in summary)
+    return (f"{category}: act-order lowers GPTQ's perplexity by more than twice the paired standard error at "
+            f"{len(lower)} of {len(summary)} settings{' (' + each(lower) + ')' if lower else ''} and raises it by that "
+            f"much at {len(higher)}{' (' + each(higher) + ')' if higher else ''}; the other "
+            f"{len(summary) - len(lower) - len(higher)} are within noise ({seeds} seeds).")
 
 
 def report(runs: list[Results], base: Path) -> None:
@@ -110,6 +127,7 @@ def report(runs: list[Results], base: Path) -> None:
                  Column("act_order on", lambda s: pm(s["on"], s["on_std"])),
                  Column("Δ", "delta", "+.3f"),
                  Column("wins", lambda s: f"{s['wins']}/{s['seeds']}")]), "",
+             *([harness.verdict(_verdict(summary)), ""] if summary else []),
              f"- Act-order lowers the mean perplexity at {len(better)} of {len(summary)} settings"
              f"{' (' + ', '.join(better) + ')' if better else ''}.",
              f"- Decision (on when it lowers the mean at more than half of the settings): the built-in GPTQ recipes "

@@ -24,6 +24,8 @@ from harness import Column, Results
 CASES = ("llama2-mha-tied-bias", "llama3-gqa-untied", "mistral-sliding-window", "qwen2-qkv-bias", "qwen3-qk-norm")
 ERRORS = (("fp32 prefill", "fp32_prefill"), ("fp32 decode", "fp32_decode"), ("fp64 prefill", "fp64_prefill"),
           ("fp64 decode", "fp64_decode"))
+# The parity target: tests/models/test_llama_hf_parity.py's tolerances on the same relative error.
+TOLERANCE = {"fp32": 1e-5, "fp64": 2e-6}
 
 
 def _decode(model, tokens):
@@ -75,6 +77,16 @@ def run(args: argparse.Namespace, results: Results) -> None:
             print(results.rows[-1], flush=True)
 
 
+def _verdict(rows: list[dict[str, Any]]) -> str:
+    """``met`` when every case's prefill and decode errors are below the parity tests' tolerance of their dtype."""
+    worst = {d: max((r[k], r["case"], h) for r in rows for h, k in ERRORS if k.startswith(d)) for d in TOLERANCE}
+    met = all(worst[d][0] < TOLERANCE[d] for d in TOLERANCE)
+    return (f"{'met' if met else 'not met'}: the largest relative error of jquant's logits against transformers' "
+            f"over {len(rows)} cases, prefill and KV-cache decode, is "
+            + " and ".join(f"{e:.2e} in {d} ({case}, {h.split()[1]}; tolerance {TOLERANCE[d]:.0e})"
+                           for d, (e, case, h) in worst.items()) + ".")
+
+
 def report(runs: list[Results], base: Path) -> None:
     """Write ``<base>.md``: one line per case, in the order of ``CASES``."""
     results = runs[0]
@@ -84,7 +96,7 @@ def report(runs: list[Results], base: Path) -> None:
              "read from `save_pretrained` folders. transformers computes RMSNorm and softmax in float32 even in",
              "float64 mode, which bounds the float64 column.", "",
              *harness.table(rows, [Column("case", "case"), *(Column(h, k, ".2e") for h, k in ERRORS)]), "",
-             harness.reproduce(results.command)]
+             *([harness.verdict(_verdict(rows)), ""] if rows else []), harness.reproduce(results.command)]
     harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -176,6 +176,23 @@ def _massive(h: dict[str, Any]) -> bool:
     return h["top"] > MASSIVE_TOP and h["top_over_median"] > MASSIVE_RATIO
 
 
+def _verdict(present: dict[str, dict[str, bool]], largest: dict[str, Any]) -> str:
+    """Whether the reference models show the outliers the papers report in real LLMs: ``reproduced`` when every
+    phenomenon of ``present`` (phenomenon -> model -> present) is present in every model, ``not reproduced`` when none
+    is in any, ``partly reproduced`` otherwise; ``largest`` is the hidden state with the largest max/median."""
+    counts = {k: [m for m, yes in v.items() if yes] for k, v in present.items()}
+    n = len(next(iter(present.values())))
+    category = ("reproduced" if all(len(v) == n for v in counts.values()) else
+                "not reproduced" if not any(counts.values()) else "partly reproduced")
+    where = lambda k: f"{len(counts[k])} of {n} models" + (  # noqa: E731
+        f" ({', '.join(counts[k])})" if counts[k] else "")
+    return (f"{category}: channel outliers in linear inputs (max/median channel absmax ≥ {OUTLIER_FACTOR:g}×, the "
+            f"specs' ×10–20) appear in {where('channels')} and uneven channel variances (RMS ratio ≥ "
+            f"{OUTLIER_FACTOR:g}×) in {where('variance')}; massive activations in {where('massive')}, the largest "
+            f"max/median being {largest['top_over_median']:.0f}× ({largest['model']}, {largest['block']}) against "
+            "about 10⁴ in LLaMA2-7B (Sun et al. 2024).")
+
+
 def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
     """The outlier statistics' tables and reading (every number formatted from ``by_model``)."""
     if not by_model:
@@ -190,6 +207,8 @@ def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
              "and max |x| / median |x| (Sun et al. 2024 call an activation massive when |x| > "
              f"{MASSIVE_TOP:g} and about {MASSIVE_RATIO:g}× the median; they report ratios near 10⁴ in LLaMA2-7B).", ""]
     verdicts: dict[str, list[str]] = {"channels": [], "massive": [], "variance": [], "experts": []}
+    present: dict[str, dict[str, bool]] = {"channels": {}, "variance": {}, "massive": {}}
+    largest: dict[str, Any] = {"top_over_median": -1.0}
     for name, stats in by_model.items():
         kinds = _site_kinds(stats)
         hidden = [*stats["blocks"], {"block": "output", **stats["output"]}]
@@ -197,6 +216,11 @@ def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
         worst = max(kinds, key=lambda k: k["absmax"][1])
         loudest = max(kinds, key=lambda k: k["rms"][1])
         big = max(hidden, key=lambda h: h["top_over_median"])
+        present["channels"][name] = worst["absmax"][1] >= OUTLIER_FACTOR
+        present["variance"][name] = loudest["rms"][1] >= OUTLIER_FACTOR
+        present["massive"][name] = _massive(big)
+        if big["top_over_median"] > largest["top_over_median"]:
+            largest = {"model": name, **big}
         verdicts["channels"].append(f"{name} {worst['absmax'][1]:.1f}× ({worst['kind']}): "
                                     + ("present" if worst["absmax"][1] >= OUTLIER_FACTOR else "absent"))
         channels = [h["top_channel"] for h in hidden]
@@ -215,6 +239,7 @@ def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
                                   for layer, row in zip(e["layers"], counts)) + ".", ""]
             verdicts["experts"].append(f"{name} σ {e['sigma']:.4f}, busiest / least-used {e['max_over_min_share']:.2f}×")
     lines += ["### Reading: is each method's target phenomenon present?", "",
+              harness.verdict(_verdict(present, largest)), "",
               f"- Channel outliers in linear inputs (SmoothQuant-style smoothing, OSTQuant's scalings and rotation, "
               f"QuaRot/SpinQuant rotations, MQuant): the specs plant ×10–20 channels to mimic real models "
               f"(`/work/shared/specs/skvq.md` §5: k_proj rows ×10–20; `/work/shared/specs/mambaquant.md` §5: norm gains "

@@ -45,6 +45,7 @@ BITS = (4, 3, 2)
 GROUP = 64
 SEQ = 256
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RTN_TARGET = 0.005  # the issue's target: jquant's symmetric RTN within 0.5% perplexity of llm-compressor's
 
 
 # ---- training (PyTorch, main venv) -----------------------------------------------------------------------
@@ -309,6 +310,34 @@ def notes(results: Results) -> list[str]:
     return out
 
 
+def _verdict(rows) -> str | None:
+    """The issue's target, ``met`` when at every width jquant's full-range RTN is within ``RTN_TARGET`` of
+    llm-compressor's RTN perplexity and jquant's best GPTQ row (either range, either order) is at or below
+    llm-compressor's GPTQ; ``None`` before every width has both tools' rows."""
+    rtn, best, default = {}, {}, {}
+    for b in BITS:
+        peer = {m: _find(rows, "llm-compressor", m, f"int{b} g{GROUP} sym") for m in ("rtn", "gptq")}
+        full, restricted = (_find(rows, "jquant", "rtn", f"int{b}-g{GROUP}{x}") for x in ("-full", ""))
+        plain = _find(rows, "jquant", "gptq", f"int{b}-g{GROUP}-full")
+        top = min((r for r in rows if r["tool"] == "jquant" and r["method"].startswith("gptq")
+                   and r["format"].startswith(f"int{b}-g{GROUP}")), key=lambda r: r["ppl"], default=None)
+        if None in (*peer.values(), full, restricted, plain, top):
+            return None
+        rtn[b] = (full["ppl"] / peer["rtn"]["ppl"] - 1, restricted["ppl"] / peer["rtn"]["ppl"] - 1)
+        best[b] = (top, top["ppl"] / peer["gptq"]["ppl"] - 1)
+        default[b] = plain["ppl"] / peer["gptq"]["ppl"] - 1
+    below = [b for b, (_, g) in best.items() if g <= 0]
+    met = all(abs(f) <= RTN_TARGET for f, _ in rtn.values()) and len(below) == len(BITS)
+    return (f"{'met' if met else 'not met'}: jquant's full-range RTN is within "
+            f"{100 * max(abs(f) for f, _ in rtn.values()):.3f}% of llm-compressor's perplexity at "
+            f"W{'/W'.join(map(str, BITS))} g{GROUP} (target {100 * RTN_TARGET:g}%; the restricted range is off by up "
+            f"to {100 * max((r for _, r in rtn.values()), key=abs):+.2f}%); jquant's GPTQ is at or below "
+            f"llm-compressor's at {len(below)} of {len(BITS)} widths in its best variant ("
+            + ", ".join(f"W{b} {100 * g:+.3f}% {r['method']} {r['format']}" for b, (r, g) in best.items())
+            + "), full-range GPTQ in jquant's default row order at "
+            + "/".join(f"{100 * g:+.3f}%" for g in default.values()) + ".")
+
+
 def _decision(rows) -> list[str]:
     """Full vs restricted range for jquant's own rows: how often the full range has the lower KL, per bit width."""
     pairs = [(r, f) for r in rows for f in rows if r["tool"] == f["tool"] == "jquant" and r["method"] == f["method"]
@@ -353,6 +382,7 @@ def report(runs: list[Results], base: Path) -> None:
                Column("KL to float (1e-3 nats)", lambda r: None if r.get("kl") is None else 1e3 * r["kl"], ".3f"),
                Column("time (s)", "seconds", ".1f")]
     train_info = meta.get("train", {})
+    verdict = _verdict(rows)
     lines = ["# Symmetric integer conventions: jquant restricted / full range vs llm-compressor", "",
              (f"Qwen2ForCausalLM ({train_info.get('params', 0) / 1e6:.2f} M parameters) trained with PyTorch for "
               f"{train_info.get('steps')} steps of {train_info.get('tokens_per_step')} tokens on the bundled corpus "
@@ -364,7 +394,8 @@ def report(runs: list[Results], base: Path) -> None:
               "model's dtype, which is what llm-compressor stores; jquant's formats here carry "
               "``scale_dtype='float32'``). KL to float: mean over the same predicted tokens of KL(float || quantized). "
               "Times are wall-clock on a 2-core machine shared with other jobs, not a speed comparison."), "",
-             *harness.table(rows, columns), "", "## Reading", "", *notes(results), "", "## Decision", "",
+             *harness.table(rows, columns), "", *([harness.verdict(verdict), ""] if verdict else []),
+             "## Reading", "", *notes(results), "", "## Decision", "",
              "Built-in recipes: symmetric integer weights below 8 bits use the full range (`int4-full`, "
              "`int3-full`: the rotation, SmoothQuant/RTN/GPTQ W4 and MoE recipes), 8-bit weights keep the "
              "restricted `int8` (no measurable difference at 8 bits; it stays the convention of the W8A8 papers and "
