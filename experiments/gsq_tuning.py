@@ -238,6 +238,7 @@ def write_report(all_runs: list[Results], base: Path) -> None:
               "constants, bf16 embeddings/head/norms), FP32 adapter masters and AdamW moments, and the residuals "
               "`jax.vjp` keeps for the backward pass (the adapted linears keep their inputs in GSE codes; "
               "attention, norms, SiLU and the loss keep bf16/f32 residuals in every setting).", "",
+              *([harness.verdict(text), ""] if (text := verdict_text(runs, cfg)) is not None else []),
               "## The paper's claims", "", PAPER, ""]
     lines += summary(runs, before, cfg)
     harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
@@ -265,6 +266,37 @@ def _within(name: str, claim: str, target: float, runs: dict[str, dict], n: int)
     return (f"- {claim}: {dacc:+.1f} points against a tolerance of ±{tol:.1f} points (the larger of the paper's "
             f"{target:g}, two standard errors of the difference over {n} items and one item{widened}), "
             f"{_verdict(abs(dacc) <= tol)}.")
+
+
+ACCURACY_TARGETS = (("gse8", 0.5), ("gse6", 1.0), ("gse5-r128", 1.0), ("gse4-r128", 1.0))  # spec's interim targets
+PAPER_MEMORY = 1.85  # the paper's memory reduction against BF16 fine-tuning
+
+
+def verdict_text(runs: dict[str, dict], cfg: dict) -> str | None:
+    """The paper's claim (accuracy comparable to BF16 LoRA at 1.85x less memory): the accuracy part holds when every
+    spec target run is met within its noise-widened tolerance (``accuracy_tolerance``), the memory part when a GSE
+    setting's training step takes at least 1.85x less memory than bf16 LoRA's. Both: reproduced; one: partly;
+    none: not reproduced. None without the bf16 row, a target setting or a GSE memory row."""
+    targets = [(name, t) for name, t in ACCURACY_TARGETS if name in runs]
+    gse = [n for n in ("gse8", "gse6", "gse5", "gse4") if n in runs]
+    if "bf16" not in runs or not targets or not gse:
+        return None
+    ref, n = runs["bf16"], int(cfg["test_items"])
+    dacc = {name: 100 * (runs[name]["accuracy"] - ref["accuracy"]) for name, _ in targets}
+    tol = {name: accuracy_tolerance(t, runs[name]["accuracy"], ref["accuracy"], n) for name, t in targets}
+    acc_ok = all(abs(dacc[name]) <= tol[name] for name, _ in targets)
+    saving = {g: ref["memory_bytes"]["total"] / runs[g]["memory_bytes"]["total"] for g in gse}
+    mem_ok = max(saving.values()) >= PAPER_MEMORY
+    category = "reproduced" if acc_ok and mem_ok else "partly reproduced" if acc_ok or mem_ok else "not reproduced"
+    low, high = min(saving, key=saving.get), max(saving, key=saving.get)
+    share = ref["memory_bytes"]["saved_activations"] / ref["memory_bytes"]["total"]
+    return (f"{category}: {', '.join(name for name, _ in targets)} {'stay' if acc_ok else 'do not all stay'} within "
+            f"noise of bf16 LoRA's accuracy ({', '.join(f'{dacc[name]:+.1f}' for name, _ in targets)} points against "
+            f"tolerances up to ±{max(tol.values()):.1f}"
+            + (f", so {n} items cannot resolve the spec's {min(t for _, t in targets):g}-{max(t for _, t in targets):g}"
+               "-point targets" if all(tol[name] > t for name, t in targets) else "") + "); "
+            f"a training step's memory falls {saving[low]:.2f}x ({low}) to {saving[high]:.2f}x ({high}) against the "
+            f"paper's {PAPER_MEMORY:g}x, with saved activations {share:.0%} of bf16 LoRA's step at this size.")
 
 
 def summary(runs: dict[str, dict], before: dict, cfg: dict) -> list[str]:

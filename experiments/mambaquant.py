@@ -156,6 +156,39 @@ def _reading(results: Results) -> str:
                           shift=shift, items=items, se=(0.25 / items) ** 0.5)
 
 
+def _verdict(results: Results) -> str | None:
+    """The paper's claim (MambaQuant ahead of RTN, SmoothQuant and QuaRot-style Hadamard rotation) on perplexity; a
+    lead counts beyond the noise level, the largest perplexity change of the KLT step (it leaves the one lossy site,
+    the out_proj input, at the same SNR). Ahead of every baseline in every setting: reproduced; of none in any:
+    not reproduced; otherwise partly. None when a row is missing."""
+    fp = results.get(setting="w16a16", method="FP")
+    rows = {(s, m): results.get(setting=s, method=m) for s in SETTINGS for m in METHODS}
+    if fp is None or None in rows.values():
+        return None
+    noise = max(abs(rows[(s, "+KLT")]["ppl"] - rows[(s, "offline Hadamard")]["ppl"]) for s in SETTINGS)
+    ours, baselines = "+smooth-fused (MambaQuant)", ("RTN", "SmoothQuant", "Hadamard (QuaRot-style)")
+    ahead = {b: [rows[(s, b)]["ppl"] - rows[(s, ours)]["ppl"] > noise for s in SETTINGS] for b in baselines}
+    beaten = [b for b in baselines if all(ahead[b])]
+    category = ("reproduced" if len(beaten) == len(baselines) else
+                "not reproduced" if not any(any(v) for v in ahead.values()) else "partly reproduced")
+
+    def gaps(method: str) -> str:
+        return " / ".join(f"{rows[(s, method)]['ppl'] - fp['ppl']:+.2f}" for s in SETTINGS)
+
+    def listing(methods: list[str]) -> str:
+        named = [f"{b} ({gaps(b)})" for b in methods]
+        return " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named) or "no baseline"
+
+    rest = [b for b in baselines if b not in beaten]
+    shift = max(abs(r[t] - fp[t]) for r in results.rows for t in TASKS)
+    se = (0.25 / results.args["items"]) ** 0.5
+    return (f"{category}: MambaQuant's perplexity over FP ({gaps(ours)} at {' / '.join(SETTINGS)}) is ahead of "
+            f"{listing(beaten)} in both settings" + (f" but not of {listing(rest)}" if rest else "")
+            + f", against a noise level of {noise:.2f} (the KLT step's largest change); zero-shot accuracy "
+            + ("separates no row" if shift < 2 * se else "moves beyond two standard errors")
+            + f" (all rows within {shift:.3f} of FP, standard error {se:.3f}).")
+
+
 def report(runs: list[Results], base: Path) -> None:
     """Write ``<base>.md`` and ``<base>.png``."""
     results = runs[0]
@@ -169,6 +202,8 @@ def report(runs: list[Results], base: Path) -> None:
              "activations (one scale per 256-token sequence) at every in_proj, x_proj, dt_proj and out_proj input; "
              "embeddings and head float.", ""]
     lines += harness.table(results.rows, COLUMNS) + ["", "Computed from the table:", ""] + _summary(results)
+    if (text := _verdict(results)) is not None:
+        lines += ["", harness.verdict(text)]
     lines += ["", _reading(results), "", DEVIATIONS, "", PAPER, f"![perplexity and SNR]({base.name}.png)", ""]
     harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
     _plot(results, base.with_name(base.name + ".png"))

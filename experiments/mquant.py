@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -289,7 +290,44 @@ def _quality_markdown(q: dict) -> list[str]:
     if not q.get("complete"):
         return lines + ["", f"**Partial run: {len(q['rows'])} of {len(_rows())} rows measured (the run was stopped); "
                         "rerun the command for the rest and the reading.**"]
-    return lines + ["", "### Reading", ""] + _reading(q)
+    text = _verdict(q)
+    return lines + (["", harness.verdict(text)] if text is not None else []) + ["", "### Reading", ""] + _reading(q)
+
+
+STRESS = {"dyn": ("W4A4", "QuaRot + GPTQ, dynamic per-token A4"),
+          "shared": ("W4A4", "QuaRot + GPTQ, one shared static scale"),
+          "msq": ("W4A4", "MQuant without RMS (MSQ)"), "full": ("W4A4", "MQuant (MSQ + RMS)")}
+STRESS_LABELS = {"dyn": "per-token", "shared": "shared static scale", "msq": "MSQ", "full": "MSQ + RMS"}
+
+
+def _verdict(q: dict) -> str | None:
+    """The paper's claim (MSQ and RMS each recover accuracy a shared static scale loses, Table 7). The W4A8 rows (the
+    paper's setting) are quoted with their spread against the largest seed-to-seed range; the category is judged on
+    the W4A4 rows' answer loss, where the shared scale does cost something, against those rows' largest seed range:
+    both gains beyond it: reproduced; one: partly; neither: not reproduced, or not testable here when the shared
+    static scale itself costs no more than that range against per-token scales. None without the W4A8/W4A4 rows."""
+    rows = {(r["setting"], r["label"]): r for r in q["rows"]}
+    a8 = {name: _stats(rows[k], "VQA") for name, (_, label) in STRESS.items()
+          if (k := ("W4A8", label.replace("A4", "A8"))) in rows}
+    if not a8 or not all(k in rows for k in STRESS.values()):
+        return None
+    loss = {name: _stats(rows[k], "answer loss") for name, k in STRESS.items()}
+    noise = max(high - low for _, low, high in loss.values())
+    cost = loss["shared"][0] - loss["dyn"][0]
+    msq, rms = loss["shared"][0] - loss["msq"][0], loss["msq"][0] - loss["full"][0]
+    gains = (msq > noise) + (rms > noise)
+    category = ("reproduced" if gains == 2 else "partly reproduced" if gains == 1 else
+                "not reproduced" if cost > noise else "not testable here")
+    means = [m for m, _, _ in a8.values()]
+    a8_noise = max(high - low for _, low, high in a8.values())
+    gap = np.array(list(q["gap"].values()))
+    return (f"{category}: at W4A8 exact match spans {max(means) - min(means):.3f} over "
+            + ", ".join(f"{STRESS_LABELS[name]} {m:.3f}" for name, (m, _, _) in a8.items())
+            + f" (float {q['float']['VQA']:.3f}; largest seed range {a8_noise:.3f}; the paper's Table 7: 71.44 with a "
+            "shared static scale, 78.95 with MSQ + AIFS, 84.32 with RMS, 84.43 float); at W4A4, where a shared static "
+            f"scale costs {cost:+.3f} answer loss against per-token scales, RMS changes it by {-rms:+.3f} and "
+            f"per-modality scales (MSQ) by {-msq:+.3f} against a {noise:.3f} seed range (image / text scale gap "
+            f"{np.median(gap):.1f}x at the median linear; the paper: about 40x).")
 
 
 def _reading(q: dict) -> list[str]:
