@@ -44,6 +44,11 @@ RECIPES = ("float", "w8a8-dynamic", "w8a8-static", "w8a8-static-timestep", "smoo
            "w4a8-gptq-static-timestep", "nvfp4-w4a16")
 # Recipes whose numbers do not depend on the calibration set (run once, not per calibration seed).
 CALIBRATION_FREE = ("float", "w8a8-dynamic", "w4a16-rtn", "nvfp4-w4a16")
+# 'Keeps quality': prompt accuracy at most KEEP_ACCURACY below float's and PSNR >= KEEP_PSNR dB against its images.
+KEEP_ACCURACY, KEEP_PSNR = 0.05, 20.0
+# The recipes with per-timestep static scales and their one-scale twins (PTQ4DiT / ViDiT-Q's timestep-aware claim).
+TIMESTEP_PAIRS = (("w8a8-static-timestep", "w8a8-static"),
+                  ("smoothquant-w8a8-static-timestep", "smoothquant-w8a8-static"))
 
 
 def recipe(name: str):
@@ -178,6 +183,57 @@ def _calibration_seeds(results: Results) -> list[int]:
     return sorted({r["calib_seed"] for r in results.rows if r["calib_seed"] is not None})
 
 
+def paired_gain(by_recipe: dict[str, list[dict]], better: str, base: str,
+                field: str = "psnr_db") -> tuple[float, float, int]:
+    """Mean and standard error of ``better`` minus ``base`` in ``field`` over the calibration seeds both ran (SE
+    infinite below two seeds, NaN mean with none)."""
+    base_by_seed = {r["calib_seed"]: r[field] for r in by_recipe.get(base, [])}
+    diffs = [r[field] - base_by_seed[r["calib_seed"]] for r in by_recipe.get(better, [])
+             if r["calib_seed"] in base_by_seed]
+    se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("inf")
+    return (float(np.mean(diffs)) if diffs else float("nan")), se, len(diffs)
+
+
+def timestep_gains(by_recipe: dict[str, list[dict]]) -> tuple[list[bool], str]:
+    """For each of ``TIMESTEP_PAIRS`` that ran: whether the per-timestep scales' PSNR exceeds the one-scale twin's by
+    more than twice the paired standard error, and a clause with the gains (empty without pairs)."""
+    pairs = [(a, *paired_gain(by_recipe, a, b)) for a, b in TIMESTEP_PAIRS if a in by_recipe and b in by_recipe]
+    wins = [g > 2 * se for _, g, se, _ in pairs]
+    text = ", ".join(f"{g:+.2f} dB {'with' if a.startswith('smoothquant') else 'without'} SmoothQuant "
+                     f"({'beyond' if win else 'within'} 2 paired SE = {2 * se:.2f})"
+                     for (a, g, se, _), win in zip(pairs, wins))
+    seeds = max((n for *_, n in pairs), default=0)
+    return wins, (f"per-timestep static scales raise PSNR over one static scale by {text} over {seeds} calibration "
+                  "seeds" if pairs else "")
+
+
+def _verdict(by_recipe: dict[str, list[dict]]) -> str | None:
+    """The PTQ4DiT / Q-DiT / ViDiT-Q claims on this model: W8A8 and W4A8 (GPTQ weights) keep quality (the reading's
+    rule) and per-timestep static scales beat one static scale. ``reproduced`` when every W8A8 / W4A8 recipe keeps
+    quality and each timestep-aware recipe's PSNR exceeds its one-scale twin's by more than twice the paired standard
+    error over calibration seeds, ``partly reproduced`` when some of these checks hold, ``not reproduced`` when none."""
+    flt = by_recipe.get("float", [{}])[0]
+    w8 = [n for n in by_recipe if "w8a8" in n]
+    w4a8 = [n for n in by_recipe if n.startswith("w4a8")]
+    wins, gains = timestep_gains(by_recipe)
+    if "prompt_accuracy" not in flt or not w8 or not w4a8 or not wins:
+        return None
+
+    def quality(names: list[str]) -> tuple[int, float, float]:
+        drops = [flt["prompt_accuracy"] - np.mean([r["prompt_accuracy"] for r in by_recipe[n]]) for n in names]
+        psnrs = [np.mean([r["psnr_db"] for r in by_recipe[n]]) for n in names]
+        kept = sum(d <= KEEP_ACCURACY and p >= KEEP_PSNR for d, p in zip(drops, psnrs))
+        return kept, max(drops), min(psnrs)
+
+    (k8, d8, p8), (k4, d4, p4) = quality(w8), quality(w4a8)
+    checks = [k8 == len(w8), k4 == len(w4a8), *wins]
+    category = "reproduced" if all(checks) else "partly reproduced" if any(checks) else "not reproduced"
+    return (f"{category}: {k8} of {len(w8)} W8A8 recipes keep quality (prompt accuracy at most {d8:.3f} below "
+            f"float's {flt['prompt_accuracy']:.3f}, PSNR at least {p8:.1f} dB against the float images) and {k4} of "
+            f"{len(w4a8)} W4A8 GPTQ recipes do (at most {d4:.3f} below, at least {p4:.1f} dB); {gains} (PTQ4DiT / "
+            "Q-DiT / ViDiT-Q: W8A8 and W4A8 close to float, timestep-aware scales better than one).")
+
+
 def report(runs: list[Results], base: Path) -> None:
     results = runs[0]
     by_recipe: dict[str, list[dict]] = {}
@@ -200,7 +256,7 @@ def report(runs: list[Results], base: Path) -> None:
             continue
         drop = float_row["prompt_accuracy"] - np.mean([r["prompt_accuracy"] for r in rows])
         psnr = np.mean([r["psnr_db"] for r in rows])
-        verdict = "keeps quality" if drop <= 0.05 and psnr >= 20 else "loses quality"
+        verdict = "keeps quality" if drop <= KEEP_ACCURACY and psnr >= KEEP_PSNR else "loses quality"
         notes.append(f"`{name}` {verdict}: prompt accuracy {drop:+.3f} below float, PSNR {psnr:.1f} dB against the "
                      "float images.")
     lines = ["# PTQ of the text-to-image transformer (jq-mmdit-tiny)", "",
@@ -210,8 +266,9 @@ def report(runs: list[Results], base: Path) -> None:
              f"inputs), timestep buckets at σ = {meta.get('bucket_edges')}; {meta.get('platform', '?').upper()}, "
              f"jax {meta.get('jax')}. Mean ± std over calibration seeds {_calibration_seeds(results)} (times: the fastest run). "
              f"{harness.reproduce(results.command)}", "", *table, "",
-             "Reading (formatted from the run's numbers; 'keeps quality' = prompt accuracy within 0.05 of float and "
-             "PSNR >= 20 dB):", "", *harness.bullets(notes), "",
+             *([harness.verdict(v), ""] if (v := _verdict(by_recipe)) else []),
+             f"Reading (formatted from the run's numbers; 'keeps quality' = prompt accuracy within {KEEP_ACCURACY:g} "
+             f"of float and PSNR >= {KEEP_PSNR:g} dB):", "", *harness.bullets(notes), "",
              f"Samples (rows: {', '.join(meta.get('grid_recipes', []))}; seed 0):", "",
              f"![samples]({base.name}.png)", ""]
     harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines))
