@@ -294,7 +294,7 @@ def _stage_count_reading(ecar_rows: list[dict]) -> list[str]:
                               f"{se(r):.3f}, FD-emoji {r['fd_emoji']:.0f}, {r['gflops_per_image']:.3f} GFLOPs"
                               for r in rows)
         notes.append(f"Number of stages at {setting} Euler steps: {per_count}. {many['stages']} stages cost "
-                     f"{few['gflops_per_image'] / many['gflops_per_image']:.2f}x fewer FLOPs than {few['stages']}, "
+                     f"{many['gflops_per_image'] / few['gflops_per_image']:.2f}x the FLOPs of {few['stages']}, "
                      f"with prompt accuracy {diff:+.3f} ("
                      + ("beyond" if beyond else "within") + " twice the standard error of the difference).")
     return notes

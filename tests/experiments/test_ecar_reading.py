@@ -22,7 +22,7 @@ def test_stage_count_verdict_follows_the_standard_error():
     few, many = rng.uniform(0.3, 0.6), rng.uniform(0.3, 0.6)
     se = np.hypot(np.sqrt(few * (1 - few) / 256), np.sqrt(many * (1 - many) / 256))
     (note,) = ecar._stage_count_reading([_row(2, few, 2.0), _row(3, many, 1.5), _row(3, 0.1, 1.0, setting=9)])
-    assert f"{many - few:+.3f}" in note and f"{2.0 / 1.5:.2f}x fewer FLOPs" in note
+    assert f"{many - few:+.3f}" in note and f"{1.5 / 2.0:.2f}x the FLOPs of 2" in note
     assert ("beyond" if abs(many - few) > 2 * se else "within") + " twice" in note
     assert "at 20 Euler steps" in note  # the 9-step setting has one stage count: no comparison
 
