@@ -207,17 +207,27 @@ def timestep_gains(by_recipe: dict[str, list[dict]]) -> tuple[list[bool], str]:
                   "seeds" if pairs else "")
 
 
-def _verdict(by_recipe: dict[str, list[dict]]) -> str | None:
-    """The PTQ4DiT / Q-DiT / ViDiT-Q claims on this model: W8A8 and W4A8 (GPTQ weights) keep quality (the reading's
-    rule) and per-timestep static scales beat one static scale. ``reproduced`` when every W8A8 / W4A8 recipe keeps
-    quality and each timestep-aware recipe's PSNR exceeds its one-scale twin's by more than twice the paired standard
-    error over calibration seeds, ``partly reproduced`` when some of these checks hold, ``not reproduced`` when none."""
+def verdict_inputs(by_recipe: dict[str, list[dict]]) -> tuple[dict, list[str], list[str], list[bool], str] | None:
+    """What a PTQ verdict reads: the float row, the W8A8 and W4A8 recipe names and ``timestep_gains``' per-pair wins
+    and sentence; None when the run lacks any of them."""
     flt = by_recipe.get("float", [{}])[0]
     w8 = [n for n in by_recipe if "w8a8" in n]
     w4a8 = [n for n in by_recipe if n.startswith("w4a8")]
     wins, gains = timestep_gains(by_recipe)
     if "prompt_accuracy" not in flt or not w8 or not w4a8 or not wins:
         return None
+    return flt, w8, w4a8, wins, gains
+
+
+def _verdict(by_recipe: dict[str, list[dict]]) -> str | None:
+    """The PTQ4DiT / Q-DiT / ViDiT-Q claims on this model: W8A8 and W4A8 (GPTQ weights) keep quality (the reading's
+    rule) and per-timestep static scales beat one static scale. ``reproduced`` when every W8A8 / W4A8 recipe keeps
+    quality and each timestep-aware recipe's PSNR exceeds its one-scale twin's by more than twice the paired standard
+    error over calibration seeds, ``partly reproduced`` when some of these checks hold, ``not reproduced`` when none."""
+    inputs = verdict_inputs(by_recipe)
+    if inputs is None:
+        return None
+    flt, w8, w4a8, wins, gains = inputs
 
     def quality(names: list[str]) -> tuple[int, float, float]:
         drops = [flt["prompt_accuracy"] - np.mean([r["prompt_accuracy"] for r in by_recipe[n]]) for n in names]

@@ -24,7 +24,7 @@ import time
 import harness
 import numpy as np
 from dit_ptq import (CALIBRATION_FREE, KEEP_ACCURACY, KEEP_PSNR, _calibration_seeds, _mean_std,
-                     _single_bucket, _transformer_bytes, recipe, timestep_gains)
+                     _single_bucket, _transformer_bytes, recipe, verdict_inputs)
 from harness import Column, Results
 
 RECIPES = ("float", "w8a8-dynamic", "w8a8-static", "w8a8-static-timestep", "w4a16-gptq", "w4a8-gptq-dynamic",
@@ -114,12 +114,10 @@ def _verdict(by_recipe: dict[str, list[dict]]) -> str | None:
     static scales beat one static scale. ``reproduced`` when every W8A8 / W4A8 recipe keeps quality and each
     timestep-aware recipe's PSNR exceeds its one-scale twin's by more than twice the paired standard error over
     calibration seeds, ``partly reproduced`` when some of these checks hold, ``not reproduced`` when none."""
-    flt = by_recipe.get("float", [{}])[0]
-    w8 = [n for n in by_recipe if "w8a8" in n]
-    w4a8 = [n for n in by_recipe if n.startswith("w4a8")]
-    wins, gains = timestep_gains(by_recipe)
-    if "prompt_accuracy" not in flt or not w8 or not w4a8 or not wins:
+    inputs = verdict_inputs(by_recipe)
+    if inputs is None:
         return None
+    flt, w8, w4a8, wins, gains = inputs
     drop = {n: flt["prompt_accuracy"] - np.mean([r["prompt_accuracy"] for r in by_recipe[n]]) for n in w8 + w4a8}
     psnr = {n: np.mean([r["psnr_db"] for r in by_recipe[n]]) for n in w8 + w4a8}
     warp = max(abs(np.mean([r["temporal_error"] for r in by_recipe[n]]) - flt["temporal_error"]) for n in w8 + w4a8)
