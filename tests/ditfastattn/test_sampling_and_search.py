@@ -13,6 +13,7 @@ from jquant.ditfastattn import (FULL, REUSE, AttentionPlan, HeadCache, StepAtten
 from jquant.ditfastattn.search import choose_brute_force
 from jquant.models import sd3
 from jquant.sampling import sample
+from jquant.testing.hf_reference import relative_error
 
 CFG = sd3.SD3Config(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=16,
                     num_attention_heads=3, joint_attention_dim=12, caption_projection_dim=48, pooled_projection_dim=10,
@@ -53,9 +54,10 @@ def test_all_full_plan_is_the_plain_sampler(setting):
     model, cond, uncond, layout = setting
     base = _sample(model, cond, uncond)
     full = AttentionPlan.full(STEPS, 2, 3, layout)
-    # the computed path runs one compiled program per step, the plain sampler one scan: float32 rounding only
-    np.testing.assert_allclose(_sample(model, cond, uncond, full, "compute"), base, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_sample(model, cond, uncond, full, "masked"), base, atol=1e-5)
+    # the computed and masked paths run one compiled program per step, the plain sampler one scan: float32 rounding
+    # only, compounded over the steps (measured relative to the sample's largest value)
+    for mode in ("compute", "masked"):
+        assert relative_error(_sample(model, cond, uncond, full, mode), base) < 2e-5, mode
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -99,9 +99,11 @@ def reload_reference(case: str, folder):
 class TestFluxFamily(DiffusersSuite):
     spec = DiffusersSpec(family=flux.FAMILY, tiny_config=TINY, cases=tuple(CASES), build_reference=build_reference,
                          make_inputs=make_inputs, reference_forward=reference_forward, forward=forward,
-                         reload_reference=reload_reference, float32_tolerance=1e-5,
-                         # float64 is bounded by the float32 timestep sinusoid both sides compute (sd3.timestep_sinusoid)
-                         float64_tolerance=1e-5)
+                         reload_reference=reload_reference, float32_tolerance=1e-4,
+                         # both dtypes are bounded by the float32 timestep sinusoid: at angles up to 10^3 rad one ulp
+                         # of XLA's vs torch's float32 exp moves a phase by ~6e-5; the ladder test below checks the
+                         # rest tightly
+                         float64_tolerance=1e-4)
 
 
 def _diffusers_ladder_sinusoid(t: jax.Array) -> jax.Array:

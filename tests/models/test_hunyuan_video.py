@@ -102,10 +102,11 @@ def reload_reference(case: str, folder):
 class TestHunyuanVideoFamily(DiffusersSuite):
     spec = DiffusersSpec(family=hv.FAMILY, tiny_config=TINY, cases=tuple(CASES), build_reference=build_reference,
                          make_inputs=make_inputs, reference_forward=reference_forward, forward=forward,
-                         reload_reference=reload_reference, float32_tolerance=1e-5,
-                         # float64 is bounded by the float32 timestep sinusoid and the float32 RoPE rotation diffusers
-                         # computes in every dtype
-                         float64_tolerance=1e-5, save_recipes=("rtn-w8", "gptq-w8"))
+                         reload_reference=reload_reference, float32_tolerance=1e-4,
+                         # both dtypes are bounded by the float32 timestep sinusoid: at angles up to 10^3 rad one ulp
+                         # of XLA's vs torch's float32 exp moves a phase by ~6e-5; the ladder test below checks the
+                         # rest tightly
+                         float64_tolerance=1e-4, save_recipes=("rtn-w8", "gptq-w8"))
 
 
 def _diffusers_ladder_sinusoid(t: jax.Array, dim: int = 256) -> jax.Array:

@@ -91,9 +91,11 @@ def test_float64_parity_is_exact_but_for_the_float32_timestep_sinusoid(tmp_path,
 class TestSD3Family(DiffusersSuite):
     spec = DiffusersSpec(family=sd3.FAMILY, tiny_config=TINY, cases=tuple(CASES), build_reference=build_reference,
                          make_inputs=make_inputs, reference_forward=reference_forward, forward=forward,
-                         reload_reference=reload_reference, float32_tolerance=1e-5,
-                         # float64 is bounded by the float32 timestep sinusoid both sides compute (sd3.timestep_sinusoid)
-                         float64_tolerance=1e-5)
+                         reload_reference=reload_reference, float32_tolerance=1e-4,
+                         # both dtypes are bounded by the float32 timestep sinusoid: at angles up to 10^3 rad one ulp
+                         # of XLA's vs torch's float32 exp moves a phase by ~6e-5; the exact float64 test above checks
+                         # the rest
+                         float64_tolerance=1e-4)
 
 
 def _calibration(cfg: sd3.SD3Config, n: int, seed: int) -> dict:
