@@ -23,8 +23,9 @@ Results JSON layout (one file per run, owned by the script that writes it)::
     {"script": "baselines", "command": "python experiments/baselines.py ...", "args": {...}, "key": ["recipe"],
      "meta": {...run-level numbers...}, "rows": [{...}, ...]}
 
-Markdown helpers: :class:`Column` + :func:`table` (rows -> a markdown table), :func:`reproduce` (the recorded
-command line), :func:`bullets` (notes a script formats from the run's numbers); plots: :func:`figure`,
+Markdown helpers: :class:`Column` + :func:`table` (rows -> a markdown table), :func:`over_seeds` +
+:func:`mean_std` (rows of several calibration seeds -> one row per setting, printed as mean ± std),
+:func:`reproduce` (the recorded command line), :func:`bullets` (notes a script formats from the run's numbers); plots: :func:`figure`,
 :func:`plot_rows`, :func:`save_figure` (matplotlib, Agg); files: :func:`write_text_atomic`.
 
 Every script in experiments/ uses it except the two that train the bundled models, ``train_reference_models.py``
@@ -294,6 +295,42 @@ def table(rows: Sequence[Row], columns: Sequence[Column]) -> list[str]:
     """A markdown table (header, rule, one line per row)."""
     return ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns),
             *("| " + " | ".join(c.cell(r) for c in columns) + " |" for r in rows)]
+
+
+def over_seeds(rows: Sequence[Row], *, by: Sequence[str], values: Sequence[str], seed: str = "seed") -> list[Row]:
+    """One row per group of ``rows`` equal in the ``by`` fields (in order of first appearance): the group's first
+    row, with each of ``values`` replaced by its mean over the group, ``<value>_std`` its sample standard deviation
+    (0 for a single run), ``<value>_runs`` the values in seed order, and ``seeds`` the group's ``seed`` values.
+    A value missing from some of a group's rows is averaged over the rows that have it."""
+    import statistics
+
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in by), []).append(row)
+    out = []
+    for group in groups.values():
+        group = sorted(group, key=lambda r: (r.get(seed) is None, r.get(seed) if r.get(seed) is not None else 0))
+        merged = {**group[0], "seeds": [r.get(seed) for r in group]}
+        for value in values:
+            runs = [r[value] for r in group if r.get(value) is not None]
+            if runs:
+                merged.update({value: statistics.fmean(runs), f"{value}_runs": runs,
+                               f"{value}_std": statistics.stdev(runs) if len(runs) > 1 else 0.0})
+        out.append(merged)
+    return out
+
+
+def mean_std(value: str, fmt: str, scale: float = 1.0) -> Callable[[Row], str | None]:
+    """A :class:`Column` key that prints an :func:`over_seeds` row's ``value`` times ``scale`` as ``mean ± std``
+    (the mean alone for a single run, None where the row has no such value)."""
+    def cell(row: Row) -> str | None:
+        if row.get(value) is None:
+            return None
+        text = format(scale * row[value], fmt)
+        if len(row.get(f"{value}_runs", [row[value]])) > 1:
+            text += " ± " + format(scale * row[f"{value}_std"], fmt.lstrip("+"))
+        return text
+    return cell
 
 
 def reproduce(command: str) -> str:

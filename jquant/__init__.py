@@ -34,13 +34,14 @@ from jquant.checkpoint import save as save
 from jquant.eval.size import size_report as size_report
 from jquant.generate import SamplingConfig as SamplingConfig
 from jquant.generate import generate as generate
+from jquant.quantization import needs_calibration as needs_calibration
 from jquant.quantization import quantize as quantize
 
 __version__ = "0.1.0"
 _LAZY_SUBPACKAGES = ("data", "ditfastattn", "ecar", "eval", "finetune", "frame_rate", "kv", "methods", "models",
                      "sampling", "train", "video_mixed")
-__all__ = ["SamplingConfig", "calib", "formats", "generate", "load", "ops", "quantize", "recipes", "save", "sharding",
-           "size_report", "transforms", *_LAZY_SUBPACKAGES]
+__all__ = ["SamplingConfig", "calib", "formats", "generate", "load", "needs_calibration", "ops", "quantize", "recipes",
+           "save", "sharding", "size_report", "transforms", *_LAZY_SUBPACKAGES]
 
 
 def __getattr__(name: str):

@@ -311,6 +311,15 @@ def _format(name: str, overrides: dict, path: str) -> Format:
         raise ValueError(f"site {path!r}: {err}") from None
 
 
+def needs_calibration(model: nnx.Module, recipe: Recipe | str) -> bool:
+    """Whether ``quantize(model, recipe, calib)`` uses ``calib``: a rule that matches one of ``model``'s sites
+    quantizes its weight with an algorithm that calibrates (GPTQ, GPTVQ, ...) or calibrates static activation
+    scales, or a transform step of the recipe calibrates (SmoothQuant, OSTQuant, ...). Without it, ``calib`` may be
+    ``None`` and the result does not depend on it."""
+    recipe = get(recipe) if isinstance(recipe, str) else recipe
+    return transforms_need_calibration(recipe) or any(_needs_calibration(p) for p in plan(model, recipe))
+
+
 def quantize(
     model: nnx.Module,
     recipe: Recipe | str,

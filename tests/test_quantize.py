@@ -164,3 +164,20 @@ def test_non_finite_activations_during_calibration_are_reported(model, calib):
     norm.set_value(norm.get_value() * np.inf)
     with pytest.raises(ValueError, match=r"layers/1/mlp/\w+_proj.*NaN or Inf"):
         quantize(broken, "gptq-w8", calib, progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w4g64", "gptq-w4g64", "fp8-w8a16", "rtn-w8a8", "rtn-w8a8-static",
+                                    "smoothquant-w8a8", "quarot-w4a16"])
+def test_needs_calibration_says_whether_quantize_reads_the_calibration(model, calib, recipe):
+    """``needs_calibration`` against what ``quantize`` does: without calibration it refuses exactly the recipes said
+    to need it, and the others give the same model whatever calibration is passed."""
+    from jquant.quantization import needs_calibration
+
+    if needs_calibration(model, recipe):
+        with pytest.raises(ValueError, match="calib"):
+            quantize(model, recipe, None, progress=False)
+    else:
+        other = np.random.default_rng().integers(0, 64, size=(4, 8)).astype(np.int32)
+        for a, b in zip(_params(quantize(model, recipe, None, progress=False)),
+                        _params(quantize(model, recipe, other, progress=False)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
