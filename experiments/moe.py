@@ -1,6 +1,6 @@
 """MoEQuant (EBSS + AGQ) and MxMoE on jq-moe-small -> experiments/results/moe.md (+ .json, .png).
 
-    python -u experiments/moe.py --model jq-moe-small      # about an hour on 2 CPU cores
+    python -u experiments/moe.py --model jq-moe-small      # about 3 hours on 2 CPU cores (seeds 0 1 2)
     python experiments/moe.py --report-only                # rebuild the .md/.png from the .json
     python experiments/moe.py --quick --out /tmp/m         # smoke run: W2 only, a few sequences and windows
 
@@ -24,14 +24,24 @@ on mixed-domain calibration windows; allocation with r = 1 (accuracy only) at 2.
 same bits (w2 g128, w3 and w4 per channel). The modelled kernel time (analytic H100 model, 512-token batch) of
 each allocation is reported beside it.
 
+Seeds (``--seeds``, 0 1 2 by default): each seed draws the calibration windows (Bible and mixed), the EBSS
+samples and the random Hadamard rotation; every calibrated row (and MxMoE's Δ and allocation) runs once per seed,
+RTN (no calibration) once. Tables show mean ± std over the seeds; the verdict compares methods by their paired
+per-seed differences (a difference counts beyond twice its standard error).
+
 Metrics: validation perplexity on all sources, on the calibration domain (Bible) and on the other domains
-(Shakespeare, Milton); zero-shot accuracy on the bundled tasks; stored bits per expert weight; per-expert output
-error against expert usage (plot). Rows are saved as they finish (``--resume`` keeps them: everything a row
-depends on is deterministic given the arguments); the older json layout is read too.
+(Shakespeare, Milton); KL divergence to the float model's next-token distribution and top-1 agreement with it on
+each of the same window sets; zero-shot accuracy on the bundled tasks; stored bits per expert weight; per-expert
+output error against expert usage (plot, first seed). Rows are saved as they finish (``--resume`` keeps them:
+everything a row depends on is deterministic given the arguments and its seed); the older json layout is read too
+(one seed, 0).
 """
 
 import argparse
+import dataclasses
+import math
 import shlex
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +55,7 @@ from harness import Column, Results
 from jquant.calib.capture import model_input_statistics
 from jquant.calib.ebss import EBSSConfig, self_sample
 from jquant.data import load_split, random_windows, token_windows
-from jquant.eval import expert_usage, perplexity, zero_shot
+from jquant.eval import distribution_agreement, expert_usage, perplexity, zero_shot
 from jquant.formats import ExpertPartition, QArray, dequantize
 from jquant.mixed.allocation import CANDIDATES, parse_scheme
 from jquant.mixed.mxmoe import allocate_model, expert_sensitivity
@@ -55,6 +65,7 @@ from jquant.recipes.builtin import W4_MSE
 from jquant.sites import find_sites
 
 TASKS = ("next_line", "same_source")
+EVAL_SETS = ("all", "bible", "other")
 MOEQUANT_METHODS = {  # method -> (calibration set, hessian, QuaRot rotation first)
     "RTN": (None, None, False),
     "GPTQ": ("bible", "plain", False),
@@ -64,8 +75,8 @@ MOEQUANT_METHODS = {  # method -> (calibration set, hessian, QuaRot rotation fir
     "QuaRot+GPTQ": ("bible", "plain", True),
     "MoEQuant++ (QuaRot+EBSS+AGQ)": ("ebss", "affinity", True),
 }
+MOEQUANT_PAIRS = (("MoEQuant (EBSS+AGQ)", "GPTQ"), ("MoEQuant++ (QuaRot+EBSS+AGQ)", "QuaRot+GPTQ"))  # (ours, base)
 CLIP_SEARCH = tuple(W4_MSE.items())  # the GPTQ code's search: shrink 1.00, 0.99, ..., 0.21
-ROTATION = (TransformStep("quarot", (("online", ()),)),)
 MXMOE_SCHEMES = CANDIDATES["weight-only"]
 UNIFORM = {2.25: "w2a16_g128", 3.0: "w3a16_g-1", 4.0: "w4a16_g-1"}
 PAPER = """Paper numbers (specs). MoEQuant Table 1, W4 per-channel symmetric with Hadamard rotation (AVG of 7 tasks %,
@@ -77,6 +88,10 @@ Mixtral GPTQ 45.04 → MoEQuant⁺⁺ 49.75.
 MxMoE Table 1 (AVG of 7 tasks % / WikiText-2 ppl): Qwen1.5-MoE FP 68.07 / 6.79; GPTQ* 3.25 bits 66.36 / 7.15 vs
 MxMoE 3.25 66.49 / 7.02; GPTQ* 2.25 bits 49.07 / 11.19 vs MxMoE 2.25 55.39 / 8.79. Mixtral-8x7B: GPTQ* 2.25
 67.56 / 5.69 vs MxMoE 2.25 67.89 / 5.63."""
+
+# what varies with the calibration seed (merged to mean ± std by harness.over_seeds)
+VALUES = (*(f"{m}_{s}" for m in ("ppl", "kl", "top1") for s in EVAL_SETS), *TASKS, "zero_shot", "expert_bits",
+          "seconds", "modelled_time_s")
 
 
 def _windows(tok, source: str | None, split: str, n: int, length: int, key: int) -> np.ndarray:
@@ -134,14 +149,48 @@ def _expert_bits(qmodel) -> float:
     return float(bits / weights)
 
 
-def evaluate(model, tok, evals: dict, items: int) -> dict:
-    out = {f"ppl_{name}": perplexity(model, w, batch_size=8, progress=False).ppl for name, w in evals.items()}
+def _eval_sets(tok, n: int) -> dict[str, np.ndarray]:
+    """``n`` validation windows of 256 tokens spread over all sources, over the calibration domain (Bible) and over
+    the other domains (Shakespeare, Milton)."""
+    sets = {"all": _spread(token_windows(load_split("validation"), tok, 256), n)}
+    for name, sources in (("bible", ("bible",)), ("other", ("shakespeare", "milton"))):
+        subset = load_split("validation").filter(lambda r, sources=sources: r["source"] in sources)
+        sets[name] = _spread(token_windows(subset, tok, 256), n)
+    return sets
+
+
+def evaluate(model, reference, tok, evals: dict, items: int) -> dict:
+    """Perplexity, KL to ``reference`` (the float model; 0 and 1 for the float model itself) and top-1 agreement
+    with it on each set of ``evals``, and zero-shot accuracy per task."""
+    out = {}
+    for name, windows in evals.items():
+        out[f"ppl_{name}"] = perplexity(model, windows, batch_size=8, progress=False).ppl
+        agreement = None if model is reference else distribution_agreement(model, reference, windows, batch_size=8)
+        out[f"kl_{name}"] = 0.0 if agreement is None else agreement.kl
+        out[f"top1_{name}"] = 1.0 if agreement is None else agreement.top1
     zs = zero_shot(model, tok, TASKS, n_items=items, progress=False)
     return {**out, **{t: zs[t].accuracy for t in TASKS}}
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every row of a run shares: the float ``model``, its tokenizer, the evaluation windows per set, the
+    per-expert statistics of the error windows and the zero-shot items per task."""
+
+    model: Any
+    tok: Any
+    evals: dict[str, np.ndarray]
+    eval_stats: dict
+    items: int
+
+    def evaluate(self, qmodel) -> dict:
+        """``evaluate`` of ``qmodel`` against the float model."""
+        return evaluate(qmodel, self.model, self.tok, self.evals, self.items)
+
+
 def _row_id(row: dict) -> str:
-    """Identity of a results row: ``FP``, ``moequant/W<bits>/<method>`` or ``mxmoe/<method>/<target bits>``."""
+    """Identity of a results row (with its seed): ``FP``, ``moequant/W<bits>/<method>`` or
+    ``mxmoe/<method>/<target bits>``."""
     if row.get("part") == "moequant":
         return f"moequant/W{row['bits']}/{row['method']}"
     if row.get("part") == "mxmoe":
@@ -154,54 +203,96 @@ def _add(results: Results, row: dict) -> None:
     print({k: v for k, v in row.items() if k != "expert_errors"}, flush=True)
 
 
+def _record(results: Results, seed: int, **values: Any) -> None:
+    """Record run-level numbers of one seed's calibration (``meta["calibration"][str(seed)]``)."""
+    calibration = results.meta.get("calibration", {})
+    results.set_meta(calibration={**calibration, str(seed): {**calibration.get(str(seed), {}), **values}})
+
+
+def _calibration_sets(results: Results, setup: Setup, args: argparse.Namespace, seed: int) -> dict[str, np.ndarray]:
+    """The seed's calibration sets (Bible windows, mixed-domain windows, EBSS samples), their expert usage, EBSS's
+    σ and time recorded in ``results``."""
+    t0 = time.perf_counter()
+    ebss = self_sample(setup.model, config=EBSSConfig(num_sequences=args.calib, length=args.length,
+                                                      batch_sequences=16), key=jax.random.key(seed), progress=True)
+    seconds = time.perf_counter() - t0
+    print(f"EBSS (seed {seed}): {seconds:.0f}s", flush=True)
+    calib = {"bible": _windows(setup.tok, "bible", "train", args.calib, args.length, seed),
+             "mixed": _windows(setup.tok, None, "train", args.calib, args.length, seed), "ebss": ebss.tokens}
+    _record(results, seed, usage={name: _usage(setup.model, tokens) for name, tokens in calib.items()},
+            ebss_sigma=float(np.mean(ebss.sigma)), ebss_seconds=seconds)
+    return calib
+
+
+def _moequant_recipe(bits: int, method: str, seed: int) -> Recipe:
+    """The MoEQuant part's recipe of ``method`` at ``bits`` (the rotation, where it has one, seeded)."""
+    calib_name, hessian, rotate = MOEQUANT_METHODS[method]
+    fmt = {"weight": f"int{bits}", "weight_options": CLIP_SEARCH}
+    rules = ((Rule(pattern=r".*/experts/.*", **fmt, algorithm="gptq", options={"hessian": hessian, "damp": 0.01}),
+              Rule(pattern=".*", **fmt, algorithm="gptq", options={"damp": 0.01}))
+             if calib_name else (Rule(pattern=".*", **fmt),))
+    rotation = (TransformStep("quarot", (("online", ()), ("seed", seed))),) if rotate else ()
+    return Recipe(name=f"{method}-w{bits}", rules=rules, transforms=rotation)
+
+
+def _pending(results: Results, args: argparse.Namespace, model, seed: int) -> tuple[list[tuple[int, str]], list]:
+    """The seed's MoEQuant rows (bits, method) and MxMoE settings (method, bits, r) not yet in ``results``; a method
+    that does not calibrate runs on the first seed only."""
+    moequant = [(bits, method) for bits in args.bits for method in MOEQUANT_METHODS
+                if not results.has(row=f"moequant/W{bits}/{method}", seed=seed)
+                and (seed == args.seeds[0] or jq.needs_calibration(model, _moequant_recipe(bits, method, seed)))]
+    settings = [(f"uniform {UNIFORM[b]}", b, 1.0) for b in UNIFORM] + [("MxMoE", b, 1.0) for b in (2.25, 3.0, 4.0)]
+    mxmoe = [s for s in settings if not results.has(row=f"mxmoe/{s[0]}/{s[1]}", seed=seed)]
+    return moequant, mxmoe
+
+
 def run(args: argparse.Namespace, results: Results) -> None:
-    """FP, the MoEQuant part, then the MxMoE part; rows already in ``results`` are skipped."""
+    """FP, then per seed its calibration sets, the MoEQuant part and the MxMoE part; rows already in ``results`` are
+    skipped."""
     loaded = load(args.model)
     model, tok = loaded.model, loaded.tokenizer
-    evals = {"all": _spread(token_windows(load_split("validation"), tok, 256), args.windows)}
-    for name, sources in (("bible", ("bible",)), ("other", ("shakespeare", "milton"))):
-        subset = load_split("validation").filter(lambda r, sources=sources: r["source"] in sources)
-        evals[name] = _spread(token_windows(subset, tok, 256), args.windows)
-    t0 = time.perf_counter()
-    ebss = self_sample(model, config=EBSSConfig(num_sequences=args.calib, length=args.length, batch_sequences=16),
-                       key=jax.random.key(0), progress=True)
-    calib = {"bible": _windows(tok, "bible", "train", args.calib, args.length, 0),
-             "mixed": _windows(tok, None, "train", args.calib, args.length, 0), "ebss": ebss.tokens}
-    print(f"EBSS: {time.perf_counter() - t0:.0f}s", flush=True)
+    evals = _eval_sets(tok, args.windows)
     eval_stats = model_input_statistics(model, evals["all"][: args.error_windows], batch_size=8)
-    results.set_meta(windows={k: len(v) for k, v in evals.items()},
-                     usage={name: _usage(model, tokens) for name, tokens in calib.items()},
-                     ebss_sigma=float(np.mean(ebss.sigma)), jax=jax.__version__,
+    setup = Setup(model, tok, evals, eval_stats, args.items)
+    results.set_meta(windows={k: len(v) for k, v in evals.items()}, jax=jax.__version__,
                      eval_usage={p: s.count.tolist() for p, s in eval_stats.items()
                                  if p.endswith("experts/gate_proj")})
-    if not results.has(row="FP"):
-        _add(results, {"method": "FP", **evaluate(model, tok, evals, args.items), "expert_bits": 16.0})
-    for bits in args.bits:
-        for method, (calib_name, hessian, rotate) in MOEQUANT_METHODS.items():
-            if results.has(row=f"moequant/W{bits}/{method}"):
-                continue
-            fmt = dict(weight=f"int{bits}", weight_options=CLIP_SEARCH)
-            rules = ((Rule(pattern=r".*/experts/.*", **fmt, algorithm="gptq", options={"hessian": hessian, "damp": 0.01}),
-                      Rule(pattern=".*", **fmt, algorithm="gptq", options={"damp": 0.01}))
-                     if calib_name else (Rule(pattern=".*", **fmt),))
-            recipe = Recipe(name=f"{method}-w{bits}", rules=rules, transforms=ROTATION if rotate else ())
-            t0 = time.perf_counter()
-            q = jq.quantize(model, recipe, calib[calib_name] if calib_name else None, progress=False)
-            _add(results, {"part": "moequant", "bits": bits, "method": method, "calibration": calib_name,
-                           "rotation": rotate, "seconds": time.perf_counter() - t0,
-                           **evaluate(q, tok, evals, args.items), "expert_bits": _expert_bits(q),
-                           # a rotated model's experts live in another basis: their error against the float
-                           # weights is moot
-                           "expert_errors": None if rotate else _expert_errors(model, q, eval_stats),
-                           "uncalibrated": [d for _, d in q.quantization.sites if "no calibration token" in d]})
-    settings = [(f"uniform {UNIFORM[b]}", b, 1.0) for b in UNIFORM] + [("MxMoE", b, 1.0) for b in (2.25, 3.0, 4.0)]
-    pending = [s for s in settings if not results.has(row=f"mxmoe/{s[0]}/{s[1]}")]
-    if pending:
-        t0 = time.perf_counter()
-        sensitivity = expert_sensitivity(model, calib["mixed"][: args.sensitivity_windows], MXMOE_SCHEMES,
-                                         progress=True)
-        results.set_meta(sensitivity_seconds=time.perf_counter() - t0)
-        print(f"MxMoE sensitivity: {results.meta['sensitivity_seconds']:.0f}s", flush=True)
+    if not results.has(row="FP", seed=None):
+        _add(results, {"method": "FP", "seed": None, **setup.evaluate(model), "expert_bits": 16.0})
+    for seed in args.seeds:
+        moequant, mxmoe = _pending(results, args, model, seed)
+        if not moequant and not mxmoe and str(seed) in results.meta.get("calibration", {}):
+            continue
+        calib = _calibration_sets(results, setup, args, seed)
+        for bits, method in moequant:
+            _run_moequant(results, setup, calib, bits, method, seed)
+        if mxmoe:
+            _run_mxmoe(results, setup, calib["mixed"], args.sensitivity_windows, mxmoe, seed)
+
+
+def _run_moequant(results: Results, setup: Setup, calib: dict[str, np.ndarray], bits: int, method: str,
+                  seed: int) -> None:
+    """Quantize with one MoEQuant-part method and add its row."""
+    calib_name, _, rotate = MOEQUANT_METHODS[method]
+    t0 = time.perf_counter()
+    q = jq.quantize(setup.model, _moequant_recipe(bits, method, seed), calib[calib_name] if calib_name else None,
+                    progress=False)
+    _add(results, {"part": "moequant", "bits": bits, "method": method, "seed": seed, "calibration": calib_name,
+                   "rotation": rotate, "seconds": time.perf_counter() - t0, **setup.evaluate(q),
+                   "expert_bits": _expert_bits(q),
+                   # a rotated model's experts live in another basis: their error against the float weights is moot
+                   "expert_errors": None if rotate else _expert_errors(setup.model, q, setup.eval_stats),
+                   "uncalibrated": [d for _, d in q.quantization.sites if "no calibration token" in d]})
+
+
+def _run_mxmoe(results: Results, setup: Setup, mixed: np.ndarray, sensitivity_windows: int,
+               pending: list[tuple[str, float, float]], seed: int) -> None:
+    """MxMoE's Δ on the seed's mixed-domain windows, then each pending allocation or uniform baseline (all of them
+    depend on the calibration set: through Δ, or GPTQ) and its row."""
+    t0 = time.perf_counter()
+    sensitivity = expert_sensitivity(setup.model, mixed[:sensitivity_windows], MXMOE_SCHEMES, progress=True)
+    _record(results, seed, sensitivity_seconds=time.perf_counter() - t0)
+    print(f"MxMoE sensitivity (seed {seed}): {time.perf_counter() - t0:.0f}s", flush=True)
     for method, bits, r in pending:
         if method == "MxMoE":
             plan = allocate_model(sensitivity, bits, r=r)
@@ -216,102 +307,180 @@ def run(args: argparse.Namespace, results: Results) -> None:
                                           accounting="paper")  # only its modelled time is used
             modelled, choices = sum(a.time for _, a in uniform_plan.allocations), {scheme: "all"}
         t0 = time.perf_counter()
-        q = jq.quantize(model, recipe, calib["mixed"], progress=False)
-        _add(results, {"part": "mxmoe", "method": method, "target_bits": bits, "r": r,
-                       "seconds": time.perf_counter() - t0, **evaluate(q, tok, evals, args.items),
+        q = jq.quantize(setup.model, recipe, mixed, progress=False)
+        _add(results, {"part": "mxmoe", "method": method, "target_bits": bits, "r": r, "seed": seed,
+                       "seconds": time.perf_counter() - t0, **setup.evaluate(q),
                        "expert_bits": _expert_bits(q), "modelled_time_s": modelled, "choices": choices,
-                       "expert_errors": _expert_errors(model, q, eval_stats)})
+                       "expert_errors": _expert_errors(setup.model, q, setup.eval_stats)})
 
 
 def _only(sensitivity, scheme: str):
     """The sensitivity restricted to one scheme (so the allocator reports the uniform setting's modelled time)."""
-    import dataclasses
-
     k = sensitivity.schemes.index(scheme)
     layers = tuple(dataclasses.replace(layer, delta=layer.delta[..., k : k + 1]) for layer in sensitivity.layers)
     return dataclasses.replace(sensitivity, schemes=(scheme,), layers=layers)
 
 
-def _fmt(v, digits=2):
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+def _ms(row: dict, value: str, fmt: str = ".2f", scale: float = 1.0) -> str:
+    """``row[value]`` of a merged row as ``mean ± std`` (``harness.mean_std``; ``–`` where it has none)."""
+    return harness.mean_std(value, fmt, scale)(row) or "–"
 
 
-def _mean_zero_shot(row: dict) -> float:
-    return float(np.mean([row[t] for t in TASKS]))
+def _merge(rows: list[dict]) -> dict[str, dict]:
+    """One row per row id: mean, std and runs over the seeds (``harness.over_seeds``), keyed by the id."""
+    flat = [{**r, "zero_shot": float(np.mean([r[t] for t in TASKS]))} for r in rows]
+    return {r["row"]: r for r in harness.over_seeds(flat, by=("row",), values=VALUES)}
+
+
+def _seeds(row: dict) -> str:
+    return "–" if row["seeds"] == [None] else str(len(row["seeds"]))
+
+
+def _metric_columns(sets: tuple[str, ...], top1: tuple[str, ...]) -> list[Column]:
+    """Perplexity and KL to float on ``sets``, top-1 agreement on ``top1`` (means ± std over the seeds)."""
+    labels = {"all": "all", "bible": "Bible (calib domain)", "other": "other domains"}
+    return [*(Column(f"ppl {labels[s]}", harness.mean_std(f"ppl_{s}", ".2f")) for s in sets),
+            *(Column(f"KL {s} (1e-3 nats)", harness.mean_std(f"kl_{s}", ".2f", 1e3)) for s in sets),
+            *(Column(f"top-1 {s}", harness.mean_std(f"top1_{s}", ".4f")) for s in top1),
+            Column("mean zero-shot", harness.mean_std("zero_shot", ".3f"))]
 
 
 MOEQUANT_COLUMNS = [
     Column("bits", lambda r: f"W{r['bits']}" if r.get("part") else "16"), Column("method", "method"),
     Column("calibration", lambda r: (r["calibration"] or "–") + (" + rotation" if r.get("rotation") else "")
-           if r.get("part") else "–"),
-    Column("ppl all", lambda r: _fmt(r["ppl_all"])), Column("ppl Bible (calib domain)", lambda r: _fmt(r["ppl_bible"])),
-    Column("ppl other domains", lambda r: _fmt(r["ppl_other"])), *(Column(t, t, ".3f") for t in TASKS),
-    Column("mean zero-shot", _mean_zero_shot, ".3f")]
-USAGE_COLUMNS = [Column("set", "set"), Column("σ", "sigma", ".4f"),
+           if r.get("part") else "–"), Column("seeds", _seeds), *_metric_columns(EVAL_SETS, EVAL_SETS)]
+USAGE_COLUMNS = [Column("seed", "seed"), Column("set", "set"), Column("σ", "sigma", ".4f"),
                  Column("fewest tokens any expert got", "min_count"),
                  Column("tokens per expert (layer 0)", lambda u: ", ".join(str(int(c)) for c in u["counts"][0]))]
 MXMOE_COLUMNS = [
-    Column("method", "method"), Column("target bits", "target_bits"), Column("r", "r"),
-    Column("stored bits / expert weight", "expert_bits", ".3f"), Column("ppl all", "ppl_all", ".2f"),
-    Column("ppl other domains", "ppl_other", ".2f"), Column("mean zero-shot", _mean_zero_shot, ".3f"),
-    Column("modelled expert-GEMM time (µs, H100 model, 512 tokens)", lambda r: 1e6 * r["modelled_time_s"], ".1f"),
-    Column("schemes chosen", "choices")]
+    Column("method", "method"), Column("target bits", "target_bits"), Column("r", "r"), Column("seeds", _seeds),
+    Column("stored bits / expert weight", harness.mean_std("expert_bits", ".3f")),
+    *_metric_columns(("all", "other"), ("all",)),
+    Column("modelled expert-GEMM time (µs, H100 model, 512 tokens)", harness.mean_std("modelled_time_s", ".1f", 1e6)),
+    Column("schemes chosen (first seed)", "choices")]
 
 
 def report(runs: list[Results], base: Path) -> None:
     """Write ``<base>.md`` and ``<base>.png``."""
     results = runs[0]
-    data = {**results.args, **results.meta, "rows": results.rows}
-    fp = results.get(row="FP")
-    lines = [f"# MoEQuant and MxMoE on {data['model']}", "",
-             f"Model {data['model']} (Mixtral-style, 8 experts, top-2). Calibration: {data['calib']} sequences of "
-             f"{data['length']} tokens for every calibrated method. Perplexity over {data['windows']} validation windows "
-             f"of 256 tokens; {data['items']} zero-shot items per task. JAX {data['jax']}, CPU. "
-             f"{harness.reproduce(results.command)}", "",
-             "## MoEQuant: per-channel symmetric GPTQ (MSE clip search) on every linear (experts, router, attention)", "",
-             *harness.table([fp] + [r for r in results.rows if r.get("part") == "moequant"], MOEQUANT_COLUMNS), "",
-             "Calibration sets (routed tokens per expert, summed over layers; σ = MoEQuant's expert-balance "
-             "measure, lower is more balanced):", "",
-             *harness.table([{"set": name, **u} for name, u in data["usage"].items()], USAGE_COLUMNS), "",
+    args, meta = results.args, results.meta
+    merged = _merge(results.rows)
+    calibration = meta["calibration"]
+    fp = merged["FP"]
+    first = [r for r in results.rows if r["seed"] in (None, args["seeds"][0])]
+    usage = [{"seed": int(seed), "set": name, **u} for seed, c in calibration.items() for name, u in c["usage"].items()]
+    sensitivity = [c["sensitivity_seconds"] for c in calibration.values() if c.get("sensitivity_seconds")]
+    lines = [f"# MoEQuant and MxMoE on {args['model']}", "",
+             (f"Model {args['model']} (Mixtral-style, 8 experts, top-2). Calibration: {args['calib']} sequences of "
+              f"{args['length']} tokens for every calibrated method, drawn with each seed "
+              f"{', '.join(map(str, args['seeds']))} (the seed also draws the EBSS samples and the random Hadamard "
+              "rotation); tables show mean ± std over the seeds (RTN: one run). Perplexity, KL divergence from the "
+              "float model's next-token distribution (1e-3 nats per token) and top-1 agreement with it over the same "
+              + ", ".join(f"{n} {name}" for name, n in meta["windows"].items()) + " validation windows of 256 tokens; "
+              f"{args['items']} zero-shot items per task. JAX {meta['jax']}, CPU. {harness.reproduce(results.command)}"),
+             "", "## MoEQuant: per-channel symmetric GPTQ (MSE clip search) on every linear (experts, router, attention)",
+             "", *harness.table([r for r in merged.values() if r.get("part") != "mxmoe"], MOEQUANT_COLUMNS), "",
+             ("Calibration sets per seed (routed tokens per expert, summed over layers; σ = MoEQuant's "
+              "expert-balance measure, lower is more balanced):"), "", *harness.table(usage, USAGE_COLUMNS), "",
              "## MxMoE: routed experts only (attention and router float)", "",
-             *harness.table([r for r in results.rows if r.get("part") == "mxmoe"], MXMOE_COLUMNS),
-             *(["", harness.verdict(text)] if (text := _verdict(results.rows)) is not None else []),
-             "", f"FP: ppl all {fp['ppl_all']:.2f}, other domains {fp['ppl_other']:.2f}. Sensitivity Δ took "
-             f"{data.get('sensitivity_seconds') or 0:.0f} s.", "", _reading(data), "", DEVIATIONS, "", PAPER, "",
+             *harness.table([r for r in merged.values() if r.get("part") == "mxmoe"], MXMOE_COLUMNS),
+             *(["", harness.verdict(text)] if (text := _verdict(results.rows, merged)) is not None else []),
+             "", (f"FP: ppl all {fp['ppl_all']:.2f}, other domains {fp['ppl_other']:.2f}. Sensitivity Δ took "
+                  f"{statistics.fmean(sensitivity) if sensitivity else 0:.0f} s per seed."), "",
+             _reading(results.rows, merged, calibration, first), "", DEVIATIONS, "", PAPER, "",
              f"![per-expert error against usage]({base.name}.png)", ""]
     harness.write_text_atomic(base.with_name(base.name + ".md"), "\n".join(lines) + "\n")
-    _plot(data, base.with_name(base.name + ".png"))
+    _plot(first, args["seeds"][0], base.with_name(base.name + ".png"))
 
 
-def _verdict(rows: list[dict]) -> str | None:
-    """The two papers' claims (None when a row is missing). MoEQuant: MoEQuant (EBSS+AGQ) and MoEQuant++ below their
-    GPTQ baselines (GPTQ, QuaRot+GPTQ) on the other domains' perplexity at W4 and W3 (the paper's widths; W2 rows
-    compare degrees of overfitting). MxMoE: its 2.25-bit allocation below uniform w2 g128 GPTQ on perplexity over all
-    sources. A lead counts beyond the spread (max - min) of the W4 rows in the same column, the file's near-lossless
-    rows (no seeds). Both claims hold: reproduced; one: partly; none: not reproduced."""
-    moeq = {(r["bits"], r["method"]): r for r in rows if r.get("part") == "moequant"}
-    mx = {(r["method"], r["target_bits"]): r for r in rows if r.get("part") == "mxmoe"}
-    pairs = (("MoEQuant (EBSS+AGQ)", "GPTQ"), ("MoEQuant++ (QuaRot+EBSS+AGQ)", "QuaRot+GPTQ"))
-    widths = [b for b in (4, 3) if all((b, m) in moeq for pair in pairs for m in pair)]
-    w4 = [r for (b, _), r in moeq.items() if b == 4]
-    if not widths or not w4 or ("MxMoE", 2.25) not in mx or ("uniform w2a16_g128", 2.25) not in mx:
+@dataclasses.dataclass(frozen=True)
+class Lead:
+    """How far ``base`` is above ``ours`` in one value, from their paired per-seed differences ``base - ours``:
+    ``mean`` and its standard error ``se`` (nan for one seed), over ``n`` seeds."""
+
+    value: str
+    mean: float
+    se: float
+    n: int
+
+    @property
+    def beyond_noise(self) -> bool:
+        """Whether the difference exceeds twice its standard error (never for one seed)."""
+        return abs(self.mean) > 2 * self.se
+
+    def text(self) -> str:
+        """``ppl +0.250 ± 0.010`` / ``KL +1.200e-3 ± 0.100e-3`` (mean ± SE of base - ours; the mean alone for one
+        seed)."""
+        name, scale, fmt, unit = (("KL", 1e3, ".3f", "e-3") if self.value.startswith("kl_") else
+                                  ("ppl", 1.0, ".3f", ""))
+        se = f" ± {format(scale * self.se, fmt)}{unit}" if self.n > 1 else ""
+        return f"{name} {format(scale * self.mean, '+' + fmt)}{unit}{se}"
+
+
+def _paired(rows: list[dict], ours: str, base: str, value: str) -> Lead | None:
+    """``base - ours`` in ``value`` per seed, rows named by their id (a row run once, without calibration, pairs
+    with every seed of the other); None where no seed has both."""
+    def runs(row_id: str) -> dict[Any, float]:
+        return {r["seed"]: r[value] for r in rows if r["row"] == row_id and r.get(value) is not None}
+
+    mine, theirs = runs(ours), runs(base)
+    if len(theirs) == 1:
+        theirs = dict.fromkeys(mine, *theirs.values())
+    if len(mine) == 1:
+        mine = dict.fromkeys(theirs, *mine.values())
+    diffs = [theirs[s] - mine[s] for s in mine.keys() & theirs.keys()]
+    if not diffs:
         return None
-    noise_other, noise_all = (max(r[k] for r in w4) - min(r[k] for r in w4) for k in ("ppl_other", "ppl_all"))
-    moequant_ok = all(moeq[(b, base)]["ppl_other"] - moeq[(b, ours)]["ppl_other"] > noise_other
-                      for b in widths for ours, base in pairs)
-    m, un = mx[("MxMoE", 2.25)], mx[("uniform w2a16_g128", 2.25)]
-    mxmoe_ok = un["ppl_all"] - m["ppl_all"] > noise_all
-    fp = next(r for r in rows if r["method"] == "FP")
-    category = ("reproduced" if moequant_ok and mxmoe_ok else "partly reproduced" if moequant_ok or mxmoe_ok else
-                "not reproduced")
-    versus = "; ".join(f"{label} " + ", ".join(f"W{b} {moeq[(b, ours)]['ppl_other']:.2f} vs "
-                                               f"{moeq[(b, base)]['ppl_other']:.2f}" for b in widths)
-                       for label, (ours, base) in zip(("MoEQuant vs GPTQ", "MoEQuant++ vs QuaRot+GPTQ"), pairs))
-    return (f"{category}: MxMoE at 2.25 bits reaches ppl {m['ppl_all']:.2f} against uniform w2 g128 GPTQ's "
-            f"{un['ppl_all']:.2f} (FP {fp['ppl_all']:.2f}; {m['expert_bits']:.3f} vs {un['expert_bits']:.3f} stored "
-            f"bits), {'beyond' if mxmoe_ok else 'within'} the W4 rows' {noise_all:.2f} spread; MoEQuant is "
-            f"{'' if moequant_ok else 'not '}ahead of its one-domain GPTQ baselines on the other domains' perplexity "
-            f"beyond that column's {noise_other:.2f} W4 spread ({versus}).")
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return Lead(value, statistics.fmean(diffs), se, len(diffs))
+
+
+def _decide(rows: list[dict], ours: str, base: str, domain: str) -> tuple[str, Lead] | None:
+    """``ahead`` / ``behind`` / ``within noise`` for row ``ours`` against row ``base`` on the ``domain`` windows:
+    perplexity decides where its paired per-seed difference exceeds two standard errors, else KL to float where
+    that one does, else neither (the lead shown is perplexity's then). None where a row is missing."""
+    ppl, kl = (_paired(rows, ours, base, f"{v}_{domain}") for v in ("ppl", "kl"))
+    if ppl is None:
+        return None
+    lead = next((x for x in (ppl, kl) if x is not None and x.beyond_noise), None)
+    if lead is None:
+        return "within noise", ppl
+    return ("ahead" if lead.mean > 0 else "behind"), lead
+
+
+MXMOE_PAIR = ("mxmoe/MxMoE/2.25", "mxmoe/uniform w2a16_g128/2.25")  # (ours, base)
+
+
+def _verdict(rows: list[dict], merged: dict[str, dict]) -> str | None:
+    """The two papers' claims (None when a row is missing). MoEQuant: MoEQuant (EBSS+AGQ) and MoEQuant++ ahead of
+    their GPTQ baselines (GPTQ, QuaRot+GPTQ) on the other domains at W4 and W3 (the paper's widths; W2 rows compare
+    degrees of overfitting). MxMoE: its 2.25-bit allocation ahead of uniform w2 g128 GPTQ on all sources. A lead
+    counts where the paired per-seed difference exceeds twice its standard error, on perplexity, else on KL to float
+    (``_decide``). Both claims hold: reproduced; one: partly; none: not reproduced; undecided with one seed."""
+    widths = [b for b in (4, 3) if all(f"moequant/W{b}/{m}" in merged for pair in MOEQUANT_PAIRS for m in pair)]
+    if not widths or not all(r in merged for r in MXMOE_PAIR):
+        return None
+    moeq = {(b, ours, base): _decide(rows, f"moequant/W{b}/{ours}", f"moequant/W{b}/{base}", "other")
+            for b in widths for ours, base in MOEQUANT_PAIRS}
+    mx = _decide(rows, *MXMOE_PAIR, "all")
+    if mx is None or None in moeq.values():
+        return None
+    mx_outcome, mx_lead = mx
+    moequant_ok = all(o == "ahead" for o, _ in moeq.values())
+    mxmoe_ok = mx_outcome == "ahead"
+    n = max(lead.n for _, lead in [*moeq.values(), mx])
+    category = ("undecided" if n < 2 else "reproduced" if moequant_ok and mxmoe_ok else
+                "partly reproduced" if moequant_ok or mxmoe_ok else "not reproduced")
+    m, un, fp = merged[MXMOE_PAIR[0]], merged[MXMOE_PAIR[1]], merged["FP"]
+    versus = "; ".join(f"W{b} {ours} {_ms(merged[f'moequant/W{b}/{ours}'], 'ppl_other')} vs {base} "
+                       f"{_ms(merged[f'moequant/W{b}/{base}'], 'ppl_other')}: {o} ({lead.text()})"
+                       for (b, ours, base), (o, lead) in moeq.items())
+    return (f"{category} ({'mean ± std over ' + str(n) + ' seeds' if n > 1 else 'one seed: no standard error'}; a "
+            "lead counts where baseline minus method, paired per seed, exceeds twice its standard error, on perplexity, "
+            f"else on KL to float): MxMoE at 2.25 bits reaches ppl {_ms(m, 'ppl_all')} against uniform w2 g128 "
+            f"GPTQ's {_ms(un, 'ppl_all')} (FP {fp['ppl_all']:.2f}; {m['expert_bits']:.3f} vs {un['expert_bits']:.3f} "
+            f"stored bits), {mx_outcome} ({mx_lead.text()}); MoEQuant against its one-domain GPTQ baselines on the "
+            f"other domains: {versus}.")
 
 
 DEVIATIONS = """Deviations (documented choices): 'GPTQ' is the repository's plain-GPTQ row and 'QuaRot+GPTQ' the paper's
@@ -322,73 +491,109 @@ sub-layer order, so expert Hessians use the float router's affinities; calibrati
 a measurement; Δ is measured with the other layers in floating point; no W-A schemes are run here."""
 
 
-def _reading(data: dict) -> str:
-    """What the tables say, every number and comparison taken from the run."""
-    rows = data["rows"]
-    fp = next(r for r in rows if r["row"] == "FP")
-    moeq = {(r["bits"], r["method"]): r for r in rows if r.get("part") == "moequant"}
-    mx = {(r["method"], r["target_bits"]): r for r in rows if r.get("part") == "mxmoe"}
+def _gate(rows: list[dict], merged: dict[str, dict], bits: int, ours: str, base: str) -> str:
+    """The spec's §5.5 gate (MoEQuant ≤ GPTQ calibrated on one domain, on the other domains' perplexity) on the
+    means: met where ours is at or below, met within noise where above by less than two standard errors of the
+    paired per-seed difference, FAILING otherwise (always with one seed)."""
+    o, g = (merged[f"moequant/W{bits}/{m}"] for m in (ours, base))
+    lead = _paired(rows, f"moequant/W{bits}/{ours}", f"moequant/W{bits}/{base}", "ppl_other")
+    state = ("met" if o["ppl_other"] <= g["ppl_other"] else
+             "met within noise" if lead.n > 1 and not lead.beyond_noise else "FAILING")
+    return (f"W{bits} {ours} {_ms(o, 'ppl_other')} {'≤' if o['ppl_other'] <= g['ppl_other'] else '>'} {base} "
+            f"{_ms(g, 'ppl_other')} ({state})")
+
+
+def _reading(rows: list[dict], merged: dict[str, dict], calibration: dict[str, dict], first: list[dict]) -> str:
+    """What the tables say, every number and comparison taken from the run (means over the seeds; the per-expert
+    errors from the rows of the first seed, ``first``)."""
+    fp = merged["FP"]
+    moeq = {(r["bits"], r["method"]): r for r in merged.values() if r.get("part") == "moequant"}
+    mx = {(r["method"], r["target_bits"]): r for r in merged.values() if r.get("part") == "mxmoe"}
     bits_run = sorted({b for b, _ in moeq}, reverse=True)
     parts, gates = [], []
     for bits in bits_run:
         loss = {m: r["ppl_other"] - fp["ppl_other"] for (b, m), r in moeq.items() if b == bits}
         parts.append(f"W{bits}: " + ", ".join(f"{m} {v:+.2f}" for m, v in loss.items()))
-        for ours, base in (("MoEQuant (EBSS+AGQ)", "GPTQ"), ("MoEQuant++ (QuaRot+EBSS+AGQ)", "QuaRot+GPTQ")):
-            if (bits, ours) in moeq and (bits, base) in moeq:
-                o, g = moeq[(bits, ours)]["ppl_other"], moeq[(bits, base)]["ppl_other"]
-                gates.append(f"W{bits} {ours} {o:.2f} {'≤' if o <= g else '>'} {base} {g:.2f} "
-                             f"({'met' if o <= g else 'FAILING'})")
-    overfit = [f"W{b} RTN {moeq[(b, 'RTN')]['ppl_other']:.2f} < GPTQ {moeq[(b, 'GPTQ')]['ppl_other']:.2f} on the "
-               f"other domains, while on the calibration domain GPTQ {moeq[(b, 'GPTQ')]['ppl_bible']:.2f} < RTN "
-               f"{moeq[(b, 'RTN')]['ppl_bible']:.2f}" for b in bits_run
-               if (b, "RTN") in moeq and (b, "GPTQ") in moeq
-               and moeq[(b, "RTN")]["ppl_other"] < moeq[(b, "GPTQ")]["ppl_other"]]
-    u = data["usage"]
-    text = ("Reading. MoEQuant part, other-domain perplexity above FP (" + "; ".join(parts) + "). The spec's gate "
-            "(§5.5: MoEQuant ≤ GPTQ calibrated on one domain, on the other domains' perplexity): " + "; ".join(gates)
-            + f". Expert balance of the calibration sets (σ, lower is more balanced): EBSS {u['ebss']['sigma']:.4f}, "
-            f"Bible windows {u['bible']['sigma']:.4f}, mixed windows {u['mixed']['sigma']:.4f}; the least-used expert "
-            f"got {u['ebss']['min_count']} tokens from EBSS, {u['bible']['min_count']} from Bible, "
-            f"{u['mixed']['min_count']} from mixed windows. " + _balance_gate(u))
+        gates += [_gate(rows, merged, bits, ours, base) for ours, base in MOEQUANT_PAIRS
+                  if (bits, ours) in moeq and (bits, base) in moeq]
+    overfit = [f"W{b} RTN {_ms(moeq[(b, 'RTN')], 'ppl_other')} < GPTQ {_ms(moeq[(b, 'GPTQ')], 'ppl_other')} on "
+               f"the other domains, while on the calibration domain GPTQ {_ms(moeq[(b, 'GPTQ')], 'ppl_bible')} < RTN "
+               f"{_ms(moeq[(b, 'RTN')], 'ppl_bible')}" for b in bits_run if _overfits(rows, b)]
+    text = ("Reading (means over the seeds). MoEQuant part, other-domain perplexity above FP (" + "; ".join(parts)
+            + "). The spec's gate (§5.5: MoEQuant ≤ GPTQ calibrated on one domain, on the other domains' perplexity): "
+            + "; ".join(gates) + ". " + _balance(calibration) + " " + _balance_gate(calibration))
     if overfit:
-        text += (" GPTQ's error compensation fits its calibration text: " + "; ".join(overfit) + ". Every calibrated "
-                 "row of that width inherits this, so the ablation there compares degrees of overfitting.")
+        text += (" GPTQ's error compensation fits its calibration text (both differences beyond twice the standard "
+                 "error of the paired per-seed difference): " + "; ".join(overfit) + ". Every calibrated row of that "
+                 "width inherits this, so the ablation there compares degrees of overfitting.")
     if ("MxMoE", 2.25) in mx and ("uniform w2a16_g128", 2.25) in mx:
         m, un = mx[("MxMoE", 2.25)], mx[("uniform w2a16_g128", 2.25)]
-        text += (f" MxMoE part: at 2.25 average bits the allocation reaches ppl {m['ppl_all']:.2f} against "
-                 f"{un['ppl_all']:.2f} for uniform w2 g128 GPTQ (FP {fp['ppl_all']:.2f}), mixing {m['choices']}. Its "
-                 f"stored arrays take {m['expert_bits']:.3f} bits per expert weight"
+        text += (f" MxMoE part: at 2.25 average bits the allocation reaches ppl {_ms(m, 'ppl_all')} against "
+                 f"{_ms(un, 'ppl_all')} for uniform w2 g128 GPTQ (FP {fp['ppl_all']:.2f}), mixing {m['choices']} "
+                 f"on the first seed. Its stored arrays take {m['expert_bits']:.3f} bits per expert weight"
                  + (", more than the 2.25 budget: the paper's budget charges per-channel schemes their code bits only "
                     "(w2 per channel = 2.0), while the fp16 scale and 8-bit zero point of each output channel add "
                     "24 / in-features bits." if m["expert_bits"] > 2.25 else "."))
-    text += _error_vs_usage(moeq, mx)
+    text += _error_vs_usage(first)
     for bits, uniform in ((3.0, "uniform w3a16_g-1"), (4.0, "uniform w4a16_g-1")):
         if ("MxMoE", bits) in mx and (uniform, bits) in mx:
-            text += (f" At {bits:g} bits: MxMoE {mx[('MxMoE', bits)]['ppl_all']:.2f} against {uniform} "
-                     f"{mx[(uniform, bits)]['ppl_all']:.2f}.")
+            text += (f" At {bits:g} bits: MxMoE {_ms(mx[('MxMoE', bits)], 'ppl_all')} against {uniform} "
+                     f"{_ms(mx[(uniform, bits)], 'ppl_all')}.")
     return text
+
+
+def _overfits(rows: list[dict], bits: int) -> bool:
+    """Whether GPTQ at ``bits`` is below RTN on the calibration domain's perplexity and above it on the other
+    domains', both beyond twice the standard error of the paired per-seed difference."""
+    rtn, gptq = f"moequant/W{bits}/RTN", f"moequant/W{bits}/GPTQ"
+    other, bible = _paired(rows, rtn, gptq, "ppl_other"), _paired(rows, gptq, rtn, "ppl_bible")
+    return all(x is not None and x.mean > 0 and x.beyond_noise for x in (other, bible))
+
+
+def _balance(calibration: dict[str, dict]) -> str:
+    """σ of each calibration set (mean ± std over the seeds) and the fewest tokens any expert got from it."""
+    def sigma(name: str) -> str:
+        runs = [c["usage"][name]["sigma"] for c in calibration.values()]
+        return f"{statistics.fmean(runs):.4f}" + (f" ± {statistics.stdev(runs):.4f}" if len(runs) > 1 else "")
+
+    def fewest(name: str) -> int:
+        return min(c["usage"][name]["min_count"] for c in calibration.values())
+
+    spread = f"mean ± std over {len(calibration)} seeds" if len(calibration) > 1 else "one seed"
+    return (f"Expert balance of the calibration sets (σ, lower is more balanced; {spread}): EBSS {sigma('ebss')}, Bible windows {sigma('bible')}, mixed windows "
+            f"{sigma('mixed')}; the least-used expert got at least {fewest('ebss')} tokens from EBSS, "
+            f"{fewest('bible')} from Bible, {fewest('mixed')} from mixed windows.")
 
 
 BALANCE_GATE = 2.0  # spec moequant.md §5 test 4: σ(random text) / σ(EBSS) of equal-size sets at least 2
 
 
-def _balance_gate(usage: dict) -> str:
-    """The spec's EBSS gates (§5 tests 4 and 5): σ at least ``BALANCE_GATE`` times lower than each same-size
-    random-window set (Bible-only and mixed-domain), and every expert given some EBSS tokens; each printed as met
-    or FAILING from the measured numbers."""
-    ebss = usage["ebss"]["sigma"]
+def _balance_gate(calibration: dict[str, dict]) -> str:
+    """The spec's EBSS gates (§5 tests 4 and 5) on every seed: σ at least ``BALANCE_GATE`` times lower than each
+    same-size random-window set (Bible-only and mixed-domain), and every expert given some EBSS tokens; each printed
+    as met or FAILING (with the seeds it fails on) from the measured numbers."""
+    seeds = sorted(calibration, key=int)
     parts = []
     for name, label in (("mixed", "mixed windows"), ("bible", "Bible windows")):
-        ratio = usage[name]["sigma"] / ebss if ebss > 0 else float("inf")
-        parts.append(f"σ({label}) / σ(EBSS) = {ratio:.2f}× ({'met' if ratio >= BALANCE_GATE else 'FAILING'})")
-    covered = usage["ebss"]["min_count"] > 0
+        ratios = {s: (u[name]["sigma"] / u["ebss"]["sigma"] if u["ebss"]["sigma"] > 0 else math.inf)
+                  for s in seeds for u in [calibration[s]["usage"]]}
+        failing = [s for s, r in ratios.items() if r < BALANCE_GATE]
+        parts.append(f"σ({label}) / σ(EBSS) = " + ", ".join(f"{r:.2f}×" for r in ratios.values())
+                     + f" at seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} ("
+                     + (f"FAILING at seed{'s' * (len(failing) > 1)} {', '.join(failing)}" if failing else "met") + ")")
+    uncovered = [s for s in seeds if calibration[s]["usage"]["ebss"]["min_count"] == 0]
+    least = ", ".join(str(calibration[s]["usage"]["ebss"]["min_count"]) for s in seeds)
     return (f"The spec's balance gate (§5 test 4: EBSS at least {BALANCE_GATE:g}× more balanced than random text): "
-            + "; ".join(parts) + f". Coverage gate (§5 test 5, every expert gets EBSS tokens): "
-            f"{'met' if covered else 'FAILING'} (least-used expert {usage['ebss']['min_count']} tokens).")
+            + "; ".join(parts) + ". Coverage gate (§5 test 5, every expert gets EBSS tokens): "
+            + (f"FAILING at seed{'s' * (len(uncovered) > 1)} {', '.join(uncovered)}" if uncovered else "met")
+            + f" (least-used expert {least} tokens).")
 
 
-def _error_vs_usage(moeq: dict, mx: dict) -> str:
-    """Per-expert error of the rarest and busiest quarter of experts (by eval-text usage) for the plotted rows."""
+def _error_vs_usage(rows: list[dict]) -> str:
+    """Per-expert error of the rarest and busiest quarter of experts (by eval-text usage) for the plotted rows
+    (``rows``: the first seed's)."""
+    moeq = {(r["bits"], r["method"]): r for r in rows if r.get("part") == "moequant"}
+    mx = {(r["method"], r["target_bits"]): r for r in rows if r.get("part") == "mxmoe"}
     low = min((b for b, _ in moeq), default=None)
     picks = [(f"W{low} {m}", moeq.get((low, m))) for m in ("GPTQ", "MoEQuant (EBSS+AGQ)")]
     picks += [(f"2.25-bit {m}", mx.get((m, 2.25))) for m in ("uniform w2a16_g128", "MxMoE")]
@@ -403,36 +608,38 @@ def _error_vs_usage(moeq: dict, mx: dict) -> str:
         parts.append(f"{label} {err[order[:quarter]].mean():.4f} vs {err[order[-quarter:]].mean():.4f}")
     if not parts:
         return ""
-    return (" Per-expert relative output error (plot), mean over the least-used vs the most-used quarter of experts: "
+    return (" Per-expert relative output error (plot; first seed), mean over the least-used vs the most-used quarter "
+            "of experts: "
             + "; ".join(parts) + ".")
 
 
-def _plot(data: dict, path: Path) -> None:
-    """Per-expert relative output error against expert usage: the MoEQuant part's lowest width, MxMoE at 2.25."""
+def _plot(rows: list[dict], seed: int, path: Path) -> None:
+    """Per-expert relative output error against expert usage: the MoEQuant part's lowest width, MxMoE at 2.25
+    (``rows``: those of calibration ``seed``)."""
     fig, (axes,) = harness.figure(1, 2, size=(6, 4.5))
-    low = min(r["bits"] for r in data["rows"] if r.get("part") == "moequant")
+    low = min(r["bits"] for r in rows if r.get("part") == "moequant")
     picks = [("moequant", low, "GPTQ"), ("moequant", low, "MoEQuant (EBSS+AGQ)")]
     for ax, (part, bits, _) in zip(axes[:1], picks[:1]):
         for _, _, method in picks:
-            r = next((x for x in data["rows"] if x.get("part") == part and x.get("bits") == bits and x["method"] == method), None)
+            r = next((x for x in rows if x.get("part") == part and x.get("bits") == bits and x["method"] == method), None)
             if r is None:
                 continue
             tokens = np.array([e["tokens"] for e in r["expert_errors"]])
             err = np.array([e["relative_error"] for e in r["expert_errors"]])
             ax.scatter(tokens / tokens.sum() * len(tokens), err, s=14, label=f"W{bits} {method}")
         ax.set(xscale="log", yscale="log", xlabel="expert usage on eval text (1 = uniform share)",
-               ylabel="relative output error of the expert", title="per-expert error vs usage (MoEQuant part)")
+               ylabel="relative output error of the expert", title=f"per-expert error vs usage (MoEQuant part, seed {seed})")
         ax.legend(fontsize=8)
     ax = axes[1]
     for method in ("uniform w2a16_g128", "MxMoE"):
-        r = next((x for x in data["rows"] if x.get("part") == "mxmoe" and x["method"] == method and x["target_bits"] == 2.25), None)
+        r = next((x for x in rows if x.get("part") == "mxmoe" and x["method"] == method and x["target_bits"] == 2.25), None)
         if r is None:
             continue
         tokens = np.array([e["tokens"] for e in r["expert_errors"]])
         err = np.array([e["relative_error"] for e in r["expert_errors"]])
         ax.scatter(tokens / tokens.sum() * len(tokens), err, s=14, label=f"2.25 bits {method}")
     ax.set(xscale="log", yscale="log", xlabel="expert usage on eval text (1 = uniform share)",
-           title="per-expert error vs usage (MxMoE, 2.25 bits)")
+           title=f"per-expert error vs usage (MxMoE, 2.25 bits, seed {seed})")
     ax.legend(fontsize=8)
     harness.save_figure(fig, path)
 
@@ -447,22 +654,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sensitivity-windows", type=int, default=32, help="calibration windows for MxMoE's Δ")
     parser.add_argument("--bits", type=lambda v: tuple(int(b) for b in v.split(",")), default=(4, 3, 2),
                         help="weight bits of the MoEQuant part, comma-separated")
-    harness.add_arguments(parser, model="jq-moe-small")
+    harness.add_arguments(parser, model="jq-moe-small", seeds=[0, 1, 2])
     return parser
 
 
 def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
     """The older layout (arguments, run-level numbers and rows side by side; the arguments in full only in the
-    recorded command, read back with this script's parser)."""
-    run_args = harness.run_args(_parser().parse_args(shlex.split(data["command"])[3:]))
-    meta = {k: v for k, v in data.items() if k not in ("rows", "command", "model", "calib", "length", "items")}
-    return {"script": "moe", "command": data["command"], "args": run_args, "key": ["row"], "meta": meta,
-            "rows": [{"row": _row_id(r), **r} for r in data["rows"]]}
+    recorded command, read back with this script's parser; one calibration seed, 0)."""
+    run_args = {**harness.run_args(_parser().parse_args(shlex.split(data["command"])[3:])), "seeds": [0]}
+    calibration = {"usage": data["usage"], "ebss_sigma": data["ebss_sigma"],
+                   "sensitivity_seconds": data.get("sensitivity_seconds")}
+    meta = {"windows": data["windows"], "jax": data["jax"], "eval_usage": data.get("eval_usage"),
+            "calibration": {"0": calibration}}
+    rows = [{"row": _row_id(r), **r, "seed": None if r["method"] == "FP" else 0} for r in data["rows"]]
+    return {"script": "moe", "command": data["command"], "args": run_args, "key": ["row", "seed"], "meta": meta,
+            "rows": rows}
 
 
 def main() -> None:
     harness.run_experiment(_parser(), stem=lambda a: "moe" if a.model == "jq-moe-small" else f"moe-{a.model}",
-                           key=("row",), run=run, report=report, legacy=legacy,
+                           key=("row", "seed"), run=run, report=report, legacy=legacy,
                            quick={"calib": 2, "length": 32, "windows": 2, "items": 8, "error_windows": 1,
                                   "sensitivity_windows": 1, "bits": (2,)})
 
