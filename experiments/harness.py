@@ -333,6 +333,59 @@ def mean_std(value: str, fmt: str, scale: float = 1.0) -> Callable[[Row], str | 
     return cell
 
 
+@dataclass(frozen=True)
+class Lead:
+    """How far a baseline is above a method in one value, from their paired per-seed differences ``base - ours``:
+    ``mean`` and its standard error ``se`` (nan for one seed), over ``n`` seeds. A ``value`` named ``kl`` or
+    ``kl_<part>`` prints in 1e-3 nats, anything else as perplexity."""
+
+    value: str
+    mean: float
+    se: float
+    n: int
+
+    @property
+    def beyond_noise(self) -> bool:
+        """Whether the difference exceeds twice its standard error (never for one seed)."""
+        return abs(self.mean) > 2 * self.se
+
+    def text(self) -> str:
+        """``ppl +0.250 ± 0.010`` / ``KL +1.200e-3 ± 0.100e-3`` (mean ± SE of base - ours; the mean alone for one
+        seed)."""
+        name, scale, unit = ("KL", 1e3, "e-3") if self.value.split("_")[0] == "kl" else ("ppl", 1.0, "")
+        se = f" ± {scale * self.se:.3f}{unit}" if self.n > 1 else ""
+        return f"{name} {scale * self.mean:+.3f}{unit}{se}"
+
+
+def paired_lead(ours: Mapping[Any, float], base: Mapping[Any, float], value: str) -> Lead | None:
+    """:class:`Lead` of ``base`` over ``ours`` from their runs by seed (``{seed: value}``); a side run once (a method
+    that does not calibrate) pairs with every seed of the other. None where no seed has both."""
+    import math
+    import statistics
+
+    if len(base) == 1:
+        base = dict.fromkeys(ours, *base.values())
+    if len(ours) == 1:
+        ours = dict.fromkeys(base, *ours.values())
+    diffs = [base[s] - ours[s] for s in ours.keys() & base.keys()]
+    if not diffs:
+        return None
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return Lead(value, statistics.fmean(diffs), se, len(diffs))
+
+
+def decide(ppl: Lead | None, kl: Lead | None) -> tuple[str, Lead] | None:
+    """``ahead`` / ``behind`` / ``within noise`` for a method against a baseline: perplexity decides where its paired
+    difference exceeds two standard errors, else KL to float where that one does, else neither (the lead returned
+    is perplexity's then). None without a perplexity lead."""
+    if ppl is None:
+        return None
+    lead = next((x for x in (ppl, kl) if x is not None and x.beyond_noise), None)
+    if lead is None:
+        return "within noise", ppl
+    return ("ahead" if lead.mean > 0 else "behind"), lead
+
+
 def reproduce(command: str) -> str:
     """The ``Reproduce:`` sentence of a report, from the command recorded with the run."""
     return f"Reproduce: `{command}`."

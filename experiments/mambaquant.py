@@ -26,10 +26,7 @@ Rows are saved as they finish (``--resume`` keeps them); the older json layout i
 
 import argparse
 import itertools
-import math
-import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,59 +148,18 @@ def _merged(results: Results) -> dict[tuple[str, str], dict]:
     return {(r["setting"], r["method"]): r for r in rows}
 
 
-@dataclass(frozen=True)
-class Lead:
-    """How far ``base`` is above ``ours`` in one value, from their paired per-seed differences ``base - ours``:
-    ``mean`` and its standard error ``se`` (nan for one seed), over ``n`` seeds."""
-
-    value: str
-    mean: float
-    se: float
-    n: int
-
-    @property
-    def beyond_noise(self) -> bool:
-        """Whether the difference exceeds twice its standard error (never for one seed)."""
-        return abs(self.mean) > 2 * self.se
-
-    def text(self) -> str:
-        """``ppl +0.250 ± 0.010`` / ``KL +1.200e-3 ± 0.100e-3`` (mean ± SE of base - ours; the mean alone for one
-        seed)."""
-        if self.value == "kl":
-            return f"KL {1e3 * self.mean:+.3f}e-3" + (f" ± {1e3 * self.se:.3f}e-3" if self.n > 1 else "")
-        return f"ppl {self.mean:+.3f}" + (f" ± {self.se:.3f}" if self.n > 1 else "")
-
-
-def _paired(rows: list[dict], setting: str, ours: str, base: str, value: str) -> Lead | None:
-    """``base - ours`` in ``value`` per seed (a method run once, without calibration, pairs with every seed of the
-    other); None where either has no such value."""
+def _paired(rows: list[dict], setting: str, ours: str, base: str, value: str) -> harness.Lead | None:
+    """``base - ours`` in ``value`` per seed (``harness.paired_lead``); None where either has no such value."""
     def runs(method: str) -> dict[Any, float]:
         return {r["seed"]: r[value] for r in rows
                 if r["setting"] == setting and r["method"] == method and r.get(value) is not None}
 
-    mine, theirs = runs(ours), runs(base)
-    if len(theirs) == 1:
-        theirs = dict.fromkeys(mine, *theirs.values())
-    if len(mine) == 1:
-        mine = dict.fromkeys(theirs, *mine.values())
-    diffs = [theirs[s] - mine[s] for s in mine.keys() & theirs.keys()]
-    if not diffs:
-        return None
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return Lead(value, statistics.fmean(diffs), se, len(diffs))
+    return harness.paired_lead(runs(ours), runs(base), value)
 
 
-def _decide(rows: list[dict], setting: str, ours: str, base: str) -> tuple[str, Lead] | None:
-    """``ahead`` / ``behind`` / ``within noise`` for ``ours`` against ``base``: perplexity decides where its paired
-    difference exceeds two standard errors, else KL to float where that one does, else neither (the lead shown is
-    perplexity's then). None where a row is missing."""
-    ppl, kl = (_paired(rows, setting, ours, base, v) for v in ("ppl", "kl"))
-    if ppl is None:
-        return None
-    lead = next((x for x in (ppl, kl) if x is not None and x.beyond_noise), None)
-    if lead is None:
-        return "within noise", ppl
-    return ("ahead" if lead.mean > 0 else "behind"), lead
+def _decide(rows: list[dict], setting: str, ours: str, base: str) -> tuple[str, harness.Lead] | None:
+    """``harness.decide`` for ``ours`` against ``base`` at ``setting`` (perplexity, else KL, beyond 2 SE)."""
+    return harness.decide(*(_paired(rows, setting, ours, base, v) for v in ("ppl", "kl")))
 
 
 COLUMNS = [Column("setting", "setting"), Column("method", "method"),

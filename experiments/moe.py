@@ -393,59 +393,18 @@ def report(runs: list[Results], base: Path) -> None:
     _plot(first, args["seeds"][0], base.with_name(base.name + ".png"))
 
 
-@dataclasses.dataclass(frozen=True)
-class Lead:
-    """How far ``base`` is above ``ours`` in one value, from their paired per-seed differences ``base - ours``:
-    ``mean`` and its standard error ``se`` (nan for one seed), over ``n`` seeds."""
-
-    value: str
-    mean: float
-    se: float
-    n: int
-
-    @property
-    def beyond_noise(self) -> bool:
-        """Whether the difference exceeds twice its standard error (never for one seed)."""
-        return abs(self.mean) > 2 * self.se
-
-    def text(self) -> str:
-        """``ppl +0.250 ± 0.010`` / ``KL +1.200e-3 ± 0.100e-3`` (mean ± SE of base - ours; the mean alone for one
-        seed)."""
-        name, scale, fmt, unit = (("KL", 1e3, ".3f", "e-3") if self.value.startswith("kl_") else
-                                  ("ppl", 1.0, ".3f", ""))
-        se = f" ± {format(scale * self.se, fmt)}{unit}" if self.n > 1 else ""
-        return f"{name} {format(scale * self.mean, '+' + fmt)}{unit}{se}"
-
-
-def _paired(rows: list[dict], ours: str, base: str, value: str) -> Lead | None:
-    """``base - ours`` in ``value`` per seed, rows named by their id (a row run once, without calibration, pairs
-    with every seed of the other); None where no seed has both."""
+def _paired(rows: list[dict], ours: str, base: str, value: str) -> harness.Lead | None:
+    """``base - ours`` in ``value`` per seed, rows named by their id (``harness.paired_lead``)."""
     def runs(row_id: str) -> dict[Any, float]:
         return {r["seed"]: r[value] for r in rows if r["row"] == row_id and r.get(value) is not None}
 
-    mine, theirs = runs(ours), runs(base)
-    if len(theirs) == 1:
-        theirs = dict.fromkeys(mine, *theirs.values())
-    if len(mine) == 1:
-        mine = dict.fromkeys(theirs, *mine.values())
-    diffs = [theirs[s] - mine[s] for s in mine.keys() & theirs.keys()]
-    if not diffs:
-        return None
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return Lead(value, statistics.fmean(diffs), se, len(diffs))
+    return harness.paired_lead(runs(ours), runs(base), value)
 
 
-def _decide(rows: list[dict], ours: str, base: str, domain: str) -> tuple[str, Lead] | None:
-    """``ahead`` / ``behind`` / ``within noise`` for row ``ours`` against row ``base`` on the ``domain`` windows:
-    perplexity decides where its paired per-seed difference exceeds two standard errors, else KL to float where
-    that one does, else neither (the lead shown is perplexity's then). None where a row is missing."""
-    ppl, kl = (_paired(rows, ours, base, f"{v}_{domain}") for v in ("ppl", "kl"))
-    if ppl is None:
-        return None
-    lead = next((x for x in (ppl, kl) if x is not None and x.beyond_noise), None)
-    if lead is None:
-        return "within noise", ppl
-    return ("ahead" if lead.mean > 0 else "behind"), lead
+def _decide(rows: list[dict], ours: str, base: str, domain: str) -> tuple[str, harness.Lead] | None:
+    """``harness.decide`` for row ``ours`` against row ``base`` on the ``domain`` windows (perplexity, else KL,
+    beyond 2 SE)."""
+    return harness.decide(*(_paired(rows, ours, base, f"{v}_{domain}") for v in ("ppl", "kl")))
 
 
 MXMOE_PAIR = ("mxmoe/MxMoE/2.25", "mxmoe/uniform w2a16_g128/2.25")  # (ours, base)

@@ -32,3 +32,24 @@ def test_over_seeds_matches_numpy_per_setting():
     assert single["ppl_std"] == 0.0 and "kl" not in single
     assert harness.mean_std("ppl", "+.2f")(single) == "+49.00"
     assert harness.mean_std("kl", ".2f")(single) is None
+
+
+def test_paired_lead_and_decision_follow_the_standard_error():
+    rng = np.random.default_rng()
+    ours = {s: float(v) for s, v in enumerate(rng.normal(50, 1, 4))}
+    base = {s: ours[s] + float(d) for s, d in enumerate(rng.normal(0.5, 0.1, 4))}
+    diffs = np.array([base[s] - ours[s] for s in ours])
+    lead = harness.paired_lead(ours, base, "ppl")
+    np.testing.assert_allclose([lead.mean, lead.se], [diffs.mean(), diffs.std(ddof=1) / 2], rtol=1e-12)
+    assert lead.n == 4 and lead.beyond_noise == (abs(diffs.mean()) > diffs.std(ddof=1))
+    # a baseline run once (no calibration) pairs with every seed
+    once = harness.paired_lead(ours, {None: 60.0}, "kl")
+    np.testing.assert_allclose(once.mean, np.mean([60.0 - v for v in ours.values()]), rtol=1e-12)
+    assert once.text().startswith("KL ") and "e-3 ±" in once.text()
+    assert harness.paired_lead({0: 1.0, 1: 2.0}, {2: 2.0, 3: 1.0}, "ppl") is None
+    noisy = harness.Lead("ppl", 0.1, 0.2, 3)
+    sure_kl = harness.Lead("kl", -0.001, 0.0001, 3)
+    assert harness.decide(noisy, sure_kl) == ("behind", sure_kl)
+    assert harness.decide(noisy, harness.Lead("kl", 0.001, 0.001, 3)) == ("within noise", noisy)
+    assert harness.decide(harness.Lead("ppl", 0.5, 0.1, 3), sure_kl)[0] == "ahead"
+    assert harness.decide(None, sure_kl) is None
