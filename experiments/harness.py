@@ -357,21 +357,64 @@ class Lead:
         return f"{name} {scale * self.mean:+.3f}{unit}{se}"
 
 
-def paired_lead(ours: Mapping[Any, float], base: Mapping[Any, float], value: str) -> Lead | None:
-    """:class:`Lead` of ``base`` over ``ours`` from their runs by seed (``{seed: value}``); a side run once (a method
-    that does not calibrate) pairs with every seed of the other. None where no seed has both."""
+def paired_difference(a: Mapping[Any, float], b: Mapping[Any, float]) -> tuple[float, float, int] | None:
+    """``a − b`` from two methods' runs by seed (``{seed: value}``): the mean over the seeds both ran, the standard
+    error of that paired per-seed difference (nan for one seed) and the number of seeds; a side holding a single run
+    keyed ``None`` (a recipe that does not calibrate) pairs with every seed of the other. None where they share no
+    seed."""
     import math
     import statistics
 
-    if len(base) == 1:
-        base = dict.fromkeys(ours, *base.values())
-    if len(ours) == 1:
-        ours = dict.fromkeys(base, *ours.values())
-    diffs = [base[s] - ours[s] for s in ours.keys() & base.keys()]
+    if None in a and len(a) == 1:
+        a = dict.fromkeys(b, a[None])
+    if None in b and len(b) == 1:
+        b = dict.fromkeys(a, b[None])
+    diffs = [a[s] - b[s] for s in a if s in b]
     if not diffs:
         return None
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return Lead(value, statistics.fmean(diffs), se, len(diffs))
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def plus_minus(diff: tuple[float, float, int] | None, fmt: str, scale: float = 1.0) -> str:
+    """``mean ± SE`` of a :func:`paired_difference` times ``scale`` (the mean alone for one seed; ``–`` for none)."""
+    import math
+
+    if diff is None:
+        return "–"
+    mean, se, _ = diff
+    return format(scale * mean, fmt) + ("" if math.isnan(se) else " ± " + format(scale * se, fmt.lstrip("+")))
+
+
+def judge(ppl: tuple[float, float, int] | None, kl: tuple[float, float, int] | None) -> tuple[str, str]:
+    """Whether method ``a`` is ``ahead`` of (lower than) / ``behind`` method ``b`` or ``within noise``, from their
+    :func:`paired_difference` ``a − b`` in perplexity and in KL to float, and the measure that decided: perplexity
+    where its difference is beyond two standard errors, else KL where that one is (one seed decides nothing)."""
+    for value, diff in (("ppl", ppl), ("kl", kl)):
+        if diff is not None and abs(diff[0]) > 2 * diff[1]:
+            return ("ahead" if diff[0] < 0 else "behind"), value
+    return "within noise", ""
+
+
+def in_words(judgement: str, by: str) -> str:
+    """``ahead by perplexity``, ``behind by KL``, ``within noise`` (:func:`judge`'s answer in words)."""
+    return judgement + {"ppl": " by perplexity", "kl": " by KL", "": ""}[by]
+
+
+def comparison(ppl: tuple[float, float, int] | None, kl: tuple[float, float, int] | None) -> str:
+    """``ppl d ± se, KL d ± se e-3 → judgement`` of method ``a`` − method ``b`` (:func:`judge`)."""
+    return (f"ppl {plus_minus(ppl, '+.3f')}" + ("" if kl is None else f", KL {plus_minus(kl, '+.2f', 1e3)}e-3")
+            + f" → {in_words(*judge(ppl, kl))}")
+
+
+def paired_lead(ours: Mapping[Any, float], base: Mapping[Any, float], value: str) -> Lead | None:
+    """:class:`Lead` of ``base`` over ``ours`` from their runs by seed (``{seed: value}``); a side run once (a method
+    that does not calibrate) pairs with every seed of the other. None where no seed has both."""
+    def single(runs: Mapping[Any, float]) -> Mapping[Any, float]:
+        return {None: next(iter(runs.values()))} if len(runs) == 1 else runs
+
+    diff = paired_difference(single(base), single(ours))
+    return None if diff is None else Lead(value, *diff)
 
 
 def decide(ppl: Lead | None, kl: Lead | None) -> tuple[str, Lead] | None:
