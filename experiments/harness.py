@@ -418,15 +418,12 @@ def paired_lead(ours: Mapping[Any, float], base: Mapping[Any, float], value: str
 
 
 def decide(ppl: Lead | None, kl: Lead | None) -> tuple[str, Lead] | None:
-    """``ahead`` / ``behind`` / ``within noise`` for a method against a baseline: perplexity decides where its paired
-    difference exceeds two standard errors, else KL to float where that one does, else neither (the lead returned
-    is perplexity's then). None without a perplexity lead."""
+    """:func:`judge` for leads of a baseline over a method: ``ahead`` / ``behind`` / ``within noise`` and the lead
+    that decided (perplexity's when neither does). None without a perplexity lead."""
     if ppl is None:
         return None
-    lead = next((x for x in (ppl, kl) if x is not None and x.beyond_noise), None)
-    if lead is None:
-        return "within noise", ppl
-    return ("ahead" if lead.mean > 0 else "behind"), lead
+    judgement, by = judge(*(None if x is None else (-x.mean, x.se, x.n) for x in (ppl, kl)))
+    return judgement, kl if by == "kl" else ppl
 
 
 def reproduce(command: str) -> str:
