@@ -101,9 +101,18 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _judgement(s: dict[str, Any]) -> str:
+    """``ahead`` / ``behind`` / ``within noise``: act-order at one setting against off, by ``harness.judge`` (perplexity
+    where its paired difference is beyond two standard errors, else KL where that one is)."""
+    def diff(value: str) -> tuple[float, float, int] | None:
+        return (s[f"{value}_delta"], s[f"{value}_se"], s["seeds"]) if f"{value}_delta" in s else None
+    return harness.judge(diff("ppl"), diff("kl"))[0]
+
+
 def decision(summary: list[dict[str, Any]]) -> bool:
-    """Act-order on by default when it lowers the mean perplexity at more than half of the settings."""
-    return 2 * sum(s["ppl_delta"] < 0 for s in summary) > len(summary)
+    """Act-order on by default when it is ahead of off (:func:`_judgement`) at more settings than it is behind."""
+    judgements = [_judgement(s) for s in summary]
+    return judgements.count("ahead") > judgements.count("behind")
 
 
 def _beyond(summary: list[dict[str, Any]], value: str, sign: int) -> list[dict[str, Any]]:
@@ -186,8 +195,11 @@ def report(runs: list[Results], base: Path) -> None:
              *([harness.verdict(_verdict(summary)), ""] if summary else []),
              f"- Act-order lowers the mean perplexity at {len(better['ppl'])} of {len(summary)} settings"
              f"{' (' + ', '.join(better['ppl']) + ')' if better['ppl'] else ''}.", kl_line,
-             f"- Decision (on when it lowers the mean perplexity at more than half of the settings): the built-in GPTQ "
-             f"recipes use act_order={decision(summary)}.", "", harness.reproduce(results.command), ""]
+             f"- Per setting, act-order against off (perplexity where the paired difference is beyond two standard "
+             f"errors, else KL where that one is): " + ", ".join(f"{s['format']} {_judgement(s)}" for s in summary)
+             + ".",
+             f"- Decision (on when act-order is ahead at more settings than it is behind): the built-in GPTQ recipes "
+             f"use act_order={decision(summary)}.", "", harness.reproduce(results.command), ""]
     harness.write_text_atomic(base.with_suffix(".md"), "\n".join(lines))
 
 

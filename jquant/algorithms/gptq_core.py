@@ -48,11 +48,15 @@ SUB_BLOCK = 16  # rows per inner lazy batch (gptq_loop); smaller where the block
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GPTQConfig:
-    """``damp``: fraction of ``mean(diag(H))`` added to the diagonal; see the module docstring for the rest."""
+    """``damp``: fraction of ``mean(diag(H))`` added to the diagonal; see the module docstring for the rest.
+
+    ``act_order`` is on by default (as llm-compressor's ``actorder="static"``): experiments/results/gptq_act_order.md
+    measures it against off on jq-llama-small over three calibration seeds, and it is ahead at more settings than it
+    is behind (lower KL to the float model at every one)."""
 
     block_size: int = 128
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = False
 
     def __post_init__(self):
