@@ -3,6 +3,7 @@
     python experiments/gsq_tuning.py                          # jq-llama-small, every setting
     python experiments/gsq_tuning.py --settings gse8 gse6 --steps 100
     python experiments/gsq_tuning.py --resume                 # run only the settings not yet in the JSON
+    python experiments/gsq_tuning.py --resume --settings fp8  # add the FP8 baseline to the existing JSON
     python experiments/gsq_tuning.py --report-only            # rewrite the table from the JSON
     python experiments/gsq_tuning.py --quick --out /tmp/g     # smoke run: two settings, a few steps
 
@@ -16,19 +17,25 @@ says otherwise), AdamW on the FP32 masters, loss on the answer tokens. Non-GEMM 
 Settings: ``bf16`` (bf16 base, bf16 GEMMs: 16-bit LoRA), ``qlora`` (NF4 base, bf16 GEMMs),
 ``gse{8,6,5,4}`` (NF4 base, every forward and backward GEMM of the adapted linears in
 GSE-INT with groups of 32, activations kept for the backward pass in GSE), ``int8-tensor``
-(the same with per-tensor int8 instead of shared exponents: the spec's ablation) and
-``gse{5,4}-r128`` (more rank for fewer bits: the Pareto question). Each setting trains from
+(the same with per-tensor int8 instead of shared exponents: the spec's ablation), ``fp8``
+(the spec's FP8 baseline, ``jquant.finetune.FP8Arithmetic``: NF4 base, every GEMM operand
+in FP8 with one scale per tensor, E4M3 for activations and weights, E5M2 for the gradients
+dy and dH of the backward GEMMs, activations kept in E4M3 codes) and ``gse{5,4}-r128``
+(more rank for fewer bits: the Pareto question). Each setting trains from
 the same adapter initialisation on the same batches. Columns: training loss (mean of the
 last 20 steps), held-out answer loss and its perplexity, accuracy on test-split items,
 validation-text perplexity (does the model keep its language modelling?) and the measured
 memory of one training step (``jquant.finetune.memory``). Each setting's row is saved when it finishes;
 ``--settings`` only chooses which run, so ``--resume`` adds settings to an existing JSON. The older json
-layout (``config``/``before``/``runs``) is read too.
+layout (``config``/``before``/``runs``) is read too; ``--resume`` rewrites it in the harness layout first
+(the same rows and meta) so that rows can be added to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,11 +50,12 @@ import jquant as jq
 from harness import Results
 from jquant.eval import split_perplexity
 from jquant.eval.zeroshot import evaluate_multiple_choice
-from jquant.finetune import FinetuneConfig, LoRAArithmetic, LoRAConfig, LoRAParam, add_lora, evaluate_loss, finetune
+from jquant.finetune import (FinetuneConfig, FP8Arithmetic, LoRAArithmetic, LoRAConfig, LoRAParam, add_lora,
+                             evaluate_loss, finetune)
 from jquant.finetune.memory import training_memory
 from jquant.finetune.task import source_items, supervised_rows
 from jquant.finetune.train import batch_loss
-from jquant.formats import GSEFormat, IntFormat
+from jquant.formats import FP8Format, GSEFormat, IntFormat
 from jquant.models import load
 from jquant.recipes import Recipe, Rule
 
@@ -68,6 +76,7 @@ SETTINGS: dict[str, tuple[str, LoRAArithmetic, int, str]] = {
     "gse5": ("nf4", _gse(5), 64, "GSQ-Tuning GSE-INT5"),
     "int8-tensor": ("nf4", LoRAArithmetic(operands=IntFormat(bits=8, granularity="tensor"), saved="quantized"), 64,
                     "per-tensor INT8 (no shared exponents)"),
+    "fp8": ("nf4", FP8Arithmetic(saved="quantized"), 64, "FP8: per-tensor E4M3 forward / E5M2 gradients"),
     "gse4": ("nf4", _gse(4), 64, "GSQ-Tuning GSE-INT4"),
     "gse5-r128": ("nf4", _gse(5), 128, "GSQ-Tuning GSE-INT5, rank 128"),
     "gse4-r128": ("nf4", _gse(4), 128, "GSQ-Tuning GSE-INT4, rank 128"),
@@ -75,7 +84,8 @@ SETTINGS: dict[str, tuple[str, LoRAArithmetic, int, str]] = {
 PAPER = ("GSQ-Tuning (arXiv 2502.12913) reports accuracy comparable to BF16 fine-tuning with 1.85x less "
          "memory (ACL version: about 50 %), on LLaMA-class 7B-70B models; the spec's interim targets: GSE-INT8 "
          "within 0.5 points of BF16 LoRA, GSE-INT6 within about 1 point, GSE-INT5 with a larger rank inside "
-         "BF16 +- 1, per-tensor INT8 no better than GSE-INT8.")
+         "BF16 +- 1, per-tensor INT8 no better than GSE-INT8, and FP8 (per-tensor scaled E4M3 forward / E5M2 backward) "
+         "no better than GSE-INT8 (the paper: 5x lower power and 11x smaller chip area than FP8 at the same accuracy).")
 
 
 def task_data(tokenizer, args) -> dict:
@@ -175,6 +185,24 @@ def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
             "key": ["setting"], "meta": {"before": data["before"]}, "rows": list(data["runs"].values())}
 
 
+def upgrade_legacy_json(argv: list[str]) -> None:
+    """With ``--resume``: rewrite the JSON the run resumes in the harness layout when it is in the older one (the
+    same rows and meta, through ``legacy``), since ``harness.Results.open`` resumes only the harness layout."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--quick", action="store_true")
+    pre.add_argument("--out", type=Path, default=harness.RESULTS)
+    pre.add_argument("--report-only", nargs="*", default=None)
+    args, _ = pre.parse_known_args(argv)
+    path = args.out / ("gsq_tuning" + ("-quick" if args.quick else "") + ".json")
+    if not args.resume or args.report_only is not None or not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and {"config", "before", "runs"} <= data.keys():
+        harness.write_text_atomic(path, json.dumps(legacy(data, args), indent=1) + "\n")
+        print(f"--resume: rewrote {path} (older layout) in the harness layout", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -193,6 +221,7 @@ def main() -> None:
                         help="with --resume: re-measure the memory of the settings already in the JSON (no training)")
     parser.add_argument("--progress", action="store_true")
     harness.add_arguments(parser, model="jq-llama-small")
+    upgrade_legacy_json(sys.argv[1:])
     harness.run_experiment(parser, stem=lambda a: "gsq_tuning", key=("setting",), run=run, report=write_report,
                            legacy=legacy, volatile=("settings", "memory_only", "progress"),
                            quick={"settings": ["bf16", "gse8"], "steps": 3, "batch_size": 2, "train_items": 12,
@@ -217,7 +246,8 @@ def write_report(all_runs: list[Results], base: Path) -> None:
         f"tokens, lr {cfg['lr']}, AdamW (0.9, 0.999), cosine with 3 % warm-up, clip 0.3; {cfg['test_items']} "
         f"held-out items (validation and test passages); validation perplexity on {cfg['windows']} windows of 256 "
         "tokens. CPU, float32 accumulation of the GSE GEMMs (equal to the int32 path up to float32 summation order; "
-        "tests/finetune/test_lora_linear.py).", "",
+        "tests/finetune/test_lora_linear.py); the FP8 GEMMs multiply the float8 codes in float32 and rescale by the "
+        "two tensor scales (tests/finetune/test_fp8_lora.py).", "",
         "Before fine-tuning: " + "; ".join(
             f"{b} base accuracy {v['accuracy']:.3f}, answer ppl {v['answer_ppl']:.2f}, val ppl {v['val_ppl']:.2f}"
             for b, v in before.items()) + ".", "",
@@ -236,8 +266,9 @@ def write_report(all_runs: list[Results], base: Path) -> None:
     lines += ["", "Δacc is in points. Memory is measured from the arrays of one training step "
               "(`jquant.finetune.memory.training_memory`): frozen weights as stored (NF4 codes + FP8 block "
               "constants, bf16 embeddings/head/norms), FP32 adapter masters and AdamW moments, and the residuals "
-              "`jax.vjp` keeps for the backward pass (the adapted linears keep their inputs in GSE codes; "
-              "attention, norms, SiLU and the loss keep bf16/f32 residuals in every setting).", "",
+              "`jax.vjp` keeps for the backward pass (the adapted linears of the quantized-GEMM settings keep their "
+              "inputs in GSE, int8 or float8 codes; attention, norms, SiLU and the loss keep bf16/f32 residuals in "
+              "every setting).", "",
               *([harness.verdict(text), ""] if (text := verdict_text(runs, cfg)) is not None else []),
               "## The paper's claims", "", PAPER, ""]
     lines += summary(runs, before, cfg)
@@ -299,18 +330,38 @@ def verdict_text(runs: dict[str, dict], cfg: dict) -> str | None:
             f"paper's {PAPER_MEMORY:g}x, with saved activations {share:.0%} of bf16 LoRA's step at this size.")
 
 
+def fp8_claim(runs: dict[str, dict], n: int) -> str:
+    """Spec target 4, FP8 (per-tensor E4M3 forward / E5M2 backward) no better than GSE-INT8: met unless FP8's held-out
+    accuracy exceeds GSE-INT8's by more than ``accuracy_tolerance(0, ...)`` (two standard errors of the difference
+    over ``n`` items, at least one item). The answer loss and validation perplexity are reported as point comparisons
+    (no standard error is recorded for them), not judged. "Not measured" without the fp8 or the gse8 row."""
+    claim = "FP8 (per-tensor E4M3 forward / E5M2 gradients) no better than GSE-INT8"
+    missing = [name for name in ("fp8", "gse8") if name not in runs]
+    if missing:
+        return (f"- {claim}: not measured (no {' or '.join(missing)} row; `--resume --settings {' '.join(missing)}` "
+                "adds it).")
+    f, g = runs["fp8"], runs["gse8"]
+    tol, dacc = accuracy_tolerance(0.0, f["accuracy"], g["accuracy"], n), 100 * (f["accuracy"] - g["accuracy"])
+    return (f"- {claim}: accuracy {f['accuracy']:.3f} vs {g['accuracy']:.3f}, {dacc:+.1f} points against a tolerance "
+            f"of ±{tol:.1f} points (two standard errors of the difference over {n} items, at least one item), "
+            f"{_verdict(dacc <= tol)}. Answer loss {f['answer_nll']:.4f} vs {g['answer_nll']:.4f} (FP8 "
+            f"{'lower' if f['answer_nll'] < g['answer_nll'] else 'not lower'}) and validation ppl {f['val_ppl']:.2f} "
+            f"vs {g['val_ppl']:.2f} are point comparisons (no standard error is recorded for them), not judged.")
+
+
 def summary(runs: dict[str, dict], before: dict, cfg: dict) -> list[str]:
-    """The spec's interim targets and the memory claim, checked against the measured runs."""
-    if "bf16" not in runs:
+    """The spec's interim targets, the per-tensor INT8 and FP8 comparisons with GSE-INT8 and the memory claim,
+    checked against the measured runs (the bf16 comparisons need the bf16 row; nothing without bf16 and gse8)."""
+    if "bf16" not in runs and "gse8" not in runs:
         return []
-    ref = runs["bf16"]
+    ref = runs.get("bf16")
     out = ["## What we measured", ""]
     n = int(cfg["test_items"])
     for name, claim, target in (("gse8", "GSE-INT8 within 0.5 points of bf16 LoRA", 0.5),
                                 ("gse6", "GSE-INT6 within about 1 point", 1.0),
                                 ("gse5-r128", "gse5-r128 inside bf16 +- 1 point", 1.0),
                                 ("gse4-r128", "gse4-r128 inside bf16 +- 1 point", 1.0)):
-        if name in runs:
+        if name in runs and ref is not None:
             out.append(_within(name, claim, target, runs, n))
     if "int8-tensor" in runs and "gse8" in runs:
         t, g = runs["int8-tensor"], runs["gse8"]
@@ -319,8 +370,9 @@ def summary(runs: dict[str, dict], before: dict, cfg: dict) -> list[str]:
                    f"(a point comparison: no standard error is recorded for the loss), accuracy {t['accuracy']:.3f} vs "
                    f"{g['accuracy']:.3f} (tolerance ±{tol:.1f} points), validation ppl {t['val_ppl']:.2f} vs "
                    f"{g['val_ppl']:.2f}: {_verdict(t['answer_nll'] >= g['answer_nll'] and 100 * (t['accuracy'] - g['accuracy']) <= tol)}.")
-    for name in ("qlora", "gse8", "gse5", "gse4"):
-        if name in runs:
+    out.append(fp8_claim(runs, n))
+    for name in ("qlora", "gse8", "gse5", "gse4", "fp8"):
+        if name in runs and ref is not None:
             m, b = runs[name]["memory_bytes"], ref["memory_bytes"]
             out.append(f"- {name} memory vs bf16 LoRA: total {b['total'] / m['total']:.2f}x less (frozen weights "
                        f"{b['frozen_weights'] / m['frozen_weights']:.2f}x, saved activations "
@@ -332,7 +384,7 @@ def summary(runs: dict[str, dict], before: dict, cfg: dict) -> list[str]:
             f"loss is the finer measure. At this model's size and {cfg['seq_len']}-token rows the saved activations "
             "(attention, norms, SiLU, logits: residuals outside the adapted GEMMs) dominate the step's memory, so "
             "the paper's 1.85x, which comes from 7B-70B weights, cannot show here; the frozen-weight saving does."]
-    if before:
+    if before and ref is not None:
         most = max(runs, key=lambda n: runs[n]["val_ppl"])
         out += ["", f"Fine-tuning on the answer tokens alone raises validation perplexity from "
                 f"{before['bf16']['val_ppl']:.1f} (before) to {ref['val_ppl']:.1f} (bf16 LoRA) and similar "
@@ -342,9 +394,11 @@ def summary(runs: dict[str, dict], before: dict, cfg: dict) -> list[str]:
 
 
 def operand_bits(name: str) -> int:
-    """Bits of a setting's GEMM operands (16 for the bf16 GEMMs of LoRA and QLoRA)."""
+    """Bits of a setting's GEMM operands (16 for the bf16 GEMMs of LoRA and QLoRA, 8 for FP8)."""
     operands = SETTINGS[name][1].operands
-    return 16 if operands is None else operands.bits
+    if operands is None:
+        return 16
+    return operands.el.bits if isinstance(operands, FP8Format) else operands.bits
 
 
 def plot(runs: dict[str, dict], path: Path) -> None:
@@ -354,14 +408,14 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     fig, ((ax1, ax3),) = harness.figure(1, 2, size=(6, 4.2))
     ax2 = ax1.twinx()
     for name, r in runs.items():
-        bits = operand_bits(name) + (0.25 if name == "qlora" else 0.0)  # keep LoRA and QLoRA apart
-        marker = "s" if r["rank"] > 64 else ("^" if name == "int8-tensor" else "o")
+        bits = operand_bits(name) + {"qlora": 0.25, "fp8": -0.25}.get(name, 0.0)  # keep LoRA/QLoRA, FP8/INT8 apart
+        marker = "s" if r["rank"] > 64 else {"int8-tensor": "^", "fp8": "D"}.get(name, "o")
         ax1.scatter(bits, r["accuracy"], marker=marker, color="tab:blue")
         ax1.annotate(name, (bits, r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax2.scatter(bits, r["memory_bytes"]["total"] / 2 ** 20, marker=marker, color="tab:red", alpha=0.6)
         curve = np.convolve(r["loss_curve"], np.ones(10) / 10, mode="valid")
         ax3.plot(np.arange(len(curve)) + 10, curve, label=name)
-    ax1.set_xlabel("GEMM operand bits (16 = bf16; square: rank 128; triangle: per-tensor int8)")
+    ax1.set_xlabel("GEMM operand bits (16 = bf16; square: rank 128; triangle: per-tensor int8; diamond: fp8)")
     ax1.set_ylabel("held-out accuracy", color="tab:blue")
     ax2.set_ylabel("training-step memory (MiB)", color="tab:red")
     ax1.set_title("accuracy and memory vs bits")

@@ -2,10 +2,13 @@
 
     base = jq.quantize(model, nf4_recipe)                      # frozen NF4 base (QLoRA)
     arith = LoRAArithmetic(operands=GSEFormat(bits=8))          # every GEMM in GSE-INT8
+    # or FP8Arithmetic(saved="quantized"): per-tensor E4M3 forward / E5M2 gradients (the FP8 baseline)
     model = add_lora(base, LoRAConfig(rank=64, arithmetic=arith), key=key)
     tuned, history = finetune(model, batches, FinetuneConfig(steps=300))
 """
 
+from jquant.finetune.fp8 import FP8Arithmetic as FP8Arithmetic
+from jquant.finetune.fp8 import fp8_lora_linear as fp8_lora_linear
 from jquant.finetune.lora import LoRA as LoRA
 from jquant.finetune.lora import LoRAConfig as LoRAConfig
 from jquant.finetune.lora import LoRAParam as LoRAParam
@@ -20,5 +23,6 @@ from jquant.finetune.train import finetune as finetune
 from jquant.finetune.train import masked_cross_entropy as masked_cross_entropy
 from jquant.ops.lora import LoRAArithmetic as LoRAArithmetic
 
-__all__ = ["FinetuneConfig", "LoRA", "LoRAArithmetic", "LoRAConfig", "LoRAParam", "adapters", "add_lora",
-           "evaluate_loss", "finetune", "lora_sites", "masked_cross_entropy", "merge_lora", "set_rounding_keys"]
+__all__ = ["FP8Arithmetic", "FinetuneConfig", "LoRA", "LoRAArithmetic", "LoRAConfig", "LoRAParam", "adapters",
+           "add_lora", "evaluate_loss", "finetune", "fp8_lora_linear", "lora_sites", "masked_cross_entropy",
+           "merge_lora", "set_rounding_keys"]

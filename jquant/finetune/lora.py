@@ -5,8 +5,9 @@ every targeted linear site carries a ``LoRA`` module: FP32 masters ``A [in, r]``
 (Kaiming-uniform, PEFT's default bound ``1/sqrt(in)``) and ``B [r, out]`` (zeros), so
 the adapted model starts equal to the base. The site's kernel stays frozen (a float
 array or a ``QArray``, e.g. NF4 after ``jq.quantize``); the forward and backward GEMMs
-follow ``LoRAConfig.arithmetic`` (``jquant.ops.lora_linear``). Only ``LoRAParam``
-variables are trainable: ``nnx.Optimizer(model, tx, wrt=LoRAParam)``.
+follow ``LoRAConfig.arithmetic`` (``jquant.ops.lora_linear``; an ``FP8Arithmetic``
+goes through ``jquant.finetune.fp8.fp8_lora_linear``). Only ``LoRAParam`` variables
+are trainable: ``nnx.Optimizer(model, tx, wrt=LoRAParam)``.
 
 ``merge_lora`` folds the adapters into dense kernels ``W = deq(W0) + s A B``.
 """
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant import ops
+from jquant.finetune.fp8 import FP8Arithmetic, fp8_lora_linear
 from jquant.formats import QArray, dequantize
 from jquant.ops.lora import LoRAArithmetic
 from jquant.recipes import DEFAULT_KEEP_FLOAT
@@ -50,8 +52,9 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array, kernel: jax.Array | QArray, bias: jax.Array | None) -> jax.Array:
         key = None if self.rounding_key is None else self.rounding_key.get_value()
-        return ops.lora_linear(x, kernel, self.a.get_value(), self.b.get_value(),
-                               scale=self.scale, arithmetic=self.arithmetic, bias=bias, key=key)
+        linear = fp8_lora_linear if isinstance(self.arithmetic, FP8Arithmetic) else ops.lora_linear
+        return linear(x, kernel, self.a.get_value(), self.b.get_value(),
+                      scale=self.scale, arithmetic=self.arithmetic, bias=bias, key=key)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,7 +67,8 @@ class LoRAConfig:
       targets: regexes over site paths (``layers/3/self_attn/q_proj``); a linear site
         gets an adapter if one matches (``re.fullmatch``) and no ``exclude`` pattern does.
       exclude: patterns never adapted (default: embeddings and the output head).
-      arithmetic: the GEMM arithmetic of every adapted linear.
+      arithmetic: the GEMM arithmetic of every adapted linear (``LoRAArithmetic``, or its
+        ``FP8Arithmetic`` subclass for the per-tensor E4M3 / E5M2 FP8 baseline).
     """
 
     rank: int = 64

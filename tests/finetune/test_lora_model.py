@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 import jquant as jq
-from jquant.finetune import (FinetuneConfig, LoRAArithmetic, LoRAConfig, LoRAParam, adapters, add_lora, finetune,
-                             lora_sites, merge_lora, set_rounding_keys)
+from jquant.finetune import (FinetuneConfig, FP8Arithmetic, LoRAArithmetic, LoRAConfig, LoRAParam, adapters, add_lora,
+                             finetune, lora_sites, merge_lora, set_rounding_keys)
 from jquant.finetune.memory import training_memory
 from jquant.finetune.train import batch_loss
-from jquant.formats import GSEFormat, QArray
+from jquant.formats import GSEFormat, IntFormat, QArray
 from jquant.models import llama
 from jquant.recipes import Recipe, Rule
 
@@ -46,7 +46,8 @@ def test_add_lora_starts_equal_and_leaves_the_input_alone(model):
 
 
 @pytest.mark.parametrize("arithmetic", [F32, LoRAArithmetic(operands=GSEFormat(bits=6), saved="quantized"),
-                                        LoRAArithmetic(operands=GSEFormat(bits=5), gradient_rounding="stochastic")],
+                                        LoRAArithmetic(operands=GSEFormat(bits=5), gradient_rounding="stochastic"),
+                                        FP8Arithmetic(saved="quantized")],
                          ids=lambda a: a.name)
 def test_finetune_trains_adapters_only_and_fits_a_batch(model, arithmetic):
     base = jq.quantize(model, NF4, progress=False)
@@ -104,6 +105,14 @@ def test_memory_accounting(model):
     assert 2 * dense.adapters <= dense.optimizer <= 2 * dense.adapters + 64  # two moments + the step count
     assert nf4.frozen_weights < dense.frozen_weights
     assert gse.saved_activations < nf4.saved_activations == dense.saved_activations
+    # FP8 keeps x and H of every adapted linear as 1-byte float8 codes plus a float32 scale: the same bytes as
+    # per-tensor int8 codes with a float32 scale, and less than float32 (saved="float" keeps the float arrays)
+    base = jq.quantize(model, NF4, progress=False)
+    fp8 = measure(base, FP8Arithmetic(saved="quantized"))
+    int8 = measure(base, LoRAArithmetic(operands=IntFormat(bits=8, granularity="tensor", scale_dtype="float32"),
+                                        saved="quantized"))
+    assert fp8.saved_activations == int8.saved_activations < nf4.saved_activations
+    assert measure(base, FP8Arithmetic(saved="float")).saved_activations == nf4.saved_activations
     assert dense.total == dense.frozen_weights + dense.adapters + dense.optimizer + dense.saved_activations
 
 
