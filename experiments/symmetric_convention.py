@@ -15,8 +15,8 @@ rows, which decide jquant's own format defaults, on the first draw only):
 - jquant RTN and GPTQ (float32 scales, as llm-compressor keeps them for a float32 model) with the
   restricted range (``int{b}-g64``: codes in [-(2^(b-1)-1), 2^(b-1)-1], scale amax/(2^(b-1)-1)) and the
   full range (``int{b}-g64-full``: codes in [-2^(b-1), 2^(b-1)-1], scale amax/((2^b-1)/2), compressed-tensors'
-  convention); GPTQ in jquant's default order and with ``act_order``
-  (static groups, llm-compressor's default ``actorder="static"``);
+  convention); GPTQ in the original column order (``act_order=False``, the ``gptq`` rows) and with ``act_order``
+  (static groups, llm-compressor's default ``actorder="static"`` and jquant's default since this run);
 - llm-compressor (``/work/llmc-venv`` by default, run in a subprocess of this script: ``--llmc-worker``)
   ``QuantizationModifier`` (RTN) and ``GPTQModifier`` (its defaults: block 128, damping 0.01, static
   activation order) with ``QuantizationArgs(num_bits=b, symmetric=True, strategy="group", group_size=64)``.
@@ -261,14 +261,16 @@ def run(args: argparse.Namespace, results: Results) -> None:
                                    "seconds": llmc["seconds"]}, seed)
             for suffix in ("-full", "") if seed == first else ("-full",):
                 fmt = f"int{b}-g{GROUP}{suffix}"
-                add("jquant", "gptq", fmt, b, jquant_row(fmt, "gptq", calib_seed=seed), seed)
+                add("jquant", "gptq", fmt, b, jquant_row(fmt, "gptq", options={"act_order": False}, calib_seed=seed),
+                    seed)
                 add("jquant", "gptq act_order", fmt, b,
                     jquant_row(fmt, "gptq", options={"act_order": True}, calib_seed=seed), seed)
     from jquant.recipes.builtin import W4_MSE
     for suffix in ("", "-full"):
         add("jquant", "rtn", f"int8{suffix}", 8, jquant_row(f"int8{suffix}", "rtn"))
         add("jquant", "gptq (MSE clip)", f"int4{suffix}", 4,
-            jquant_row(f"int4{suffix}", "gptq", weight_options=W4_MSE, calib_seed=first), first)
+            jquant_row(f"int4{suffix}", "gptq", weight_options=W4_MSE, options={"act_order": False}, calib_seed=first),
+            first)
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -317,13 +319,13 @@ def notes(rows, raw) -> list[str]:
 
 
 def _default_order_note(rows) -> str:
-    """Full-range GPTQ in jquant's default row order against llm-compressor's GPTQ (mean perplexity over draws)."""
+    """Full-range GPTQ in the original row order against llm-compressor's GPTQ (mean perplexity over draws)."""
     behind = [b for b in BITS if (mine := _find(rows, "jquant", "gptq", f"int{b}-g{GROUP}-full"))
               and (peer := _find(rows, "llm-compressor", "gptq", f"int{b} g{GROUP} sym")) and mine["ppl"] > peer["ppl"]]
-    return (f"GPTQ in jquant's default row order has a higher mean perplexity than llm-compressor's at "
+    return (f"GPTQ in the original row order (`act_order=False`) has a higher mean perplexity than llm-compressor's at "
             f"{'/'.join(f'W{b}' for b in behind) or 'no width'}; llm-compressor's GPTQ orders rows by the Hessian "
-            "diagonal with static groups by default, which is jquant's `act_order=True`, the like-for-like row of the "
-            "verdict.")
+            "diagonal with static groups by default, which is jquant's `act_order=True` (now its default too), the "
+            "like-for-like row of the verdict.")
 
 
 def _recipes_note(meta) -> list[str]:
@@ -440,7 +442,10 @@ def report(runs: list[Results], base: Path) -> None:
               f"{', '.join(map(str, results.args.get('calib_seeds', [0])))} (mean ± std over the draws a row ran on). Groups of {GROUP} along the "
               "input dimension, symmetric; embeddings and the head stay float. Scales are float32 in both tools (the "
               "model's dtype, which is what llm-compressor stores; jquant's formats here carry "
-              "``scale_dtype='float32'``). KL to float: mean over the same predicted tokens of KL(float || quantized). "
+              "``scale_dtype='float32'``). jquant's `gptq` rows keep the original column order (`act_order=False`), its "
+              "`gptq act_order` rows order columns by the Hessian diagonal with static groups (llm-compressor's "
+              "default, and jquant's since this measurement); `gptq (MSE clip)` is per channel, original order. "
+              "KL to float: mean over the same predicted tokens of KL(float || quantized). "
               "Times are wall-clock on a 2-core machine shared with other jobs, not a speed comparison."), "",
              *harness.table(rows, columns), "", *([harness.verdict(verdict), ""] if verdict else []),
              "## Reading", "", *notes(rows, raw), *_recipes_note(meta), "", "## Decision", "",
