@@ -36,11 +36,29 @@ def x64():
         jax.config.update("jax_enable_x64", previous)
 
 
+# Resident memory (GiB) of a test process above which its compiled programs are dropped after a module.
+# JQUANT_TEST_RELEASE_GB="0" drops them after every module.
+_RELEASE_GB = float(os.environ.get("JQUANT_TEST_RELEASE_GB", "3"))
+
+
+def _resident_gb() -> float:
+    """This process's resident memory in GiB (``VmRSS``; 0 where /proc is not available)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop JAX's compiled executables after each test module: the suite compiles thousands of
-    programs, and keeping them all for one process exhausted the 2-core CI machine's memory (an XLA
-    segfault while compiling, late in the run)."""
+    """Drop JAX's compiled executables after a test module once the process holds more than
+    ``_RELEASE_GB``: the suite compiles thousands of programs, and keeping them all for one process
+    exhausted the 2-core CI machine's memory (an XLA segfault while compiling, late in the run), while
+    dropping them after every module recompiles (or reloads) each module's shared programs again."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    if _resident_gb() >= _RELEASE_GB:
+        jax.clear_caches()
+        gc.collect()
