@@ -240,7 +240,8 @@ def write_report(all_runs: list[Results], base: Path) -> None:
     ref = runs.get("bf16")
     lines = [
         f"# GSQ-Tuning: integer LoRA fine-tuning ({cfg['model']})", "",
-        f"Regenerate: `{results.command}` (`--resume` keeps the settings already in `{base.name}.json`). "
+        f"Regenerate: `python experiments/gsq_tuning.py` (every setting; `--resume --settings NAME ...` adds settings "
+        f"to `{base.name}.json`; the last run that wrote rows: `{results.command}`). "
         f"Model {cfg['model']} (bf16), task: name the source of an excerpt of at most "
         f"{cfg['context_chars']} characters; {cfg['steps']} steps of {cfg['batch_size']} rows x {cfg['seq_len']} "
         f"tokens, lr {cfg['lr']}, AdamW (0.9, 0.999), cosine with 3 % warm-up, clip 0.3; {cfg['test_items']} "
