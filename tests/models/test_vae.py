@@ -118,7 +118,7 @@ class TestVAEFamily(DiffusersSuite):
         reload_reference=reload_reference,
         float32_tolerance=1e-5,
         float64_tolerance=1e-10,
-        save_recipes=("rtn-w8", "gptq-w8"),
+        save_recipes=("rtn-w8",),  # GPTQ's calibration walk is checked in test_rtn_and_gptq_stay_close_to_float
     )
 
 

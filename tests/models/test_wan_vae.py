@@ -118,7 +118,7 @@ class TestWanVAEFamily(DiffusersSuite):
         # diffusers' WanUpsample rounds to float32 (``x.float()``) before each nearest upsample, so its float64
         # output carries float32 rounding (~5e-8 relative), well below float32 parity's 1e-5.
         float64_tolerance=5e-7,
-        save_recipes=("rtn-w8", "gptq-w8"),
+        save_recipes=("rtn-w8",),  # GPTQ's calibration walk is checked in test_rtn_and_gptq_stay_close_to_float
     )
 
 
