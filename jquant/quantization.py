@@ -403,7 +403,7 @@ def quantize(
                     apply(by_path[full], st)
 
         walk_blocks(qmodel, tokens, process_block, batch_size=batch_size, mesh=mesh, progress=progress,
-                    capture_budget=capture_budget)
+                    capture_budget=capture_budget, final_states=False)
     remaining = [p for p in by_path.values() if p.site.path not in done]
     with progress_bar(total=len(remaining), description="quantize", enabled=progress and bool(remaining)) as bar:
         for p in remaining:

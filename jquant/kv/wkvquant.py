@@ -169,7 +169,7 @@ def train_blocks(model: nnx.Module, calib_tokens: np.ndarray, config: WKVQuantCo
         after.append(loss_a)
 
     walk_blocks(out, calib_tokens, visit, batch_size=FORWARD_BATCH, capture=False, description="wkvquant",
-                progress=progress)
+                progress=progress, final_states=False)
     return out, WKVQuantReport(loss_before=before, loss_after=after, seconds=time.perf_counter() - t0)
 
 

@@ -98,7 +98,7 @@ def expert_sensitivity(model: nnx.Module, tokens: np.ndarray, schemes: Sequence[
                                        outputs, v.forward, prefix, dict(gptq_options or {})))
 
     walk_blocks(nnx.clone(model), tokens, visit, batch_size=batch_size, description="mxmoe sensitivity",
-                progress=progress)
+                progress=progress, final_states=False)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no stacked expert sites; MxMoE applies to MoE models.")
     return Sensitivity(schemes=tuple(s.name for s in schemes), layers=tuple(layers), top_k=top_k[-1])

@@ -77,6 +77,35 @@ def test_block_forward_compiles_once_per_block_structure(monkeypatch):
     assert traces == [True, False], traces
 
 
+def test_without_final_states_the_last_forward_is_skipped_and_the_statistics_are_the_same(monkeypatch):
+    from jquant.calib import sequential
+
+    model = llama.init_model(CFG, jax.random.key(0))
+    tokens = np.random.default_rng(3).integers(0, 64, size=(4, 8))
+    calls = []
+    original = sequential.block_forward
+
+    def counting(block, hidden, context):
+        calls.append(id(block))
+        return original(block, hidden, context)
+
+    monkeypatch.setattr(sequential, "block_forward", counting)
+    runs = {}
+    for final in (True, False):
+        seen, calls[:] = {}, []
+        out = walk_blocks(model, tokens, lambda v: seen.setdefault(v.path, v.stats), batch_size=2, progress=False,
+                          final_states=final)
+        runs[final] = seen, list(calls), out
+    (full, full_calls, states), (short, short_calls, nothing) = runs[True], runs[False]
+    assert nothing == [] and len(states) == 2
+    last = id(model.layers[-1])
+    assert full_calls.count(last) == 2 and short_calls.count(last) == 0  # the last block, once per batch of 2
+    assert [c for c in full_calls if c != last] == short_calls
+    for path in full:
+        for site, st in full[path].items():
+            np.testing.assert_array_equal(np.asarray(short[path][site].hessian), np.asarray(st.hessian))
+
+
 def test_empty_calibration_set_is_rejected(model):
     with pytest.raises(ValueError, match="no sample"):
         walk_blocks(model, np.zeros((0, 8), np.int32), lambda v: None, progress=False)
