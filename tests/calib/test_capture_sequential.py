@@ -93,8 +93,8 @@ def test_without_final_states_the_last_forward_is_skipped_and_the_statistics_are
     runs = {}
     for final in (True, False):
         seen, calls[:] = {}, []
-        out = walk_blocks(model, tokens, lambda v: seen.setdefault(v.path, v.stats), batch_size=2, progress=False,
-                          final_states=final)
+        out = walk_blocks(model, tokens, lambda v, seen=seen: seen.setdefault(v.path, v.stats), batch_size=2,
+                          progress=False, final_states=final)
         runs[final] = seen, list(calls), out
     (full, full_calls, states), (short, short_calls, nothing) = runs[True], runs[False]
     assert nothing == [] and len(states) == 2

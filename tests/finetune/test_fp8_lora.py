@@ -5,6 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_lora_linear import (
+    _inputs,  # the sibling test's random x, W0, A, B and loss probe (same folder on sys.path)
+)
 
 from jquant.finetune import FP8Arithmetic, fp8_lora_linear
 from jquant.finetune.memory import saved_residual_bytes
@@ -14,16 +17,6 @@ from jquant.ops import LoRAArithmetic, lora_linear
 S = 0.25
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _inputs(seed, n=40, d_in=64, r=16, d_out=48):
-    k = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(k[0], (2, n // 2, d_in))
-    w0 = 0.1 * jax.random.normal(k[1], (d_in, d_out))
-    a = 0.1 * jax.random.normal(k[2], (d_in, r))
-    b = 0.1 * jax.random.normal(k[3], (r, d_out))
-    probe = jax.random.normal(k[4], (2, n // 2, d_out))  # loss = sum(y * probe): dy = probe
-    return x, w0, a, b, probe
 
 
 def _grads(fn, arith, x, w0, a, b, probe):
