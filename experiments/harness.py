@@ -417,6 +417,34 @@ def paired_lead(ours: Mapping[Any, float], base: Mapping[Any, float], value: str
     return None if diff is None else Lead(value, *diff)
 
 
+class MethodRuns:
+    """Paired comparisons of methods in rows keyed by ``field`` (e.g. ``"setting"`` or ``"bits"``), ``"method"`` and
+    ``"seed"``: each call takes the raw rows, the ``field`` value ``at`` and the methods."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def runs(self, raw: Sequence[Row], at: Any, method: str, value: str) -> dict[Any, float]:
+        """``value`` of ``method`` at ``at`` per seed; a single run of a recipe that does not calibrate
+        (``calibrates`` False) is keyed ``None`` (it stands for every seed)."""
+        rows = [r for r in raw if (r[self.field], r["method"]) == (at, method) and r.get(value) is not None]
+        if len(rows) == 1 and rows[0].get("calibrates") is False:
+            return {None: rows[0][value]}
+        return {r.get("seed"): r[value] for r in rows}
+
+    def paired(self, raw: Sequence[Row], at: Any, a: str, b: str, value: str) -> tuple[float, float, int] | None:
+        """Method ``a`` − method ``b`` in ``value`` at ``at`` (:func:`paired_difference`)."""
+        return paired_difference(self.runs(raw, at, a, value), self.runs(raw, at, b, value))
+
+    def judge(self, raw: Sequence[Row], at: Any, a: str, b: str) -> tuple[str, str]:
+        """:func:`judge` of ``a`` against ``b`` at ``at`` (perplexity, else KL, beyond 2 SE)."""
+        return judge(self.paired(raw, at, a, b, "ppl"), self.paired(raw, at, a, b, "kl"))
+
+    def comparison(self, raw: Sequence[Row], at: Any, a: str, b: str) -> str:
+        """:func:`comparison` of ``a`` − ``b`` at ``at``."""
+        return comparison(self.paired(raw, at, a, b, "ppl"), self.paired(raw, at, a, b, "kl"))
+
+
 def decide(ppl: Lead | None, kl: Lead | None) -> tuple[str, Lead] | None:
     """:func:`judge` for leads of a baseline over a method: ``ahead`` / ``behind`` / ``within noise`` and the lead
     that decided (perplexity's when neither does). None without a perplexity lead."""

@@ -37,7 +37,7 @@ from typing import Any
 
 import harness
 import jax
-from harness import Column, Results, Row
+from harness import Column, Results
 from jquant.models import load
 
 import jquant as jq
@@ -146,28 +146,8 @@ def run(args: argparse.Namespace, results: Results) -> None:
                 print({k: v for k, v in results.rows[-1].items() if k != "losses"}, flush=True)
 
 
-def _runs(raw: list[Row], setting: str, method: str, value: str) -> dict[Any, float]:
-    """``value`` of ``method`` at ``setting`` per seed; a single run of a recipe that does not calibrate is keyed
-    ``None`` (it stands for every seed)."""
-    rows = [r for r in raw if (r["setting"], r["method"]) == (setting, method) and r.get(value) is not None]
-    if len(rows) == 1 and rows[0].get("calibrates") is False:
-        return {None: rows[0][value]}
-    return {r.get("seed"): r[value] for r in rows}
-
-
-def _paired(raw: list[Row], setting: str, a: str, b: str, value: str) -> tuple[float, float, int] | None:
-    """Method ``a`` − method ``b`` in ``value`` at ``setting`` (``harness.paired_difference``)."""
-    return harness.paired_difference(_runs(raw, setting, a, value), _runs(raw, setting, b, value))
-
-
-def _judge(raw: list[Row], setting: str, a: str, b: str) -> tuple[str, str]:
-    """``harness.judge`` of ``a`` against ``b`` at ``setting`` (perplexity, else KL, beyond 2 SE)."""
-    return harness.judge(_paired(raw, setting, a, b, "ppl"), _paired(raw, setting, a, b, "kl"))
-
-
-def _comparison(raw: list[Row], setting: str, a: str, b: str) -> str:
-    """``harness.comparison`` of ``a`` − ``b`` at ``setting`` for the verdict."""
-    return harness.comparison(_paired(raw, setting, a, b, "ppl"), _paired(raw, setting, a, b, "kl"))
+_BY = harness.MethodRuns("setting")
+_runs, _paired, _judge, _comparison = _BY.runs, _BY.paired, _BY.judge, _BY.comparison
 
 
 def _summary(results: Results) -> list[str]:

@@ -257,28 +257,8 @@ def _accuracy_claim(rows: list[Row], items: int) -> tuple[float, float, str]:
                       "not testable here" if lost < max(PAPER_ACCURACY_LOSS, 2 * se) else "not reproduced")
 
 
-def _runs(raw: list[Row], bits: float, method: str, value: str) -> dict[Any, float]:
-    """``value`` of ``method`` at ``bits`` per seed; a single run of a recipe that does not calibrate is keyed
-    ``None`` (it stands for every seed)."""
-    rows = [r for r in raw if (r["bits"], r["method"]) == (bits, method) and r.get(value) is not None]
-    if len(rows) == 1 and rows[0].get("calibrates") is False:
-        return {None: rows[0][value]}
-    return {r.get("seed"): r[value] for r in rows}
-
-
-def _paired(raw: list[Row], bits: float, a: str, b: str, value: str) -> tuple[float, float, int] | None:
-    """Method ``a`` − method ``b`` in ``value`` at ``bits`` (``harness.paired_difference``)."""
-    return harness.paired_difference(_runs(raw, bits, a, value), _runs(raw, bits, b, value))
-
-
-def _judge(raw: list[Row], bits: float, a: str, b: str) -> tuple[str, str]:
-    """``harness.judge`` of ``a`` against ``b`` at ``bits`` (perplexity, else KL, beyond 2 SE)."""
-    return harness.judge(_paired(raw, bits, a, b, "ppl"), _paired(raw, bits, a, b, "kl"))
-
-
-def _comparison(raw: list[Row], bits: float, a: str, b: str) -> str:
-    """``harness.comparison`` of ``a`` − ``b`` at ``bits`` for the verdict."""
-    return harness.comparison(_paired(raw, bits, a, b, "ppl"), _paired(raw, bits, a, b, "kl"))
+_BY = harness.MethodRuns("bits")
+_runs, _paired, _judge, _comparison = _BY.runs, _BY.paired, _BY.judge, _BY.comparison
 
 
 def _bits(raw: list[Row]) -> list[float]:
