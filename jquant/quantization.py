@@ -212,6 +212,19 @@ def _shares_one_scale(site: Site, group_rules: tuple[Rule | None, ...], activati
     return True
 
 
+def _all_finite(x: jax.Array) -> bool:
+    """Whether ``x`` holds no NaN or Inf: on the host for CPU arrays (no program compiled per weight shape), else
+    one small program per shape."""
+    if all(device.platform == "cpu" for device in x.devices()):
+        return bool(np.isfinite(np.asarray(x)).all())
+    return bool(_all_finite_on_device(x))
+
+
+@jax.jit
+def _all_finite_on_device(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
 def _resolve(site: Site, rule: Rule, shape: tuple[int, ...]) -> tuple[Format | None, Format | None]:
     """The weight and activation formats ``rule`` gives ``site`` (weight ``shape``), validated."""
     value = site.weight.get_value()
@@ -227,7 +240,7 @@ def _resolve(site: Site, rule: Rule, shape: tuple[int, ...]) -> tuple[Format | N
             raise ValueError(f"site {site.path!r} (weight shape {shape}, axis {axis}): {err}") from None
         if reason := algorithm(rule.algorithm).supports(weight_fmt):
             raise ValueError(f"site {site.path!r}: {reason}")
-        if isinstance(value, jax.Array) and not bool(jnp.all(jnp.isfinite(value))):
+        if isinstance(value, jax.Array) and not _all_finite(value):
             raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
     if act_fmt is not None and site.spec.kind not in ("linear", "experts", "conv"):
         raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear, "

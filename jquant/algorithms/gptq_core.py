@@ -25,9 +25,11 @@ decreasing ``diag(H)``) with groups always uses static groups, so every group
 stays a contiguous block of the original rows and the stored format is a
 plain group-wise one. ``block_size`` is rounded to a multiple of ``group_size``.
 
-Programs: ``gptq`` runs two XLA programs per weight shape and settings, the factor (``_sweep_factor_once``: the
-act-order permutation, damping and ``U``; damping traced, so retries reuse it) and the sweep (``gptq_sweep``);
-host arrays are cast on the host, so no eager operation compiles per shape. Sites of the same shape reuse both.
+Programs: ``gptq`` runs two XLA programs, the factor (``_hessian_factor_once``: the act-order permutation, dead
+inputs, damping and ``U``; damping traced, so retries reuse it), one per input size, and the sweep (``gptq_sweep``,
+which also casts the weight, zeroes dead rows and permutes it), one per weight shape and settings; host arrays are
+cast on the host, so no eager operation compiles per shape. Sites of the same input size share the factor, sites of
+the same shape both.
 """
 
 from __future__ import annotations
@@ -118,20 +120,23 @@ def _damped_factor_once(h: jax.Array, w: jax.Array, damp: float) -> tuple[jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("act_order",))
-def _sweep_factor_once(h: jax.Array, w: jax.Array, damp: float, *, act_order: bool
-                       ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
-    """One try of GPTQ's factor as one program per shape: ``(W0, U, perm, finite)`` in the sweep's row order.
+def _hessian_factor_once(h: jax.Array, damp: float, *, act_order: bool
+                         ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
+    """One try of GPTQ's factor of ``h [in, in]`` as one program per input size: ``(U, perm, dead, finite)``.
 
-    With ``act_order`` the rows are first permuted by ``act_order_permutation`` (damping and dead inputs commute
-    with permuting, so the permuted Hessian is factored directly); ``perm [in]`` is None without it. Unlike
-    ``_damped_factor_once`` the damped Hessian is no output, so no extra ``[in, in]`` buffer outlives the call.
+    ``U`` is in the sweep's row order: with ``act_order`` the rows are first permuted by ``act_order_permutation``
+    (damping and dead inputs commute with permuting, so the permuted Hessian is factored directly); ``perm [in]`` is
+    None without it. ``dead [in]`` (original order) marks inputs with ``H[i, i] == 0``, whose weight rows the sweep
+    zeroes (``prepare_hessian``). Unlike ``_damped_factor_once`` the weight is no argument (sites of one input size
+    share the program) and the damped Hessian no output (no extra ``[in, in]`` buffer outlives the call).
     """
+    dead = jnp.diag(h) == 0
     perm = act_order_permutation(h) if act_order else None
     if act_order:
-        h, w = h[perm][:, perm], w[perm]
-    h_damped, w0 = prepare_hessian(h, w, damp)
+        h = h[perm][:, perm]
+    h_damped, _ = prepare_hessian(h, jnp.zeros((h.shape[0], 1), h.dtype), damp)
     u = inverse_cholesky_upper(h_damped)
-    return w0, u, perm, jnp.all(jnp.isfinite(u))
+    return u, perm, dead, jnp.all(jnp.isfinite(u))
 
 
 @jax.jit
@@ -241,10 +246,22 @@ def gptq(
     that a ``FloatingPointError`` explains what to do.
     """
     dtype = jnp.promote_types(jnp.result_type(w), jnp.float32)  # float64 stays float64 (tests)
-    w, h = _as_dtype(w, dtype), _as_dtype(h, dtype)
-    n_in, n_out = w.shape
-    if h.shape != (n_in, n_in):
-        raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's input size {n_in}.")
+    h = _as_dtype(h, dtype)
+    if not isinstance(w, jax.Array):
+        w = _as_dtype(w, dtype)  # device weights are cast inside the sweep: no eager program per shape
+    if h.shape != (w.shape[0], w.shape[0]):
+        raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's input size {w.shape[0]}.")
+    sweep = _sweep_settings(w.shape[0], group_size, config, dtype)
+    (u, perm, dead), damp = _with_damping_retries(
+        lambda d: _hessian_factor_once(h, float(d), act_order=config.act_order), config.damp, max_damp_retries, "gptq")
+    del h
+    q, scales, zeros = gptq_sweep(w, dead, u, perm, params_fn=params_fn, qdq_fn=qdq_fn, **sweep)
+    return GPTQResult(weights=q, scales=scales, zeros=zeros, damp=damp)
+
+
+def _sweep_settings(n_in: int, group_size: int | None, config: GPTQConfig, dtype) -> dict:
+    """``gptq_sweep``'s static settings for ``n_in`` input rows: dtype, group, block and sub-block size, and whether
+    the groups are static. Raises if ``group_size`` does not divide ``n_in``."""
     gs = group_size or n_in
     if n_in % gs:
         raise ValueError(f"gptq: group_size={gs} does not divide the input size {n_in}.")
@@ -252,32 +269,30 @@ def gptq(
     block = min(block, n_in)
     if n_in % block:
         block = gs if group_size else _largest_divisor_at_most(n_in, block)
-
-    (w0, u, perm), damp = _with_damping_retries(
-        lambda d: _sweep_factor_once(h, w, float(d), act_order=config.act_order), config.damp, max_damp_retries, "gptq")
-    del h, w
-    static = config.static_groups or config.act_order or group_size is None
-    q, scales, zeros = gptq_sweep(w0, u, perm, params_fn=params_fn, qdq_fn=qdq_fn, group_size=gs, block_size=block,
-                                  sub_block=math.gcd(block, gs, SUB_BLOCK), static_groups=static)
-    return GPTQResult(weights=q, scales=scales, zeros=zeros, damp=damp)
+    return {"dtype": jnp.dtype(dtype), "group_size": gs, "block_size": block,
+            "sub_block": math.gcd(block, gs, SUB_BLOCK),
+            "static_groups": config.static_groups or config.act_order or group_size is None}
 
 
-@functools.partial(jax.jit, static_argnames=("params_fn", "qdq_fn", "group_size", "block_size", "sub_block",
-                                             "static_groups"))
-def gptq_sweep(w0, u, perm, *, params_fn, qdq_fn, group_size, block_size, sub_block, static_groups):
-    """Group parameters (from ``w0``'s original row order when ``static_groups``), ``gptq_loop`` and the rows put
-    back in their original order: ``(q [in, out], scales, zeros)``.
+@functools.partial(jax.jit, static_argnames=("dtype", "params_fn", "qdq_fn", "group_size", "block_size",
+                                             "sub_block", "static_groups"))
+def gptq_sweep(w, dead, u, perm, *, dtype, params_fn, qdq_fn, group_size, block_size, sub_block, static_groups):
+    """Group parameters (from the original row order when ``static_groups``), ``gptq_loop`` and the rows put back
+    in their original order: ``(q [in, out], scales, zeros)``.
 
-    ``w0 [in, out]`` and ``u`` are in the sweep's row order, ``perm [in]`` (or None) the original index of each
-    row. One program per shapes, grid functions, group, block and sub-block size: every array is an argument,
-    so sites of the same shape and format share it.
+    ``w [in, out]`` and ``dead [in]`` are in the original row order (``w`` is cast to ``dtype`` and its dead rows
+    zeroed here, as ``prepare_hessian`` does), ``u`` in the sweep's, ``perm [in]`` (or None) the original index
+    of each sweep row. One program per shapes, grid functions, group, block and sub-block size: every array is an
+    argument, so sites of the same shape and format share it.
     """
-    n_in, n_out = w0.shape
+    n_in, n_out = w.shape
+    w = jnp.where(dead[:, None], 0.0, w.astype(dtype))
+    w0 = w if perm is None else w[perm]
     inverse = None if perm is None else jnp.argsort(perm)
     n_groups = n_in // group_size
     group_of_row = jnp.arange(n_in) // group_size
     if static_groups:
-        grouped = (w0 if inverse is None else w0[inverse]).reshape(n_groups, group_size, n_out)
+        grouped = w.reshape(n_groups, group_size, n_out)
         s, z = jax.vmap(params_fn)(grouped)
         scales, zeros = s[:, 0], None if z is None else z[:, 0]
     else:

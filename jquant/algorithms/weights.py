@@ -114,7 +114,7 @@ def gptq_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatis
     params_fn, qdq_fn = _int_grid(fmt)
     group = fmt.group_size if fmt.granularity == "group" else None
     config = _config(GPTQConfig, options, "gptq")
-    result = gptq(weight.astype(jnp.float32), stats.hessian, params_fn, qdq_fn, group_size=group, config=config)
+    result = gptq(weight, stats.hessian, params_fn, qdq_fn, group_size=group, config=config)
     q = _int_encoder(fmt)(result.weights, result.scales, result.zeros)
     return dataclasses.replace(q, dtype=jnp.dtype(weight.dtype).name)
 
