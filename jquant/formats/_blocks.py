@@ -8,6 +8,7 @@ grouped axis has ``n // group`` entries.  These helpers build and undo that.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -93,6 +94,34 @@ def with_axis(shape: tuple[int, ...], axis: int, n: int) -> tuple[int, ...]:
     out = list(shape)
     out[axis] = n
     return tuple(out)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _extreme(x: jax.Array, axis: int, largest: bool) -> jax.Array:
+    return jnp.max(x, axis=axis) if largest else jnp.min(x, axis=axis)
+
+
+@_extreme.defjvp
+def _extreme_jvp(axis: int, largest: bool, primals, tangents):
+    (x,), (t,) = primals, tangents
+    first = (jnp.argmax if largest else jnp.argmin)(x, axis=axis, keepdims=True)
+    return _extreme(x, axis, largest), jnp.squeeze(jnp.take_along_axis(t, first, axis=axis), axis)
+
+
+def max_first(x: jax.Array, axis: int) -> jax.Array:
+    """``jnp.max(x, axis)`` whose derivative is that of the first element attaining the maximum.
+
+    ``jnp.max``'s derivative spreads the cotangent over ``x == max`` divided by the number of such elements; where
+    XLA recomputes ``x`` for the backward pass with other rounding (seen on CPU at ``xla_backend_optimization_level
+    =0``, learning WKVQuant's key smoothing), no element equals the maximum and the gradient is 0 / 0 = NaN. Here the
+    cotangent goes to ``argmax`` (the same as ``jnp.max``'s wherever the maximum is unique), never NaN.
+    """
+    return _extreme(x, axis, True)
+
+
+def min_first(x: jax.Array, axis: int) -> jax.Array:
+    """``jnp.min(x, axis)`` with the derivative of the first element attaining the minimum (see ``max_first``)."""
+    return _extreme(x, axis, False)
 
 
 def group_reduce(x: jax.Array, axis: int, granularity: str, group: int | None,

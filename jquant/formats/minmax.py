@@ -110,9 +110,10 @@ class MinMaxFormat(Format):
     def group_range(self, x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
         """Group min and max of ``x`` (before clipping), the group count on ``axis``."""
         sizes = self.groups(x.shape[axis])
-        if len(set(sizes.tolist())) == 1:
-            return B.group_reduce(x, axis, "group", int(sizes[0]), jnp.min), B.group_reduce(x, axis, "group",
-                                                                                             int(sizes[0]), jnp.max)
+        if len(set(sizes.tolist())) == 1:  # min_first / max_first: a gradient that cannot be NaN (WKVQuant learns it)
+            g = int(sizes[0])
+            return (B.group_reduce(x, axis, "group", g, lambda xb, axis: B.min_first(xb, axis)),
+                    B.group_reduce(x, axis, "group", g, lambda xb, axis: B.max_first(xb, axis)))
         ids = np.repeat(np.arange(len(sizes)), sizes)
         xt = jnp.moveaxis(x, axis, 0)
         lo = jax.ops.segment_min(xt, ids, num_segments=len(sizes), indices_are_sorted=True)

@@ -1,5 +1,6 @@
 """MinMaxFormat (the KV caches' min-max groups) against a float64 numpy transcription of SKVQ §3.2."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -71,3 +72,20 @@ def test_minmax_groups_must_fit_the_axis():
         quantize(x, MinMaxFormat(bits=2, group_sizes=(16, 16)), axis=1)
     with pytest.raises(ValueError, match="divide"):
         quantize(x, MinMaxFormat(bits=2, group_size=16), axis=1)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_first_extreme_matches_jnp_and_its_gradient_where_unique_and_stays_finite_at_ties(largest):
+    from jquant.formats._blocks import max_first, min_first
+
+    ours, plain = (max_first, jnp.max) if largest else (min_first, jnp.min)
+    x = jnp.asarray(np.random.default_rng(int(largest)).normal(size=(3, 5, 7)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(9).normal(size=(3, 7)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ours(x, 1)), np.asarray(plain(x, axis=1)))
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(grad(lambda x: ours(x, 1))), np.asarray(grad(lambda x: plain(x, axis=1))),
+                               rtol=0, atol=1e-7)
+    tied = jnp.zeros((2, 4), jnp.float32)  # every element attains the extreme: the first one takes the gradient
+    expected = np.zeros((2, 4), np.float32)
+    expected[0, :] = 1.0
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda x: jnp.sum(ours(x, 0)))(tied)), expected)
