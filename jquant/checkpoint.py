@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -171,7 +173,7 @@ def load(path: str | os.PathLike) -> nnx.Module:
         stored = checkpointer.metadata(folder / STATE)
         stored_tree = getattr(stored, "item_metadata", stored)
         _check_shapes(nnx.state(abstract, nnx.Param), stored_tree, folder, recipe_missing=recipe is None)
-        params = checkpointer.restore(folder / STATE, nnx.state(abstract, nnx.Param))
+        params = _restore_uncommitted(folder / STATE, nnx.state(abstract, nnx.Param))
     except ValueError:
         raise
     except Exception as err:  # orbax/TensorStore raise bare Exceptions with pages of detail for damaged chunks
@@ -181,6 +183,20 @@ def load(path: str | os.PathLike) -> nnx.Module:
     finally:
         checkpointer.close()
     return nnx.merge(graphdef, params, nnx.state(abstract, nnx.Not(nnx.Param)))
+
+
+def _restore_uncommitted(folder: Path, target: nnx.State) -> nnx.State:
+    """The arrays stored in ``folder`` as ``target`` (``ShapeDtypeStruct`` leaves) describes them, placed on the
+    default device uncommitted, as a freshly initialised model's are.
+
+    Orbax's own restore commits every array to its device, and jit compiles again for committed inputs: the
+    loaded model's forward would not reuse the programs of the model that was saved (nor their entries in the
+    persistent compilation cache). Read as NumPy, then ``jnp.asarray``.
+    """
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        host = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    return jax.tree.map(jnp.asarray, host)
 
 
 def _key(path) -> str:

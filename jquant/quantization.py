@@ -101,14 +101,16 @@ class QuantizationReport:
     """The recipe, ``sites`` as ``(path, description)`` pairs, sites left in floating point, the time taken and
     the logs of the recipe's transform steps (``TransformLog``: time, OSTQuant losses).
 
-    Immutable and hashable: it is stored as a static attribute of the quantized model.
+    Immutable and hashable: it is stored as a static attribute of the quantized model, so it is part of every
+    jit cache key over the model. Equality and hash leave out the time taken and the transform logs: two models
+    quantized the same way (or one and its reloaded checkpoint) share their compiled programs.
     """
 
     recipe: Recipe
     sites: tuple[tuple[str, str], ...]
     unquantized: tuple[str, ...]
-    seconds: float
-    transforms: tuple[TransformLog, ...] = ()
+    seconds: float = dataclasses.field(compare=False)
+    transforms: tuple[TransformLog, ...] = dataclasses.field(default=(), compare=False)
 
     def site(self, path: str) -> str:
         """How site ``path`` was quantized (``"float"`` if it was not)."""

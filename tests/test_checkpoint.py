@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jquant.checkpoint import load, save
 from jquant.models import llama
@@ -27,6 +28,25 @@ def test_round_trip_is_exact(model, tmp_path, recipe):
     restored = load(tmp_path / "ckpt")
     np.testing.assert_array_equal(np.asarray(restored(TOKENS)), np.asarray(qmodel(TOKENS)))
     assert (tmp_path / "ckpt" / "recipe.json").is_file() == (recipe is not None)
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w8", None])
+def test_loaded_model_reuses_the_saved_models_compiled_forward(model, tmp_path, recipe):
+    """A loaded model has the saved one's graph (the quantization report's timing is not part of it) and
+    uncommitted arrays, as a freshly built model has: a jitted forward compiled for one serves the other."""
+    qmodel = quantize(model, recipe, progress=False) if recipe else model
+    save(qmodel, tmp_path / "ckpt")
+    restored = load(tmp_path / "ckpt")
+    assert nnx.graphdef(restored) == nnx.graphdef(qmodel)
+    assert not any(leaf.committed for leaf in jax.tree.leaves(nnx.state(restored)))
+
+    @jax.jit
+    def forward(state, tokens):
+        return nnx.merge(nnx.graphdef(qmodel), state)(tokens)
+
+    forward(nnx.state(qmodel), TOKENS)
+    forward(nnx.state(restored), TOKENS)
+    assert forward._cache_size() == 1
 
 
 def test_interrupted_save_leaves_nothing_behind(model, tmp_path):

@@ -129,6 +129,8 @@ def test_fit_keeps_an_ema_that_resumes_and_ends_in_the_model(tmp_path):
         run(tmp_path / "b", stop_at=3)
     resumed, _, _ = run(tmp_path / "b")  # fresh weights: parameters, optimizer state and EMA come from step 2
     np.testing.assert_array_equal(np.asarray(resumed.kernel[...]), np.asarray(model.kernel[...]))
+    # Restored as the model was built (uncommitted), so the resumed run's training step is the first run's program.
+    assert not any(leaf.committed for leaf in jax.tree.leaves(nnx.state(resumed)))
 
 
 def test_plot_history_writes_the_loss_curve(tmp_path):
