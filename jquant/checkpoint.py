@@ -4,7 +4,8 @@ A checkpoint folder holds:
 
   ``jquant.json``  family, config (``config_to_json`` of the family: Llama's is the Hugging Face
                    config.json dict, the others' the config dataclass's fields), compute/storage
-                   dtypes, format version
+                   dtypes, format version; for a quantized model, its report's time taken and
+                   transform logs (so the loaded model's report equals the saved one's)
   ``recipe.json``  the recipe that produced the model (absent for float models)
   ``kv_cache.json`` how each attention layer caches keys/values (``jquant.kv.serialize``; absent when none
                    quantizes its cache)
@@ -22,6 +23,7 @@ checks the stored arrays' shapes against that structure and only then restores.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from jquant.formats import ExpertPartition, QArray
 from jquant.kv.serialize import configs_to_json, restore_configs
 from jquant.quantization import QuantizationReport, attach_activation, describe, expert_activations, plan
 from jquant.sites import find_sites
-from jquant.transforms.pipeline import restore_structure
+from jquant.transforms.pipeline import TransformLog, restore_structure
 from jquant.recipes import Recipe
 
 FORMAT_VERSION = 1
@@ -84,6 +86,8 @@ def save(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None, overwrit
     cfg = model.config
     manifest = {"format_version": FORMAT_VERSION, "family": family, "config": _families()[family].config_to_json(cfg),
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
+    if report is not None:
+        manifest["quantization"] = {"seconds": report.seconds, "transforms": [dataclasses.asdict(t) for t in report.transforms]}
     with atomic_folder(path, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / STATE, nnx.state(model, nnx.Param))
@@ -136,10 +140,12 @@ def abstract_quantized(path: str | os.PathLike) -> tuple[nnx.Module, Recipe | No
             elif p.weight is not None:
                 p.site.weight.set_value(_abstract_weight(p.weight, tuple(value.shape), value.dtype, axis))
             attach_activation(p, jax.ShapeDtypeStruct(p.scale_shape, jax.numpy.float32))
+        timing = manifest.get("quantization", {})  # absent in checkpoints written before it was stored
         abstract.quantization = QuantizationReport(
             recipe=recipe, sites=tuple((p.site.path, describe(p)) for p in plans),
             unquantized=tuple(s.path for s in find_sites(abstract) if s.path not in {p.site.path for p in plans}),
-            seconds=0.0)
+            seconds=float(timing.get("seconds", 0.0)),
+            transforms=tuple(TransformLog(t["kind"], t["seconds"], tuple(t["losses"])) for t in timing.get("transforms", ())))
     return abstract, recipe
 
 

@@ -102,15 +102,16 @@ class QuantizationReport:
     the logs of the recipe's transform steps (``TransformLog``: time, OSTQuant losses).
 
     Immutable and hashable: it is stored as a static attribute of the quantized model, so it is part of every
-    jit cache key over the model. Equality and hash leave out the time taken and the transform logs: two models
-    quantized the same way (or one and its reloaded checkpoint) share their compiled programs.
+    jit cache key over the model (and ``nnx.jit`` writes the traced copy back onto the model: equality must
+    cover every field, or a model would take another's report). ``jquant.save`` stores all of it, so a loaded
+    model equals the saved one and shares its compiled programs.
     """
 
     recipe: Recipe
     sites: tuple[tuple[str, str], ...]
     unquantized: tuple[str, ...]
-    seconds: float = dataclasses.field(compare=False)
-    transforms: tuple[TransformLog, ...] = dataclasses.field(default=(), compare=False)
+    seconds: float
+    transforms: tuple[TransformLog, ...] = ()
 
     def site(self, path: str) -> str:
         """How site ``path`` was quantized (``"float"`` if it was not)."""

@@ -85,12 +85,16 @@ def test_checkpoint_of_another_shape_is_rejected_with_the_path(model, tmp_path):
         load(tmp_path / "ckpt")
 
 
-def test_loaded_model_reports_its_recipe(model, tmp_path):
-    qmodel = quantize(model, "rtn-w8a8", progress=False)
+def test_loaded_model_reports_what_the_saved_one_did(model, tmp_path):
+    """The whole report: recipe, sites, time taken and the transform steps' logs."""
+    calib = np.random.default_rng(0).integers(0, 64, size=(4, 8)).astype(np.int32)
+    qmodel = quantize(model, "smoothquant-w8a8", calib, progress=False)
+    assert [t.kind for t in qmodel.quantization.transforms] == ["smoothquant"] and qmodel.quantization.seconds > 0
     save(qmodel, tmp_path / "ckpt")
     restored = load(tmp_path / "ckpt").quantization
     assert restored.recipe == qmodel.quantization.recipe
     assert restored.sites == qmodel.quantization.sites
+    assert restored == qmodel.quantization
 
 
 def test_static_activation_scales_round_trip(model, tmp_path):
