@@ -177,18 +177,24 @@ def load(path: str | os.PathLike) -> nnx.Module:
     checkpointer = ocp.StandardCheckpointer()
     try:
         stored = checkpointer.metadata(folder / STATE)
-        stored_tree = getattr(stored, "item_metadata", stored)
-        _check_shapes(nnx.state(abstract, nnx.Param), stored_tree, folder, recipe_missing=recipe is None)
-        params = _restore_uncommitted(folder / STATE, nnx.state(abstract, nnx.Param))
-    except ValueError:
-        raise
     except Exception as err:  # orbax/TensorStore raise bare Exceptions with pages of detail for damaged chunks
-        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise ValueError(f"{folder / STATE} could not be read ({detail}): the checkpoint is damaged or truncated; "
-                         "save the model again (or copy the folder again from its source).") from None
+        raise _damaged(folder, err) from None
     finally:
         checkpointer.close()
+    _check_shapes(nnx.state(abstract, nnx.Param), getattr(stored, "item_metadata", stored), folder,
+                  recipe_missing=recipe is None)
+    try:
+        params = _restore_uncommitted(folder / STATE, nnx.state(abstract, nnx.Param))
+    except Exception as err:
+        raise _damaged(folder, err) from None
     return nnx.merge(graphdef, params, nnx.state(abstract, nnx.Not(nnx.Param)))
+
+
+def _damaged(folder: Path, err: Exception) -> ValueError:
+    """The error for a state folder orbax could not read, with the first line of its (often pages long) detail."""
+    detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    return ValueError(f"{folder / STATE} could not be read ({detail}): the checkpoint is damaged or truncated; "
+                      "save the model again (or copy the folder again from its source).")
 
 
 def _restore_uncommitted(folder: Path, target: nnx.State) -> nnx.State:
