@@ -186,7 +186,10 @@ def _train_block(block, following, x_q, target_in, context, config: WKVQuantConf
     smooth_keys = [k for k in flat if "kv_smoothing" in map(str, k)]
     g = config.weight_group
     theta = {
-        "lwc": {p: (jnp.full((flat[k].shape[0] // g, flat[k].shape[1]), LWC_INIT),) * 2 for p, k in kernel_keys.items()},
+        # float32, not weakly typed (a Python fill value): the updated values are float32, and a weak first input
+        # would compile the training step and the loss once more per block
+        "lwc": {p: (jnp.full((flat[k].shape[0] // g, flat[k].shape[1]), LWC_INIT, jnp.float32),) * 2
+                for p, k in kernel_keys.items()},
         "smooth": {"/".join(map(str, k)): flat[k].get_value() for k in smooth_keys} if config.learn_smoothing else {},
     }
     fixed = {k: v.get_value() for k, v in flat.items()}
