@@ -10,7 +10,9 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+import jax
 from rich.console import Console
 from rich.table import Table
 
@@ -81,6 +83,19 @@ TOKENIZER_HELP = ("tokenizer folder (with tokenizer.json) for a model folder tha
                   "(default: the model folder's own tokenizer)")
 
 
+COMPILE_CACHE_MIN_SECONDS = 0.3
+"""``--compile-cache`` keeps programs that took this long to compile: GPTQ's sweeps (~0.7 s on CPU) are kept;
+writing every tiny program costs more than compiling it again."""
+
+
+def use_compile_cache(folder: Path) -> None:
+    """JAX's persistent compilation cache in ``folder`` for this process (call before anything compiles)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--compile-cache {folder} is a file; give a folder (it is created if missing).")
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jquant",
@@ -88,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--compile-cache", type=Path, default=None, metavar="FOLDER",
+                   help="keep XLA's compiled programs in FOLDER (created if missing) and reuse them in later runs: "
+                        "a second `jquant quantize` of the same model compiles little (JAX's persistent cache, "
+                        f"programs that took at least {COMPILE_CACHE_MIN_SECONDS} s to compile)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("list", help="list bundled models, model presets, recipes or formats")
@@ -606,6 +625,12 @@ COMMANDS = {"bench": _cmd_bench, "list": _cmd_list, "eval": _cmd_eval, "quantize
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
+    if args.compile_cache is not None:
+        try:
+            use_compile_cache(args.compile_cache)
+        except ValueError as err:
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {err}")
+            return 2
     try:
         result = COMMANDS[args.command](args, console)
     except (ValueError, FileNotFoundError) as err:

@@ -135,3 +135,24 @@ def test_quantize_moe_with_ebss_calibration_and_the_moequant_recipe(capsys, tmp_
     code, _, err = _run(capsys, "quantize", "--model", DEFAULT_MODEL, "--recipe", "gptq-moe-w4", "--calib-source", "ebss",
                         "--calib-samples", "2", "--calib-seq-len", "8", "--no-eval")
     assert code == 2 and "EBSS needs a mixture-of-experts model" in err
+
+
+def test_compile_cache_keeps_the_programs_for_the_next_run(tmp_path):
+    """``--compile-cache`` writes the run's slower-compiling programs into the folder (a fresh process: JAX fixes
+    its cache folder at the first compile, and this test process has compiled long before)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "xla"
+    cmd = [sys.executable, "-m", "jquant.cli", "--compile-cache", str(folder), "eval", "--model", DEFAULT_MODEL,
+           "--tasks", "ppl", "--max-windows", "1", "--seq-len", "32", "--batch-size", "1", "--no-latency", "--json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    assert json.loads(out)["perplexity"]["tokens"] == 31
+    assert any("next_token_logprobs" in p.name for p in folder.iterdir())
+
+
+def test_compile_cache_that_is_a_file_is_refused(tmp_path, capsys):
+    file = tmp_path / "cache"
+    file.write_text("mine")
+    assert cli.main(["--compile-cache", str(file), "list", "recipes"]) == 2
+    assert "--compile-cache" in capsys.readouterr().err and file.read_text() == "mine"
