@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -39,6 +38,7 @@ from jquant.atomic import atomic_folder
 from jquant.formats import ExpertPartition, QArray
 from jquant.kv.serialize import configs_to_json, restore_configs
 from jquant.quantization import QuantizationReport, attach_activation, describe, expert_activations, plan
+from jquant.sharding import restore_uncommitted
 from jquant.sites import find_sites
 from jquant.transforms.pipeline import TransformLog, restore_structure
 from jquant.recipes import Recipe
@@ -198,17 +198,12 @@ def _damaged(folder: Path, err: Exception) -> ValueError:
 
 
 def _restore_uncommitted(folder: Path, target: nnx.State) -> nnx.State:
-    """The arrays stored in ``folder`` as ``target`` (``ShapeDtypeStruct`` leaves) describes them, placed on the
-    default device uncommitted, as a freshly initialised model's are.
-
-    Orbax's own restore commits every array to its device, and jit compiles again for committed inputs: the
-    loaded model's forward would not reuse the programs of the model that was saved (nor their entries in the
-    persistent compilation cache). Read as NumPy, then ``jnp.asarray``.
-    """
+    """The arrays stored in ``folder`` as ``target`` (``ShapeDtypeStruct`` leaves) describes them, read as NumPy and
+    placed uncommitted (``jquant.sharding.restore_uncommitted``: the loaded model reuses the saved one's programs)."""
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     with ocp.PyTreeCheckpointer() as checkpointer:
-        host = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
-    return jax.tree.map(jnp.asarray, host)
+        return restore_uncommitted(
+            lambda: checkpointer.restore(folder, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)))
 
 
 def _key(path) -> str:

@@ -9,9 +9,12 @@ the batch split over ``"data"``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -62,3 +65,23 @@ def shard_batch(tokens: jax.Array, mesh: Mesh, axis: str = "data") -> jax.Array:
     if tokens.shape[0] % mesh.shape[axis]:
         raise ValueError(f"batch size {tokens.shape[0]} is not divisible by mesh axis {axis!r} of size {mesh.shape[axis]}.")
     return jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(axis)))
+
+
+
+def restore_uncommitted(restore: Callable[[], Any], *, like=None):
+    """The tree ``restore()`` returns (NumPy or device arrays), its arrays uncommitted on the default device as a
+    freshly built model's are; with ``like`` (a tree of the same structure) only where ``like``'s array is
+    uncommitted (sharded, committed arrays stay as restored).
+
+    Orbax's restore commits every array to its device, and jit compiles again for committed inputs: a loaded
+    model or a resumed training run would not reuse the programs already compiled (nor the persistent cache's).
+    The tree is restored here so that nothing else holds it: each leaf's source is dropped once it is converted,
+    and the peak is the tree plus one array, not two trees.
+    """
+    leaves, treedef = jax.tree.flatten(restore())
+    keep = [False] * len(leaves) if like is None else [
+        isinstance(a, jax.Array) and a.committed for a in treedef.flatten_up_to(like)]
+    for i, committed in enumerate(keep):
+        if not committed:
+            leaves[i] = jnp.asarray(np.asarray(leaves[i]))  # np.asarray: the host value (zero-copy on CPU)
+    return jax.tree.unflatten(treedef, leaves)

@@ -10,6 +10,8 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import Mesh
 
@@ -59,3 +61,19 @@ def test_rule_naming_a_missing_mesh_axis_is_rejected():
     mesh = Mesh(jax.devices()[:1], ("data",))
     with pytest.raises(ValueError, match="'model'"):
         sharding.partition_specs(model, mesh)
+
+
+def test_restore_uncommitted_keeps_values_and_commits_only_where_the_live_array_is_committed():
+    rng = np.random.default_rng()
+    device = jax.devices()[0]
+    live = {"built": jnp.asarray(rng.standard_normal(3)),  # uncommitted, as a freshly built model's
+            "placed": jax.device_put(rng.standard_normal(4), device)}  # committed, as a sharded model's
+    restored = {k: jax.device_put(rng.standard_normal(v.shape), device) for k, v in live.items()}  # orbax: committed
+    expected = {k: np.asarray(v) for k, v in restored.items()}
+    out = sharding.restore_uncommitted(lambda: restored, like=live)
+    assert not out["built"].committed and out["placed"].committed
+    assert out["placed"] is restored["placed"]
+    for k in live:
+        np.testing.assert_array_equal(np.asarray(out[k]), expected[k])
+    host = sharding.restore_uncommitted(lambda: {"a": rng.standard_normal(2)})  # NumPy leaves, no `like`
+    assert isinstance(host["a"], jax.Array) and not host["a"].committed

@@ -23,13 +23,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from jquant.atomic import prepare_work_folder
 from jquant.progress import progress_bar
+from jquant.sharding import restore_uncommitted
 
 RESUMABLE = ("checkpoints", "history.jsonl")
 """Entries of a work folder that mark an earlier run ``fit`` resumes."""
@@ -145,7 +145,8 @@ def fit(
     if manager.latest_step() is not None:
         start_step = manager.latest_step()
         live = _state(model, optimizer, ema)
-        restored = _placed_like(manager.restore(start_step, args=ocp.args.StandardRestore(live)), live)
+        restored = restore_uncommitted(lambda: manager.restore(start_step, args=ocp.args.StandardRestore(live)),
+                                       like=live)
         nnx.update(model, restored["model"])
         nnx.update(optimizer, restored["optimizer"])
         ema = restored.get("ema")
@@ -188,19 +189,6 @@ def _state(model: nnx.Module, optimizer: nnx.Optimizer, ema) -> dict:
     if ema is not None:
         state["ema"] = ema
     return state
-
-
-def _placed_like(restored, live):
-    """``restored`` with each array placed as its ``live`` counterpart: orbax commits every restored array to its
-    device, and jit compiles the training step again for committed inputs, so arrays that were uncommitted
-    (a model initialised on the default device) come back uncommitted; sharded (committed) ones are kept."""
-
-    def place(r, like):
-        if isinstance(like, jax.Array) and not like.committed and isinstance(r, jax.Array):
-            return jnp.asarray(np.asarray(r))
-        return r
-
-    return jax.tree.map(place, restored, live)
 
 
 def _write_history(workdir: Path, history: list[dict]) -> None:
