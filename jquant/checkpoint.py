@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -198,12 +197,10 @@ def _damaged(folder: Path, err: Exception) -> ValueError:
 
 
 def _restore_uncommitted(folder: Path, target: nnx.State) -> nnx.State:
-    """The arrays stored in ``folder`` as ``target`` (``ShapeDtypeStruct`` leaves) describes them, read as NumPy and
-    placed uncommitted (``jquant.sharding.restore_uncommitted``: the loaded model reuses the saved one's programs)."""
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        return restore_uncommitted(
-            lambda: checkpointer.restore(folder, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)))
+    """The arrays stored in ``folder`` as ``target`` (``ShapeDtypeStruct`` leaves) describes them, placed
+    uncommitted (``jquant.sharding.restore_uncommitted``: the loaded model reuses the saved one's programs)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return restore_uncommitted(lambda: checkpointer.restore(folder, target))
 
 
 def _key(path) -> str:

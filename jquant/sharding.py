@@ -75,8 +75,9 @@ def restore_uncommitted(restore: Callable[[], Any], *, like=None):
 
     Orbax's restore commits every array to its device, and jit compiles again for committed inputs: a loaded
     model or a resumed training run would not reuse the programs already compiled (nor the persistent cache's).
-    The tree is restored here so that nothing else holds it: each leaf's source is dropped once it is converted,
-    and the peak is the tree plus one array, not two trees.
+    The tree is restored here so that nothing else holds it, and each leaf's source is dropped once converted
+    (measured on CPU, a 0.28 GB float32 Llama's load peaks about 0.15 GB above orbax's committed restore; a NumPy
+    restore followed by the copy peaked about 0.4 GB above it).
     """
     leaves, treedef = jax.tree.flatten(restore())
     keep = [False] * len(leaves) if like is None else [
