@@ -37,6 +37,24 @@ def _param(value: jax.Array, names: ShardingNames) -> nnx.Param:
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+_BUCKETED_INIT_MAX = 1 << 22
+
+
+def _normal_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype, std: float) -> jax.Array:
+    """``std * N(0, 1)`` of ``shape``.
+
+    Up to ``2**22`` elements the draw is the first ``prod(shape)`` entries of a flat vector whose length is the next
+    power of two, so the random generator compiles once per size bucket instead of once per parameter shape (each
+    threefry compile costs about half a second on a CPU), at the price of drawing up to twice the numbers (at most
+    16 MB in float32); larger tensors draw their exact shape. The values depend only on ``key``, ``shape`` and
+    ``dtype``, traced or not."""
+    size = math.prod(shape)
+    if size > _BUCKETED_INIT_MAX:
+        return std * jax.random.normal(key, shape, dtype)
+    bucket = 1 << max(size - 1, 0).bit_length()
+    return std * jax.random.normal(key, (bucket,), dtype)[:size].reshape(shape)
+
+
 class ChannelSplit(nnx.Module):
     """MQuant's RMS side branch of a :class:`Linear` (spec §3.4): ``side [out]`` is the rotated kernel's row 0 kept
     in float (the kernel's row 0 is then zero), ``active`` a 0/1 scalar (0: the layer did not pass the split
@@ -79,7 +97,7 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
         init_std: float = 0.02,
     ):
-        self.kernel = _param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype), sharding)
+        self.kernel = _param(_normal_init(rngs.params(), (in_features, out_features), param_dtype, init_std), sharding)
         self.bias = _param(jnp.zeros((out_features,), param_dtype), sharding[-1:]) if use_bias else None
         self.activation = None  # an activation Format (or one per group) once a recipe quantizes this layer's inputs
         self.activation_scale = nnx.data(None)  # a calibrated Param for static formats: scalar, or [G] per group
@@ -145,7 +163,7 @@ class Conv(nnx.Module):
             raise ValueError(f"Conv: kernel_size={kernel_size!r} must be a tuple of 1 to 3 ints (one per spatial "
                              "axis), e.g. (3, 3) for a 2-D convolution.")
         rows = math.prod(kernel_size) * in_channels
-        self.kernel = _param(init_std * jax.random.normal(rngs.params(), (rows, out_channels), param_dtype), sharding)
+        self.kernel = _param(_normal_init(rngs.params(), (rows, out_channels), param_dtype, init_std), sharding)
         self.bias = _param(jnp.zeros((out_channels,), param_dtype), sharding[-1:]) if use_bias else None
         self.kernel_size, self.stride, self.dilation, self.padding_mode = kernel_size, stride, dilation, padding_mode
         self.padding = padding if isinstance(padding, (int, str)) else tuple(
@@ -171,7 +189,7 @@ class Embed(nnx.Module):
     QUANT_SITE = SiteSpec(param="embedding", contraction_axis=1, kind="embedding")
 
     def __init__(self, vocab_size: int, dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs, init_std: float = 0.02):
-        self.embedding = _param(init_std * jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype), ("vocab", "embed"))
+        self.embedding = _param(_normal_init(rngs.params(), (vocab_size, dim), param_dtype, init_std), ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
         """``ids [B, T]`` -> ``[B, T, D]``."""
@@ -397,7 +415,7 @@ class ExpertLinear(nnx.Module):
     def __init__(self, num_experts: int, in_features: int, out_features: int, *, sharding: ShardingNames,
                  param_dtype: jnp.dtype, rngs: nnx.Rngs, init_std: float = 0.02):
         shape = (num_experts, in_features, out_features)
-        self.kernel = _param(init_std * jax.random.normal(rngs.params(), shape, param_dtype), ("expert", *sharding))
+        self.kernel = _param(_normal_init(rngs.params(), shape, param_dtype, init_std), ("expert", *sharding))
         self.activation = None
 
     def __call__(self, x: jax.Array, group_sizes: jax.Array, affinity: jax.Array | None = None) -> jax.Array:
