@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from slow_tier import read_list
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -62,3 +63,17 @@ def _release_compiled_programs():
     if _resident_gb() >= _RELEASE_GB:
         jax.clear_caches()
         gc.collect()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: listed in tests/slow_tests.txt (10 s or more in a cold run); deselected "
+                                       "by the default options, run with -m slow (or -m '' for everything)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests of ``slow_tests.txt`` slow, before ``-m`` selects."""
+    slow = set(read_list())
+    for item in items:
+        if item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)
