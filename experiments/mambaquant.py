@@ -1,4 +1,5 @@
-"""MambaQuant vs RTN, SmoothQuant and Hadamard rotation at W8A8 and W4A8 -> experiments/results/mambaquant.md.
+"""MambaQuant vs RTN, SmoothQuant and Hadamard rotation at W8A8 and W4A8 (conv1d float or quantized)
+-> experiments/results/mambaquant.md.
 
     python experiments/mambaquant.py --model jq-mamba-small     # about 3 h on 2 cores shared with the test suite
     python experiments/mambaquant.py --report-only              # rebuild the .md/.png from the .json
@@ -41,9 +42,11 @@ from jquant.data import load_split, random_windows, token_windows
 from jquant.eval import distribution_agreement, perplexity, zero_shot
 from jquant.models import load
 
-SETTINGS = ("w8a8", "w4a8")
+# "-conv": the depthwise conv1d weights (per channel) and inputs (site a1) quantized too, with S7 wherever the method
+# smooths; the plain settings keep the conv1d float (the family's keep_float)
+SETTINGS = ("w8a8", "w4a8", "w8a8-conv", "w4a8-conv")
 TASKS = ("next_line", "same_source")
-SITES = ("in_proj", "x_proj", "dt_proj", "out_proj")
+SITES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
 # method -> mambaquant step options (None: plain RTN recipe)
 METHODS = {
     "RTN": None,
@@ -70,8 +73,9 @@ OURS = "+smooth-fused (MambaQuant)"
 BASELINES = ("RTN", "SmoothQuant", "Hadamard (QuaRot-style)")
 ABLATION = tuple(METHODS)[3:]
 VALUES = ("ppl", "kl", "top1", *TASKS, "zero_shot", "seconds", *(f"snr_{k}" for k in SITES))  # vary with the seed
-DEVIATIONS = """Deviations from the paper's configuration (spec §3.6): the depthwise conv1d and the SSM matmul operands
-(h and C, site a4) are not quantized here (jquant's scan is not a GEMM; so S4/R4 and S7 have nothing to act on),
+DEVIATIONS = """Deviations from the paper's configuration (spec §3.6): the SSM matmul operands (h and C, site a4) are
+not quantized here (jquant's scan is not a GEMM, so S4/R4 have nothing to act on); the depthwise conv1d is quantized
+only in the `-conv` settings (per-channel weights over its 4 taps, per-tensor inputs, S7 with the other smoothings),
 the head stays float (the paper quantizes lm_head's weights), and R2 is a plain random Hadamard (the LLM code's
 K2·H variant is not used). Activation scales are per sequence of 256 tokens (the paper: per 2048-token sample)."""
 
@@ -103,6 +107,8 @@ def _recipe(setting: str, options: dict | None, seed: int) -> jq.recipes.Recipe:
     """The method's recipe: plain RTN (``options`` None) or MambaQuant's steps with ``options``, seeded."""
     if options is None:
         return jq.recipes.get(f"rtn-mamba-{setting}")
+    if setting.endswith("-conv"):  # S7 is one of the smoothings: on exactly where S2/S5 are
+        options = {**options, "smooth_conv": options.get("smooth", True)}
     return jq.recipes.get(f"mambaquant-{setting}", transform_options={**options, "seed": seed})
 
 
@@ -142,6 +148,11 @@ def _flat(row: dict) -> dict:
             **{f"snr_{k}": v for k, v in (row.get("snr_db") or {}).items()}}
 
 
+def _settings(merged: dict[tuple[str, str], dict]) -> list[str]:
+    """The quantized settings the run has rows for, in ``SETTINGS`` order (older runs have no ``-conv`` rows)."""
+    return [s for s in SETTINGS if any(setting == s for setting, _ in merged)]
+
+
 def _merged(results: Results) -> dict[tuple[str, str], dict]:
     """One row per (setting, method): mean, std and runs over the seeds (``harness.over_seeds``)."""
     rows = harness.over_seeds([_flat(r) for r in results.rows], by=("setting", "method"), values=VALUES)
@@ -167,7 +178,7 @@ COLUMNS = [Column("setting", "setting"), Column("method", "method"),
            Column("ppl", harness.mean_std("ppl", ".2f")), Column("KL (1e-3 nats)", harness.mean_std("kl", ".2f", 1e3)),
            Column("top-1", harness.mean_std("top1", ".4f")), Column("mean zero-shot", harness.mean_std("zero_shot", ".3f")),
            *(Column(header, f"snr_{k}", ".1f")
-             for header, k in zip(("SNR in_proj", "x_proj", "dt_proj", "out_proj (dB)"), SITES))]
+             for header, k in zip(("SNR in_proj", "conv1d", "x_proj", "dt_proj", "out_proj (dB)"), SITES))]
 
 
 def _summary(merged: dict[tuple[str, str], dict]) -> list[str]:
@@ -175,7 +186,7 @@ def _summary(merged: dict[tuple[str, str], dict]) -> list[str]:
     which ablation steps lowered each."""
     fp = merged[("w16a16", "FP")]["ppl"]
     summary = []
-    for s in SETTINGS:
+    for s in _settings(merged):
         rows = {m: r for m in METHODS if (r := merged.get((s, m)))}
         if len(rows) < len(METHODS):
             continue
@@ -214,7 +225,7 @@ def _reading(results: Results, merged: dict[tuple[str, str], dict]) -> str:
     worst = min(snr, key=snr.get)
     others = [v for k, v in snr.items() if k != worst]
     steps = "; ".join(
-        f"{b}: " + ", ".join(f"{s} {_step(results.rows, s, a, b)}" for s in SETTINGS)
+        f"{b}: " + ", ".join(f"{s} {_step(results.rows, s, a, b)}" for s in _settings(merged))
         for a, b in itertools.pairwise(ABLATION))
     shift, se = _zero_shot_noise(results)
     return (f"Reading the tables (scale matters): {results.args['model']} is a small model trained on few tokens. "
@@ -238,7 +249,8 @@ def _verdict(results: Results, merged: dict[tuple[str, str], dict]) -> str | Non
     (``_decide``). Ahead of every baseline in every setting: reproduced; of none in any: not reproduced; otherwise
     partly; undecided with one seed (no standard error). None when a row is missing."""
     fp = merged.get(("w16a16", "FP"))
-    decided = {(s, b): _decide(results.rows, s, OURS, b) for s in SETTINGS for b in BASELINES}
+    settings = _settings(merged)
+    decided = {(s, b): _decide(results.rows, s, OURS, b) for s in settings for b in BASELINES}
     if fp is None or None in decided.values():
         return None
     outcomes = [o for o, _ in decided.values()]
@@ -246,10 +258,10 @@ def _verdict(results: Results, merged: dict[tuple[str, str], dict]) -> str | Non
     category = ("undecided" if n < 2 else "reproduced" if all(o == "ahead" for o in outcomes) else
                 "not reproduced" if "ahead" not in outcomes else "partly reproduced")
     ours = " / ".join(harness.mean_std("ppl", "+.2f")({**merged[(s, OURS)], "ppl": merged[(s, OURS)]["ppl"] - fp["ppl"]})
-                      for s in SETTINGS)
+                      for s in settings)
     versus = "; ".join(f"{b} {s}: {o} ({lead.text()})" for (s, b), (o, lead) in decided.items())
     shift, se = _zero_shot_noise(results)
-    return (f"{category}: MambaQuant's perplexity over FP is {ours} at {' / '.join(SETTINGS)} ("
+    return (f"{category}: MambaQuant's perplexity over FP is {ours} at {' / '.join(settings)} ("
             + (f"mean ± std over {n} seeds" if n > 1 else "one seed") + "); against each baseline, baseline minus MambaQuant, mean ± standard error of the paired "
             f"per-seed difference, a lead counting beyond twice that error, on perplexity or else on KL to float: "
             f"{versus}" + (" (one seed: no standard error, no lead can count)" if n < 2 else "")
@@ -271,8 +283,9 @@ def report(runs: list[Results], base: Path) -> None:
              f"windows. Mean ± std over the seeds for the methods that calibrate (RTN: one run). JAX {meta['jax']}, "
              f"CPU. {harness.reproduce(results.command)}"), "",
              ("Quantizers (spec §3.1/3.8): per-channel asymmetric RTN weights, dynamic per-tensor asymmetric int8 "
-              "activations (one scale per 256-token sequence) at every in_proj, x_proj, dt_proj and out_proj input; "
-              "embeddings and head float."), ""]
+              "activations (one scale per 256-token sequence) at every in_proj, x_proj, dt_proj and out_proj input "
+              "(and, in the `-conv` settings, at every conv1d input, with per-channel conv1d weights); embeddings and "
+              "head float."), ""]
     lines += harness.table(list(merged.values()), COLUMNS) + ["", "Computed from the means:", ""] + _summary(merged)
     if (text := _verdict(results, merged)) is not None:
         lines += ["", harness.verdict(text)]
@@ -291,7 +304,7 @@ def _plot(merged: dict[tuple[str, str], dict], path: Path) -> None:
     ax_ppl.axhline(fp, color="k", lw=0.8, ls="--", label="FP")
     ax_ppl.legend(fontsize=7)
     snr = [{"method": r["method"], "site": k, "dB": r[f"snr_{k}"]} for r in quantized if r["setting"] == "w8a8"
-           for k in SITES]
+           for k in SITES if r.get(f"snr_{k}") is not None]
     harness.plot_rows(ax_snr, snr, x="site", y="dB", series="method",
                       title="W8A8: activation SNR per site (mean over layers)")
     harness.save_figure(fig, path)

@@ -243,15 +243,20 @@ def _resolve(site: Site, rule: Rule, shape: tuple[int, ...]) -> tuple[Format | N
             raise ValueError(f"site {site.path!r} (weight shape {shape}, axis {axis}): {err}") from None
         if reason := algorithm(rule.algorithm).supports(weight_fmt):
             raise ValueError(f"site {site.path!r}: {reason}")
+        if site.spec.kind == "depthwise" and algorithm(rule.algorithm).needs_calibration:
+            raise ValueError(f"site {site.path!r} is a depthwise convolution (each channel has its own taps, so there "
+                             f"is no shared input Hessian for {rule.algorithm!r}); quantize it with 'rtn'.")
         if isinstance(value, jax.Array) and not _all_finite(value):
             raise ValueError(f"site {site.path!r}: the weight holds NaN or Inf; fix the model before quantizing.")
-    if act_fmt is not None and site.spec.kind not in ("linear", "experts", "conv"):
+    if act_fmt is not None and site.spec.kind not in ("linear", "experts", "conv", "depthwise"):
         raise ValueError(f"site {site.path!r} is a {site.spec.kind} site; activation formats apply to linear, "
                          "expert and convolution sites.")
     if act_fmt is not None:
         features = shape[site.spec.contraction_axis]
         if site.spec.kind == "conv":  # the [K C_in, C_out] matrix view: inputs are quantized over C_in channels
             features //= math.prod(site.module.kernel_size)
+        if site.spec.kind == "depthwise":  # [K, C]: each position's C channels are quantized
+            features = shape[1]
         try:
             act_fmt.check_shape((1, features), 1)
         except ValueError as err:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from flax import nnx
 
-SiteKind = Literal["linear", "embedding", "experts", "elementwise", "conv"]
+SiteKind = Literal["linear", "embedding", "experts", "elementwise", "conv", "depthwise"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -129,6 +129,33 @@ class Linear(nnx.Module):
         return y if split is None else add_side_branch(y, lead, split.side.get_value())
 
 
+class CausalConv1d(nnx.Module):
+    """Depthwise causal convolution over ``channels`` with ``width`` taps (``jquant.ops.causal_conv1d``).
+
+    ``weight [K, C]`` is a site of kind ``depthwise``: each channel has its own ``K`` taps, so weight formats
+    quantize along the taps (axis 0) and only input-free algorithms apply; ``activation`` (and a static
+    ``activation_scale``) quantize the ``C`` input channels of each position (MambaQuant's site a1).
+    """
+
+    QUANT_SITE = SiteSpec(param="weight", contraction_axis=0, kind="depthwise")
+
+    def __init__(self, channels: int, width: int, *, use_bias: bool, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(width)
+        w = jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound)
+        self.weight = _param(w, (None, "mlp"))
+        self.bias = _param(jnp.zeros((channels,), param_dtype), ("mlp",)) if use_bias else None
+        self.activation = None  # an activation Format once a recipe quantizes this convolution's inputs
+        self.activation_scale = nnx.data(None)  # a calibrated Param for static formats
+
+    def __call__(self, x: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B, T, C]``, ``state [B, K-1, C]`` -> ``y [B, T, C]``, new state."""
+        record_input(self, x)
+        bias = None if self.bias is None else self.bias.get_value()
+        scale = None if self.activation_scale is None else self.activation_scale.get_value()
+        return ops.causal_conv1d(x, self.weight.get_value(), bias, state, activation=self.activation,
+                                 activation_scale=scale)
+
+
 class Conv(nnx.Module):
     """``y = conv(Q_a(x), kernel) + bias`` over 1 to 3 spatial axes, channels last (``jquant.ops.conv``).
 

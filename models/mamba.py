@@ -54,7 +54,7 @@ from flax import nnx
 from jquant import ops
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import LM_KEEP_FLOAT, Family
-from jquant.models.layers import Embed, Linear, RMSNorm
+from jquant.models.layers import CausalConv1d, Embed, Linear, RMSNorm
 from jquant.transforms.ssm_layout import SSMLayout, SSMMixerLayout
 
 DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
@@ -69,6 +69,11 @@ def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
 # ----------------------------------------------------------------------------
 # Shared building blocks (also used by mamba2.py)
 # ----------------------------------------------------------------------------
+
+# What the Mamba families keep in floating point under a recipe that keeps the default: the embedding, the head
+# and the depthwise convolutions (common weight-quantization tools target linear layers only); MambaQuant's
+# ``*-conv`` recipes name their own keep_float and quantize the convolutions too.
+SSM_KEEP_FLOAT: tuple[str, ...] = (*LM_KEEP_FLOAT, r".*/conv1d")
 
 
 class LayerState(NamedTuple):
@@ -89,23 +94,6 @@ class SSMCache:
 
     layers: tuple[LayerState, ...]
     length: jax.Array
-
-
-class CausalConv1d(nnx.Module):
-    """Depthwise causal convolution over ``channels`` with ``width`` taps: weight ``[K, C]``, optional bias ``[C]``."""
-
-    def __init__(self, channels: int, width: int, *, use_bias: bool, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        bound = 1.0 / math.sqrt(width)
-        w = jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound)
-        self.weight = nnx.Param(w, out_sharding=(None, "mlp"), eager_sharding=False)
-        self.bias = (
-            nnx.Param(jnp.zeros((channels,), param_dtype), out_sharding=("mlp",), eager_sharding=False) if use_bias else None
-        )
-
-    def __call__(self, x: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``x [B, T, C]``, ``state [B, K-1, C]`` -> ``y [B, T, C]``, new state."""
-        bias = None if self.bias is None else self.bias[...]
-        return ops.causal_conv1d(x, self.weight[...], bias, state)
 
 
 class MambaBlock(nnx.Module):
@@ -560,5 +548,5 @@ FAMILY = Family(
     config_from_json=functools.partial(dataclass_config_from_json, MambaConfig),
     checkpoint_protocol="the manifest's config holds the MambaConfig fields (config_io.dataclass_config_to_json).",
     from_hf=from_hf,
-    keep_float=LM_KEEP_FLOAT,
+    keep_float=SSM_KEEP_FLOAT,
 )

@@ -39,11 +39,11 @@ from flax import nnx
 
 from jquant import ops
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
-from jquant.models.family import LM_KEEP_FLOAT, Family
-from jquant.models.layers import Linear
+from jquant.models.family import Family
+from jquant.models.layers import CausalConv1d, Linear
 from jquant.transforms.ssm_layout import SSMMixerLayout
 from jquant.models.mamba import (
-    CausalConv1d,
+    SSM_KEEP_FLOAT,
     CausalSSM,
     DTypeName,
     LayerState,
@@ -306,5 +306,5 @@ FAMILY = Family(
     config_from_json=functools.partial(dataclass_config_from_json, Mamba2Config),
     checkpoint_protocol="the manifest's config holds the Mamba2Config fields (config_io.dataclass_config_to_json).",
     from_hf=from_hf,
-    keep_float=LM_KEEP_FLOAT,
+    keep_float=SSM_KEEP_FLOAT,
 )

@@ -12,20 +12,29 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jquant.formats import Format, QArray
+from jquant.ops.linear import as_array, quantize_activation
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+def causal_conv1d(x: jax.Array, weight: jax.Array | QArray, bias: jax.Array | None, state: jax.Array, *,
+                  activation: Format | None = None,
+                  activation_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Causal depthwise convolution continuing from ``state``.
 
-    ``x [B, T, C]``, ``weight [K, C]``, ``bias [C]``, ``state [B, K-1, C]`` (the
-    inputs before ``x``; zeros at the start) -> ``y [B, T, C]`` with
-    ``y_t[c] = bias[c] + sum_k weight[k, c] * x_{t-K+1+k}[c]``, and the new state
-    (the last ``K-1`` inputs).
+    ``x [B, T, C]``, ``weight [K, C]`` (an array, or a ``QArray`` quantized along the taps, axis 0: one scale
+    per channel or group of taps), ``bias [C]``, ``state [B, K-1, C]`` (the inputs before ``x``; zeros at the
+    start) -> ``y [B, T, C]`` with ``y_t[c] = bias[c] + sum_k weight[k, c] * x'_{t-K+1+k}[c]``, and the new state
+    (the last ``K-1`` of ``x'``). ``x' = Q_a(x)`` when ``activation`` is given (with an optional static
+    ``activation_scale``: MambaQuant's site a1), quantized as ``linear`` quantizes its inputs, this call's positions
+    only; the state keeps them as quantized, so each position is quantized once, when it arrives.
     """
     k, t = weight.shape[0], x.shape[1]
+    if activation is not None:
+        x = quantize_activation(x, activation, activation_scale)
     padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
-    w = weight.astype(x.dtype)
+    w = as_array(weight, x.dtype).astype(x.dtype)
     y = sum(w[j] * padded[:, j : j + t] for j in range(k))
     if bias is not None:
         y = y + bias.astype(x.dtype)

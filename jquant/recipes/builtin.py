@@ -9,7 +9,8 @@ point, as in GPTQ), ``w8`` symmetric; activations are quantized dynamically
 per token. ``gptvq-w{2,2.25,3}`` and ``pcdvq-w{2,2.25,3}`` are the vector-quantization
 recipes at about 2, 2.25 and 3 index bits per weight (``VQ_SETTINGS``; bits per weight
 including codebooks: ``jquant.size_report``). ``{rtn-mamba,mambaquant}-{w8a8,w4a8}`` are the
-MambaQuant settings for the Mamba families (per-tensor activations, as the paper).
+MambaQuant settings for the Mamba families (per-tensor activations, as the paper), with the depthwise conv1d in
+float; ``{rtn-mamba,mambaquant}-{w8a8,w4a8}-conv`` quantize it too (MambaQuant with S7 smoothing).
 ``{gptq,quarot-gptq}-moe-w{4,3}`` and ``moequant-w{4,3}`` are MoEQuant's settings for MoE models.
 ``mquant-w4a8``, ``mquant-w4a8-vit4``, ``quarot-w4a8-dynamic-vl`` and ``quarot-w4a8-static-vl`` are MQuant's settings for multimodal models
 (Qwen2-VL): static per-modality activation scales against the per-token dynamic baseline.
@@ -69,8 +70,15 @@ def _vq_recipes() -> list[Recipe]:
 MAMBA_SETTINGS = {"w8a8": "int8-asym", "w4a8": "int4-asym"}
 
 
+# The Mamba families keep their depthwise conv1d in floating point under the recipes above (the family's keep_float);
+# the ``-conv`` recipes name only the embedding and head, so the conv1d weights (per channel, over the taps) and
+# inputs (site a1) are quantized as well, as in the paper, and MambaQuant adds S7 smoothing of the conv1d input.
+MAMBA_CONV_KEEP_FLOAT = ("embed_tokens", "lm_head")
+
+
 def _mamba_recipes() -> list[Recipe]:
-    """RTN and MambaQuant (KLT-enhanced + smooth-fused rotation) at W8A8 and W4A8 for the Mamba families."""
+    """RTN and MambaQuant (KLT-enhanced + smooth-fused rotation) at W8A8 and W4A8 for the Mamba families, without
+    and with the depthwise convolutions quantized."""
     out = []
     for setting, weight in MAMBA_SETTINGS.items():
         common = dict(weight=weight, activation="int8-tensor-asym")
@@ -78,6 +86,15 @@ def _mamba_recipes() -> list[Recipe]:
         out += [_recipe(f"rtn-mamba-{setting}", f"Mamba: {what}, round to nearest", **common),
                 _recipe(f"mambaquant-{setting}", f"MambaQuant (KLT R1/R5, S2/S5 smoothing, online Hadamard R2): {what}",
                         transforms=(TransformStep("mambaquant", {}),), **common)]
+        conv = "; the conv1d weights and inputs quantized too"
+        out += [dataclasses.replace(
+                    _recipe(f"rtn-mamba-{setting}-conv", f"Mamba: {what}, round to nearest{conv}", **common),
+                    keep_float=MAMBA_CONV_KEEP_FLOAT),
+                dataclasses.replace(
+                    _recipe(f"mambaquant-{setting}-conv", f"MambaQuant (KLT R1/R5, S2/S5/S7 smoothing, online Hadamard "
+                            f"R2): {what}{conv}", transforms=(TransformStep("mambaquant", {"smooth_conv": True}),),
+                            **common),
+                    keep_float=MAMBA_CONV_KEEP_FLOAT)]
     return out
 
 

@@ -8,7 +8,8 @@ optional; missing = identity)::
      "blocks": [{"input_scale": s0 [d] (> 0),      # a0: smoothing of the in_proj input (SmoothQuant baseline)
                  "gate_scale": s2 [Di] (> 0),      # a5: smoothing of the out_proj input (S2)
                  "dt_scale": s5 [R] (> 0),         # a3: smoothing of the dt_proj input (S5, Mamba-1)
-                 "dt_rotation": R5 [R, R]}, ...]}   # a3: rotation of the dt_proj input (K5 H_R, Mamba-1)
+                 "dt_rotation": R5 [R, R],          # a3: rotation of the dt_proj input (K5 H_R, Mamba-1)
+                 "conv_scale": s7 [Di] (> 0)}, ...]}  # a1: smoothing of the conv1d input (S7, Mamba-1)
 
 :func:`fold` rewrites the weights so the float model computes the same function:
 
@@ -19,11 +20,14 @@ optional; missing = identity)::
   gated output ``(y ⊙ SiLU(z)) / s``; Mamba-2: the gated-norm gain ``w ← w / s``; both: ``W_out ← diag(s) W_out``;
 - S5: ``W_δ ← W_δ / s`` (the δ columns of ``x_proj``), ``W_dt ← diag(s) W_dt``;
 - R5: ``W_δ ← W_δ R5``, ``W_dt ← R5ᵀ W_dt`` (the activation becomes ``δ K5 H``, spec §7.4);
+- S7: ``W_u ← W_u / s`` (the ``u`` columns of ``in_proj`` and their bias), ``w_conv[:, c] ← s_c w_conv[:, c]``:
+  exact because the convolution is depthwise (each channel sees only its own taps); its bias is unchanged;
 - online R2 (``online=True``): ``out_proj`` applies ``x ↦ x H_Di`` at run time
   (``Linear.input_rotation``) and ``W_out ← H_Diᵀ W_out`` (after S2: ``X' = (X/s) H``, spec §3.5).
 
 :func:`mambaquant_params` computes the pytree from calibration tokens: S2/S5 by
-SmoothQuant's rule ``s = max|X|^α / max|W|^{1-α}`` (clamped at 1e-2), R1 and R5 by the KLT of
+SmoothQuant's rule ``s = max|X|^α / max|W|^{1-α}`` (clamped at 1e-2; S7 takes the max over each channel's
+taps, spec §3.6), R1 and R5 by the KLT of
 the covariance of exactly the tensor they rotate (after norm folding and smoothing, §7.1).
 """
 
@@ -75,6 +79,9 @@ def fold(weights: Weights, params: Mapping[str, Any], layout: SSMLayout, *, onli
             k[:, : b.dt_rank] = k[:, : b.dt_rank] @ r5
             w[f"{b.x_proj}/kernel"] = k
             w[f"{b.dt_proj}/kernel"] = r5.T @ w[f"{b.dt_proj}/kernel"]
+        if (s := p.get("conv_scale")) is not None:
+            _scale_columns(w, b.in_proj, slice(0, b.inner), 1.0 / s)
+            w[f"{b.conv}/weight"] = w[f"{b.conv}/weight"] * s[None, :]
         if online:
             w[f"{b.out_proj}/kernel"] = hadamard_numpy(b.inner).T @ w[f"{b.out_proj}/kernel"]
         if rot is not None:
@@ -121,7 +128,7 @@ def _check_params(params: Mapping[str, Any], layout: SSMLayout) -> None:
                              "1; use one or the other.")
         shapes = {"input_scale": (layout.hidden_size,), "gate_scale": (b.inner,)}
         if b.kind == "mamba1":
-            shapes.update(dt_scale=(b.dt_rank,), dt_rotation=(b.dt_rank, b.dt_rank))
+            shapes.update(dt_scale=(b.dt_rank,), dt_rotation=(b.dt_rank, b.dt_rank), conv_scale=(b.inner,))
         unknown = set(p) - set(shapes)
         if unknown:
             raise ValueError(f"{b.path}: unknown transform entries {sorted(unknown)} for a {b.kind} mixer; allowed: "
@@ -188,12 +195,14 @@ def _smoothing(act_absmax: np.ndarray, kernel: np.ndarray, alpha: float) -> np.n
 
 
 def mambaquant_params(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5,
-                      klt: bool = True, smooth: bool = True, rotate: bool = True, batch_size: int = 8) -> dict:
+                      klt: bool = True, smooth: bool = True, rotate: bool = True, smooth_conv: bool = False,
+                      batch_size: int = 8) -> dict:
     """MambaQuant's transform pytree for ``model`` on calibration ``tokens [N, T]`` (float64 numpy).
 
     ``klt=False`` uses plain random Hadamards for R1 and R5 (the QuaRot-style baseline);
     ``smooth=False`` drops S2 and S5; ``rotate=False`` drops R1 and R5, and with ``smooth``
-    adds S0 at every ``in_proj`` input (SmoothQuant on Mamba: all three smoothings, no rotation).
+    adds S0 at every ``in_proj`` input (SmoothQuant on Mamba: all three smoothings, no rotation);
+    ``smooth_conv`` adds S7 at every Mamba-1 ``conv1d`` input (for recipes that quantize the convolution).
     K1 is the KLT of layer 0's ``in_proj`` input (the gain-free normalised stream, shared by all
     layers, spec §3.4); K5 that of each layer's ``dt_proj`` input after S5
     (``Σ' = diag(1/s) Σ diag(1/s)``).
@@ -204,6 +213,8 @@ def mambaquant_params(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, 
     folded = apply_mamba_transforms(model, {})
     paths = {b.in_proj for b in layout.blocks} | {b.out_proj for b in layout.blocks}
     paths |= {b.dt_proj for b in layout.blocks if b.kind == "mamba1"}
+    if smooth_conv:
+        paths |= {b.conv for b in layout.blocks if b.kind == "mamba1"}
     stats = model_input_statistics(folded, tokens, paths, batch_size=batch_size)
     k_res, k_dt = jax.random.split(key)
     params: dict = {}
@@ -226,18 +237,22 @@ def mambaquant_params(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, 
             if rotate:
                 h_r = random_hadamard_rotation(b.dt_rank, jax.random.fold_in(k_dt, i), f"{b.dt_proj} input")
                 p["dt_rotation"] = klt_rotation(dt.covariance / np.outer(s, s), h_r) if klt else h_r
+            if smooth_conv:
+                taps = module_at(folded, b.conv).weight.get_value()  # [K, Di]: the max runs over each channel's taps
+                p["conv_scale"] = _smoothing(stats[b.conv].absmax, np.asarray(taps).T, alpha)
         blocks.append(p)
     params["blocks"] = blocks
     return params
 
 
 def mambaquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5, klt: bool = True,
-               smooth: bool = True, rotate: bool = True, online: bool = True, batch_size: int = 8) -> nnx.Module:
+               smooth: bool = True, rotate: bool = True, online: bool = True, smooth_conv: bool = False,
+               batch_size: int = 8) -> nnx.Module:
     """A MambaQuant-transformed copy of ``model`` (same logits in exact arithmetic), ready for W8A8 / W4A8.
 
     The defaults are the full method (KLT-enhanced R1/R5, S2/S5 smoothing, online Hadamard R2);
     switching parts off gives the paper's ablation steps and the Hadamard/SmoothQuant baselines.
     """
     params = mambaquant_params(model, tokens, key, alpha=alpha, klt=klt, smooth=smooth, rotate=rotate,
-                               batch_size=batch_size)
+                               smooth_conv=smooth_conv, batch_size=batch_size)
     return apply_mamba_transforms(model, params, online=online)

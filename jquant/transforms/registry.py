@@ -115,6 +115,7 @@ for _spec in (
     TransformSpec("block_hadamard", lambda m, c, k, o, r, p: (block_hadamard_rotation(m, **o), ()),
                   needs_calibration=False, options={"layers": ".*", "block": DEFAULT_BLOCK}, only_step=True),
     TransformSpec("mambaquant", lambda m, c, k, o, r, p: (mambaquant(m, c, k, **o), ()), needs_calibration=True,
-                  options={"alpha": 0.5, "klt": True, "smooth": True, "rotate": True, "online": True}, only_step=True),
+                  options={"alpha": 0.5, "klt": True, "smooth": True, "rotate": True, "online": True,
+                           "smooth_conv": False}, only_step=True),
 ):
     register_transform(_spec)

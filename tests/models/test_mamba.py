@@ -148,7 +148,8 @@ def test_jit_decode_step(random_model):
 
 
 def test_block_calibration_sees_every_mixer_linear(random_model):
-    """Block-by-block calibration (GPTQ's driver) records the inputs of in_proj, x_proj, dt_proj and out_proj."""
+    """Block-by-block calibration (GPTQ's driver) records the inputs of in_proj, conv1d, x_proj, dt_proj and
+    out_proj."""
     seen = {}
 
     def process_block(visit):
@@ -156,7 +157,7 @@ def test_block_calibration_sees_every_mixer_linear(random_model):
 
     walk_blocks(random_model, _tokens(7, batch=3, length=6), process_block, batch_size=2, progress=False)
     di, rank = random_model.config.intermediate_size, random_model.config.time_step_rank
-    sizes = {"in_proj": 16, "x_proj": di, "dt_proj": rank, "out_proj": di}
+    sizes = {"in_proj": 16, "conv1d": di, "x_proj": di, "dt_proj": rank, "out_proj": di}
     assert seen == {f"layers/{i}/mixer/{name}": ((n, n), 18.0) for i in range(2) for name, n in sizes.items()}
 
 
