@@ -3,12 +3,14 @@ and KV quantization.
 
 Random-initialised models have no outlier channels, so quantizing their activations
 is too easy to tell methods apart; these models get a few embedding columns scaled up
-(the residual-stream outliers rotations are meant to spread).
+(the residual-stream outliers rotations are meant to spread). ``redrawn_model`` does the same redraw for a model
+of any family and lets a test plant its own outliers.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +72,26 @@ def peaked_random_llama(cfg: llama.LlamaConfig, seed: int) -> llama.Llama:
 # Tests' own compiled forwards skip LLVM's optimisation passes: compiling dominates tiny models on CPU. Use them for
 # float comparisons; skipped optimisations change float32 rounding slightly, which can flip low-bit codes.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def redrawn_model(model: nnx.Module, seed: int,
+                  adjust: Callable[[str, np.ndarray, np.random.Generator], np.ndarray] | None = None) -> nnx.Module:
+    """A copy of ``model`` with every ``kernel`` redrawn ~ N(0, 1/in) and every ``embedding`` ~ N(0, 1) (numpy, in
+    parameter order, from ``seed``), then ``adjust(path, value, rng)`` applied to every parameter (float64 in, the
+    new value out): where a test plants its outliers. Other parameters keep their values unless adjusted."""
+    graphdef, weights, rest = split_weights(model)
+    rng = np.random.default_rng(seed)
+    new = {}
+    for path, v in weights.items():
+        a = np.asarray(v, np.float64).copy()
+        if path.endswith("kernel"):
+            a = rng.standard_normal(a.shape) / np.sqrt(a.shape[0])
+        elif path.endswith("embedding"):
+            a = rng.standard_normal(a.shape)
+        if adjust is not None:
+            a = adjust(path, a, rng)
+        new[path] = jnp.asarray(a, v.dtype)
+    return merge_weights(graphdef, new, rest, model)
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)

@@ -16,8 +16,8 @@ from jquant.checkpoint import load, save
 from jquant.formats import dequantize, get_format, quantize
 from jquant.quantization import quantize as quantize_model
 from jquant.recipes import Recipe, Rule, TransformStep, get
-from jquant.testing.tiny_models import fast_logits
-from jquant.transforms.equivalence import merge_weights, module_at, split_weights
+from jquant.testing.tiny_models import fast_logits, redrawn_model
+from jquant.transforms.equivalence import module_at
 from jquant.transforms.mamba_rotation import apply_mamba_transforms, mambaquant_params
 
 VOCAB = 96
@@ -54,22 +54,15 @@ def _mamba1(seed=0, dtype="float32"):
     """A Mamba-1 whose conv input ``u`` has outlier channels (3 u-columns of in_proj x 20)."""
     cfg = mamba.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, state_size=8, time_step_rank=4,
                             use_bias=True, dtype=dtype, param_dtype=dtype)
-    model = mamba.init_model(cfg, jax.random.key(seed))
-    graphdef, w, rest = split_weights(model)
-    rng = np.random.default_rng(seed)
-    new = {}
-    for path, v in w.items():
-        a = np.asarray(v, np.float64).copy()
-        if path.endswith("kernel"):
-            a = rng.standard_normal(a.shape) / np.sqrt(a.shape[0])
-        elif path.endswith("embedding"):
-            a = rng.standard_normal(a.shape)
-        elif path.endswith("in_proj/bias"):
-            a = 0.1 * rng.standard_normal(a.shape)
+
+    def plant(path, a, rng):
+        if path.endswith("in_proj/bias"):
+            return 0.1 * rng.standard_normal(a.shape)
         if path.endswith("in_proj/kernel"):
             a[:, [2, 30, 51]] *= 20.0
-        new[path] = jnp.asarray(a, v.dtype)
-    return merge_weights(graphdef, new, rest, model)
+        return a
+
+    return redrawn_model(mamba.init_model(cfg, jax.random.key(seed)), seed, plant)
 
 
 def _tokens(seed, batch=4, length=24):

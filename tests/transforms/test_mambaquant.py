@@ -10,15 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jquant.models import mamba, mamba2
 
 from jquant.calib.capture import model_input_statistics
-from jquant.models import mamba, mamba2
 from jquant.quantization import quantize
 from jquant.recipes import Recipe, Rule
-from jquant.testing.tiny_models import fast_logits
+from jquant.testing.tiny_models import fast_logits, redrawn_model
 from jquant.transforms.equivalence import merge_weights, module_at, split_weights
 from jquant.transforms.klt import klt_basis, klt_rotation, random_hadamard_rotation
-from jquant.transforms.mamba_rotation import apply_mamba_transforms, mambaquant, mambaquant_params
+from jquant.transforms.mamba_rotation import (
+    apply_mamba_transforms,
+    mambaquant,
+    mambaquant_params,
+)
 
 VOCAB = 61
 
@@ -173,25 +177,18 @@ def _outlier_mamba(seed=0):
     """A float32 Mamba-1 with spec §5's planted outliers: norm gains × 8 on 3 channels, 3 gate rows of in_proj × 4,
     long-memory ``A_log`` rows (Ā ≈ 1)."""
     cfg = mamba.MambaConfig(vocab_size=OUTLIER_VOCAB, hidden_size=64, num_layers=2, state_size=16, time_step_rank=4)
-    model = mamba.init_model(cfg, jax.random.key(seed))
-    graphdef, w, rest = split_weights(model)
-    rng = np.random.default_rng(seed)
-    new = {}
-    for path, v in w.items():
-        a = np.asarray(v, np.float64).copy()
-        if path.endswith("kernel"):
-            a = rng.standard_normal(a.shape) / np.sqrt(a.shape[0])
-        elif path.endswith("embedding"):
-            a = rng.standard_normal(a.shape)
-        elif path.endswith("/norm/weight"):
+
+    def plant(path, a, rng):
+        if path.endswith("/norm/weight"):
             a = np.exp(0.3 * rng.standard_normal(a.shape))
             a[[3, 17, 40]] *= 8.0
         elif path.endswith("A_log"):
             a[:8] = -2.0
         if path.endswith("in_proj/kernel"):
             a[:, 128 + np.array([5, 60, 100])] *= 4.0
-        new[path] = jnp.asarray(a, v.dtype)
-    return merge_weights(graphdef, new, rest, model)
+        return a
+
+    return redrawn_model(mamba.init_model(cfg, jax.random.key(seed)), seed, plant)
 
 
 def _kl(logits, ref):
