@@ -72,8 +72,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests of ``slow_tests.txt`` slow, before ``-m`` selects."""
+    """Mark the tests of ``slow_tests.txt`` slow, before ``-m`` selects; a test named by its node id on the command
+    line (``pytest tests/x.py::test_y``) is not marked, so asking for one slow test runs it."""
     slow = set(read_list())
+    named = {arg.split("::", 1)[1] for arg in config.args if "::" in arg}
     for item in items:
-        if item.nodeid in slow:
+        test = item.nodeid.split("::", 1)[-1]
+        if item.nodeid in slow and test not in named and test.split("[")[0] not in named:
             item.add_marker(pytest.mark.slow)
