@@ -14,7 +14,8 @@ Hessian ``H``:
    output error ``‖U_BB⁻ᵀ (v − r̂ d̂)‖²`` and the best pair is kept.
 
 ``simulate_parts`` quantizes only the directions or only the magnitudes (the paper's
-sensitivity experiment). The QuIP#-style fine-tuning of spec §3.6 is not implemented.
+sensitivity experiment). The end-to-end fine-tuning of spec §3.6 (scales and norm gains, codes frozen) is
+``jquant.finetune.tune_continuous``; its per-layer step is not implemented.
 """
 
 from __future__ import annotations
