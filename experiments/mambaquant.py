@@ -43,8 +43,9 @@ from jquant.eval import distribution_agreement, perplexity, zero_shot
 from jquant.models import load
 
 # "-conv": the depthwise conv1d weights (per channel) and inputs (site a1) quantized too, with S7 wherever the method
-# smooths; the plain settings keep the conv1d float (the family's keep_float)
-SETTINGS = ("w8a8", "w4a8", "w8a8-conv", "w4a8-conv")
+# smooths; the plain settings keep the conv1d float (the family's keep_float). "-ssm": the SSM matmul's operands h and
+# C (site a4) quantized per token too, with S4 wherever the method smooths and R4 wherever it rotates online
+SETTINGS = ("w8a8", "w4a8", "w8a8-conv", "w4a8-conv", "w8a8-ssm", "w4a8-ssm")
 TASKS = ("next_line", "same_source")
 SITES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
 # method -> mambaquant step options (None: plain RTN recipe)
@@ -71,10 +72,13 @@ Cumulative ablation, Vim-T† W8A8 (quoted): RTN 32.4 → offline Hadamard 33.9 
 """
 OURS = "+smooth-fused (MambaQuant)"
 BASELINES = ("RTN", "SmoothQuant", "Hadamard (QuaRot-style)")
+SSM_METHODS = ("RTN", "Hadamard (QuaRot-style)", OURS)  # the methods the -ssm settings run (the paper's comparison)
 ABLATION = tuple(METHODS)[3:]
 VALUES = ("ppl", "kl", "top1", *TASKS, "zero_shot", "seconds", *(f"snr_{k}" for k in SITES))  # vary with the seed
 DEVIATIONS = """Deviations from the paper's configuration (spec §3.6): the SSM matmul operands (h and C, site a4) are
-not quantized here (jquant's scan is not a GEMM, so S4/R4 have nothing to act on); the depthwise conv1d is quantized
+quantized only in the `-ssm` settings (per token, int8 asymmetric; RTN, the Hadamard baseline with R4 and MambaQuant
+with S4 + R4; S4 by SmoothQuant's balanced rule over h and C, not the official code's C-only rule, which made the
+SSM-matmul error worse on the test model); the depthwise conv1d is quantized
 only in the `-conv` settings (per-channel weights over its 4 taps, per-tensor inputs, S7 with the other smoothings),
 the head stays float (the paper quantizes lm_head's weights), and R2 is a plain random Hadamard (the LLM code's
 K2·H variant is not used). Activation scales are per sequence of 256 tokens (the paper: per 2048-token sample)."""
@@ -109,6 +113,9 @@ def _recipe(setting: str, options: dict | None, seed: int) -> jq.recipes.Recipe:
         return jq.recipes.get(f"rtn-mamba-{setting}")
     if setting.endswith("-conv"):  # S7 is one of the smoothings: on exactly where S2/S5 are
         options = {**options, "smooth_conv": options.get("smooth", True)}
+    if setting.endswith("-ssm"):  # S4 with the smoothings (by the balanced rule, as the recipe), R4 with the online R2
+        options = {**options, "smooth_state": options.get("smooth", True), "state_rule": "balanced",
+                   "rotate_state": options.get("online", True)}
     return jq.recipes.get(f"mambaquant-{setting}", transform_options={**options, "seed": seed})
 
 
@@ -129,6 +136,8 @@ def run(args: argparse.Namespace, results: Results) -> None:
         calib = random_windows(load_split("train"), tok, args.calib, 256, jax.random.key(seed))
         for setting in SETTINGS:
             for method, options in METHODS.items():
+                if setting.endswith("-ssm") and method not in SSM_METHODS:
+                    continue
                 recipe = _recipe(setting, options, seed)
                 if results.has(setting=setting, method=method, seed=seed) or (
                         seed != args.seeds[0] and not jq.needs_calibration(loaded.model, recipe)):
@@ -225,7 +234,8 @@ def _reading(results: Results, merged: dict[tuple[str, str], dict]) -> str:
     worst = min(snr, key=snr.get)
     others = [v for k, v in snr.items() if k != worst]
     steps = "; ".join(
-        f"{b}: " + ", ".join(f"{s} {_step(results.rows, s, a, b)}" for s in _settings(merged))
+        f"{b}: " + ", ".join(f"{s} {_step(results.rows, s, a, b)}" for s in _settings(merged)
+                             if all((s, m) in merged for m in ABLATION))
         for a, b in itertools.pairwise(ABLATION))
     shift, se = _zero_shot_noise(results)
     return (f"Reading the tables (scale matters): {results.args['model']} is a small model trained on few tokens. "
@@ -250,7 +260,7 @@ def _verdict(results: Results, merged: dict[tuple[str, str], dict]) -> str | Non
     partly; undecided with one seed (no standard error). None when a row is missing."""
     fp = merged.get(("w16a16", "FP"))
     settings = _settings(merged)
-    decided = {(s, b): _decide(results.rows, s, OURS, b) for s in settings for b in BASELINES}
+    decided = {(s, b): _decide(results.rows, s, OURS, b) for s in settings for b in BASELINES if (s, b) in merged}
     if fp is None or None in decided.values():
         return None
     outcomes = [o for o, _ in decided.values()]
@@ -284,8 +294,8 @@ def report(runs: list[Results], base: Path) -> None:
              f"CPU. {harness.reproduce(results.command)}"), "",
              ("Quantizers (spec §3.1/3.8): per-channel asymmetric RTN weights, dynamic per-tensor asymmetric int8 "
               "activations (one scale per 256-token sequence) at every in_proj, x_proj, dt_proj and out_proj input "
-              "(and, in the `-conv` settings, at every conv1d input, with per-channel conv1d weights); embeddings and "
-              "head float."), ""]
+              "(and, in the `-conv` settings, at every conv1d input, with per-channel conv1d weights; in the `-ssm` "
+              "settings, the SSM matmul's state h and C per token, int8 asymmetric); embeddings and head float."), ""]
     lines += harness.table(list(merged.values()), COLUMNS) + ["", "Computed from the means:", ""] + _summary(merged)
     if (text := _verdict(results, merged)) is not None:
         lines += ["", harness.verdict(text)]

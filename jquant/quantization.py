@@ -19,7 +19,8 @@
    record it so ``jquant.ops.linear`` quantizes their inputs. The returned
    model carries ``model.quantization`` (a ``QuantizationReport``: recipe,
    per-site formats, time), which ``jquant.save`` stores beside the weights.
-   A recipe's ``kv_cache`` format is set on every attention layer last.
+   A recipe's ``kv_cache`` format is set on every attention layer last, and its ``ssm_matmul`` format on every
+   Mamba-1 mixer.
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ from jquant.progress import progress_bar
 from jquant.recipes import Recipe, Rule, get
 from jquant.recipes.rules import DEFAULT_KEEP_FLOAT
 from jquant.sites import ActivationGroups, Site, activation_groups, find_sites
-from jquant.transforms.pipeline import TransformLog, check_recipe, run_transforms, set_kv_cache_format
+from jquant.transforms.pipeline import (
+    TransformLog,
+    check_recipe,
+    run_transforms,
+    set_kv_cache_format,
+    set_ssm_matmul_format,
+)
 from jquant.transforms.pipeline import needs_calibration as transforms_need_calibration
 
 
@@ -432,6 +439,8 @@ def quantize(
             bar.update(1)
     if recipe.kv_cache is not None:
         set_kv_cache_format(qmodel, recipe)
+    if recipe.ssm_matmul is not None:
+        set_ssm_matmul_format(qmodel, recipe)
     jax.block_until_ready(nnx.state(qmodel))
     qmodel.quantization = QuantizationReport(
         recipe=recipe,

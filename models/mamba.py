@@ -288,6 +288,9 @@ class MambaMixer(nnx.Module):
         self.D = nnx.Param(jnp.ones((di,), pdt), out_sharding=("mlp",), eager_sharding=False)
         self.out_proj = Linear(di, d, use_bias=cfg.use_bias, sharding=("mlp", "embed"), **kw)
         self.gate_scale = nnx.data(None)  # a Param [Di] once MambaQuant's S-SiLU smoothing is folded in
+        self.ssm_matmul = None  # a Format once a recipe quantizes the SSM matmul's operands h and C (site a4)
+        self.state_rotation = False  # MambaQuant's online R4: h ↦ h H_N before the SSM matmul (C H_N folded in x_proj)
+        self.capture_state = False  # sow max|h| and max|C| per state (S4's calibration statistics)
 
     def mixer_layout(self, prefix: str) -> SSMMixerLayout:
         """This mixer's sites for equivalence transforms, its block at ``prefix`` (``layers/3``)."""
@@ -319,7 +322,12 @@ class MambaMixer(nnx.Module):
         A = -jnp.exp(self.A_log[...].astype(acc))
         u_acc = u.astype(acc)
         args = (u_acc, delta, A, B.astype(acc), C.astype(acc), state.ssm.astype(acc))
-        if x.shape[1] == 1:
+        if self.capture_state:
+            self.sow(nnx.Intermediate, "ssm_state_absmax", ops.selective_scan_state_absmax(*args))
+            self.sow(nnx.Intermediate, "ssm_c_absmax", jnp.max(jnp.abs(args[4]), axis=(0, 1)))
+        if self.ssm_matmul is not None or self.state_rotation:
+            y, h = ops.selective_scan_quantized(*args, fmt=self.ssm_matmul, rotate=self.state_rotation)
+        elif x.shape[1] == 1:
             y, h = ops.selective_scan_recurrent(*args)
         else:
             y, h = ops.selective_scan(*args, chunk_size=cfg.scan_chunk_size)

@@ -53,7 +53,10 @@ from jquant.ops.rotation import block_hadamard as block_hadamard
 from jquant.ops.rotation import online_hadamard as online_hadamard
 from jquant.ops.ssm import causal_conv1d as causal_conv1d
 from jquant.ops.ssm import selective_scan as selective_scan
+from jquant.ops.ssm import selective_scan_quantized as selective_scan_quantized
 from jquant.ops.ssm import selective_scan_recurrent as selective_scan_recurrent
+from jquant.ops.ssm import selective_scan_state_absmax as selective_scan_state_absmax
+from jquant.ops.ssm import ssm_matmul as ssm_matmul
 from jquant.ops.ssm import ssd_chunked as ssd_chunked
 from jquant.ops.ssm import ssd_recurrent as ssd_recurrent
 from jquant.ops.vector import polar_linear as polar_linear
@@ -66,5 +69,6 @@ __all__ = ["And", "apply_rope", "Arrow", "as_array", "attention", "attention_qua
            "local_attention", "local_attention_reference", "local_attention_table",
            "lora_linear", "LoRAArithmetic", "Mask", "online_hadamard", "block_hadamard", "Padding", "polar_linear",
            "quantize_expert_activations", "quantize_kv", "quantized_matmul", "record_dispatch", "rope_angles",
-           "rope_cos_sin", "selective_scan", "selective_scan_recurrent", "SlidingWindow", "ssd_chunked",
-           "ssd_recurrent", "wkv6_chunked", "wkv6_recurrent"]
+           "rope_cos_sin", "selective_scan", "selective_scan_quantized", "selective_scan_recurrent",
+           "selective_scan_state_absmax", "SlidingWindow",
+           "ssd_chunked", "ssd_recurrent", "ssm_matmul", "wkv6_chunked", "wkv6_recurrent"]

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jquant.formats import Format, QArray
+from jquant.numerics.hadamard import fwht
 from jquant.ops.linear import as_array, quantize_activation
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -216,6 +217,54 @@ def selective_scan_recurrent(u, delta, A, B, C, h0) -> tuple[jax.Array, jax.Arra
 
     h, ys = jax.lax.scan(token, h0, tuple(jnp.moveaxis(a, 1, 0) for a in (u, delta, B, C)))
     return jnp.moveaxis(ys, 0, 1), h
+
+
+def ssm_matmul(h: jax.Array, c: jax.Array, fmt: Format | None, *, rotate: bool = False) -> jax.Array:
+    """MambaQuant's quantized SSM matmul (site a4, spec §3.5b): ``y[b, i] = Σ_n Q(h')[b, i, n] Q(c)[b, n]``.
+
+    ``h [B, Di, N]`` (one token's states), ``c [B, N]`` -> ``[B, Di]``. With ``rotate`` the state is rotated
+    online first, ``h' = h H_N`` (R4; ``c`` must then already be ``C H_N``, which the folded ``x_proj`` gives), else
+    ``h' = h``. Both operands are quantized per token with ``fmt`` along their flattened features (one scale for
+    the token's ``Di × N`` states, one for its ``N`` values of ``c``), as ``linear`` quantizes its inputs; with
+    ``fmt=None`` they stay float (a rotated model's exact float path).
+    """
+    b, di, n = h.shape
+    if rotate:
+        h = fwht(h, axis=-1)
+    if fmt is not None:
+        h = quantize_activation(h.reshape(b, di * n), fmt).reshape(b, di, n)
+        c = quantize_activation(c, fmt)
+    return jnp.einsum("bdn,bn->bd", h, c, precision=HIGHEST)
+
+
+def selective_scan_quantized(u, delta, A, B, C, h0, *, fmt: Format | None,
+                             rotate: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Mamba-1 scan with the output matmul quantized (``ssm_matmul`` per token); same arguments and results as
+    ``selective_scan_recurrent``. The recurrence itself stays in float (spec §3: not quantized); each token's
+    ``h_t`` is materialised, so this is the recurrent form, one token per ``lax.scan`` step."""
+
+    def token(h, inputs):
+        u_t, d_t, b_t, c_t = inputs
+        h = jnp.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
+        return h, ssm_matmul(h, c_t, fmt, rotate=rotate)
+
+    h, ys = jax.lax.scan(token, h0, tuple(jnp.moveaxis(a, 1, 0) for a in (u, delta, B, C)))
+    return jnp.moveaxis(ys, 0, 1), h
+
+
+def selective_scan_state_absmax(u, delta, A, B, C, h0) -> jax.Array:
+    """``max |h_t[b, i, n]|`` over the batch, the tokens and the channels: ``[N]``, for each state of the Mamba-1 scan
+    (same arguments as ``selective_scan_recurrent``; calibration of MambaQuant's S4)."""
+
+    def token(carry, inputs):
+        h, peak = carry
+        u_t, d_t, b_t = inputs
+        h = jnp.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
+        return (h, jnp.maximum(peak, jnp.max(jnp.abs(h), axis=(0, 1)))), None
+
+    start = (h0, jnp.zeros(A.shape[-1], h0.dtype))
+    (_, peak), _ = jax.lax.scan(token, start, tuple(jnp.moveaxis(a, 1, 0) for a in (u, delta, B)))
+    return peak
 
 
 def segment_sum(a: jax.Array) -> jax.Array:

@@ -10,7 +10,11 @@ per token. ``gptvq-w{2,2.25,3}`` and ``pcdvq-w{2,2.25,3}`` are the vector-quanti
 recipes at about 2, 2.25 and 3 index bits per weight (``VQ_SETTINGS``; bits per weight
 including codebooks: ``jquant.size_report``). ``{rtn-mamba,mambaquant}-{w8a8,w4a8}`` are the
 MambaQuant settings for the Mamba families (per-tensor activations, as the paper), with the depthwise conv1d in
-float; ``{rtn-mamba,mambaquant}-{w8a8,w4a8}-conv`` quantize it too (MambaQuant with S7 smoothing).
+float; ``{rtn-mamba,mambaquant}-{w8a8,w4a8}-conv`` quantize it too (MambaQuant with S7 smoothing), and
+``{rtn-mamba,mambaquant}-{w8a8,w4a8}-ssm`` quantize the Mamba-1 SSM matmul's operands (MambaQuant with S4 and R4;
+S4 by SmoothQuant's balanced rule over h and C, not the official code's C-only rule, which raised the SSM-matmul
+error on the test model with outlier states where the balanced rule lowered it:
+tests/transforms/test_mamba_ssm_matmul.py).
 ``{gptq,quarot-gptq}-moe-w{4,3}`` and ``moequant-w{4,3}`` are MoEQuant's settings for MoE models.
 ``mquant-w4a8``, ``mquant-w4a8-vit4``, ``quarot-w4a8-dynamic-vl`` and ``quarot-w4a8-static-vl`` are MQuant's settings for multimodal models
 (Qwen2-VL): static per-modality activation scales against the per-token dynamic baseline.
@@ -74,6 +78,7 @@ MAMBA_SETTINGS = {"w8a8": "int8-asym", "w4a8": "int4-asym"}
 # the ``-conv`` recipes name only the embedding and head, so the conv1d weights (per channel, over the taps) and
 # inputs (site a1) are quantized as well, as in the paper, and MambaQuant adds S7 smoothing of the conv1d input.
 MAMBA_CONV_KEEP_FLOAT = ("embed_tokens", "lm_head")
+MAMBA_SSM_FORMAT = "int8-asym"  # the SSM matmul's operands, per token (spec §3.1: per-token quantization at a4)
 
 
 def _mamba_recipes() -> list[Recipe]:
@@ -95,6 +100,15 @@ def _mamba_recipes() -> list[Recipe]:
                             f"R2): {what}{conv}", transforms=(TransformStep("mambaquant", {"smooth_conv": True}),),
                             **common),
                     keep_float=MAMBA_CONV_KEEP_FLOAT)]
+        ssm = "; the SSM matmul's state h and C quantized per token (int8 asymmetric, Mamba-1 only)"
+        out += [dataclasses.replace(_recipe(f"rtn-mamba-{setting}-ssm", f"Mamba: {what}, round to nearest{ssm}",
+                                            **common), ssm_matmul=MAMBA_SSM_FORMAT),
+                dataclasses.replace(
+                    _recipe(f"mambaquant-{setting}-ssm", f"MambaQuant (KLT R1/R5, S2/S4/S5 smoothing, online Hadamards "
+                            f"R2/R4): {what}{ssm}",
+                            transforms=(TransformStep("mambaquant", {"smooth_state": True, "state_rule": "balanced",
+                                                             "rotate_state": True}),),
+                            **common), ssm_matmul=MAMBA_SSM_FORMAT)]
     return out
 
 

@@ -158,7 +158,9 @@ class Recipe:
     transforms: SmoothQuant, QuaRot, OSTQuant); ``kv_cache`` names the format that
     keys and values are quantized with, per token and head (``"int4-asym"``: KV4), for every
     attention layer, or gives ``(pattern, format)`` pairs over attention-layer paths (first match
-    wins; format None keeps that layer's cache in floating point; ``kv_format_for``).
+    wins; format None keeps that layer's cache in floating point; ``kv_format_for``). ``ssm_matmul`` names the
+    format both operands of every Mamba-1 SSM matmul (the state ``h`` and ``C``, MambaQuant's site a4) are
+    quantized with, per token (``ops.ssm_matmul``).
     """
 
     name: str
@@ -167,8 +169,11 @@ class Recipe:
     description: str = ""
     transforms: tuple[TransformStep, ...] = ()
     kv_cache: str | tuple[tuple[str, str | None], ...] | None = None
+    ssm_matmul: str | None = None
 
     def __post_init__(self):
+        if self.ssm_matmul is not None and not isinstance(self.ssm_matmul, str):
+            raise ValueError(f"Recipe {self.name!r}: ssm_matmul must be a format name or None, got {self.ssm_matmul!r}.")
         if self.kv_cache is not None and not isinstance(self.kv_cache, str):
             pairs = tuple(tuple(p) for p in self.kv_cache)
             for pair in pairs:
@@ -248,6 +253,8 @@ class Recipe:
             out["transforms"] = [t.to_dict() for t in self.transforms]
         if self.kv_cache is not None:
             out["kv_cache"] = self.kv_cache if isinstance(self.kv_cache, str) else [list(p) for p in self.kv_cache]
+        if self.ssm_matmul is not None:
+            out["ssm_matmul"] = self.ssm_matmul
         return out
 
     def to_json(self) -> str:
@@ -255,10 +262,10 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        unknown = set(data) - {"name", "description", "keep_float", "rules", "transforms", "kv_cache"}
+        unknown = set(data) - {"name", "description", "keep_float", "rules", "transforms", "kv_cache", "ssm_matmul"}
         if unknown:
             raise ValueError(f"recipe has unknown keys {sorted(unknown)}; allowed: name, description, keep_float, rules, "
-                             "transforms, kv_cache.")
+                             "transforms, kv_cache, ssm_matmul.")
         if "rules" not in data:
             raise ValueError("recipe needs a 'rules' list.")
         rules = []
@@ -271,6 +278,7 @@ class Recipe:
         kw = {"keep_float": tuple(data["keep_float"])} if "keep_float" in data else {}
         kw["transforms"] = tuple(TransformStep.from_dict(t) for t in data.get("transforms", ()))
         kw["kv_cache"] = data.get("kv_cache")
+        kw["ssm_matmul"] = data.get("ssm_matmul")
         return cls(name=data.get("name", "custom"), rules=tuple(rules), description=data.get("description", ""), **kw)
 
     @classmethod

@@ -9,7 +9,8 @@ optional; missing = identity)::
                  "gate_scale": s2 [Di] (> 0),      # a5: smoothing of the out_proj input (S2)
                  "dt_scale": s5 [R] (> 0),         # a3: smoothing of the dt_proj input (S5, Mamba-1)
                  "dt_rotation": R5 [R, R],          # a3: rotation of the dt_proj input (K5 H_R, Mamba-1)
-                 "conv_scale": s7 [Di] (> 0)}, ...]}  # a1: smoothing of the conv1d input (S7, Mamba-1)
+                 "conv_scale": s7 [Di] (> 0),      # a1: smoothing of the conv1d input (S7, Mamba-1)
+                 "state_scale": s4 [N] (> 0)}, ...]}  # a4: smoothing of the SSM matmul's h and C (S4, Mamba-1)
 
 :func:`fold` rewrites the weights so the float model computes the same function:
 
@@ -22,8 +23,12 @@ optional; missing = identity)::
 - R5: ``W_δ ← W_δ R5``, ``W_dt ← R5ᵀ W_dt`` (the activation becomes ``δ K5 H``, spec §7.4);
 - S7: ``W_u ← W_u / s`` (the ``u`` columns of ``in_proj`` and their bias), ``w_conv[:, c] ← s_c w_conv[:, c]``:
   exact because the convolution is depthwise (each channel sees only its own taps); its bias is unchanged;
+- S4: ``W_B ← W_B / s`` and ``W_C ← W_C · s`` (the B and C columns of ``x_proj``): the recurrence is diagonal per
+  state and linear in ``B``, so ``h' = h / s`` and ``C' = C · s`` and ``Σ_n h'_n C'_n`` is unchanged (spec §3.5b);
 - online R2 (``online=True``): ``out_proj`` applies ``x ↦ x H_Di`` at run time
-  (``Linear.input_rotation``) and ``W_out ← H_Diᵀ W_out`` (after S2: ``X' = (X/s) H``, spec §3.5).
+  (``Linear.input_rotation``) and ``W_out ← H_Diᵀ W_out`` (after S2: ``X' = (X/s) H``, spec §3.5);
+- online R4 (``rotate_state=True``, Mamba-1): the mixer rotates each token's state ``h ↦ h H_N`` before the SSM
+  matmul (``MambaMixer.state_rotation``) and ``W_C ← W_C H_N``, so ``h' C'ᵀ = h H_N H_Nᵀ Cᵀ = h Cᵀ`` (after S4).
 
 :func:`mambaquant_params` computes the pytree from calibration tokens: S2/S5 by
 SmoothQuant's rule ``s = max|X|^α / max|W|^{1-α}`` (clamped at 1e-2; S7 takes the max over each channel's
@@ -42,15 +47,20 @@ import numpy as np
 from flax import nnx
 
 from jquant.calib.capture import model_input_statistics
+from jquant.calib.data import batches
+from jquant.sites import path_string
 from jquant.numerics.hadamard import hadamard_numpy
 from jquant.transforms.equivalence import Weights, merge_weights, module_at, online_size, split_weights
 from jquant.transforms.klt import klt_rotation, random_hadamard_rotation
 from jquant.transforms.ssm_layout import SSMLayout, ssm_layout_of
 
 MIN_SCALE = 1e-2  # the official code's clamp of every smoothing factor
+MAX_STATE_SCALE = 100.0  # and S4's upper clamp (spec §4)
+STATE_RULES = ("code", "balanced")  # S4's statistic: max|C| alone (the official code), or SmoothQuant's over h and C
 
 
-def fold(weights: Weights, params: Mapping[str, Any], layout: SSMLayout, *, online: bool = False) -> Weights:
+def fold(weights: Weights, params: Mapping[str, Any], layout: SSMLayout, *, online: bool = False,
+         rotate_state: bool = False) -> Weights:
     """Rewrite float64 numpy ``weights`` so the model computes the same function under ``params`` (module docstring).
 
     The RMSNorm gains must already be 1 when ``params["residual"]`` is given, and Mamba-1 weights
@@ -82,6 +92,15 @@ def fold(weights: Weights, params: Mapping[str, Any], layout: SSMLayout, *, onli
         if (s := p.get("conv_scale")) is not None:
             _scale_columns(w, b.in_proj, slice(0, b.inner), 1.0 / s)
             w[f"{b.conv}/weight"] = w[f"{b.conv}/weight"] * s[None, :]
+        if b.kind == "mamba1":
+            n, c0 = b.state_size, b.dt_rank + b.state_size  # x_proj columns: [δ | B | C]
+            if (s := p.get("state_scale")) is not None:
+                _scale_columns(w, b.x_proj, slice(b.dt_rank, c0), 1.0 / s)
+                _scale_columns(w, b.x_proj, slice(c0, c0 + n), s)
+            if rotate_state:
+                k = w[f"{b.x_proj}/kernel"].copy()
+                k[:, c0:c0 + n] = k[:, c0:c0 + n] @ hadamard_numpy(n)
+                w[f"{b.x_proj}/kernel"] = k
         if online:
             w[f"{b.out_proj}/kernel"] = hadamard_numpy(b.inner).T @ w[f"{b.out_proj}/kernel"]
         if rot is not None:
@@ -128,7 +147,8 @@ def _check_params(params: Mapping[str, Any], layout: SSMLayout) -> None:
                              "1; use one or the other.")
         shapes = {"input_scale": (layout.hidden_size,), "gate_scale": (b.inner,)}
         if b.kind == "mamba1":
-            shapes.update(dt_scale=(b.dt_rank,), dt_rotation=(b.dt_rank, b.dt_rank), conv_scale=(b.inner,))
+            shapes.update(dt_scale=(b.dt_rank,), dt_rotation=(b.dt_rank, b.dt_rank), conv_scale=(b.inner,),
+                          state_scale=(b.state_size,))
         unknown = set(p) - set(shapes)
         if unknown:
             raise ValueError(f"{b.path}: unknown transform entries {sorted(unknown)} for a {b.kind} mixer; allowed: "
@@ -140,16 +160,21 @@ def _check_params(params: Mapping[str, Any], layout: SSMLayout) -> None:
                 raise ValueError(f"{b.path}: params {name!r} must be finite and > 0.")
 
 
-def add_runtime_structure(model: nnx.Module, *, gate_scale: bool, online: bool) -> None:
+def add_runtime_structure(model: nnx.Module, *, gate_scale: bool, online: bool, rotate_state: bool = False) -> None:
     """Give ``model`` (in place; concrete or abstract) the run-time sites MambaQuant's folds use.
 
     ``gate_scale``: every Mamba-1 mixer gets a ``gate_scale [Di]`` parameter (ones: S-SiLU equals
     SiLU until a smoothing is folded in); ``online``: every ``out_proj`` rotates its input by a
-    Hadamard of order ``Di`` at run time. ``jquant.load`` calls this on the abstract model of a
+    Hadamard of order ``Di`` at run time; ``rotate_state``: every Mamba-1 mixer rotates its states by a Hadamard of
+    order ``N`` before the SSM matmul (R4). ``jquant.load`` calls this on the abstract model of a
     saved MambaQuant model before its weights are restored.
     """
     for b in ssm_layout_of(model).blocks:
         mixer = module_at(model, b.path)
+        if rotate_state and b.kind == "mamba1":
+            if mixer.state_rotation:
+                raise ValueError(f"{b.path} already rotates its states online; apply it once.")
+            mixer.state_rotation = True
         if gate_scale and b.kind == "mamba1" and mixer.gate_scale is None:
             dtype = mixer.D.get_value().dtype
             ones = jax.ShapeDtypeStruct((b.inner,), dtype) if isinstance(mixer.D.get_value(), jax.ShapeDtypeStruct) \
@@ -162,8 +187,10 @@ def add_runtime_structure(model: nnx.Module, *, gate_scale: bool, online: bool) 
             out.input_rotation = online_size(b.inner, False, b.out_proj)
 
 
-def apply_mamba_transforms(model: nnx.Module, params: Mapping[str, Any], *, online: bool = False) -> nnx.Module:
-    """``model -> model``: untie the head, fold RMSNorm gains, fold ``params`` and enable the online R2 (``online``).
+def apply_mamba_transforms(model: nnx.Module, params: Mapping[str, Any], *, online: bool = False,
+                           rotate_state: bool = False) -> nnx.Module:
+    """``model -> model``: untie the head, fold RMSNorm gains, fold ``params`` and enable the online R2 (``online``)
+    and R4 (``rotate_state``).
 
     The merge runs on the host in float64 and is cast back to each parameter's dtype; a float64
     model's logits are unchanged to ~1e-12 relative. The input model is not modified.
@@ -179,12 +206,12 @@ def apply_mamba_transforms(model: nnx.Module, params: Mapping[str, Any], *, onli
                                  "into it.")
     model = nnx.clone(model.untie_embeddings())
     layout = ssm_layout_of(model)
-    add_runtime_structure(model, gate_scale=gate_scale, online=online)
+    add_runtime_structure(model, gate_scale=gate_scale, online=online, rotate_state=rotate_state)
     graphdef, w, rest = split_weights(model)
     dtypes = {k: v.dtype for k, v in w.items()}
     host = {k: np.asarray(v, np.float64) for k, v in w.items()}
     params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), dict(params))
-    merged = fold(fold_ssm_norms(host, layout), params64, layout, online=online)
+    merged = fold(fold_ssm_norms(host, layout), params64, layout, online=online, rotate_state=rotate_state)
     return merge_weights(graphdef, {k: jnp.asarray(v, dtypes[k]) for k, v in merged.items()}, rest, model)
 
 
@@ -196,25 +223,33 @@ def _smoothing(act_absmax: np.ndarray, kernel: np.ndarray, alpha: float) -> np.n
 
 def mambaquant_params(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5,
                       klt: bool = True, smooth: bool = True, rotate: bool = True, smooth_conv: bool = False,
-                      batch_size: int = 8) -> dict:
+                      smooth_state: bool = False, state_rule: str = "code", batch_size: int = 8) -> dict:
     """MambaQuant's transform pytree for ``model`` on calibration ``tokens [N, T]`` (float64 numpy).
 
     ``klt=False`` uses plain random Hadamards for R1 and R5 (the QuaRot-style baseline);
     ``smooth=False`` drops S2 and S5; ``rotate=False`` drops R1 and R5, and with ``smooth``
     adds S0 at every ``in_proj`` input (SmoothQuant on Mamba: all three smoothings, no rotation);
-    ``smooth_conv`` adds S7 at every Mamba-1 ``conv1d`` input (for recipes that quantize the convolution).
+    ``smooth_conv`` adds S7 at every Mamba-1 ``conv1d`` input (for recipes that quantize the convolution);
+    ``smooth_state`` adds S4 at every Mamba-1 SSM matmul (``h' = h / s``, ``C' = C · s``) by ``state_rule``:
+    ``"code"``, the official code's rule from ``C`` alone, ``s_n = clamp(max|C_n|, 1e-2, 100)`` (the maximum where
+    the code takes the 0.999999 quantile), or ``"balanced"``, SmoothQuant's rule over the two operands,
+    ``s_n = clamp(max|h_n|^α / max|C_n|^(1-α), 1e-2, 100)`` (spec §7.5; maxima over the calibration tokens and
+    channels, ``ssm_state_statistics``).
     K1 is the KLT of layer 0's ``in_proj`` input (the gain-free normalised stream, shared by all
     layers, spec §3.4); K5 that of each layer's ``dt_proj`` input after S5
     (``Σ' = diag(1/s) Σ diag(1/s)``).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"mambaquant: alpha (migration strength) must lie in [0, 1], got {alpha}.")
+    if state_rule not in STATE_RULES:
+        raise ValueError(f"mambaquant: state_rule={state_rule!r} must be one of {STATE_RULES}.")
     layout = ssm_layout_of(model)
     folded = apply_mamba_transforms(model, {})
     paths = {b.in_proj for b in layout.blocks} | {b.out_proj for b in layout.blocks}
     paths |= {b.dt_proj for b in layout.blocks if b.kind == "mamba1"}
     if smooth_conv:
         paths |= {b.conv for b in layout.blocks if b.kind == "mamba1"}
+    state_stats = ssm_state_statistics(folded, tokens, batch_size=batch_size) if smooth_state else {}
     stats = model_input_statistics(folded, tokens, paths, batch_size=batch_size)
     k_res, k_dt = jax.random.split(key)
     params: dict = {}
@@ -240,19 +275,47 @@ def mambaquant_params(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, 
             if smooth_conv:
                 taps = module_at(folded, b.conv).weight.get_value()  # [K, Di]: the max runs over each channel's taps
                 p["conv_scale"] = _smoothing(stats[b.conv].absmax, np.asarray(taps).T, alpha)
+            if smooth_state:
+                h_max, c_max = (np.maximum(x, 1e-12) for x in state_stats[b.path])
+                s = c_max if state_rule == "code" else h_max ** alpha / c_max ** (1.0 - alpha)
+                p["state_scale"] = np.clip(s, MIN_SCALE, MAX_STATE_SCALE)
         blocks.append(p)
     params["blocks"] = blocks
     return params
 
 
+def ssm_state_statistics(model: nnx.Module, tokens: np.ndarray, *, batch_size: int = 8) -> dict[str, tuple]:
+    """Per Mamba-1 mixer path, ``(max|h_n|, max|C_n|)`` float64 ``[N]`` over ``tokens [N_seq, T]`` (every token,
+    channel and sequence): the SSM matmul's two operands, from the float model's forward."""
+    probe = nnx.clone(model)
+    paths = [b.path for b in ssm_layout_of(probe).blocks if b.kind == "mamba1"]
+    for path in paths:
+        module_at(probe, path).capture_state = True
+    forward = nnx.jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
+    out = {p: [np.zeros(0), np.zeros(0)] for p in paths}
+    for chunk in batches(tokens, batch_size):
+        _, state = forward(probe, jax.tree.map(jnp.asarray, chunk))
+        for key, value in nnx.to_flat_state(state):
+            path, name = path_string(key[:-1]), str(key[-1])
+            if path in out and name in ("ssm_state_absmax", "ssm_c_absmax"):
+                v = value.get_value() if hasattr(value, "get_value") else value
+                v = np.asarray(v[0] if isinstance(v, tuple) else v, np.float64)
+                i = 0 if name == "ssm_state_absmax" else 1
+                out[path][i] = v if not out[path][i].size else np.maximum(out[path][i], v)
+    return {p: (h, c) for p, (h, c) in out.items()}
+
+
 def mambaquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5, klt: bool = True,
                smooth: bool = True, rotate: bool = True, online: bool = True, smooth_conv: bool = False,
+               smooth_state: bool = False, state_rule: str = "code", rotate_state: bool = False,
                batch_size: int = 8) -> nnx.Module:
     """A MambaQuant-transformed copy of ``model`` (same logits in exact arithmetic), ready for W8A8 / W4A8.
 
     The defaults are the full method (KLT-enhanced R1/R5, S2/S5 smoothing, online Hadamard R2);
-    switching parts off gives the paper's ablation steps and the Hadamard/SmoothQuant baselines.
+    switching parts off gives the paper's ablation steps and the Hadamard/SmoothQuant baselines. ``smooth_state``
+    (S4) and ``rotate_state`` (R4) prepare the SSM matmul for recipes that quantize it (Mamba-1).
     """
     params = mambaquant_params(model, tokens, key, alpha=alpha, klt=klt, smooth=smooth, rotate=rotate,
-                               smooth_conv=smooth_conv, batch_size=batch_size)
-    return apply_mamba_transforms(model, params, online=online)
+                               smooth_conv=smooth_conv, smooth_state=smooth_state, state_rule=state_rule,
+                               batch_size=batch_size)
+    return apply_mamba_transforms(model, params, online=online, rotate_state=rotate_state)

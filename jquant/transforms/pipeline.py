@@ -98,8 +98,30 @@ def _block_hadamard_options(model: nnx.Module, recipe: Recipe) -> dict | None:
     return options
 
 
+def _ssm_matmul_mixers(model: nnx.Module, recipe: Recipe) -> list[nnx.Module]:
+    """The Mamba-1 mixers whose SSM matmul the recipe's ``ssm_matmul`` quantizes (errors name the recipe)."""
+    try:
+        blocks = [b for b in ssm_layout_of(model).blocks if b.kind == "mamba1"]
+    except ValueError:
+        blocks = []
+    if not blocks:
+        raise ValueError(f"recipe {recipe.name!r}: ssm_matmul quantizes the SSM matmul of Mamba-1 mixers, and this "
+                         f"{type(model).__name__} has none; drop ssm_matmul.")
+    return [module_at(model, b.path) for b in blocks]
+
+
+def set_ssm_matmul_format(model: nnx.Module, recipe: Recipe) -> None:
+    """Quantize every Mamba-1 SSM matmul's operands with the recipe's ``ssm_matmul`` format (in place)."""
+    fmt = get_format(recipe.ssm_matmul)
+    for mixer in _ssm_matmul_mixers(model, recipe):
+        mixer.ssm_matmul = fmt
+
+
 def check_recipe(model: nnx.Module, recipe: Recipe) -> None:
     """Validate the transform steps and KV format against ``model`` before any work (errors name the layer)."""
+    if recipe.ssm_matmul is not None:
+        _ssm_matmul_mixers(model, recipe)
+        get_format(recipe.ssm_matmul)
     if not recipe.transforms and recipe.kv_cache is None:
         return
     if (step := _adaln_step(recipe)) is not None:
@@ -190,8 +212,11 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
 
     Online rotations are switched on (a zero-padded down_proj gets its padded input
     rows; block Hadamards on the linears a block_hadamard step rotated), a rotated ViT gets its RMSNorms, RMS
-    channel splits are added and the KV format is set; the weights themselves come from the checkpoint.
+    channel splits are added and the KV and SSM-matmul formats are set; the weights themselves come from the
+    checkpoint.
     """
+    if recipe.ssm_matmul is not None:
+        set_ssm_matmul_format(model, recipe)
     if (not recipe.transforms and recipe.kv_cache is None) or _adaln_step(recipe) is not None:
         return  # adaLN smoothing changes weights only: the checkpoint holds them
     if (options := _block_hadamard_options(model, recipe)) is not None:
@@ -199,7 +224,8 @@ def restore_structure(model: nnx.Module, recipe: Recipe) -> None:
         return
     if (step := _mambaquant_step(recipe)) is not None:  # the saved config is already untied
         options = _mambaquant_options(step, recipe)
-        add_runtime_structure(model, gate_scale=options["smooth"], online=options["online"])
+        add_runtime_structure(model, gate_scale=options["smooth"], online=options["online"],
+                              rotate_state=options["rotate_state"])
         return
     layout = _layout(model, recipe)
     online = OnlineRotations.parse(recipe.online_rotations, pad=recipe.pad)

@@ -116,6 +116,7 @@ for _spec in (
                   needs_calibration=False, options={"layers": ".*", "block": DEFAULT_BLOCK}, only_step=True),
     TransformSpec("mambaquant", lambda m, c, k, o, r, p: (mambaquant(m, c, k, **o), ()), needs_calibration=True,
                   options={"alpha": 0.5, "klt": True, "smooth": True, "rotate": True, "online": True,
-                           "smooth_conv": False}, only_step=True),
+                           "smooth_conv": False, "smooth_state": False, "state_rule": "code",
+                           "rotate_state": False}, only_step=True),
 ):
     register_transform(_spec)
