@@ -41,7 +41,7 @@ class ContinuousTuneConfig:
 
     steps: int = 100
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-3  # on jq-llama-tiny at pcdvq-w2 (60 steps): held-out KL -21% against -16% at 1e-3
     warmup_steps: int = 5
     grad_clip: float = 1.0
     seed: int = 0
