@@ -1,4 +1,4 @@
-"""OSTQuant vs SpinQuant-style vs QuaRot vs SmoothQuant vs GPTQ/RTN at W4A16, W4A8KV8, W4A4KV16, W4A4KV4
+"""OSTQuant vs SpinQuant vs QuaRot vs SmoothQuant vs GPTQ/RTN at W4A16, W4A8KV8, W4A4KV16, W4A4KV4
 -> experiments/results/ostquant.md.
 
     python experiments/ostquant.py --model jq-llama-tiny                 # ~1.5 h on 2 cores (3 seeds; estimated)
@@ -6,16 +6,16 @@
     python experiments/ostquant.py --report-only                          # rebuild the .md/.png from the .json files
     python experiments/ostquant.py --quick --out /tmp/o                   # smoke run: a few steps and windows
 
-(The times are the single-seed runs' times for the calibrating rows times three, with the SpinQuant-style row and the
+(The times are the single-seed runs' times for the calibrating rows times three, with the SpinQuant row and the
 W4A4KV16 setting added: OSTQuant-style training dominates them.)
 
 Per model and setting: the built-in recipes ``{rtn,gptq,smoothquant,quarot,ostquant}-{setting}``
 (int4 per-channel symmetric weights with MSE clip search; per-token asymmetric activations;
 per-token-and-head asymmetric KV; embeddings and head in float), plus two rows built here from them:
-``spinquant``, the OSTQuant recipe with its scalings switched off (``learn_scales=False``: learned residual and
-value rotations only) from random Hadamards (``init="hadamard"``, SpinQuant's start), trained like OSTQuant
-(KL-Top, Riemannian Adam), not with SpinQuant's own loss and optimizer (Cayley SGD on the next-token loss, which
-``jquant.transforms.ostquant`` does not offer); and the ``w4a4kv16`` setting, the W4A4KV4 recipes with the KV cache
+``spinquant``, SpinQuant proper on the OSTQuant machinery: scalings switched off (``learn_scales=False``: learned
+residual and value rotations only) from random Hadamards (``init="hadamard"``, SpinQuant's start), trained with
+SpinQuant's own loss and optimizer (the quantized network's next-token cross-entropy on the calibration windows,
+Cayley SGD at rate 1.5 decaying linearly, the same number of steps); and the ``w4a4kv16`` setting, the W4A4KV4 recipes with the KV cache
 left float (online Hadamard on the down_proj input only, as the built-ins do where KV stays float). Metrics:
 validation perplexity (256-token windows), KL divergence to the float model's next-token distribution and top-1
 agreement with it on the same windows, zero-shot accuracy on the bundled tasks, mean QSUR^(1/d) of the activations
@@ -23,9 +23,9 @@ entering the quantized linears (on the first seed's calibration windows), and wa
 time separately). Calibration: random 256-token train windows drawn with each of ``--seeds`` (default 0 1 2); the
 seed also keys the transforms (QuaRot's random Hadamards, OSTQuant's initialisation and batches). A row whose
 recipe reads no calibration data (``jq.needs_calibration``: RTN) runs on the first seed only and stands for every
-seed; GPTQ, SmoothQuant, QuaRot (GPTQ weights), SpinQuant-style and OSTQuant run per seed, and the tables show
+seed; GPTQ, SmoothQuant, QuaRot (GPTQ weights), SpinQuant and OSTQuant run per seed, and the tables show
 mean ± std over seeds. Writes ``ostquant-<model>.json`` per model, then ``ostquant.md`` and ``ostquant.png``
-(OSTQuant / SpinQuant-style loss curves of the first seed and perplexity per method) from every json present (the
+(OSTQuant / SpinQuant loss curves of the first seed and perplexity per method) from every json present (the
 older json layout is read too).
 """
 
@@ -49,6 +49,7 @@ from jquant.transforms import qsur_report
 SETTINGS = ("w4a16", "w4a8kv8", "w4a4kv16", "w4a4kv4")
 ACTIVATION_SETTINGS = ("w4a4kv16", "w4a4kv4")  # the settings of the paper's claim (OSTQuant ahead of QuaRot)
 METHODS = ("rtn", "gptq", "smoothquant", "quarot", "spinquant", "ostquant")
+SPINQUANT_LR = 1.5  # SpinQuant's Cayley SGD rate (linear decay to 0)
 TASKS = ("next_line", "same_source")
 MODELS = ("jq-llama-small", "jq-llama-tiny")
 VALUES = ("ppl", "kl", "top1", *TASKS, "qsur", "seconds", "train_seconds")  # what varies with the seed
@@ -82,7 +83,7 @@ COLUMNS = [Column("setting", "setting"), Column("method", "method"), Column("see
 
 
 def recipe_for(method: str, setting: str, seed: int, steps: int, batch: int) -> Recipe:
-    """The recipe of ``method`` at ``setting`` (module docstring): the built-in ``{method}-{setting}``, SpinQuant-style
+    """The recipe of ``method`` at ``setting`` (module docstring): the built-in ``{method}-{setting}``, SpinQuant
     from the OSTQuant one, W4A4KV16 from W4A4KV4 with float KV; its transform steps keyed by ``seed``."""
     family = "ostquant" if method == "spinquant" else method
     kv16 = setting == "w4a4kv16"
@@ -91,7 +92,8 @@ def recipe_for(method: str, setting: str, seed: int, steps: int, batch: int) -> 
     if family == "ostquant":
         options.update(steps=steps, batch_size=batch)
     if method == "spinquant":
-        options.update(learn_scales=False, init="hadamard")
+        options.update(learn_scales=False, init="hadamard", objective="next_token", rotation_optimizer="cayley_sgd",
+                       rotation_lr=SPINQUANT_LR)
     transforms = []
     for step in recipe.transforms:
         given = {**dict(step.options), **options}
@@ -152,7 +154,7 @@ _runs, _paired, _judge, _comparison = _BY.runs, _BY.paired, _BY.judge, _BY.compa
 
 def _summary(results: Results) -> list[str]:
     """Per setting, from the mean rows and the paired per-seed differences: best method by perplexity and by KL,
-    OSTQuant against QuaRot, SpinQuant-style (its scalings) and RTN, and the QSUR ordering."""
+    OSTQuant against QuaRot, SpinQuant (its scalings and loss) and RTN, and the QSUR ordering."""
     raw = results.rows
     merged = {(r["setting"], r["method"]): r for r in harness.over_seeds(raw, by=("setting", "method"), values=VALUES)}
     fp = merged.get(("w16a16", "float"))
@@ -177,7 +179,7 @@ def _summary(results: Results) -> list[str]:
                                    Column("OSTQuant − QuaRot ppl", "o_q"),
                                    Column("OSTQuant − QuaRot KL (1e-3)", "o_q_kl"),
                                    Column("OSTQuant vs QuaRot", "judge"),
-                                   Column("OSTQuant − SpinQuant-style KL (1e-3)", "o_s_kl"),
+                                   Column("OSTQuant − SpinQuant KL (1e-3)", "o_s_kl"),
                                    Column("OSTQuant − RTN ppl", "o_r"),
                                    Column("QSUR float < QuaRot < OSTQuant", "order")])
 
@@ -199,8 +201,9 @@ def _reading(runs: list[Results]) -> str:
             f"instead of collapsing. OSTQuant here trains for {' and '.join(training)} on "
             "CPU, and its KL-Top curves are in the plot: where they are nearly flat, what OSTQuant adds over QuaRot "
             "comes from its initialisation (WOMI for the activation-quantized settings) and its scalings, not from "
-            "a long descent. The OSTQuant − SpinQuant-style column is what the scalings (and, at the "
-            "activation-quantized settings, the WOMI start) add to the same rotation training. Compare the computed "
+            "a long descent. The OSTQuant − SpinQuant column is what the scalings, KL-Top to the float model (SpinQuant "
+            "trains on the next-token loss with Cayley SGD) and, at the activation-quantized settings, the WOMI start "
+            "add to learned rotations. Compare the computed "
             "\"OSTQuant − QuaRot\" columns (mean ± standard error of the paired per-seed difference) with the "
             "paper's ordering below (OSTQuant ahead of QuaRot at W4A4KV16 and W4A4KV4).\n")
 
@@ -239,8 +242,8 @@ def report(runs: list[Results], base: Path) -> None:
     name = "ostquant-quick" if base.name.endswith("-quick") else "ostquant"
     lines = ["# OSTQuant and the rotation baselines on the bundled reference models", "",
              ("Int4 per-channel symmetric weights (MSE clip search) with RTN, GPTQ, SmoothQuant (alpha 0.5, RTN), "
-             "QuaRot (random-Hadamard residual and value rotations, online Hadamards, GPTQ), SpinQuant-style (learned "
-             "residual/value rotations only, from random Hadamards, trained like OSTQuant, then GPTQ) and OSTQuant "
+             "QuaRot (random-Hadamard residual and value rotations, online Hadamards, GPTQ), SpinQuant (learned "
+             "residual/value rotations only, from random Hadamards, next-token loss, Cayley SGD, then GPTQ) and OSTQuant "
              "(learned residual/value rotations and scalings, KL-Top, Riemannian Adam, then GPTQ); activations "
              "per-token asymmetric, KV per token and head asymmetric (W4A4KV16: KV float); embeddings and head float. "
              "KL: from the float model's next-token distribution, per token, on the perplexity windows; top-1: the "
@@ -267,7 +270,7 @@ def report(runs: list[Results], base: Path) -> None:
 
 
 def _plot(runs: list[Results], path: Path) -> None:
-    """Per model: the first seed's OSTQuant and SpinQuant-style loss curves, and mean perplexity per setting and
+    """Per model: the first seed's OSTQuant (KL-Top) and SpinQuant (next-token) loss curves, and mean perplexity per setting and
     method against float."""
     fig, axes = harness.figure(len(runs), 2, size=(5, 3.4))
     for (ax_loss, ax_ppl), results in zip(axes, runs):
@@ -276,7 +279,7 @@ def _plot(runs: list[Results], path: Path) -> None:
         curves = [{"run": f"{r['setting']} {r['method']}", "step": i + 1, "loss": v} for r in results.rows
                   if r.get("losses") and r.get("seed") == first for i, v in enumerate(r["losses"])]
         harness.plot_rows(ax_loss, curves, x="step", y="loss", series="run", line="-",
-                          title=f"{model}: KL-Top (seed {first})", yscale="log")
+                          title=f"{model}: training loss (seed {first})", yscale="log")
         rows = harness.over_seeds(results.rows, by=("setting", "method"), values=("ppl",))
         fp = next(r["ppl"] for r in rows if r["method"] == "float")
         harness.plot_rows(ax_ppl, [r for r in rows if r["method"] != "float"], x="setting", y="ppl",

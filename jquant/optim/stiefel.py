@@ -250,9 +250,12 @@ def stiefel_labels(params: optax.Params) -> Any:
 
 def ostquant_optimizer(total_steps: int, *, rotation_lr: float = ROTATION_LR, scale_lr: float = SCALE_LR,
                        labels: Callable[[optax.Params], Any] | Any = stiefel_labels, b1: float = 0.9,
-                       b2: float = 0.999, eps: float = 1e-8,
-                       stabilize: int | None = 10) -> optax.GradientTransformationExtraArgs:
+                       b2: float = 0.999, eps: float = 1e-8, stabilize: int | None = 10,
+                       rotation: str = "riemannian_adam") -> optax.GradientTransformationExtraArgs:
     """OSTQuant's optimiser: Riemannian Adam on rotations, Adam on scales, both under cosine decay to 0.
+
+    ``rotation="cayley_sgd"``: SpinQuant's Cayley SGD on the rotations instead (no momentum, the rate decaying
+    linearly from ``rotation_lr`` to 0 over ``total_steps``).
 
     ``labels`` is a function of the params (or a pytree, possibly a prefix) giving ``"rotation"`` or
     ``"scale"`` per leaf; the default labels every leaf with ``ndim >= 2`` a rotation. The rate at 0-based step
@@ -260,6 +263,11 @@ def ostquant_optimizer(total_steps: int, *, rotation_lr: float = ROTATION_LR, sc
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
-    rotation = riemannian_adam(optax.cosine_decay_schedule(rotation_lr, total_steps), b1, b2, eps, stabilize)
+    if rotation == "riemannian_adam":
+        rotations = riemannian_adam(optax.cosine_decay_schedule(rotation_lr, total_steps), b1, b2, eps, stabilize)
+    elif rotation == "cayley_sgd":
+        rotations = cayley_sgd(optax.linear_schedule(rotation_lr, 0.0, total_steps), stabilize=stabilize)
+    else:
+        raise ValueError(f"rotation must be 'riemannian_adam' or 'cayley_sgd', got {rotation!r}.")
     scale = optax.adam(optax.cosine_decay_schedule(scale_lr, total_steps), b1, b2, eps)
-    return optax.multi_transform({"rotation": rotation, "scale": scale}, labels)
+    return optax.multi_transform({"rotation": rotations, "scale": scale}, labels)

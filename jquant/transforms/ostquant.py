@@ -17,6 +17,10 @@ and keys after RoPE for KV4). Training (spec §3.5–3.7):
 4. ``ostquant`` merges the trained transforms in float64 (``apply_transforms``);
    weight quantization (GPTQ) follows in ``jquant.quantize``.
 
+SpinQuant (Liu et al. 2024) is the same machinery with the scalings off, the quantized student's own next-token
+cross-entropy on the calibration tokens as the loss and Cayley SGD on the rotations (``OSTQuantConfig.objective``,
+``rotation_optimizer``).
+
 Initialisation: random Hadamards (``init="hadamard"``) or WOMI (``init="womi"``,
 spec §3.4): ``R_res = U H`` with ``U`` the eigenvectors of the covariance of all
 q/k/v/up/gate weight vectors, and per KV head ``R_j = U_j H`` from the o_proj
@@ -44,7 +48,7 @@ from flax import nnx
 from jquant.formats import Format, IntFormat, fake_quantize, get_format
 from jquant.kv.cache import KVCacheConfig
 from jquant.kv.calibrate import set_kv_cache
-from jquant.losses import kl_top
+from jquant.losses import cross_entropy, kl_top
 from jquant.numerics.hadamard import hadamard_matrix, random_hadamard, supported_size
 from jquant.optim.stiefel import ROTATION_LR, SCALE_LR, ostquant_optimizer
 from jquant.progress import progress_bar
@@ -68,6 +72,10 @@ class TrainingDiverged(FloatingPointError):
     """The OSTQuant loss became NaN or infinite; no model is returned."""
 
 
+OBJECTIVES = ("kl_top", "next_token")
+ROTATION_OPTIMIZERS = ("riemannian_adam", "cayley_sgd")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OSTQuantConfig:
     """Training settings (defaults: the paper's 150 steps × batch 8, the code's learning rates, spec §3.6).
@@ -78,6 +86,10 @@ class OSTQuantConfig:
     ``kv="int4-asym"`` and no weight quantizer (GPTQ runs afterwards).
     ``online``: run-time Hadamards (``"down"``, and ``"qk"`` when keys are quantized).
     ``top_k``: KL-Top's k (clipped to the vocabulary size).
+    ``objective`` / ``rotation_optimizer``: OSTQuant's KL-Top to the float model with Riemannian Adam (cosine
+    decay), or SpinQuant's (Liu et al. 2024) next-token cross-entropy on the calibration tokens with Cayley SGD
+    (``"cayley_sgd"``, linear decay to 0, no momentum; SpinQuant's rate is 1.5). SpinQuant proper is
+    ``learn_scales=False, objective="next_token", rotation_optimizer="cayley_sgd", rotation_lr=1.5``.
     """
 
     steps: int = 150
@@ -92,8 +104,15 @@ class OSTQuantConfig:
     activation: str | Format | None = None
     kv: str | Format | None = None
     learn_scales: bool = True
+    objective: str = "kl_top"
+    rotation_optimizer: str = "riemannian_adam"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"OSTQuantConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.rotation_optimizer not in ROTATION_OPTIMIZERS:
+            raise ValueError(f"OSTQuantConfig.rotation_optimizer must be one of {ROTATION_OPTIMIZERS}, got "
+                             f"{self.rotation_optimizer!r}.")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"OSTQuantConfig: steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}.")
         if self.init not in ("hadamard", "womi"):
@@ -239,7 +258,7 @@ def train_ostquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, config
     quantize_weights = _weight_quantizer(layout, config.weight)
     top_k = min(config.top_k, int(getattr(model.config, "vocab_size", config.top_k)))
     optimizer = ostquant_optimizer(config.steps, rotation_lr=config.rotation_lr, scale_lr=config.scale_lr,
-                                   labels=transform_labels)
+                                   labels=transform_labels, rotation=config.rotation_optimizer)
 
     def student_logits(p, weights, batch):
         w = quantize_weights(fold(weights, p, layout, online))
@@ -247,6 +266,8 @@ def train_ostquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, config
         return nnx.merge(s_graph, state, s_rest)(batch)
 
     def loss_fn(p, weights, teacher_state, batch):
+        if config.objective == "next_token":  # SpinQuant: the quantized network's own language-model loss
+            return cross_entropy(student_logits(p, weights, batch[:, :-1]).astype(jnp.float32), batch[:, 1:])
         teacher = jax.lax.stop_gradient(nnx.merge(t_graph, teacher_state)(batch))
         return kl_top(student_logits(p, weights, batch).astype(jnp.float32), teacher.astype(jnp.float32), top_k)
 
@@ -266,7 +287,7 @@ def train_ostquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, config
             loss = float(loss)
             if not math.isfinite(loss):
                 raise TrainingDiverged(
-                    f"ostquant: the KL-Top loss became {loss} at step {i}; no model is returned. Lower rotation_lr/"
+                    f"ostquant: the {config.objective} loss became {loss} at step {i}; no model is returned. Lower rotation_lr/"
                     f"scale_lr (now {config.rotation_lr}, {config.scale_lr}) or check the model for non-finite outputs."
                 )
             losses.append(loss)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jquant.formats import IntFormat, fake_quantize, get_format
 from jquant.kv import KVCacheConfig
-from jquant.losses import kl_divergence, kl_top
+from jquant.losses import cross_entropy, kl_divergence, kl_top
 from jquant.models import llama
 from jquant.testing.tiny_models import FAST_COMPILE, outlier_model
 from jquant.transforms.equivalence import (
@@ -274,6 +274,31 @@ def test_training_reduces_kl_top_on_the_training_batch(trained):
     assert deployed < 0.9 * initial, (initial, deployed)
 
 
+def test_spinquant_lowers_its_next_token_loss_with_orthogonal_rotations_and_no_scales():
+    """SpinQuant proper: scalings off, the quantized student's next-token loss, Cayley SGD (rate decaying linearly)."""
+    model = _outlier_model(SMALL, 3)
+    tokens = _tokens(4, 4, 48)
+    config = OSTQuantConfig(steps=45, batch_size=4, rotation_lr=1.5, learn_scales=False, objective="next_token",
+                            rotation_optimizer="cayley_sgd", **W4A4KV4)
+    result = train_ostquant(model, tokens, jax.random.key(2), config, progress=False)
+    start = init_params(student_template(model, model.equivalence_layout(), config), model.equivalence_layout(),
+                        jax.random.split(jax.random.key(2))[0], config)
+
+    def loss(params):
+        logits = _logits(_student(model, config, params), tokens[:, :-1])
+        return float(cross_entropy(logits, jnp.asarray(tokens[:, 1:])))
+
+    assert abs(loss(start) - result.losses[0]) < 1e-4 * result.losses[0]  # the loss it trains is this one
+    assert loss(result.params) < result.losses[0] - 0.02, (result.losses[0], loss(result.params))
+    rotations = [r for r in jax.tree.leaves(result.params) if np.ndim(r) >= 2]
+    assert rotations and all(_orthogonality_error(r) < 1e-5 for r in rotations)
+    moved = [r for r, r0 in zip(jax.tree.leaves(result.params), jax.tree.leaves(start)) if np.ndim(r) >= 2
+             and not np.allclose(r, r0, atol=1e-4)]
+    assert moved  # Cayley SGD moved the rotations
+    scales = [v for v in jax.tree.leaves(result.params) if np.ndim(v) == 1]
+    assert all(np.array_equal(v, np.ones_like(v)) for v in scales)  # learn_scales=False: no scaling learned
+
+
 # ---- 7: configuration errors -------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     (dict(kv="int4-asym", online=("down",)), r"'qk'"),
@@ -284,6 +309,8 @@ def test_training_reduces_kl_top_on_the_training_batch(trained):
     (dict(rotation_lr=0.0), r"learning rates must be positive"),
     (dict(scale_lr=-1e-3), r"learning rates must be positive"),
     (dict(online=("down", "up")), r"unknown"),
+    (dict(objective="mse"), r"objective must be one of"),
+    (dict(rotation_optimizer="adam"), r"rotation_optimizer must be one of"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
