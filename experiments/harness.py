@@ -264,6 +264,9 @@ def run_experiment(parser: argparse.ArgumentParser, *, stem: Callable[[argparse.
     path = args.out / f"{name}.json"
     if args.report_only is not None:
         paths = args.report_only or (report_inputs(args, path) if report_inputs else [path])
+        if not paths or (missing := [str(p) for p in paths if not Path(p).is_file()]):
+            raise SystemExit(f"--report-only: no results JSON to read ({', '.join(missing) if paths else args.out}); "
+                             "run the experiment first, or name its JSON files after --report-only.")
     else:
         script = Path(sys.argv[0] if argv is None else argv[0]).stem
         results = Results.open(path, script=script, command=command_line(argv), args=run_args(args, volatile),

@@ -138,6 +138,14 @@ def test_report_only_round_trip(tmp_path):
     assert reports[-1][0].rows == [{**r, "items": 8} for r in ROWS]
 
 
+def test_report_only_without_a_json_names_what_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match=r"no results JSON to read \(.*exp-tiny\.json\); run the experiment first"):
+        _experiment(tmp_path, ["--report-only"], [], [])
+    with pytest.raises(SystemExit, match=r"no results JSON to read \(.*gone\.json\)"):
+        _experiment(tmp_path, ["--report-only", str(tmp_path / "gone.json")], [], [])
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_report_only_reads_an_older_layout_through_the_adapter(tmp_path):
     old = tmp_path / "old.json"
     old.write_text(json.dumps(ROWS))
