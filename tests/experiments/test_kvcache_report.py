@@ -81,3 +81,21 @@ def test_no_lead_is_not_reproduced_and_missing_rows_are_named(tmp_path):
     partial = kvcache._verdict(only_k2v2)
     assert "Not run: SKVQ − KIVI K2V1.5, WKVQuant W4KV4." in partial
     assert kvcache._verdict([r for r in rows if r["name"] == kvcache.FP]) is None
+
+
+def _with_retrieval(rows: list[dict], task: str, accuracy: dict[str, float]) -> list[dict]:
+    """``rows`` with retrieval results (``task`` prompts) on the rows ``accuracy`` names."""
+    return [{**r, "retrieval": accuracy[r["name"]], "retrieval_tokens": accuracy[r["name"]], "retrieval_n": 4,
+             "retrieval_context": 512, "retrieval_by_depth": {"0.0": accuracy[r["name"]]}, "retrieval_task": task}
+            if r["name"] in accuracy else r for r in rows]
+
+
+def test_retrieval_reading_ranks_methods_only_when_the_float_model_retrieves(tmp_path):
+    rows = _rows(np.random.default_rng(1), skvq_lead=1.0, wkv_lead=1.5)
+    weak = _report(tmp_path, _with_retrieval(rows, "recall", {kvcache.FP: 0.25, "RTN K2V2": 0.0}))
+    assert "associative recall at 512 tokens, 4 prompts" in weak
+    assert "answers 0.25 of the prompts exactly" in weak and "cannot rank the KV methods" in weak
+    strong = _report(tmp_path, _with_retrieval(rows, "recall", {kvcache.FP: 0.75, "RTN K2V2": 0.5}))
+    assert "cannot rank" not in strong and "the others, exact / tokens: RTN K2V2 0.50 / 0.50" in strong
+    passage = _report(tmp_path, _with_retrieval(rows, "passage", {kvcache.FP: 0.0}))
+    assert "passage recall at 512 tokens" in passage
