@@ -359,20 +359,24 @@ def tuning(rows: list[dict]) -> list[str]:
     at = {r["method"]: r for r in rows if r["bits"] == "w2"}
     out = []
 
-    def change(ours: dict, other: dict, value: str, scale: float, fmt: str) -> str:
+    def change(ours: dict, other: dict, value: str, scale: float, fmt: str, unit: str = "") -> str:
         gap, se = _paired(ours, other, value)
-        word = "" if se is None else " (beyond 2 SE)" if abs(gap) > 2 * se else " (within 2 SE)"
-        return f"{format(-scale * gap, fmt)}{'' if se is None else ' ± ' + format(scale * se, fmt)}{word}"
+        text = format(-scale * gap, fmt) + unit
+        if se is None:
+            return text + " (one seed)"
+        word = "beyond" if abs(gap) > 2 * se else "within"
+        return f"{text} ± {format(scale * se, fmt.lstrip('+'))}{unit} ({word} 2 SE)"
 
     for base in ("PCDVQ", "GPTQ"):
         ours, before = at.get(base + TUNED), at.get(base)
         if ours and before:
             out.append(f"- {base} w2 + fine-tuning ({ours['tuned_parameters']} tuned values) − {base}: ppl "
-                       f"{change(ours, before, 'ppl', 1.0, '+.3f')}, KL {change(ours, before, 'kl', 1e3, '+.2f')}e-3.")
+                       f"{change(ours, before, 'ppl', 1.0, '+.3f')}, KL "
+                       f"{change(ours, before, 'kl', 1e3, '+.2f', 'e-3')}.")
     p, g = at.get("PCDVQ" + TUNED), at.get("GPTQ" + TUNED)
     if p and g:
         out.append(f"- Both tuned, PCDVQ − GPTQ at w2: ppl {change(p, g, 'ppl', 1.0, '+.3f')}, KL "
-                   f"{change(p, g, 'kl', 1e3, '+.2f')}e-3 ({p['linear_bits']:.3f} vs {g['linear_bits']:.3f} "
+                   f"{change(p, g, 'kl', 1e3, '+.2f', 'e-3')} ({p['linear_bits']:.3f} vs {g['linear_bits']:.3f} "
                    "bits/weight).")
     return out
 
