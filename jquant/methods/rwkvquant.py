@@ -22,8 +22,8 @@ The report lists per site the proxy values, the choice, the format and the bits 
 the stored arrays (codes, scales, zero points, codebooks; compressed codebooks counted as
 ``jquant.methods.rwkvquant_codebook`` stores them).
 
-Not implemented from the paper: the Adam update of the SVD factors (compressed codebooks are not
-tuned after compression), percentile clipping of the activations before ``E[δ²]`` inside the
+Compressed codebooks take the paper's M-step on their factors (``rwkvquant_vq.finetune_compressed``). Not
+implemented from the paper: percentile clipping of the activations before ``E[δ²]`` inside the
 sequential walk (the calibration keeps sums, not samples) and the README's incoherence selector.
 """
 

@@ -7,8 +7,10 @@ codebook sites when any of ``CodebookOptions`` differs from jquant's plain GPTVQ
   feedback, Hessian-diagonal-weighted k-means) with each row group's codebooks started by ``init``
   (``mahalanobis_init`` by default) and, when compression is on, compressed (``compress_codebooks``: rank-r
   SVD, int8 with one scale per row group) *before* the group's error-feedback sweep, so the weights are assigned
-  to, and the error fed back from, the codewords actually stored. GPTVQ's Adam codebook update runs only
-  without compression (the paper also tunes ``A`` and ``V``: not implemented).
+  to, and the error fed back from, the codewords actually stored. The M-step then tunes, with the assignments
+  fixed, the codebooks (uncompressed: GPTVQ's Adam update) or, compressed, the factors ``A`` (per codebook) and
+  ``V`` (per fitting step) with Adam on ``tr(ΔW H ΔWᵀ)`` (spec §3.4 step 4), then re-quantizes ``A`` to its bits
+  and ``V`` to float16; the tuned codebooks are kept only if, as stored, they lower that error.
 - element-wise vectors ``μ [C]`` (§3.5): activation-weighted k-means (``jquant.algorithms.rwkvquant``'s
   importance ``s_c``) from ``init``, then the same compression over the vector's codebooks (one step).
 
@@ -25,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jquant.algorithms.gptq_core import damped_factor
 from jquant.algorithms.gptvq import GPTVQConfig, finetune_codebooks, round_to_codebooks, gptvq_supports
@@ -78,6 +81,70 @@ def _compressed(books: np.ndarray, compression: CodebookCompression, dtype: str)
     return compress_codebooks(books, compression).decompress().astype(dtype).astype(np.float64)
 
 
+def _factors(books: np.ndarray, compression: CodebookCompression) -> tuple[np.ndarray, np.ndarray]:
+    """One fitting step's stored codebooks ``books [G, K, d]`` as float factors ``(A [G, r], V [r, K·d])`` with
+    ``books = A V`` (``V`` the identity without SVD)."""
+    g, k, d = books.shape
+    c = compress_codebooks(books, compression)
+    a = c.coeffs.astype(np.float64) * (1.0 if c.scale is None else float(c.scale[0]))
+    v = np.eye(k * d) if c.basis is None else c.basis.astype(np.float64)
+    return a, v
+
+
+def _requantized(a: np.ndarray, v: np.ndarray, compression: CodebookCompression, k: int, d: int,
+                 dtype: str) -> np.ndarray:
+    """Codebooks ``[G, K, d]`` as stored after tuning: ``A`` back to symmetric ``bits`` integers with one scale (or
+    float16), ``V`` to float16, decoded and rounded to ``dtype``."""
+    if compression.bits is not None:
+        qmax = 2 ** (compression.bits - 1) - 1
+        top = np.abs(a).max()
+        scale = float(np.float16(top / qmax if top > 0 else 1.0))
+        a = np.clip(np.round(a / scale), -qmax, qmax) * scale
+    else:
+        a = a.astype(np.float16).astype(np.float64)
+    if compression.svd_rank is not None:
+        v = v.astype(np.float16).astype(np.float64)
+    return (a @ v).reshape(len(a), k, d).astype(dtype).astype(np.float64)
+
+
+def finetune_compressed(w, h, books, idx, lr: float, *, steps: int, cols: int, d: int,
+                        compression: CodebookCompression, dtype: str):
+    """The M-step on compressed codebooks ``books [Gr, Gc, K, d]`` (as stored) with fixed ``idx [in/d, out]``: Adam
+    on each fitting step's factors ``A [Gc, r]``, ``V [r, K·d]`` minimising ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, then
+    ``_requantized``. Returns ``(books, loss before, loss after)``; the input books when tuning does not help."""
+    n, m = w.shape
+    gr, gc, k, _ = books.shape
+    parts = [_factors(np.asarray(b, np.float64), compression) for b in books]
+    params = (jnp.asarray(np.stack([a for a, _ in parts]), jnp.float32),
+              jnp.asarray(np.stack([v for _, v in parts]), jnp.float32))
+    col_group = jnp.arange(m) // cols
+    row_group = jnp.arange(n // d) // (n // d // gr)
+    norm = jnp.trace(w.T @ h @ w)
+
+    def loss_of(b):
+        vec = b[row_group[:, None], col_group[None, :], idx]  # [n/d, out, d]
+        e = w - jnp.swapaxes(vec, 1, 2).reshape(n, m)
+        return jnp.sum(e * (h @ e)) / norm
+
+    def loss(p):
+        a, v = p
+        return loss_of(jnp.einsum("gcr,grk->gck", a, v).reshape(gr, gc, k, d))
+
+    opt = optax.adam(lr)
+
+    def step(carry, _):
+        p, state = carry
+        upd, state = opt.update(jax.grad(loss)(p), state, p)
+        return (optax.apply_updates(p, upd), state), None
+
+    (tuned, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    a, v = (np.asarray(x, np.float64) for x in tuned)
+    stored = jnp.asarray(np.stack([_requantized(a[i], v[i], compression, k, d, dtype) for i in range(gr)]),
+                         jnp.float32)
+    before, after = loss_of(books), loss_of(stored)
+    return jnp.where(after < before, stored, books), before, jnp.minimum(before, after)
+
+
 def _fit_row_group(rows: np.ndarray, weights: np.ndarray, fmt: CodebookFormat, cols: int, config: GPTVQConfig,
                    options: CodebookOptions, salt: int) -> np.ndarray:
     """Codebooks ``[out / cols, K, d]`` for rows ``[R, out]`` with per-row weights ``[R]`` (GPTVQ's grouping)."""
@@ -124,10 +191,15 @@ def rwkvquant_vq(weight: jax.Array, hessian: jax.Array, fmt: CodebookFormat, *, 
         books.append(b)
         idx.append(i[..., 0])
     books, idx = jnp.stack(books), jnp.concatenate(idx)  # [Gr, Gc, K, d], [n/d, out]
-    if config.finetune_steps and not options.compression.active:
+    if config.finetune_steps:
         scale = jnp.sqrt(jnp.mean(w0 * w0))
-        books, _, _ = finetune_codebooks(w0, h, books, idx, config.finetune_lr * scale, steps=config.finetune_steps,
-                                cols=cols, d=d)
+        if options.compression.active:
+            books, _, _ = finetune_compressed(w0, h, books, idx, config.finetune_lr * scale,
+                                              steps=config.finetune_steps, cols=cols, d=d,
+                                              compression=options.compression, dtype=fmt.codebook_dtype)
+        else:
+            books, _, _ = finetune_codebooks(w0, h, books, idx, config.finetune_lr * scale,
+                                             steps=config.finetune_steps, cols=cols, d=d)
     codebooks = books[:, :, None].astype(jnp.dtype(fmt.codebook_dtype))  # grid (Gr, Gc) + (M=1, K, d)
     return QArray(codes=pack_bits(idx, fmt.index_bits, 0), codebooks=codebooks, format=fmt, shape=shape,
                   dtype=jnp.dtype(weight.dtype).name, axis=0).validate()
