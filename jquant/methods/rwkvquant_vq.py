@@ -84,7 +84,7 @@ def _compressed(books: np.ndarray, compression: CodebookCompression, dtype: str)
 def _factors(books: np.ndarray, compression: CodebookCompression) -> tuple[np.ndarray, np.ndarray]:
     """One fitting step's stored codebooks ``books [G, K, d]`` as float factors ``(A [G, r], V [r, K·d])`` with
     ``books = A V`` (``V`` the identity without SVD)."""
-    g, k, d = books.shape
+    _, k, d = books.shape
     c = compress_codebooks(books, compression)
     a = c.coeffs.astype(np.float64) * (1.0 if c.scale is None else float(c.scale[0]))
     v = np.eye(k * d) if c.basis is None else c.basis.astype(np.float64)
