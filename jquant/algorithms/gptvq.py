@@ -92,13 +92,12 @@ def _init_codebooks(rows: np.ndarray, weights: np.ndarray, fmt: CodebookFormat, 
     return np.stack(books)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "cols", "d"))
-def finetune_codebooks(w, h, books, idx, lr, *, steps: int, cols: int, d: int):
-    """Adam on the codebooks ``[Gr, Gc, K, d]`` with fixed ``idx [in/d, out]``; returns (books, loss before, after)."""
+def assignment_loss(w, h, idx, *, row_groups: int, cols: int, d: int):
+    """``books [Gr, Gc, K, d] -> tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` for ``w [in, out]`` decoded through fixed
+    ``idx [in/d, out]`` (row group ``Gr`` of ``row_groups``, column group of ``cols`` columns): the M-step's loss."""
     n, m = w.shape
-    gr = books.shape[0]
     col_group = jnp.arange(m) // cols
-    row_group = jnp.arange(n // d) // (n // d // gr)
+    row_group = jnp.arange(n // d) // (n // d // row_groups)
     norm = jnp.trace(w.T @ h @ w)
 
     def loss(b):
@@ -106,6 +105,13 @@ def finetune_codebooks(w, h, books, idx, lr, *, steps: int, cols: int, d: int):
         e = w - jnp.swapaxes(vec, 1, 2).reshape(n, m)
         return jnp.sum(e * (h @ e)) / norm
 
+    return loss
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "cols", "d"))
+def finetune_codebooks(w, h, books, idx, lr, *, steps: int, cols: int, d: int):
+    """Adam on the codebooks ``[Gr, Gc, K, d]`` with fixed ``idx [in/d, out]``; returns (books, loss before, after)."""
+    loss = assignment_loss(w, h, idx, row_groups=books.shape[0], cols=cols, d=d)
     opt = optax.adam(lr)
 
     def step(carry, _):

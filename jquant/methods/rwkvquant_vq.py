@@ -21,6 +21,7 @@ codebooks; ``stored_bits_per_weight`` counts the compressed arrays instead (code
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,13 @@ import numpy as np
 import optax
 
 from jquant.algorithms.gptq_core import damped_factor
-from jquant.algorithms.gptvq import GPTVQConfig, finetune_codebooks, round_to_codebooks, gptvq_supports
+from jquant.algorithms.gptvq import (
+    GPTVQConfig,
+    assignment_loss,
+    finetune_codebooks,
+    gptvq_supports,
+    round_to_codebooks,
+)
 from jquant.algorithms.rwkvquant import MixConfig, channel_importance
 from jquant.algorithms.vq_core import feedback_sweep
 from jquant.algorithms.weights import (
@@ -107,28 +114,14 @@ def _requantized(a: np.ndarray, v: np.ndarray, compression: CodebookCompression,
     return (a @ v).reshape(len(a), k, d).astype(dtype).astype(np.float64)
 
 
-def finetune_compressed(w, h, books, idx, lr: float, *, steps: int, cols: int, d: int,
-                        compression: CodebookCompression, dtype: str):
-    """The M-step on compressed codebooks ``books [Gr, Gc, K, d]`` (as stored) with fixed ``idx [in/d, out]``: Adam
-    on each fitting step's factors ``A [Gc, r]``, ``V [r, K·d]`` minimising ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, then
-    ``_requantized``. Returns ``(books, loss before, loss after)``; the input books when tuning does not help."""
-    n, m = w.shape
-    gr, gc, k, _ = books.shape
-    parts = [_factors(np.asarray(b, np.float64), compression) for b in books]
-    params = (jnp.asarray(np.stack([a for a, _ in parts]), jnp.float32),
-              jnp.asarray(np.stack([v for _, v in parts]), jnp.float32))
-    col_group = jnp.arange(m) // cols
-    row_group = jnp.arange(n // d) // (n // d // gr)
-    norm = jnp.trace(w.T @ h @ w)
-
-    def loss_of(b):
-        vec = b[row_group[:, None], col_group[None, :], idx]  # [n/d, out, d]
-        e = w - jnp.swapaxes(vec, 1, 2).reshape(n, m)
-        return jnp.sum(e * (h @ e)) / norm
+@functools.partial(jax.jit, static_argnames=("steps", "cols", "d"))
+def _adam_factors(w, h, a, v, idx, lr, *, steps: int, cols: int, d: int):
+    """``steps`` Adam steps on the factors ``a [Gr, Gc, r]``, ``v [Gr, r, K·d]`` of the codebooks ``a v``."""
+    gr, gc, _ = a.shape
+    loss_of = assignment_loss(w, h, idx, row_groups=gr, cols=cols, d=d)
 
     def loss(p):
-        a, v = p
-        return loss_of(jnp.einsum("gcr,grk->gck", a, v).reshape(gr, gc, k, d))
+        return loss_of(jnp.einsum("gcr,grk->gck", *p).reshape(gr, gc, -1, d))
 
     opt = optax.adam(lr)
 
@@ -137,10 +130,24 @@ def finetune_compressed(w, h, books, idx, lr: float, *, steps: int, cols: int, d
         upd, state = opt.update(jax.grad(loss)(p), state, p)
         return (optax.apply_updates(p, upd), state), None
 
-    (tuned, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-    a, v = (np.asarray(x, np.float64) for x in tuned)
+    (tuned, _), _ = jax.lax.scan(step, ((a, v), opt.init((a, v))), None, length=steps)
+    return tuned
+
+
+def finetune_compressed(w, h, books, idx, lr: float, *, steps: int, cols: int, d: int,
+                        compression: CodebookCompression, dtype: str):
+    """The M-step on compressed codebooks ``books [Gr, Gc, K, d]`` (as stored) with fixed ``idx [in/d, out]``: Adam
+    on each fitting step's factors ``A [Gc, r]``, ``V [r, K·d]`` minimising ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, then
+    ``_requantized``. Returns ``(books, loss before, loss after)``; the input books when tuning does not help."""
+    gr, _, k, _ = books.shape
+    parts = [_factors(np.asarray(b, np.float64), compression) for b in books]
+    a, v = _adam_factors(w, h, jnp.asarray(np.stack([p[0] for p in parts]), jnp.float32),
+                         jnp.asarray(np.stack([p[1] for p in parts]), jnp.float32), idx, lr, steps=steps, cols=cols,
+                         d=d)
+    a, v = np.asarray(a, np.float64), np.asarray(v, np.float64)
     stored = jnp.asarray(np.stack([_requantized(a[i], v[i], compression, k, d, dtype) for i in range(gr)]),
                          jnp.float32)
+    loss_of = assignment_loss(w, h, idx, row_groups=gr, cols=cols, d=d)
     before, after = loss_of(books), loss_of(stored)
     return jnp.where(after < before, stored, books), before, jnp.minimum(before, after)
 
