@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from jquant.formats import QArray
+from jquant.losses import kl_divergence
 from jquant.progress import progress_bar
 
 SCALE_CHILDREN = ("scales", "tensor_scale")
@@ -90,13 +91,6 @@ def tunable_paths(model: nnx.Module) -> list[str]:
             if _is_tunable(p, leaf)]
 
 
-def _kl(logits: jax.Array, ref_logits: jax.Array) -> jax.Array:
-    """Mean over tokens of ``KL(softmax(ref) ‖ softmax(logits))``, float32 maths."""
-    ref = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
-    ours = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.mean(jnp.sum(jnp.exp(ref) * (ref - ours), axis=-1))
-
-
 def tune_continuous(model: nnx.Module, reference: nnx.Module, windows: np.ndarray,
                     config: ContinuousTuneConfig = ContinuousTuneConfig(), *,
                     progress: bool = True) -> ContinuousTuneResult:
@@ -125,13 +119,13 @@ def tune_continuous(model: nnx.Module, reference: nnx.Module, windows: np.ndarra
         return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, tuned))
 
     def loss(u, leaves, tokens, ref_logits):
-        return _kl(apply(u, leaves)(tokens), ref_logits)
+        return kl_divergence(apply(u, leaves)(tokens), ref_logits)
 
     tx = config.optimizer()
 
     @jax.jit  # the weights are arguments, not constants baked into the program
     def step(u, opt_state, leaves, ref_state, tokens):
-        ref_logits = jax.lax.stop_gradient(nnx.merge(ref_graphdef, ref_state)(tokens))
+        ref_logits = nnx.merge(ref_graphdef, ref_state)(tokens)  # kl_divergence stops its gradient
         value, grads = jax.value_and_grad(loss)(u, leaves, tokens, ref_logits)
         updates, opt_state = tx.update(grads, opt_state, u)
         return optax.apply_updates(u, updates), opt_state, value
