@@ -4,12 +4,16 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jquant.models import llama
 
 import jquant as jq
-from jquant.finetune.continuous import ContinuousTuneConfig, tunable_paths, tune_continuous
+from jquant.finetune.continuous import (
+    ContinuousTuneConfig,
+    tunable_paths,
+    tune_continuous,
+)
 from jquant.formats import QArray
 from jquant.losses import kl_divergence
-from jquant.models import llama
 from jquant.recipes import Recipe, Rule
 from jquant.testing.tiny_models import fast_logits
 
