@@ -229,7 +229,8 @@ def _zero_shot_noise(results: Results) -> tuple[float, float]:
 def _reading(results: Results, merged: dict[tuple[str, str], dict]) -> str:
     """What the tables say at this scale, every number formatted from the run: the lossy site, the ablation steps'
     paired differences, the zero-shot noise."""
-    rtn = merged[("w8a8", "RTN")]
+    setting = next(s for s in _settings(merged) if (s, "RTN") in merged)  # w8a8 in a full run
+    rtn = merged[(setting, "RTN")]
     snr = {k: rtn[f"snr_{k}"] for k in SITES if rtn.get(f"snr_{k}") is not None}
     worst = min(snr, key=snr.get)
     others = [v for k, v in snr.items() if k != worst]
@@ -239,7 +240,7 @@ def _reading(results: Results, merged: dict[tuple[str, str], dict]) -> str:
         for a, b in itertools.pairwise(ABLATION))
     shift, se = _zero_shot_noise(results)
     return (f"Reading the tables (scale matters): {results.args['model']} is a small model trained on few tokens. "
-            f"Under W8A8 RTN the lowest activation SNR is at the {worst} input ({snr[worst]:.0f} dB, against "
+            f"Under {setting.upper()} RTN the lowest activation SNR is at the {worst} input ({snr[worst]:.0f} dB, against "
             f"{min(others):.0f}-{max(others):.0f} dB at the other sites; the paper names the out_proj input, "
             f"`y ⊙ SiLU(z)`). Each ablation step against the one before it, as the previous step's value minus this "
             f"step's (positive: the step helped), mean ± standard error of the paired per-seed difference: {steps} "
