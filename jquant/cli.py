@@ -268,11 +268,13 @@ def _cmd_list(args, console: Console) -> dict:
         data = {r.name: r.to_dict() for r in list_recipes()}
         if not args.json:
             table = _named_table("built-in recipes (embeddings and lm_head stay float)", list(data),
-                                 ("transforms", "weights", "activations", "KV", "algorithm", "description"))
+                                 ("transforms", "weights", "activations", "KV / SSM state", "algorithm",
+                                  "description"))
             for r in list_recipes():
                 rule = r.rules[0]
+                state = r.kv_cache or (f"ssm {r.ssm_matmul}" if r.ssm_matmul else "-")
                 table.add_row(r.name, ",".join(t.kind for t in r.transforms) or "-", rule.weight or "-",
-                              rule.activation or "-", r.kv_cache or "-", rule.algorithm, r.description)
+                              rule.activation or "-", state, rule.algorithm, r.description)
             console.print(table)
         return data
     if args.what == "formats":
