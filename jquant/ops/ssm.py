@@ -207,16 +207,14 @@ def _selective_scan_bwd(q, parallel, residuals, cotangents):
 _selective_scan.defvjp(_selective_scan_fwd, _selective_scan_bwd)
 
 
+def _state_step(h, u_t, d_t, b_t, A):
+    """One token of the Mamba-1 recurrence: ``h_t = exp(δ_t A) h_{t-1} + δ_t u_t B_t`` (``h [B, Di, N]``)."""
+    return jnp.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
+
+
 def selective_scan_recurrent(u, delta, A, B, C, h0) -> tuple[jax.Array, jax.Array]:
     """Mamba-1 scan, recurrent form (one token per ``lax.scan`` step); same arguments and results as ``selective_scan``."""
-
-    def token(h, inputs):
-        u_t, d_t, b_t, c_t = inputs
-        h = jnp.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
-        return h, jnp.einsum("bdn,bn->bd", h, c_t, precision=HIGHEST)
-
-    h, ys = jax.lax.scan(token, h0, tuple(jnp.moveaxis(a, 1, 0) for a in (u, delta, B, C)))
-    return jnp.moveaxis(ys, 0, 1), h
+    return selective_scan_quantized(u, delta, A, B, C, h0, fmt=None)
 
 
 def ssm_matmul(h: jax.Array, c: jax.Array, fmt: Format | None, *, rotate: bool = False) -> jax.Array:
@@ -239,13 +237,14 @@ def ssm_matmul(h: jax.Array, c: jax.Array, fmt: Format | None, *, rotate: bool =
 
 def selective_scan_quantized(u, delta, A, B, C, h0, *, fmt: Format | None,
                              rotate: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Mamba-1 scan with the output matmul quantized (``ssm_matmul`` per token); same arguments and results as
-    ``selective_scan_recurrent``. The recurrence itself stays in float (spec §3: not quantized); each token's
+    """Mamba-1 scan, recurrent form, with the output matmul ``ssm_matmul`` (quantized per token with ``fmt``, rotated
+    with ``rotate``; ``fmt=None, rotate=False`` is the plain ``selective_scan_recurrent``); same arguments and results as
+    ``selective_scan``. The recurrence itself stays in float (spec §3: not quantized); each token's
     ``h_t`` is materialised, so this is the recurrent form, one token per ``lax.scan`` step."""
 
     def token(h, inputs):
         u_t, d_t, b_t, c_t = inputs
-        h = jnp.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
+        h = _state_step(h, u_t, d_t, b_t, A)
         return h, ssm_matmul(h, c_t, fmt, rotate=rotate)
 
     h, ys = jax.lax.scan(token, h0, tuple(jnp.moveaxis(a, 1, 0) for a in (u, delta, B, C)))
@@ -258,8 +257,7 @@ def selective_scan_state_absmax(u, delta, A, B, C, h0) -> jax.Array:
 
     def token(carry, inputs):
         h, peak = carry
-        u_t, d_t, b_t = inputs
-        h = jnp.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * b_t[:, None, :]
+        h = _state_step(h, *inputs, A)
         return (h, jnp.maximum(peak, jnp.max(jnp.abs(h), axis=(0, 1)))), None
 
     start = (h0, jnp.zeros(A.shape[-1], h0.dtype))
