@@ -288,21 +288,19 @@ def ssm_state_statistics(model: nnx.Module, tokens: np.ndarray, *, batch_size: i
     """Per Mamba-1 mixer path, ``(max|h_n|, max|C_n|)`` float64 ``[N]`` over ``tokens [N_seq, T]`` (every token,
     channel and sequence): the SSM matmul's two operands, from the float model's forward."""
     probe = nnx.clone(model)
-    paths = [b.path for b in ssm_layout_of(probe).blocks if b.kind == "mamba1"]
-    for path in paths:
+    out = {b.path: np.zeros((2, b.state_size)) for b in ssm_layout_of(probe).blocks if b.kind == "mamba1"}
+    for path in out:
         module_at(probe, path).capture_state = True
     forward = nnx.jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
-    out = {p: [np.zeros(0), np.zeros(0)] for p in paths}
+    row = {"ssm_state_absmax": 0, "ssm_c_absmax": 1}
     for chunk in batches(tokens, batch_size):
         _, state = forward(probe, jax.tree.map(jnp.asarray, chunk))
         for key, value in nnx.to_flat_state(state):
             path, name = path_string(key[:-1]), str(key[-1])
-            if path in out and name in ("ssm_state_absmax", "ssm_c_absmax"):
+            if path in out and name in row:
                 v = value.get_value() if hasattr(value, "get_value") else value
-                v = np.asarray(v[0] if isinstance(v, tuple) else v, np.float64)
-                i = 0 if name == "ssm_state_absmax" else 1
-                out[path][i] = v if not out[path][i].size else np.maximum(out[path][i], v)
-    return {p: (h, c) for p, (h, c) in out.items()}
+                out[path][row[name]] = np.maximum(out[path][row[name]], np.asarray(v[0] if isinstance(v, tuple) else v))
+    return {p: (m[0], m[1]) for p, m in out.items()}
 
 
 def mambaquant(model: nnx.Module, tokens: np.ndarray, key: jax.Array, *, alpha: float = 0.5, klt: bool = True,
