@@ -31,6 +31,7 @@ from jquant import sharding as sharding
 from jquant import transforms as transforms
 from jquant.checkpoint import load as load
 from jquant.checkpoint import save as save
+from jquant.compile_cache import use_compile_cache as use_compile_cache
 from jquant.eval.size import size_report as size_report
 from jquant.generate import SamplingConfig as SamplingConfig
 from jquant.generate import generate as generate

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jquant import cli_fastattn, cli_image, cli_vae, cli_vl
+from jquant.compile_cache import COMPILE_CACHE_MIN_SECONDS, use_compile_cache
 from jquant.interop import command as export_command
 
 EPILOG = """examples:
@@ -81,19 +82,6 @@ def _byte_size(text: str) -> int:
 
 TOKENIZER_HELP = ("tokenizer folder (with tokenizer.json) for a model folder that ships none "
                   "(default: the model folder's own tokenizer)")
-
-
-COMPILE_CACHE_MIN_SECONDS = 0.3
-"""``--compile-cache`` keeps programs that took this long to compile: GPTQ's sweeps (~0.7 s on CPU) are kept;
-writing every tiny program costs more than compiling it again."""
-
-
-def use_compile_cache(folder: Path) -> None:
-    """JAX's persistent compilation cache in ``folder`` for this process (call before anything compiles)."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--compile-cache {folder} is a file; give a folder (it is created if missing).")
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -631,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             use_compile_cache(args.compile_cache)
         except ValueError as err:
-            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {err}")
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] --compile-cache: {err}")
             return 2
     try:
         result = COMMANDS[args.command](args, console)

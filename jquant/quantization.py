@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.algorithms.experts import quantize_experts
-from jquant.algorithms.weights import algorithm
+from jquant.algorithms.weights import AlgorithmSpec, algorithm
 from jquant.calib.capture import InputStatistics
 from jquant.calib.data import check_calibration
 from jquant.calib.sequential import BlockVisit, block_paths, check_capture_budget, walk_blocks
@@ -387,27 +387,19 @@ def quantize(
     uncalibrated: dict[str, tuple[int, ...]] = {}
     empty_groups: dict[str, tuple[str, ...]] = {}
 
-    def apply(plan_: SitePlan, stats: InputStatistics | None) -> None:
+    def apply(plan_: SitePlan, stats: InputStatistics | None, quantized: QArray | None = None) -> None:
+        """Quantize one site (its weight: ``quantized`` when a shared solve already did) and attach its activation
+        format."""
         site = plan_.site
-        if stats is not None and not (np.all(np.isfinite(stats.hessian)) and np.all(np.isfinite(stats.absmax))):
-            raise ValueError(f"site {site.path!r}: its calibration inputs contain NaN or Inf (the model produced non-finite "
-                             "activations on the calibration data); check the model and the calibration tokens.")
-        if plan_.groups and stats is not None and stats.num_groups is None:
-            raise ValueError(f"site {site.path!r} is declared to receive group ids (the model's activation_groups()), "
-                             "but its calls passed none during calibration; pass groups= in the family's forward or "
-                             "narrow ActivationGroups.sites.")
+        _check_site_statistics(plan_, stats)
         if site.spec.kind == "experts":
             uncalibrated[site.path] = apply_experts(site, plan_.expert_groups(), stats)
         elif plan_.weight is not None:
-            spec = algorithm(plan_.rule.algorithm)
-            options = dict(plan_.rule.options)
-            weighting = options.pop("group_weighting", "tokens")
-            pooled = None if stats is None else stats.pooled(_group_weights(stats, weighting))
-            if options.pop("hessian", "plain") == "affinity":
-                pooled = _affinity_statistics(site, pooled)
-            q = spec.quantize(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis, stats=pooled,
-                          options=options)
-            site.weight.set_value(q)
+            if quantized is None:
+                spec, options, pooled = _weight_algorithm_inputs(plan_, stats)
+                quantized = spec.quantize(site.weight.get_value(), plan_.weight, axis=site.spec.contraction_axis,
+                                          stats=pooled, options=options)
+            site.weight.set_value(quantized)
         scale = None
         if plan_.static:
             scale, empty_groups[site.path] = static_scales(plan_, stats)
@@ -425,10 +417,11 @@ def quantize(
             )
 
         def process_block(visit: BlockVisit) -> None:
-            for rel, st in visit.stats.items():
-                full = f"{visit.path}/{rel}"
-                if full in by_path:
-                    apply(by_path[full], st)
+            items = [(by_path[f"{visit.path}/{rel}"], st) for rel, st in visit.stats.items()
+                     if f"{visit.path}/{rel}" in by_path]
+            shared = _shared_input_solves(items)
+            for plan_, st in items:
+                apply(plan_, st, shared.get(plan_.site.path))
 
         walk_blocks(qmodel, tokens, process_block, batch_size=batch_size, mesh=mesh, progress=progress,
                     capture_budget=capture_budget, final_states=False)
@@ -451,6 +444,65 @@ def quantize(
         transforms=transform_logs,
     )
     return qmodel
+
+
+def _check_site_statistics(plan_: SitePlan, stats: InputStatistics | None) -> None:
+    """Refuse non-finite calibration statistics, and ungrouped ones at a site declared to receive groups."""
+    path = plan_.site.path
+    if stats is not None and not (np.all(np.isfinite(stats.hessian)) and np.all(np.isfinite(stats.absmax))):
+        raise ValueError(f"site {path!r}: its calibration inputs contain NaN or Inf (the model produced non-finite "
+                         "activations on the calibration data); check the model and the calibration tokens.")
+    if plan_.groups and stats is not None and stats.num_groups is None:
+        raise ValueError(f"site {path!r} is declared to receive group ids (the model's activation_groups()), "
+                         "but its calls passed none during calibration; pass groups= in the family's forward or "
+                         "narrow ActivationGroups.sites.")
+
+
+def _weight_algorithm_inputs(plan_: SitePlan, stats: InputStatistics | None
+                             ) -> tuple[AlgorithmSpec, dict, InputStatistics | None]:
+    """The site's weight algorithm, its options (without the pipeline's ``group_weighting`` and ``hessian``) and
+    the statistics it sees: groups pooled by ``group_weighting``, or MoEQuant's affinity-weighted Hessian."""
+    spec = algorithm(plan_.rule.algorithm)
+    options = dict(plan_.rule.options)
+    weighting = options.pop("group_weighting", "tokens")
+    pooled = None if stats is None else stats.pooled(_group_weights(stats, weighting))
+    if options.pop("hessian", "plain") == "affinity":
+        pooled = _affinity_statistics(plan_.site, pooled)
+    return spec, options, pooled
+
+
+def _shared_input_solves(items: list[tuple[SitePlan, InputStatistics | None]]) -> dict[str, QArray]:
+    """Quantized weights of the sites of one block that read the same inputs, solved together.
+
+    Sites whose algorithm has ``quantize_shared`` (GPTQ), with the same format, options, input size and dtype and
+    equal statistics (q/k/v, gate/up: one captured input) are quantized in one call, whose results equal the
+    per-site calls' (``AlgorithmSpec.quantize_shared``); ``{site path: QArray}`` for those, nothing for the rest.
+    """
+    buckets: dict[tuple, list[list]] = {}
+    for plan_, stats in items:
+        site = plan_.site
+        if site.spec.kind == "experts" or plan_.weight is None or stats is None or site.spec.contraction_axis != 0:
+            continue
+        _check_site_statistics(plan_, stats)
+        spec, options, pooled = _weight_algorithm_inputs(plan_, stats)
+        weight = site.weight.get_value()
+        if spec.quantize_shared is None or weight.ndim != 2 or pooled is None:
+            continue
+        key = (spec.name, repr(plan_.weight), repr(sorted(options.items())), weight.shape[0], jnp.dtype(weight.dtype))
+        groups = buckets.setdefault(key, [])
+        same = next((g for g in groups if np.array_equal(g[0][2].hessian, pooled.hessian)
+                     and np.array_equal(g[0][2].count, pooled.count)), None)
+        if same is None:
+            groups.append(same := [])
+        same.append((plan_, spec, pooled, options))
+    solved: dict[str, QArray] = {}
+    for groups in buckets.values():
+        for group in (g for g in groups if len(g) > 1):
+            plan_, spec, pooled, options = group[0]
+            weights = [p.site.weight.get_value() for p, *_ in group]
+            quantized = spec.quantize_shared(weights, plan_.weight, axis=0, stats=pooled, options=options)
+            solved.update({p.site.path: q for (p, *_), q in zip(group, quantized, strict=True)})
+    return solved
 
 
 def _group_weights(stats: InputStatistics, weighting: str) -> np.ndarray | None:

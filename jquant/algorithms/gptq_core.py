@@ -25,11 +25,13 @@ decreasing ``diag(H)``) with groups always uses static groups, so every group
 stays a contiguous block of the original rows and the stored format is a
 plain group-wise one. ``block_size`` is rounded to a multiple of ``group_size``.
 
-Programs: ``gptq`` runs two XLA programs, the factor (``_hessian_factor_once``: the act-order permutation, dead
-inputs, damping and ``U``; damping traced, so retries reuse it), one per input size, and the sweep (``gptq_sweep``,
-which also casts the weight, zeroes dead rows and permutes it), one per weight shape and settings; host arrays are
-cast on the host, so no eager operation compiles per shape. Sites of the same input size share the factor, sites of
-the same shape both.
+Programs: ``gptq_columns`` (``gptq`` for one weight) runs the factor (``_hessian_factor_once``: the act-order
+permutation, dead inputs, damping and ``U``; damping traced, so retries reuse it), one per input size, and the sweep
+(``gptq_sweep``, which also casts the weight, zeroes dead rows and permutes it) on chunks of ``OUT_CHUNK`` output
+columns, one per input size and settings; per set of weight shapes, two small programs cut the columns into chunks
+(``_out_chunks``) and the results back apart (``_split_out_chunks``, which also runs the caller's ``finish``, e.g. the
+format's encode). Host arrays are cast on the host, so no eager operation compiles per shape. Sites of the same input
+size share the factor and the sweep.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,7 @@ import numpy as np
 ParamsFn = Callable[[jax.Array], tuple[jax.Array, jax.Array | None]]
 QdqFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 SUB_BLOCK = 16  # rows per inner lazy batch (gptq_loop); smaller where the block or group size needs it
+OUT_CHUNK = 512  # output columns per compiled sweep (``gptq``): narrower layers are zero-padded to it
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -233,6 +236,7 @@ def gptq(
     group_size: int | None,
     config: GPTQConfig = GPTQConfig(),
     max_damp_retries: int = 4,
+    out_chunk: int | None = None,
 ) -> GPTQResult:
     """Quantize ``w [in, out]`` against Hessian ``h [in, in]``.
 
@@ -243,20 +247,76 @@ def gptq(
 
     If the damped Hessian is not positive definite, damping is multiplied by
     10 up to ``max_damp_retries`` times (the damping used is returned); after
-    that a ``FloatingPointError`` explains what to do.
+    that a ``FloatingPointError`` explains what to do. ``out_chunk``: see ``gptq_columns``.
     """
-    dtype = jnp.promote_types(jnp.result_type(w), jnp.float32)  # float64 stays float64 (tests)
+    (result,), damp = gptq_columns([w], h, params_fn, qdq_fn, group_size=group_size, config=config,
+                                   max_damp_retries=max_damp_retries, out_chunk=out_chunk)
+    return GPTQResult(*result, damp=damp)
+
+
+def gptq_columns(
+    weights: Sequence[jax.Array],
+    h: jax.Array,
+    params_fn: ParamsFn,
+    qdq_fn: QdqFn,
+    *,
+    group_size: int | None,
+    config: GPTQConfig = GPTQConfig(),
+    max_damp_retries: int = 4,
+    out_chunk: int | None = None,
+    finish: Callable | None = None,
+) -> tuple[list, float]:
+    """``gptq`` of every ``weights[i] [in, out_i]`` against one Hessian ``h [in, in]`` (linears that read the same
+    inputs): ``([finish(q_i, scales_i, zeros_i) ...], damp)``, ``finish`` defaulting to the tuple itself.
+
+    Output channels are independent given ``H`` (every update of Eq. 3 acts column by column), so the weights' columns
+    are swept together, in chunks of ``out_chunk`` columns (default ``OUT_CHUNK``), the last zero-padded: one factor
+    serves them all, one compiled sweep serves every output size of an input size, and each result equals the
+    whole-width sweep of that weight alone (``tests/algorithms/test_gptq_core.py``). ``finish`` (e.g. the format's
+    encode) runs in the program that cuts the results apart.
+    """
+    out_chunk = out_chunk or OUT_CHUNK
+    if not weights or len({w.shape[0] for w in weights}) != 1 or any(w.ndim != 2 for w in weights):
+        raise ValueError(f"gptq: the weights must be [in, out] with one input size, got "
+                         f"{[tuple(w.shape) for w in weights]}.")
+    dtype = jnp.promote_types(jnp.result_type(*weights), jnp.float32)  # float64 stays float64 (tests)
     h = _as_dtype(h, dtype)
-    if not isinstance(w, jax.Array):
-        w = _as_dtype(w, dtype)  # device weights are cast inside the sweep: no eager program per shape
-    if h.shape != (w.shape[0], w.shape[0]):
-        raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's input size {w.shape[0]}.")
-    sweep = _sweep_settings(w.shape[0], group_size, config, dtype)
+    # device weights are cast inside the sweep: no eager program per shape
+    weights = tuple(w if isinstance(w, jax.Array) else _as_dtype(w, dtype) for w in weights)
+    n_in = weights[0].shape[0]
+    if h.shape != (n_in, n_in):
+        raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's input size {n_in}.")
+    sweep = _sweep_settings(n_in, group_size, config, dtype)
     (u, perm, dead), damp = _with_damping_retries(
         lambda d: _hessian_factor_once(h, float(d), act_order=config.act_order), config.damp, max_damp_retries, "gptq")
     del h
-    q, scales, zeros = gptq_sweep(w, dead, u, perm, params_fn=params_fn, qdq_fn=qdq_fn, **sweep)
-    return GPTQResult(weights=q, scales=scales, zeros=zeros, damp=damp)
+    widths = tuple(int(w.shape[1]) for w in weights)
+    chunks = weights if widths == (out_chunk,) else _out_chunks(weights, width=out_chunk)
+    parts = [gptq_sweep(c, dead, u, perm, params_fn=params_fn, qdq_fn=qdq_fn, **sweep) for c in chunks]
+    return _split_out_chunks(parts, widths=widths, finish=finish), damp
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _out_chunks(weights: tuple[jax.Array, ...], *, width: int) -> tuple[jax.Array, ...]:
+    """The weights' columns side by side as ``ceil(Σ out / width)`` chunks ``[in, width]``, the last zero-padded
+    (one program)."""
+    joined = jnp.concatenate(weights, axis=1)
+    n = -(-joined.shape[1] // width)
+    padded = jnp.pad(joined, ((0, 0), (0, n * width - joined.shape[1])))
+    return tuple(padded[:, i * width:(i + 1) * width] for i in range(n))
+
+
+@functools.partial(jax.jit, static_argnames=("widths", "finish"))
+def _split_out_chunks(parts: list[tuple], *, widths: tuple[int, ...], finish: Callable | None) -> list:
+    """The sweeps' ``(q, scales, zeros)`` of consecutive column chunks cut back into one result per weight of
+    ``widths`` columns (padding dropped), each passed through ``finish`` (one program)."""
+    join = lambda arrays: jnp.concatenate(arrays, axis=-1)  # noqa: E731
+    q, scales, zeros = zip(*parts)
+    q, scales, zeros = join(q), join(scales), None if zeros[0] is None else join(zeros)
+    ends = np.cumsum(widths)
+    results = [(q[:, e - n:e], scales[:, e - n:e], None if zeros is None else zeros[:, e - n:e])
+               for e, n in zip(ends, widths)]
+    return [r if finish is None else finish(*r) for r in results]
 
 
 def _sweep_settings(n_in: int, group_size: int | None, config: GPTQConfig, dtype) -> dict:

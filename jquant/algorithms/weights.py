@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jquant.algorithms.gptq_core import GPTQConfig, gptq
+from jquant.algorithms.gptq_core import GPTQConfig, gptq_columns
 from jquant.algorithms.gptvq import GPTVQConfig, gptvq_quantize, gptvq_supports
 from jquant.algorithms.pcdvq import PCDVQConfig, pcdvq_quantize
 from jquant.algorithms.rwkvquant import mix_codebook_weight
@@ -92,31 +92,44 @@ def _int_grid(fmt: IntFormat) -> tuple[Callable, Callable]:
 
 
 @functools.lru_cache(maxsize=None)
-def _int_encoder(fmt: IntFormat) -> Callable[[jax.Array, jax.Array, jax.Array | None], QArray]:
-    """``fmt.quantize_with_scales(w, scales, zeros, axis=0)`` as one program per shape, cached per format (run
-    eagerly it compiles a dozen small programs for every new weight shape)."""
+def _int_encode(fmt: IntFormat) -> Callable[[jax.Array, jax.Array, jax.Array | None], QArray]:
+    """``fmt.quantize_with_scales(w, scales, zeros, axis=0)``, one function per format: a static argument of the
+    program that finishes GPTQ's solve (``gptq_columns``' ``finish``), so every layer of a shape shares it."""
     def gptq_encode(w, scales, zeros):
         return fmt.quantize_with_scales(w, scales, zeros, axis=0)
 
-    return jax.jit(gptq_encode)
+    return gptq_encode
 
 
 def gptq_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: InputStatistics | None,
                 options: Mapping[str, Any] = ()) -> QArray:
     """GPTQ-quantize ``weight [in, out]`` (``axis == 0``) using ``stats.hessian``; options: GPTQConfig fields."""
+    return gptq_shared_input([weight], fmt, axis=axis, stats=stats, options=options)[0]
+
+
+def gptq_shared_input(weights: Sequence[jax.Array], fmt: Format, *, axis: int, stats: InputStatistics | None,
+                      options: Mapping[str, Any] = ()) -> list[QArray]:
+    """``gptq_weight`` of each ``weights[i] [in, out_i]`` for linears that read the same inputs (one ``stats``),
+    as one solve (``gptq_core.gptq_columns``: one Hessian factor, one sweep over the concatenated columns, which are
+    independent given the Hessian), so each result equals ``gptq_weight(weights[i], ...)`` bit for bit (q/k/v,
+    gate/up)."""
     reason = gptq_supports(fmt)
     if reason:
         raise ValueError(reason)
-    if axis != 0 or weight.ndim != 2:
-        raise ValueError(f"gptq handles [in, out] weights quantized along axis 0, got shape {weight.shape}, axis {axis}.")
+    shapes = [tuple(w.shape) for w in weights]
+    if axis != 0 or any(len(s) != 2 for s in shapes) or len({s[0] for s in shapes}) != 1 \
+            or len({jnp.dtype(w.dtype) for w in weights}) != 1:
+        raise ValueError(f"gptq handles [in, out] weights quantized along axis 0 (several at once: one input size and "
+                         f"dtype), got shapes {shapes}, dtypes {sorted({jnp.dtype(w.dtype).name for w in weights})}, "
+                         f"axis {axis}.")
     if stats is None:
         raise ValueError("gptq needs calibration statistics (the input Hessian); pass calibration data.")
     params_fn, qdq_fn = _int_grid(fmt)
     group = fmt.group_size if fmt.granularity == "group" else None
     config = _config(GPTQConfig, options, "gptq")
-    result = gptq(weight, stats.hessian, params_fn, qdq_fn, group_size=group, config=config)
-    q = _int_encoder(fmt)(result.weights, result.scales, result.zeros)
-    return dataclasses.replace(q, dtype=jnp.dtype(weight.dtype).name)
+    quantized, _ = gptq_columns(weights, stats.hessian, params_fn, qdq_fn, group_size=group, config=config,
+                                finish=_int_encode(fmt))
+    return [dataclasses.replace(q, dtype=jnp.dtype(w.dtype).name) for q, w in zip(quantized, weights, strict=True)]
 
 
 def _config(cls, options: Mapping[str, Any], name: str):
@@ -180,7 +193,9 @@ class AlgorithmSpec:
 
     ``quantize(weight, fmt, *, axis, stats, options) -> QArray``; ``supports(fmt)`` says why it cannot use
     ``fmt`` (None if it can); ``options`` is the dataclass its ``Rule.options`` are the fields of (None: takes
-    none, or they go to a branch chosen by format).
+    none, or they go to a branch chosen by format). ``quantize_shared(weights, fmt, *, axis, stats, options) ->
+    [QArray]`` (optional) quantizes sites that read the same inputs in one call, each result equal to
+    ``quantize``'s; ``jquant.quantize`` uses it for sites of one block with equal statistics, format and options.
     """
 
     name: str
@@ -188,6 +203,7 @@ class AlgorithmSpec:
     supports: Callable[[Format], str | None]
     needs_calibration: bool
     options: type | None = None
+    quantize_shared: Callable[..., list[QArray]] | None = None
 
 
 _REGISTRY: NamedRegistry[AlgorithmSpec] = NamedRegistry("weight algorithm")
@@ -218,7 +234,8 @@ def algorithm_names() -> tuple[str, ...]:
 
 for _spec in (
     AlgorithmSpec("rtn", rtn, rtn_supports, needs_calibration=False),
-    AlgorithmSpec("gptq", gptq_weight, gptq_supports, needs_calibration=True, options=GPTQConfig),
+    AlgorithmSpec("gptq", gptq_weight, gptq_supports, needs_calibration=True, options=GPTQConfig,
+                  quantize_shared=gptq_shared_input),
     AlgorithmSpec("gptvq", gptvq_weight, gptvq_supports, needs_calibration=True, options=GPTVQConfig),
     AlgorithmSpec("pcdvq", pcdvq_weight, pcdvq_supports, needs_calibration=True, options=PCDVQConfig),
     AlgorithmSpec("rwkvquant", rwkvquant_weight, rwkvquant_supports, needs_calibration=True),

@@ -1,10 +1,14 @@
 """GPTQ compiles a fixed set of programs per weight shape and format, and nothing for a second site or call.
 
-The set (``GPTQ_PROGRAMS``): the damped factor (with the act-order permutation; one per input size, shared by the
-shapes that have it), the sweep, and the format's encode of the result. Eager array operations would each compile a program per new shape, and anything passed as a static
+The set (``GPTQ_PROGRAMS``): the damped factor (with the act-order permutation) and the sweep (on fixed-width column
+chunks), one per input size and shared by the shapes that have it; per solve (a site's weight, or the sites
+``quantize`` solves together: in the Llama test q/k/v, o, gate/up and down, as many solves as distinct site shapes),
+the cut into column chunks and the split of the results back into sites, with the format's encode.
+Eager array operations would each compile a program per new shape, and anything passed as a static
 argument that changes per call would recompile per site: both show up here as extra compilations.
 """
 
+import dataclasses
 import logging
 import re
 
@@ -21,7 +25,9 @@ from jquant.recipes import Recipe, Rule
 from jquant.sites import find_sites
 
 FACTOR = "_hessian_factor_once"
-GPTQ_PROGRAMS = [FACTOR, "gptq_sweep", "gptq_encode"]
+PER_INPUT_SIZE = [FACTOR, "gptq_sweep"]
+PER_SHAPE = ["_out_chunks", "_split_out_chunks"]
+GPTQ_PROGRAMS = PER_INPUT_SIZE + PER_SHAPE
 
 
 def _site(seed: int, n_in: int, n_out: int) -> tuple[jax.Array, InputStatistics]:
@@ -69,7 +75,53 @@ def test_quantize_compiles_gptq_once_per_shape_and_a_second_call_no_gptq_or_bloc
     gptq_programs = [n for n in first if n in GPTQ_PROGRAMS]
     input_sizes = {shape[0] for shape in shapes}
     assert len(input_sizes) < len(shapes)  # so the test sees the factor shared between shapes
-    expected = [FACTOR] * len(input_sizes) + ["gptq_sweep", "gptq_encode"] * len(shapes)
+    expected = PER_INPUT_SIZE * len(input_sizes) + PER_SHAPE * len(shapes)
     assert sorted(gptq_programs) == sorted(expected), gptq_programs
     _, second = _compiled(caplog, lambda: quantize(model, recipe, calib, progress=False))
     assert [n for n in second if n in GPTQ_PROGRAMS or n == "_forward"] == [], second
+
+
+def test_shared_input_solve_equals_each_site_on_its_own():
+    """q/k/v-like weights of one input size with one Hessian: one shared solve gives every site's own QArray."""
+    from jquant.algorithms.weights import gptq_shared_input
+
+    fmt = get_format("int4-g32-asym")
+    (w1, stats), (w2, _), (w3, _) = _site(3, 64, 48), _site(4, 64, 16), _site(5, 64, 16)
+    options = {"act_order": True, "block_size": 32}
+    shared = gptq_shared_input([w1, w2, w3], fmt, axis=0, stats=stats, options=options)
+    for w, q in zip([w1, w2, w3], shared, strict=True):
+        alone = gptq_weight(w, fmt, axis=0, stats=stats, options=options)
+        assert q.shape == alone.shape and q.dtype == alone.dtype
+        for a, b in [(q.codes, alone.codes), (q.scales, alone.scales), (q.zeros, alone.zeros)]:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="one input size"):
+        gptq_shared_input([w1, _site(6, 32, 16)[0]], fmt, axis=0, stats=stats, options=options)
+
+
+def test_quantize_solves_sites_with_one_input_together(monkeypatch):
+    """In a Llama block q/k/v share one solve and gate/up another; o and down are solved alone."""
+    from jquant import quantization
+    from jquant.algorithms import weights as weight_algorithms
+
+    solved: list[list[tuple[int, int]]] = []
+    spec = weight_algorithms.algorithm("gptq")
+    shared, alone = spec.quantize_shared, spec.quantize
+
+    def record_shared(weights, *a, **kw):
+        solved.append([tuple(w.shape) for w in weights])
+        return shared(weights, *a, **kw)
+
+    def record_alone(weight, *a, **kw):
+        solved.append([tuple(weight.shape)])
+        return alone(weight, *a, **kw)
+
+    recording = dataclasses.replace(spec, quantize=record_alone, quantize_shared=record_shared)
+    monkeypatch.setattr(quantization, "algorithm", lambda name: recording if name == "gptq" else spec)
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                            num_kv_heads=2)
+    model = llama.init_model(cfg, jax.random.key(0))
+    calib = np.random.default_rng(0).integers(0, 64, size=(2, 8), dtype=np.int32)
+    quantize(model, Recipe(name="g", description="gptq", rules=(Rule(pattern=r".*", weight="int4-g16-asym",
+                                                                         algorithm="gptq"),)), calib, progress=False)
+    assert sorted(sorted(call) for call in solved) == [[(32, 16), (32, 16), (32, 32)], [(32, 32)],
+                                                       [(32, 64), (32, 64)], [(64, 32)]]

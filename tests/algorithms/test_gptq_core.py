@@ -112,3 +112,22 @@ def test_group_size_must_divide():
     w, h, _ = _problem(seed=1)
     with pytest.raises(ValueError, match="group_size=48 does not divide the input size 64"):
         gptq(w, h, jnp_params, jnp_qdq, group_size=48)
+
+
+@pytest.mark.parametrize("n_out, chunk", [(40, 16), (48, 16), (10, 16)])
+@pytest.mark.parametrize("act_order, group_size", [(False, 8), (True, 8), (False, None)])
+def test_column_chunks_equal_the_whole_width_sweep(n_out, chunk, act_order, group_size):
+    """Output columns are independent given H: the sweep on chunks of ``chunk`` columns (the last zero-padded, or a
+    narrow weight padded up to one chunk) gives the whole-width sweep's weights, scales and zeros bit for bit."""
+    rng = np.random.default_rng()
+    n_in = 32
+    x = rng.standard_normal((4 * n_in, n_in)) @ rng.standard_normal((n_in, n_in))
+    h = jnp.asarray(x.T @ x, jnp.float32)
+    w = jnp.asarray(rng.standard_normal((n_in, n_out)), jnp.float32)
+    config = GPTQConfig(block_size=16, act_order=act_order)
+    whole = gptq(w, h, jnp_params, jnp_qdq, group_size=group_size, config=config, out_chunk=n_out)
+    chunked = gptq(w, h, jnp_params, jnp_qdq, group_size=group_size, config=config, out_chunk=chunk)
+    for a, b in [(whole.weights, chunked.weights), (whole.scales, chunked.scales), (whole.zeros, chunked.zeros)]:
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(chunked.weights), np.asarray(w))  # the weights were quantized
