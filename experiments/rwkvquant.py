@@ -18,7 +18,8 @@ is quantized by:
   rank-4 SVD codebooks stored as int8 with one scale per fitting step (``kmeans_init``, ``svd_rank``,
   ``codebook_bits``), for the matrices and the mix vectors.
 
-The element-wise mix vectors (``time_maa_*``) take the same activation-weighted codebook in every
+The element-wise mix vectors (``time_maa_*``) take the same activation-weighted codebook (weights ``E[min(δ², τ²)]``,
+the activations clipped at each calibration sequence's 99.9th percentile of ``|δ|`` as the paper does) in every
 quantized setting but the paper-codebooks row, so the other rows differ only in how the matrices are
 quantized. Embedding and head stay float. Metrics: validation perplexity, KL divergence to the float model's
 next-token distribution and top-1 agreement with it on the same windows, zero-shot accuracy, stored bits per weight

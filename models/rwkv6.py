@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from jquant import ops
-from jquant.calib.capture import record_input
+from jquant.calib.capture import CLIPPED_SQUARE_PERCENTILE, record_input
 from jquant.models.config_io import check_dtypes_available, dataclass_config_from_json, dataclass_config_to_json
 from jquant.models.family import LM_KEEP_FLOAT, Family
 from jquant.models.layers import Embed, Linear
@@ -181,7 +181,8 @@ class ElementwiseMix(nnx.Module):
     A quantization site of kind ``"elementwise"``: ``weight`` may become a
     ``QArray`` (dequantized here), and under calibration the inputs ``δ`` are
     recorded like a linear layer's, so ``diag(XᵀX) / count`` is the per-channel
-    ``E[δ²]`` RWKVQuant weights its codebooks with.
+    ``E[δ²]``, and with RWKVQuant's percentile clipping (``clipped_square``) the
+    ``E[min(δ², τ²)]`` its codebooks are weighted with.
     """
 
     QUANT_SITE = SiteSpec(param="weight", contraction_axis=0, kind="elementwise")
@@ -190,7 +191,7 @@ class ElementwiseMix(nnx.Module):
         self.weight = _param(value, ("embed",))
 
     def __call__(self, delta: jax.Array) -> jax.Array:
-        record_input(self, delta)
+        record_input(self, delta, clip_percentile=CLIPPED_SQUARE_PERCENTILE)
         return delta * ops.as_array(self.weight.get_value(), delta.dtype).astype(delta.dtype)
 
 

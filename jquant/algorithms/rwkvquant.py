@@ -34,26 +34,37 @@ Importance = Literal["square", "mean_abs"]
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixConfig:
     """``importance``: the per-channel weight ``s_c``, ``"square"`` (``E[δ_c²]``, the paper) or
-    ``"mean_abs"`` (``|E[δ_c]|``, the released code); ``kmeans_iters`` Lloyd iterations; ``seed``."""
+    ``"mean_abs"`` (``|E[δ_c]|``, the released code); ``clip``: with ``"square"``, the activations clipped at the
+    99.9th percentile of ``|δ|`` of each calibration sequence before averaging (the paper, per the spec's
+    write-up; ``InputStatistics.clipped_square``); ``kmeans_iters`` Lloyd iterations; ``seed``."""
 
     importance: Importance = "square"
+    clip: bool = True
     kmeans_iters: int = 100
     seed: int = 0
 
     def __post_init__(self):
         if self.importance not in ("square", "mean_abs"):
             raise ValueError(f"MixConfig.importance must be 'square' or 'mean_abs', got {self.importance!r}.")
+        if not isinstance(self.clip, bool):
+            raise ValueError(f"MixConfig.clip must be a bool, got {self.clip!r}.")
         for name in ("kmeans_iters", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"MixConfig.{name} must be an int >= 0, got {value!r}.")
 
 
-def channel_importance(stats: InputStatistics, importance: Importance = "square") -> np.ndarray:
-    """``s [C]`` from the site's input statistics: ``diag(XᵀX) / N`` (``E[δ²]``) or ``|Σ x| / N``."""
-    if importance == "square":
+def channel_importance(stats: InputStatistics, importance: Importance = "square", clip: bool = True) -> np.ndarray:
+    """``s [C]`` from the site's input statistics: ``E[min(δ², τ²)]`` (``clipped_square / N``, ``clip``),
+    ``diag(XᵀX) / N`` (``E[δ²]``) or ``|Σ x| / N``."""
+    if importance == "mean_abs":
+        return np.abs(stats.mean)
+    if not clip:
         return np.diag(stats.hessian) / stats.count
-    return np.abs(stats.mean)
+    if stats.clipped_square is None:
+        raise ValueError("clipped importance needs the site's clipped second moments (record_input(..., "
+                         "clip_percentile=...)); this site records none: pass clip=False.")
+    return stats.clipped_square / stats.count
 
 
 def mix_codebook(weight: jax.Array, fmt: CodebookFormat, importance: np.ndarray, *,
@@ -102,4 +113,4 @@ def mix_codebook_weight(weight: jax.Array, fmt: Format, *, axis: int, stats: Inp
     if unknown := sorted(set(options) - set(allowed)):
         raise ValueError(f"unknown element-wise codebook options {unknown}; allowed: {allowed}.")
     config = MixConfig(**options)
-    return mix_codebook(weight, fmt, channel_importance(stats, config.importance), config=config)
+    return mix_codebook(weight, fmt, channel_importance(stats, config.importance, config.clip), config=config)

@@ -12,6 +12,8 @@ wraps a forward function with ``nnx.capture`` so they come back as an output
   ``total``    per-channel ``Σ x``, ``[in]`` (with ``hessian``: mean and covariance, for QSUR)
   ``energy``, ``quantization_error``  ``Σ x²`` and ``Σ (x - Q(x))²`` when the site quantizes its
                inputs (``module.activation``, with its static scale if any): the site's activation SNR
+  ``clipped_square``  per-channel ``Σ min(x², τ²)``, ``[in]``, when the site asks for it (``clip_percentile``;
+               RWKVQuant's element-wise mixes): ``τ`` is that percentile of ``|x|`` over each sequence's elements
 
 Stacked expert sites (``record_expert_input``) keep the same statistics per expert, over the
 tokens routed to that expert only: ``hessian [E, in, in]``, ``count [E]``, ``absmax``/``total
@@ -56,15 +58,21 @@ from jquant.calib.data import batches
 from jquant.sites import find_sites, path_string
 
 
+CLIPPED_SQUARE_PERCENTILE = 99.9
+"""RWKVQuant's clipping of the activations before ``E[x²]`` (spec §3.5): the percentile of ``|x|`` per sequence."""
+
+
 def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = None,
-                 groups: jax.Array | None = None) -> None:
+                 groups: jax.Array | None = None, clip_percentile: float | None = None) -> None:
     """Sow per-sequence statistics of ``x [B, ..., in]`` into ``module`` if its capture flag is set.
 
     ``affinity [B, ...]`` (one weight per token, e.g. a gated shared expert's gate) adds the weighted
     ``Σ c x xᵀ`` (``input_affinity_hessian``) and ``Σ c`` (``input_affinity``). ``groups`` (int ids
     broadcastable to ``x.shape[:-1]``) splits every statistic by group when the module's
     ``capture_groups`` (the number of groups ``G``) is set: per sequence ``X_gᵀ X_g`` is
-    ``Σ_n 1[g_n = g] x_n x_nᵀ``.
+    ``Σ_n 1[g_n = g] x_n x_nᵀ``. ``clip_percentile`` adds ``input_clipped_square``: per channel ``Σ_n min(x², τ²)``
+    with ``τ`` the ``clip_percentile``-th percentile of ``|x|`` over the sequence's elements (the ``k``-th largest,
+    ``k = ceil((1 - p/100) N in)``).
     """
     if not getattr(module, "capture_inputs", False):
         return
@@ -96,6 +104,12 @@ def record_input(module: nnx.Module, x: jax.Array, affinity: jax.Array | None = 
     absmax = jnp.max(jnp.abs(x3)[:, :, None, :] * onehot[..., None], axis=1) if grouped else jnp.max(jnp.abs(x3), axis=1)
     add("input_absmax", absmax, jnp.maximum)
     add("input_total", jnp.einsum("bng,bni->bgi", onehot, x3) if grouped else _sequence_sums(x3))
+    if clip_percentile is not None:
+        flat = jnp.abs(x3).reshape(b, -1)
+        k = max(1, math.ceil((1.0 - clip_percentile / 100.0) * flat.shape[1]))
+        tau = jax.lax.top_k(flat, k)[0][:, -1]  # [B]: each sequence's own threshold
+        clipped = jnp.minimum(jnp.square(x3), jnp.square(tau)[:, None, None])
+        add("input_clipped_square", jnp.einsum("bng,bni->bgi", onehot, clipped) if grouped else _sequence_sums(clipped))
     fmt = getattr(module, "activation", None)
     if fmt is not None:
         from jquant.ops.linear import quantize_activation
@@ -165,6 +179,7 @@ class InputStatistics:
     quantization_error: float | None = None
     affinity_hessian: np.ndarray | None = None
     affinity: np.ndarray | None = None
+    clipped_square: np.ndarray | None = None
 
     def merge(self, other: InputStatistics) -> InputStatistics:
         """Statistics of the union of both token sets."""
@@ -174,7 +189,8 @@ class InputStatistics:
                                energy=add(self.energy, other.energy),
                                quantization_error=add(self.quantization_error, other.quantization_error),
                                affinity_hessian=add(self.affinity_hessian, other.affinity_hessian),
-                               affinity=add(self.affinity, other.affinity))
+                               affinity=add(self.affinity, other.affinity),
+                               clipped_square=add(self.clipped_square, other.clipped_square))
 
     @property
     def num_groups(self) -> int | None:
@@ -194,7 +210,8 @@ class InputStatistics:
         return InputStatistics(hessian=self.hessian[g], count=float(self.count[g]), absmax=self.absmax[g],
                                total=pick(self.total), energy=scalar(self.energy),
                                quantization_error=scalar(self.quantization_error),
-                               affinity_hessian=pick(self.affinity_hessian), affinity=scalar(self.affinity))
+                               affinity_hessian=pick(self.affinity_hessian), affinity=scalar(self.affinity),
+                               clipped_square=pick(self.clipped_square))
 
     def pooled(self, weights: np.ndarray | None = None) -> InputStatistics:
         """All groups as one token set: ``H = Σ_g w_g H_g`` (``w_g = 1`` by default: the plain sum over tokens).
@@ -213,7 +230,8 @@ class InputStatistics:
                                absmax=np.max(self.absmax, axis=0),
                                total=total(self.total), energy=scalar(self.energy),
                                quantization_error=scalar(self.quantization_error),
-                               affinity_hessian=total(self.affinity_hessian), affinity=scalar(self.affinity))
+                               affinity_hessian=total(self.affinity_hessian), affinity=scalar(self.affinity),
+                               clipped_square=total(self.clipped_square))
 
     @property
     def quantization_snr_db(self) -> float:
@@ -272,7 +290,8 @@ def statistics_from_state(state: nnx.State | dict[str, dict], running: dict[str,
                                    total=total("total", "input_total"), energy=total("energy", "input_energy"),
                                    quantization_error=total("quantization_error", "input_quantization_error"),
                                    affinity_hessian=total("affinity_hessian", "input_affinity_hessian"),
-                                   affinity=total("affinity", "input_affinity"))
+                                   affinity=total("affinity", "input_affinity"),
+                                   clipped_square=total("clipped_square", "input_clipped_square"))
     return stats
 
 

@@ -274,8 +274,8 @@ def rwkvquant_codebook_weight(weight: jax.Array, fmt: Format, *, axis: int, stat
         raise ValueError(f"{ALGORITHM} needs calibration statistics of the site's inputs; pass calibration data.")
     if jnp.ndim(weight) == 1:
         config, own = _split(options, MixConfig)
-        return mix_codebook_compressed(weight, fmt, channel_importance(stats, config.importance), config=config,
-                                       options=own)
+        importance = channel_importance(stats, config.importance, config.clip)
+        return mix_codebook_compressed(weight, fmt, importance, config=config, options=own)
     config, own = _split(options, GPTVQConfig)
     return rwkvquant_vq(weight, stats.hessian, fmt, config=config, options=own)
 
