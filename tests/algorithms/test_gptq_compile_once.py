@@ -51,7 +51,7 @@ def _compiled(caplog, fn):
 def test_new_shape_compiles_the_fixed_set_and_a_second_site_nothing(caplog, act_order):
     fmt = get_format("int4-g32-full", scale_dtype="float32")
     options = {"act_order": act_order, "block_size": 32}
-    n_in, n_out = 96, 40 + 8 * act_order  # shapes no other test uses, so the first call compiles here
+    n_in, n_out = 224, 40 + 8 * act_order  # an input size no other test uses, so the first call compiles here
     (w1, s1), (w2, s2) = _site(1, n_in, n_out), _site(2, n_in, n_out)
     q1, first = _compiled(caplog, lambda: gptq_weight(w1, fmt, axis=0, stats=s1, options=options))
     assert sorted(first) == sorted(GPTQ_PROGRAMS), first
