@@ -481,13 +481,12 @@ def _shared_input_solves(items: list[tuple[SitePlan, InputStatistics | None]]) -
     buckets: dict[tuple, list[list]] = {}
     for plan_, stats in items:
         site = plan_.site
-        if site.spec.kind == "experts" or plan_.weight is None or stats is None or site.spec.contraction_axis != 0:
-            continue
+        if site.spec.kind == "experts" or plan_.weight is None or stats is None or site.spec.contraction_axis != 0 \
+                or algorithm(plan_.rule.algorithm).quantize_shared is None or site.weight.get_value().ndim != 2:
+            continue  # solved alone in ``apply``: its statistics are pooled there, once
         _check_site_statistics(plan_, stats)
         spec, options, pooled = _weight_algorithm_inputs(plan_, stats)
         weight = site.weight.get_value()
-        if spec.quantize_shared is None or weight.ndim != 2 or pooled is None:
-            continue
         key = (spec.name, repr(plan_.weight), repr(sorted(options.items())), weight.shape[0], jnp.dtype(weight.dtype))
         groups = buckets.setdefault(key, [])
         same = next((g for g in groups if np.array_equal(g[0][2].hessian, pooled.hessian)
