@@ -1,6 +1,6 @@
 """GPTQ CPU speed, jquant vs llm-compressor, side by side -> experiments/results/gptq_speed.md (+ .json).
 
-    python experiments/gptq_speed.py              # one-layer Qwen2 (hidden 4096, MLP 11008) and jq-llama-small: ~15 min
+    python experiments/gptq_speed.py              # one-layer Qwen2 (hidden 4096, MLP 11008) and jq-llama-small: ~45 min
     python experiments/gptq_speed.py --small      # quick version: the one-layer Qwen2 at hidden 1024, MLP 2816
     python experiments/gptq_speed.py --report-only
 
@@ -28,7 +28,9 @@ compared with llm-compressor's first call, and the folder is removed. Reported p
 ``quantize_weight``, one call per batch of same-shape linears; jquant: ``gptq_core.gptq_columns``, one call per
 set of linears that read the same inputs, q/k/v and gate/up together, waited for), the resident memory when the
 call starts (``VmRSS``) and the peak RSS of the call (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``). Timings on a shared machine are noisy: compare the ratios of one run.
+``/proc/self/clear_refs``). Timings on a shared machine are noisy (a process's first call spreads by about ±15 %
+run to run on the 2-core machine): the whole set of processes runs ``--repeats`` times, the tools alternating, and
+the table shows each call's median over the repeats with its range; the ratio is that of the medians.
 """
 
 from __future__ import annotations
@@ -211,27 +213,50 @@ def run(args: argparse.Namespace, results: Results) -> None:
     work.mkdir(parents=True, exist_ok=True)
     folders = prepare(args, work)
     results.set_meta(cpus=os.cpu_count(), jax=jax.__version__, hidden_mlp=list(SIZES[args.small]))
-    for model in args.models:
-        if not results.has(model=model, tool="llmc", call="first"):
-            calls = run_worker(args.llmc_python, "llmc", folders[model], args, work)
-            results.add_rows([{"model": model, "tool": "llmc", "call": call, **c} for call, c in zip(CALLS, calls)])
-        if not results.has(model=model, tool="jquant", call=WARM):
-            # a cache folder of this run's own: empty for the cold process, then read by the warm one, then removed
-            cache = Path(tempfile.mkdtemp(dir=work, prefix=f"xla-{model}-"))
-            try:
-                cold = run_worker(sys.executable, "jquant", folders[model], args, work, "--compile-cache", str(cache),
-                                  "--calls", str(len(CALLS)))
-                warm = run_worker(sys.executable, "jquant", folders[model], args, work, "--compile-cache", str(cache),
-                                  "--calls", "1")
-            finally:
-                shutil.rmtree(cache)
-            results.add_rows([{"model": model, "tool": "jquant", "call": call, **c}
-                              for call, c in zip((*CALLS, WARM), cold + warm)])
+    for repeat in range(args.repeats):
+        for model in args.models:
+            run_repeat(args, results, work, model, folders[model], repeat)
+
+
+def run_repeat(args: argparse.Namespace, results: Results, work: Path, model: str, folder: Path, repeat: int) -> None:
+    """One repeat of ``model``: llm-compressor's process, then jquant's cold and warm-cache processes."""
+    if not results.has(model=model, tool="llmc", call="first", repeat=repeat):
+        calls = run_worker(args.llmc_python, "llmc", folder, args, work)
+        results.add_rows([{"model": model, "tool": "llmc", "call": call, "repeat": repeat, **c}
+                          for call, c in zip(CALLS, calls)])
+    if not results.has(model=model, tool="jquant", call=WARM, repeat=repeat):
+        # a cache folder of this repeat's own: empty for the cold process, then read by the warm one, then removed
+        cache = Path(tempfile.mkdtemp(dir=work, prefix=f"xla-{model}-"))
+        try:
+            cold = run_worker(sys.executable, "jquant", folder, args, work, "--compile-cache", str(cache),
+                              "--calls", str(len(CALLS)))
+            warm = run_worker(sys.executable, "jquant", folder, args, work, "--compile-cache", str(cache),
+                              "--calls", "1")
+        finally:
+            shutil.rmtree(cache)
+        results.add_rows([{"model": model, "tool": "jquant", "call": call, "repeat": repeat, **c}
+                          for call, c in zip((*CALLS, WARM), cold + warm)])
 
 
 # ---- report ------------------------------------------------------------------------------------------------
 def _row(rows, model, tool, call):
-    return next((r for r in rows if r["model"] == model and r["tool"] == tool and r["call"] == call), None)
+    """The median repeat of one model, tool and call: its numbers, with ``seconds`` and ``solve_seconds`` the
+    medians over the repeats and ``range`` the (min, max) of ``seconds``; None if the run has no such row."""
+    import numpy as np
+
+    found = [r for r in rows if r["model"] == model and r["tool"] == tool and r["call"] == call]
+    if not found:
+        return None
+    times = [r["seconds"] for r in found]
+    median = sorted(found, key=lambda r: r["seconds"])[(len(found) - 1) // 2]
+    return {**median, "seconds": float(np.median(times)),
+            "solve_seconds": float(np.median([r["solve_seconds"] for r in found])),
+            "range": (min(times), max(times)), "repeats": len(found)}
+
+
+def _seconds(value: float, span: tuple[float, float], repeats: int) -> str:
+    """A median time, with its range over the repeats when there are several."""
+    return f"{value:.1f} s" + (f" ({span[0]:.1f}–{span[1]:.1f})" if repeats > 1 else "")
 
 
 def _per_shape(solves: list[dict[str, Any]]) -> str:
@@ -271,6 +296,11 @@ def _verdict(table_rows: list[dict[str, Any]]) -> str:
             "fast as llm-compressor).")
 
 
+def _repeats(rows: list[dict[str, Any]]) -> str:
+    n = len({r.get("repeat", 0) for r in rows})  # runs recorded before --repeats had one
+    return f"{n} repeats" if n > 1 else "1 repeat"
+
+
 def report(runs: list[Results], base: Path) -> None:
     """Write ``<base>.md``: per model and call, both tools' times, memory and the jquant/llmc ratios."""
     results = runs[0]
@@ -283,6 +313,8 @@ def report(runs: list[Results], base: Path) -> None:
                 continue
             table_rows.append({
                 "model": model, "call": call, "llmc": lc["seconds"], "jquant": jqr["seconds"],
+                "llmc_range": lc["range"], "jquant_range": jqr["range"],
+                "repeats": min(lc["repeats"], jqr["repeats"]),
                 "ratio": jqr["seconds"] / lc["seconds"], "llmc_solve": lc["solve_seconds"],
                 "jquant_solve": jqr["solve_seconds"], "solve_ratio": jqr["solve_seconds"] / lc["solve_seconds"],
                 "llmc_rss": lc["peak_rss_gb"], "jquant_rss": jqr["peak_rss_gb"],
@@ -294,11 +326,12 @@ def report(runs: list[Results], base: Path) -> None:
              f"Models: {' and '.join(names[m] for m in MODELS if any(r['model'] == m for r in rows))}; "
              f"{args['samples']} x {args['seq']} calibration tokens; int4 symmetric (full range) groups of {GROUP}, "
              f"block 128, damping 0.01, static activation order; {meta.get('cpus')} CPU cores (shared machine), "
-             f"jax {meta.get('jax')}. Ratio = jquant / llm-compressor (below 1: jquant faster).", "",
+             f"jax {meta.get('jax')}. Times: median over {_repeats(rows)} (range in brackets); ratio = "
+             "jquant / llm-compressor of the medians (below 1: jquant faster).", "",
              *harness.table(table_rows, [
                  Column("model", "model"), Column("call", "call"),
-                 Column("llm-compressor oneshot", lambda r: f"{r['llmc']:.1f} s"),
-                 Column("jquant quantize", lambda r: f"{r['jquant']:.1f} s"),
+                 Column("llm-compressor oneshot", lambda r: _seconds(r["llmc"], r["llmc_range"], r["repeats"])),
+                 Column("jquant quantize", lambda r: _seconds(r["jquant"], r["jquant_range"], r["repeats"])),
                  Column("ratio", lambda r: f"{r['ratio']:.2f}"),
                  Column("llmc GPTQ solves", lambda r: f"{r['llmc_solve']:.1f} s"),
                  Column("jquant GPTQ solves", lambda r: f"{r['jquant_solve']:.1f} s"),
@@ -328,6 +361,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256, help="tokens per window (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="jquant calibration batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="times the whole set of processes runs (default: "
+                        "%(default)s)")
     parser.add_argument("--work", default="/tmp/jquant_gptq_speed", help="model folders and worker outputs")
     parser.add_argument("--llmc-python", default="/work/llmc-venv/bin/python")
     for worker in ("llmc", "jquant"):
@@ -342,8 +377,8 @@ def main() -> None:
         return
     harness.add_arguments(parser)
     harness.run_experiment(parser, stem=lambda a: "gptq_speed" + ("_small" if a.small else ""),
-                           key=("model", "tool", "call"), run=run, report=report,
-                           quick={"small": True, "samples": 4, "seq": 64, "models": ["qwen2-1layer"]},
+                           key=("model", "tool", "call", "repeat"), run=run, report=report,
+                           quick={"small": True, "samples": 4, "seq": 64, "models": ["qwen2-1layer"], "repeats": 1},
                            volatile=("work", "llmc_python", "models"))
 
 

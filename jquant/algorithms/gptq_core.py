@@ -25,13 +25,14 @@ decreasing ``diag(H)``) with groups always uses static groups, so every group
 stays a contiguous block of the original rows and the stored format is a
 plain group-wise one. ``block_size`` is rounded to a multiple of ``group_size``.
 
-Programs: ``gptq_columns`` (``gptq`` for one weight) runs the factor (``_hessian_factor_once``: the act-order
-permutation, dead inputs, damping and ``U``; damping traced, so retries reuse it), one per input size, and the sweep
-(``gptq_sweep``, which also casts the weight, zeroes dead rows and permutes it) on chunks of ``OUT_CHUNK`` output
-columns, one per input size and settings; per set of weight shapes, two small programs cut the columns into chunks
-(``_out_chunks``) and the results back apart (``_split_out_chunks``, which also runs the caller's ``finish``, e.g. the
-format's encode). Host arrays are cast on the host, so no eager operation compiles per shape. Sites of the same input
-size share the factor and the sweep.
+Programs: ``gptq_columns`` (``gptq`` for one weight) runs the factor (the act-order permutation, dead inputs, damping
+and ``U``) once per solve and the sweep (``gptq_sweep``, which also casts the weight, zeroes dead rows, permutes it
+and runs the caller's ``finish``, e.g. the format's encode) on chunks of ``OUT_CHUNK`` output columns: one compiled
+sweep per input size and settings, shared by every weight shape of that input size. Where the arrays live on the CPU
+the factor is LAPACK's (``_hessian_factor_host``: no XLA program to compile) and the columns are cut into chunks and
+the results cut back apart by numpy; on an accelerator the factor (``_hessian_factor_once``, damping traced, so
+retries reuse it) is one program per input size and the cut and split (``_out_chunks``, ``_split_out_chunks``) two
+small programs per set of weight shapes. Host arrays are cast on the host, so no eager operation compiles per shape.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 ParamsFn = Callable[[jax.Array], tuple[jax.Array, jax.Array | None]]
 QdqFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -140,6 +142,26 @@ def _hessian_factor_once(h: jax.Array, damp: float, *, act_order: bool
     h_damped, _ = prepare_hessian(h, jnp.zeros((h.shape[0], 1), h.dtype), damp)
     u = inverse_cholesky_upper(h_damped)
     return u, perm, dead, jnp.all(jnp.isfinite(u))
+
+
+def _hessian_factor_host(h: np.ndarray, damp: float, *, act_order: bool
+                         ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, bool]:
+    """``_hessian_factor_once`` in numpy and LAPACK (``potrf``, ``trtri``), for Hessians on the CPU: the same maths
+    (``inverse_cholesky_upper``), no XLA program to compile. ``(U, perm, dead, finite)`` as host arrays."""
+    diag = np.diag(h)
+    dead = diag == 0
+    perm = np.argsort(-np.where(dead, 1.0, diag), kind="stable").astype(np.int32) if act_order else None
+    if act_order:
+        h = h[perm][:, perm]
+    h = h + np.diag(np.where(np.diag(h) == 0, 1.0, 0.0)).astype(h.dtype)
+    h = h + (damp * np.mean(np.diag(h))).astype(h.dtype) * np.eye(h.shape[0], dtype=h.dtype)
+    potrf, trtri = scipy.linalg.get_lapack_funcs(("potrf", "trtri"), (h,))
+    lower, info = potrf(np.ascontiguousarray(h[::-1, ::-1]), lower=1, clean=1)
+    if info != 0:
+        return h, perm, dead, False
+    inverse, info = trtri(lower, lower=1)
+    u = np.ascontiguousarray(inverse[::-1, ::-1])
+    return u, perm, dead, info == 0 and bool(np.all(np.isfinite(u)))
 
 
 @jax.jit
@@ -273,50 +295,81 @@ def gptq_columns(
     are swept together, in chunks of ``out_chunk`` columns (default ``OUT_CHUNK``), the last zero-padded: one factor
     serves them all, one compiled sweep serves every output size of an input size, and each result equals the
     whole-width sweep of that weight alone (``tests/algorithms/test_gptq_core.py``). ``finish`` (e.g. the format's
-    encode) runs in the program that cuts the results apart.
+    encode) runs inside the sweep, on each chunk: it must work column by column and return a pytree whose arrays hold
+    the output columns on their last axis; any static metadata of its result (a QArray's shape) is the chunk's, for
+    the caller to set.
     """
     out_chunk = out_chunk or OUT_CHUNK
     if not weights or len({w.shape[0] for w in weights}) != 1 or any(w.ndim != 2 for w in weights):
         raise ValueError(f"gptq: the weights must be [in, out] with one input size, got "
                          f"{[tuple(w.shape) for w in weights]}.")
     dtype = jnp.promote_types(jnp.result_type(*weights), jnp.float32)  # float64 stays float64 (tests)
-    h = _as_dtype(h, dtype)
+    host = _on_host(h, *weights)
     # device weights are cast inside the sweep: no eager program per shape
     weights = tuple(w if isinstance(w, jax.Array) else _as_dtype(w, dtype) for w in weights)
     n_in = weights[0].shape[0]
     if h.shape != (n_in, n_in):
         raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's input size {n_in}.")
     sweep = _sweep_settings(n_in, group_size, config, dtype)
-    (u, perm, dead), damp = _with_damping_retries(
-        lambda d: _hessian_factor_once(h, float(d), act_order=config.act_order), config.damp, max_damp_retries, "gptq")
+    if host:
+        h = np.asarray(h, dtype)
+        factor = lambda d: _hessian_factor_host(h, d, act_order=config.act_order)  # noqa: E731
+    else:
+        h = _as_dtype(h, dtype)
+        factor = lambda d: _hessian_factor_once(h, float(d), act_order=config.act_order)  # noqa: E731
+    (u, perm, dead), damp = _with_damping_retries(factor, config.damp, max_damp_retries, "gptq")
     del h
     widths = tuple(int(w.shape[1]) for w in weights)
-    chunks = weights if widths == (out_chunk,) else _out_chunks(weights, width=out_chunk)
-    parts = [gptq_sweep(c, dead, u, perm, params_fn=params_fn, qdq_fn=qdq_fn, **sweep) for c in chunks]
-    return _split_out_chunks(parts, widths=widths, finish=finish), damp
+    if host:
+        u, perm, dead = jax.device_put((u, perm, dead))
+        chunks = weights if widths == (out_chunk,) else jax.device_put(_cut_columns(weights, width=out_chunk, xp=np))
+    else:
+        chunks = weights if widths == (out_chunk,) else _out_chunks(weights, width=out_chunk)
+    parts = [gptq_sweep(c, dead, u, perm, params_fn=params_fn, qdq_fn=qdq_fn, finish=finish, **sweep)
+             for c in chunks]
+    if host:
+        results = [jax.tree.map(jax.device_put, r) for r in _split_columns(parts, widths=widths, xp=np)]
+    else:
+        results = _split_out_chunks(parts, widths=widths)
+    return results, damp
+
+
+def _on_host(*arrays) -> bool:
+    """Whether every array is a CPU device array or a host array while JAX's default backend is the CPU: then the
+    factor, cut and split run on the host (numpy, LAPACK) instead of compiling XLA programs for them."""
+    return all(all(d.platform == "cpu" for d in a.devices()) if isinstance(a, jax.Array)
+               else jax.default_backend() == "cpu" for a in arrays)
+
+
+def _cut_columns(weights: Sequence, *, width: int, xp) -> tuple:
+    """The weights' columns side by side as ``ceil(Σ out / width)`` chunks ``[in, width]``, the last zero-padded;
+    ``xp``: numpy (host arrays) or jax.numpy (in ``_out_chunks``)."""
+    joined = xp.concatenate([xp.asarray(w) for w in weights], axis=1)
+    n = -(-joined.shape[1] // width)
+    padded = xp.concatenate([joined, xp.zeros((joined.shape[0], n * width - joined.shape[1]), joined.dtype)], axis=1)
+    return tuple(padded[:, i * width:(i + 1) * width] for i in range(n))
+
+
+def _split_columns(parts: Sequence, *, widths: tuple[int, ...], xp) -> list:
+    """The sweeps' results of consecutive column chunks (pytrees whose arrays hold the output columns on their last
+    axis: ``(q, scales, zeros)`` or ``finish``'s) cut back into one result per weight of ``widths`` columns, padding
+    dropped. The pytree structure (and any static metadata, e.g. a QArray's shape) is the first chunk's."""
+    leaves, treedef = zip(*(jax.tree.flatten(p) for p in parts))
+    joined = [xp.concatenate([xp.asarray(chunk[i]) for chunk in leaves], axis=-1) for i in range(len(leaves[0]))]
+    ends = np.cumsum(widths)
+    return [jax.tree.unflatten(treedef[0], [x[..., e - n:e] for x in joined]) for e, n in zip(ends, widths)]
 
 
 @functools.partial(jax.jit, static_argnames=("width",))
 def _out_chunks(weights: tuple[jax.Array, ...], *, width: int) -> tuple[jax.Array, ...]:
-    """The weights' columns side by side as ``ceil(Σ out / width)`` chunks ``[in, width]``, the last zero-padded
-    (one program)."""
-    joined = jnp.concatenate(weights, axis=1)
-    n = -(-joined.shape[1] // width)
-    padded = jnp.pad(joined, ((0, 0), (0, n * width - joined.shape[1])))
-    return tuple(padded[:, i * width:(i + 1) * width] for i in range(n))
+    """``_cut_columns`` on device arrays, as one program."""
+    return _cut_columns(weights, width=width, xp=jnp)
 
 
-@functools.partial(jax.jit, static_argnames=("widths", "finish"))
-def _split_out_chunks(parts: list[tuple], *, widths: tuple[int, ...], finish: Callable | None) -> list:
-    """The sweeps' ``(q, scales, zeros)`` of consecutive column chunks cut back into one result per weight of
-    ``widths`` columns (padding dropped), each passed through ``finish`` (one program)."""
-    join = lambda arrays: jnp.concatenate(arrays, axis=-1)  # noqa: E731
-    q, scales, zeros = zip(*parts)
-    q, scales, zeros = join(q), join(scales), None if zeros[0] is None else join(zeros)
-    ends = np.cumsum(widths)
-    results = [(q[:, e - n:e], scales[:, e - n:e], None if zeros is None else zeros[:, e - n:e])
-               for e, n in zip(ends, widths)]
-    return [r if finish is None else finish(*r) for r in results]
+@functools.partial(jax.jit, static_argnames=("widths",))
+def _split_out_chunks(parts: list, *, widths: tuple[int, ...]) -> list:
+    """``_split_columns`` on device arrays, as one program."""
+    return _split_columns(parts, widths=widths, xp=jnp)
 
 
 def _sweep_settings(n_in: int, group_size: int | None, config: GPTQConfig, dtype) -> dict:
@@ -334,11 +387,12 @@ def _sweep_settings(n_in: int, group_size: int | None, config: GPTQConfig, dtype
             "static_groups": config.static_groups or config.act_order or group_size is None}
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "params_fn", "qdq_fn", "group_size", "block_size",
+@functools.partial(jax.jit, static_argnames=("dtype", "params_fn", "qdq_fn", "finish", "group_size", "block_size",
                                              "sub_block", "static_groups"))
-def gptq_sweep(w, dead, u, perm, *, dtype, params_fn, qdq_fn, group_size, block_size, sub_block, static_groups):
+def gptq_sweep(w, dead, u, perm, *, dtype, params_fn, qdq_fn, finish, group_size, block_size, sub_block,
+               static_groups):
     """Group parameters (from the original row order when ``static_groups``), ``gptq_loop`` and the rows put back
-    in their original order: ``(q [in, out], scales, zeros)``.
+    in their original order: ``(q [in, out], scales, zeros)``, or ``finish`` of them.
 
     ``w [in, out]`` and ``dead [in]`` are in the original row order (``w`` is cast to ``dtype`` and its dead rows
     zeroed here, as ``prepare_hessian`` does), ``u`` in the sweep's, ``perm [in]`` (or None) the original index
@@ -362,7 +416,8 @@ def gptq_sweep(w, dead, u, perm, *, dtype, params_fn, qdq_fn, group_size, block_
     q, scales, zeros = gptq_loop(w0, u, scales, zeros, group_of_row if perm is None else group_of_row[perm],
                                  params_fn=params_fn, qdq_fn=qdq_fn, group_size=group_size, block_size=block_size,
                                  sub_block=sub_block, per_row_params=not static_groups)
-    return (q if inverse is None else q[inverse]), scales, zeros
+    q = q if inverse is None else q[inverse]
+    return (q, scales, zeros) if finish is None else finish(q, scales, zeros)
 
 
 def act_order_permutation(h: jax.Array) -> jax.Array:

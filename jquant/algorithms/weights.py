@@ -93,8 +93,8 @@ def _int_grid(fmt: IntFormat) -> tuple[Callable, Callable]:
 
 @functools.lru_cache(maxsize=None)
 def _int_encode(fmt: IntFormat) -> Callable[[jax.Array, jax.Array, jax.Array | None], QArray]:
-    """``fmt.quantize_with_scales(w, scales, zeros, axis=0)``, one function per format: a static argument of the
-    program that finishes GPTQ's solve (``gptq_columns``' ``finish``), so every layer of a shape shares it."""
+    """``fmt.quantize_with_scales(w, scales, zeros, axis=0)``, one function per format: a static argument of GPTQ's
+    sweep (``gptq_columns``' ``finish``, run on each column chunk), so every layer of an input size shares it."""
     def gptq_encode(w, scales, zeros):
         return fmt.quantize_with_scales(w, scales, zeros, axis=0)
 
@@ -129,7 +129,8 @@ def gptq_shared_input(weights: Sequence[jax.Array], fmt: Format, *, axis: int, s
     config = _config(GPTQConfig, options, "gptq")
     quantized, _ = gptq_columns(weights, stats.hessian, params_fn, qdq_fn, group_size=group, config=config,
                                 finish=_int_encode(fmt))
-    return [dataclasses.replace(q, dtype=jnp.dtype(w.dtype).name) for q, w in zip(quantized, weights, strict=True)]
+    return [dataclasses.replace(q, shape=tuple(w.shape), dtype=jnp.dtype(w.dtype).name).validate()
+            for q, w in zip(quantized, weights, strict=True)]
 
 
 def _config(cls, options: Mapping[str, Any], name: str):

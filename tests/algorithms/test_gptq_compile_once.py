@@ -1,11 +1,12 @@
 """GPTQ compiles a fixed set of programs per weight shape and format, and nothing for a second site or call.
 
-The set (``GPTQ_PROGRAMS``): the damped factor (with the act-order permutation) and the sweep (on fixed-width column
-chunks), one per input size and shared by the shapes that have it; per solve (a site's weight, or the sites
-``quantize`` solves together: in the Llama test q/k/v, o, gate/up and down, as many solves as distinct site shapes),
-the cut into column chunks and the split of the results back into sites, with the format's encode.
-Eager array operations would each compile a program per new shape, and anything passed as a static
-argument that changes per call would recompile per site: both show up here as extra compilations.
+The set: the sweep (on fixed-width column chunks, with the format's encode), one per input size and shared by the
+shapes that have it. Where the arrays live on an accelerator (the ``path`` fixture's ``device``, forced here on the
+CPU) also the damped factor (with the act-order permutation), one per input size, and per solve (a site's weight, or
+the sites ``quantize`` solves together: in the Llama test q/k/v, o, gate/up and down, as many solves as distinct site
+shapes) the cut into column chunks and the split of the results back into sites; on the CPU (``host``) numpy and
+LAPACK do those without compiling. Eager array operations would each compile a program per new shape, and anything
+passed as a static argument that changes per call would recompile per site: both show up here as extra compilations.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from jquant.algorithms import gptq_core
 from jquant.algorithms.weights import gptq_weight
 from jquant.calib.capture import InputStatistics
 from jquant.formats import dequantize, get_format
@@ -24,10 +26,16 @@ from jquant.quantization import quantize
 from jquant.recipes import Recipe, Rule
 from jquant.sites import find_sites
 
-FACTOR = "_hessian_factor_once"
-PER_INPUT_SIZE = [FACTOR, "gptq_sweep"]
-PER_SHAPE = ["_out_chunks", "_split_out_chunks"]
-GPTQ_PROGRAMS = PER_INPUT_SIZE + PER_SHAPE
+PER_INPUT_SIZE = {"host": ["gptq_sweep"], "device": ["_hessian_factor_once", "gptq_sweep"]}
+PER_SHAPE = {"host": [], "device": ["_out_chunks", "_split_out_chunks"]}
+GPTQ_PROGRAMS = PER_INPUT_SIZE["device"] + PER_SHAPE["device"]
+
+
+@pytest.fixture(params=["host", "device"])
+def path(request, monkeypatch):
+    """Run the test with ``gptq_columns``' host path (the CPU default) or its device path (XLA programs)."""
+    monkeypatch.setattr(gptq_core, "_on_host", lambda *arrays: request.param == "host")
+    return request.param
 
 
 def _site(seed: int, n_in: int, n_out: int) -> tuple[jax.Array, InputStatistics]:
@@ -48,13 +56,14 @@ def _compiled(caplog, fn):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_new_shape_compiles_the_fixed_set_and_a_second_site_nothing(caplog, act_order):
+def test_new_shape_compiles_the_fixed_set_and_a_second_site_nothing(caplog, act_order, path):
     fmt = get_format("int4-g32-full", scale_dtype="float32")
     options = {"act_order": act_order, "block_size": 32}
-    n_in, n_out = 224, 40 + 8 * act_order  # an input size no other test uses, so the first call compiles here
+    # an input size no other test uses, so the first call compiles here
+    n_in, n_out = 224 + 32 * (path == "device"), 40 + 8 * act_order
     (w1, s1), (w2, s2) = _site(1, n_in, n_out), _site(2, n_in, n_out)
     q1, first = _compiled(caplog, lambda: gptq_weight(w1, fmt, axis=0, stats=s1, options=options))
-    assert sorted(first) == sorted(GPTQ_PROGRAMS), first
+    assert sorted(first) == sorted(PER_INPUT_SIZE[path] + PER_SHAPE[path]), first
     q2, second = _compiled(caplog, lambda: gptq_weight(w2, fmt, axis=0, stats=s2, options=options))
     assert second == []
     # the cached programs really ran on the second site's arrays: they give other values, and the same ones again
@@ -63,9 +72,10 @@ def test_new_shape_compiles_the_fixed_set_and_a_second_site_nothing(caplog, act_
                           np.asarray(q2.codes))
 
 
-def test_quantize_compiles_gptq_once_per_shape_and_a_second_call_no_gptq_or_block_program(caplog):
-    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
-                            num_kv_heads=2)  # a config no other test uses
+def test_quantize_compiles_gptq_once_per_shape_and_a_second_call_no_gptq_or_block_program(caplog, path):
+    hidden, mlp = (208, 240) if path == "host" else (176, 272)  # input sizes no other test uses
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=mlp, num_layers=2, num_heads=4,
+                            num_kv_heads=2)
     model = llama.init_model(cfg, jax.random.key(0))
     shapes = {s.weight.get_value().shape for s in find_sites(model) if s.path.startswith("layers/")}
     calib = np.random.default_rng(0).integers(0, 64, size=(4, 16), dtype=np.int32)
@@ -75,13 +85,13 @@ def test_quantize_compiles_gptq_once_per_shape_and_a_second_call_no_gptq_or_bloc
     gptq_programs = [n for n in first if n in GPTQ_PROGRAMS]
     input_sizes = {shape[0] for shape in shapes}
     assert len(input_sizes) < len(shapes)  # so the test sees the factor shared between shapes
-    expected = PER_INPUT_SIZE * len(input_sizes) + PER_SHAPE * len(shapes)
+    expected = PER_INPUT_SIZE[path] * len(input_sizes) + PER_SHAPE[path] * len(shapes)
     assert sorted(gptq_programs) == sorted(expected), gptq_programs
     _, second = _compiled(caplog, lambda: quantize(model, recipe, calib, progress=False))
     assert [n for n in second if n in GPTQ_PROGRAMS or n == "_forward"] == [], second
 
 
-def test_shared_input_solve_equals_each_site_on_its_own():
+def test_shared_input_solve_equals_each_site_on_its_own(path):
     """q/k/v-like weights of one input size with one Hessian: one shared solve gives every site's own QArray."""
     from jquant.algorithms.weights import gptq_shared_input
 

@@ -1,10 +1,15 @@
-"""GPTQ against a float64 numpy implementation of the GPTQ update, and the method's defining claim."""
+"""GPTQ against a float64 numpy implementation of the GPTQ update, and the method's defining claim.
+
+``gptq_columns`` factors the Hessian and cuts and splits the columns on the host (numpy, LAPACK) where the arrays
+live on the CPU and in XLA programs elsewhere: the ``path`` fixture runs a test on both (the device path forced on the
+CPU), and the two factors are compared directly."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jquant.algorithms import gptq_core
 from jquant.algorithms.gptq_core import GPTQConfig, gptq
 
 BITS = 3
@@ -59,6 +64,13 @@ def reference_gptq(w, h, group_size, damp, act_order=False, static_groups=False)
     return q[np.argsort(perm)]
 
 
+@pytest.fixture(params=["host", "device"])
+def path(request, monkeypatch):
+    """Run the test with ``gptq_columns``' host path (the CPU default) or its device path (XLA programs)."""
+    monkeypatch.setattr(gptq_core, "_on_host", lambda *arrays: request.param == "host")
+    return request.param
+
+
 def _problem(seed, n_in=64, n_out=24, n_tokens=200):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n_tokens, n_in)) * rng.uniform(0.2, 3.0, size=n_in)  # uneven input scales
@@ -69,7 +81,7 @@ def _problem(seed, n_in=64, n_out=24, n_tokens=200):
 @pytest.mark.parametrize("group_size, act_order, static_groups, block_size",
                          [(None, False, False, 16), (16, False, False, 32), (16, False, True, 16), (8, True, False, 16),
                           (None, True, False, 128)])
-def test_matches_float64_reference(group_size, act_order, static_groups, block_size):
+def test_matches_float64_reference(group_size, act_order, static_groups, block_size, path):
     w, h, _ = _problem(seed=group_size or 0)
     jax.config.update("jax_enable_x64", True)
     try:
@@ -98,7 +110,7 @@ def test_beats_rtn_on_output_error_but_not_on_weight_error():
     assert np.sum((w - got) ** 2) > np.sum((w - rtn) ** 2)
 
 
-def test_indefinite_hessian_raises_damping_then_gives_up():
+def test_indefinite_hessian_raises_damping_then_gives_up(path):
     w, h, _ = _problem(seed=3)
     bad = -np.eye(64)
     with pytest.raises(FloatingPointError, match="not positive definite"):
@@ -116,7 +128,7 @@ def test_group_size_must_divide():
 
 @pytest.mark.parametrize("n_out, chunk", [(40, 16), (48, 16), (10, 16)])
 @pytest.mark.parametrize("act_order, group_size", [(False, 8), (True, 8), (False, None)])
-def test_column_chunks_equal_the_whole_width_sweep(n_out, chunk, act_order, group_size):
+def test_column_chunks_equal_the_whole_width_sweep(n_out, chunk, act_order, group_size, path):
     """Output columns are independent given H: the sweep on chunks of ``chunk`` columns (the last zero-padded, or a
     narrow weight padded up to one chunk) gives the whole-width sweep's weights, scales and zeros bit for bit."""
     rng = np.random.default_rng()
@@ -131,3 +143,35 @@ def test_column_chunks_equal_the_whole_width_sweep(n_out, chunk, act_order, grou
         assert a.shape == b.shape
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(chunked.weights), np.asarray(w))  # the weights were quantized
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_host_factor_equals_the_xla_factor(act_order):
+    """LAPACK's factor (``_hessian_factor_host``) and the XLA program (``_hessian_factor_once``) on a random Hessian
+    with a dead input and tied diagonal entries: the same permutation and dead inputs, ``U`` to float32 rounding,
+    ``U^T U`` the damped inverse Hessian (float64 numpy), and both report a Hessian that is not positive definite."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((300, 48)) * rng.uniform(0.2, 3.0, 48)
+    x[:, 7] = 0.0
+    x[:, 9] = x[:, 11]  # equal diagonal entries: the stable order keeps 9 before 11
+    h = (x.T @ x).astype(np.float32)
+    u_host, perm_host, dead_host, finite_host = gptq_core._hessian_factor_host(h, 0.01, act_order=act_order)
+    u_xla, perm_xla, dead_xla, finite_xla = gptq_core._hessian_factor_once(jnp.asarray(h), 0.01, act_order=act_order)
+    assert finite_host and bool(finite_xla)
+    np.testing.assert_array_equal(dead_host, np.asarray(dead_xla))
+    assert dead_host[7] and dead_host.sum() == 1
+    if act_order:
+        np.testing.assert_array_equal(perm_host, np.asarray(perm_xla))
+    else:
+        assert perm_host is None and perm_xla is None
+    np.testing.assert_allclose(u_host, np.asarray(u_xla), rtol=2e-4, atol=2e-4 * np.abs(u_host).max())
+    order = perm_host if act_order else np.arange(48)
+    damped = h.astype(np.float64)[order][:, order]
+    damped[np.diag(damped) == 0, np.diag(damped) == 0] = 1.0
+    damped += 0.01 * np.mean(np.diag(damped)) * np.eye(48)
+    np.testing.assert_allclose(u_host.astype(np.float64).T @ u_host, np.linalg.inv(damped), rtol=1e-3,
+                               atol=1e-4 * np.abs(np.linalg.inv(damped)).max())
+    assert np.allclose(np.triu(u_host), u_host)
+    indefinite = -np.eye(8, dtype=np.float32)
+    assert not gptq_core._hessian_factor_host(indefinite, 0.0, act_order=act_order)[3]
+    assert not bool(gptq_core._hessian_factor_once(jnp.asarray(indefinite), 0.0, act_order=act_order)[3])

@@ -46,3 +46,27 @@ def test_report_compares_the_warm_call_with_llm_compressors_first(tmp_path):
     warm = seconds[("jquant", gptq_speed.WARM)]
     assert f"| jq-llama-small | {gptq_speed.WARM} | 6.0 s | {warm:.1f} s | {warm / 6.0:.2f} |" in text
     assert "met with a warm compile cache" in text and "1.17 on a cold first call" in text
+    assert "median over 1 repeat " in text  # rows recorded before --repeats (no "repeat" field): one repeat
+
+
+def test_report_shows_medians_over_repeats_and_their_ratio(tmp_path):
+    """Three repeats of each process: the table's times are the medians with their ranges, the ratio theirs."""
+    rng = np.random.default_rng()
+    rows = []
+    for repeat in range(3):
+        for tool, call in [("llmc", "first"), ("llmc", "second"), ("jquant", "first"), ("jquant", "second"),
+                           ("jquant", gptq_speed.WARM)]:
+            s = float(rng.uniform(2.0, 9.0))
+            rows.append({"model": "jq-llama-small", "tool": tool, "call": call, "repeat": repeat, "seconds": s,
+                         "solve_seconds": s / 2, "peak_rss_gb": 1.0, "rss_before_gb": 0.5,
+                         "solves": [{"shapes": [[256, 256]], "seconds": s / 2}]})
+    results = Results(path=tmp_path / "gptq_speed.json", script="gptq_speed", command="python experiments/gptq_speed.py",
+                      args={"samples": 16, "seq": 256}, key=("model", "tool", "call", "repeat"))
+    results.add_rows(rows)
+    gptq_speed.report([results], tmp_path / "gptq_speed")
+    text = (tmp_path / "gptq_speed.md").read_text()
+    times = lambda tool, call: [r["seconds"] for r in rows if r["tool"] == tool and r["call"] == call]  # noqa: E731
+    lc, jq = times("llmc", "first"), times("jquant", "first")
+    cell = lambda t: f"{np.median(t):.1f} s ({min(t):.1f}–{max(t):.1f})"  # noqa: E731
+    assert f"| jq-llama-small | first | {cell(lc)} | {cell(jq)} | {np.median(jq) / np.median(lc):.2f} |" in text
+    assert "median over 3 repeats" in text
