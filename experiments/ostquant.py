@@ -184,6 +184,17 @@ def _summary(results: Results) -> list[str]:
                                    Column("QSUR float < QuaRot < OSTQuant", "order")])
 
 
+def _outliers(models: list[str]) -> str:
+    """Each model's largest activation outliers in words, from ``reference_models.json`` (its outlier part)."""
+    import json
+
+    from reference_models_report import presence_sentence
+
+    path = harness.RESULTS / "reference_models.json"
+    measured = json.loads(path.read_text())["meta"].get("outliers", {}) if path.is_file() else {}
+    return "; ".join(presence_sentence(m, measured[m]) if m in measured else f"{m}: not measured" for m in models)
+
+
 def _reading(runs: list[Results]) -> str:
     """The reading of the tables, its numbers formatted from the runs (means over seeds)."""
     degradation = []
@@ -196,9 +207,10 @@ def _reading(runs: list[Results]) -> str:
     training = [f"{r.args['steps']} steps of {r.args['batch']} x 256 tokens on {r.args['model']} "
                 f"(1/{PAPER_TOKENS / (r.args['steps'] * r.args['batch'] * 256):.0f} of the paper's 150 x 8 x 2048)"
                 for r in runs]
-    return (f"Reading the tables (scale matters): the bundled models are far smaller than LLaMA and their activations "
-            f"have far milder outliers, so RTN at W4A4KV4 degrades perplexity by {', '.join(degradation) or '–'} "
-            f"instead of collapsing. OSTQuant here trains for {' and '.join(training)} on "
+    return (f"Reading the tables (scale matters): the bundled models are far smaller than LLaMA, and RTN at W4A4KV4 "
+            f"degrades perplexity by {', '.join(degradation) or '–'} instead of collapsing. The outliers these "
+            f"methods target, measured in `reference_models.md`: {_outliers([r.args['model'] for r in runs])}. "
+            f"OSTQuant here trains for {' and '.join(training)} on "
             "CPU, and its KL-Top curves are in the plot: where they are nearly flat, what OSTQuant adds over QuaRot "
             "comes from its initialisation (WOMI for the activation-quantized settings) and its scalings, not from "
             "a long descent. The OSTQuant − SpinQuant column is what the scalings, KL-Top to the float model (SpinQuant "

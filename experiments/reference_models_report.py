@@ -193,6 +193,30 @@ def _verdict(present: dict[str, dict[str, bool]], largest: dict[str, Any]) -> st
             "about 10⁴ in LLaMA2-7B (Sun et al. 2024).")
 
 
+def outlier_presence(stats: dict[str, Any]) -> dict[str, Any]:
+    """One model's largest outliers (its entry of ``meta["outliers"]``): the site kind with the largest channel
+    absmax ratio and the one with the largest RMS ratio (maxima over layers), the hidden state with the largest
+    max/median, and whether each counts as present (``OUTLIER_FACTOR``, ``_massive``)."""
+    kinds = _site_kinds(stats)
+    hidden = [*stats["blocks"], {"block": "output", **stats["output"]}]
+    worst = max(kinds, key=lambda k: k["absmax"][1])
+    loudest = max(kinds, key=lambda k: k["rms"][1])
+    big = max(hidden, key=lambda h: h["top_over_median"])
+    return {"kinds": kinds, "hidden": hidden, "worst": worst, "loudest": loudest, "big": big,
+            "channels": worst["absmax"][1] >= OUTLIER_FACTOR, "variance": loudest["rms"][1] >= OUTLIER_FACTOR,
+            "massive": _massive(big)}
+
+
+def presence_sentence(name: str, stats: dict[str, Any]) -> str:
+    """``outlier_presence`` of one model in words, for the readings of the methods that target outliers."""
+    o = outlier_presence(stats)
+    word = lambda yes: "present" if yes else "absent"  # noqa: E731
+    return (f"{name}: channel absmax ratio up to {o['worst']['absmax'][1]:.1f}× ({o['worst']['kind']}; "
+            f"{word(o['channels'])} at ≥ {OUTLIER_FACTOR:g}×), channel RMS ratio up to {o['loudest']['rms'][1]:.1f}× "
+            f"({word(o['variance'])}), residual-stream max/median up to {o['big']['top_over_median']:.0f}× (massive "
+            f"activations {word(o['massive'])})")
+
+
 def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
     """The outlier statistics' tables and reading (every number formatted from ``by_model``)."""
     if not by_model:
@@ -210,15 +234,11 @@ def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
     present: dict[str, dict[str, bool]] = {"channels": {}, "variance": {}, "massive": {}}
     largest: dict[str, Any] = {"top_over_median": -1.0}
     for name, stats in by_model.items():
-        kinds = _site_kinds(stats)
-        hidden = [*stats["blocks"], {"block": "output", **stats["output"]}]
+        o = outlier_presence(stats)
+        kinds, hidden, worst, loudest, big = o["kinds"], o["hidden"], o["worst"], o["loudest"], o["big"]
         lines += [f"### {name}", "", *harness.table(kinds, SITE_COLUMNS), "", *harness.table(hidden, BLOCK_COLUMNS), ""]
-        worst = max(kinds, key=lambda k: k["absmax"][1])
-        loudest = max(kinds, key=lambda k: k["rms"][1])
-        big = max(hidden, key=lambda h: h["top_over_median"])
-        present["channels"][name] = worst["absmax"][1] >= OUTLIER_FACTOR
-        present["variance"][name] = loudest["rms"][1] >= OUTLIER_FACTOR
-        present["massive"][name] = _massive(big)
+        for phenomenon in present:
+            present[phenomenon][name] = o[phenomenon]
         if big["top_over_median"] > largest["top_over_median"]:
             largest = {"model": name, **big}
         verdicts["channels"].append(f"{name} {worst['absmax'][1]:.1f}× ({worst['kind']}): "
