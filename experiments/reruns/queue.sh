@@ -21,8 +21,8 @@ run() {  # name, then the script's arguments
     fi
 }
 run ostquant-tiny experiments/ostquant.py --model jq-llama-tiny --steps 100 --batch 4 --calib 64 --windows 80 --items 200
-run mambaquant experiments/mambaquant.py --model jq-mamba-small --calib 64 --windows 120 --items 200 --snr-windows 16
 run ostquant-hot experiments/ostquant.py --model jq-llama-small-hot --steps 60 --batch 4 --calib 64 --windows 80 --items 200
+run mambaquant experiments/mambaquant.py --model jq-mamba-small --calib 64 --windows 120 --items 200 --snr-windows 16
 run rwkvquant experiments/rwkvquant.py --model jq-rwkv6-small --calib 64 --windows 120 --items 200
 run moe experiments/moe.py --model jq-moe-small --calib 64 --length 256 --windows 30 --items 100 --error-windows 16 --sensitivity-windows 32 --bits 4,3,2
 run vq experiments/vq.py --model jq-llama-small --windows 120 --items 100 --calib 64
