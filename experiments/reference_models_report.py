@@ -107,6 +107,19 @@ def run(args: argparse.Namespace, results: Results) -> None:
             results.set_meta(outliers={**done, name: outliers(name)})
 
 
+def regenerate_command(results: Results) -> str:
+    """The commands that rebuild this file's rows and outlier statistics (``--models`` only picks the models a run
+    adds, so the recorded command line is the last run's, not the whole file's)."""
+    script = "python experiments/reference_models_report.py"
+    evaluated = [r["name"] for r in results.rows]
+    measured = list(results.meta.get("outliers", {}))
+    if evaluated == measured:
+        return f"{script} --models {' '.join(evaluated)}"
+    parts = [f"{script} --part evaluation --models {' '.join(evaluated)}" if evaluated else None,
+             f"{script} --resume --part outliers --models {' '.join(measured)}" if measured else None]
+    return "`, then `".join(p for p in parts if p)
+
+
 def report(runs: list[Results], base: Path) -> None:
     """Write ``<base>.md``: the table, then every row's numbers as JSON."""
     results = runs[0]
@@ -127,7 +140,7 @@ def report(runs: list[Results], base: Path) -> None:
         "",
         *harness.table(results.rows, columns),
         "",
-        harness.reproduce(results.command),
+        harness.reproduce(regenerate_command(results)),
         "",
         *outlier_section(results.meta.get("outliers", {})),
         "Raw numbers:", "", "```json", json.dumps(results.rows, indent=1, default=str), "```"]
