@@ -1,6 +1,6 @@
 """GPTQ CPU speed, jquant vs llm-compressor, side by side -> experiments/results/gptq_speed.md (+ .json).
 
-    python experiments/gptq_speed.py              # one-layer Qwen2 (hidden 4096, MLP 11008) and jq-llama-small: ~45 min
+    python experiments/gptq_speed.py              # one-layer Qwen2 (hidden 4096, MLP 11008) and jq-llama-small: ~30 min
     python experiments/gptq_speed.py --small      # quick version: the one-layer Qwen2 at hidden 1024, MLP 2816
     python experiments/gptq_speed.py --report-only
 
