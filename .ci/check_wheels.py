@@ -45,8 +45,9 @@ def main(dist: str) -> None:
     library = [w for w in wheels if w.name.startswith("jquant-")]
     if len(library) != 1 or not any(w.name.startswith("jquant_models-") for w in wheels):
         raise SystemExit(f"{dist}: expected one jquant and one jquant_models wheel, found {[w.name for w in wheels]}")
+    for wheel in wheels:
+        print(f"{wheel.name}: {wheel.stat().st_size / 1e6:.1f} MB")
     size_mb = library[0].stat().st_size / 1e6
-    print(f"{library[0].name}: {size_mb:.1f} MB")
     if size_mb > MAX_LIBRARY_MB:
         raise SystemExit(f"the library wheel is {size_mb:.1f} MB, over {MAX_LIBRARY_MB} MB: keep data out of it")
     with tempfile.TemporaryDirectory() as target:
