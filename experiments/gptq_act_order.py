@@ -195,8 +195,8 @@ def report(runs: list[Results], base: Path) -> None:
              *([harness.verdict(_verdict(summary)), ""] if summary else []),
              f"- Act-order lowers the mean perplexity at {len(better['ppl'])} of {len(summary)} settings"
              f"{' (' + ', '.join(better['ppl']) + ')' if better['ppl'] else ''}.", kl_line,
-             f"- Per setting, act-order against off (perplexity where the paired difference is beyond two standard "
-             f"errors, else KL where that one is): " + ", ".join(f"{s['format']} {_judgement(s)}" for s in summary)
+             "- Per setting, act-order against off (perplexity where the paired difference is beyond two standard "
+             "errors, else KL where that one is): " + ", ".join(f"{s['format']} {_judgement(s)}" for s in summary)
              + ".",
              f"- Decision (on when act-order is ahead at more settings than it is behind): the built-in GPTQ recipes "
              f"use act_order={decision(summary)}.", "", harness.reproduce(results.command), ""]

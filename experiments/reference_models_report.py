@@ -279,8 +279,8 @@ def outlier_section(by_model: dict[str, dict[str, Any]]) -> list[str]:
               f"×20; `/work/shared/specs/video_dit_mixed_precision_tdc.md` §3.4: an input is an outlier layer when "
               f"max|X| / mean|X| > 25). Largest max/median channel absmax ratio, counted present at "
               f"≥ {OUTLIER_FACTOR:g}×: " + "; ".join(verdicts["channels"]) + ".",
-              f"- Massive activations in the residual stream (rotation methods spread them; WKVQuant's MAE loss is "
-              f"chosen against them, `/work/shared/specs/wkvquant.md` §3.4): largest max/median: "
+              "- Massive activations in the residual stream (rotation methods spread them; WKVQuant's MAE loss is "
+              "chosen against them, `/work/shared/specs/wkvquant.md` §3.4): largest max/median: "
               + "; ".join(verdicts["massive"]) + ".",
               f"- Uneven channel variances (MambaQuant's target: Hadamard evens maxima but not variances, "
               f"`/work/shared/specs/mambaquant.md` §2): largest max/median channel RMS ratio, present at "

@@ -405,8 +405,6 @@ def _cmd_eval(args, console: Console) -> dict:
 
 
 def _cmd_quantize(args, console: Console) -> dict:
-    import jax
-
     from jquant.atomic import check_output_folder
     from jquant.checkpoint import save
     from jquant.data import load_split, random_windows
@@ -469,8 +467,6 @@ def _cmd_quantize(args, console: Console) -> dict:
 
 
 def _cmd_qsur(args, console: Console) -> dict:
-    import jax
-
     from jquant.data import load_split, random_windows
     from jquant.models import load
     from jquant.recipes import Recipe, get
@@ -505,7 +501,6 @@ def _cmd_qsur(args, console: Console) -> dict:
 
 
 def _cmd_generate(args, console: Console) -> dict:
-    import jax
     import numpy as np
 
     from jquant.generate import SamplingConfig, generate, max_context
@@ -575,8 +570,6 @@ def _cmd_train(args, console: Console) -> dict:
 
 
 def _cmd_bench(args, console: Console) -> dict:
-    import jax
-
     from jquant import benchmark
     from jquant.benchmark_report import markdown_report
 
