@@ -25,22 +25,49 @@ import jax.numpy as jnp
 from jquant.kv.cache import KVCacheConfig, KVStore, LayerKVCache
 
 
-def _segments(store: KVStore, cfg: KVCacheConfig, q, length: jax.Array, dtype, smooth, shape):
-    """``(values [B, N, K, D], positions [N], valid [N])`` per segment of one tensor."""
+def _segments(store: KVStore, cfg: KVCacheConfig, q, length: jax.Array, dtype, smooth, shape, *, packed: bool = True):
+    """``(values [B, N, K, D], positions [N], valid [N])`` per segment of one tensor (``packed=False``: the exact
+    segments only)."""
     (b, rows), (k, d) = store.packed.shape[:2], shape
     segments = []
     if cfg.sink:
         pos = jnp.arange(cfg.sink, dtype=jnp.int32)
         segments.append((store.sink.astype(dtype), pos, pos < length))
-    deq = q.decode(store.packed, (b, rows * q.block, k, d), smooth, dtype)
-    pos = cfg.sink + jnp.arange(rows * q.block, dtype=jnp.int32)
     end = cfg.quantized_end(q, length)
-    segments.append((deq, pos, pos < end))
+    if packed:
+        deq = q.decode(store.packed, (b, rows * q.block, k, d), smooth, dtype)
+        pos = cfg.sink + jnp.arange(rows * q.block, dtype=jnp.int32)
+        segments.append((deq, pos, pos < end))
     r = cfg.recent_length(q)
     if r:
         pos = length - r + jnp.arange(r, dtype=jnp.int32)
         segments.append((store.recent.astype(dtype), pos, (pos >= end) & (pos >= cfg.sink) & (pos >= 0)))
     return segments
+
+
+def exact_segments(cache: LayerKVCache, length: jax.Array, current: tuple[jax.Array, jax.Array] | None,
+                   dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The tokens a cache with token-axis quantizers holds exactly: ``(keys [B, E, K, D], values [B, E, K, D],
+    valid [E])`` in ``dtype``: the sink, the recent window and, for a ``past_only`` cache, the query's own ``current``
+    key and value (its cached copy masked). What a fused kernel over the packed rows leaves to XLA."""
+    cfg = cache.config
+    b = cache.k.packed.shape[0]
+
+    def joined(store, q):
+        segments = _segments(store, cfg, q, length, dtype, None, cache.head_shape, packed=False)
+        if not segments:
+            return jnp.zeros((b, 0, *cache.head_shape), dtype), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool)
+        x, pos, ok = zip(*segments)
+        return jnp.concatenate(x, axis=1), jnp.concatenate(pos), jnp.concatenate(ok)
+
+    keys, pos, ok = joined(cache.k, cfg.key)
+    values, _, _ = joined(cache.v, cfg.value)
+    if cfg.past_only:
+        ok = ok & (pos != length - 1)
+        keys = jnp.concatenate([keys, current[0].astype(dtype)], axis=1)
+        values = jnp.concatenate([values, current[1].astype(dtype)], axis=1)
+        ok = jnp.append(ok, True)
+    return keys, values, ok
 
 
 def decode_attention(
