@@ -75,7 +75,6 @@ def _kernel(q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, valid_ref, m_
     row_ids = i * t + jnp.arange(t)
     live = row_ids < rows
     valid = plt.load(valid_ref.at[b, pl.ds(i * t, t)], mask=live, other=0) > 0  # [T]
-    q = plt.load(q_ref.at[b, h])  # [G, D] plane-major, float32
 
     def planes_of(c_ref, s_ref, z_ref, meta):
         """The dequantized bit planes ``[P] x [T, D/P]`` of the head's block."""
@@ -100,7 +99,7 @@ def _kernel(q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, valid_ref, m_
     kw = d // len(keys)
     logits = jnp.zeros((g, t), jnp.float32)
     for r, k_plane in enumerate(keys):
-        q_plane = q[:, r * kw:(r + 1) * kw]
+        q_plane = plt.load(q_ref.at[b, h, :, pl.ds(r * kw, kw)])  # [G, D/P] from the plane-major query
         logits = logits + jnp.sum(q_plane[:, None, :] * k_plane[None, :, :], axis=-1)
     logits = jnp.where(valid[None, :], logits * (d ** -0.5), -jnp.inf)
     m = jnp.max(logits, axis=1)
