@@ -93,8 +93,7 @@ TARGET = 2.5
 def run(args: argparse.Namespace, results: Results) -> None:
     for layout in args.layouts:
         for batch in args.batch:
-            if not results.has(layout=layout, batch=batch, context=args.context, heads=args.heads,
-                               kv_heads=args.kv_heads, head_dim=args.head_dim, seed=args.seed):
+            if not results.has(**({k: getattr(args, k, None) for k in KEY} | {"layout": layout, "batch": batch})):
                 results.add(bench(args, layout, batch))
 
 

@@ -104,9 +104,7 @@ KEY = ("layers", "width", "heads", "lr", "pairs", "alphabet", "length", "batch",
 def run(args: argparse.Namespace, results: Results) -> None:
     for layers in args.layers:
         for lr in args.lr:
-            setting = {"layers": layers, "width": args.width, "heads": args.heads, "lr": lr, "pairs": args.pairs,
-                       "alphabet": args.alphabet, "length": args.length, "batch": args.batch, "steps": args.steps,
-                       "seed": args.seed}
+            setting = {k: getattr(args, k) for k in KEY} | {"layers": layers, "lr": lr}
             if not results.has(**setting):
                 results.add(train_probe(args, layers, lr))
 
