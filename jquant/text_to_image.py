@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.atomic import atomic_folder
+from jquant.module_jit import module_jit
 from jquant.sampling.flow import generation_key, sample
 
 PIPELINE_FILE = "pipeline.json"
@@ -157,7 +158,7 @@ class TextToImage:
         b = len(prompts)
         z = jax.random.normal(generation_key(seed, None), (b, *self.latent_shape), jnp.float32)
         sigmas = flow_sigmas(steps, shift=self.defaults.shift)
-        velocity = nnx.jit(lambda t, x, s, c, p: t.flow_velocity(x, s, c, p))
+        velocity = module_jit(lambda t, x, s, c, p: t.flow_velocity(x, s, c, p))
         rows: dict[str, list] = {"latents": [], "sigmas": [], "text": [], "pooled": []}
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             x = z if guidance is None else jnp.concatenate([z, z])
@@ -171,7 +172,7 @@ class TextToImage:
         return {name: np.concatenate(values) for name, values in rows.items()}
 
 
-@nnx.jit
+@module_jit
 def _decode(vae: nnx.Module, latents: jax.Array) -> jax.Array:
     return vae.decode_latents(latents)
 
@@ -182,9 +183,8 @@ def save_pipeline(pipe, path: str | Path, *, overwrite: bool = False, extra: dic
     docstring; ``pipeline.json`` records its ``kind``), atomically; ``extra`` entries go into pipeline.json and
     ``extra_files(folder)`` may add files before the folder is moved into place."""
     from jquant.checkpoint import save
-    from jquant.models.registry import family_of
-
     from jquant.models.loading import bundled_model
+    from jquant.models.registry import family_of
 
     bundled = bundled_model(pipe.text_encoder_name)
     manifest = {"format_version": PIPELINE_VERSION, "kind": pipe.KIND, "text_encoder": pipe.text_encoder_name if bundled

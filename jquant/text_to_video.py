@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant.module_jit import module_jit
 from jquant.sampling.flow import generation_key, sample
 
 TEXT_ARGUMENTS = ("text", "text_mask", "pooled")
@@ -185,7 +186,7 @@ class TextToVideo:
             cond = tuple(jnp.concatenate([c, u]) for c, u in zip(cond, uncond))
         b = len(prompts)
         z = jax.random.normal(generation_key(seed, None), (b, *self.latent_shape()), jnp.float32)
-        velocity = nnx.jit(lambda t, x, s, c: t.flow_velocity(x, s, *c))
+        velocity = module_jit(lambda t, x, s, c: t.flow_velocity(x, s, *c))
         rows: dict[str, list] = {name: [] for name in ("latents", "sigmas", *names)}
         sigmas = flow_sigmas(steps, shift=self.defaults.shift)
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
@@ -200,6 +201,6 @@ class TextToVideo:
         return {name: np.concatenate(values) for name, values in rows.items()}
 
 
-@nnx.jit
+@module_jit
 def _decode(vae: nnx.Module, latents: jax.Array) -> jax.Array:
     return vae.decode_latents(latents)

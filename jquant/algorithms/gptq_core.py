@@ -51,6 +51,7 @@ ParamsFn = Callable[[jax.Array], tuple[jax.Array, jax.Array | None]]
 QdqFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 SUB_BLOCK = 16  # rows per inner lazy batch (gptq_loop); smaller where the block or group size needs it
 OUT_CHUNK = 512  # output columns per compiled sweep (``gptq``): narrower layers are zero-padded to it
+_GATHER_ROWS = 512  # rows per chunk when the host factor gathers the permuted Hessian
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,23 +145,37 @@ def _hessian_factor_once(h: jax.Array, damp: float, *, act_order: bool
     return u, perm, dead, jnp.all(jnp.isfinite(u))
 
 
-def _hessian_factor_host(h: np.ndarray, damp: float, *, act_order: bool
-                         ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, bool]:
+def _hessian_factor_host(h: np.ndarray, damp: float, *, act_order: bool, dtype=None
+                         ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, bool]:
     """``_hessian_factor_once`` in numpy and LAPACK (``potrf``, ``trtri``), for Hessians on the CPU: the same maths
-    (``inverse_cholesky_upper``), no XLA program to compile. ``(U, perm, dead, finite)`` as host arrays."""
-    diag = np.diag(h)
+    (``inverse_cholesky_upper``), no XLA program to compile. ``(U, perm, dead, finite)`` as host arrays, ``U`` in
+    ``dtype`` (default ``h``'s).
+
+    Memory: besides ``h`` (left as it is, e.g. the float64 statistics) it holds two ``[in, in]`` arrays of ``dtype``:
+    the permuted, reversed and damped Hessian, gathered from ``h`` in row chunks (so a float64 ``h`` is never copied
+    whole) and factored and inverted in place by LAPACK, and ``U``.
+    """
+    dtype = np.dtype(dtype or h.dtype)
+    n = h.shape[0]
+    diag = np.diag(h).astype(dtype)
     dead = diag == 0
     perm = np.argsort(-np.where(dead, 1.0, diag), kind="stable").astype(np.int32) if act_order else None
-    if act_order:
-        h = h[perm][:, perm]
-    h = h + np.diag(np.where(np.diag(h) == 0, 1.0, 0.0)).astype(h.dtype)
-    h = h + (damp * np.mean(np.diag(h))).astype(h.dtype) * np.eye(h.shape[0], dtype=h.dtype)
-    potrf, trtri = scipy.linalg.get_lapack_funcs(("potrf", "trtri"), (h,))
-    lower, info = potrf(np.ascontiguousarray(h[::-1, ::-1]), lower=1, clean=1)
+    order = (np.arange(n) if perm is None else perm)[::-1]
+    reversed_h = np.empty((n, n), dtype)  # J P H P^T J, symmetric: its C-order memory is also its Fortran order
+    for start in range(0, n, _GATHER_ROWS):
+        rows = order[start:start + _GATHER_ROWS]
+        reversed_h[start:start + len(rows)] = h[rows[:, None], order[None, :]]
+    d = diag[order]
+    d = d + np.where(d == 0, 1, 0).astype(dtype)  # dead inputs: H[i, i] = 1 (prepare_hessian)
+    rows = np.arange(n)
+    reversed_h[rows, rows] = d + (damp * np.mean(d[::-1])).astype(dtype)  # mean in the sweep's order
+    potrf, trtri = scipy.linalg.get_lapack_funcs(("potrf", "trtri"), (reversed_h,))
+    lower, info = potrf(reversed_h.T, lower=1, clean=1, overwrite_a=1)  # .T: Fortran order, factored in place
     if info != 0:
-        return h, perm, dead, False
-    inverse, info = trtri(lower, lower=1)
+        return None, perm, dead, False
+    inverse, info = trtri(lower, lower=1, overwrite_c=1)
     u = np.ascontiguousarray(inverse[::-1, ::-1])
+    del lower, inverse, reversed_h
     return u, perm, dead, info == 0 and bool(np.all(np.isfinite(u)))
 
 
@@ -312,8 +327,8 @@ def gptq_columns(
         raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's input size {n_in}.")
     sweep = _sweep_settings(n_in, group_size, config, dtype)
     if host:
-        h = np.asarray(h, dtype)
-        factor = lambda d: _hessian_factor_host(h, d, act_order=config.act_order)  # noqa: E731
+        h = np.asarray(h)  # cast row chunk by row chunk in the factor: no whole copy of float64 statistics
+        factor = lambda d: _hessian_factor_host(h, d, act_order=config.act_order, dtype=dtype)  # noqa: E731
     else:
         h = _as_dtype(h, dtype)
         factor = lambda d: _hessian_factor_once(h, float(d), act_order=config.act_order)  # noqa: E731

@@ -55,8 +55,8 @@ import numpy as np
 from flax import nnx
 
 from jquant.calib.data import batches
+from jquant.module_jit import module_jit
 from jquant.sites import find_sites, path_string
-
 
 CLIPPED_SQUARE_PERCENTILE = 99.9
 """RWKVQuant's clipping of the activations before ``E[x²]`` (spec §3.5): the percentile of ``|x|`` per sequence."""
@@ -378,7 +378,7 @@ class StatisticsCapture:
             out, state = captured(module, *args)
             return out, _by_site(state)
 
-        self._captured = nnx.jit(plain)
+        self._captured = module_jit(plain)
 
     def __call__(self, module: nnx.Module, *args, running: dict[str, InputStatistics] | None = None):
         out, state = self._captured(module, *args)

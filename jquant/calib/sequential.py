@@ -46,6 +46,7 @@ from flax import nnx
 
 from jquant.calib.capture import InputStatistics, capture_statistics, set_capture
 from jquant.calib.data import Calibration, batches
+from jquant.module_jit import module_jit
 from jquant.progress import progress_bar
 from jquant.sharding import shard_batch
 from jquant.sites import activation_groups, path_string
@@ -107,9 +108,9 @@ def _enter(enter, model, batch, previous):
     return enter(model, batch, previous)
 
 
-block_forward = nnx.jit(_forward)
+block_forward = module_jit(_forward)
 _block_statistics = capture_statistics(_forward)
-_stage_entry = nnx.jit(_enter, static_argnums=0)
+_stage_entry = module_jit(_enter, static_argnums=0)
 
 
 def _enter_block_inputs(model: nnx.Module, batch: Calibration, previous: State | None) -> State:

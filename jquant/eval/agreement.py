@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.eval.perplexity import LogitsFn
+from jquant.module_jit import module_jit
 from jquant.progress import progress_bar
 
 
@@ -50,7 +51,7 @@ def _logits(fn: LogitsFn, tokens: jax.Array) -> jax.Array:
     return fn(tokens)
 
 
-_module_logits = nnx.jit(_logits)
+_module_logits = module_jit(_logits)
 _callable_logits = jax.jit(_logits, static_argnums=0)
 _terms = jax.jit(_position_terms)
 

@@ -21,7 +21,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jquant.eval.image import frechet_distance
 from jquant.eval.weights_file import check_tensors, read_weights
@@ -34,6 +33,7 @@ from jquant.models.inception import (
     is_unused_tensor,
     preprocess,
 )
+from jquant.module_jit import module_jit
 
 
 def load_inception(path: str | os.PathLike) -> FIDInception:
@@ -47,7 +47,7 @@ def load_inception(path: str | os.PathLike) -> FIDInception:
 _preprocess = jax.jit(preprocess)  # apart from the network: one network compile per batch shape at 299 x 299
 
 
-@nnx.jit
+@module_jit
 def _pool3(net: FIDInception, images):
     return net(images)
 

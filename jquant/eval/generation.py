@@ -20,19 +20,19 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jquant.eval.image import frechet_distance, prompt_accuracy, psnr, ssim
+from jquant.module_jit import module_jit
 
 DATA_RANGE = 2.0  # images in [-1, 1]
 
 
-@nnx.jit
+@module_jit
 def _logits(classifier, images):
     return classifier(images)
 
 
-@nnx.jit
+@module_jit
 def _features(classifier, images):
     return classifier.features(images)
 

@@ -13,7 +13,6 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jquant.eval.fid import check_images
 from jquant.eval.weights_file import check_tensors, read_weights
@@ -26,6 +25,7 @@ from jquant.models.lpips_net import (
     is_unused_backbone_tensor,
     linear_tensors,
 )
+from jquant.module_jit import module_jit
 
 
 def _infer_net(backbone: dict[str, np.ndarray], source: str) -> str:
@@ -53,7 +53,7 @@ def load_lpips(backbone_path: str | os.PathLike, linear_path: str | os.PathLike,
     return from_state_dicts(net, backbone, linear, source=f"{backbone_path} + {linear_path}")
 
 
-@nnx.jit
+@module_jit
 def _distances(net: LPIPSNet, a, b):
     return net(a, b)
 

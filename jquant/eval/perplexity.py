@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from jquant.data.corpus import load_split
 from jquant.data.windows import token_windows
+from jquant.module_jit import module_jit
 from jquant.progress import progress_bar
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -35,7 +36,7 @@ def _next_token_logprobs(logits_fn: LogitsFn, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-_jit_module = nnx.jit(_next_token_logprobs)
+_jit_module = module_jit(_next_token_logprobs)
 _jit_callable = jax.jit(_next_token_logprobs, static_argnums=0)
 
 

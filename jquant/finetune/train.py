@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from jquant.finetune.lora import LoRAParam, adapters, set_rounding_keys
+from jquant.module_jit import module_jit
 from jquant.progress import progress_bar
 
 Batch = tuple[np.ndarray, np.ndarray]  # tokens [B, T + 1] int, mask [B, T] bool
@@ -68,7 +69,7 @@ def batch_loss(model: nnx.Module, tokens: jax.Array, mask: jax.Array) -> jax.Arr
     return masked_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], mask)
 
 
-@nnx.jit
+@module_jit
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, mask: jax.Array,
                key: jax.Array) -> jax.Array:
     """One AdamW step on the adapters; returns the batch loss before the update."""
@@ -79,7 +80,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, m
     return loss
 
 
-@nnx.jit
+@module_jit
 def _eval_loss(model: nnx.Module, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     return batch_loss(model, tokens, mask)
 

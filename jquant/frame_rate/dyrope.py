@@ -16,12 +16,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jquant.frame_rate.schedule import MergePlan
+from jquant.module_jit import module_jit
 
 
-@functools.partial(nnx.jit, static_argnames=("blocks",))
+@functools.partial(module_jit, static_argnames=("blocks",))
 def _velocity(transformer, x, sigmas, cond, positions, blocks):
     if positions is None:
         return transformer.flow_velocity(x, sigmas, *cond)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.calib.data import Calibration, batches
+from jquant.module_jit import module_jit
 from jquant.sites import path_string
 
 NAMES = ("q", "k_pre_rope", "k", "v")
@@ -67,7 +68,7 @@ def capture_kv(model: nnx.Module, tokens: Calibration, *, batch_size: int = 4) -
         raise ValueError("capture_kv: the model has no attention layer with a capture_kv flag.")
     for layer in layers.values():
         layer.capture_kv = True
-    forward = nnx.jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
+    forward = module_jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
     parts: dict[str, dict[str, list]] = {p: {n: [] for n in NAMES} for p in layers}
     for chunk in chunks:
         _, state = forward(probe, jax.tree.map(jnp.asarray, chunk))
@@ -87,7 +88,7 @@ def attention_errors(model: nnx.Module, tokens: Calibration, *, batch_size: int 
     layers = attention_layers(probe)
     for layer in layers.values():
         layer.capture_kv = True
-    forward = nnx.jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
+    forward = module_jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
     totals = {p: [] for p in layers}
     for chunk in batches(tokens, batch_size):
         _, state = forward(probe, jax.tree.map(jnp.asarray, chunk))

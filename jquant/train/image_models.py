@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from jquant.module_jit import module_jit
 from jquant.train.loop import LoopConfig, TrainResult, fit
 
 
@@ -45,12 +47,12 @@ def batch_rows(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return np.random.default_rng([seed, step]).integers(0, n, size=batch_size)
 
 
-@nnx.jit
+@module_jit
 def _forward(model: nnx.Module, x: jax.Array) -> jax.Array:
     return model(x)
 
 
-@nnx.jit
+@module_jit
 def _posterior_mean(model: nnx.Module, x: jax.Array) -> jax.Array:
     return model.encode(x).mode()
 

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jquant.atomic import prepare_work_folder
+from jquant.module_jit import module_jit
 from jquant.progress import progress_bar
 from jquant.sharding import restore_uncommitted
 
@@ -121,7 +122,7 @@ def fit(
     optimizer = nnx.Optimizer(model, cfg.optimizer(), wrt=nnx.Param)
     ema = None if cfg.ema_decay is None else jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
 
-    @nnx.jit
+    @module_jit
     def train_step(model, optimizer, batch, key):
         value, grads = nnx.value_and_grad(lambda m: loss(m, batch, key))(model)
         optimizer.update(model, grads)

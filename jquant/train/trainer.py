@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jquant.losses import cross_entropy as cross_entropy
+from jquant.module_jit import module_jit
 from jquant.train.loop import RESUMABLE as RESUMABLE
 from jquant.train.loop import LoopConfig, TrainResult, fit
 from jquant.train.loop import plot_history as plot_history
@@ -44,7 +45,7 @@ def _token_loss(model, tokens, key):
     return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
 
 
-@nnx.jit
+@module_jit
 def _eval_loss(model, tokens):
     return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
 

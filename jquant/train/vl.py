@@ -34,6 +34,7 @@ from flax import nnx
 from jquant.data.vqa_scenes import VQAScenes, format_prompt
 from jquant.models.qwen2_vl_model import Qwen2VL, Qwen2VLConfig, init_model, rope_index
 from jquant.models.qwen2_vl_vision import images_to_patches
+from jquant.module_jit import module_jit
 
 IMAGE_MARK = "<image>"
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -219,7 +220,7 @@ def answer_loss(model: Qwen2VL, batch: dict, context) -> jax.Array:
     return jnp.sum(mask * _nll(logits, targets)) / jnp.sum(mask)
 
 
-@nnx.jit
+@module_jit
 def _row_scores(model: Qwen2VL, batch: dict, context) -> tuple[jax.Array, jax.Array]:
     """Per row: greedy exact match (bool) and the summed target cross-entropy."""
     logits, targets, mask = _target_logits(model, batch, context)

@@ -48,8 +48,9 @@ from flax import nnx
 
 from jquant.calib.capture import model_input_statistics
 from jquant.calib.data import batches
-from jquant.sites import path_string
+from jquant.module_jit import module_jit
 from jquant.numerics.hadamard import hadamard_numpy
+from jquant.sites import path_string
 from jquant.transforms.equivalence import Weights, merge_weights, module_at, online_size, split_weights
 from jquant.transforms.klt import klt_rotation, random_hadamard_rotation
 from jquant.transforms.ssm_layout import SSMLayout, ssm_layout_of
@@ -291,7 +292,7 @@ def ssm_state_statistics(model: nnx.Module, tokens: np.ndarray, *, batch_size: i
     out = {b.path: np.zeros((2, b.state_size)) for b in ssm_layout_of(probe).blocks if b.kind == "mamba1"}
     for path in out:
         module_at(probe, path).capture_state = True
-    forward = nnx.jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
+    forward = module_jit(nnx.capture(lambda m, t: m(t), nnx.Intermediate))
     row = {"ssm_state_absmax": 0, "ssm_c_absmax": 1}
     for chunk in batches(tokens, batch_size):
         _, state = forward(probe, jax.tree.map(jnp.asarray, chunk))

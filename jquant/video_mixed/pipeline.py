@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant.module_jit import module_jit
 from jquant.sampling.flow import generation_key
 from jquant.video_mixed.calibrate import PredictorFit, choose_tau_q, fit_predictor, nvfp4_share
 from jquant.video_mixed.config import CacheConfig, PrecisionConfig, SixBitConfig
@@ -41,7 +42,7 @@ def generate_latents(pipe, prompts: Sequence[str], config: SixBitConfig, *, seed
                           measure=measure)
 
 
-@nnx.jit
+@module_jit
 def _decode(vae: nnx.Module, latents: jax.Array) -> jax.Array:
     return vae.decode_latents(latents)
 
