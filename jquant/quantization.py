@@ -489,7 +489,7 @@ def _shared_input_solves(items: list[tuple[SitePlan, InputStatistics | None]]) -
         weight = site.weight.get_value()
         key = (spec.name, repr(plan_.weight), repr(sorted(options.items())), weight.shape[0], jnp.dtype(weight.dtype))
         groups = buckets.setdefault(key, [])
-        same = next((g for g in groups if np.array_equal(g[0][2].hessian, pooled.hessian)
+        same = next((g for g in groups if g[0][2] is pooled or np.array_equal(g[0][2].hessian, pooled.hessian)
                      and np.array_equal(g[0][2].count, pooled.count)), None)
         if same is None:
             groups.append(same := [])

@@ -45,6 +45,7 @@ call). With the flag off (the default) nothing is recorded and nothing is traced
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Collection
@@ -275,10 +276,17 @@ def statistics_from_state(state: nnx.State | dict[str, dict], running: dict[str,
     float64 sums are continued sequence by sequence: a batch captured in consecutive sub-batches gives the
     statistics of one call on the whole batch, bit for bit. Their arrays are continued in place (no second
     copy of a large Gram), so ``running``'s entries for these sites are consumed: use the returned ones.
+    Sites that captured equal values (they read one input: q/k/v, gate/up) share one ``InputStatistics``.
     """
+    by_site = _by_site(state)
+    befores = {p: None if running is None else running[p] for p in by_site}
+    twins = _twin_sites(by_site, befores)
     stats = {}
-    for p, s in _by_site(state).items():
-        before = None if running is None else running[p]
+    for p, s in by_site.items():
+        if p in twins:
+            stats[p] = stats[twins[p]]
+            continue
+        before = befores[p]
 
         def total(name: str, key: str, s=s, before=before) -> float | np.ndarray | None:
             return _ordered_total(s.get(key), None if before is None else getattr(before, name))
@@ -293,6 +301,32 @@ def statistics_from_state(state: nnx.State | dict[str, dict], running: dict[str,
                                    affinity=total("affinity", "input_affinity"),
                                    clipped_square=total("clipped_square", "input_clipped_square"))
     return stats
+
+
+def _twin_sites(by_site: dict[str, dict], befores: dict[str, InputStatistics | None]) -> dict[str, str]:
+    """``{site: earlier site}`` for sites whose captured values equal an earlier site's and whose running
+    statistics are the same object (or both absent): sites that read the same input (q/k/v, gate/up) share one
+    ``InputStatistics`` instead of each holding float64 copies of one Gram. A site that shared running statistics
+    with another but now differs gets its own copy of them in ``befores`` (they are continued in place)."""
+    twins: dict[str, str] = {}
+    firsts: list[str] = []
+    for p, values in by_site.items():
+        twin = next((q for q in firsts if befores[q] is befores[p] and _equal_values(by_site[q], values)), None)
+        if twin is not None:
+            twins[p] = twin
+            continue
+        if befores[p] is not None and any(befores[q] is befores[p] for q in firsts):
+            befores[p] = copy.deepcopy(befores[p])
+        firsts.append(p)
+    return twins
+
+
+def _equal_values(a: dict, b: dict) -> bool:
+    """Whether two sites captured the same statistics, bit for bit (cheap ones compared first)."""
+    if a.keys() != b.keys() or any(np.shape(a[k]) != np.shape(b[k]) for k in a):
+        return False
+    order = sorted(a, key=lambda k: np.size(a[k]))
+    return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in order)
 
 
 def _count(per_sequence: jax.Array, start: float | np.ndarray | None = None) -> float | np.ndarray:

@@ -26,8 +26,11 @@ equal those of one call on the whole batch up to the float32 rounding of the blo
 different batch shape (XLA:CPU's results may depend on it; equal in the tests at 1 vs 4 sequences).
 Stacked expert sites record one Gram per call over all the rows routed to each expert; they are
 captured in one more call on the whole batch (their memory, ``E in²`` per site, does not grow with ``B``).
+On the host, sites that read one input (q/k/v, gate/up) keep one float64 set of sums between them
+(``statistics_from_state``). On a one-layer model of width 4096 and MLP 11008 (16 x 256 tokens, GPTQ) the
+whole ``quantize`` call peaks about 3.4 GB above the float32 model (1.1 GB of it the block's float64 Grams).
 
-The block forward and the capture are ``nnx.jit`` functions at module level, and the stage entry is
+The block forward and the capture are ``module_jit`` functions at module level, and the stage entry is
 one too, with the stage's ``enter`` function as a static argument: each compiles once per distinct
 block (or model) structure and input shape, across ``walk_blocks`` calls, as long as the family's
 ``enter`` is the same function object each time (a module-level function, not a lambda or a function

@@ -248,3 +248,40 @@ def test_captured_statistics_are_freed_without_the_garbage_collector():
         gc.enable()
         sequential.set_capture(block, False)
     assert not cyclic, f"{len(cyclic)} arrays of shapes {sorted({a.shape for a in cyclic})} were only freed by gc"
+
+
+def test_sites_reading_one_input_share_their_statistics():
+    """q/k/v (and gate/up) capture one input: one ``InputStatistics`` serves them, equal to each site's own sum
+    in float64, while o_proj and down_proj keep their own."""
+    model = llama.init_model(CFG, jax.random.key(10))
+    stats = _stats(model, np.random.default_rng(11).integers(0, 64, (6, 9)).astype(np.int32), budget=1, batch_size=4)
+    attn, mlp = "layers/0/self_attn", "layers/0/mlp"
+    assert stats[f"{attn}/q_proj"] is stats[f"{attn}/k_proj"] is stats[f"{attn}/v_proj"]
+    assert stats[f"{mlp}/gate_proj"] is stats[f"{mlp}/up_proj"]
+    assert stats[f"{attn}/o_proj"] is not stats[f"{attn}/q_proj"]
+    assert stats[f"{mlp}/down_proj"] is not stats[f"{mlp}/gate_proj"]
+
+
+def test_sites_that_stop_being_equal_get_their_own_running_sums():
+    """Two sites equal on the first sequences share statistics; when a later sub-batch differs, each continues
+    its own float64 sums (the shared running arrays are continued in place, so the second must be copied)."""
+    from jquant.calib.capture import statistics_from_state
+
+    rng = np.random.default_rng(12)
+
+    def captured(x_a, x_b):  # plain per-sequence statistics of two sites: [B, n, in] inputs
+        site = lambda x: {"input_hessian": np.einsum("bni,bnj->bij", x, x), "input_count": np.full(len(x), 5.0),  # noqa: E731
+                          "input_absmax": np.abs(x).max(axis=1), "input_total": x.sum(axis=1)}
+        return {"a": site(x_a), "b": site(x_b)}
+
+    first = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    later_a, later_b = (rng.standard_normal((3, 5, 4)).astype(np.float32) for _ in range(2))
+    running = statistics_from_state(captured(first, first))
+    assert running["a"] is running["b"]
+    running = statistics_from_state(captured(later_a, later_b), running)
+    assert running["a"] is not running["b"]
+    for name, later in (("a", later_a), ("b", later_b)):
+        x = np.concatenate([first, later]).astype(np.float64).reshape(-1, 4)
+        np.testing.assert_allclose(running[name].hessian, x.T @ x, rtol=1e-6, atol=1e-6 * np.abs(x.T @ x).max())
+        np.testing.assert_allclose(running[name].total, x.sum(axis=0), rtol=1e-6, atol=1e-6)
+        assert running[name].count == 25.0
