@@ -27,8 +27,7 @@ different batch shape (XLA:CPU's results may depend on it; equal in the tests at
 Stacked expert sites record one Gram per call over all the rows routed to each expert; they are
 captured in one more call on the whole batch (their memory, ``E in²`` per site, does not grow with ``B``).
 On the host, sites that read one input (q/k/v, gate/up) keep one float64 set of sums between them
-(``statistics_from_state``). On a one-layer model of width 4096 and MLP 11008 (16 x 256 tokens, GPTQ) the
-whole ``quantize`` call peaks about 3.4 GB above the float32 model (1.1 GB of it the block's float64 Grams).
+(``statistics_from_state``); ``experiments/results/gptq_speed.md`` measures a whole ``quantize`` call's peak.
 
 The block forward and the capture are ``module_jit`` functions at module level, and the stage entry is
 one too, with the stage's ``enter`` function as a static argument: each compiles once per distinct
