@@ -51,7 +51,7 @@ ACTIVATION_SETTINGS = ("w4a4kv16", "w4a4kv4")  # the settings of the paper's cla
 METHODS = ("rtn", "gptq", "smoothquant", "quarot", "spinquant", "ostquant")
 SPINQUANT_LR = 1.5  # SpinQuant's Cayley SGD rate (linear decay to 0)
 TASKS = ("next_line", "same_source")
-MODELS = ("jq-llama-small", "jq-llama-tiny")
+MODELS = ("jq-llama-small", "jq-llama-small-hot", "jq-llama-tiny")  # the report's order
 VALUES = ("ppl", "kl", "top1", *TASKS, "qsur", "seconds", "train_seconds")  # what varies with the seed
 PAPER = """Paper (spec §4, Table 2; 9-task zero-shot average ↑ / WikiText2 PPL ↓):
 
@@ -225,25 +225,33 @@ def _verdict(runs: list[Results]) -> str | None:
     the paired per-seed differences: a difference counts beyond two standard errors, by perplexity, else by KL where
     perplexity is within noise. Ahead at every (model, setting): reproduced; behind at any: not reproduced; ahead
     at some and within noise elsewhere: partly reproduced; within noise everywhere: not testable here. None when a
-    model lacks its W4A4KV4 OSTQuant, QuaRot or RTN rows."""
-    parts, judged, seeds = [], [], set()
+    model lacks its W4A4KV4 OSTQuant, QuaRot or RTN rows, or nothing was compared."""
+    parts, judged, seeds = [], [], {}
     for results in runs:
         raw, model = results.rows, results.args["model"]
         if not all(_runs(raw, "w4a4kv4", m, "ppl") for m in ("ostquant", "quarot", "rtn")):
             return None
+        before = len(parts)
         for s in ACTIVATION_SETTINGS:
             ppl = _paired(raw, s, "ostquant", "quarot", "ppl")
             if ppl is not None:
                 judged.append(_judge(raw, s, "ostquant", "quarot")[0])
-                seeds.add(ppl[2])
+                seeds[model] = ppl[2]
                 parts.append(f"{model} {s.upper()} {_comparison(raw, s, 'ostquant', 'quarot')}")
-        parts[-1] += f" (OSTQuant − RTN there: {_comparison(raw, 'w4a4kv4', 'ostquant', 'rtn')})"
+        if len(parts) > before:
+            parts[-1] += f" (OSTQuant − RTN there: {_comparison(raw, 'w4a4kv4', 'ostquant', 'rtn')})"
+    if not judged:
+        return None
     category = ("reproduced" if all(j == "ahead" for j in judged) else "not reproduced" if "behind" in judged
                 else "partly reproduced" if "ahead" in judged else "not testable here")
-    spread = (f"mean over {'/'.join(map(str, sorted(seeds)))} calibration seeds ± the standard error of the paired "
-              "per-seed difference (a difference counts beyond two standard errors, KL deciding where perplexity "
-              "is within them)" if min(seeds) > 1 else "one calibration seed: no standard error, so no difference "
-              "counts")
+    several = sorted({n for n in seeds.values() if n > 1})
+    single = [m for m, n in seeds.items() if n == 1]
+    spread = "; ".join(filter(None, (
+        (f"mean over {'/'.join(map(str, several))} calibration seeds ± the standard error of the paired per-seed "
+         "difference (a difference counts beyond two standard errors, KL deciding where perplexity is within them)"
+         if several else ""),
+        (f"{' and '.join(single)}: one calibration seed, no standard error, so no difference counts there"
+         if single else ""))))
     paper = ", ".join(f"{v['ostquant']:g} vs {v['quarot']:g} at {s.upper()}" for s, v in PAPER_PPL.items())
     return (f"{category}: OSTQuant − QuaRot, {spread}: " + "; ".join(parts)
             + f" (the paper, LLaMA-3-8B perplexity OSTQuant vs QuaRot: {paper}).")
@@ -316,9 +324,13 @@ def legacy(data: dict, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _inputs(args: argparse.Namespace, path: Path) -> list[Path]:
-    """Every model's json present beside ``path`` (the report covers all of them)."""
+    """Every model's json present beside ``path`` (the report covers all of them), ``MODELS`` first, then any other
+    model's, the run's own always among them."""
     suffix = "-quick" if path.stem.endswith("-quick") else ""
-    return [p for m in MODELS if (p := path.parent / f"ostquant-{m}{suffix}.json").is_file()]
+    known = [p for m in MODELS if (p := path.parent / f"ostquant-{m}{suffix}.json").is_file()]
+    others = [p for p in sorted(path.parent.glob(f"ostquant-*{suffix}.json"))
+              if p not in known and p.stem.endswith("-quick") == bool(suffix)]
+    return known + others
 
 
 def main() -> None:
